@@ -1,0 +1,308 @@
+//! Channels: identity, routing to the owning shard, sequencing and
+//! membership.
+//!
+//! Every channel is owned by exactly one shard, `shard_of(key)`. The owner
+//! assigns its message sequence numbers (1, 2, 3, ... with no gaps), holds its
+//! member list and plans its fan-out. A person channel between A and B is one
+//! log whichever of them sends: its key is the two uids in sorted order, and
+//! each of them sees the other's uid as the channel id.
+
+use crate::ids::{Seq, ShardId, Uid};
+use crate::protocol::{ChannelType, ReasonCode};
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+/// The character that separates the two uids of a person channel's key. It
+/// is not allowed in uids.
+pub const PERSON_KEY_SEPARATOR: char = '@';
+
+/// Identifies a channel on the server.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelKey {
+    kind: ChannelType,
+    id: Arc<str>,
+}
+
+impl fmt::Debug for ChannelKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.0, self.id)
+    }
+}
+
+impl ChannelKey {
+    /// The person channel between `a` and `b` (the same for either order).
+    pub fn person(a: &Uid, b: &Uid) -> ChannelKey {
+        let (low, high) = if a <= b { (a, b) } else { (b, a) };
+        let id = format!("{low}{PERSON_KEY_SEPARATOR}{high}");
+        ChannelKey {
+            kind: ChannelType::Person,
+            id: Arc::from(id),
+        }
+    }
+
+    pub fn group(id: &str) -> ChannelKey {
+        ChannelKey {
+            kind: ChannelType::Group,
+            id: Arc::from(id),
+        }
+    }
+
+    /// Rebuilds a key from its stored parts.
+    pub fn from_parts(kind: ChannelType, id: &str) -> ChannelKey {
+        ChannelKey {
+            kind,
+            id: Arc::from(id),
+        }
+    }
+
+    pub fn kind(&self) -> ChannelType {
+        self.kind
+    }
+
+    /// The server-side id: the group id, or `low@high` for a person channel.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The two people of a person channel.
+    pub fn person_pair(&self) -> Option<(&str, &str)> {
+        if self.kind != ChannelType::Person {
+            return None;
+        }
+        self.id.split_once(PERSON_KEY_SEPARATOR)
+    }
+
+    /// The channel id as `viewer` sees it: for a person channel, the other
+    /// person's uid; for a group, the group id.
+    pub fn id_seen_by<'a>(&'a self, viewer: &str) -> &'a str {
+        match self.person_pair() {
+            Some((low, high)) if low == viewer => high,
+            Some((low, _)) => low,
+            None => &self.id,
+        }
+    }
+
+    /// The shard that owns this channel. The hash uses fixed seeds so every
+    /// shard, every process and every restart agree.
+    pub fn shard(&self, shards: u16) -> ShardId {
+        debug_assert!(shards > 0);
+        let mut hasher = ROUTING_HASH.build_hasher();
+        self.kind.0.hash(&mut hasher);
+        self.id.hash(&mut hasher);
+        ShardId((hasher.finish() % u64::from(shards)) as u16)
+    }
+}
+
+static ROUTING_HASH: ahash::RandomState = ahash::RandomState::with_seeds(
+    0x7275_7969_5f73_6861,
+    0x7264_5f72_6f75_7465,
+    0x0123_4567_89ab_cdef,
+    0xfedc_ba98_7654_3210,
+);
+
+/// Limits that ids are checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct IdLimits {
+    pub uid_length_max_bytes: usize,
+    pub channel_id_length_max_bytes: usize,
+}
+
+/// Checks a uid (or device id): non-empty, within `max` bytes, no control
+/// characters and no `@` (reserved for person channel keys).
+pub fn valid_uid(uid: &str, max: usize) -> bool {
+    !uid.is_empty()
+        && uid.len() <= max
+        && !uid
+            .chars()
+            .any(|c| c.is_control() || c == PERSON_KEY_SEPARATOR)
+}
+
+/// Resolves the channel a client addressed: `channel_id` as the sender sees
+/// it (the other person's uid for a person channel).
+pub fn resolve_target(
+    sender: &Uid,
+    channel_id: &str,
+    channel_type: ChannelType,
+    limits: &IdLimits,
+) -> Result<ChannelKey, ReasonCode> {
+    match channel_type {
+        ChannelType::Person => {
+            if !valid_uid(channel_id, limits.uid_length_max_bytes) || channel_id == sender.as_str()
+            {
+                return Err(ReasonCode::InvalidChannel);
+            }
+            Ok(ChannelKey::person(sender, &Uid::new(channel_id)))
+        }
+        ChannelType::Group => {
+            if channel_id.is_empty()
+                || channel_id.len() > limits.channel_id_length_max_bytes
+                || channel_id.chars().any(char::is_control)
+            {
+                return Err(ReasonCode::InvalidChannel);
+            }
+            Ok(ChannelKey::group(channel_id))
+        }
+        _ => Err(ReasonCode::InvalidChannel),
+    }
+}
+
+pub type MemberSet = HashSet<Uid, ahash::RandomState>;
+
+/// Who belongs to a channel.
+#[derive(Debug, Clone)]
+pub enum Members {
+    /// The two people of a person channel.
+    Person([Uid; 2]),
+    Group(MemberSet),
+}
+
+impl Members {
+    pub fn contains(&self, uid: &Uid) -> bool {
+        match self {
+            Members::Person(pair) => pair.contains(uid),
+            Members::Group(set) => set.contains(uid),
+        }
+    }
+
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &Uid> + '_> {
+        match self {
+            Members::Person(pair) => Box::new(pair.iter()),
+            Members::Group(set) => Box::new(set.iter()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Members::Person(_) => 2,
+            Members::Group(set) => set.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A channel as its owning shard holds it.
+#[derive(Debug, Clone)]
+pub struct Channel {
+    pub key: ChannelKey,
+    /// The last sequence number handed out (committed or in the batch being
+    /// committed).
+    pub last_seq: Seq,
+    /// The last sequence number known to be stored.
+    pub committed_seq: Seq,
+    pub members: Members,
+}
+
+impl Channel {
+    /// A person channel that has no messages yet.
+    pub fn new_person(key: ChannelKey) -> Channel {
+        let (low, high) = key
+            .person_pair()
+            .expect("new_person is only called with person keys");
+        let members = Members::Person([Uid::new(low), Uid::new(high)]);
+        Channel {
+            key,
+            last_seq: Seq(0),
+            committed_seq: Seq(0),
+            members,
+        }
+    }
+
+    pub fn new_group(
+        key: ChannelKey,
+        members: impl IntoIterator<Item = Uid>,
+        last_seq: Seq,
+    ) -> Channel {
+        Channel {
+            key,
+            last_seq,
+            committed_seq: last_seq,
+            members: Members::Group(members.into_iter().collect()),
+        }
+    }
+
+    /// Hands out the next sequence number.
+    pub fn assign_seq(&mut self) -> Seq {
+        self.last_seq = self.last_seq.next();
+        self.last_seq
+    }
+
+    /// Records that everything up to `seq` is stored.
+    pub fn mark_committed(&mut self, seq: Seq) {
+        assert!(seq <= self.last_seq, "committed beyond what was assigned");
+        if seq > self.committed_seq {
+            self.committed_seq = seq;
+        }
+    }
+
+    /// Takes back every sequence number handed out after the last commit,
+    /// after a failed commit, so the channel continues with no gap.
+    pub fn roll_back_uncommitted(&mut self) {
+        self.last_seq = self.committed_seq;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn person_channel_is_the_same_from_both_sides() {
+        let a = Uid::new("alice");
+        let b = Uid::new("bob");
+        let key = ChannelKey::person(&a, &b);
+        assert_eq!(key, ChannelKey::person(&b, &a));
+        assert_eq!(key.id_seen_by("alice"), "bob");
+        assert_eq!(key.id_seen_by("bob"), "alice");
+        assert_eq!(key.shard(7), ChannelKey::person(&b, &a).shard(7));
+    }
+
+    #[test]
+    fn routing_spreads_channels_over_every_shard() {
+        let mut seen = [0usize; 4];
+        for i in 0..1000 {
+            seen[ChannelKey::group(&format!("g{i}")).shard(4).index()] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+    }
+
+    #[test]
+    fn sequence_numbers_have_no_gaps_after_a_rollback() {
+        let mut channel = Channel::new_person(ChannelKey::person(&"a".into(), &"b".into()));
+        assert_eq!(channel.assign_seq(), Seq(1));
+        channel.mark_committed(Seq(1));
+        assert_eq!(channel.assign_seq(), Seq(2));
+        channel.roll_back_uncommitted();
+        assert_eq!(channel.assign_seq(), Seq(2));
+    }
+
+    #[test]
+    fn bad_targets_are_refused() {
+        let limits = IdLimits {
+            uid_length_max_bytes: 8,
+            channel_id_length_max_bytes: 8,
+        };
+        let me = Uid::new("me");
+        assert_eq!(
+            resolve_target(&me, "me", ChannelType::Person, &limits),
+            Err(ReasonCode::InvalidChannel)
+        );
+        assert_eq!(
+            resolve_target(&me, "a@b", ChannelType::Person, &limits),
+            Err(ReasonCode::InvalidChannel)
+        );
+        assert_eq!(
+            resolve_target(&me, "123456789", ChannelType::Group, &limits),
+            Err(ReasonCode::InvalidChannel)
+        );
+        assert_eq!(
+            resolve_target(&me, "g", ChannelType(9), &limits),
+            Err(ReasonCode::InvalidChannel)
+        );
+        assert!(resolve_target(&me, "you", ChannelType::Person, &limits).is_ok());
+    }
+}

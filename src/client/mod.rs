@@ -1,0 +1,362 @@
+//! The client SDK.
+//!
+//! [`core::ClientCore`] holds the protocol logic with no runtime, so the
+//! bench harness can drive it from glommio. [`Client`] is the tokio adapter
+//! most applications use: [`connect`] returns a `Client` for sending (each
+//! send resolves to its `SendAck`) and an [`Incoming`] stream of received
+//! messages. Received messages are acknowledged automatically unless
+//! [`ConnectOptions::auto_ack`] is off. Heartbeats follow the interval the
+//! server gives in `ConnAck`.
+
+pub mod cli;
+pub mod core;
+
+pub use self::core::{ClientCore, Event, Identity, Outgoing, ProtocolError};
+
+use crate::protocol::{ChannelType, ConnAck, DeviceFlag, Disconnect, ReasonCode, Recv, SendAck};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// Why the client could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server refused the connection: {}", crate::protocol::reason_name(*.0))]
+    Refused(ReasonCode),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the connection is closed{}", .0.as_ref().map(|d| format!(": {}", crate::protocol::reason_name(d.reason))).unwrap_or_default())]
+    Closed(Option<Disconnect>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub uid: String,
+    pub token: String,
+    pub device_id: String,
+    pub device_flag: DeviceFlag,
+    /// Acknowledge every received message as soon as it is handed over.
+    pub auto_ack: bool,
+    /// Send `Ping` at the interval the server asks for.
+    pub heartbeat: bool,
+    /// How long to wait for the TCP connection and for `ConnAck`.
+    pub connect_timeout: Duration,
+    /// Largest frame accepted from the server.
+    pub frame_size_max_bytes: usize,
+    /// Received messages buffered before the client stops reading.
+    pub incoming_capacity: usize,
+}
+
+impl ConnectOptions {
+    pub fn new(uid: &str) -> ConnectOptions {
+        ConnectOptions {
+            uid: uid.to_owned(),
+            token: String::new(),
+            device_id: "default".to_owned(),
+            device_flag: DeviceFlag::App,
+            auto_ack: true,
+            heartbeat: true,
+            connect_timeout: Duration::from_secs(10),
+            frame_size_max_bytes: 1024 * 1024,
+            incoming_capacity: 4096,
+        }
+    }
+
+    pub fn token(mut self, token: &str) -> Self {
+        token.clone_into(&mut self.token);
+        self
+    }
+
+    pub fn device(mut self, device_id: &str, flag: DeviceFlag) -> Self {
+        device_id.clone_into(&mut self.device_id);
+        self.device_flag = flag;
+        self
+    }
+
+    pub fn auto_ack(mut self, on: bool) -> Self {
+        self.auto_ack = on;
+        self
+    }
+
+    pub fn heartbeat(mut self, on: bool) -> Self {
+        self.heartbeat = on;
+        self
+    }
+}
+
+/// What arrives on [`Incoming`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Message(Recv),
+    /// The connection ended; `Some` when the server said why.
+    Closed(Option<Disconnect>),
+}
+
+/// Received messages, in the order the server sent them.
+#[derive(Debug)]
+pub struct Incoming {
+    rx: mpsc::Receiver<Delivery>,
+}
+
+impl Incoming {
+    /// The next delivery, or `None` after `Closed` was returned.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub async fn next_message(&mut self, timeout: Duration) -> Result<Recv, ClientError> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(Some(Delivery::Message(m))) => Ok(m),
+            Ok(Some(Delivery::Closed(d))) => Err(ClientError::Closed(d)),
+            Ok(None) => Err(ClientError::Closed(None)),
+        }
+    }
+}
+
+enum Command {
+    Send(Outgoing, oneshot::Sender<Result<SendAck, ClientError>>),
+    Ack(u64, u64),
+    Close,
+}
+
+/// A connected client. Cheap to clone; all clones share one connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    conn_ack: ConnAck,
+}
+
+/// Connects, authenticates and starts the connection's task.
+pub async fn connect(
+    addr: SocketAddr,
+    options: ConnectOptions,
+) -> Result<(Client, Incoming), ClientError> {
+    let timeout = options.connect_timeout;
+    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))??;
+    stream.set_nodelay(true)?;
+    let mut core = ClientCore::new(options.frame_size_max_bytes);
+    core.connect(
+        &Identity {
+            uid: options.uid.clone(),
+            token: options.token.clone(),
+            device_id: options.device_id.clone(),
+            device_flag: options.device_flag,
+        },
+        crate::time::unix_now_ms() as i64,
+    );
+    stream.write_all(core.output()).await?;
+    core.output().clear();
+    let conn_ack = tokio::time::timeout(timeout, read_conn_ack(&mut stream, &mut core))
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))??;
+    let (commands, command_rx) = mpsc::channel(1024);
+    let (incoming, rx) = mpsc::channel(options.incoming_capacity.max(1));
+    let heartbeat = (options.heartbeat && conn_ack.heartbeat_interval_ms > 0)
+        .then(|| Duration::from_millis(u64::from(conn_ack.heartbeat_interval_ms)));
+    tokio::spawn(run(
+        stream,
+        core,
+        command_rx,
+        incoming,
+        heartbeat,
+        options.auto_ack,
+    ));
+    Ok((Client { commands, conn_ack }, Incoming { rx }))
+}
+
+async fn read_conn_ack(
+    stream: &mut TcpStream,
+    core: &mut ClientCore,
+) -> Result<ConnAck, ClientError> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if let Some(event) = core.next_event()? {
+            return match event {
+                Event::ConnAck(ack) if ack.reason == ReasonCode::Success => Ok(ack),
+                Event::ConnAck(ack) => Err(ClientError::Refused(ack.reason)),
+                Event::Disconnect(d) => Err(ClientError::Refused(d.reason)),
+                _ => Err(ProtocolError::Unexpected("a packet before ConnAck").into()),
+            };
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(ClientError::Closed(None));
+        }
+        core.feed(&buf[..n]);
+    }
+}
+
+async fn run(
+    stream: TcpStream,
+    mut core: ClientCore,
+    mut commands: mpsc::Receiver<Command>,
+    incoming: mpsc::Sender<Delivery>,
+    heartbeat: Option<Duration>,
+    auto_ack: bool,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut pending: HashMap<u32, oneshot::Sender<Result<SendAck, ClientError>>> = HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let period = heartbeat.unwrap_or(Duration::from_secs(3600));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut closed_by: Option<Disconnect> = None;
+    'outer: loop {
+        tokio::select! {
+            read = reader.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => break 'outer,
+                    Ok(n) => n,
+                };
+                core.feed(&buf[..n]);
+                loop {
+                    match core.next_event() {
+                        Ok(None) => break,
+                        Ok(Some(Event::SendAck(ack))) => {
+                            if let Some(waiter) = pending.remove(&ack.client_seq) {
+                                let _ = waiter.send(Ok(ack));
+                            }
+                        }
+                        Ok(Some(Event::Recv(recv))) => {
+                            let (id, seq) = (recv.message_id, recv.message_seq);
+                            if incoming.send(Delivery::Message(recv)).await.is_err() {
+                                break 'outer;
+                            }
+                            if auto_ack {
+                                core.ack(id, seq);
+                            }
+                        }
+                        Ok(Some(Event::Disconnect(d))) => {
+                            closed_by = Some(d);
+                            break 'outer;
+                        }
+                        Ok(Some(Event::Pong | Event::ConnAck(_))) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "server broke the protocol");
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            command = commands.recv() => match command {
+                Some(Command::Send(message, reply)) => {
+                    let client_seq = core.send(message);
+                    pending.insert(client_seq, reply);
+                }
+                Some(Command::Ack(id, seq)) => core.ack(id, seq),
+                Some(Command::Close) | None => {
+                    core.disconnect();
+                    let _ = writer.write_all(core.output()).await;
+                    core.output().clear();
+                    break 'outer;
+                }
+            },
+            _ = ticker.tick(), if heartbeat.is_some() => core.ping(),
+        }
+        if !core.output().is_empty() {
+            if writer.write_all(core.output()).await.is_err() {
+                break;
+            }
+            core.output().clear();
+        }
+    }
+    for (_, waiter) in pending.drain() {
+        let _ = waiter.send(Err(ClientError::Closed(closed_by.clone())));
+    }
+    let _ = incoming.send(Delivery::Closed(closed_by)).await;
+}
+
+impl Client {
+    /// What the server said when it accepted the connection.
+    pub fn conn_ack(&self) -> &ConnAck {
+        &self.conn_ack
+    }
+
+    /// Sends a message and waits for its `SendAck`. A refusal is a
+    /// `SendAck` with a reason other than `Success`, not an error.
+    pub async fn send(&self, message: Outgoing) -> Result<SendAck, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Send(message, reply))
+            .await
+            .map_err(|_| ClientError::Closed(None))?;
+        answer.await.map_err(|_| ClientError::Closed(None))?
+    }
+
+    /// Sends `text` to the person `to`.
+    pub async fn send_text(&self, to: &str, text: &str) -> Result<SendAck, ClientError> {
+        self.send(Outgoing {
+            channel_id: to.to_owned(),
+            channel_type: ChannelType::Person,
+            client_msg_no: new_client_msg_no(),
+            flags: 0,
+            payload: Bytes::copy_from_slice(text.as_bytes()),
+        })
+        .await
+    }
+
+    /// Sends `text` to the group `group`.
+    pub async fn send_group_text(&self, group: &str, text: &str) -> Result<SendAck, ClientError> {
+        self.send(Outgoing {
+            channel_id: group.to_owned(),
+            channel_type: ChannelType::Group,
+            client_msg_no: new_client_msg_no(),
+            flags: 0,
+            payload: Bytes::copy_from_slice(text.as_bytes()),
+        })
+        .await
+    }
+
+    /// Acknowledges a received message (when `auto_ack` is off).
+    pub async fn ack(&self, message_id: u64, message_seq: u64) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Ack(message_id, message_seq))
+            .await
+            .map_err(|_| ClientError::Closed(None))
+    }
+
+    /// Says goodbye and closes the connection.
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+}
+
+/// A client_msg_no unique for all practical purposes: time, process and a
+/// counter, hashed into 32 hex digits.
+pub fn new_client_msg_no() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let state = ahash::RandomState::new();
+    let mut high = state.build_hasher();
+    high.write_u64(nanos);
+    high.write_u32(std::process::id());
+    let mut low = state.build_hasher();
+    low.write_u64(count);
+    low.write_u64(nanos);
+    format!("{:016x}{:016x}", high.finish(), low.finish())
+}
+
+/// Shorthand used by tests and tools: the socket address of `text`.
+pub fn parse_addr(text: &str) -> Result<SocketAddr, std::io::Error> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{text} resolves to no address")))
+}

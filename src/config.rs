@@ -1,0 +1,321 @@
+//! Configuration: one serde tree, defaults on every field, and
+//! [`Config::validate`] that checks every value and how the limits relate
+//! before the server starts.
+//!
+//! The committed example `src/config/ruyi.toml` is the complete default
+//! configuration with a comment on every setting; `ruyi print-config` prints
+//! it and a test checks that it parses back to [`Config::default`].
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The fully commented default configuration.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("config/ruyi.toml");
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: u16,
+    pub pin_shards: bool,
+    pub spin_before_park_us: u64,
+    pub inbox_capacity_batches: usize,
+    pub inbox_batch_max_messages: usize,
+    pub outgoing_backlog_max_messages: usize,
+    pub shutdown_drain_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Token,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub secret: String,
+    pub leeway_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub frame_size_max_bytes: usize,
+    pub payload_size_max_bytes: usize,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub heartbeat_interval_ms: u32,
+    pub connections_per_shard_max: usize,
+    pub uid_length_max_bytes: usize,
+    pub device_id_length_max_bytes: usize,
+    pub channel_id_length_max_bytes: usize,
+    pub client_msg_no_length_max_bytes: usize,
+    pub outbound_buffer_max_bytes: usize,
+    pub group_members_max: usize,
+    pub read_chunk_bytes: usize,
+    pub close_flush_timeout_ms: u64,
+    pub listen_backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5100)),
+            data_dir: PathBuf::from("./data"),
+            shards: 0,
+            pin_shards: true,
+            spin_before_park_us: 50,
+            inbox_capacity_batches: 256,
+            inbox_batch_max_messages: 1024,
+            outgoing_backlog_max_messages: 65536,
+            shutdown_drain_ms: 2000,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Token,
+            secret: String::new(),
+            leeway_s: 30,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_size_max_bytes: 65536,
+            payload_size_max_bytes: 61440,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 90_000,
+            heartbeat_interval_ms: 30_000,
+            connections_per_shard_max: 500_000,
+            uid_length_max_bytes: 64,
+            device_id_length_max_bytes: 64,
+            channel_id_length_max_bytes: 64,
+            client_msg_no_length_max_bytes: 64,
+            outbound_buffer_max_bytes: 4 * 1024 * 1024,
+            group_members_max: 10_000,
+            read_chunk_bytes: 65536,
+            close_flush_timeout_ms: 2000,
+            listen_backlog: 1024,
+        }
+    }
+}
+
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; settings it leaves out keep their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The number of shards to run: the configured count, or one per
+    /// available CPU when it is 0.
+    pub fn shard_count(&self) -> u16 {
+        if self.server.shards > 0 {
+            return self.server.shards;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(usize::from(u16::MAX)) as u16)
+            .unwrap_or(1)
+    }
+
+    /// Checks every value and the relations between limits. Returns all
+    /// problems at once, one per line.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        let s = &self.server;
+        let l = &self.limits;
+        check(
+            s.shards <= 1024,
+            format!("server.shards = {} exceeds 1024", s.shards),
+        );
+        check(
+            s.inbox_capacity_batches >= 2,
+            "server.inbox_capacity_batches must be at least 2".into(),
+        );
+        check(
+            s.inbox_batch_max_messages >= 1,
+            "server.inbox_batch_max_messages must be at least 1".into(),
+        );
+        check(
+            s.outgoing_backlog_max_messages >= s.inbox_batch_max_messages,
+            "server.outgoing_backlog_max_messages must be at least server.inbox_batch_max_messages"
+                .into(),
+        );
+        check(
+            s.spin_before_park_us <= 10_000,
+            "server.spin_before_park_us above 10000 wastes a CPU; use at most 10000".into(),
+        );
+        if self.auth.mode == AuthMode::Token {
+            check(
+                !self.auth.secret.is_empty(),
+                "auth.mode = \"token\" needs auth.secret (or --auth-secret, or RUYI_AUTH_SECRET); \
+                 set auth.mode = \"off\" only for development"
+                    .into(),
+            );
+        }
+        check(
+            (256..=16 * 1024 * 1024).contains(&l.frame_size_max_bytes),
+            format!(
+                "limits.frame_size_max_bytes = {} must be between 256 and 16777216",
+                l.frame_size_max_bytes
+            ),
+        );
+        let frame_overhead_bytes = 256
+            + l.uid_length_max_bytes
+            + l.channel_id_length_max_bytes
+            + l.client_msg_no_length_max_bytes;
+        check(
+            l.payload_size_max_bytes + frame_overhead_bytes <= l.frame_size_max_bytes,
+            format!(
+                "limits.payload_size_max_bytes = {} leaves no room for the other fields of a frame \
+                 (at most frame_size_max_bytes - {frame_overhead_bytes} = {})",
+                l.payload_size_max_bytes,
+                l.frame_size_max_bytes.saturating_sub(frame_overhead_bytes)
+            ),
+        );
+        check(
+            l.handshake_timeout_ms >= 100,
+            "limits.handshake_timeout_ms must be at least 100".into(),
+        );
+        check(
+            u64::from(l.heartbeat_interval_ms) * 2 <= l.idle_timeout_ms,
+            format!(
+                "limits.heartbeat_interval_ms = {} must be at most half of limits.idle_timeout_ms = {}",
+                l.heartbeat_interval_ms, l.idle_timeout_ms
+            ),
+        );
+        check(
+            l.heartbeat_interval_ms >= 100,
+            "limits.heartbeat_interval_ms must be at least 100".into(),
+        );
+        check(
+            l.connections_per_shard_max >= 1,
+            "limits.connections_per_shard_max must be at least 1".into(),
+        );
+        for (name, value) in [
+            ("uid_length_max_bytes", l.uid_length_max_bytes),
+            ("device_id_length_max_bytes", l.device_id_length_max_bytes),
+            ("channel_id_length_max_bytes", l.channel_id_length_max_bytes),
+            (
+                "client_msg_no_length_max_bytes",
+                l.client_msg_no_length_max_bytes,
+            ),
+        ] {
+            check(
+                (1..=1024).contains(&value),
+                format!("limits.{name} = {value} must be between 1 and 1024"),
+            );
+        }
+        check(
+            l.outbound_buffer_max_bytes >= l.frame_size_max_bytes * 2,
+            "limits.outbound_buffer_max_bytes must hold at least two maximum-size frames".into(),
+        );
+        check(
+            l.group_members_max >= 2,
+            "limits.group_members_max must be at least 2".into(),
+        );
+        check(
+            l.read_chunk_bytes >= 4096,
+            "limits.read_chunk_bytes must be at least 4096".into(),
+        );
+        check(
+            l.listen_backlog >= 1,
+            "limits.listen_backlog must be at least 1".into(),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_example_is_exactly_the_default() {
+        let parsed = Config::parse(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn default_refuses_token_auth_without_a_secret() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("auth.secret"), "{err}");
+        let mut config = Config::default();
+        config.auth.secret = "s".into();
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_settings_are_rejected_by_name() {
+        let err = Config::parse("[limits]\nframe_size_max = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("frame_size_max"), "{err}");
+    }
+
+    #[test]
+    fn related_limits_are_checked_together() {
+        let mut config = Config::default();
+        config.auth.mode = AuthMode::Off;
+        config.limits.payload_size_max_bytes = config.limits.frame_size_max_bytes;
+        config.limits.heartbeat_interval_ms = 60_000;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("payload_size_max_bytes"), "{err}");
+        assert!(err.contains("heartbeat_interval_ms"), "{err}");
+    }
+}

@@ -1,0 +1,172 @@
+//! The task that drives one connection's socket.
+//!
+//! It is a single hand-written poll loop rather than separate reader and
+//! writer tasks: glommio's stream keeps its pending io_uring poll between
+//! calls, so polling read and write from one task costs nothing extra and
+//! needs no lock around the stream. Each wake-up writes everything the
+//! outbox holds in one `send`, then reads a chunk and parses every complete
+//! frame in it.
+
+use crate::conn::outbox::Outbox;
+use crate::ids::ConnId;
+use crate::protocol::FrameDecoder;
+use crate::shard::runtime::Runtime;
+use bytes::{Buf, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+
+/// Why a connection's task ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The server closed it after flushing (timeout, violation, shutdown).
+    Closed,
+    /// The server cut it off without flushing.
+    Aborted,
+    /// The peer closed its side.
+    PeerClosed,
+    Io(std::io::Error),
+}
+
+/// How many read-and-write rounds one wake-up may take before yielding to
+/// other connections.
+const ROUNDS_PER_WAKEUP: usize = 8;
+
+pub(crate) async fn drive(
+    runtime: Rc<Runtime>,
+    mut stream: TcpStream,
+    conn: ConnId,
+    outbox: Rc<Outbox>,
+) {
+    let span = tracing::debug_span!("conn", id = conn.0);
+    let _enter = span.enter();
+    let chunk = runtime.config.limits.read_chunk_bytes;
+    let decoder = FrameDecoder::new(runtime.config.limits.frame_size_max_bytes);
+    let mut writing = BytesMut::new();
+    let mut partial = BytesMut::new();
+    let ended = poll_fn(|cx| {
+        outbox.register(cx.waker());
+        for _ in 0..ROUNDS_PER_WAKEUP {
+            if outbox.is_aborted() {
+                return Poll::Ready(Ended::Aborted);
+            }
+            let mut progressed = false;
+
+            // Write: everything queued since the last write goes out at once.
+            if writing.is_empty() {
+                outbox.take_into(&mut writing);
+            }
+            while !writing.is_empty() {
+                match Pin::new(&mut stream).poll_write(cx, &writing) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ended::PeerClosed),
+                    Poll::Ready(Ok(n)) => {
+                        writing.advance(n);
+                        progressed = true;
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Ended::Io(error)),
+                    Poll::Pending => break,
+                }
+            }
+            if outbox.closing().is_some() {
+                if writing.is_empty() && outbox.is_empty() {
+                    return Poll::Ready(Ended::Closed);
+                }
+                if progressed {
+                    continue;
+                }
+                return Poll::Pending;
+            }
+
+            // Read: one chunk into the shard's scratch buffer, then every
+            // complete frame in it.
+            let reads_frames = runtime.state.borrow().reads_frames(conn);
+            if reads_frames && holds_whole_frame(&decoder, &partial) {
+                // Frames that arrived while the session was joining.
+                take_frames(&runtime, conn, &decoder, &mut partial, BytesMut::new());
+                continue;
+            }
+            if reads_frames && runtime.may_read(&outbox) {
+                let mut scratch = runtime.read_scratch.borrow_mut();
+                if scratch.len() < chunk {
+                    // A fresh zeroed region; earlier regions live on only as
+                    // long as frames sliced from them.
+                    *scratch = BytesMut::zeroed(chunk * 4);
+                }
+                match Pin::new(&mut stream).poll_read(cx, &mut scratch[..chunk]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ended::PeerClosed),
+                    Poll::Ready(Ok(n)) => {
+                        let filled = scratch.split_to(n);
+                        drop(scratch);
+                        take_frames(&runtime, conn, &decoder, &mut partial, filled);
+                        progressed = true;
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Ended::Io(error)),
+                    Poll::Pending => {}
+                }
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        // Busy connection: let the others run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
+    match &ended {
+        Ended::Io(error) => tracing::debug!(%error, "connection failed"),
+        other => tracing::debug!(?other, "connection ended"),
+    }
+    drop(stream);
+    runtime.state.borrow_mut().on_closed(conn);
+    runtime.connection_ended();
+}
+
+/// Whether `buf` starts with a whole frame (or with a length that is an
+/// error, which also needs handling now).
+fn holds_whole_frame(decoder: &FrameDecoder, buf: &[u8]) -> bool {
+    match decoder.peek_length(buf) {
+        Ok(Some(length)) => buf.len() >= crate::protocol::LENGTH_PREFIX_BYTES + length,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
+/// Hands every complete frame in `partial` + `filled` to the shard and keeps
+/// the rest in `partial`. Frames stay unread in `partial` while the session
+/// is not taking any (joining, closing).
+fn take_frames(
+    runtime: &Runtime,
+    conn: ConnId,
+    decoder: &FrameDecoder,
+    partial: &mut BytesMut,
+    filled: BytesMut,
+) {
+    let mut buf = if partial.is_empty() {
+        filled
+    } else {
+        partial.extend_from_slice(&filled);
+        std::mem::take(partial)
+    };
+    let now = runtime.now();
+    let mut state = runtime.state.borrow_mut();
+    while state.reads_frames(conn) {
+        match decoder.next_frame(&mut buf) {
+            Ok(Some(frame)) => state.on_frame(conn, &frame, now),
+            Ok(None) => break,
+            Err(error) => {
+                state.on_frame_error(conn, &error, now);
+                buf.clear();
+                break;
+            }
+        }
+    }
+    if !buf.is_empty() {
+        // Own the leftover so it never pins the shared scratch region.
+        *partial = BytesMut::with_capacity(buf.len().max(256));
+        partial.extend_from_slice(&buf);
+    }
+}

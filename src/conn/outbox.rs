@@ -1,0 +1,86 @@
+//! A connection's outgoing bytes. Everything the shard produces for a
+//! connection during one tick is appended here; the connection's task wakes
+//! once and writes it all with one `send`. This is where write coalescing
+//! happens.
+
+use crate::protocol::ReasonCode;
+use bytes::BytesMut;
+use std::cell::{Cell, RefCell};
+use std::task::Waker;
+
+#[derive(Debug, Default)]
+pub struct Outbox {
+    buf: RefCell<BytesMut>,
+    waker: RefCell<Option<Waker>>,
+    /// Set when the server has decided to close: the `Disconnect` is already
+    /// queued, nothing more is read, and the task ends once `buf` is written.
+    closing: Cell<Option<ReasonCode>>,
+    /// Set when the connection must end now, without flushing.
+    aborted: Cell<bool>,
+}
+
+impl Outbox {
+    /// Appends through `write`, then wakes the connection's task.
+    pub fn append(&self, write: impl FnOnce(&mut BytesMut)) {
+        write(&mut self.buf.borrow_mut());
+        self.wake();
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.borrow().is_empty()
+    }
+
+    /// Moves everything queued into `dst`, which must be empty. Swapping
+    /// buffers keeps their allocations alive for reuse.
+    pub fn take_into(&self, dst: &mut BytesMut) {
+        debug_assert!(dst.is_empty());
+        std::mem::swap(&mut *self.buf.borrow_mut(), dst);
+    }
+
+    /// Drops the allocation of a connection that has gone quiet, so idle
+    /// connections cost little memory.
+    pub fn shrink_if_idle(&self, keep_bytes: usize) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() && buf.capacity() > keep_bytes {
+            *buf = BytesMut::new();
+        }
+    }
+
+    pub fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.borrow_mut();
+        match slot.as_ref() {
+            Some(w) if w.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+
+    pub fn wake(&self) {
+        if let Some(waker) = self.waker.borrow().as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
+    pub fn start_closing(&self, reason: ReasonCode) {
+        if self.closing.get().is_none() {
+            self.closing.set(Some(reason));
+        }
+        self.wake();
+    }
+
+    pub fn closing(&self) -> Option<ReasonCode> {
+        self.closing.get()
+    }
+
+    pub fn abort(&self) {
+        self.aborted.set(true);
+        self.wake();
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.get()
+    }
+}

@@ -1,0 +1,43 @@
+//! ruyi: an instant-messaging gateway, thread-per-core on io_uring.
+//!
+//! Clients hold long-lived TCP connections and speak a FlatBuffers protocol
+//! (`schemas/ruyi.fbs`). Each message a client sends is sequenced by the
+//! channel's owner shard, stored, acknowledged, and delivered to every device
+//! of every member of the channel, in order.
+//!
+//! The modules, from the wire inwards:
+//!
+//! - [`protocol`]: generated FlatBuffers code, length-prefixed framing,
+//!   verification with explicit limits, owned packets and reason codes. No
+//!   runtime, no storage.
+//! - [`conn`]: one connection's life: accept under a limit, the session
+//!   phases (handshake, joining, active, closing), and the task that reads
+//!   big chunks and writes each tick's frames in one `send`.
+//! - [`shard`]: one pinned glommio executor per CPU. A shard owns the
+//!   connections it accepted and the channels that hash to it; shards talk
+//!   only through bounded SPSC inboxes that carry batches of one typed
+//!   message enum. Presence (which user is online on which shard) is
+//!   broadcast, so the send path never waits on another shard.
+//! - [`channel`]: channel identity and routing (`shard = hash(channel) %
+//!   shards`), sequencing with no gaps, membership.
+//! - [`storage`]: the batch-oriented storage seam and the in-memory store.
+//! - [`auth`]: HS256 tokens.
+//! - [`client`]: the SDK (a runtime-free protocol core and a tokio adapter)
+//!   and the `ruyi client` command line.
+//! - [`config`]: the one configuration tree; [`server`]: start and stop.
+//! - [`ids`] and [`time`]: id newtypes and injected time.
+
+pub mod auth;
+pub mod channel;
+pub mod client;
+pub mod config;
+pub mod conn;
+pub mod ids;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod storage;
+pub mod time;
+
+pub use config::Config;
+pub use server::{Control, Server, ServerHandle};

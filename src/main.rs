@@ -1,0 +1,191 @@
+//! The `ruyi` binary: parses the command line, loads and validates the
+//! configuration, and calls into the library.
+
+use clap::{Parser, Subcommand};
+use ruyi::config::{AuthMode, Config, DEFAULT_CONFIG_TOML};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ruyi",
+    version,
+    about = "A thread-per-core instant-messaging gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Print the complete default configuration, with a comment on every
+    /// setting.
+    PrintConfig,
+    /// Print a token for a uid, signed with the configured secret.
+    Token(TokenArgs),
+    /// Talk to a gateway: send messages, listen for them.
+    Client(ruyi::client::cli::ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Configuration file; settings it leaves out keep their defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides server.listen.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Overrides server.data_dir.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides server.shards (0 = one per CPU).
+    #[arg(long)]
+    shards: Option<u16>,
+    /// Overrides auth.secret.
+    #[arg(long, env = "RUYI_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Option<String>,
+    /// Sets auth.mode = "off": any client may connect as any uid.
+    #[arg(long)]
+    auth_off: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// Read auth.secret from this configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The secret to sign with (instead of --config).
+    #[arg(long, env = "RUYI_AUTH_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    #[arg(long)]
+    uid: String,
+    /// How long the token is valid, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl_s: u64,
+}
+
+fn init_logging(default_filter: &str) {
+    let _ = tracing_log::LogTracer::init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUYI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrintConfig => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            ExitCode::SUCCESS
+        }
+        Command::Token(args) => token(args),
+        Command::Serve(args) => {
+            init_logging("info");
+            serve(args)
+        }
+        Command::Client(args) => {
+            init_logging("warn");
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("ruyi client: cannot start a runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let code = runtime.block_on(ruyi::client::cli::run(args));
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn token(args: TokenArgs) -> ExitCode {
+    let secret = match (args.secret, args.config.as_ref()) {
+        (Some(secret), _) => secret,
+        (None, Some(_)) => match load_config(args.config.as_ref()) {
+            Ok(config) => config.auth.secret,
+            Err(error) => {
+                eprintln!("ruyi token: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => {
+            eprintln!("ruyi token: give --config FILE or --secret (or RUYI_AUTH_SECRET)");
+            return ExitCode::from(2);
+        }
+    };
+    if secret.is_empty() {
+        eprintln!("ruyi token: the secret is empty");
+        return ExitCode::FAILURE;
+    }
+    let now_s = ruyi::time::unix_now_ms() / 1000;
+    println!(
+        "{}",
+        ruyi::auth::issue_token(&secret, &args.uid, now_s, args.ttl_s)
+    );
+    ExitCode::SUCCESS
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = match load_config(args.config.as_ref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("ruyi serve: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(data_dir) = args.data_dir {
+        config.server.data_dir = data_dir;
+    }
+    if let Some(shards) = args.shards {
+        config.server.shards = shards;
+    }
+    if let Some(secret) = args.auth_secret {
+        config.auth.secret = secret;
+    }
+    if args.auth_off {
+        config.auth.mode = AuthMode::Off;
+    }
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("ruyi serve: cannot install signal handlers: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = match ruyi::Server::start(config) {
+        Ok(handle) => handle,
+        Err(error) => {
+            eprintln!("ruyi serve: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut signals = signals;
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!(signal, "shutting down");
+    }
+    handle.stop();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,310 @@
+//! Starting and stopping a server. [`Server::start`] binds one
+//! `SO_REUSEPORT` listener per shard, builds the inbox mesh, starts one
+//! pinned glommio executor per shard and returns a [`ServerHandle`] once
+//! every shard is up. Tests start servers on port 0 and stop them
+//! deterministically with [`ServerHandle::shutdown`].
+
+use crate::channel::ChannelKey;
+use crate::config::{AuthMode, Config};
+use crate::ids::ShardId;
+use crate::shard::mesh;
+use crate::shard::runtime::{self, ControlCmd, ShardSetup};
+use crate::shard::state::{ControlError, GroupChange, GroupInfo};
+use crate::storage::{MemoryStorage, Storage};
+use glommio::{CpuSet, LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {detail}")]
+    Shard { shard: u16, detail: String },
+}
+
+pub struct Server;
+
+impl Server {
+    /// Starts a server with in-memory storage.
+    pub fn start(config: Config) -> Result<ServerHandle, StartError> {
+        Server::start_with_storage(config, Arc::new(MemoryStorage))
+    }
+
+    pub fn start_with_storage(
+        config: Config,
+        storage: Arc<dyn Storage>,
+    ) -> Result<ServerHandle, StartError> {
+        config.validate()?;
+        if config.auth.mode == AuthMode::Off {
+            tracing::warn!("auth.mode = \"off\": any client can connect as any uid");
+        }
+        let shards = config.shard_count();
+        let (addr, listeners) =
+            bind_listeners(config.server.listen, shards, config.limits.listen_backlog)?;
+        let cpus = online_cpus();
+        let config = Arc::new(config);
+        let meshes = mesh::build(shards, config.server.inbox_capacity_batches);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut controls = Vec::new();
+        let mut threads = Vec::new();
+        for (ends, listener) in meshes.into_iter().zip(listeners) {
+            let index = ends.shard.index();
+            let (control_tx, control_rx) = async_channel::bounded(1024);
+            controls.push(control_tx);
+            let placement = if config.server.pin_shards && !cpus.is_empty() {
+                Placement::Fixed(cpus[index % cpus.len()])
+            } else {
+                Placement::Unbound
+            };
+            let setup = ShardSetup {
+                config: Arc::clone(&config),
+                shards,
+                mesh: ends,
+                listener,
+                storage: Arc::clone(&storage),
+                control: control_rx,
+                ready: ready_tx.clone(),
+            };
+            let thread = LocalExecutorBuilder::new(placement)
+                .name(&format!("ruyi-shard-{index}"))
+                .spin_before_park(Duration::from_micros(config.server.spin_before_park_us))
+                .spawn(move || runtime::run(setup))
+                .map_err(|e| StartError::Shard {
+                    shard: index as u16,
+                    detail: e.to_string(),
+                })?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let handle = ServerHandle {
+            addr,
+            shards,
+            controls,
+            threads,
+        };
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(detail)) => {
+                    handle.shutdown();
+                    return Err(StartError::Shard { shard: 0, detail });
+                }
+                Err(_) => {
+                    return Err(StartError::Shard {
+                        shard: 0,
+                        detail: "a shard thread exited during start-up".into(),
+                    })
+                }
+            }
+        }
+        tracing::info!(%addr, shards, "ruyi is listening");
+        Ok(handle)
+    }
+}
+
+/// Binds one listening socket per shard on the same address with
+/// `SO_REUSEPORT`, so the kernel spreads new connections over the shards.
+/// When the port is 0, the first bind picks it and the others reuse it.
+fn bind_listeners(
+    addr: SocketAddr,
+    shards: u16,
+    backlog: u32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), StartError> {
+    let mut bound = addr;
+    let mut fds = Vec::new();
+    for _ in 0..shards {
+        let listen = |at: SocketAddr| -> std::io::Result<(SocketAddr, OwnedFd)> {
+            let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_port(true)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&at.into())?;
+            socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+            let local = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("listener has no IP address"))?;
+            Ok((local, socket.into()))
+        };
+        let (local, fd) = listen(bound).map_err(|source| StartError::Listen { addr, source })?;
+        bound = local;
+        fds.push(fd);
+    }
+    Ok((bound, fds))
+}
+
+fn online_cpus() -> Vec<usize> {
+    let mut cpus: Vec<usize> = CpuSet::online()
+        .map(|set| set.into_iter().map(|location| location.cpu).collect())
+        .unwrap_or_default();
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
+}
+
+/// A running server: its address, its control plane, and its threads.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shards: u16,
+    controls: Vec<async_channel::Sender<ControlCmd>>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("addr", &self.addr)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sums of every shard's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServerStats {
+    pub connections: usize,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub messages_committed: u64,
+    pub recvs_written: u64,
+    pub commit_batches: u64,
+}
+
+impl ServerHandle {
+    /// The address clients connect to (with the real port when bound to 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// A handle for control requests that can be moved to other threads.
+    pub fn control(&self) -> Control {
+        Control {
+            shards: self.shards,
+            controls: self.controls.clone(),
+        }
+    }
+
+    /// Asks every shard to stop: no new connections, every open one gets a
+    /// `Disconnect` with `ServerShutdown` and time to flush.
+    pub fn shutdown(&self) {
+        for control in &self.controls {
+            let _ = control.send_blocking(ControlCmd::Shutdown);
+        }
+    }
+
+    /// Waits for every shard thread to finish.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+
+    /// Shuts down and waits.
+    pub fn stop(self) {
+        self.shutdown();
+        self.join();
+    }
+}
+
+/// Control-plane requests to a running server, usable from any thread or
+/// runtime. Group changes are applied by the group's owner shard, stored,
+/// and only then confirmed.
+#[derive(Clone, Debug)]
+pub struct Control {
+    shards: u16,
+    controls: Vec<async_channel::Sender<ControlCmd>>,
+}
+
+impl Control {
+    async fn group(
+        &self,
+        group_id: &str,
+        uids: &[&str],
+        change: GroupChange,
+    ) -> Result<GroupInfo, ControlError> {
+        let owner = ChannelKey::group(group_id).shard(self.shards);
+        let (reply, answer) = async_channel::bounded(1);
+        let command = ControlCmd::Group {
+            group_id: group_id.to_owned(),
+            uids: uids.iter().map(|u| (*u).to_owned()).collect(),
+            change,
+            reply,
+        };
+        self.controls[owner.index()]
+            .send(command)
+            .await
+            .map_err(|_| ControlError::ShuttingDown)?;
+        answer
+            .recv()
+            .await
+            .map_err(|_| ControlError::ShuttingDown)?
+    }
+
+    /// Creates a group with exactly these members, or replaces the members
+    /// of an existing one.
+    pub async fn create_group(
+        &self,
+        group_id: &str,
+        members: &[&str],
+    ) -> Result<GroupInfo, ControlError> {
+        self.group(group_id, members, GroupChange::Replace).await
+    }
+
+    pub async fn add_members(
+        &self,
+        group_id: &str,
+        members: &[&str],
+    ) -> Result<GroupInfo, ControlError> {
+        self.group(group_id, members, GroupChange::Add).await
+    }
+
+    /// Removes members; they receive nothing committed after the removal.
+    pub async fn remove_members(
+        &self,
+        group_id: &str,
+        members: &[&str],
+    ) -> Result<GroupInfo, ControlError> {
+        self.group(group_id, members, GroupChange::Remove).await
+    }
+
+    /// Every shard's counters, summed.
+    pub async fn stats(&self) -> Result<ServerStats, ControlError> {
+        let mut total = ServerStats::default();
+        for control in &self.controls {
+            let (reply, answer) = async_channel::bounded(1);
+            control
+                .send(ControlCmd::Stats { reply })
+                .await
+                .map_err(|_| ControlError::ShuttingDown)?;
+            let (stats, connections) = answer
+                .recv()
+                .await
+                .map_err(|_| ControlError::ShuttingDown)?;
+            total.connections += connections;
+            total.connections_accepted += stats.connections_accepted;
+            total.connections_refused += stats.connections_refused;
+            total.messages_committed += stats.messages_committed;
+            total.recvs_written += stats.recvs_written;
+            total.commit_batches += stats.commit_batches;
+        }
+        Ok(total)
+    }
+
+    /// The shard that owns a channel, for tests that place channels.
+    pub fn owner_of_group(&self, group_id: &str) -> ShardId {
+        ChannelKey::group(group_id).shard(self.shards)
+    }
+}

@@ -1,0 +1,44 @@
+//! The one typed enum of cross-shard messages. Every payload is owned and
+//! `Send`; immutable messages travel as `Arc` so a fan-out to many shards
+//! copies nothing.
+
+use crate::channel::ChannelKey;
+use crate::ids::{ConnId, Uid};
+use crate::protocol::{SendAck, SendPacket};
+use crate::storage::StoredMessage;
+use smallvec::SmallVec;
+use std::sync::Arc;
+
+/// Inboxes carry batches: one queue operation per batch, not per message.
+pub type Batch = Vec<ShardMsg>;
+
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// A client's `Send`, from the shard of its connection to the channel's
+    /// owner.
+    Send {
+        origin: ConnId,
+        from: Uid,
+        channel: ChannelKey,
+        packet: SendPacket,
+    },
+    /// The owner's answer, back to the shard of the sending connection.
+    SendAck { conn: ConnId, ack: SendAck },
+    /// A committed message for the listed members, who are online on the
+    /// target shard. `skip` is the connection that sent it.
+    Deliver {
+        message: Arc<StoredMessage>,
+        recipients: SmallVec<[Uid; 4]>,
+        skip: Option<ConnId>,
+    },
+    /// A device of `uid` came online (or went offline) on `conn.shard()`.
+    /// Broadcast to every shard.
+    Presence {
+        uid: Uid,
+        device_id: Arc<str>,
+        conn: ConnId,
+        online: bool,
+    },
+    /// The receiver has applied the `Presence` that brought `conn` online.
+    PresenceAck { conn: ConnId },
+}

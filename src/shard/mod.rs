@@ -1,0 +1,18 @@
+//! Shards: one glommio executor pinned to one CPU each, owning the
+//! connections it accepted and the channels that hash to it.
+//!
+//! - [`state::ShardState`] is the shard's logic without I/O.
+//! - [`message::ShardMsg`] is the one enum of cross-shard messages.
+//! - [`mesh`] builds the inboxes: one bounded single-producer
+//!   single-consumer queue (glommio `shared_channel`) per ordered pair of
+//!   shards, carrying batches. A full inbox is backpressure.
+//! - [`runtime`] runs a shard: its accept loop, one receiver task per inbox,
+//!   one flusher task per outgoing inbox, the commit task (group commit: all
+//!   sends that arrived in one tick share one storage batch) and the sweeper
+//!   for timeouts.
+
+pub mod mesh;
+pub mod message;
+pub mod notify;
+pub mod runtime;
+pub mod state;

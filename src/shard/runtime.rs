@@ -1,0 +1,322 @@
+//! Runs one shard on its glommio executor: wires the inboxes, starts the
+//! shard's tasks, accepts connections, and shuts down gracefully.
+
+use super::mesh::MeshEnds;
+use super::message::Batch;
+use super::notify::Notify;
+use super::state::{GroupChange, GroupReply, Now, ShardState, ShardStats, Signals};
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::conn;
+use crate::conn::outbox::Outbox;
+use crate::ids::ShardId;
+use crate::storage::Storage;
+use crate::time::{Clock, SystemClock};
+use bytes::BytesMut;
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
+use glommio::net::TcpListener;
+use std::cell::{Cell, RefCell};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A request from the control plane (the server handle, the signal handler)
+/// to one shard. Not on the data path.
+#[derive(Debug)]
+pub enum ControlCmd {
+    /// Change a group this shard owns.
+    Group {
+        group_id: String,
+        uids: Vec<String>,
+        change: GroupChange,
+        reply: GroupReply,
+    },
+    /// Report counters.
+    Stats {
+        reply: async_channel::Sender<(ShardStats, usize)>,
+    },
+    /// Stop accepting, close every connection with a `Disconnect`, exit.
+    Shutdown,
+}
+
+/// Everything a shard needs to start, handed to its thread.
+pub struct ShardSetup {
+    pub config: Arc<Config>,
+    pub shards: u16,
+    pub mesh: MeshEnds,
+    pub listener: OwnedFd,
+    pub storage: Arc<dyn Storage>,
+    pub control: async_channel::Receiver<ControlCmd>,
+    pub ready: std::sync::mpsc::Sender<Result<ShardId, String>>,
+}
+
+/// The shard's shared, single-threaded runtime state.
+pub(crate) struct Runtime {
+    pub(crate) state: RefCell<ShardState>,
+    pub(crate) signals: Rc<Signals>,
+    pub(crate) config: Arc<Config>,
+    clock: SystemClock,
+    /// One receive buffer for all of the shard's connections: a read lands
+    /// here, whole frames are sliced out, and only a partial frame is copied
+    /// into the connection's own buffer. Idle connections hold no buffer.
+    pub(crate) read_scratch: RefCell<BytesMut>,
+    /// Connections that stopped reading because the outgoing backlog is
+    /// full; woken when it drains.
+    paused: RefCell<Vec<Rc<Outbox>>>,
+    pub(crate) shutting_down: Cell<bool>,
+    shutdown: Notify,
+    live_connections: Cell<usize>,
+    all_closed: Notify,
+}
+
+impl Runtime {
+    pub(crate) fn now(&self) -> Now {
+        Now {
+            monotonic: self.clock.monotonic(),
+            unix_ms: self.clock.unix_ms(),
+        }
+    }
+
+    /// Whether connections may read: false while the outgoing backlog is
+    /// over its limit. A connection told "no" is woken when it drains.
+    pub(crate) fn may_read(&self, outbox: &Rc<Outbox>) -> bool {
+        let room = self
+            .state
+            .borrow()
+            .outgoing_has_room(self.config.server.outgoing_backlog_max_messages);
+        if !room {
+            self.paused.borrow_mut().push(Rc::clone(outbox));
+        }
+        room
+    }
+
+    fn wake_paused(&self) {
+        let paused = std::mem::take(&mut *self.paused.borrow_mut());
+        for outbox in paused {
+            outbox.wake();
+        }
+    }
+
+    pub(crate) fn connection_ended(&self) {
+        self.live_connections.set(self.live_connections.get() - 1);
+        if self.live_connections.get() == 0 {
+            self.all_closed.notify();
+        }
+    }
+}
+
+/// The shard's main future: returns after a graceful shutdown.
+pub async fn run(setup: ShardSetup) {
+    let ShardSetup {
+        config,
+        shards,
+        mesh,
+        listener,
+        storage,
+        control,
+        ready,
+    } = setup;
+    let shard = mesh.shard;
+    let store = match storage.open_shard(shard) {
+        Ok(store) => store,
+        Err(error) => {
+            let _ = ready.send(Err(format!(
+                "shard {}: opening storage failed: {error}",
+                shard.0
+            )));
+            return;
+        }
+    };
+    let signals = Rc::new(Signals::new(shards));
+    let state = ShardState::new(
+        shard,
+        shards,
+        config.limits.clone(),
+        Authenticator::new(&config.auth),
+        store,
+        Rc::clone(&signals),
+    );
+    let runtime = Rc::new(Runtime {
+        state: RefCell::new(state),
+        signals,
+        read_scratch: RefCell::new(BytesMut::new()),
+        config: Arc::clone(&config),
+        clock: SystemClock::new(),
+        paused: RefCell::new(Vec::new()),
+        shutting_down: Cell::new(false),
+        shutdown: Notify::default(),
+        live_connections: Cell::new(0),
+        all_closed: Notify::default(),
+    });
+
+    // Connect both ends of every inbox concurrently: a connect waits for its
+    // peer, so doing them one by one could deadlock.
+    let mut sender_tasks = Vec::new();
+    for (peer, sender) in mesh.senders.into_iter().enumerate() {
+        if let Some(sender) = sender {
+            sender_tasks.push((peer, glommio::spawn_local(sender.connect())));
+        }
+    }
+    let mut receiver_tasks = Vec::new();
+    for (peer, receiver) in mesh.receivers.into_iter().enumerate() {
+        if let Some(receiver) = receiver {
+            receiver_tasks.push((peer, glommio::spawn_local(receiver.connect())));
+        }
+    }
+    for (peer, task) in sender_tasks {
+        let sender = task.await;
+        glommio::spawn_local(flush_to(Rc::clone(&runtime), ShardId(peer as u16), sender)).detach();
+    }
+    for (_, task) in receiver_tasks {
+        let receiver = task.await;
+        glommio::spawn_local(receive_from(Rc::clone(&runtime), receiver)).detach();
+    }
+    glommio::spawn_local(commit_loop(Rc::clone(&runtime))).detach();
+    glommio::spawn_local(sweep_loop(Rc::clone(&runtime))).detach();
+    glommio::spawn_local(control_loop(Rc::clone(&runtime), control)).detach();
+
+    // SAFETY: the descriptor is a listening TCP socket this shard owns; it
+    // was bound by `server::bind_listeners` and nothing else refers to it.
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let _ = ready.send(Ok(shard));
+    tracing::info!(shard = shard.0, cpu = ?current_cpu(), "shard started");
+    accept_loop(&runtime, &listener).await;
+    drop(listener);
+
+    // Graceful shutdown: every connection has been told; give them the
+    // drain time to flush, then cut off the rest.
+    if runtime.live_connections.get() > 0 {
+        let drain = Duration::from_millis(config.server.shutdown_drain_ms);
+        let all_closed = runtime.all_closed.wait();
+        let expired = glommio::timer::sleep(drain);
+        futures_lite::future::or(all_closed, expired).await;
+    }
+    tracing::info!(shard = shard.0, "shard stopped");
+}
+
+async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            runtime.shutdown.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(error)) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let now = runtime.now();
+        let Some((conn, outbox)) = runtime.state.borrow_mut().accept(now) else {
+            tracing::debug!("connection refused: shard full or shutting down");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        runtime
+            .live_connections
+            .set(runtime.live_connections.get() + 1);
+        glommio::spawn_local(conn::driver::drive(
+            Rc::clone(runtime),
+            stream,
+            conn,
+            outbox,
+        ))
+        .detach();
+    }
+}
+
+/// Drains this shard's inbox from one peer, a batch at a time.
+async fn receive_from(runtime: Rc<Runtime>, receiver: ConnectedReceiver<Batch>) {
+    while let Some(batch) = receiver.recv().await {
+        let now = runtime.now();
+        let mut state = runtime.state.borrow_mut();
+        for message in batch {
+            state.on_remote(message, now);
+        }
+    }
+}
+
+/// Sends what this shard queued for `peer`, a batch at a time. Waiting on a
+/// full inbox is the backpressure: meanwhile connections stop reading.
+async fn flush_to(runtime: Rc<Runtime>, peer: ShardId, sender: ConnectedSender<Batch>) {
+    let batch_max = runtime.config.server.inbox_batch_max_messages;
+    let mut peer_gone = false;
+    loop {
+        runtime.signals.flush[peer.index()].wait().await;
+        loop {
+            let batch = runtime.state.borrow_mut().take_outgoing(peer, batch_max);
+            if batch.is_empty() {
+                break;
+            }
+            if !peer_gone && sender.send(batch).await.is_err() {
+                // The peer has stopped (shutdown); what was meant for it has
+                // no one left to read it.
+                peer_gone = true;
+            }
+        }
+        runtime.wake_paused();
+    }
+}
+
+/// Group commit: everything that arrived in one tick is stored in one batch.
+async fn commit_loop(runtime: Rc<Runtime>) {
+    loop {
+        runtime.signals.commit.wait().await;
+        let now = runtime.now();
+        runtime.state.borrow_mut().commit(now);
+    }
+}
+
+async fn sweep_loop(runtime: Rc<Runtime>) {
+    let limits = &runtime.config.limits;
+    let shortest = limits
+        .handshake_timeout_ms
+        .min(limits.idle_timeout_ms)
+        .min(limits.close_flush_timeout_ms);
+    let interval = Duration::from_millis((shortest / 4).clamp(10, 1000));
+    loop {
+        glommio::timer::sleep(interval).await;
+        let now = runtime.now();
+        runtime.state.borrow_mut().sweep(now);
+    }
+}
+
+async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<ControlCmd>) {
+    while let Ok(command) = control.recv().await {
+        match command {
+            ControlCmd::Group {
+                group_id,
+                uids,
+                change,
+                reply,
+            } => runtime
+                .state
+                .borrow_mut()
+                .change_group(&group_id, uids, change, reply),
+            ControlCmd::Stats { reply } => {
+                let state = runtime.state.borrow();
+                let _ = reply.try_send((state.stats, state.connection_count()));
+            }
+            ControlCmd::Shutdown => {
+                if runtime.shutting_down.replace(true) {
+                    continue;
+                }
+                let now = runtime.now();
+                runtime.state.borrow_mut().begin_shutdown(now);
+                runtime.shutdown.notify();
+            }
+        }
+    }
+}
+
+fn current_cpu() -> Option<i32> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    (cpu >= 0).then_some(cpu)
+}

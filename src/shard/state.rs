@@ -1,0 +1,1066 @@
+//! One shard's state and logic, without sockets or executors: its
+//! connections, its view of presence, the channels it owns, and the batches
+//! it has queued for other shards. The runtime calls in with frames, inbox
+//! batches and the time; everything this produces goes to connection
+//! [`Outbox`]es, to per-shard outgoing batches, or to storage. Tests drive it
+//! directly.
+
+use super::message::ShardMsg;
+use super::notify::Notify;
+use crate::auth::Authenticator;
+use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, Members};
+use crate::config::Limits;
+use crate::conn::outbox::Outbox;
+use crate::conn::session::{step, Identity, Phase, Session, Step};
+use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
+use crate::protocol::{
+    encode_recv, ConnAck, Disconnect, Encoder, Packet, ReasonCode, RecvFields, SendAck, SendPacket,
+    VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF,
+};
+use crate::storage::{Mutation, ShardStore, StoredMessage};
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
+/// The current time, as the runtime read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub monotonic: Millis,
+    pub unix_ms: u64,
+}
+
+/// Wake-ups the state gives its runtime when it queues work.
+#[derive(Debug)]
+pub struct Signals {
+    /// Sends or group changes wait for a commit.
+    pub commit: Notify,
+    /// Index = target shard: a batch waits to be sent there.
+    pub flush: Vec<Notify>,
+}
+
+impl Signals {
+    pub fn new(shards: u16) -> Signals {
+        Signals {
+            commit: Notify::default(),
+            flush: (0..shards).map(|_| Notify::default()).collect(),
+        }
+    }
+}
+
+/// A change to a group's member list, from the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Create the group, or replace its members.
+    Replace,
+    Add,
+    Remove,
+}
+
+/// The result of a group change, after it is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group_id: String,
+    pub members: Vec<String>,
+    pub last_seq: u64,
+}
+
+/// Why a control request failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("group {0} does not exist")]
+    NoSuchGroup(String),
+    #[error("storage failed: {0}")]
+    Storage(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+pub type GroupReply = async_channel::Sender<Result<GroupInfo, ControlError>>;
+
+/// Work assigned a place in a channel and waiting for the next commit.
+enum Pending {
+    Send {
+        origin: ConnId,
+        client_seq: u32,
+        message: Arc<StoredMessage>,
+    },
+    Group {
+        key: ChannelKey,
+        members: Vec<Uid>,
+        reply: GroupReply,
+    },
+}
+
+struct ConnEntry {
+    session: Session,
+    outbox: Rc<Outbox>,
+}
+
+/// Counters exported for observability and checked by tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub messages_committed: u64,
+    pub recvs_written: u64,
+    pub commit_batches: u64,
+}
+
+pub struct ShardState {
+    pub id: ShardId,
+    shards: u16,
+    limits: Limits,
+    id_limits: IdLimits,
+    verify: VerifyLimits,
+    auth: Authenticator,
+    signals: Rc<Signals>,
+    conns: FastMap<ConnId, ConnEntry>,
+    next_conn: u64,
+    /// Connections of each user on this shard.
+    local_users: FastMap<Uid, SmallVec<[ConnId; 2]>>,
+    /// Every shard's online connections, per user, as counts per shard.
+    presence: FastMap<Uid, SmallVec<[(ShardId, u32); 2]>>,
+    channels: FastMap<ChannelKey, Channel>,
+    store: Box<dyn ShardStore>,
+    ids: MessageIdGenerator,
+    pending: Vec<Pending>,
+    outgoing: Vec<Vec<ShardMsg>>,
+    outgoing_total: usize,
+    encoder: Encoder,
+    frame_scratch: BytesMut,
+    shutting_down: bool,
+    pub stats: ShardStats,
+}
+
+impl ShardState {
+    pub fn new(
+        id: ShardId,
+        shards: u16,
+        limits: Limits,
+        auth: Authenticator,
+        store: Box<dyn ShardStore>,
+        signals: Rc<Signals>,
+    ) -> ShardState {
+        assert!(id.0 < shards);
+        assert_eq!(signals.flush.len(), usize::from(shards));
+        ShardState {
+            id,
+            shards,
+            id_limits: IdLimits {
+                uid_length_max_bytes: limits.uid_length_max_bytes,
+                channel_id_length_max_bytes: limits.channel_id_length_max_bytes,
+            },
+            verify: VerifyLimits::for_frame_size(limits.frame_size_max_bytes),
+            limits,
+            auth,
+            signals,
+            conns: FastMap::default(),
+            next_conn: 1,
+            local_users: FastMap::default(),
+            presence: FastMap::default(),
+            channels: FastMap::default(),
+            store,
+            ids: MessageIdGenerator::new(id),
+            pending: Vec::new(),
+            outgoing: (0..shards).map(|_| Vec::new()).collect(),
+            outgoing_total: 0,
+            encoder: Encoder::new(),
+            frame_scratch: BytesMut::new(),
+            shutting_down: false,
+            stats: ShardStats::default(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    // ---- connection lifecycle -------------------------------------------
+
+    /// Registers a newly accepted connection, or refuses it when the shard
+    /// is full or shutting down.
+    pub fn accept(&mut self, now: Now) -> Option<(ConnId, Rc<Outbox>)> {
+        if self.shutting_down || self.conns.len() >= self.limits.connections_per_shard_max {
+            self.stats.connections_refused += 1;
+            return None;
+        }
+        let conn = ConnId::new(self.id, self.next_conn);
+        self.next_conn += 1;
+        let outbox = Rc::new(Outbox::default());
+        self.conns.insert(
+            conn,
+            ConnEntry {
+                session: Session::new(now.monotonic),
+                outbox: Rc::clone(&outbox),
+            },
+        );
+        self.stats.connections_accepted += 1;
+        Some((conn, outbox))
+    }
+
+    /// Whether `conn` should have frames read from it now.
+    pub fn reads_frames(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|c| c.session.reads_frames())
+    }
+
+    /// Whether cross-shard batches waiting to be sent are under the limit;
+    /// above it, connections stop reading until they drain.
+    pub fn outgoing_has_room(&self, backlog_max: usize) -> bool {
+        self.outgoing_total < backlog_max
+    }
+
+    /// The connection's task has ended: forget it and tell every shard.
+    pub fn on_closed(&mut self, conn: ConnId) {
+        let Some(entry) = self.conns.remove(&conn) else {
+            return;
+        };
+        let Some(identity) = entry.session.identity else {
+            return;
+        };
+        if let Some(list) = self.local_users.get_mut(&identity.uid) {
+            list.retain(|c| *c != conn);
+            if list.is_empty() {
+                self.local_users.remove(&identity.uid);
+            }
+        }
+        if matches!(entry.session.phase, Phase::Handshake) {
+            return;
+        }
+        self.broadcast_presence(identity.uid, identity.device_id, conn, false);
+    }
+
+    /// Closes `conn` with `reason`: queues a `Disconnect`, stops reading, and
+    /// lets the task flush and end.
+    pub fn close(&mut self, conn: ConnId, reason: ReasonCode, detail: &str, now: Now) {
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if entry.session.phase == Phase::Closing {
+            return;
+        }
+        tracing::debug!(conn = conn.0, reason = %crate::protocol::reason_name(reason), detail, "closing connection");
+        entry.session.phase = Phase::Closing;
+        entry.session.closing_since = Some(now.monotonic);
+        let packet = Packet::Disconnect(Disconnect {
+            reason,
+            message: detail.to_owned(),
+        });
+        let encoder = &mut self.encoder;
+        entry.outbox.append(|buf| encoder.encode(&packet, buf));
+        entry.outbox.start_closing(reason);
+    }
+
+    /// Closes connections past their handshake or idle timeout, and cuts off
+    /// those that did not finish closing in time.
+    pub fn sweep(&mut self, now: Now) {
+        let mut expired: SmallVec<[(ConnId, ReasonCode); 8]> = SmallVec::new();
+        for (conn, entry) in &self.conns {
+            let s = &entry.session;
+            match s.phase {
+                Phase::Closing => {
+                    let since = s.closing_since.unwrap_or(now.monotonic);
+                    if now.monotonic.saturating_sub(since) >= self.limits.close_flush_timeout_ms {
+                        entry.outbox.abort();
+                    }
+                }
+                Phase::Handshake | Phase::Joining { .. }
+                    if now.monotonic.saturating_sub(s.accepted_at)
+                        >= self.limits.handshake_timeout_ms =>
+                {
+                    expired.push((*conn, ReasonCode::HandshakeTimeout));
+                }
+                Phase::Active
+                    if now.monotonic.saturating_sub(s.last_read_at)
+                        >= self.limits.idle_timeout_ms =>
+                {
+                    expired.push((*conn, ReasonCode::IdleTimeout));
+                }
+                _ => entry.outbox.shrink_if_idle(16 * 1024),
+            }
+        }
+        for (conn, reason) in expired {
+            self.close(conn, reason, "timed out", now);
+        }
+    }
+
+    /// Starts a graceful shutdown: refuse new connections, close every open
+    /// one with `ServerShutdown`.
+    pub fn begin_shutdown(&mut self, now: Now) {
+        self.shutting_down = true;
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close(
+                conn,
+                ReasonCode::ServerShutdown,
+                "server shutting down",
+                now,
+            );
+        }
+    }
+
+    // ---- frames from clients --------------------------------------------
+
+    /// Handles one frame read from `conn`.
+    pub fn on_frame(&mut self, conn: ConnId, frame: &Bytes, now: Now) {
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        entry.session.last_read_at = now.monotonic;
+        let phase = entry.session.phase;
+        let packet = match Packet::decode(frame, &self.verify) {
+            Ok(packet) => packet,
+            Err(error) => {
+                self.close(conn, ReasonCode::MalformedFrame, &error.to_string(), now);
+                return;
+            }
+        };
+        match step(phase, &packet) {
+            Step::Authenticate => {
+                let Packet::Connect(connect) = packet else {
+                    unreachable!("step() returns Authenticate only for Connect")
+                };
+                self.authenticate(conn, connect, now);
+            }
+            Step::Send => {
+                let Packet::Send(send) = packet else {
+                    unreachable!("step() returns Send only for Send")
+                };
+                self.client_send(conn, send, now);
+            }
+            // Acknowledgements are recorded by the delivery layer; without it
+            // there is nothing pending to complete.
+            Step::RecvAck | Step::Nothing => {}
+            Step::Pong => self.write_packet(conn, &Packet::Pong),
+            Step::ClientClosed => {
+                if let Some(entry) = self.conns.get_mut(&conn) {
+                    entry.session.phase = Phase::Closing;
+                    entry.session.closing_since = Some(now.monotonic);
+                    entry.outbox.start_closing(ReasonCode::Success);
+                }
+            }
+            Step::Refuse(reason) => {
+                let detail = format!("{} not allowed here", packet.name());
+                self.close(conn, reason, &detail, now);
+            }
+        }
+    }
+
+    /// The connection sent bytes that are not a frame.
+    pub fn on_frame_error(&mut self, conn: ConnId, error: &crate::protocol::FrameError, now: Now) {
+        let reason = match error {
+            crate::protocol::FrameError::TooLarge { .. } => ReasonCode::FrameTooLarge,
+            crate::protocol::FrameError::Empty => ReasonCode::MalformedFrame,
+        };
+        self.close(conn, reason, &error.to_string(), now);
+    }
+
+    fn write_packet(&mut self, conn: ConnId, packet: &Packet) {
+        if let Some(entry) = self.conns.get(&conn) {
+            let encoder = &mut self.encoder;
+            entry.outbox.append(|buf| encoder.encode(packet, buf));
+        }
+    }
+
+    fn refuse_connect(&mut self, conn: ConnId, reason: ReasonCode, detail: &str, now: Now) {
+        self.write_packet(
+            conn,
+            &Packet::ConnAck(ConnAck {
+                reason,
+                server_time_ms: now.unix_ms as i64,
+                heartbeat_interval_ms: 0,
+                session_id: conn.0,
+            }),
+        );
+        self.close(conn, reason, detail, now);
+    }
+
+    fn authenticate(&mut self, conn: ConnId, connect: crate::protocol::Connect, now: Now) {
+        if connect.version != PROTOCOL_VERSION {
+            let detail = format!(
+                "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                connect.version
+            );
+            return self.refuse_connect(conn, ReasonCode::UnsupportedVersion, &detail, now);
+        }
+        if !valid_uid(&connect.uid, self.limits.uid_length_max_bytes)
+            || !valid_uid(&connect.device_id, self.limits.device_id_length_max_bytes)
+        {
+            return self.refuse_connect(
+                conn,
+                ReasonCode::InvalidUid,
+                "uid and device_id must be 1 to the configured maximum bytes, without '@' or control characters",
+                now,
+            );
+        }
+        if let Err(error) = self.auth.check(&connect.uid, &connect.token) {
+            tracing::info!(conn = conn.0, uid = %connect.uid, %error, "authentication failed");
+            return self.refuse_connect(conn, ReasonCode::AuthFailed, "authentication failed", now);
+        }
+        let identity = Identity {
+            uid: Uid::new(&connect.uid),
+            device_id: Arc::from(connect.device_id.as_str()),
+            device_flag: connect.device_flag,
+        };
+        // Another connection of the same device on this shard is replaced.
+        self.kick_device(&identity.uid, &identity.device_id, conn, now);
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        entry.session.identity = Some(identity.clone());
+        entry.session.phase = Phase::Joining {
+            acks_missing: self.shards - 1,
+        };
+        self.local_users
+            .entry(identity.uid.clone())
+            .or_default()
+            .push(conn);
+        self.broadcast_presence(identity.uid, identity.device_id, conn, true);
+        if self.shards == 1 {
+            self.activate(conn, now);
+        }
+    }
+
+    fn activate(&mut self, conn: ConnId, now: Now) {
+        let heartbeat_interval_ms = self.limits.heartbeat_interval_ms;
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        entry.session.phase = Phase::Active;
+        self.write_packet(
+            conn,
+            &Packet::ConnAck(ConnAck {
+                reason: ReasonCode::Success,
+                server_time_ms: now.unix_ms as i64,
+                heartbeat_interval_ms,
+                session_id: conn.0,
+            }),
+        );
+    }
+
+    fn kick_device(&mut self, uid: &Uid, device_id: &str, except: ConnId, now: Now) {
+        let Some(list) = self.local_users.get(uid) else {
+            return;
+        };
+        let victims: SmallVec<[ConnId; 2]> = list
+            .iter()
+            .copied()
+            .filter(|c| *c != except)
+            .filter(|c| {
+                self.conns.get(c).is_some_and(|e| {
+                    e.session
+                        .identity
+                        .as_ref()
+                        .is_some_and(|i| &*i.device_id == device_id)
+                })
+            })
+            .collect();
+        for victim in victims {
+            self.close(
+                victim,
+                ReasonCode::Kicked,
+                "the same device logged in again",
+                now,
+            );
+        }
+    }
+
+    fn broadcast_presence(&mut self, uid: Uid, device_id: Arc<str>, conn: ConnId, online: bool) {
+        self.apply_presence(&uid, conn.shard(), online);
+        for shard in 0..self.shards {
+            if shard != self.id.0 {
+                self.push_outgoing(
+                    ShardId(shard),
+                    ShardMsg::Presence {
+                        uid: uid.clone(),
+                        device_id: Arc::clone(&device_id),
+                        conn,
+                        online,
+                    },
+                );
+            }
+        }
+    }
+
+    fn apply_presence(&mut self, uid: &Uid, shard: ShardId, online: bool) {
+        if online {
+            let entry = self.presence.entry(uid.clone()).or_default();
+            match entry.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, count)) => *count += 1,
+                None => entry.push((shard, 1)),
+            }
+            return;
+        }
+        let Some(entry) = self.presence.get_mut(uid) else {
+            return;
+        };
+        if let Some(position) = entry.iter().position(|(s, _)| *s == shard) {
+            entry[position].1 -= 1;
+            if entry[position].1 == 0 {
+                entry.swap_remove(position);
+            }
+        }
+        if entry.is_empty() {
+            self.presence.remove(uid);
+        }
+    }
+
+    /// Checks a client's `Send` and routes it to the channel's owner.
+    fn client_send(&mut self, conn: ConnId, send: SendPacket, now: Now) {
+        let Some(uid) = self
+            .conns
+            .get(&conn)
+            .and_then(|e| e.session.identity.as_ref())
+            .map(|i| i.uid.clone())
+        else {
+            return;
+        };
+        let refusal = if send.payload.len() > self.limits.payload_size_max_bytes {
+            Some(ReasonCode::PayloadTooLarge)
+        } else if send.client_msg_no.is_empty()
+            || send.client_msg_no.len() > self.limits.client_msg_no_length_max_bytes
+        {
+            Some(ReasonCode::InvalidClientMsgNo)
+        } else {
+            None
+        };
+        let channel = match refusal {
+            Some(reason) => Err(reason),
+            None => resolve_target(&uid, &send.channel_id, send.channel_type, &self.id_limits),
+        };
+        let channel = match channel {
+            Ok(channel) => channel,
+            Err(reason) => {
+                let ack = failed_ack(&send, reason);
+                return self.write_packet(conn, &Packet::SendAck(ack));
+            }
+        };
+        let owner = channel.shard(self.shards);
+        if owner == self.id {
+            self.owner_send(conn, uid, channel, send, now);
+        } else {
+            self.push_outgoing(
+                owner,
+                ShardMsg::Send {
+                    origin: conn,
+                    from: uid,
+                    channel,
+                    packet: send,
+                },
+            );
+        }
+    }
+
+    // ---- channel ownership ----------------------------------------------
+
+    /// Finds or loads a channel this shard owns. A person channel exists as
+    /// soon as someone writes to it; a group must have been created.
+    fn channel_mut(&mut self, key: &ChannelKey) -> Result<Option<&mut Channel>, ReasonCode> {
+        if !self.channels.contains_key(key) {
+            let record = self.store.load_channel(key).map_err(|error| {
+                tracing::warn!(channel = ?key, %error, "loading channel failed");
+                ReasonCode::StorageError
+            })?;
+            let channel = match (key.kind(), record) {
+                (crate::protocol::ChannelType::Person, record) => {
+                    let mut channel = Channel::new_person(key.clone());
+                    let last = record.map_or(Seq(0), |r| r.last_seq);
+                    channel.last_seq = last;
+                    channel.committed_seq = last;
+                    channel
+                }
+                (_, Some(record)) => match record.members {
+                    Some(members) => Channel::new_group(key.clone(), members, record.last_seq),
+                    None => return Ok(None),
+                },
+                (_, None) => return Ok(None),
+            };
+            self.channels.insert(key.clone(), channel);
+        }
+        Ok(self.channels.get_mut(key))
+    }
+
+    /// The owner's half of a send: check membership, assign the seq and
+    /// queue the message for the next commit.
+    fn owner_send(
+        &mut self,
+        origin: ConnId,
+        from: Uid,
+        key: ChannelKey,
+        send: SendPacket,
+        now: Now,
+    ) {
+        debug_assert_eq!(key.shard(self.shards), self.id);
+        let seq = match self.channel_mut(&key) {
+            Err(reason) => Err(reason),
+            Ok(None) => Err(ReasonCode::ChannelMissing),
+            Ok(Some(channel)) if !channel.members.contains(&from) => Err(ReasonCode::NotMember),
+            Ok(Some(channel)) => Ok(channel.assign_seq()),
+        };
+        let seq = match seq {
+            Ok(seq) => seq,
+            Err(reason) => return self.reply_send_ack(origin, failed_ack(&send, reason)),
+        };
+        let message = Arc::new(StoredMessage {
+            message_id: self.ids.next(now.unix_ms),
+            seq,
+            channel: key,
+            from_uid: from,
+            client_msg_no: send.client_msg_no,
+            timestamp_ms: now.unix_ms as i64,
+            send_flags: send.flags,
+            // Copied so that a stored message never pins a whole receive
+            // buffer.
+            payload: Bytes::copy_from_slice(&send.payload),
+        });
+        self.pending.push(Pending::Send {
+            origin,
+            client_seq: send.client_seq,
+            message,
+        });
+        self.signals.commit.notify();
+    }
+
+    /// Queues a group change for the next commit; `reply` hears the result.
+    pub fn change_group(
+        &mut self,
+        group_id: &str,
+        uids: Vec<String>,
+        change: GroupChange,
+        reply: GroupReply,
+    ) {
+        let fail = |reply: GroupReply, error: ControlError| {
+            let _ = reply.try_send(Err(error));
+        };
+        if self.shutting_down {
+            return fail(reply, ControlError::ShuttingDown);
+        }
+        let key = match resolve_target(
+            &Uid::new(""),
+            group_id,
+            crate::protocol::ChannelType::Group,
+            &self.id_limits,
+        ) {
+            Ok(key) => key,
+            Err(_) => {
+                return fail(
+                    reply,
+                    ControlError::Invalid(format!("bad group id {group_id:?}")),
+                )
+            }
+        };
+        assert_eq!(
+            key.shard(self.shards),
+            self.id,
+            "group change sent to the wrong shard"
+        );
+        if let Some(bad) = uids
+            .iter()
+            .find(|u| !valid_uid(u, self.limits.uid_length_max_bytes))
+        {
+            return fail(reply, ControlError::Invalid(format!("bad uid {bad:?}")));
+        }
+        let uids: Vec<Uid> = uids.iter().map(|u| Uid::new(u)).collect();
+        let members_max = self.limits.group_members_max;
+        let current = match self.channel_mut(&key) {
+            Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
+            Ok(channel) => channel.map(|c| match &c.members {
+                Members::Group(set) => set.clone(),
+                Members::Person(_) => unreachable!("group keys never load person channels"),
+            }),
+        };
+        let members: crate::channel::MemberSet = match (change, current) {
+            (GroupChange::Replace, _) => uids.into_iter().collect(),
+            (_, None) => return fail(reply, ControlError::NoSuchGroup(group_id.to_owned())),
+            (GroupChange::Add, Some(mut set)) => {
+                set.extend(uids);
+                set
+            }
+            (GroupChange::Remove, Some(mut set)) => {
+                for uid in &uids {
+                    set.remove(uid);
+                }
+                set
+            }
+        };
+        if members.len() > members_max {
+            return fail(
+                reply,
+                ControlError::Invalid(format!(
+                    "{} members exceeds limits.group_members_max = {members_max}",
+                    members.len()
+                )),
+            );
+        }
+        let mut members: Vec<Uid> = members.into_iter().collect();
+        members.sort();
+        self.pending.push(Pending::Group {
+            key,
+            members,
+            reply,
+        });
+        self.signals.commit.notify();
+    }
+
+    /// Whether sends or group changes wait for a commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Commits everything pending in one storage batch, then acknowledges
+    /// and fans out. On a storage failure nothing is acknowledged as stored:
+    /// every send in the batch fails with `StorageError` and the channels take
+    /// back the sequence numbers they handed out.
+    pub fn commit(&mut self, now: Now) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mutations: Vec<Mutation> = pending
+            .iter()
+            .map(|p| match p {
+                Pending::Send { message, .. } => Mutation::Message(Arc::clone(message)),
+                Pending::Group { key, members, .. } => Mutation::PutGroup {
+                    key: key.clone(),
+                    members: members.clone(),
+                },
+            })
+            .collect();
+        self.stats.commit_batches += 1;
+        match self.store.commit(&mutations) {
+            Ok(()) => {
+                for p in pending {
+                    self.committed(p, now);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, batch = mutations.len(), "commit failed");
+                for p in pending {
+                    match p {
+                        Pending::Send {
+                            origin,
+                            client_seq,
+                            message,
+                        } => {
+                            if let Some(channel) = self.channels.get_mut(&message.channel) {
+                                channel.roll_back_uncommitted();
+                            }
+                            let ack = SendAck {
+                                client_seq,
+                                client_msg_no: message.client_msg_no.clone(),
+                                message_id: 0,
+                                message_seq: 0,
+                                reason: ReasonCode::StorageError,
+                            };
+                            self.reply_send_ack(origin, ack);
+                        }
+                        Pending::Group { reply, .. } => {
+                            let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn committed(&mut self, pending: Pending, now: Now) {
+        match pending {
+            Pending::Send {
+                origin,
+                client_seq,
+                message,
+            } => {
+                self.stats.messages_committed += 1;
+                if let Some(channel) = self.channels.get_mut(&message.channel) {
+                    channel.mark_committed(message.seq);
+                }
+                let ack = SendAck {
+                    client_seq,
+                    client_msg_no: message.client_msg_no.clone(),
+                    message_id: message.message_id.0,
+                    message_seq: message.seq.0,
+                    reason: ReasonCode::Success,
+                };
+                self.reply_send_ack(origin, ack);
+                self.fan_out(message, Some(origin), now);
+            }
+            Pending::Group {
+                key,
+                members,
+                reply,
+            } => {
+                let last_seq = self.channels.get(&key).map_or(Seq(0), |c| c.last_seq);
+                let info = GroupInfo {
+                    group_id: key.id().to_owned(),
+                    members: members.iter().map(|u| u.as_str().to_owned()).collect(),
+                    last_seq: last_seq.0,
+                };
+                match self.channels.get_mut(&key) {
+                    Some(channel) => {
+                        channel.members = Members::Group(members.into_iter().collect());
+                    }
+                    None => {
+                        self.channels
+                            .insert(key.clone(), Channel::new_group(key, members, Seq(0)));
+                    }
+                }
+                let _ = reply.try_send(Ok(info));
+            }
+        }
+    }
+
+    fn reply_send_ack(&mut self, origin: ConnId, ack: SendAck) {
+        if origin.shard() == self.id {
+            self.write_packet(origin, &Packet::SendAck(ack));
+        } else {
+            self.push_outgoing(origin.shard(), ShardMsg::SendAck { conn: origin, ack });
+        }
+    }
+
+    /// Sends a committed message to every shard where a member is online.
+    fn fan_out(&mut self, message: Arc<StoredMessage>, skip: Option<ConnId>, now: Now) {
+        let Some(channel) = self.channels.get(&message.channel) else {
+            return;
+        };
+        let mut per_shard: SmallVec<[SmallVec<[Uid; 4]>; 8]> =
+            (0..self.shards).map(|_| SmallVec::new()).collect();
+        for uid in channel.members.iter() {
+            if let Some(shards) = self.presence.get(uid) {
+                for (shard, _) in shards {
+                    per_shard[shard.index()].push(uid.clone());
+                }
+            }
+        }
+        for (index, recipients) in per_shard.into_iter().enumerate() {
+            if recipients.is_empty() {
+                continue;
+            }
+            let shard = ShardId(index as u16);
+            if shard == self.id {
+                self.deliver_local(&message, &recipients, skip, now);
+            } else {
+                self.push_outgoing(
+                    shard,
+                    ShardMsg::Deliver {
+                        message: Arc::clone(&message),
+                        recipients,
+                        skip,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Writes `message` to every active connection of `recipients` on this
+    /// shard except `skip`. The frame is encoded once per view (the
+    /// recipients' and the sender's own other devices') and copied into each
+    /// outbox.
+    fn deliver_local(
+        &mut self,
+        message: &StoredMessage,
+        recipients: &[Uid],
+        skip: Option<ConnId>,
+        now: Now,
+    ) {
+        let mut frames: [Option<(usize, usize)>; 2] = [None, None];
+        let mut slow: SmallVec<[ConnId; 2]> = SmallVec::new();
+        self.frame_scratch.clear();
+        for uid in recipients {
+            let Some(conns) = self.local_users.get(uid) else {
+                continue;
+            };
+            let from_self = *uid == message.from_uid;
+            let view = usize::from(from_self);
+            for conn in conns {
+                if Some(*conn) == skip {
+                    continue;
+                }
+                let Some(entry) = self.conns.get(conn) else {
+                    continue;
+                };
+                if entry.session.phase != Phase::Active {
+                    continue;
+                }
+                let (start, end) = *frames[view].get_or_insert_with(|| {
+                    let start = self.frame_scratch.len();
+                    let fields = RecvFields {
+                        message_id: message.message_id.0,
+                        message_seq: message.seq.0,
+                        client_msg_no: &message.client_msg_no,
+                        from_uid: message.from_uid.as_str(),
+                        channel_id: message.channel.id_seen_by(uid.as_str()),
+                        channel_type: message.channel.kind(),
+                        timestamp_ms: message.timestamp_ms,
+                        flags: if from_self { RECV_FLAG_FROM_SELF } else { 0 },
+                        send_flags: message.send_flags,
+                        payload: &message.payload,
+                    };
+                    encode_recv(&mut self.encoder, &fields, &mut self.frame_scratch);
+                    (start, self.frame_scratch.len())
+                });
+                let frame = &self.frame_scratch[start..end];
+                entry.outbox.append(|buf| buf.extend_from_slice(frame));
+                self.stats.recvs_written += 1;
+                if entry.outbox.len() > self.limits.outbound_buffer_max_bytes {
+                    slow.push(*conn);
+                }
+            }
+        }
+        for conn in slow {
+            self.close(
+                conn,
+                ReasonCode::SlowConsumer,
+                "outbound buffer limit exceeded",
+                now,
+            );
+        }
+    }
+
+    // ---- inboxes --------------------------------------------------------
+
+    /// Handles one message from another shard's inbox.
+    pub fn on_remote(&mut self, message: ShardMsg, now: Now) {
+        match message {
+            ShardMsg::Send {
+                origin,
+                from,
+                channel,
+                packet,
+            } => self.owner_send(origin, from, channel, packet, now),
+            ShardMsg::SendAck { conn, ack } => self.write_packet(conn, &Packet::SendAck(ack)),
+            ShardMsg::Deliver {
+                message,
+                recipients,
+                skip,
+            } => self.deliver_local(&message, &recipients, skip, now),
+            ShardMsg::Presence {
+                uid,
+                device_id,
+                conn,
+                online,
+            } => {
+                self.apply_presence(&uid, conn.shard(), online);
+                if online {
+                    self.kick_device(&uid, &device_id, conn, now);
+                    self.push_outgoing(conn.shard(), ShardMsg::PresenceAck { conn });
+                }
+            }
+            ShardMsg::PresenceAck { conn } => {
+                let Some(entry) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                if let Phase::Joining { acks_missing } = &mut entry.session.phase {
+                    *acks_missing -= 1;
+                    if *acks_missing == 0 {
+                        self.activate(conn, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {
+        debug_assert_ne!(shard, self.id, "local work never goes through an inbox");
+        let queue = &mut self.outgoing[shard.index()];
+        if queue.is_empty() {
+            self.signals.flush[shard.index()].notify();
+        }
+        queue.push(message);
+        self.outgoing_total += 1;
+    }
+
+    /// Takes up to `max` queued messages for `shard` as one batch.
+    pub fn take_outgoing(&mut self, shard: ShardId, max: usize) -> Vec<ShardMsg> {
+        let queue = &mut self.outgoing[shard.index()];
+        let batch = if queue.len() <= max {
+            std::mem::take(queue)
+        } else {
+            let rest = queue.split_off(max);
+            std::mem::replace(queue, rest)
+        };
+        self.outgoing_total -= batch.len();
+        batch
+    }
+}
+
+fn failed_ack(send: &SendPacket, reason: ReasonCode) -> SendAck {
+    SendAck {
+        client_seq: send.client_seq,
+        client_msg_no: send.client_msg_no.clone(),
+        message_id: 0,
+        message_seq: 0,
+        reason,
+    }
+}
+
+/// Hands out message ids unique across shards and restarts: milliseconds
+/// since 2024-01-01 in the top 42 bits, the shard in the next 10, a counter
+/// in the low 12. Within a shard ids only grow; a burst of more than 4096
+/// messages in one millisecond borrows from the next millisecond.
+#[derive(Debug)]
+pub struct MessageIdGenerator {
+    shard: u64,
+    last_ms: u64,
+    counter: u64,
+}
+
+const ID_EPOCH_UNIX_MS: u64 = 1_704_067_200_000;
+
+impl MessageIdGenerator {
+    pub fn new(shard: ShardId) -> MessageIdGenerator {
+        assert!(shard.0 < 1024, "message ids have 10 bits for the shard");
+        MessageIdGenerator {
+            shard: u64::from(shard.0),
+            last_ms: 0,
+            counter: 0,
+        }
+    }
+
+    pub fn next(&mut self, unix_ms: u64) -> MessageId {
+        let ms = unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.counter = 0;
+        } else {
+            self.counter += 1;
+            if self.counter == 1 << 12 {
+                self.last_ms += 1;
+                self.counter = 0;
+            }
+        }
+        MessageId((self.last_ms << 22) | (self.shard << 12) | self.counter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_grow_and_never_collide_across_shards() {
+        let mut a = MessageIdGenerator::new(ShardId(0));
+        let mut b = MessageIdGenerator::new(ShardId(1));
+        let mut seen = std::collections::HashSet::new();
+        let mut last = 0;
+        for i in 0..10_000u64 {
+            // Many ids in the same millisecond, and a clock that steps back.
+            let now = ID_EPOCH_UNIX_MS + 5 + (i / 5000) - (i % 3);
+            let id = a.next(now).0;
+            assert!(id > last);
+            last = id;
+            assert!(seen.insert(id));
+            assert!(seen.insert(b.next(now).0));
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Shared test fixtures: a real server on port 0 with 2 shards, and SDK
+//! clients connected to it.
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use ruyi::client::{connect, Client, ConnectOptions, Delivery, Incoming};
+use ruyi::config::Config;
+use ruyi::ids::{ConnId, ShardId};
+use ruyi::protocol::{DeviceFlag, Encoder, FrameDecoder, Packet, VerifyLimits};
+use ruyi::{Server, ServerHandle};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const SECRET: &str = "integration-test-secret";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    handle: Option<ServerHandle>,
+    pub addr: SocketAddr,
+}
+
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.shards = 2;
+    config.auth.secret = SECRET.into();
+    config
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        TestServer::start_with(|_| {})
+    }
+
+    pub fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = test_config();
+        adjust(&mut config);
+        let handle = Server::start(config).expect("server starts");
+        let addr = handle.local_addr();
+        TestServer {
+            handle: Some(handle),
+            addr,
+        }
+    }
+
+    pub fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    pub fn control(&self) -> ruyi::Control {
+        self.handle().control()
+    }
+
+    /// Shuts down and waits for every shard thread.
+    pub fn stop(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.stop();
+        }
+    }
+
+    pub fn options(&self, uid: &str) -> ConnectOptions {
+        ConnectOptions::new(uid).token(&token(uid))
+    }
+
+    pub async fn connect(&self, uid: &str) -> (Client, Incoming) {
+        self.connect_device(uid, "phone").await
+    }
+
+    pub async fn connect_device(&self, uid: &str, device: &str) -> (Client, Incoming) {
+        connect(self.addr, self.options(uid).device(device, DeviceFlag::App))
+            .await
+            .unwrap_or_else(|e| panic!("{uid}/{device} connects: {e}"))
+    }
+
+    /// Connects until the kernel places the connection on `shard` (each
+    /// shard has its own SO_REUSEPORT listener; the session id names the
+    /// shard).
+    pub async fn connect_on_shard(&self, uid: &str, device: &str, shard: ShardId) -> (Client, Incoming) {
+        for _ in 0..200 {
+            let (client, mut incoming) = self.connect_device(uid, device).await;
+            if ConnId(client.conn_ack().session_id).shard() == shard {
+                return (client, incoming);
+            }
+            client.close().await;
+            // Wait until the server has seen the goodbye.
+            while let Some(delivery) = incoming.recv().await {
+                if matches!(delivery, Delivery::Closed(_)) {
+                    break;
+                }
+            }
+        }
+        panic!("no connection landed on shard {shard:?} in 200 attempts");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.stop();
+        }
+    }
+}
+
+pub fn token(uid: &str) -> String {
+    let now_s = ruyi::time::unix_now_ms() / 1000;
+    ruyi::auth::issue_token(SECRET, uid, now_s, 3600)
+}
+
+pub fn shard_of(client: &Client) -> ShardId {
+    ConnId(client.conn_ack().session_id).shard()
+}
+
+/// Asserts that nothing arrives within `quiet`.
+pub async fn assert_nothing_arrives(incoming: &mut Incoming, quiet: Duration) {
+    if let Ok(Some(delivery)) = tokio::time::timeout(quiet, incoming.recv()).await {
+        panic!("expected nothing, got {delivery:?}");
+    }
+}
+
+/// A raw TCP client that speaks frames by hand, for hostile-input tests.
+pub struct RawClient {
+    pub stream: TcpStream,
+    encoder: Encoder,
+    input: BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        RawClient {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            encoder: Encoder::new(),
+            input: BytesMut::new(),
+        }
+    }
+
+    pub async fn send_packet(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        self.encoder.encode(packet, &mut out);
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next packet from the server, or `None` when it closed the
+    /// connection.
+    pub async fn next_packet(&mut self) -> Option<Packet> {
+        let decoder = FrameDecoder::new(1 << 20);
+        let limits = VerifyLimits::for_frame_size(1 << 20);
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(frame) = decoder.next_frame(&mut self.input).unwrap() {
+                return Some(Packet::decode(&frame, &limits).unwrap());
+            }
+            let n = tokio::time::timeout(WAIT, self.stream.read(&mut buf))
+                .await
+                .expect("server answers in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.input.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Reads until the server closes; returns every packet it sent first.
+    pub async fn packets_until_closed(&mut self) -> Vec<Packet> {
+        let mut packets = Vec::new();
+        while let Some(packet) = self.next_packet().await {
+            packets.push(packet);
+        }
+        packets
+    }
+}
+
+pub fn connect_packet(uid: &str, token: &str) -> Packet {
+    Packet::Connect(ruyi::protocol::Connect {
+        version: ruyi::protocol::PROTOCOL_VERSION,
+        uid: uid.into(),
+        token: token.into(),
+        device_id: "raw".into(),
+        device_flag: DeviceFlag::App,
+        client_timestamp_ms: 0,
+    })
+}
