@@ -17,6 +17,7 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("config/ruyi.toml");
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
 }
@@ -33,6 +34,64 @@ pub struct ServerConfig {
     pub inbox_batch_max_messages: usize,
     pub outgoing_backlog_max_messages: usize,
     pub shutdown_drain_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageEngine {
+    Rocksdb,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    Always,
+    Interval,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub engine: StorageEngine,
+    pub sync: SyncMode,
+    pub sync_interval_ms: u64,
+    pub idempotency_ttl_s: u64,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            engine: StorageEngine::Rocksdb,
+            sync: SyncMode::Always,
+            sync_interval_ms: 100,
+            idempotency_ttl_s: 86_400,
+            block_cache_bytes: 256 * 1024 * 1024,
+            write_buffer_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The RocksDB store's settings.
+    pub fn rocks_options(&self) -> crate::storage::rocks::RocksOptions {
+        use crate::storage::SyncPolicy;
+        crate::storage::rocks::RocksOptions {
+            sync: match self.sync {
+                SyncMode::Always => SyncPolicy::Always,
+                SyncMode::Interval => SyncPolicy::Interval {
+                    interval_ms: self.sync_interval_ms,
+                },
+                SyncMode::Never => SyncPolicy::Never,
+            },
+            block_cache_bytes: self.block_cache_bytes,
+            write_buffer_bytes: self.write_buffer_bytes,
+            idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,7 +177,6 @@ impl Default for Limits {
     }
 }
 
-
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -195,6 +253,23 @@ impl Config {
         check(
             s.spin_before_park_us <= 10_000,
             "server.spin_before_park_us above 10000 wastes a CPU; use at most 10000".into(),
+        );
+        let st = &self.storage;
+        check(
+            (1..=60_000).contains(&st.sync_interval_ms),
+            "storage.sync_interval_ms must be between 1 and 60000".into(),
+        );
+        check(
+            st.idempotency_ttl_s >= 60,
+            "storage.idempotency_ttl_s must be at least 60".into(),
+        );
+        check(
+            st.block_cache_bytes >= 1024 * 1024,
+            "storage.block_cache_bytes must be at least 1 MiB".into(),
+        );
+        check(
+            st.write_buffer_bytes >= 1024 * 1024,
+            "storage.write_buffer_bytes must be at least 1 MiB".into(),
         );
         if self.auth.mode == AuthMode::Token {
             check(

@@ -74,6 +74,7 @@ fn init_logging(default_filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -182,6 +183,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // One plain line on stdout, so scripts (and tests that start the binary
+    // on port 0) learn the address.
+    println!(
+        "ruyi listening on {} with {} shards",
+        handle.local_addr(),
+        handle.shards()
+    );
     let mut signals = signals;
     if let Some(signal) = signals.forever().next() {
         tracing::info!(signal, "shutting down");

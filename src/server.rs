@@ -5,12 +5,12 @@
 //! deterministically with [`ServerHandle::shutdown`].
 
 use crate::channel::ChannelKey;
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
 use crate::shard::mesh;
 use crate::shard::runtime::{self, ControlCmd, ShardSetup};
 use crate::shard::state::{ControlError, GroupChange, GroupInfo};
-use crate::storage::{MemoryStorage, Storage};
+use crate::storage::{MemoryStorage, RocksStorage, Storage};
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
@@ -28,6 +28,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot open storage in {}: {source}", dir.display())]
+    Storage {
+        dir: std::path::PathBuf,
+        source: crate::storage::StorageError,
+    },
     #[error("cannot start shard {shard}: {detail}")]
     Shard { shard: u16, detail: String },
 }
@@ -35,9 +40,26 @@ pub enum StartError {
 pub struct Server;
 
 impl Server {
-    /// Starts a server with in-memory storage.
+    /// Starts a server with the storage engine its configuration names.
     pub fn start(config: Config) -> Result<ServerHandle, StartError> {
-        Server::start_with_storage(config, Arc::new(MemoryStorage))
+        config.validate()?;
+        let storage: Arc<dyn Storage> = match config.storage.engine {
+            StorageEngine::Memory => Arc::new(MemoryStorage),
+            StorageEngine::Rocksdb => {
+                let dir = &config.server.data_dir;
+                let started = std::time::Instant::now();
+                let store =
+                    RocksStorage::open(dir, &config.storage.rocks_options()).map_err(|source| {
+                        StartError::Storage {
+                            dir: dir.clone(),
+                            source,
+                        }
+                    })?;
+                tracing::info!(dir = %dir.display(), elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
+                Arc::new(store)
+            }
+        };
+        Server::start_with_storage(config, storage)
     }
 
     pub fn start_with_storage(

@@ -24,7 +24,10 @@ async fn one_to_one_message_reaches_the_online_recipient_with_its_ack_ids() {
     assert_eq!(got.message_seq, 1);
     assert_eq!(got.client_msg_no, ack.client_msg_no);
     assert_eq!(got.from_uid, "alice");
-    assert_eq!(got.channel_id, "alice", "bob sees the other person as the channel");
+    assert_eq!(
+        got.channel_id, "alice",
+        "bob sees the other person as the channel"
+    );
     assert_eq!(got.channel_type, ChannelType::Person);
     assert_eq!(&got.payload[..], b"hello bob");
     assert_eq!(got.flags, 0);
@@ -99,8 +102,15 @@ async fn every_device_gets_messages_and_the_senders_other_devices_see_their_own(
     }
     let own = alice_desk_in.next_message(WAIT).await.unwrap();
     assert_eq!(own.message_id, ack.message_id);
-    assert_eq!(own.channel_id, "bob", "alice's other device sees bob as the channel");
-    assert_ne!(own.flags & RECV_FLAG_FROM_SELF, 0, "flagged as sent by alice");
+    assert_eq!(
+        own.channel_id, "bob",
+        "alice's other device sees bob as the channel"
+    );
+    assert_ne!(
+        own.flags & RECV_FLAG_FROM_SELF,
+        0,
+        "flagged as sent by alice"
+    );
     assert_nothing_arrives(&mut alice_phone_in, Duration::from_millis(200)).await;
 }
 
@@ -210,5 +220,8 @@ async fn bad_sends_get_a_reason_and_the_connection_stays_usable() {
     let fine = alice.send_text("bob", "fine").await.unwrap();
     assert_eq!(fine.reason, ReasonCode::Success);
     assert_eq!(fine.message_seq, 1, "refused sends took no seq");
-    assert_eq!(&bob_in.next_message(WAIT).await.unwrap().payload[..], b"fine");
+    assert_eq!(
+        &bob_in.next_message(WAIT).await.unwrap().payload[..],
+        b"fine"
+    );
 }

@@ -136,6 +136,13 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
         }
         ClientCommand::Listen(listen) => {
             let (client, mut incoming) = connect(addr, options).await?;
+            // On stderr, so stdout stays one JSON line per message; scripts
+            // can wait for it to know the listener is online.
+            eprintln!(
+                "listening as {} (session {})",
+                args.uid,
+                client.conn_ack().session_id
+            );
             let deadline = listen
                 .timeout
                 .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));

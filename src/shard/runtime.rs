@@ -68,6 +68,8 @@ pub(crate) struct Runtime {
     shutdown: Notify,
     live_connections: Cell<usize>,
     all_closed: Notify,
+    /// A commit's durable write is running.
+    committing: Cell<bool>,
 }
 
 impl Runtime {
@@ -133,6 +135,7 @@ pub async fn run(setup: ShardSetup) {
         shard,
         shards,
         config.limits.clone(),
+        config.storage.idempotency_ttl_s.saturating_mul(1000),
         Authenticator::new(&config.auth),
         store,
         Rc::clone(&signals),
@@ -148,6 +151,7 @@ pub async fn run(setup: ShardSetup) {
         shutdown: Notify::default(),
         live_connections: Cell::new(0),
         all_closed: Notify::default(),
+        committing: Cell::new(false),
     });
 
     // Connect both ends of every inbox concurrently: a connect waits for its
@@ -172,7 +176,15 @@ pub async fn run(setup: ShardSetup) {
         let receiver = task.await;
         glommio::spawn_local(receive_from(Rc::clone(&runtime), receiver)).detach();
     }
-    glommio::spawn_local(commit_loop(Rc::clone(&runtime))).detach();
+    glommio::spawn_local(commit_loop(Rc::clone(&runtime), storage.commits_block())).detach();
+    if let (0, Some(interval_ms)) = (shard.0, storage.sync_interval_ms()) {
+        glommio::spawn_local(sync_loop(
+            Rc::clone(&runtime),
+            Arc::clone(&storage),
+            interval_ms,
+        ))
+        .detach();
+    }
     glommio::spawn_local(sweep_loop(Rc::clone(&runtime))).detach();
     glommio::spawn_local(control_loop(Rc::clone(&runtime), control)).detach();
 
@@ -192,6 +204,13 @@ pub async fn run(setup: ShardSetup) {
         let expired = glommio::timer::sleep(drain);
         futures_lite::future::or(all_closed, expired).await;
     }
+    // Let a commit that is being written finish, then let go of storage so
+    // its files are released even though detached tasks still hold the
+    // runtime.
+    while runtime.committing.get() {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    runtime.state.borrow_mut().close_storage();
     tracing::info!(shard = shard.0, "shard stopped");
 }
 
@@ -264,12 +283,49 @@ async fn flush_to(runtime: Rc<Runtime>, peer: ShardId, sender: ConnectedSender<B
     }
 }
 
-/// Group commit: everything that arrived in one tick is stored in one batch.
-async fn commit_loop(runtime: Rc<Runtime>) {
+/// Group commit: everything that arrived while the previous batch was being
+/// written is stored in the next batch, with one sync. A write that blocks on
+/// the disk runs on the executor's blocking thread, so the shard keeps
+/// serving meanwhile.
+async fn commit_loop(runtime: Rc<Runtime>, offload: bool) {
     loop {
         runtime.signals.commit.wait().await;
-        let now = runtime.now();
-        runtime.state.borrow_mut().commit(now);
+        loop {
+            let now = runtime.now();
+            let begun = runtime.state.borrow_mut().begin_commit(now);
+            let Some((job, in_flight)) = begun else {
+                break;
+            };
+            runtime.committing.set(true);
+            let result = if offload {
+                glommio::executor().spawn_blocking(job).await
+            } else {
+                job()
+            };
+            runtime.committing.set(false);
+            let now = runtime.now();
+            runtime
+                .state
+                .borrow_mut()
+                .finish_commit(in_flight, result, now);
+        }
+    }
+}
+
+/// For the `interval` sync policy: syncs the WAL every interval.
+async fn sync_loop(runtime: Rc<Runtime>, storage: Arc<dyn Storage>, interval_ms: u64) {
+    loop {
+        glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
+        if runtime.shutting_down.get() {
+            return;
+        }
+        let storage = Arc::clone(&storage);
+        if let Err(error) = glommio::executor()
+            .spawn_blocking(move || storage.sync_wal())
+            .await
+        {
+            tracing::warn!(%error, "WAL sync failed");
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::protocol::{
     encode_recv, ConnAck, Disconnect, Encoder, Packet, ReasonCode, RecvFields, SendAck, SendPacket,
     VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF,
 };
-use crate::storage::{Mutation, ShardStore, StoredMessage};
+use crate::storage::{CommitJob, Mutation, ShardStore, StorageError, StoredMessage};
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 use std::collections::HashMap;
@@ -93,9 +93,19 @@ enum Pending {
     Group {
         key: ChannelKey,
         members: Vec<Uid>,
+        last_seq: Seq,
         reply: GroupReply,
     },
 }
+
+/// A batch handed to storage whose durable write has not finished yet.
+pub struct InFlight {
+    pending: Vec<Pending>,
+}
+
+/// Who else waits for a send that is not committed yet: resends of the same
+/// `(from_uid, client_msg_no)` get the same answer when it commits.
+type IdempotencyKey = (Uid, String);
 
 struct ConnEntry {
     session: Session,
@@ -130,6 +140,8 @@ pub struct ShardState {
     store: Box<dyn ShardStore>,
     ids: MessageIdGenerator,
     pending: Vec<Pending>,
+    uncommitted_keys: FastMap<IdempotencyKey, SmallVec<[(ConnId, u32); 1]>>,
+    idempotency_ttl_ms: u64,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     encoder: Encoder,
@@ -143,6 +155,7 @@ impl ShardState {
         id: ShardId,
         shards: u16,
         limits: Limits,
+        idempotency_ttl_ms: u64,
         auth: Authenticator,
         store: Box<dyn ShardStore>,
         signals: Rc<Signals>,
@@ -168,6 +181,8 @@ impl ShardState {
             store,
             ids: MessageIdGenerator::new(id),
             pending: Vec::new(),
+            uncommitted_keys: FastMap::default(),
+            idempotency_ttl_ms,
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             encoder: Encoder::new(),
@@ -602,6 +617,35 @@ impl ShardState {
         now: Now,
     ) {
         debug_assert_eq!(key.shard(self.shards), self.id);
+        // The same (from_uid, client_msg_no) again: answer with the original,
+        // store and deliver nothing.
+        let idempotency_key = (from.clone(), send.client_msg_no.clone());
+        if let Some(waiters) = self.uncommitted_keys.get_mut(&idempotency_key) {
+            waiters.push((origin, send.client_seq));
+            return;
+        }
+        match self.store.find_idempotent(
+            &from,
+            &send.client_msg_no,
+            now.unix_ms,
+            self.idempotency_ttl_ms,
+        ) {
+            Ok(None) => {}
+            Ok(Some(hit)) => {
+                let ack = SendAck {
+                    client_seq: send.client_seq,
+                    client_msg_no: send.client_msg_no,
+                    message_id: hit.message_id.0,
+                    message_seq: hit.seq.0,
+                    reason: ReasonCode::Success,
+                };
+                return self.reply_send_ack(origin, ack);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "idempotency lookup failed");
+                return self.reply_send_ack(origin, failed_ack(&send, ReasonCode::StorageError));
+            }
+        }
         let seq = match self.channel_mut(&key) {
             Err(reason) => Err(reason),
             Ok(None) => Err(ReasonCode::ChannelMissing),
@@ -624,6 +668,8 @@ impl ShardState {
             // buffer.
             payload: Bytes::copy_from_slice(&send.payload),
         });
+        self.uncommitted_keys
+            .insert(idempotency_key, SmallVec::new());
         self.pending.push(Pending::Send {
             origin,
             client_seq: send.client_seq,
@@ -673,12 +719,13 @@ impl ShardState {
         }
         let uids: Vec<Uid> = uids.iter().map(|u| Uid::new(u)).collect();
         let members_max = self.limits.group_members_max;
-        let current = match self.channel_mut(&key) {
+        let (current, last_seq) = match self.channel_mut(&key) {
             Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
-            Ok(channel) => channel.map(|c| match &c.members {
-                Members::Group(set) => set.clone(),
+            Ok(None) => (None, Seq(0)),
+            Ok(Some(channel)) => match &channel.members {
+                Members::Group(set) => (Some(set.clone()), channel.last_seq),
                 Members::Person(_) => unreachable!("group keys never load person channels"),
-            }),
+            },
         };
         let members: crate::channel::MemberSet = match (change, current) {
             (GroupChange::Replace, _) => uids.into_iter().collect(),
@@ -708,9 +755,16 @@ impl ShardState {
         self.pending.push(Pending::Group {
             key,
             members,
+            last_seq,
             reply,
         });
         self.signals.commit.notify();
+    }
+
+    /// Releases the storage handle at the end of a shutdown, after the last
+    /// commit.
+    pub fn close_storage(&mut self) {
+        self.store = Box::new(crate::storage::ClosedStore);
     }
 
     /// Whether sends or group changes wait for a commit.
@@ -718,57 +772,97 @@ impl ShardState {
         !self.pending.is_empty()
     }
 
-    /// Commits everything pending in one storage batch, then acknowledges
-    /// and fans out. On a storage failure nothing is acknowledged as stored:
-    /// every send in the batch fails with `StorageError` and the channels take
-    /// back the sequence numbers they handed out.
-    pub fn commit(&mut self, now: Now) {
+    /// Hands everything pending to storage as one batch. Returns the job
+    /// that makes it durable; the runtime runs it (on a blocking thread when
+    /// it syncs) and then calls [`ShardState::finish_commit`]. Sends that
+    /// arrive meanwhile wait for the next batch.
+    pub fn begin_commit(&mut self, now: Now) -> Option<(CommitJob, InFlight)> {
         if self.pending.is_empty() {
-            return;
+            return None;
         }
         let pending = std::mem::take(&mut self.pending);
         let mutations: Vec<Mutation> = pending
             .iter()
             .map(|p| match p {
                 Pending::Send { message, .. } => Mutation::Message(Arc::clone(message)),
-                Pending::Group { key, members, .. } => Mutation::PutGroup {
+                Pending::Group {
+                    key,
+                    members,
+                    last_seq,
+                    ..
+                } => Mutation::PutGroup {
                     key: key.clone(),
                     members: members.clone(),
+                    last_seq: *last_seq,
                 },
             })
             .collect();
         self.stats.commit_batches += 1;
-        match self.store.commit(&mutations) {
+        match self.store.prepare_commit(&mutations) {
+            Ok(job) => Some((job, InFlight { pending })),
+            Err(error) => {
+                self.fail_commit(InFlight { pending }, &error, now);
+                None
+            }
+        }
+    }
+
+    /// Acknowledges and fans out a batch whose write succeeded. On a storage
+    /// failure nothing is acknowledged as stored: every send of the batch, and
+    /// every send queued behind it, fails with `StorageError`, and the
+    /// channels take back the sequence numbers they handed out.
+    pub fn finish_commit(
+        &mut self,
+        in_flight: InFlight,
+        result: Result<(), StorageError>,
+        now: Now,
+    ) {
+        match result {
             Ok(()) => {
-                for p in pending {
+                for p in in_flight.pending {
                     self.committed(p, now);
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, batch = mutations.len(), "commit failed");
-                for p in pending {
-                    match p {
-                        Pending::Send {
-                            origin,
-                            client_seq,
-                            message,
-                        } => {
-                            if let Some(channel) = self.channels.get_mut(&message.channel) {
-                                channel.roll_back_uncommitted();
-                            }
-                            let ack = SendAck {
-                                client_seq,
-                                client_msg_no: message.client_msg_no.clone(),
-                                message_id: 0,
-                                message_seq: 0,
-                                reason: ReasonCode::StorageError,
-                            };
-                            self.reply_send_ack(origin, ack);
-                        }
-                        Pending::Group { reply, .. } => {
-                            let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
-                        }
+            Err(error) => self.fail_commit(in_flight, &error, now),
+        }
+    }
+
+    /// Prepares and writes everything pending on this thread.
+    pub fn commit(&mut self, now: Now) {
+        while let Some((job, in_flight)) = self.begin_commit(now) {
+            let result = job();
+            self.finish_commit(in_flight, result, now);
+        }
+    }
+
+    fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
+        let queued = std::mem::take(&mut self.pending);
+        tracing::warn!(%error, batch = in_flight.pending.len(), queued = queued.len(), "commit failed");
+        for channel in self.channels.values_mut() {
+            channel.roll_back_uncommitted();
+        }
+        for p in in_flight.pending.into_iter().chain(queued) {
+            match p {
+                Pending::Send {
+                    origin,
+                    client_seq,
+                    message,
+                } => {
+                    let key = (message.from_uid.clone(), message.client_msg_no.clone());
+                    let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
+                    for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
+                        let ack = SendAck {
+                            client_seq: seq,
+                            client_msg_no: message.client_msg_no.clone(),
+                            message_id: 0,
+                            message_seq: 0,
+                            reason: ReasonCode::StorageError,
+                        };
+                        self.reply_send_ack(conn, ack);
                     }
+                }
+                Pending::Group { reply, .. } => {
+                    let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
                 }
             }
         }
@@ -785,20 +879,25 @@ impl ShardState {
                 if let Some(channel) = self.channels.get_mut(&message.channel) {
                     channel.mark_committed(message.seq);
                 }
-                let ack = SendAck {
-                    client_seq,
-                    client_msg_no: message.client_msg_no.clone(),
-                    message_id: message.message_id.0,
-                    message_seq: message.seq.0,
-                    reason: ReasonCode::Success,
-                };
-                self.reply_send_ack(origin, ack);
+                let key = (message.from_uid.clone(), message.client_msg_no.clone());
+                let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
+                for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
+                    let ack = SendAck {
+                        client_seq: seq,
+                        client_msg_no: message.client_msg_no.clone(),
+                        message_id: message.message_id.0,
+                        message_seq: message.seq.0,
+                        reason: ReasonCode::Success,
+                    };
+                    self.reply_send_ack(conn, ack);
+                }
                 self.fan_out(message, Some(origin), now);
             }
             Pending::Group {
                 key,
                 members,
                 reply,
+                ..
             } => {
                 let last_seq = self.channels.get(&key).map_or(Seq(0), |c| c.last_seq);
                 let info = GroupInfo {

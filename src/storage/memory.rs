@@ -1,7 +1,10 @@
 //! The in-memory store: the reference implementation of [`ShardStore`] used
 //! by unit tests and by servers that keep nothing across restarts.
 
-use super::{ChannelRecord, Mutation, ShardStore, Storage, StorageError, StoredMessage};
+use super::{
+    ChannelRecord, CommitJob, IdempotentHit, Mutation, ShardStore, Storage, StorageError,
+    StoredMessage,
+};
 use crate::channel::ChannelKey;
 use crate::ids::{Seq, ShardId, Uid};
 use std::collections::HashMap;
@@ -27,44 +30,28 @@ struct MemoryChannel {
 #[derive(Debug, Default)]
 pub struct MemoryShardStore {
     channels: HashMap<ChannelKey, MemoryChannel, ahash::RandomState>,
+    idempotency: HashMap<(Uid, String), IdempotentHit, ahash::RandomState>,
 }
 
 impl ShardStore for MemoryShardStore {
-    fn commit(&mut self, batch: &[Mutation]) -> Result<(), StorageError> {
-        // Check the whole batch first so that a bad batch changes nothing.
-        let mut expected: HashMap<&ChannelKey, u64, ahash::RandomState> = HashMap::default();
-        for mutation in batch {
-            if let Mutation::Message(message) = mutation {
-                let next = expected.entry(&message.channel).or_insert_with(|| {
-                    self.channels
-                        .get(&message.channel)
-                        .map_or(0, |c| c.messages.len() as u64)
-                });
-                *next += 1;
-                if message.seq.0 != *next {
-                    return Err(StorageError::Corrupt(format!(
-                        "channel {:?}: seq {} does not follow {}",
-                        message.channel,
-                        message.seq.0,
-                        *next - 1
-                    )));
-                }
-            }
-        }
-        for mutation in batch {
-            match mutation {
-                Mutation::Message(message) => self
-                    .channels
-                    .entry(message.channel.clone())
-                    .or_default()
-                    .messages
-                    .push(Arc::clone(message)),
-                Mutation::PutGroup { key, members } => {
-                    self.channels.entry(key.clone()).or_default().members = Some(members.clone());
-                }
-            }
-        }
-        Ok(())
+    fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
+        // Memory is as durable as it gets: apply now, nothing left to do.
+        self.apply(batch)?;
+        Ok(Box::new(|| Ok(())))
+    }
+
+    fn find_idempotent(
+        &mut self,
+        from: &Uid,
+        client_msg_no: &str,
+        now_unix_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Option<IdempotentHit>, StorageError> {
+        Ok(self
+            .idempotency
+            .get(&(from.clone(), client_msg_no.to_owned()))
+            .filter(|hit| hit.committed_at_ms as u64 + ttl_ms > now_unix_ms)
+            .cloned())
     }
 
     fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError> {
@@ -91,6 +78,55 @@ impl ShardStore for MemoryShardStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+}
+
+impl MemoryShardStore {
+    fn apply(&mut self, batch: &[Mutation]) -> Result<(), StorageError> {
+        // Check the whole batch first so that a bad batch changes nothing.
+        let mut expected: HashMap<&ChannelKey, u64, ahash::RandomState> = HashMap::default();
+        for mutation in batch {
+            if let Mutation::Message(message) = mutation {
+                let next = expected.entry(&message.channel).or_insert_with(|| {
+                    self.channels
+                        .get(&message.channel)
+                        .map_or(0, |c| c.messages.len() as u64)
+                });
+                *next += 1;
+                if message.seq.0 != *next {
+                    return Err(StorageError::Corrupt(format!(
+                        "channel {:?}: seq {} does not follow {}",
+                        message.channel,
+                        message.seq.0,
+                        *next - 1
+                    )));
+                }
+            }
+        }
+        for mutation in batch {
+            match mutation {
+                Mutation::Message(message) => {
+                    self.channels
+                        .entry(message.channel.clone())
+                        .or_default()
+                        .messages
+                        .push(Arc::clone(message));
+                    self.idempotency.insert(
+                        (message.from_uid.clone(), message.client_msg_no.clone()),
+                        IdempotentHit {
+                            channel: message.channel.clone(),
+                            seq: message.seq,
+                            message_id: message.message_id,
+                            committed_at_ms: message.timestamp_ms,
+                        },
+                    );
+                }
+                Mutation::PutGroup { key, members, .. } => {
+                    self.channels.entry(key.clone()).or_default().members = Some(members.clone());
+                }
+            }
+        }
+        Ok(())
     }
 }
 

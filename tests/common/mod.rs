@@ -9,6 +9,7 @@ use ruyi::ids::{ConnId, ShardId};
 use ruyi::protocol::{DeviceFlag, Encoder, FrameDecoder, Packet, VerifyLimits};
 use ruyi::{Server, ServerHandle};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,13 +20,21 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestServer {
     handle: Option<ServerHandle>,
     pub addr: SocketAddr,
+    /// The data directory, removed when the server is dropped (unless the
+    /// test passed its own).
+    _data: Option<tempfile::TempDir>,
 }
 
-pub fn test_config() -> Config {
+/// A server on port 0 with 2 shards, token auth, and the RocksDB store
+/// (syncing every commit, as in production) in `data_dir`.
+pub fn test_config(data_dir: &Path) -> Config {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.shards = 2;
+    config.server.data_dir = data_dir.to_owned();
     config.auth.secret = SECRET.into();
+    config.storage.block_cache_bytes = 8 * 1024 * 1024;
+    config.storage.write_buffer_bytes = 4 * 1024 * 1024;
     config
 }
 
@@ -34,14 +43,24 @@ impl TestServer {
         TestServer::start_with(|_| {})
     }
 
+    /// Starts a server in a fresh temporary data directory.
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = test_config();
+        let data = tempfile::tempdir().unwrap();
+        let mut server = TestServer::start_in(data.path(), adjust);
+        server._data = Some(data);
+        server
+    }
+
+    /// Starts a server on the data in `dir` (for restart tests).
+    pub fn start_in(dir: &Path, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = test_config(dir);
         adjust(&mut config);
         let handle = Server::start(config).expect("server starts");
         let addr = handle.local_addr();
         TestServer {
             handle: Some(handle),
             addr,
+            _data: None,
         }
     }
 
@@ -77,7 +96,12 @@ impl TestServer {
     /// Connects until the kernel places the connection on `shard` (each
     /// shard has its own SO_REUSEPORT listener; the session id names the
     /// shard).
-    pub async fn connect_on_shard(&self, uid: &str, device: &str, shard: ShardId) -> (Client, Incoming) {
+    pub async fn connect_on_shard(
+        &self,
+        uid: &str,
+        device: &str,
+        shard: ShardId,
+    ) -> (Client, Incoming) {
         for _ in 0..200 {
             let (client, mut incoming) = self.connect_device(uid, device).await;
             if ConnId(client.conn_ack().session_id).shard() == shard {

@@ -1,0 +1,411 @@
+//! The RocksDB store: the embedded default. One database for the whole
+//! server (in `server.data_dir`), with the column families and key encodings
+//! of [`super::keys`]. Every shard gets a handle to it; each writes only the
+//! channels it owns, and a commit is one `WriteBatch` (group commit: many
+//! messages, one WAL sync).
+//!
+//! Durability follows [`SyncPolicy`]: with `Always` (the default) a commit
+//! returns only after the WAL holding it is synced to disk, so a `SendAck`
+//! means the message survives a crash of the process or the machine.
+
+use super::keys;
+use super::{
+    ChannelRecord, CommitJob, IdempotentHit, Mutation, ShardStore, Storage, StorageError,
+    StoredMessage,
+};
+use crate::channel::ChannelKey;
+use crate::ids::{MessageId, Seq, ShardId, Uid};
+use bytes::Bytes;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+/// When a commit counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Every commit syncs the WAL before it is acknowledged: nothing
+    /// acknowledged is lost, even on power failure.
+    Always,
+    /// Commits are written to the WAL (so they survive a crash of the
+    /// process) and the WAL is synced every `interval_ms`: a power failure
+    /// can lose what was acknowledged in the last interval.
+    Interval { interval_ms: u64 },
+    /// The WAL is written but never synced by ruyi (the OS flushes it when it
+    /// likes). Survives a crash of the process, not of the machine. For
+    /// benchmarks.
+    Never,
+}
+
+/// A stored message, as encoded in the `messages` column family.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub message_id: u64,
+    pub from_uid: String,
+    pub client_msg_no: String,
+    pub timestamp_ms: i64,
+    pub send_flags: u8,
+    pub payload: Vec<u8>,
+}
+
+/// What the `channels` column family holds for a channel.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChannelMetaRecord {
+    pub last_seq: u64,
+    /// A group that was created (person channels are never "created").
+    pub is_group: bool,
+}
+
+/// What the `idempotency` column family holds for `(uid, client_msg_no)`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub channel_kind: u8,
+    pub channel_id: String,
+    pub seq: u64,
+    pub message_id: u64,
+    pub committed_at_ms: i64,
+}
+
+fn io_error(error: rocksdb::Error) -> StorageError {
+    StorageError::Io(error.into_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("records serialize into a Vec without fail")
+}
+
+fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Settings of the RocksDB store.
+#[derive(Debug, Clone)]
+pub struct RocksOptions {
+    pub sync: SyncPolicy,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+    pub idempotency_ttl_ms: u64,
+}
+
+/// The RocksDB store, shared by every shard.
+pub struct RocksStorage {
+    db: Arc<DB>,
+    sync: SyncPolicy,
+}
+
+impl std::fmt::Debug for RocksStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStorage")
+            .field("path", &self.db.path())
+            .field("sync", &self.sync)
+            .finish()
+    }
+}
+
+impl RocksStorage {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, options: &RocksOptions) -> Result<RocksStorage, StorageError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StorageError::Io(format!("creating {}: {e}", dir.display())))?;
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(
+            std::thread::available_parallelism().map_or(2, |n| n.get()) as i32,
+        );
+        db_options.set_max_background_jobs(2);
+        // Keep the WAL bounded so start-up replays little.
+        db_options.set_max_total_wal_size(256 * 1024 * 1024);
+        let ttl_ms = options.idempotency_ttl_ms;
+        let descriptors = keys::ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            if *name != keys::CF_MESSAGES {
+                // Point lookups that mostly miss (idempotency keys, channels
+                // never written): a bloom filter answers them from memory.
+                table.set_bloom_filter(10.0, false);
+            }
+            cf.set_block_based_table_factory(&table);
+            cf.set_write_buffer_size(options.write_buffer_bytes);
+            if *name == keys::CF_MESSAGES {
+                cf.set_compression_type(DBCompressionType::Lz4);
+            }
+            if *name == keys::CF_IDEMPOTENCY {
+                // Expired keys are dropped when compaction meets them.
+                cf.set_compaction_filter(
+                    "idempotency_ttl",
+                    move |_level, _key: &[u8], value: &[u8]| match postcard::from_bytes::<
+                        IdempotencyRecord,
+                    >(value)
+                    {
+                        Ok(record)
+                            if (record.committed_at_ms.max(0) as u64).saturating_add(ttl_ms)
+                                < crate::time::unix_now_ms() =>
+                        {
+                            rocksdb::CompactionDecision::Remove
+                        }
+                        _ => rocksdb::CompactionDecision::Keep,
+                    },
+                );
+            }
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&db_options, dir, descriptors).map_err(io_error)?;
+        let meta = db
+            .cf_handle(keys::CF_META)
+            .expect("meta column family exists");
+        match db
+            .get_cf(meta, keys::META_FORMAT_VERSION)
+            .map_err(io_error)?
+        {
+            None => db
+                .put_cf(
+                    meta,
+                    keys::META_FORMAT_VERSION,
+                    keys::FORMAT_VERSION.to_le_bytes(),
+                )
+                .map_err(io_error)?,
+            Some(bytes) if bytes.as_slice() == keys::FORMAT_VERSION.to_le_bytes() => {}
+            Some(bytes) => {
+                return Err(StorageError::Corrupt(format!(
+                    "{} holds data in format {bytes:?}; this build reads format {}",
+                    dir.display(),
+                    keys::FORMAT_VERSION
+                )))
+            }
+        }
+        Ok(RocksStorage {
+            db: Arc::new(db),
+            sync: options.sync,
+        })
+    }
+}
+
+impl Storage for RocksStorage {
+    fn open_shard(&self, _shard: ShardId) -> Result<Box<dyn ShardStore>, StorageError> {
+        Ok(Box::new(RocksShardStore {
+            db: Arc::clone(&self.db),
+            sync: self.sync,
+        }))
+    }
+
+    fn sync_wal(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true).map_err(io_error)
+    }
+
+    fn commits_block(&self) -> bool {
+        self.sync == SyncPolicy::Always
+    }
+
+    fn sync_interval_ms(&self) -> Option<u64> {
+        match self.sync {
+            SyncPolicy::Interval { interval_ms } => Some(interval_ms),
+            _ => None,
+        }
+    }
+}
+
+struct RocksShardStore {
+    db: Arc<DB>,
+    sync: SyncPolicy,
+}
+
+impl RocksShardStore {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created at open")
+    }
+}
+
+impl ShardStore for RocksShardStore {
+    fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
+        let mut write = WriteBatch::default();
+        let messages = self.cf(keys::CF_MESSAGES);
+        let channels = self.cf(keys::CF_CHANNELS);
+        let members = self.cf(keys::CF_MEMBERS);
+        let idempotency = self.cf(keys::CF_IDEMPOTENCY);
+        for mutation in batch {
+            match mutation {
+                Mutation::Message(message) => {
+                    let record = MessageRecord {
+                        message_id: message.message_id.0,
+                        from_uid: message.from_uid.as_str().to_owned(),
+                        client_msg_no: message.client_msg_no.clone(),
+                        timestamp_ms: message.timestamp_ms,
+                        send_flags: message.send_flags,
+                        payload: message.payload.to_vec(),
+                    };
+                    write.put_cf(
+                        messages,
+                        keys::message(&message.channel, message.seq),
+                        encode(&record),
+                    );
+                    let meta = ChannelMetaRecord {
+                        last_seq: message.seq.0,
+                        is_group: message.channel.kind() == crate::protocol::ChannelType::Group,
+                    };
+                    write.put_cf(channels, keys::channel(&message.channel), encode(&meta));
+                    let key = IdempotencyRecord {
+                        channel_kind: message.channel.kind().0,
+                        channel_id: message.channel.id().to_owned(),
+                        seq: message.seq.0,
+                        message_id: message.message_id.0,
+                        committed_at_ms: message.timestamp_ms,
+                    };
+                    write.put_cf(
+                        idempotency,
+                        keys::idempotency(message.from_uid.as_str(), &message.client_msg_no),
+                        encode(&key),
+                    );
+                }
+                Mutation::PutGroup {
+                    key,
+                    members: uids,
+                    last_seq,
+                } => {
+                    let meta = ChannelMetaRecord {
+                        last_seq: last_seq.0,
+                        is_group: true,
+                    };
+                    write.put_cf(channels, keys::channel(key), encode(&meta));
+                    let prefix = keys::channel(key);
+                    let mut end = prefix.clone();
+                    // Every member key of this group sorts below `prefix`
+                    // with its last byte incremented (ids are length-prefixed,
+                    // so no other channel's keys fall in between).
+                    increment(&mut end);
+                    write.delete_range_cf(members, &prefix, &end);
+                    for uid in uids {
+                        write.put_cf(members, keys::member(key, uid.as_str()), []);
+                    }
+                }
+            }
+        }
+        let db = Arc::clone(&self.db);
+        let mut options = WriteOptions::default();
+        options.set_sync(self.sync == SyncPolicy::Always);
+        Ok(Box::new(move || {
+            db.write_opt(write, &options).map_err(io_error)
+        }))
+    }
+
+    fn find_idempotent(
+        &mut self,
+        from: &Uid,
+        client_msg_no: &str,
+        now_unix_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Option<IdempotentHit>, StorageError> {
+        let key = keys::idempotency(from.as_str(), client_msg_no);
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_IDEMPOTENCY), key)
+            .map_err(io_error)?
+        else {
+            return Ok(None);
+        };
+        let record: IdempotencyRecord = decode("idempotency record", &bytes)?;
+        if (record.committed_at_ms.max(0) as u64).saturating_add(ttl_ms) <= now_unix_ms {
+            return Ok(None);
+        }
+        Ok(Some(IdempotentHit {
+            channel: ChannelKey::from_parts(
+                crate::protocol::ChannelType(record.channel_kind),
+                &record.channel_id,
+            ),
+            seq: Seq(record.seq),
+            message_id: MessageId(record.message_id),
+            committed_at_ms: record.committed_at_ms,
+        }))
+    }
+
+    fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_CHANNELS), keys::channel(key))
+            .map_err(io_error)?
+        else {
+            return Ok(None);
+        };
+        let meta: ChannelMetaRecord = decode("channel record", &bytes)?;
+        let members = if meta.is_group {
+            let prefix = keys::channel(key);
+            let mut uids = Vec::new();
+            let iter = self.db.iterator_cf(
+                self.cf(keys::CF_MEMBERS),
+                IteratorMode::From(&prefix, Direction::Forward),
+            );
+            for item in iter {
+                let (member_key, _) = item.map_err(io_error)?;
+                if !member_key.starts_with(&prefix) {
+                    break;
+                }
+                let uid = keys::decode_member(&member_key)
+                    .ok_or_else(|| StorageError::Corrupt("member key".into()))?;
+                uids.push(Uid::new(&uid));
+            }
+            Some(uids)
+        } else {
+            None
+        };
+        Ok(Some(ChannelRecord {
+            last_seq: Seq(meta.last_seq),
+            members,
+        }))
+    }
+
+    fn read_messages(
+        &mut self,
+        key: &ChannelKey,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
+        let prefix = keys::channel(key);
+        let start = keys::message(key, from);
+        let iter = self.db.iterator_cf(
+            self.cf(keys::CF_MESSAGES),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (message_key, value) = item.map_err(io_error)?;
+            if !message_key.starts_with(&prefix) {
+                break;
+            }
+            let seq = keys::decode_message_seq(&message_key)
+                .ok_or_else(|| StorageError::Corrupt("message key".into()))?;
+            let record: MessageRecord = decode("message record", &value)?;
+            out.push(Arc::new(StoredMessage {
+                message_id: MessageId(record.message_id),
+                seq,
+                channel: key.clone(),
+                from_uid: Uid::new(&record.from_uid),
+                client_msg_no: record.client_msg_no,
+                timestamp_ms: record.timestamp_ms,
+                send_flags: record.send_flags,
+                payload: Bytes::from(record.payload),
+            }));
+        }
+        Ok(out)
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix`.
+fn increment(prefix: &mut Vec<u8>) {
+    while let Some(last) = prefix.last_mut() {
+        if *last < u8::MAX {
+            *last += 1;
+            return;
+        }
+        prefix.pop();
+    }
+}

@@ -1,0 +1,151 @@
+//! The README's `ruyi client` walk-through, run with the real binary against
+//! a gateway with 2 shards.
+
+mod common;
+
+use common::{TestServer, SECRET};
+use std::process::{Command, Stdio};
+
+const RUYI: &str = env!("CARGO_BIN_EXE_ruyi");
+
+fn ruyi(args: &[&str]) -> std::process::Output {
+    Command::new(RUYI)
+        .args(args)
+        .env_remove("RUYI_TOKEN")
+        .env_remove("RUYI_AUTH_SECRET")
+        .output()
+        .expect("ruyi runs")
+}
+
+fn stdout_json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn print_config_prints_the_default_configuration_that_parses_back() {
+    let output = ruyi(&["print-config"]);
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(ruyi::Config::parse(&text).unwrap(), ruyi::Config::default());
+    assert!(text.contains("# "), "the printed config is commented");
+}
+
+#[test]
+fn serve_refuses_token_auth_without_a_secret_with_a_message_naming_the_fix() {
+    let output = ruyi(&["serve", "--listen", "127.0.0.1:0"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("auth.secret"), "{stderr}");
+}
+
+#[test]
+fn client_send_and_listen_walk_through_works_as_documented() {
+    let server = TestServer::start();
+    let addr = server.addr.to_string();
+    let token = |uid: &str| {
+        let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+
+    let listener = Command::new(RUYI)
+        .args([
+            "client",
+            "listen",
+            "--server",
+            &addr,
+            "--uid",
+            "bob",
+            "--token",
+            &bob,
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until bob is online (the listener says so on stderr once it has
+    // its ConnAck): a message sent before that would not be delivered live.
+    let mut listener = listener;
+    let mut stderr = std::io::BufReader::new(listener.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.starts_with("listening as bob"), "{line}");
+
+    let sent = ruyi(&[
+        "client",
+        "send",
+        "--server",
+        &addr,
+        "--uid",
+        "alice",
+        "--token",
+        &alice,
+        "--to",
+        "bob",
+        "--text",
+        "hi bob",
+        "--client-msg-no",
+        "walk-1",
+    ]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let ack = &stdout_json_lines(&sent)[0];
+    assert_eq!(ack["reason"], "success");
+    assert_eq!(ack["message_seq"], 1);
+    assert_eq!(ack["client_msg_no"], "walk-1");
+
+    let binary = ruyi(&[
+        "client", "send", "--server", &addr, "--uid", "alice", "--token", &alice, "--to", "bob",
+        "--text", "second",
+    ]);
+    assert!(binary.status.success());
+
+    let output = listener.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = stdout_json_lines(&output);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["message_id"], ack["message_id"]);
+    assert_eq!(lines[0]["message_seq"], 1);
+    assert_eq!(lines[0]["from_uid"], "alice");
+    assert_eq!(lines[0]["channel_id"], "alice");
+    assert_eq!(lines[0]["channel_type"], 1);
+    assert_eq!(lines[0]["redelivered"], false);
+    assert_eq!(lines[0]["text"], "hi bob");
+    assert_eq!(lines[1]["message_seq"], 2);
+}
+
+#[test]
+fn client_send_exits_non_zero_on_a_refusal_and_prints_the_reason() {
+    let server = TestServer::start();
+    let addr = server.addr.to_string();
+    let out = ruyi(&["token", "--secret", SECRET, "--uid", "alice"]);
+    let alice = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let sent = ruyi(&[
+        "client", "send", "--server", &addr, "--uid", "alice", "--token", &alice, "--group",
+        "nope", "--text", "x",
+    ]);
+    assert_eq!(sent.status.code(), Some(1));
+    assert_eq!(stdout_json_lines(&sent)[0]["reason"], "channel_missing");
+
+    let refused = ruyi(&[
+        "client", "send", "--server", &addr, "--uid", "alice", "--token", "bad", "--to", "bob",
+        "--text", "x",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("auth_failed"));
+}

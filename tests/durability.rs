@@ -1,0 +1,295 @@
+//! What a `SendAck` promises survives restarts and kill -9: every
+//! acknowledged message is stored once, at its seq, and sequences continue
+//! with no gap or reuse. A resend of the same client_msg_no gets the
+//! original back.
+
+mod common;
+
+use bytes::Bytes;
+use common::{token, TestServer, WAIT};
+use ruyi::channel::ChannelKey;
+use ruyi::client::{connect, ConnectOptions, Outgoing};
+use ruyi::ids::{Seq, ShardId, Uid};
+use ruyi::protocol::{ChannelType, ReasonCode};
+use ruyi::storage::{RocksStorage, Storage, StoredMessage};
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn text(to: &str, client_msg_no: &str, body: &str) -> Outgoing {
+    Outgoing {
+        channel_id: to.into(),
+        channel_type: ChannelType::Person,
+        client_msg_no: client_msg_no.into(),
+        flags: 0,
+        payload: Bytes::copy_from_slice(body.as_bytes()),
+    }
+}
+
+/// Reads a whole channel straight from a stopped server's data directory.
+fn stored_messages(dir: &Path, key: &ChannelKey) -> Vec<Arc<StoredMessage>> {
+    let storage = RocksStorage::open(dir, &ruyi::Config::default().storage.rocks_options())
+        .expect("storage opens");
+    let mut store = storage.open_shard(ShardId(0)).unwrap();
+    store.read_messages(key, Seq(1), usize::MAX).unwrap()
+}
+
+#[tokio::test]
+async fn sequences_and_groups_continue_after_a_restart_without_gap_or_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |_| {});
+    server
+        .control()
+        .create_group("team", &["alice", "bob"])
+        .await
+        .unwrap();
+    let (alice, _a) = server.connect("alice").await;
+    let mut ids = Vec::new();
+    for i in 1..=3u64 {
+        let ack = alice.send_text("bob", &format!("p{i}")).await.unwrap();
+        assert_eq!(ack.message_seq, i);
+        ids.push(ack.message_id);
+        assert_eq!(
+            alice
+                .send_group_text("team", "g")
+                .await
+                .unwrap()
+                .message_seq,
+            i
+        );
+    }
+    drop(alice);
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+
+    let server = TestServer::start_in(dir.path(), |_| {});
+    let (alice, _a) = server.connect("alice").await;
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let ack = alice.send_text("bob", "after restart").await.unwrap();
+    assert_eq!(ack.message_seq, 4);
+    assert!(ack.message_id > ids[2], "message ids keep growing");
+    assert_eq!(bob_in.next_message(WAIT).await.unwrap().message_seq, 4);
+    assert_eq!(
+        alice
+            .send_group_text("team", "g")
+            .await
+            .unwrap()
+            .message_seq,
+        4
+    );
+    let (mallory, _m) = server.connect("mallory").await;
+    assert_eq!(
+        mallory.send_group_text("team", "x").await.unwrap().reason,
+        ReasonCode::NotMember,
+        "membership survives the restart"
+    );
+    drop((alice, mallory));
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+
+    let key = ChannelKey::person(&Uid::new("alice"), &Uid::new("bob"));
+    let stored = stored_messages(dir.path(), &key);
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq.0).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(&stored[3].payload[..], b"after restart");
+}
+
+#[tokio::test]
+async fn resending_a_client_msg_no_returns_the_original_and_stores_one_copy_even_across_a_restart()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |_| {});
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let (alice, _a) = server.connect("alice").await;
+
+    let first = alice.send(text("bob", "cmn-1", "once")).await.unwrap();
+    assert_eq!(first.reason, ReasonCode::Success);
+    // Two resends: one while the first may still be committing, one after.
+    let (again, third) = tokio::join!(
+        alice.send(text("bob", "cmn-1", "once")),
+        alice.send(text("bob", "cmn-1", "once"))
+    );
+    for ack in [again.unwrap(), third.unwrap()] {
+        assert_eq!(ack.reason, ReasonCode::Success);
+        assert_eq!(
+            (ack.message_id, ack.message_seq),
+            (first.message_id, first.message_seq)
+        );
+    }
+    assert_eq!(
+        bob_in.next_message(WAIT).await.unwrap().message_id,
+        first.message_id
+    );
+    common::assert_nothing_arrives(&mut bob_in, Duration::from_millis(300)).await;
+    drop((alice, _bob));
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+
+    let server = TestServer::start_in(dir.path(), |_| {});
+    let (alice, _a) = server.connect("alice").await;
+    let after_restart = alice.send(text("bob", "cmn-1", "once")).await.unwrap();
+    assert_eq!(
+        (after_restart.message_id, after_restart.message_seq),
+        (first.message_id, first.message_seq)
+    );
+    let next = alice.send(text("bob", "cmn-2", "new")).await.unwrap();
+    assert_eq!(next.message_seq, 2, "the resends took no seq");
+    drop(alice);
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+
+    let key = ChannelKey::person(&Uid::new("alice"), &Uid::new("bob"));
+    let stored = stored_messages(dir.path(), &key);
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0].client_msg_no, "cmn-1");
+    assert_eq!(stored[1].client_msg_no, "cmn-2");
+}
+
+/// Starts `ruyi serve` as a child process on port 0; returns it and its
+/// address.
+fn spawn_gateway(dir: &Path) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ruyi"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUYI_AUTH_SECRET", common::SECRET)
+        .env("RUYI_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ruyi serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_ten_thousand_sends_loses_no_acknowledged_message_and_leaves_no_gap() {
+    const SENDERS: usize = 5;
+    const PER_SENDER: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_gateway(dir.path());
+
+    // Five senders, each writing to bob in its own channel, pipelining up to
+    // 64 sends; every SendAck that arrives is recorded.
+    let acked_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for sender in 0..SENDERS {
+        let acked_so_far = Arc::clone(&acked_so_far);
+        tasks.push(tokio::spawn(async move {
+            let uid = format!("sender{sender}");
+            let options = ConnectOptions::new(&uid).token(&token(&uid));
+            let (client, _incoming) = connect(addr, options).await.unwrap();
+            let mut acked: Vec<(String, u64, u64)> = Vec::new();
+            let mut inflight = tokio::task::JoinSet::new();
+            for i in 0..PER_SENDER {
+                let client = client.clone();
+                let cmn = format!("{uid}-{i}");
+                inflight.spawn(async move {
+                    let result = client.send(text("bob", &cmn, &cmn)).await;
+                    (cmn, result)
+                });
+                while inflight.len() >= 64 {
+                    match inflight.join_next().await.unwrap().unwrap() {
+                        (cmn, Ok(ack)) if ack.reason == ReasonCode::Success => {
+                            acked.push((cmn, ack.message_seq, ack.message_id));
+                            acked_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        _ => return acked,
+                    }
+                }
+            }
+            while let Some(joined) = inflight.join_next().await {
+                if let (cmn, Ok(ack)) = joined.unwrap() {
+                    if ack.reason == ReasonCode::Success {
+                        acked.push((cmn, ack.message_seq, ack.message_id));
+                    }
+                }
+            }
+            acked
+        }));
+    }
+    // Kill once about a third of the messages has been acknowledged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked_so_far.load(std::sync::atomic::Ordering::Relaxed) < SENDERS * PER_SENDER / 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sends are not being acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.push(task.await.unwrap());
+    }
+    let total_acked: usize = acked.iter().map(Vec::len).sum();
+    assert!(
+        total_acked > 0,
+        "some sends were acknowledged before the kill"
+    );
+    assert!(
+        total_acked < SENDERS * PER_SENDER,
+        "the kill landed during the stream ({total_acked} acked)"
+    );
+
+    for (sender, acks) in acked.iter().enumerate() {
+        let key = ChannelKey::person(&Uid::new(&format!("sender{sender}")), &Uid::new("bob"));
+        let stored = stored_messages(dir.path(), &key);
+        // No gaps: 1..=n.
+        for (index, message) in stored.iter().enumerate() {
+            assert_eq!(message.seq.0, index as u64 + 1, "gap in sender{sender}");
+        }
+        // Stored exactly once.
+        let mut by_cmn: HashMap<&str, &StoredMessage> = HashMap::new();
+        for message in &stored {
+            assert!(
+                by_cmn.insert(&message.client_msg_no, message).is_none(),
+                "{} stored twice",
+                message.client_msg_no
+            );
+        }
+        // Every acknowledged message is there, at its seq, with its id.
+        for (cmn, seq, id) in acks {
+            let message = by_cmn
+                .get(cmn.as_str())
+                .unwrap_or_else(|| panic!("acked {cmn} was lost"));
+            assert_eq!((message.seq.0, message.message_id.0), (*seq, *id));
+        }
+    }
+
+    // Restarted, each channel continues right after what was stored.
+    let (mut child, addr) = spawn_gateway(dir.path());
+    let options = ConnectOptions::new("sender0").token(&token("sender0"));
+    let (client, _incoming) = connect(addr, options).await.unwrap();
+    let key = ChannelKey::person(&Uid::new("sender0"), &Uid::new("bob"));
+    let ack = client.send(text("bob", "after-kill", "x")).await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stored = stored_messages(dir.path(), &key);
+    assert_eq!(ack.message_seq, stored.len() as u64);
+    assert_eq!(stored.last().unwrap().client_msg_no, "after-kill");
+}

@@ -1,0 +1,217 @@
+//! Malformed, oversized and out-of-order input closes only the offending
+//! connection, with the right reason; the server keeps serving everyone else.
+
+mod common;
+
+use common::{connect_packet, token, RawClient, TestServer, WAIT};
+use ruyi::protocol::{Packet, ReasonCode};
+use std::time::{Duration, Instant};
+
+fn disconnect_reason(packets: &[Packet]) -> Option<ReasonCode> {
+    packets.iter().rev().find_map(|p| match p {
+        Packet::Disconnect(d) => Some(d.reason),
+        _ => None,
+    })
+}
+
+async fn assert_server_still_delivers(server: &TestServer) {
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    let ack = alice.send_text("bob", "still alive").await.unwrap();
+    assert_eq!(ack.reason, ReasonCode::Success);
+    assert_eq!(
+        bob_in.next_message(WAIT).await.unwrap().message_id,
+        ack.message_id
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_frame_gets_malformed_frame_and_others_never_notice() {
+    let server = TestServer::start();
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let (alice, _a) = server.connect("alice").await;
+
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_packet(&connect_packet("eve", &token("eve"))).await;
+    assert!(matches!(raw.next_packet().await, Some(Packet::ConnAck(_))));
+    // A length prefix of 12 followed by 12 bytes that are no FlatBuffer.
+    let mut garbage = 12u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 12]);
+    raw.send_raw(&garbage).await;
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(
+        disconnect_reason(&packets),
+        Some(ReasonCode::MalformedFrame)
+    );
+
+    let ack = alice.send_text("bob", "unaffected").await.unwrap();
+    assert_eq!(
+        bob_in.next_message(WAIT).await.unwrap().message_id,
+        ack.message_id
+    );
+}
+
+#[tokio::test]
+async fn a_length_prefix_of_two_to_the_31_is_refused_before_buffering() {
+    let server = TestServer::start();
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_raw(&(1u32 << 31).to_le_bytes()).await;
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(disconnect_reason(&packets), Some(ReasonCode::FrameTooLarge));
+    assert_server_still_delivers(&server).await;
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_after_connect_is_refused_with_frame_too_large() {
+    let server = TestServer::start_with(|c| {
+        c.limits.frame_size_max_bytes = 4096;
+        c.limits.payload_size_max_bytes = 2048;
+    });
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_packet(&connect_packet("eve", &token("eve"))).await;
+    assert!(matches!(raw.next_packet().await, Some(Packet::ConnAck(_))));
+    raw.send_raw(&5000u32.to_le_bytes()).await;
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(disconnect_reason(&packets), Some(ReasonCode::FrameTooLarge));
+}
+
+#[tokio::test]
+async fn random_bytes_are_cut_off_and_the_server_keeps_serving() {
+    let server = TestServer::start();
+    // A fixed pseudo-random stream, so a failure reproduces.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for _ in 0..3 {
+        let mut raw = RawClient::connect(server.addr).await;
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut raw.stream, &bytes).await;
+        let packets = raw.packets_until_closed().await;
+        assert!(
+            matches!(
+                disconnect_reason(&packets),
+                Some(ReasonCode::FrameTooLarge | ReasonCode::MalformedFrame)
+            ),
+            "{packets:?}"
+        );
+    }
+    assert_server_still_delivers(&server).await;
+}
+
+#[tokio::test]
+async fn a_send_before_connect_or_a_second_connect_is_an_unexpected_packet() {
+    let server = TestServer::start();
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_packet(&Packet::Ping).await;
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(
+        disconnect_reason(&packets),
+        Some(ReasonCode::UnexpectedPacket)
+    );
+
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_packet(&connect_packet("eve", &token("eve"))).await;
+    assert!(matches!(raw.next_packet().await, Some(Packet::ConnAck(_))));
+    raw.send_packet(&connect_packet("eve", &token("eve"))).await;
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(
+        disconnect_reason(&packets),
+        Some(ReasonCode::UnexpectedPacket)
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_connect_is_closed_at_the_handshake_timeout() {
+    let server = TestServer::start_with(|c| c.limits.handshake_timeout_ms = 300);
+    let started = Instant::now();
+    let mut raw = RawClient::connect(server.addr).await;
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(
+        disconnect_reason(&packets),
+        Some(ReasonCode::HandshakeTimeout)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout_and_pings_keep_one_open() {
+    let server = TestServer::start_with(|c| {
+        c.limits.idle_timeout_ms = 400;
+        c.limits.heartbeat_interval_ms = 100;
+    });
+    let mut silent = RawClient::connect(server.addr).await;
+    silent
+        .send_packet(&connect_packet("quiet", &token("quiet")))
+        .await;
+    assert!(matches!(
+        silent.next_packet().await,
+        Some(Packet::ConnAck(_))
+    ));
+
+    // The SDK pings at the interval the server asked for.
+    let (talker, mut talker_in) = server.connect("talker").await;
+    assert_eq!(talker.conn_ack().heartbeat_interval_ms, 100);
+
+    let started = Instant::now();
+    let packets = silent.packets_until_closed().await;
+    assert_eq!(disconnect_reason(&packets), Some(ReasonCode::IdleTimeout));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // Well past the idle timeout, the pinging client is still connected.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    common::assert_nothing_arrives(&mut talker_in, Duration::from_millis(10)).await;
+    let ack = talker.send_text("quiet", "hello").await.unwrap();
+    assert_eq!(ack.reason, ReasonCode::Success);
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong() {
+    let server = TestServer::start();
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_packet(&connect_packet("p", &token("p"))).await;
+    assert!(matches!(raw.next_packet().await, Some(Packet::ConnAck(_))));
+    raw.send_packet(&Packet::Ping).await;
+    assert_eq!(raw.next_packet().await, Some(Packet::Pong));
+}
+
+#[tokio::test]
+async fn frames_sent_right_behind_connect_are_processed_after_conn_ack() {
+    let server = TestServer::start();
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let mut raw = RawClient::connect(server.addr).await;
+    // Connect and a Send in one write, before any ConnAck.
+    let mut out = bytes::BytesMut::new();
+    let mut encoder = ruyi::protocol::Encoder::new();
+    encoder.encode(&connect_packet("alice", &token("alice")), &mut out);
+    encoder.encode(
+        &Packet::Send(ruyi::protocol::SendPacket {
+            client_seq: 7,
+            client_msg_no: "pipelined".into(),
+            channel_id: "bob".into(),
+            channel_type: ruyi::protocol::ChannelType::Person,
+            flags: 0,
+            payload: bytes::Bytes::from_static(b"early"),
+        }),
+        &mut out,
+    );
+    raw.send_raw(&out).await;
+    assert!(
+        matches!(raw.next_packet().await, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success)
+    );
+    match raw.next_packet().await {
+        Some(Packet::SendAck(ack)) => {
+            assert_eq!(ack.client_seq, 7);
+            assert_eq!(ack.reason, ReasonCode::Success);
+        }
+        other => panic!("expected SendAck, got {other:?}"),
+    }
+    assert_eq!(
+        &bob_in.next_message(WAIT).await.unwrap().payload[..],
+        b"early"
+    );
+}
