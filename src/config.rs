@@ -124,6 +124,8 @@ pub struct Limits {
     pub client_msg_no_length_max_bytes: usize,
     pub outbound_buffer_max_bytes: usize,
     pub group_members_max: usize,
+    pub sync_limit_max: u32,
+    pub sync_response_max_bytes: usize,
     pub read_chunk_bytes: usize,
     pub close_flush_timeout_ms: u64,
     pub listen_backlog: u32,
@@ -170,6 +172,8 @@ impl Default for Limits {
             client_msg_no_length_max_bytes: 64,
             outbound_buffer_max_bytes: 4 * 1024 * 1024,
             group_members_max: 10_000,
+            sync_limit_max: 1000,
+            sync_response_max_bytes: 1024 * 1024,
             read_chunk_bytes: 65536,
             close_flush_timeout_ms: 2000,
             listen_backlog: 1024,
@@ -343,6 +347,14 @@ impl Config {
         check(
             l.read_chunk_bytes >= 4096,
             "limits.read_chunk_bytes must be at least 4096".into(),
+        );
+        check(
+            (1..=100_000).contains(&l.sync_limit_max),
+            "limits.sync_limit_max must be between 1 and 100000".into(),
+        );
+        check(
+            l.sync_response_max_bytes >= l.frame_size_max_bytes,
+            "limits.sync_response_max_bytes must be at least limits.frame_size_max_bytes".into(),
         );
         check(
             l.listen_backlog >= 1,

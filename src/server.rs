@@ -44,7 +44,7 @@ impl Server {
     pub fn start(config: Config) -> Result<ServerHandle, StartError> {
         config.validate()?;
         let storage: Arc<dyn Storage> = match config.storage.engine {
-            StorageEngine::Memory => Arc::new(MemoryStorage),
+            StorageEngine::Memory => Arc::new(MemoryStorage::default()),
             StorageEngine::Rocksdb => {
                 let dir = &config.server.data_dir;
                 let started = std::time::Instant::now();

@@ -13,9 +13,7 @@ use ruyi::ids::{Seq, ShardId, Uid};
 use ruyi::protocol::{ChannelType, ReasonCode};
 use ruyi::storage::{RocksStorage, Storage, StoredMessage};
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +32,9 @@ fn stored_messages(dir: &Path, key: &ChannelKey) -> Vec<Arc<StoredMessage>> {
     let storage = RocksStorage::open(dir, &ruyi::Config::default().storage.rocks_options())
         .expect("storage opens");
     let mut store = storage.open_shard(ShardId(0)).unwrap();
-    store.read_messages(key, Seq(1), usize::MAX).unwrap()
+    store
+        .read_messages(key, Seq(1), usize::MAX, ruyi::storage::ReadDirection::Up)
+        .unwrap()
 }
 
 #[tokio::test]
@@ -152,45 +152,12 @@ async fn resending_a_client_msg_no_returns_the_original_and_stores_one_copy_even
     assert_eq!(stored[1].client_msg_no, "cmn-2");
 }
 
-/// Starts `ruyi serve` as a child process on port 0; returns it and its
-/// address.
-fn spawn_gateway(dir: &Path) -> (std::process::Child, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ruyi"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUYI_AUTH_SECRET", common::SECRET)
-        .env("RUYI_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ruyi serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .nth(3)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_ten_thousand_sends_loses_no_acknowledged_message_and_leaves_no_gap() {
     const SENDERS: usize = 5;
     const PER_SENDER: usize = 2000;
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = spawn_gateway(dir.path());
+    let (mut child, addr) = common::spawn_gateway(dir.path());
 
     // Five senders, each writing to bob in its own channel, pipelining up to
     // 64 sends; every SendAck that arrives is recorded.
@@ -282,7 +249,7 @@ async fn kill_9_during_ten_thousand_sends_loses_no_acknowledged_message_and_leav
     }
 
     // Restarted, each channel continues right after what was stored.
-    let (mut child, addr) = spawn_gateway(dir.path());
+    let (mut child, addr) = common::spawn_gateway(dir.path());
     let options = ConnectOptions::new("sender0").token(&token("sender0"));
     let (client, _incoming) = connect(addr, options).await.unwrap();
     let key = ChannelKey::person(&Uid::new("sender0"), &Uid::new("bob"));

@@ -7,8 +7,9 @@
 //! log whichever of them sends: its key is the two uids in sorted order, and
 //! each of them sees the other's uid as the channel id.
 
-use crate::ids::{Seq, ShardId, Uid};
+use crate::ids::{MessageId, Seq, ShardId, Uid};
 use crate::protocol::{ChannelType, ReasonCode};
+use crate::storage::ConversationRecord;
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -194,7 +195,12 @@ pub struct Channel {
     pub last_seq: Seq,
     /// The last sequence number known to be stored.
     pub committed_seq: Seq,
+    /// The id of the message at `committed_seq` (0 when there is none).
+    pub last_message_id: MessageId,
     pub members: Members,
+    /// Conversation rows of this channel's users that the owner has read or
+    /// written: the owner is their only writer, so this copy is current.
+    pub conversations: std::collections::HashMap<Uid, ConversationRecord, ahash::RandomState>,
 }
 
 impl Channel {
@@ -208,7 +214,9 @@ impl Channel {
             key,
             last_seq: Seq(0),
             committed_seq: Seq(0),
+            last_message_id: MessageId(0),
             members,
+            conversations: Default::default(),
         }
     }
 
@@ -221,7 +229,9 @@ impl Channel {
             key,
             last_seq,
             committed_seq: last_seq,
+            last_message_id: MessageId(0),
             members: Members::Group(members.into_iter().collect()),
+            conversations: Default::default(),
         }
     }
 
@@ -240,9 +250,11 @@ impl Channel {
     }
 
     /// Takes back every sequence number handed out after the last commit,
-    /// after a failed commit, so the channel continues with no gap.
+    /// after a failed commit, so the channel continues with no gap, and
+    /// forgets conversation rows changed for it (they are read again).
     pub fn roll_back_uncommitted(&mut self) {
         self.last_seq = self.committed_seq;
+        self.conversations.clear();
     }
 }
 

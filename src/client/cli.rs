@@ -162,6 +162,18 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
                         println!("{}", recv_json(&recv));
                         received += 1;
                     }
+                    Some(Delivery::Recall(event)) => {
+                        let line = serde_json::json!({
+                            "recall": true,
+                            "channel_id": event.channel_id,
+                            "channel_type": event.channel_type.0,
+                            "message_id": event.message_id,
+                            "message_seq": event.message_seq,
+                            "from_uid": event.from_uid,
+                        });
+                        println!("{line}");
+                    }
+                    Some(Delivery::ConversationUpdate(_)) => {}
                     Some(Delivery::Closed(reason)) => return Err(ClientError::Closed(reason)),
                     None => return Err(ClientError::Closed(None)),
                 }

@@ -3,8 +3,9 @@
 //! harness (on glommio) both drive it.
 
 use crate::protocol::{
-    ChannelType, ConnAck, Connect, DecodeError, DeviceFlag, Disconnect, Encoder, FrameDecoder,
-    FrameError, Packet, Recv, RecvAck, SendAck, SendPacket, VerifyLimits, PROTOCOL_VERSION,
+    ChannelType, ConnAck, Connect, Conversation, DecodeError, DeviceFlag, Disconnect, Encoder,
+    FrameDecoder, FrameError, Packet, RecallEvent, Recv, RecvAck, SendAck, SendPacket,
+    VerifyLimits, PROTOCOL_VERSION,
 };
 use bytes::{Bytes, BytesMut};
 
@@ -16,6 +17,16 @@ pub enum Event {
     Recv(Recv),
     Pong,
     Disconnect(Disconnect),
+    /// The answer to a request (sync, conversation change, recall), matched
+    /// by its request id.
+    Response {
+        request_id: u32,
+        packet: Packet,
+    },
+    /// A conversation of this user changed on another device.
+    ConversationUpdate(Conversation),
+    /// A message of one of the user's channels was recalled.
+    Recall(RecallEvent),
 }
 
 /// The server broke the protocol (or sent garbage).
@@ -116,6 +127,13 @@ impl ClientCore {
         self.encoder.encode(&packet, &mut self.output);
     }
 
+    /// Queues a request packet (`SyncMessages`, `SyncConversations`,
+    /// `ConversationOp`, `Recall`); its response comes back as
+    /// [`Event::Response`] with the same request id.
+    pub fn request(&mut self, packet: &Packet) {
+        self.encoder.encode(packet, &mut self.output);
+    }
+
     pub fn ping(&mut self) {
         self.encoder.encode(&Packet::Ping, &mut self.output);
     }
@@ -149,6 +167,24 @@ impl ClientCore {
             Packet::Recv(p) => Event::Recv(p),
             Packet::Pong => Event::Pong,
             Packet::Disconnect(p) => Event::Disconnect(p),
+            Packet::ConversationUpdate(c) => Event::ConversationUpdate(c),
+            Packet::RecallEvent(e) => Event::Recall(e),
+            Packet::SyncMessagesResp(p) => Event::Response {
+                request_id: p.request_id,
+                packet: Packet::SyncMessagesResp(p),
+            },
+            Packet::SyncConversationsResp(p) => Event::Response {
+                request_id: p.request_id,
+                packet: Packet::SyncConversationsResp(p),
+            },
+            Packet::ConversationOpResp(p) => Event::Response {
+                request_id: p.request_id,
+                packet: Packet::ConversationOpResp(p),
+            },
+            Packet::RecallResp(p) => Event::Response {
+                request_id: p.request_id,
+                packet: Packet::RecallResp(p),
+            },
             other => return Err(ProtocolError::Unexpected(other.name())),
         };
         Ok(Some(event))

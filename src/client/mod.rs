@@ -13,7 +13,11 @@ pub mod core;
 
 pub use self::core::{ClientCore, Event, Identity, Outgoing, ProtocolError};
 
-use crate::protocol::{ChannelType, ConnAck, DeviceFlag, Disconnect, ReasonCode, Recv, SendAck};
+use crate::protocol::{
+    ChannelType, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
+    DeviceFlag, Disconnect, Packet, ReasonCode, Recall, RecallEvent, RecallResp, Recv, SendAck,
+    SyncConversations, SyncConversationsResp, SyncDirection, SyncMessages, SyncMessagesResp,
+};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +37,8 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("expected a message, got {0}")]
+    Unexpected(String),
     #[error("the connection is closed{}", .0.as_ref().map(|d| format!(": {}", crate::protocol::reason_name(d.reason))).unwrap_or_default())]
     Closed(Option<Disconnect>),
 }
@@ -65,7 +71,7 @@ impl ConnectOptions {
             auto_ack: true,
             heartbeat: true,
             connect_timeout: Duration::from_secs(10),
-            frame_size_max_bytes: 1024 * 1024,
+            frame_size_max_bytes: 4 * 1024 * 1024,
             incoming_capacity: 4096,
         }
     }
@@ -96,6 +102,10 @@ impl ConnectOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     Message(Recv),
+    /// One of this user's conversations changed on another device.
+    ConversationUpdate(Conversation),
+    /// A message was recalled.
+    Recall(RecallEvent),
     /// The connection ended; `Some` when the server said why.
     Closed(Option<Disconnect>),
 }
@@ -118,6 +128,16 @@ impl Incoming {
             Err(_) => Err(ClientError::Timeout(timeout)),
             Ok(Some(Delivery::Message(m))) => Ok(m),
             Ok(Some(Delivery::Closed(d))) => Err(ClientError::Closed(d)),
+            Ok(Some(other)) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Ok(None) => Err(ClientError::Closed(None)),
+        }
+    }
+
+    /// The next delivery of any kind, waiting at most `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Delivery, ClientError> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(Some(delivery)) => Ok(delivery),
             Ok(None) => Err(ClientError::Closed(None)),
         }
     }
@@ -125,6 +145,7 @@ impl Incoming {
 
 enum Command {
     Send(Outgoing, oneshot::Sender<Result<SendAck, ClientError>>),
+    Request(Packet, u32, oneshot::Sender<Result<Packet, ClientError>>),
     Ack(u64, u64),
     Close,
 }
@@ -134,6 +155,7 @@ enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     conn_ack: ConnAck,
+    next_request_id: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// Connects, authenticates and starts the connection's task.
@@ -173,7 +195,12 @@ pub async fn connect(
         heartbeat,
         options.auto_ack,
     ));
-    Ok((Client { commands, conn_ack }, Incoming { rx }))
+    let client = Client {
+        commands,
+        conn_ack,
+        next_request_id: Default::default(),
+    };
+    Ok((client, Incoming { rx }))
 }
 
 async fn read_conn_ack(
@@ -208,6 +235,7 @@ async fn run(
 ) {
     let (mut reader, mut writer) = stream.into_split();
     let mut pending: HashMap<u32, oneshot::Sender<Result<SendAck, ClientError>>> = HashMap::new();
+    let mut requests: HashMap<u32, oneshot::Sender<Result<Packet, ClientError>>> = HashMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     let period = heartbeat.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -241,6 +269,21 @@ async fn run(
                             closed_by = Some(d);
                             break 'outer;
                         }
+                        Ok(Some(Event::Response { request_id, packet })) => {
+                            if let Some(waiter) = requests.remove(&request_id) {
+                                let _ = waiter.send(Ok(packet));
+                            }
+                        }
+                        Ok(Some(Event::ConversationUpdate(c))) => {
+                            if incoming.send(Delivery::ConversationUpdate(c)).await.is_err() {
+                                break 'outer;
+                            }
+                        }
+                        Ok(Some(Event::Recall(e))) => {
+                            if incoming.send(Delivery::Recall(e)).await.is_err() {
+                                break 'outer;
+                            }
+                        }
                         Ok(Some(Event::Pong | Event::ConnAck(_))) => {}
                         Err(error) => {
                             tracing::warn!(%error, "server broke the protocol");
@@ -253,6 +296,10 @@ async fn run(
                 Some(Command::Send(message, reply)) => {
                     let client_seq = core.send(message);
                     pending.insert(client_seq, reply);
+                }
+                Some(Command::Request(packet, request_id, reply)) => {
+                    core.request(&packet);
+                    requests.insert(request_id, reply);
                 }
                 Some(Command::Ack(id, seq)) => core.ack(id, seq),
                 Some(Command::Close) | None => {
@@ -272,6 +319,9 @@ async fn run(
         }
     }
     for (_, waiter) in pending.drain() {
+        let _ = waiter.send(Err(ClientError::Closed(closed_by.clone())));
+    }
+    for (_, waiter) in requests.drain() {
         let _ = waiter.send(Err(ClientError::Closed(closed_by.clone())));
     }
     let _ = incoming.send(Delivery::Closed(closed_by)).await;
@@ -316,6 +366,113 @@ impl Client {
             payload: Bytes::copy_from_slice(text.as_bytes()),
         })
         .await
+    }
+
+    fn request_id(&self) -> u32 {
+        self.next_request_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(1)
+    }
+
+    async fn request(&self, packet: Packet, request_id: u32) -> Result<Packet, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request(packet, request_id, reply))
+            .await
+            .map_err(|_| ClientError::Closed(None))?;
+        answer.await.map_err(|_| ClientError::Closed(None))?
+    }
+
+    /// Messages of a channel by seq range: `start_seq` inclusive, `end_seq`
+    /// exclusive (0: open), at most `limit`, up or down.
+    pub async fn sync_messages(
+        &self,
+        channel_id: &str,
+        channel_type: ChannelType,
+        start_seq: u64,
+        end_seq: u64,
+        limit: u32,
+        direction: SyncDirection,
+    ) -> Result<SyncMessagesResp, ClientError> {
+        let request_id = self.request_id();
+        let packet = Packet::SyncMessages(SyncMessages {
+            request_id,
+            channel_id: channel_id.to_owned(),
+            channel_type,
+            start_seq,
+            end_seq,
+            limit,
+            direction,
+        });
+        match self.request(packet, request_id).await? {
+            Packet::SyncMessagesResp(response) => Ok(response),
+            other => Err(ClientError::Unexpected(other.name().into())),
+        }
+    }
+
+    /// The user's conversations changed since `since_version`.
+    pub async fn sync_conversations(
+        &self,
+        since_version: u64,
+        limit: u32,
+        unread_only: bool,
+    ) -> Result<SyncConversationsResp, ClientError> {
+        let request_id = self.request_id();
+        let packet = Packet::SyncConversations(SyncConversations {
+            request_id,
+            since_version,
+            limit,
+            unread_only,
+        });
+        match self.request(packet, request_id).await? {
+            Packet::SyncConversationsResp(response) => Ok(response),
+            other => Err(ClientError::Unexpected(other.name().into())),
+        }
+    }
+
+    /// Clears, sets or deletes one of the user's conversations.
+    pub async fn conversation_op(
+        &self,
+        channel_id: &str,
+        channel_type: ChannelType,
+        action: ConversationAction,
+        unread: u64,
+    ) -> Result<ConversationOpResp, ClientError> {
+        let request_id = self.request_id();
+        let packet = Packet::ConversationOp(ConversationOp {
+            request_id,
+            channel_id: channel_id.to_owned(),
+            channel_type,
+            action,
+            unread,
+        });
+        match self.request(packet, request_id).await? {
+            Packet::ConversationOpResp(response) => Ok(response),
+            other => Err(ClientError::Unexpected(other.name().into())),
+        }
+    }
+
+    /// Recalls a message this user sent, by id or (with id 0) by
+    /// client_msg_no.
+    pub async fn recall(
+        &self,
+        channel_id: &str,
+        channel_type: ChannelType,
+        message_id: u64,
+        client_msg_no: &str,
+    ) -> Result<RecallResp, ClientError> {
+        let request_id = self.request_id();
+        let packet = Packet::Recall(Recall {
+            request_id,
+            channel_id: channel_id.to_owned(),
+            channel_type,
+            message_id,
+            client_msg_no: client_msg_no.to_owned(),
+        });
+        match self.request(packet, request_id).await? {
+            Packet::RecallResp(response) => Ok(response),
+            other => Err(ClientError::Unexpected(other.name().into())),
+        }
     }
 
     /// Acknowledges a received message (when `auto_ack` is off).

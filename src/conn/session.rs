@@ -47,6 +47,14 @@ pub enum Step {
     RecvAck,
     /// Answer with `Pong`.
     Pong,
+    /// Read a range of a channel.
+    SyncMessages,
+    /// List the user's conversations.
+    SyncConversations,
+    /// Change one of the user's conversations.
+    ConversationOp,
+    /// Recall a message.
+    Recall,
     /// Nothing to do (a `Pong` from the client).
     Nothing,
     /// The client said goodbye: close without a reply.
@@ -67,6 +75,10 @@ pub fn step(phase: Phase, packet: &Packet) -> Step {
         (Phase::Active, Packet::Send(_)) => Step::Send,
         (Phase::Active, Packet::RecvAck(_)) => Step::RecvAck,
         (Phase::Active, Packet::Ping) => Step::Pong,
+        (Phase::Active, Packet::SyncMessages(_)) => Step::SyncMessages,
+        (Phase::Active, Packet::SyncConversations(_)) => Step::SyncConversations,
+        (Phase::Active, Packet::ConversationOp(_)) => Step::ConversationOp,
+        (Phase::Active, Packet::Recall(_)) => Step::Recall,
         (Phase::Active, Packet::Pong) => Step::Nothing,
         (Phase::Active, _) => Step::Refuse(ReasonCode::UnexpectedPacket),
     }

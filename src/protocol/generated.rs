@@ -14,10 +14,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_REASON_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REASON_CODE: u16 = 23;
+pub const ENUM_MAX_REASON_CODE: u16 = 27;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REASON_CODE: [ReasonCode; 24] = [
+pub const ENUM_VALUES_REASON_CODE: [ReasonCode; 28] = [
   ReasonCode::Unknown,
   ReasonCode::Success,
   ReasonCode::AuthFailed,
@@ -42,6 +42,10 @@ pub const ENUM_VALUES_REASON_CODE: [ReasonCode; 24] = [
   ReasonCode::SlowConsumer,
   ReasonCode::TooManyConnections,
   ReasonCode::InvalidClientMsgNo,
+  ReasonCode::InvalidRange,
+  ReasonCode::MessageMissing,
+  ReasonCode::NotSender,
+  ReasonCode::ConversationMissing,
 ];
 
 /// Why something failed (or `Success`). One enum for every packet that
@@ -101,9 +105,17 @@ impl ReasonCode {
   pub const TooManyConnections: Self = Self(22);
   /// The client_msg_no is empty or too long.
   pub const InvalidClientMsgNo: Self = Self(23);
+  /// A sync asked for an impossible range or limit.
+  pub const InvalidRange: Self = Self(24);
+  /// The message named does not exist.
+  pub const MessageMissing: Self = Self(25);
+  /// Only the sender (or an administrator) may recall a message.
+  pub const NotSender: Self = Self(26);
+  /// The user has no conversation in that channel.
+  pub const ConversationMissing: Self = Self(27);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 23;
+  pub const ENUM_MAX: u16 = 27;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Unknown,
     Self::Success,
@@ -129,6 +141,10 @@ impl ReasonCode {
     Self::SlowConsumer,
     Self::TooManyConnections,
     Self::InvalidClientMsgNo,
+    Self::InvalidRange,
+    Self::MessageMissing,
+    Self::NotSender,
+    Self::ConversationMissing,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -157,6 +173,10 @@ impl ReasonCode {
       Self::SlowConsumer => Some("SlowConsumer"),
       Self::TooManyConnections => Some("TooManyConnections"),
       Self::InvalidClientMsgNo => Some("InvalidClientMsgNo"),
+      Self::InvalidRange => Some("InvalidRange"),
+      Self::MessageMissing => Some("MessageMissing"),
+      Self::NotSender => Some("NotSender"),
+      Self::ConversationMissing => Some("ConversationMissing"),
       _ => None,
     }
   }
@@ -211,6 +231,184 @@ impl<'a> ::flatbuffers::Verifiable for ReasonCode {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for ReasonCode {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_SYNC_DIRECTION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_SYNC_DIRECTION: u8 = 1;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_SYNC_DIRECTION: [SyncDirection; 2] = [
+  SyncDirection::Up,
+  SyncDirection::Down,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct SyncDirection(pub u8);
+#[allow(non_upper_case_globals)]
+impl SyncDirection {
+  /// Ascending seqs from `start_seq`.
+  pub const Up: Self = Self(0);
+  /// Descending seqs from `start_seq` (0: from the newest).
+  pub const Down: Self = Self(1);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Up,
+    Self::Down,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Up => Some("Up"),
+      Self::Down => Some("Down"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for SyncDirection {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for SyncDirection {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for SyncDirection {
+    type Output = SyncDirection;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for SyncDirection {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for SyncDirection {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for SyncDirection {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_CONVERSATION_ACTION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_CONVERSATION_ACTION: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_CONVERSATION_ACTION: [ConversationAction; 3] = [
+  ConversationAction::ClearUnread,
+  ConversationAction::SetUnread,
+  ConversationAction::Delete,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct ConversationAction(pub u8);
+#[allow(non_upper_case_globals)]
+impl ConversationAction {
+  /// Read position to the newest message: unread becomes 0.
+  pub const ClearUnread: Self = Self(0);
+  /// Unread becomes `unread` (the newest `unread` messages from others).
+  pub const SetUnread: Self = Self(1);
+  /// Hide the conversation until a newer message arrives; the newer
+  /// messages alone then count.
+  pub const Delete: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::ClearUnread,
+    Self::SetUnread,
+    Self::Delete,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::ClearUnread => Some("ClearUnread"),
+      Self::SetUnread => Some("SetUnread"),
+      Self::Delete => Some("Delete"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for ConversationAction {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for ConversationAction {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for ConversationAction {
+    type Output = ConversationAction;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for ConversationAction {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for ConversationAction {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for ConversationAction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CHANNEL_TYPE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
@@ -391,10 +589,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for DeviceFlag {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_PACKET: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_PACKET: u8 = 9;
+pub const ENUM_MAX_PACKET: u8 = 19;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_PACKET: [Packet; 10] = [
+pub const ENUM_VALUES_PACKET: [Packet; 20] = [
   Packet::NONE,
   Packet::Connect,
   Packet::ConnAck,
@@ -405,6 +603,16 @@ pub const ENUM_VALUES_PACKET: [Packet; 10] = [
   Packet::Ping,
   Packet::Pong,
   Packet::Disconnect,
+  Packet::SyncMessages,
+  Packet::SyncMessagesResp,
+  Packet::SyncConversations,
+  Packet::SyncConversationsResp,
+  Packet::ConversationOp,
+  Packet::ConversationOpResp,
+  Packet::ConversationUpdate,
+  Packet::Recall,
+  Packet::RecallResp,
+  Packet::RecallEvent,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -422,9 +630,19 @@ impl Packet {
   pub const Ping: Self = Self(7);
   pub const Pong: Self = Self(8);
   pub const Disconnect: Self = Self(9);
+  pub const SyncMessages: Self = Self(10);
+  pub const SyncMessagesResp: Self = Self(11);
+  pub const SyncConversations: Self = Self(12);
+  pub const SyncConversationsResp: Self = Self(13);
+  pub const ConversationOp: Self = Self(14);
+  pub const ConversationOpResp: Self = Self(15);
+  pub const ConversationUpdate: Self = Self(16);
+  pub const Recall: Self = Self(17);
+  pub const RecallResp: Self = Self(18);
+  pub const RecallEvent: Self = Self(19);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 9;
+  pub const ENUM_MAX: u8 = 19;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Connect,
@@ -436,6 +654,16 @@ impl Packet {
     Self::Ping,
     Self::Pong,
     Self::Disconnect,
+    Self::SyncMessages,
+    Self::SyncMessagesResp,
+    Self::SyncConversations,
+    Self::SyncConversationsResp,
+    Self::ConversationOp,
+    Self::ConversationOpResp,
+    Self::ConversationUpdate,
+    Self::Recall,
+    Self::RecallResp,
+    Self::RecallEvent,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -450,6 +678,16 @@ impl Packet {
       Self::Ping => Some("Ping"),
       Self::Pong => Some("Pong"),
       Self::Disconnect => Some("Disconnect"),
+      Self::SyncMessages => Some("SyncMessages"),
+      Self::SyncMessagesResp => Some("SyncMessagesResp"),
+      Self::SyncConversations => Some("SyncConversations"),
+      Self::SyncConversationsResp => Some("SyncConversationsResp"),
+      Self::ConversationOp => Some("ConversationOp"),
+      Self::ConversationOpResp => Some("ConversationOpResp"),
+      Self::ConversationUpdate => Some("ConversationUpdate"),
+      Self::Recall => Some("Recall"),
+      Self::RecallResp => Some("RecallResp"),
+      Self::RecallEvent => Some("RecallEvent"),
       _ => None,
     }
   }
@@ -1292,6 +1530,7 @@ impl<'a> Recv<'a> {
   }
   /// Bit 0: redelivered (sent before, not acknowledged).
   /// Bit 1: sent by this user (from another of their devices).
+  /// Bit 2: recalled (in sync results; the payload is then empty).
   #[inline]
   pub fn flags(&self) -> u8 {
     // Safety:
@@ -1825,6 +2064,1714 @@ impl ::core::fmt::Debug for Disconnect<'_> {
       ds.finish()
   }
 }
+pub enum SyncMessagesOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Messages of one channel by seq range. Only members (or the two people
+/// of a person channel) may read.
+pub struct SyncMessages<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SyncMessages<'a> {
+  type Inner = SyncMessages<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SyncMessages<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHANNEL_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CHANNEL_TYPE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_START_SEQ: ::flatbuffers::VOffsetT = 10;
+  pub const VT_END_SEQ: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LIMIT: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DIRECTION: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SyncMessages { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SyncMessagesArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SyncMessages<'bldr>> {
+    let mut builder = SyncMessagesBuilder::new(_fbb);
+    builder.add_end_seq(args.end_seq);
+    builder.add_start_seq(args.start_seq);
+    builder.add_limit(args.limit);
+    if let Some(x) = args.channel_id { builder.add_channel_id(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_direction(args.direction);
+    builder.add_channel_type(args.channel_type);
+    builder.finish()
+  }
+
+
+  /// Chosen by the client; echoed in the response.
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SyncMessages::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn channel_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SyncMessages::VT_CHANNEL_ID, None)}
+  }
+  #[inline]
+  pub fn channel_type(&self) -> ChannelType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ChannelType>(SyncMessages::VT_CHANNEL_TYPE, Some(ChannelType::Unknown)).unwrap()}
+  }
+  /// First seq wanted, inclusive. Up: at least 1. Down: 0 means the newest.
+  #[inline]
+  pub fn start_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SyncMessages::VT_START_SEQ, Some(0)).unwrap()}
+  }
+  /// Where to stop, exclusive; 0 means no bound.
+  #[inline]
+  pub fn end_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SyncMessages::VT_END_SEQ, Some(0)).unwrap()}
+  }
+  /// At most this many messages (1 to the server's sync limit).
+  #[inline]
+  pub fn limit(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SyncMessages::VT_LIMIT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn direction(&self) -> SyncDirection {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<SyncDirection>(SyncMessages::VT_DIRECTION, Some(SyncDirection::Up)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SyncMessages<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("channel_id", Self::VT_CHANNEL_ID, false)?
+     .visit_field::<ChannelType>("channel_type", Self::VT_CHANNEL_TYPE, false)?
+     .visit_field::<u64>("start_seq", Self::VT_START_SEQ, false)?
+     .visit_field::<u64>("end_seq", Self::VT_END_SEQ, false)?
+     .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .visit_field::<SyncDirection>("direction", Self::VT_DIRECTION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SyncMessagesArgs<'a> {
+    pub request_id: u32,
+    pub channel_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub channel_type: ChannelType,
+    pub start_seq: u64,
+    pub end_seq: u64,
+    pub limit: u32,
+    pub direction: SyncDirection,
+}
+impl<'a> Default for SyncMessagesArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SyncMessagesArgs {
+      request_id: 0,
+      channel_id: None,
+      channel_type: ChannelType::Unknown,
+      start_seq: 0,
+      end_seq: 0,
+      limit: 0,
+      direction: SyncDirection::Up,
+    }
+  }
+}
+
+pub struct SyncMessagesBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncMessagesBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(SyncMessages::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_channel_id(&mut self, channel_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SyncMessages::VT_CHANNEL_ID, channel_id);
+  }
+  #[inline]
+  pub fn add_channel_type(&mut self, channel_type: ChannelType) {
+    self.fbb_.push_slot::<ChannelType>(SyncMessages::VT_CHANNEL_TYPE, channel_type, ChannelType::Unknown);
+  }
+  #[inline]
+  pub fn add_start_seq(&mut self, start_seq: u64) {
+    self.fbb_.push_slot::<u64>(SyncMessages::VT_START_SEQ, start_seq, 0);
+  }
+  #[inline]
+  pub fn add_end_seq(&mut self, end_seq: u64) {
+    self.fbb_.push_slot::<u64>(SyncMessages::VT_END_SEQ, end_seq, 0);
+  }
+  #[inline]
+  pub fn add_limit(&mut self, limit: u32) {
+    self.fbb_.push_slot::<u32>(SyncMessages::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn add_direction(&mut self, direction: SyncDirection) {
+    self.fbb_.push_slot::<SyncDirection>(SyncMessages::VT_DIRECTION, direction, SyncDirection::Up);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncMessagesBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SyncMessagesBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SyncMessages<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SyncMessages<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SyncMessages");
+      ds.field("request_id", &self.request_id());
+      ds.field("channel_id", &self.channel_id());
+      ds.field("channel_type", &self.channel_type());
+      ds.field("start_seq", &self.start_seq());
+      ds.field("end_seq", &self.end_seq());
+      ds.field("limit", &self.limit());
+      ds.field("direction", &self.direction());
+      ds.finish()
+  }
+}
+pub enum SyncMessagesRespOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SyncMessagesResp<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SyncMessagesResp<'a> {
+  type Inner = SyncMessagesResp<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SyncMessagesResp<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SyncMessagesResp { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SyncMessagesRespArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SyncMessagesResp<'bldr>> {
+    let mut builder = SyncMessagesRespBuilder::new(_fbb);
+    if let Some(x) = args.messages { builder.add_messages(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SyncMessagesResp::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn reason(&self) -> ReasonCode {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ReasonCode>(SyncMessagesResp::VT_REASON, Some(ReasonCode::Unknown)).unwrap()}
+  }
+  /// In the direction asked for. Recalled messages have flag bit 2 set and
+  /// no payload.
+  #[inline]
+  pub fn messages(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Recv<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Recv>>>>(SyncMessagesResp::VT_MESSAGES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SyncMessagesResp<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<ReasonCode>("reason", Self::VT_REASON, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Recv>>>>("messages", Self::VT_MESSAGES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SyncMessagesRespArgs<'a> {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Recv<'a>>>>>,
+}
+impl<'a> Default for SyncMessagesRespArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SyncMessagesRespArgs {
+      request_id: 0,
+      reason: ReasonCode::Unknown,
+      messages: None,
+    }
+  }
+}
+
+pub struct SyncMessagesRespBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncMessagesRespBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(SyncMessagesResp::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: ReasonCode) {
+    self.fbb_.push_slot::<ReasonCode>(SyncMessagesResp::VT_REASON, reason, ReasonCode::Unknown);
+  }
+  #[inline]
+  pub fn add_messages(&mut self, messages: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Recv<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SyncMessagesResp::VT_MESSAGES, messages);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncMessagesRespBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SyncMessagesRespBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SyncMessagesResp<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SyncMessagesResp<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SyncMessagesResp");
+      ds.field("request_id", &self.request_id());
+      ds.field("reason", &self.reason());
+      ds.field("messages", &self.messages());
+      ds.finish()
+  }
+}
+pub enum ConversationOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One conversation of a user.
+pub struct Conversation<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Conversation<'a> {
+  type Inner = Conversation<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Conversation<'a> {
+  pub const VT_CHANNEL_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHANNEL_TYPE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_UNREAD: ::flatbuffers::VOffsetT = 8;
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LAST_MESSAGE_SEQ: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LAST_MESSAGE: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DELETED: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Conversation { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConversationArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Conversation<'bldr>> {
+    let mut builder = ConversationBuilder::new(_fbb);
+    builder.add_last_message_seq(args.last_message_seq);
+    builder.add_version(args.version);
+    builder.add_unread(args.unread);
+    if let Some(x) = args.last_message { builder.add_last_message(x); }
+    if let Some(x) = args.channel_id { builder.add_channel_id(x); }
+    builder.add_deleted(args.deleted);
+    builder.add_channel_type(args.channel_type);
+    builder.finish()
+  }
+
+
+  /// As the user sees it (the other person's uid for a person channel).
+  #[inline]
+  pub fn channel_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Conversation::VT_CHANNEL_ID, None)}
+  }
+  #[inline]
+  pub fn channel_type(&self) -> ChannelType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ChannelType>(Conversation::VT_CHANNEL_TYPE, Some(ChannelType::Unknown)).unwrap()}
+  }
+  /// Messages from others above the user's read position.
+  #[inline]
+  pub fn unread(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Conversation::VT_UNREAD, Some(0)).unwrap()}
+  }
+  /// Grows with every change; sync asks for what changed since a version.
+  #[inline]
+  pub fn version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Conversation::VT_VERSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last_message_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Conversation::VT_LAST_MESSAGE_SEQ, Some(0)).unwrap()}
+  }
+  /// Absent when the conversation has no visible message.
+  #[inline]
+  pub fn last_message(&self) -> Option<Recv<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Recv>>(Conversation::VT_LAST_MESSAGE, None)}
+  }
+  /// Set in incremental syncs (and updates) for a deleted conversation.
+  #[inline]
+  pub fn deleted(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Conversation::VT_DELETED, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Conversation<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("channel_id", Self::VT_CHANNEL_ID, false)?
+     .visit_field::<ChannelType>("channel_type", Self::VT_CHANNEL_TYPE, false)?
+     .visit_field::<u64>("unread", Self::VT_UNREAD, false)?
+     .visit_field::<u64>("version", Self::VT_VERSION, false)?
+     .visit_field::<u64>("last_message_seq", Self::VT_LAST_MESSAGE_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Recv>>("last_message", Self::VT_LAST_MESSAGE, false)?
+     .visit_field::<bool>("deleted", Self::VT_DELETED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConversationArgs<'a> {
+    pub channel_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub channel_type: ChannelType,
+    pub unread: u64,
+    pub version: u64,
+    pub last_message_seq: u64,
+    pub last_message: Option<::flatbuffers::WIPOffset<Recv<'a>>>,
+    pub deleted: bool,
+}
+impl<'a> Default for ConversationArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConversationArgs {
+      channel_id: None,
+      channel_type: ChannelType::Unknown,
+      unread: 0,
+      version: 0,
+      last_message_seq: 0,
+      last_message: None,
+      deleted: false,
+    }
+  }
+}
+
+pub struct ConversationBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_channel_id(&mut self, channel_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Conversation::VT_CHANNEL_ID, channel_id);
+  }
+  #[inline]
+  pub fn add_channel_type(&mut self, channel_type: ChannelType) {
+    self.fbb_.push_slot::<ChannelType>(Conversation::VT_CHANNEL_TYPE, channel_type, ChannelType::Unknown);
+  }
+  #[inline]
+  pub fn add_unread(&mut self, unread: u64) {
+    self.fbb_.push_slot::<u64>(Conversation::VT_UNREAD, unread, 0);
+  }
+  #[inline]
+  pub fn add_version(&mut self, version: u64) {
+    self.fbb_.push_slot::<u64>(Conversation::VT_VERSION, version, 0);
+  }
+  #[inline]
+  pub fn add_last_message_seq(&mut self, last_message_seq: u64) {
+    self.fbb_.push_slot::<u64>(Conversation::VT_LAST_MESSAGE_SEQ, last_message_seq, 0);
+  }
+  #[inline]
+  pub fn add_last_message(&mut self, last_message: ::flatbuffers::WIPOffset<Recv<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Recv>>(Conversation::VT_LAST_MESSAGE, last_message);
+  }
+  #[inline]
+  pub fn add_deleted(&mut self, deleted: bool) {
+    self.fbb_.push_slot::<bool>(Conversation::VT_DELETED, deleted, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConversationBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Conversation<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Conversation<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Conversation");
+      ds.field("channel_id", &self.channel_id());
+      ds.field("channel_type", &self.channel_type());
+      ds.field("unread", &self.unread());
+      ds.field("version", &self.version());
+      ds.field("last_message_seq", &self.last_message_seq());
+      ds.field("last_message", &self.last_message());
+      ds.field("deleted", &self.deleted());
+      ds.finish()
+  }
+}
+pub enum SyncConversationsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The user's conversations changed since `since_version`, oldest change
+/// first.
+pub struct SyncConversations<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SyncConversations<'a> {
+  type Inner = SyncConversations<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SyncConversations<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SINCE_VERSION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LIMIT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_UNREAD_ONLY: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SyncConversations { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SyncConversationsArgs
+  ) -> ::flatbuffers::WIPOffset<SyncConversations<'bldr>> {
+    let mut builder = SyncConversationsBuilder::new(_fbb);
+    builder.add_since_version(args.since_version);
+    builder.add_limit(args.limit);
+    builder.add_request_id(args.request_id);
+    builder.add_unread_only(args.unread_only);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SyncConversations::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn since_version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SyncConversations::VT_SINCE_VERSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn limit(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SyncConversations::VT_LIMIT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn unread_only(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SyncConversations::VT_UNREAD_ONLY, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SyncConversations<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("since_version", Self::VT_SINCE_VERSION, false)?
+     .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .visit_field::<bool>("unread_only", Self::VT_UNREAD_ONLY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SyncConversationsArgs {
+    pub request_id: u32,
+    pub since_version: u64,
+    pub limit: u32,
+    pub unread_only: bool,
+}
+impl<'a> Default for SyncConversationsArgs {
+  #[inline]
+  fn default() -> Self {
+    SyncConversationsArgs {
+      request_id: 0,
+      since_version: 0,
+      limit: 0,
+      unread_only: false,
+    }
+  }
+}
+
+pub struct SyncConversationsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncConversationsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(SyncConversations::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_since_version(&mut self, since_version: u64) {
+    self.fbb_.push_slot::<u64>(SyncConversations::VT_SINCE_VERSION, since_version, 0);
+  }
+  #[inline]
+  pub fn add_limit(&mut self, limit: u32) {
+    self.fbb_.push_slot::<u32>(SyncConversations::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn add_unread_only(&mut self, unread_only: bool) {
+    self.fbb_.push_slot::<bool>(SyncConversations::VT_UNREAD_ONLY, unread_only, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncConversationsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SyncConversationsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SyncConversations<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SyncConversations<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SyncConversations");
+      ds.field("request_id", &self.request_id());
+      ds.field("since_version", &self.since_version());
+      ds.field("limit", &self.limit());
+      ds.field("unread_only", &self.unread_only());
+      ds.finish()
+  }
+}
+pub enum SyncConversationsRespOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SyncConversationsResp<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SyncConversationsResp<'a> {
+  type Inner = SyncConversationsResp<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SyncConversationsResp<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONVERSATIONS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MORE: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SyncConversationsResp { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SyncConversationsRespArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SyncConversationsResp<'bldr>> {
+    let mut builder = SyncConversationsRespBuilder::new(_fbb);
+    if let Some(x) = args.conversations { builder.add_conversations(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_reason(args.reason);
+    builder.add_more(args.more);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SyncConversationsResp::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn reason(&self) -> ReasonCode {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ReasonCode>(SyncConversationsResp::VT_REASON, Some(ReasonCode::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn conversations(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Conversation<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Conversation>>>>(SyncConversationsResp::VT_CONVERSATIONS, None)}
+  }
+  /// More changes remain: sync again from the last version returned.
+  #[inline]
+  pub fn more(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SyncConversationsResp::VT_MORE, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SyncConversationsResp<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<ReasonCode>("reason", Self::VT_REASON, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Conversation>>>>("conversations", Self::VT_CONVERSATIONS, false)?
+     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SyncConversationsRespArgs<'a> {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub conversations: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Conversation<'a>>>>>,
+    pub more: bool,
+}
+impl<'a> Default for SyncConversationsRespArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SyncConversationsRespArgs {
+      request_id: 0,
+      reason: ReasonCode::Unknown,
+      conversations: None,
+      more: false,
+    }
+  }
+}
+
+pub struct SyncConversationsRespBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncConversationsRespBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(SyncConversationsResp::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: ReasonCode) {
+    self.fbb_.push_slot::<ReasonCode>(SyncConversationsResp::VT_REASON, reason, ReasonCode::Unknown);
+  }
+  #[inline]
+  pub fn add_conversations(&mut self, conversations: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Conversation<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SyncConversationsResp::VT_CONVERSATIONS, conversations);
+  }
+  #[inline]
+  pub fn add_more(&mut self, more: bool) {
+    self.fbb_.push_slot::<bool>(SyncConversationsResp::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncConversationsRespBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SyncConversationsRespBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SyncConversationsResp<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SyncConversationsResp<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SyncConversationsResp");
+      ds.field("request_id", &self.request_id());
+      ds.field("reason", &self.reason());
+      ds.field("conversations", &self.conversations());
+      ds.field("more", &self.more());
+      ds.finish()
+  }
+}
+pub enum ConversationOpOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A change to one of the user's own conversations.
+pub struct ConversationOp<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConversationOp<'a> {
+  type Inner = ConversationOp<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConversationOp<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHANNEL_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CHANNEL_TYPE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ACTION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_UNREAD: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConversationOp { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConversationOpArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConversationOp<'bldr>> {
+    let mut builder = ConversationOpBuilder::new(_fbb);
+    builder.add_unread(args.unread);
+    if let Some(x) = args.channel_id { builder.add_channel_id(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_action(args.action);
+    builder.add_channel_type(args.channel_type);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConversationOp::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn channel_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ConversationOp::VT_CHANNEL_ID, None)}
+  }
+  #[inline]
+  pub fn channel_type(&self) -> ChannelType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ChannelType>(ConversationOp::VT_CHANNEL_TYPE, Some(ChannelType::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn action(&self) -> ConversationAction {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ConversationAction>(ConversationOp::VT_ACTION, Some(ConversationAction::ClearUnread)).unwrap()}
+  }
+  /// For SetUnread.
+  #[inline]
+  pub fn unread(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConversationOp::VT_UNREAD, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConversationOp<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("channel_id", Self::VT_CHANNEL_ID, false)?
+     .visit_field::<ChannelType>("channel_type", Self::VT_CHANNEL_TYPE, false)?
+     .visit_field::<ConversationAction>("action", Self::VT_ACTION, false)?
+     .visit_field::<u64>("unread", Self::VT_UNREAD, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConversationOpArgs<'a> {
+    pub request_id: u32,
+    pub channel_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub channel_type: ChannelType,
+    pub action: ConversationAction,
+    pub unread: u64,
+}
+impl<'a> Default for ConversationOpArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConversationOpArgs {
+      request_id: 0,
+      channel_id: None,
+      channel_type: ChannelType::Unknown,
+      action: ConversationAction::ClearUnread,
+      unread: 0,
+    }
+  }
+}
+
+pub struct ConversationOpBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationOpBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(ConversationOp::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_channel_id(&mut self, channel_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConversationOp::VT_CHANNEL_ID, channel_id);
+  }
+  #[inline]
+  pub fn add_channel_type(&mut self, channel_type: ChannelType) {
+    self.fbb_.push_slot::<ChannelType>(ConversationOp::VT_CHANNEL_TYPE, channel_type, ChannelType::Unknown);
+  }
+  #[inline]
+  pub fn add_action(&mut self, action: ConversationAction) {
+    self.fbb_.push_slot::<ConversationAction>(ConversationOp::VT_ACTION, action, ConversationAction::ClearUnread);
+  }
+  #[inline]
+  pub fn add_unread(&mut self, unread: u64) {
+    self.fbb_.push_slot::<u64>(ConversationOp::VT_UNREAD, unread, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationOpBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConversationOpBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConversationOp<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConversationOp<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConversationOp");
+      ds.field("request_id", &self.request_id());
+      ds.field("channel_id", &self.channel_id());
+      ds.field("channel_type", &self.channel_type());
+      ds.field("action", &self.action());
+      ds.field("unread", &self.unread());
+      ds.finish()
+  }
+}
+pub enum ConversationOpRespOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ConversationOpResp<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConversationOpResp<'a> {
+  type Inner = ConversationOpResp<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConversationOpResp<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONVERSATION: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConversationOpResp { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConversationOpRespArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConversationOpResp<'bldr>> {
+    let mut builder = ConversationOpRespBuilder::new(_fbb);
+    if let Some(x) = args.conversation { builder.add_conversation(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConversationOpResp::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn reason(&self) -> ReasonCode {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ReasonCode>(ConversationOpResp::VT_REASON, Some(ReasonCode::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn conversation(&self) -> Option<Conversation<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Conversation>>(ConversationOpResp::VT_CONVERSATION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConversationOpResp<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<ReasonCode>("reason", Self::VT_REASON, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Conversation>>("conversation", Self::VT_CONVERSATION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConversationOpRespArgs<'a> {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub conversation: Option<::flatbuffers::WIPOffset<Conversation<'a>>>,
+}
+impl<'a> Default for ConversationOpRespArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConversationOpRespArgs {
+      request_id: 0,
+      reason: ReasonCode::Unknown,
+      conversation: None,
+    }
+  }
+}
+
+pub struct ConversationOpRespBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationOpRespBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(ConversationOpResp::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: ReasonCode) {
+    self.fbb_.push_slot::<ReasonCode>(ConversationOpResp::VT_REASON, reason, ReasonCode::Unknown);
+  }
+  #[inline]
+  pub fn add_conversation(&mut self, conversation: ::flatbuffers::WIPOffset<Conversation<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Conversation>>(ConversationOpResp::VT_CONVERSATION, conversation);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationOpRespBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConversationOpRespBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConversationOpResp<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConversationOpResp<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConversationOpResp");
+      ds.field("request_id", &self.request_id());
+      ds.field("reason", &self.reason());
+      ds.field("conversation", &self.conversation());
+      ds.finish()
+  }
+}
+pub enum ConversationUpdateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Pushed to every device of a user when one of their conversations was
+/// changed by a ConversationOp (from any device or the admin API).
+pub struct ConversationUpdate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConversationUpdate<'a> {
+  type Inner = ConversationUpdate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConversationUpdate<'a> {
+  pub const VT_CONVERSATION: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConversationUpdate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConversationUpdateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConversationUpdate<'bldr>> {
+    let mut builder = ConversationUpdateBuilder::new(_fbb);
+    if let Some(x) = args.conversation { builder.add_conversation(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn conversation(&self) -> Option<Conversation<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Conversation>>(ConversationUpdate::VT_CONVERSATION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConversationUpdate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Conversation>>("conversation", Self::VT_CONVERSATION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConversationUpdateArgs<'a> {
+    pub conversation: Option<::flatbuffers::WIPOffset<Conversation<'a>>>,
+}
+impl<'a> Default for ConversationUpdateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConversationUpdateArgs {
+      conversation: None,
+    }
+  }
+}
+
+pub struct ConversationUpdateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationUpdateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_conversation(&mut self, conversation: ::flatbuffers::WIPOffset<Conversation<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Conversation>>(ConversationUpdate::VT_CONVERSATION, conversation);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationUpdateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConversationUpdateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConversationUpdate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConversationUpdate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConversationUpdate");
+      ds.field("conversation", &self.conversation());
+      ds.finish()
+  }
+}
+pub enum RecallOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Recall a message by id, or by the client_msg_no it was sent with.
+pub struct Recall<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Recall<'a> {
+  type Inner = Recall<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Recall<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHANNEL_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CHANNEL_TYPE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MESSAGE_ID: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CLIENT_MSG_NO: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Recall { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RecallArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Recall<'bldr>> {
+    let mut builder = RecallBuilder::new(_fbb);
+    builder.add_message_id(args.message_id);
+    if let Some(x) = args.client_msg_no { builder.add_client_msg_no(x); }
+    if let Some(x) = args.channel_id { builder.add_channel_id(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_channel_type(args.channel_type);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Recall::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn channel_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Recall::VT_CHANNEL_ID, None)}
+  }
+  #[inline]
+  pub fn channel_type(&self) -> ChannelType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ChannelType>(Recall::VT_CHANNEL_TYPE, Some(ChannelType::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn message_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Recall::VT_MESSAGE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn client_msg_no(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Recall::VT_CLIENT_MSG_NO, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Recall<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("channel_id", Self::VT_CHANNEL_ID, false)?
+     .visit_field::<ChannelType>("channel_type", Self::VT_CHANNEL_TYPE, false)?
+     .visit_field::<u64>("message_id", Self::VT_MESSAGE_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_msg_no", Self::VT_CLIENT_MSG_NO, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RecallArgs<'a> {
+    pub request_id: u32,
+    pub channel_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub channel_type: ChannelType,
+    pub message_id: u64,
+    pub client_msg_no: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for RecallArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RecallArgs {
+      request_id: 0,
+      channel_id: None,
+      channel_type: ChannelType::Unknown,
+      message_id: 0,
+      client_msg_no: None,
+    }
+  }
+}
+
+pub struct RecallBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RecallBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(Recall::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_channel_id(&mut self, channel_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Recall::VT_CHANNEL_ID, channel_id);
+  }
+  #[inline]
+  pub fn add_channel_type(&mut self, channel_type: ChannelType) {
+    self.fbb_.push_slot::<ChannelType>(Recall::VT_CHANNEL_TYPE, channel_type, ChannelType::Unknown);
+  }
+  #[inline]
+  pub fn add_message_id(&mut self, message_id: u64) {
+    self.fbb_.push_slot::<u64>(Recall::VT_MESSAGE_ID, message_id, 0);
+  }
+  #[inline]
+  pub fn add_client_msg_no(&mut self, client_msg_no: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Recall::VT_CLIENT_MSG_NO, client_msg_no);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RecallBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RecallBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Recall<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Recall<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Recall");
+      ds.field("request_id", &self.request_id());
+      ds.field("channel_id", &self.channel_id());
+      ds.field("channel_type", &self.channel_type());
+      ds.field("message_id", &self.message_id());
+      ds.field("client_msg_no", &self.client_msg_no());
+      ds.finish()
+  }
+}
+pub enum RecallRespOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct RecallResp<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RecallResp<'a> {
+  type Inner = RecallResp<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RecallResp<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MESSAGE_ID: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MESSAGE_SEQ: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RecallResp { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RecallRespArgs
+  ) -> ::flatbuffers::WIPOffset<RecallResp<'bldr>> {
+    let mut builder = RecallRespBuilder::new(_fbb);
+    builder.add_message_seq(args.message_seq);
+    builder.add_message_id(args.message_id);
+    builder.add_request_id(args.request_id);
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(RecallResp::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn reason(&self) -> ReasonCode {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ReasonCode>(RecallResp::VT_REASON, Some(ReasonCode::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn message_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RecallResp::VT_MESSAGE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn message_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RecallResp::VT_MESSAGE_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RecallResp<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<ReasonCode>("reason", Self::VT_REASON, false)?
+     .visit_field::<u64>("message_id", Self::VT_MESSAGE_ID, false)?
+     .visit_field::<u64>("message_seq", Self::VT_MESSAGE_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RecallRespArgs {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub message_id: u64,
+    pub message_seq: u64,
+}
+impl<'a> Default for RecallRespArgs {
+  #[inline]
+  fn default() -> Self {
+    RecallRespArgs {
+      request_id: 0,
+      reason: ReasonCode::Unknown,
+      message_id: 0,
+      message_seq: 0,
+    }
+  }
+}
+
+pub struct RecallRespBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RecallRespBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(RecallResp::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: ReasonCode) {
+    self.fbb_.push_slot::<ReasonCode>(RecallResp::VT_REASON, reason, ReasonCode::Unknown);
+  }
+  #[inline]
+  pub fn add_message_id(&mut self, message_id: u64) {
+    self.fbb_.push_slot::<u64>(RecallResp::VT_MESSAGE_ID, message_id, 0);
+  }
+  #[inline]
+  pub fn add_message_seq(&mut self, message_seq: u64) {
+    self.fbb_.push_slot::<u64>(RecallResp::VT_MESSAGE_SEQ, message_seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RecallRespBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RecallRespBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RecallResp<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RecallResp<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RecallResp");
+      ds.field("request_id", &self.request_id());
+      ds.field("reason", &self.reason());
+      ds.field("message_id", &self.message_id());
+      ds.field("message_seq", &self.message_seq());
+      ds.finish()
+  }
+}
+pub enum RecallEventOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Pushed to the online members of a channel when a message is recalled.
+pub struct RecallEvent<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RecallEvent<'a> {
+  type Inner = RecallEvent<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RecallEvent<'a> {
+  pub const VT_CHANNEL_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHANNEL_TYPE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MESSAGE_ID: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MESSAGE_SEQ: ::flatbuffers::VOffsetT = 10;
+  pub const VT_FROM_UID: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RecallEvent { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RecallEventArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RecallEvent<'bldr>> {
+    let mut builder = RecallEventBuilder::new(_fbb);
+    builder.add_message_seq(args.message_seq);
+    builder.add_message_id(args.message_id);
+    if let Some(x) = args.from_uid { builder.add_from_uid(x); }
+    if let Some(x) = args.channel_id { builder.add_channel_id(x); }
+    builder.add_channel_type(args.channel_type);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn channel_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(RecallEvent::VT_CHANNEL_ID, None)}
+  }
+  #[inline]
+  pub fn channel_type(&self) -> ChannelType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ChannelType>(RecallEvent::VT_CHANNEL_TYPE, Some(ChannelType::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn message_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RecallEvent::VT_MESSAGE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn message_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RecallEvent::VT_MESSAGE_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn from_uid(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(RecallEvent::VT_FROM_UID, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RecallEvent<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("channel_id", Self::VT_CHANNEL_ID, false)?
+     .visit_field::<ChannelType>("channel_type", Self::VT_CHANNEL_TYPE, false)?
+     .visit_field::<u64>("message_id", Self::VT_MESSAGE_ID, false)?
+     .visit_field::<u64>("message_seq", Self::VT_MESSAGE_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("from_uid", Self::VT_FROM_UID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RecallEventArgs<'a> {
+    pub channel_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub channel_type: ChannelType,
+    pub message_id: u64,
+    pub message_seq: u64,
+    pub from_uid: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for RecallEventArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RecallEventArgs {
+      channel_id: None,
+      channel_type: ChannelType::Unknown,
+      message_id: 0,
+      message_seq: 0,
+      from_uid: None,
+    }
+  }
+}
+
+pub struct RecallEventBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RecallEventBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_channel_id(&mut self, channel_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RecallEvent::VT_CHANNEL_ID, channel_id);
+  }
+  #[inline]
+  pub fn add_channel_type(&mut self, channel_type: ChannelType) {
+    self.fbb_.push_slot::<ChannelType>(RecallEvent::VT_CHANNEL_TYPE, channel_type, ChannelType::Unknown);
+  }
+  #[inline]
+  pub fn add_message_id(&mut self, message_id: u64) {
+    self.fbb_.push_slot::<u64>(RecallEvent::VT_MESSAGE_ID, message_id, 0);
+  }
+  #[inline]
+  pub fn add_message_seq(&mut self, message_seq: u64) {
+    self.fbb_.push_slot::<u64>(RecallEvent::VT_MESSAGE_SEQ, message_seq, 0);
+  }
+  #[inline]
+  pub fn add_from_uid(&mut self, from_uid: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RecallEvent::VT_FROM_UID, from_uid);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RecallEventBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RecallEventBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RecallEvent<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RecallEvent<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RecallEvent");
+      ds.field("channel_id", &self.channel_id());
+      ds.field("channel_type", &self.channel_type());
+      ds.field("message_id", &self.message_id());
+      ds.field("message_seq", &self.message_seq());
+      ds.field("from_uid", &self.from_uid());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2009,6 +3956,156 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_sync_messages(&self) -> Option<SyncMessages<'a>> {
+    if self.packet_type() == Packet::SyncMessages {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SyncMessages::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_sync_messages_resp(&self) -> Option<SyncMessagesResp<'a>> {
+    if self.packet_type() == Packet::SyncMessagesResp {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SyncMessagesResp::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_sync_conversations(&self) -> Option<SyncConversations<'a>> {
+    if self.packet_type() == Packet::SyncConversations {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SyncConversations::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_sync_conversations_resp(&self) -> Option<SyncConversationsResp<'a>> {
+    if self.packet_type() == Packet::SyncConversationsResp {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SyncConversationsResp::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_conversation_op(&self) -> Option<ConversationOp<'a>> {
+    if self.packet_type() == Packet::ConversationOp {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ConversationOp::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_conversation_op_resp(&self) -> Option<ConversationOpResp<'a>> {
+    if self.packet_type() == Packet::ConversationOpResp {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ConversationOpResp::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_conversation_update(&self) -> Option<ConversationUpdate<'a>> {
+    if self.packet_type() == Packet::ConversationUpdate {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ConversationUpdate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_recall(&self) -> Option<Recall<'a>> {
+    if self.packet_type() == Packet::Recall {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Recall::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_recall_resp(&self) -> Option<RecallResp<'a>> {
+    if self.packet_type() == Packet::RecallResp {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { RecallResp::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn packet_as_recall_event(&self) -> Option<RecallEvent<'a>> {
+    if self.packet_type() == Packet::RecallEvent {
+      self.packet().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { RecallEvent::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -2028,6 +4125,16 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Packet::Ping => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Ping>>("Packet::Ping", pos),
           Packet::Pong => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pong>>("Packet::Pong", pos),
           Packet::Disconnect => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Disconnect>>("Packet::Disconnect", pos),
+          Packet::SyncMessages => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SyncMessages>>("Packet::SyncMessages", pos),
+          Packet::SyncMessagesResp => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SyncMessagesResp>>("Packet::SyncMessagesResp", pos),
+          Packet::SyncConversations => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SyncConversations>>("Packet::SyncConversations", pos),
+          Packet::SyncConversationsResp => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SyncConversationsResp>>("Packet::SyncConversationsResp", pos),
+          Packet::ConversationOp => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ConversationOp>>("Packet::ConversationOp", pos),
+          Packet::ConversationOpResp => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ConversationOpResp>>("Packet::ConversationOpResp", pos),
+          Packet::ConversationUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ConversationUpdate>>("Packet::ConversationUpdate", pos),
+          Packet::Recall => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Recall>>("Packet::Recall", pos),
+          Packet::RecallResp => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RecallResp>>("Packet::RecallResp", pos),
+          Packet::RecallEvent => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RecallEvent>>("Packet::RecallEvent", pos),
           _ => Ok(()),
         }
      })?
@@ -2140,6 +4247,76 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Packet::Disconnect => {
           if let Some(x) = self.packet_as_disconnect() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::SyncMessages => {
+          if let Some(x) = self.packet_as_sync_messages() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::SyncMessagesResp => {
+          if let Some(x) = self.packet_as_sync_messages_resp() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::SyncConversations => {
+          if let Some(x) = self.packet_as_sync_conversations() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::SyncConversationsResp => {
+          if let Some(x) = self.packet_as_sync_conversations_resp() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::ConversationOp => {
+          if let Some(x) = self.packet_as_conversation_op() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::ConversationOpResp => {
+          if let Some(x) = self.packet_as_conversation_op_resp() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::ConversationUpdate => {
+          if let Some(x) = self.packet_as_conversation_update() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::Recall => {
+          if let Some(x) = self.packet_as_recall() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::RecallResp => {
+          if let Some(x) = self.packet_as_recall_resp() {
+            ds.field("packet", &x)
+          } else {
+            ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Packet::RecallEvent => {
+          if let Some(x) = self.packet_as_recall_event() {
             ds.field("packet", &x)
           } else {
             ds.field("packet", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -30,10 +30,12 @@ mod packets;
 pub use framing::{FrameDecoder, FrameError, LENGTH_PREFIX_BYTES};
 pub use generated::ruyi::wire;
 pub use packets::{
-    encode_recv, reason_name, ConnAck, Connect, DecodeError, Disconnect, Encoder, Packet, Recv,
-    RecvAck, RecvFields, SendAck, SendPacket, VerifyLimits,
+    encode_recv, reason_name, recv_fields, ConnAck, Connect, Conversation, ConversationOp,
+    ConversationOpResp, DecodeError, Disconnect, Encoder, Packet, Recall, RecallEvent, RecallResp,
+    Recv, RecvAck, RecvFields, SendAck, SendPacket, SyncConversations, SyncConversationsResp,
+    SyncMessages, SyncMessagesResp, VerifyLimits,
 };
-pub use wire::{ChannelType, DeviceFlag, ReasonCode};
+pub use wire::{ChannelType, ConversationAction, DeviceFlag, ReasonCode, SyncDirection};
 
 /// The protocol version this build speaks (the `version` field of `Connect`).
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -43,3 +45,5 @@ pub const RECV_FLAG_REDELIVERED: u8 = 1 << 0;
 /// `Recv.flags` bit: the message was sent by the receiving user, from another
 /// of their devices.
 pub const RECV_FLAG_FROM_SELF: u8 = 1 << 1;
+/// `Recv.flags` bit: the message was recalled; its payload is gone.
+pub const RECV_FLAG_RECALLED: u8 = 1 << 2;

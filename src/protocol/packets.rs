@@ -3,7 +3,7 @@
 
 use super::framing::LENGTH_PREFIX_BYTES;
 use super::wire;
-use super::{ChannelType, DeviceFlag, ReasonCode};
+use super::{ChannelType, ConversationAction, DeviceFlag, ReasonCode, SyncDirection};
 use bytes::{BufMut, Bytes, BytesMut};
 use flatbuffers::{FlatBufferBuilder, VerifierOptions, WIPOffset};
 
@@ -20,7 +20,9 @@ impl VerifyLimits {
     pub fn for_frame_size(frame_size_max_bytes: usize) -> VerifyLimits {
         VerifyLimits {
             depth_max: 8,
-            tables_max: 16,
+            // A table takes at least 4 bytes; responses carry one per
+            // message.
+            tables_max: (frame_size_max_bytes / 4).max(16),
             apparent_size_max_bytes: frame_size_max_bytes,
         }
     }
@@ -113,6 +115,95 @@ pub struct Disconnect {
     pub message: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncMessages {
+    pub request_id: u32,
+    pub channel_id: String,
+    pub channel_type: ChannelType,
+    pub start_seq: u64,
+    pub end_seq: u64,
+    pub limit: u32,
+    pub direction: SyncDirection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncMessagesResp {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub messages: Vec<Recv>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    pub channel_id: String,
+    pub channel_type: ChannelType,
+    pub unread: u64,
+    pub version: u64,
+    pub last_message_seq: u64,
+    pub last_message: Option<Recv>,
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncConversations {
+    pub request_id: u32,
+    pub since_version: u64,
+    pub limit: u32,
+    pub unread_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConversationsResp {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub conversations: Vec<Conversation>,
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationOp {
+    pub request_id: u32,
+    pub channel_id: String,
+    pub channel_type: ChannelType,
+    pub action: ConversationAction,
+    pub unread: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationOpResp {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub conversation: Option<Conversation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recall {
+    pub request_id: u32,
+    pub channel_id: String,
+    pub channel_type: ChannelType,
+    /// Recall this message id, or (when 0) the message sent with
+    /// `client_msg_no`.
+    pub message_id: u64,
+    pub client_msg_no: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecallResp {
+    pub request_id: u32,
+    pub reason: ReasonCode,
+    pub message_id: u64,
+    pub message_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecallEvent {
+    pub channel_id: String,
+    pub channel_type: ChannelType,
+    pub message_id: u64,
+    pub message_seq: u64,
+    pub from_uid: String,
+}
+
 /// One decoded packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
@@ -125,6 +216,16 @@ pub enum Packet {
     Ping,
     Pong,
     Disconnect(Disconnect),
+    SyncMessages(SyncMessages),
+    SyncMessagesResp(SyncMessagesResp),
+    SyncConversations(SyncConversations),
+    SyncConversationsResp(SyncConversationsResp),
+    ConversationOp(ConversationOp),
+    ConversationOpResp(ConversationOpResp),
+    ConversationUpdate(Conversation),
+    Recall(Recall),
+    RecallResp(RecallResp),
+    RecallEvent(RecallEvent),
 }
 
 /// Borrowed fields of a `Recv`, so the server can encode a delivery straight
@@ -176,6 +277,36 @@ fn slice_payload(frame: &Bytes, inner: &[u8]) -> Bytes {
         Bytes::new()
     } else {
         frame.slice_ref(inner)
+    }
+}
+
+fn decode_recv(frame: &Bytes, p: wire::Recv<'_>) -> Recv {
+    Recv {
+        message_id: p.message_id(),
+        message_seq: p.message_seq(),
+        client_msg_no: p.client_msg_no().unwrap_or_default().to_owned(),
+        from_uid: p.from_uid().unwrap_or_default().to_owned(),
+        channel_id: p.channel_id().unwrap_or_default().to_owned(),
+        channel_type: p.channel_type(),
+        timestamp_ms: p.timestamp_ms(),
+        flags: p.flags(),
+        send_flags: p.send_flags(),
+        payload: p
+            .payload()
+            .map(|v| slice_payload(frame, v.bytes()))
+            .unwrap_or_default(),
+    }
+}
+
+fn decode_conversation(frame: &Bytes, p: wire::Conversation<'_>) -> Conversation {
+    Conversation {
+        channel_id: p.channel_id().unwrap_or_default().to_owned(),
+        channel_type: p.channel_type(),
+        unread: p.unread(),
+        version: p.version(),
+        last_message_seq: p.last_message_seq(),
+        last_message: p.last_message().map(|m| decode_recv(frame, m)),
+        deleted: p.deleted(),
     }
 }
 
@@ -236,21 +367,7 @@ impl Packet {
             }
             wire::Packet::Recv => {
                 let p = root.packet_as_recv().ok_or_else(missing)?;
-                Packet::Recv(Recv {
-                    message_id: p.message_id(),
-                    message_seq: p.message_seq(),
-                    client_msg_no: p.client_msg_no().unwrap_or_default().to_owned(),
-                    from_uid: p.from_uid().unwrap_or_default().to_owned(),
-                    channel_id: p.channel_id().unwrap_or_default().to_owned(),
-                    channel_type: p.channel_type(),
-                    timestamp_ms: p.timestamp_ms(),
-                    flags: p.flags(),
-                    send_flags: p.send_flags(),
-                    payload: p
-                        .payload()
-                        .map(|v| slice_payload(frame, v.bytes()))
-                        .unwrap_or_default(),
-                })
+                Packet::Recv(decode_recv(frame, p))
             }
             wire::Packet::RecvAck => {
                 let p = root.packet_as_recv_ack().ok_or_else(missing)?;
@@ -274,6 +391,108 @@ impl Packet {
                     message: p.message().unwrap_or_default().to_owned(),
                 })
             }
+            wire::Packet::SyncMessages => {
+                let p = root.packet_as_sync_messages().ok_or_else(missing)?;
+                Packet::SyncMessages(SyncMessages {
+                    request_id: p.request_id(),
+                    channel_id: required(p.channel_id(), "SyncMessages", "channel_id")?.to_owned(),
+                    channel_type: p.channel_type(),
+                    start_seq: p.start_seq(),
+                    end_seq: p.end_seq(),
+                    limit: p.limit(),
+                    direction: p.direction(),
+                })
+            }
+            wire::Packet::SyncMessagesResp => {
+                let p = root.packet_as_sync_messages_resp().ok_or_else(missing)?;
+                Packet::SyncMessagesResp(SyncMessagesResp {
+                    request_id: p.request_id(),
+                    reason: p.reason(),
+                    messages: p
+                        .messages()
+                        .map(|v| v.iter().map(|m| decode_recv(frame, m)).collect())
+                        .unwrap_or_default(),
+                })
+            }
+            wire::Packet::SyncConversations => {
+                let p = root.packet_as_sync_conversations().ok_or_else(missing)?;
+                Packet::SyncConversations(SyncConversations {
+                    request_id: p.request_id(),
+                    since_version: p.since_version(),
+                    limit: p.limit(),
+                    unread_only: p.unread_only(),
+                })
+            }
+            wire::Packet::SyncConversationsResp => {
+                let p = root
+                    .packet_as_sync_conversations_resp()
+                    .ok_or_else(missing)?;
+                Packet::SyncConversationsResp(SyncConversationsResp {
+                    request_id: p.request_id(),
+                    reason: p.reason(),
+                    conversations: p
+                        .conversations()
+                        .map(|v| v.iter().map(|c| decode_conversation(frame, c)).collect())
+                        .unwrap_or_default(),
+                    more: p.more(),
+                })
+            }
+            wire::Packet::ConversationOp => {
+                let p = root.packet_as_conversation_op().ok_or_else(missing)?;
+                Packet::ConversationOp(ConversationOp {
+                    request_id: p.request_id(),
+                    channel_id: required(p.channel_id(), "ConversationOp", "channel_id")?
+                        .to_owned(),
+                    channel_type: p.channel_type(),
+                    action: p.action(),
+                    unread: p.unread(),
+                })
+            }
+            wire::Packet::ConversationOpResp => {
+                let p = root.packet_as_conversation_op_resp().ok_or_else(missing)?;
+                Packet::ConversationOpResp(ConversationOpResp {
+                    request_id: p.request_id(),
+                    reason: p.reason(),
+                    conversation: p.conversation().map(|c| decode_conversation(frame, c)),
+                })
+            }
+            wire::Packet::ConversationUpdate => {
+                let p = root.packet_as_conversation_update().ok_or_else(missing)?;
+                let conversation = p.conversation().ok_or(DecodeError::MissingField {
+                    packet: "ConversationUpdate",
+                    field: "conversation",
+                })?;
+                Packet::ConversationUpdate(decode_conversation(frame, conversation))
+            }
+            wire::Packet::Recall => {
+                let p = root.packet_as_recall().ok_or_else(missing)?;
+                Packet::Recall(Recall {
+                    request_id: p.request_id(),
+                    channel_id: required(p.channel_id(), "Recall", "channel_id")?.to_owned(),
+                    channel_type: p.channel_type(),
+                    message_id: p.message_id(),
+                    client_msg_no: p.client_msg_no().unwrap_or_default().to_owned(),
+                })
+            }
+            wire::Packet::RecallResp => {
+                let p = root.packet_as_recall_resp().ok_or_else(missing)?;
+                Packet::RecallResp(RecallResp {
+                    request_id: p.request_id(),
+                    reason: p.reason(),
+                    message_id: p.message_id(),
+                    message_seq: p.message_seq(),
+                })
+            }
+            wire::Packet::RecallEvent => {
+                let p = root.packet_as_recall_event().ok_or_else(missing)?;
+                Packet::RecallEvent(RecallEvent {
+                    channel_id: p.channel_id().unwrap_or_default().to_owned(),
+                    channel_type: p.channel_type(),
+                    message_id: p.message_id(),
+                    message_seq: p.message_seq(),
+                    from_uid: p.from_uid().unwrap_or_default().to_owned(),
+                })
+            }
             _ => return Err(missing()),
         };
         Ok(packet)
@@ -291,6 +510,16 @@ impl Packet {
             Packet::Ping => "Ping",
             Packet::Pong => "Pong",
             Packet::Disconnect(_) => "Disconnect",
+            Packet::SyncMessages(_) => "SyncMessages",
+            Packet::SyncMessagesResp(_) => "SyncMessagesResp",
+            Packet::SyncConversations(_) => "SyncConversations",
+            Packet::SyncConversationsResp(_) => "SyncConversationsResp",
+            Packet::ConversationOp(_) => "ConversationOp",
+            Packet::ConversationOpResp(_) => "ConversationOpResp",
+            Packet::ConversationUpdate(_) => "ConversationUpdate",
+            Packet::Recall(_) => "Recall",
+            Packet::RecallResp(_) => "RecallResp",
+            Packet::RecallEvent(_) => "RecallEvent",
         }
     }
 }
@@ -406,22 +635,7 @@ impl Encoder {
                 (wire::Packet::SendAck, t.as_union_value())
             }
             Packet::Recv(p) => {
-                return encode_recv(
-                    self,
-                    &RecvFields {
-                        message_id: p.message_id,
-                        message_seq: p.message_seq,
-                        client_msg_no: &p.client_msg_no,
-                        from_uid: &p.from_uid,
-                        channel_id: &p.channel_id,
-                        channel_type: p.channel_type,
-                        timestamp_ms: p.timestamp_ms,
-                        flags: p.flags,
-                        send_flags: p.send_flags,
-                        payload: &p.payload,
-                    },
-                    out,
-                );
+                return encode_recv(self, &recv_fields(p), out);
             }
             Packet::RecvAck(p) => {
                 let t = wire::RecvAck::create(
@@ -452,19 +666,177 @@ impl Encoder {
                 );
                 (wire::Packet::Disconnect, t.as_union_value())
             }
+            Packet::SyncMessages(p) => {
+                let channel_id = fbb.create_string(&p.channel_id);
+                let t = wire::SyncMessages::create(
+                    fbb,
+                    &wire::SyncMessagesArgs {
+                        request_id: p.request_id,
+                        channel_id: Some(channel_id),
+                        channel_type: p.channel_type,
+                        start_seq: p.start_seq,
+                        end_seq: p.end_seq,
+                        limit: p.limit,
+                        direction: p.direction,
+                    },
+                );
+                (wire::Packet::SyncMessages, t.as_union_value())
+            }
+            Packet::SyncMessagesResp(p) => {
+                let messages: Vec<_> = p
+                    .messages
+                    .iter()
+                    .map(|m| build_recv(fbb, &recv_fields(m)))
+                    .collect();
+                let messages = fbb.create_vector(&messages);
+                let t = wire::SyncMessagesResp::create(
+                    fbb,
+                    &wire::SyncMessagesRespArgs {
+                        request_id: p.request_id,
+                        reason: p.reason,
+                        messages: Some(messages),
+                    },
+                );
+                (wire::Packet::SyncMessagesResp, t.as_union_value())
+            }
+            Packet::SyncConversations(p) => {
+                let t = wire::SyncConversations::create(
+                    fbb,
+                    &wire::SyncConversationsArgs {
+                        request_id: p.request_id,
+                        since_version: p.since_version,
+                        limit: p.limit,
+                        unread_only: p.unread_only,
+                    },
+                );
+                (wire::Packet::SyncConversations, t.as_union_value())
+            }
+            Packet::SyncConversationsResp(p) => {
+                let conversations: Vec<_> = p
+                    .conversations
+                    .iter()
+                    .map(|c| build_conversation(fbb, c))
+                    .collect();
+                let conversations = fbb.create_vector(&conversations);
+                let t = wire::SyncConversationsResp::create(
+                    fbb,
+                    &wire::SyncConversationsRespArgs {
+                        request_id: p.request_id,
+                        reason: p.reason,
+                        conversations: Some(conversations),
+                        more: p.more,
+                    },
+                );
+                (wire::Packet::SyncConversationsResp, t.as_union_value())
+            }
+            Packet::ConversationOp(p) => {
+                let channel_id = fbb.create_string(&p.channel_id);
+                let t = wire::ConversationOp::create(
+                    fbb,
+                    &wire::ConversationOpArgs {
+                        request_id: p.request_id,
+                        channel_id: Some(channel_id),
+                        channel_type: p.channel_type,
+                        action: p.action,
+                        unread: p.unread,
+                    },
+                );
+                (wire::Packet::ConversationOp, t.as_union_value())
+            }
+            Packet::ConversationOpResp(p) => {
+                let conversation = p.conversation.as_ref().map(|c| build_conversation(fbb, c));
+                let t = wire::ConversationOpResp::create(
+                    fbb,
+                    &wire::ConversationOpRespArgs {
+                        request_id: p.request_id,
+                        reason: p.reason,
+                        conversation,
+                    },
+                );
+                (wire::Packet::ConversationOpResp, t.as_union_value())
+            }
+            Packet::ConversationUpdate(c) => {
+                let conversation = build_conversation(fbb, c);
+                let t = wire::ConversationUpdate::create(
+                    fbb,
+                    &wire::ConversationUpdateArgs {
+                        conversation: Some(conversation),
+                    },
+                );
+                (wire::Packet::ConversationUpdate, t.as_union_value())
+            }
+            Packet::Recall(p) => {
+                let channel_id = fbb.create_string(&p.channel_id);
+                let client_msg_no = fbb.create_string(&p.client_msg_no);
+                let t = wire::Recall::create(
+                    fbb,
+                    &wire::RecallArgs {
+                        request_id: p.request_id,
+                        channel_id: Some(channel_id),
+                        channel_type: p.channel_type,
+                        message_id: p.message_id,
+                        client_msg_no: Some(client_msg_no),
+                    },
+                );
+                (wire::Packet::Recall, t.as_union_value())
+            }
+            Packet::RecallResp(p) => {
+                let t = wire::RecallResp::create(
+                    fbb,
+                    &wire::RecallRespArgs {
+                        request_id: p.request_id,
+                        reason: p.reason,
+                        message_id: p.message_id,
+                        message_seq: p.message_seq,
+                    },
+                );
+                (wire::Packet::RecallResp, t.as_union_value())
+            }
+            Packet::RecallEvent(p) => {
+                let channel_id = fbb.create_string(&p.channel_id);
+                let from_uid = fbb.create_string(&p.from_uid);
+                let t = wire::RecallEvent::create(
+                    fbb,
+                    &wire::RecallEventArgs {
+                        channel_id: Some(channel_id),
+                        channel_type: p.channel_type,
+                        message_id: p.message_id,
+                        message_seq: p.message_seq,
+                        from_uid: Some(from_uid),
+                    },
+                );
+                (wire::Packet::RecallEvent, t.as_union_value())
+            }
         };
         self.finish(kind, offset, out);
     }
 }
 
-/// Appends one `Recv` frame built from borrowed fields to `out`.
-pub fn encode_recv(encoder: &mut Encoder, recv: &RecvFields<'_>, out: &mut BytesMut) {
-    let fbb = &mut encoder.fbb;
+/// The borrowed fields of an owned `Recv`.
+pub fn recv_fields(m: &Recv) -> RecvFields<'_> {
+    RecvFields {
+        message_id: m.message_id,
+        message_seq: m.message_seq,
+        client_msg_no: &m.client_msg_no,
+        from_uid: &m.from_uid,
+        channel_id: &m.channel_id,
+        channel_type: m.channel_type,
+        timestamp_ms: m.timestamp_ms,
+        flags: m.flags,
+        send_flags: m.send_flags,
+        payload: &m.payload,
+    }
+}
+
+fn build_recv<'b>(
+    fbb: &mut FlatBufferBuilder<'b>,
+    recv: &RecvFields<'_>,
+) -> WIPOffset<wire::Recv<'b>> {
     let client_msg_no = fbb.create_string(recv.client_msg_no);
     let from_uid = fbb.create_string(recv.from_uid);
     let channel_id = fbb.create_string(recv.channel_id);
     let payload = fbb.create_vector(recv.payload);
-    let t = wire::Recv::create(
+    wire::Recv::create(
         fbb,
         &wire::RecvArgs {
             message_id: recv.message_id,
@@ -478,7 +850,35 @@ pub fn encode_recv(encoder: &mut Encoder, recv: &RecvFields<'_>, out: &mut Bytes
             send_flags: recv.send_flags,
             payload: Some(payload),
         },
-    );
+    )
+}
+
+fn build_conversation<'b>(
+    fbb: &mut FlatBufferBuilder<'b>,
+    c: &Conversation,
+) -> WIPOffset<wire::Conversation<'b>> {
+    let last_message = c
+        .last_message
+        .as_ref()
+        .map(|m| build_recv(fbb, &recv_fields(m)));
+    let channel_id = fbb.create_string(&c.channel_id);
+    wire::Conversation::create(
+        fbb,
+        &wire::ConversationArgs {
+            channel_id: Some(channel_id),
+            channel_type: c.channel_type,
+            unread: c.unread,
+            version: c.version,
+            last_message_seq: c.last_message_seq,
+            last_message,
+            deleted: c.deleted,
+        },
+    )
+}
+
+/// Appends one `Recv` frame built from borrowed fields to `out`.
+pub fn encode_recv(encoder: &mut Encoder, recv: &RecvFields<'_>, out: &mut BytesMut) {
+    let t = build_recv(&mut encoder.fbb, recv);
     encoder.finish(wire::Packet::Recv, t.as_union_value(), out);
 }
 
@@ -550,6 +950,86 @@ mod tests {
         round_trip(Packet::Disconnect(Disconnect {
             reason: ReasonCode::IdleTimeout,
             message: "bye".into(),
+        }));
+        let recv = Recv {
+            message_id: 1,
+            message_seq: 2,
+            client_msg_no: "c".into(),
+            from_uid: "a".into(),
+            channel_id: "g".into(),
+            channel_type: ChannelType::Group,
+            timestamp_ms: 3,
+            flags: 4,
+            send_flags: 0,
+            payload: Bytes::new(),
+        };
+        let conversation = Conversation {
+            channel_id: "g".into(),
+            channel_type: ChannelType::Group,
+            unread: 3,
+            version: 99,
+            last_message_seq: 2,
+            last_message: Some(recv.clone()),
+            deleted: false,
+        };
+        round_trip(Packet::SyncMessages(SyncMessages {
+            request_id: 1,
+            channel_id: "g".into(),
+            channel_type: ChannelType::Group,
+            start_seq: 5,
+            end_seq: 0,
+            limit: 10,
+            direction: SyncDirection::Down,
+        }));
+        round_trip(Packet::SyncMessagesResp(SyncMessagesResp {
+            request_id: 1,
+            reason: ReasonCode::Success,
+            messages: vec![recv.clone(), recv],
+        }));
+        round_trip(Packet::SyncConversations(SyncConversations {
+            request_id: 2,
+            since_version: 7,
+            limit: 100,
+            unread_only: true,
+        }));
+        round_trip(Packet::SyncConversationsResp(SyncConversationsResp {
+            request_id: 2,
+            reason: ReasonCode::Success,
+            conversations: vec![conversation.clone()],
+            more: true,
+        }));
+        round_trip(Packet::ConversationOp(ConversationOp {
+            request_id: 3,
+            channel_id: "bob".into(),
+            channel_type: ChannelType::Person,
+            action: ConversationAction::SetUnread,
+            unread: 2,
+        }));
+        round_trip(Packet::ConversationOpResp(ConversationOpResp {
+            request_id: 3,
+            reason: ReasonCode::Success,
+            conversation: Some(conversation.clone()),
+        }));
+        round_trip(Packet::ConversationUpdate(conversation));
+        round_trip(Packet::Recall(Recall {
+            request_id: 4,
+            channel_id: "bob".into(),
+            channel_type: ChannelType::Person,
+            message_id: 0,
+            client_msg_no: "m1".into(),
+        }));
+        round_trip(Packet::RecallResp(RecallResp {
+            request_id: 4,
+            reason: ReasonCode::NotSender,
+            message_id: 0,
+            message_seq: 0,
+        }));
+        round_trip(Packet::RecallEvent(RecallEvent {
+            channel_id: "bob".into(),
+            channel_type: ChannelType::Person,
+            message_id: 8,
+            message_seq: 1,
+            from_uid: "alice".into(),
         }));
     }
 

@@ -4,7 +4,7 @@
 
 use crate::channel::ChannelKey;
 use crate::ids::{ConnId, Uid};
-use crate::protocol::{SendAck, SendPacket};
+use crate::protocol::{Conversation, ConversationOp, Packet, Recall, SendAck, SendPacket};
 use crate::storage::StoredMessage;
 use smallvec::SmallVec;
 use std::sync::Arc;
@@ -41,4 +41,27 @@ pub enum ShardMsg {
     },
     /// The receiver has applied the `Presence` that brought `conn` online.
     PresenceAck { conn: ConnId },
+    /// A user's change to their conversation, to the channel's owner.
+    ConversationOp {
+        origin: ConnId,
+        uid: Uid,
+        channel: ChannelKey,
+        op: ConversationOp,
+    },
+    /// A recall, to the channel's owner.
+    Recall {
+        origin: ConnId,
+        uid: Uid,
+        channel: ChannelKey,
+        recall: Recall,
+    },
+    /// A response for one connection.
+    Reply { conn: ConnId, packet: Box<Packet> },
+    /// One of `uid`'s conversations changed: tell their devices on the
+    /// target shard, except `skip` (which got the response).
+    ConversationUpdated {
+        uid: Uid,
+        skip: ConnId,
+        conversation: Box<Conversation>,
+    },
 }

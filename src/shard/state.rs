@@ -14,10 +14,14 @@ use crate::conn::outbox::Outbox;
 use crate::conn::session::{step, Identity, Phase, Session, Step};
 use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
 use crate::protocol::{
-    encode_recv, ConnAck, Disconnect, Encoder, Packet, ReasonCode, RecvFields, SendAck, SendPacket,
-    VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF,
+    encode_recv, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
+    Disconnect, Encoder, Packet, ReasonCode, Recall, RecallEvent, RecallResp, Recv, RecvFields,
+    SendAck, SendPacket, SyncConversations, SyncConversationsResp, SyncDirection, SyncMessages,
+    SyncMessagesResp, VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_RECALLED,
 };
-use crate::storage::{CommitJob, Mutation, ShardStore, StorageError, StoredMessage};
+use crate::storage::{
+    CommitJob, ConversationRecord, Mutation, ReadDirection, ShardStore, StorageError, StoredMessage,
+};
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 use std::collections::HashMap;
@@ -89,12 +93,28 @@ enum Pending {
         origin: ConnId,
         client_seq: u32,
         message: Arc<StoredMessage>,
+        /// Conversation rows written in the same batch as the message.
+        rows: Vec<(Uid, ConversationRecord)>,
     },
     Group {
         key: ChannelKey,
         members: Vec<Uid>,
         last_seq: Seq,
+        last_message_id: MessageId,
+        rows: Vec<(Uid, ConversationRecord)>,
         reply: GroupReply,
+    },
+    Conversation {
+        origin: ConnId,
+        request_id: u32,
+        uid: Uid,
+        key: ChannelKey,
+        record: ConversationRecord,
+    },
+    Recall {
+        origin: ConnId,
+        request_id: u32,
+        message: Arc<StoredMessage>,
     },
 }
 
@@ -354,6 +374,30 @@ impl ShardState {
                 };
                 self.client_send(conn, send, now);
             }
+            Step::SyncMessages => {
+                let Packet::SyncMessages(request) = packet else {
+                    unreachable!("step() returns SyncMessages only for SyncMessages")
+                };
+                self.client_sync_messages(conn, &request);
+            }
+            Step::SyncConversations => {
+                let Packet::SyncConversations(request) = packet else {
+                    unreachable!("step() returns SyncConversations only for SyncConversations")
+                };
+                self.client_sync_conversations(conn, &request);
+            }
+            Step::ConversationOp => {
+                let Packet::ConversationOp(op) = packet else {
+                    unreachable!("step() returns ConversationOp only for ConversationOp")
+                };
+                self.client_conversation_op(conn, op, now);
+            }
+            Step::Recall => {
+                let Packet::Recall(recall) = packet else {
+                    unreachable!("step() returns Recall only for Recall")
+                };
+                self.client_recall(conn, recall, now);
+            }
             // Acknowledgements are recorded by the delivery layer; without it
             // there is nothing pending to complete.
             Step::RecvAck | Step::Nothing => {}
@@ -590,13 +634,19 @@ impl ShardState {
             let channel = match (key.kind(), record) {
                 (crate::protocol::ChannelType::Person, record) => {
                     let mut channel = Channel::new_person(key.clone());
-                    let last = record.map_or(Seq(0), |r| r.last_seq);
-                    channel.last_seq = last;
-                    channel.committed_seq = last;
+                    if let Some(record) = record {
+                        channel.last_seq = record.last_seq;
+                        channel.committed_seq = record.last_seq;
+                        channel.last_message_id = record.last_message_id;
+                    }
                     channel
                 }
                 (_, Some(record)) => match record.members {
-                    Some(members) => Channel::new_group(key.clone(), members, record.last_seq),
+                    Some(members) => {
+                        let mut channel = Channel::new_group(key.clone(), members, record.last_seq);
+                        channel.last_message_id = record.last_message_id;
+                        channel
+                    }
                     None => return Ok(None),
                 },
                 (_, None) => return Ok(None),
@@ -656,8 +706,18 @@ impl ShardState {
             Ok(seq) => seq,
             Err(reason) => return self.reply_send_ack(origin, failed_ack(&send, reason)),
         };
+        let message_id = self.ids.next(now.unix_ms);
+        let rows = match self.rows_for_message(&key, &from, seq, message_id) {
+            Ok(rows) => rows,
+            Err(reason) => {
+                if let Some(channel) = self.channels.get_mut(&key) {
+                    channel.last_seq = Seq(seq.0 - 1);
+                }
+                return self.reply_send_ack(origin, failed_ack(&send, reason));
+            }
+        };
         let message = Arc::new(StoredMessage {
-            message_id: self.ids.next(now.unix_ms),
+            message_id,
             seq,
             channel: key,
             from_uid: from,
@@ -667,6 +727,7 @@ impl ShardState {
             // Copied so that a stored message never pins a whole receive
             // buffer.
             payload: Bytes::copy_from_slice(&send.payload),
+            recalled: false,
         });
         self.uncommitted_keys
             .insert(idempotency_key, SmallVec::new());
@@ -674,6 +735,7 @@ impl ShardState {
             origin,
             client_seq: send.client_seq,
             message,
+            rows,
         });
         self.signals.commit.notify();
     }
@@ -719,14 +781,17 @@ impl ShardState {
         }
         let uids: Vec<Uid> = uids.iter().map(|u| Uid::new(u)).collect();
         let members_max = self.limits.group_members_max;
-        let (current, last_seq) = match self.channel_mut(&key) {
+        let (current, last_seq, last_message_id) = match self.channel_mut(&key) {
             Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
-            Ok(None) => (None, Seq(0)),
+            Ok(None) => (None, Seq(0), MessageId(0)),
             Ok(Some(channel)) => match &channel.members {
-                Members::Group(set) => (Some(set.clone()), channel.last_seq),
+                Members::Group(set) => {
+                    (Some(set.clone()), channel.last_seq, channel.last_message_id)
+                }
                 Members::Person(_) => unreachable!("group keys never load person channels"),
             },
         };
+        let previous = current.clone().unwrap_or_default();
         let members: crate::channel::MemberSet = match (change, current) {
             (GroupChange::Replace, _) => uids.into_iter().collect(),
             (_, None) => return fail(reply, ControlError::NoSuchGroup(group_id.to_owned())),
@@ -750,12 +815,40 @@ impl ShardState {
                 )),
             );
         }
+        // A member who joins a channel that already has messages gets a
+        // conversation that is hidden and read up to now: it appears with
+        // the next message.
+        let version = self.ids.next(crate::time::unix_now_ms()).0;
+        let rows: Vec<(Uid, ConversationRecord)> = if last_seq.0 == 0 {
+            Vec::new()
+        } else {
+            members
+                .iter()
+                .filter(|uid| !previous.contains(*uid))
+                .map(|uid| {
+                    let record = ConversationRecord {
+                        read_floor: last_seq.0,
+                        deleted_seq: last_seq.0,
+                        own_above_floor: 0,
+                        version,
+                    };
+                    (uid.clone(), record)
+                })
+                .collect()
+        };
+        if let Some(channel) = self.channels.get_mut(&key) {
+            for (uid, record) in &rows {
+                channel.conversations.insert(uid.clone(), *record);
+            }
+        }
         let mut members: Vec<Uid> = members.into_iter().collect();
         members.sort();
         self.pending.push(Pending::Group {
             key,
             members,
             last_seq,
+            last_message_id,
+            rows,
             reply,
         });
         self.signals.commit.notify();
@@ -781,22 +874,41 @@ impl ShardState {
             return None;
         }
         let pending = std::mem::take(&mut self.pending);
-        let mutations: Vec<Mutation> = pending
-            .iter()
-            .map(|p| match p {
-                Pending::Send { message, .. } => Mutation::Message(Arc::clone(message)),
+        let mut mutations: Vec<Mutation> = Vec::with_capacity(pending.len() * 2);
+        for p in &pending {
+            match p {
+                Pending::Send { message, rows, .. } => {
+                    mutations.push(Mutation::Message(Arc::clone(message)));
+                    push_rows(&mut mutations, &message.channel, rows);
+                }
                 Pending::Group {
                     key,
                     members,
                     last_seq,
+                    last_message_id,
+                    rows,
                     ..
-                } => Mutation::PutGroup {
+                } => {
+                    mutations.push(Mutation::PutGroup {
+                        key: key.clone(),
+                        members: members.clone(),
+                        last_seq: *last_seq,
+                        last_message_id: *last_message_id,
+                    });
+                    push_rows(&mut mutations, key, rows);
+                }
+                Pending::Conversation {
+                    uid, key, record, ..
+                } => mutations.push(Mutation::Conversation {
+                    uid: uid.clone(),
                     key: key.clone(),
-                    members: members.clone(),
-                    last_seq: *last_seq,
-                },
-            })
-            .collect();
+                    record: *record,
+                }),
+                Pending::Recall { message, .. } => {
+                    mutations.push(Mutation::Recall(Arc::clone(message)))
+                }
+            }
+        }
         self.stats.commit_batches += 1;
         match self.store.prepare_commit(&mutations) {
             Ok(job) => Some((job, InFlight { pending })),
@@ -847,6 +959,7 @@ impl ShardState {
                     origin,
                     client_seq,
                     message,
+                    ..
                 } => {
                     let key = (message.from_uid.clone(), message.client_msg_no.clone());
                     let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
@@ -864,6 +977,27 @@ impl ShardState {
                 Pending::Group { reply, .. } => {
                     let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
                 }
+                Pending::Conversation {
+                    origin, request_id, ..
+                } => {
+                    let response = Packet::ConversationOpResp(ConversationOpResp {
+                        request_id,
+                        reason: ReasonCode::StorageError,
+                        conversation: None,
+                    });
+                    self.reply_to(origin, response);
+                }
+                Pending::Recall {
+                    origin, request_id, ..
+                } => {
+                    let response = Packet::RecallResp(RecallResp {
+                        request_id,
+                        reason: ReasonCode::StorageError,
+                        message_id: 0,
+                        message_seq: 0,
+                    });
+                    self.reply_to(origin, response);
+                }
             }
         }
     }
@@ -874,10 +1008,12 @@ impl ShardState {
                 origin,
                 client_seq,
                 message,
+                ..
             } => {
                 self.stats.messages_committed += 1;
                 if let Some(channel) = self.channels.get_mut(&message.channel) {
                     channel.mark_committed(message.seq);
+                    channel.last_message_id = message.message_id;
                 }
                 let key = (message.from_uid.clone(), message.client_msg_no.clone());
                 let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
@@ -915,6 +1051,40 @@ impl ShardState {
                     }
                 }
                 let _ = reply.try_send(Ok(info));
+            }
+            Pending::Conversation {
+                origin,
+                request_id,
+                uid,
+                key,
+                record,
+            } => {
+                let conversation = self.conversation_view(&uid, &key, &record);
+                if let Some(conversation) = &conversation {
+                    self.tell_devices(&uid, origin, conversation);
+                }
+                let response = Packet::ConversationOpResp(ConversationOpResp {
+                    request_id,
+                    reason: ReasonCode::Success,
+                    conversation,
+                });
+                self.reply_to(origin, response);
+            }
+            Pending::Recall {
+                origin,
+                request_id,
+                message,
+            } => {
+                let response = Packet::RecallResp(RecallResp {
+                    request_id,
+                    reason: ReasonCode::Success,
+                    message_id: message.message_id.0,
+                    message_seq: message.seq.0,
+                });
+                self.reply_to(origin, response);
+                // Every online member's devices hear of it, the recalling
+                // connection included (it may show the message too).
+                self.fan_out(message, None, now);
             }
         }
     }
@@ -993,6 +1163,17 @@ impl ShardState {
                 }
                 let (start, end) = *frames[view].get_or_insert_with(|| {
                     let start = self.frame_scratch.len();
+                    if message.recalled {
+                        let event = Packet::RecallEvent(RecallEvent {
+                            channel_id: message.channel.id_seen_by(uid.as_str()).to_owned(),
+                            channel_type: message.channel.kind(),
+                            message_id: message.message_id.0,
+                            message_seq: message.seq.0,
+                            from_uid: message.from_uid.as_str().to_owned(),
+                        });
+                        self.encoder.encode(&event, &mut self.frame_scratch);
+                        return (start, self.frame_scratch.len());
+                    }
                     let fields = RecvFields {
                         message_id: message.message_id.0,
                         message_seq: message.seq.0,
@@ -1055,6 +1236,24 @@ impl ShardState {
                     self.push_outgoing(conn.shard(), ShardMsg::PresenceAck { conn });
                 }
             }
+            ShardMsg::ConversationOp {
+                origin,
+                uid,
+                channel,
+                op,
+            } => self.owner_conversation_op(origin, uid, channel, op, now),
+            ShardMsg::Recall {
+                origin,
+                uid,
+                channel,
+                recall,
+            } => self.owner_recall(origin, uid, channel, recall),
+            ShardMsg::Reply { conn, packet } => self.write_packet(conn, &packet),
+            ShardMsg::ConversationUpdated {
+                uid,
+                skip,
+                conversation,
+            } => self.update_local_devices(&uid, skip, &conversation),
             ShardMsg::PresenceAck { conn } => {
                 let Some(entry) = self.conns.get_mut(&conn) else {
                     return;
@@ -1067,6 +1266,505 @@ impl ShardState {
                 }
             }
         }
+    }
+
+    // ---- conversations, sync and recall -----------------------------------
+
+    /// Sends `packet` to `conn`, wherever it lives.
+    fn reply_to(&mut self, conn: ConnId, packet: Packet) {
+        if conn.shard() == self.id {
+            self.write_packet(conn, &packet);
+        } else {
+            self.push_outgoing(
+                conn.shard(),
+                ShardMsg::Reply {
+                    conn,
+                    packet: Box::new(packet),
+                },
+            );
+        }
+    }
+
+    fn identity_uid(&self, conn: ConnId) -> Option<Uid> {
+        self.conns
+            .get(&conn)
+            .and_then(|e| e.session.identity.as_ref())
+            .map(|i| i.uid.clone())
+    }
+
+    /// The row of `uid` in the owned channel `key`, from the owner's copy or
+    /// storage.
+    fn owned_row(
+        &mut self,
+        key: &ChannelKey,
+        uid: &Uid,
+    ) -> Result<Option<ConversationRecord>, ReasonCode> {
+        if let Some(record) = self
+            .channels
+            .get(key)
+            .and_then(|c| c.conversations.get(uid))
+        {
+            return Ok(Some(*record));
+        }
+        let record = self.store.conversation(uid, key).map_err(|error| {
+            tracing::warn!(%error, "loading a conversation failed");
+            ReasonCode::StorageError
+        })?;
+        if let (Some(record), Some(channel)) = (record, self.channels.get_mut(key)) {
+            channel.conversations.insert(uid.clone(), record);
+        }
+        Ok(record)
+    }
+
+    /// The conversation rows a new message at `seq` writes: the sender's own
+    /// count, and for a channel's first message a row for every member.
+    fn rows_for_message(
+        &mut self,
+        key: &ChannelKey,
+        from: &Uid,
+        seq: Seq,
+        message_id: MessageId,
+    ) -> Result<Vec<(Uid, ConversationRecord)>, ReasonCode> {
+        let mut rows = Vec::new();
+        if seq == Seq(1) {
+            let members: Vec<Uid> = self
+                .channels
+                .get(key)
+                .map(|c| c.members.iter().filter(|u| *u != from).cloned().collect())
+                .unwrap_or_default();
+            for uid in members {
+                let record = ConversationRecord {
+                    version: message_id.0,
+                    ..ConversationRecord::default()
+                };
+                rows.push((uid, record));
+            }
+        }
+        let mut own = self.owned_row(key, from)?.unwrap_or(ConversationRecord {
+            read_floor: seq.0 - 1,
+            ..ConversationRecord::default()
+        });
+        own.own_above_floor += 1;
+        own.version = message_id.0;
+        rows.push((from.clone(), own));
+        if let Some(channel) = self.channels.get_mut(key) {
+            for (uid, record) in &rows {
+                channel.conversations.insert(uid.clone(), *record);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// A conversation as `uid` sees it, from committed data.
+    fn conversation_view(
+        &mut self,
+        uid: &Uid,
+        key: &ChannelKey,
+        record: &ConversationRecord,
+    ) -> Option<Conversation> {
+        let (last_seq, last_message_id) = match self.channels.get(key) {
+            Some(channel) => (channel.committed_seq, channel.last_message_id),
+            None => {
+                let channel = self.store.load_channel(key).ok()??;
+                (channel.last_seq, channel.last_message_id)
+            }
+        };
+        build_conversation(
+            &mut *self.store,
+            uid,
+            key,
+            record,
+            last_seq,
+            last_message_id,
+        )
+    }
+
+    /// Tells every other device of `uid` that a conversation changed.
+    fn tell_devices(&mut self, uid: &Uid, skip: ConnId, conversation: &Conversation) {
+        let shards: SmallVec<[ShardId; 4]> = self
+            .presence
+            .get(uid)
+            .map(|s| s.iter().map(|(shard, _)| *shard).collect())
+            .unwrap_or_default();
+        for shard in shards {
+            if shard == self.id {
+                self.update_local_devices(uid, skip, conversation);
+            } else {
+                self.push_outgoing(
+                    shard,
+                    ShardMsg::ConversationUpdated {
+                        uid: uid.clone(),
+                        skip,
+                        conversation: Box::new(conversation.clone()),
+                    },
+                );
+            }
+        }
+    }
+
+    fn update_local_devices(&mut self, uid: &Uid, skip: ConnId, conversation: &Conversation) {
+        let conns: SmallVec<[ConnId; 2]> = self
+            .local_users
+            .get(uid)
+            .map(|c| c.iter().copied().filter(|c| *c != skip).collect())
+            .unwrap_or_default();
+        let packet = Packet::ConversationUpdate(conversation.clone());
+        for conn in conns {
+            self.write_packet(conn, &packet);
+        }
+    }
+
+    /// Resolves the channel a request names, or answers with the reason.
+    fn resolve_for(
+        &self,
+        uid: &Uid,
+        channel_id: &str,
+        channel_type: crate::protocol::ChannelType,
+    ) -> Result<ChannelKey, ReasonCode> {
+        resolve_target(uid, channel_id, channel_type, &self.id_limits)
+    }
+
+    /// Serves `SyncMessages` from committed data, on the connection's shard.
+    fn client_sync_messages(&mut self, conn: ConnId, request: &SyncMessages) {
+        let Some(uid) = self.identity_uid(conn) else {
+            return;
+        };
+        let result = self.sync_messages(&uid, request);
+        let (reason, messages) = match result {
+            Ok(messages) => (ReasonCode::Success, messages),
+            Err(reason) => (reason, Vec::new()),
+        };
+        let response = Packet::SyncMessagesResp(SyncMessagesResp {
+            request_id: request.request_id,
+            reason,
+            messages,
+        });
+        self.write_packet(conn, &response);
+    }
+
+    fn sync_messages(
+        &mut self,
+        uid: &Uid,
+        request: &SyncMessages,
+    ) -> Result<Vec<Recv>, ReasonCode> {
+        let key = self.resolve_for(uid, &request.channel_id, request.channel_type)?;
+        let limit = request.limit;
+        if limit == 0 || limit > self.limits.sync_limit_max {
+            return Err(ReasonCode::InvalidRange);
+        }
+        let direction = match request.direction {
+            SyncDirection::Up => {
+                if request.start_seq == 0
+                    || (request.end_seq != 0 && request.end_seq <= request.start_seq)
+                {
+                    return Err(ReasonCode::InvalidRange);
+                }
+                ReadDirection::Up
+            }
+            SyncDirection::Down => {
+                if request.start_seq != 0 && request.end_seq >= request.start_seq {
+                    return Err(ReasonCode::InvalidRange);
+                }
+                ReadDirection::Down
+            }
+            _ => return Err(ReasonCode::InvalidRange),
+        };
+        let storage = |e: StorageError| {
+            tracing::warn!(error = %e, "sync failed");
+            ReasonCode::StorageError
+        };
+        if key.kind() == crate::protocol::ChannelType::Group {
+            if self.store.load_channel(&key).map_err(storage)?.is_none() {
+                return Err(ReasonCode::ChannelMissing);
+            }
+            if !self.store.is_member(&key, uid).map_err(storage)? {
+                return Err(ReasonCode::NotMember);
+            }
+        }
+        // A user who deleted the conversation sees only what came after.
+        let floor = self
+            .store
+            .conversation(uid, &key)
+            .map_err(storage)?
+            .map_or(0, |r| r.deleted_seq);
+        let start = match (direction, request.start_seq) {
+            (ReadDirection::Up, start) => Seq(start.max(floor + 1)),
+            (ReadDirection::Down, 0) => Seq(u64::MAX),
+            (ReadDirection::Down, start) => Seq(start),
+        };
+        let stored = self
+            .store
+            .read_messages(&key, start, limit as usize, direction)
+            .map_err(storage)?;
+        let mut budget = self.limits.sync_response_max_bytes;
+        let mut out = Vec::with_capacity(stored.len());
+        for message in stored {
+            let seq = message.seq.0;
+            let past_end = request.end_seq != 0
+                && match direction {
+                    ReadDirection::Up => seq >= request.end_seq,
+                    ReadDirection::Down => seq <= request.end_seq,
+                };
+            if past_end || seq <= floor {
+                break;
+            }
+            let cost = message.payload.len() + 256;
+            if cost > budget && !out.is_empty() {
+                break;
+            }
+            budget = budget.saturating_sub(cost);
+            out.push(recv_view(&message, uid));
+        }
+        Ok(out)
+    }
+
+    /// Serves `SyncConversations` from committed data, on the connection's
+    /// shard.
+    fn client_sync_conversations(&mut self, conn: ConnId, request: &SyncConversations) {
+        let Some(uid) = self.identity_uid(conn) else {
+            return;
+        };
+        let limit = request.limit;
+        let response = if limit == 0 || limit > self.limits.sync_limit_max {
+            SyncConversationsResp {
+                request_id: request.request_id,
+                reason: ReasonCode::InvalidRange,
+                conversations: Vec::new(),
+                more: false,
+            }
+        } else {
+            match list_conversations(
+                &mut *self.store,
+                &uid,
+                request,
+                self.limits.sync_response_max_bytes,
+            ) {
+                Ok((conversations, more)) => SyncConversationsResp {
+                    request_id: request.request_id,
+                    reason: ReasonCode::Success,
+                    conversations,
+                    more,
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "conversation sync failed");
+                    SyncConversationsResp {
+                        request_id: request.request_id,
+                        reason: ReasonCode::StorageError,
+                        conversations: Vec::new(),
+                        more: false,
+                    }
+                }
+            }
+        };
+        self.write_packet(conn, &Packet::SyncConversationsResp(response));
+    }
+
+    fn client_conversation_op(&mut self, conn: ConnId, op: ConversationOp, now: Now) {
+        let Some(uid) = self.identity_uid(conn) else {
+            return;
+        };
+        let key = match self.resolve_for(&uid, &op.channel_id, op.channel_type) {
+            Ok(key) => key,
+            Err(reason) => {
+                let response = Packet::ConversationOpResp(ConversationOpResp {
+                    request_id: op.request_id,
+                    reason,
+                    conversation: None,
+                });
+                return self.write_packet(conn, &response);
+            }
+        };
+        let owner = key.shard(self.shards);
+        if owner == self.id {
+            self.owner_conversation_op(conn, uid, key, op, now);
+        } else {
+            self.push_outgoing(
+                owner,
+                ShardMsg::ConversationOp {
+                    origin: conn,
+                    uid,
+                    channel: key,
+                    op,
+                },
+            );
+        }
+    }
+
+    /// The owner applies a user's conversation change to its row.
+    fn owner_conversation_op(
+        &mut self,
+        origin: ConnId,
+        uid: Uid,
+        key: ChannelKey,
+        op: ConversationOp,
+        now: Now,
+    ) {
+        let fail = |state: &mut ShardState, reason: ReasonCode| {
+            let response = Packet::ConversationOpResp(ConversationOpResp {
+                request_id: op.request_id,
+                reason,
+                conversation: None,
+            });
+            state.reply_to(origin, response);
+        };
+        let last = match self.channel_mut(&key) {
+            Err(reason) => return fail(self, reason),
+            Ok(None) => return fail(self, ReasonCode::ChannelMissing),
+            Ok(Some(channel)) => channel.committed_seq.0,
+        };
+        let mut record = match self.owned_row(&key, &uid) {
+            Err(reason) => return fail(self, reason),
+            Ok(None) => return fail(self, ReasonCode::ConversationMissing),
+            Ok(Some(record)) => record,
+        };
+        match op.action {
+            ConversationAction::ClearUnread => {
+                record.read_floor = last;
+                record.own_above_floor = 0;
+            }
+            ConversationAction::Delete => {
+                record.deleted_seq = last;
+                record.read_floor = last;
+                record.own_above_floor = 0;
+            }
+            ConversationAction::SetUnread => {
+                if op.unread > u64::from(self.limits.sync_limit_max) {
+                    return fail(self, ReasonCode::InvalidRange);
+                }
+                match self.floor_for_unread(&key, &uid, last, op.unread, record.deleted_seq) {
+                    Ok((floor, own)) => {
+                        record.read_floor = floor;
+                        record.own_above_floor = own;
+                    }
+                    Err(reason) => return fail(self, reason),
+                }
+            }
+            _ => return fail(self, ReasonCode::InvalidRange),
+        }
+        record.version = self.ids.next(now.unix_ms).0;
+        if let Some(channel) = self.channels.get_mut(&key) {
+            channel.conversations.insert(uid.clone(), record);
+        }
+        self.pending.push(Pending::Conversation {
+            origin,
+            request_id: op.request_id,
+            uid,
+            key,
+            record,
+        });
+        self.signals.commit.notify();
+    }
+
+    /// The read position that leaves exactly `unread` messages from others
+    /// above it (fewer if the conversation has fewer), and the user's own
+    /// messages above it.
+    fn floor_for_unread(
+        &mut self,
+        key: &ChannelKey,
+        uid: &Uid,
+        last: u64,
+        unread: u64,
+        deleted: u64,
+    ) -> Result<(u64, u64), ReasonCode> {
+        if unread == 0 {
+            return Ok((last, 0));
+        }
+        let mut counted = 0;
+        let mut own = 0;
+        let mut next = last;
+        while next > deleted {
+            let page = self
+                .store
+                .read_messages(key, Seq(next), 256, ReadDirection::Down)
+                .map_err(|_| ReasonCode::StorageError)?;
+            if page.is_empty() {
+                break;
+            }
+            for message in page {
+                if message.seq.0 <= deleted {
+                    return Ok((deleted, own));
+                }
+                if message.from_uid == *uid {
+                    own += 1;
+                } else {
+                    counted += 1;
+                    if counted == unread {
+                        return Ok((message.seq.0 - 1, own));
+                    }
+                }
+                next = message.seq.0 - 1;
+            }
+        }
+        Ok((deleted, own))
+    }
+
+    fn client_recall(&mut self, conn: ConnId, recall: Recall, now: Now) {
+        let Some(uid) = self.identity_uid(conn) else {
+            return;
+        };
+        let key = match self.resolve_for(&uid, &recall.channel_id, recall.channel_type) {
+            Ok(key) => key,
+            Err(reason) => return self.write_packet(conn, &recall_failed(&recall, reason)),
+        };
+        let owner = key.shard(self.shards);
+        if owner == self.id {
+            self.owner_recall(conn, uid, key, recall);
+        } else {
+            let _ = now;
+            self.push_outgoing(
+                owner,
+                ShardMsg::Recall {
+                    origin: conn,
+                    uid,
+                    channel: key,
+                    recall,
+                },
+            );
+        }
+    }
+
+    /// The owner recalls a message of its channel for its sender.
+    fn owner_recall(&mut self, origin: ConnId, uid: Uid, key: ChannelKey, recall: Recall) {
+        let seq = if recall.message_id != 0 {
+            self.store
+                .find_message_id(&key, MessageId(recall.message_id))
+        } else {
+            self.store
+                .find_idempotent(&uid, &recall.client_msg_no, 0, u64::MAX)
+                .map(|hit| hit.filter(|h| h.channel == key).map(|h| h.seq))
+        };
+        let message = match seq {
+            Ok(Some(seq)) => self.store.message(&key, seq),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error),
+        };
+        let message = match message {
+            Err(_) => {
+                return self.reply_to(origin, recall_failed(&recall, ReasonCode::StorageError))
+            }
+            Ok(None) => {
+                return self.reply_to(origin, recall_failed(&recall, ReasonCode::MessageMissing))
+            }
+            Ok(Some(message)) => message,
+        };
+        if message.from_uid != uid {
+            return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotSender));
+        }
+        if message.recalled {
+            let response = Packet::RecallResp(RecallResp {
+                request_id: recall.request_id,
+                reason: ReasonCode::Success,
+                message_id: message.message_id.0,
+                message_seq: message.seq.0,
+            });
+            return self.reply_to(origin, response);
+        }
+        self.pending.push(Pending::Recall {
+            origin,
+            request_id: recall.request_id,
+            message: Arc::new(message.recalled()),
+        });
+        self.signals.commit.notify();
     }
 
     fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {
@@ -1091,6 +1789,139 @@ impl ShardState {
         self.outgoing_total -= batch.len();
         batch
     }
+}
+
+fn push_rows(mutations: &mut Vec<Mutation>, key: &ChannelKey, rows: &[(Uid, ConversationRecord)]) {
+    for (uid, record) in rows {
+        mutations.push(Mutation::Conversation {
+            uid: uid.clone(),
+            key: key.clone(),
+            record: *record,
+        });
+    }
+}
+
+fn recall_failed(recall: &Recall, reason: ReasonCode) -> Packet {
+    Packet::RecallResp(RecallResp {
+        request_id: recall.request_id,
+        reason,
+        message_id: 0,
+        message_seq: 0,
+    })
+}
+
+/// A stored message as `viewer` receives it in a sync.
+fn recv_view(message: &StoredMessage, viewer: &Uid) -> Recv {
+    let mut flags = 0;
+    if message.from_uid == *viewer {
+        flags |= RECV_FLAG_FROM_SELF;
+    }
+    if message.recalled {
+        flags |= RECV_FLAG_RECALLED;
+    }
+    Recv {
+        message_id: message.message_id.0,
+        message_seq: message.seq.0,
+        client_msg_no: message.client_msg_no.clone(),
+        from_uid: message.from_uid.as_str().to_owned(),
+        channel_id: message.channel.id_seen_by(viewer.as_str()).to_owned(),
+        channel_type: message.channel.kind(),
+        timestamp_ms: message.timestamp_ms,
+        flags,
+        send_flags: message.send_flags,
+        payload: message.payload.clone(),
+    }
+}
+
+/// A conversation as `uid` sees it, given the channel's committed state.
+fn build_conversation(
+    store: &mut dyn ShardStore,
+    uid: &Uid,
+    key: &ChannelKey,
+    record: &ConversationRecord,
+    last_seq: Seq,
+    last_message_id: MessageId,
+) -> Option<Conversation> {
+    let visible = record.visible(last_seq.0);
+    let last_message = if visible {
+        store
+            .message(key, last_seq)
+            .ok()
+            .flatten()
+            .map(|m| recv_view(&m, uid))
+    } else {
+        None
+    };
+    Some(Conversation {
+        channel_id: key.id_seen_by(uid.as_str()).to_owned(),
+        channel_type: key.kind(),
+        unread: if visible {
+            record.unread(last_seq.0)
+        } else {
+            0
+        },
+        version: record.version.max(last_message_id.0),
+        last_message_seq: last_seq.0,
+        last_message,
+        deleted: !visible,
+    })
+}
+
+/// The conversations of `uid` changed since the request's version, oldest
+/// change first. A full sync (version 0) lists visible conversations only;
+/// an incremental one also reports deletions.
+fn list_conversations(
+    store: &mut dyn ShardStore,
+    uid: &Uid,
+    request: &SyncConversations,
+    budget_bytes: usize,
+) -> Result<(Vec<Conversation>, bool), StorageError> {
+    let mut candidates = Vec::new();
+    for (key, record) in store.conversations(uid)? {
+        let Some(channel) = store.load_channel(&key)? else {
+            continue;
+        };
+        let version = record.version.max(channel.last_message_id.0);
+        let visible = record.visible(channel.last_seq.0);
+        if version <= request.since_version {
+            continue;
+        }
+        if !visible && request.since_version == 0 {
+            continue;
+        }
+        if request.unread_only && (!visible || record.unread(channel.last_seq.0) == 0) {
+            continue;
+        }
+        candidates.push((
+            version,
+            key,
+            record,
+            channel.last_seq,
+            channel.last_message_id,
+        ));
+    }
+    candidates.sort_by_key(|c| c.0);
+    let limit = request.limit as usize;
+    let more = candidates.len() > limit;
+    let mut out = Vec::new();
+    let mut budget = budget_bytes;
+    for (_, key, record, last_seq, last_message_id) in candidates.into_iter().take(limit) {
+        if let Some(conversation) =
+            build_conversation(store, uid, &key, &record, last_seq, last_message_id)
+        {
+            let cost = 256
+                + conversation
+                    .last_message
+                    .as_ref()
+                    .map_or(0, |m| m.payload.len());
+            if cost > budget && !out.is_empty() {
+                return Ok((out, true));
+            }
+            budget = budget.saturating_sub(cost);
+            out.push(conversation);
+        }
+    }
+    Ok((out, more))
 }
 
 fn failed_ack(send: &SendPacket, reason: ReasonCode) -> SendAck {

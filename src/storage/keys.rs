@@ -10,6 +10,7 @@
 //! | `members`       | channel · uid                         | empty                         |
 //! | `conversations` | uid · channel                         | [`ConversationRecord`]        |
 //! | `idempotency`   | uid · client_msg_no                   | [`IdempotencyRecord`]         |
+//! | `message_ids`   | channel · message id (u64 BE)         | seq (u64 BE)                  |
 //! | `meta`          | ASCII name                            | format version and such       |
 //!
 //! where `channel` is `kind (u8) · id length (u16 BE) · id bytes` and `uid`
@@ -19,8 +20,8 @@
 //!
 //! [`MessageRecord`]: super::rocks::MessageRecord
 //! [`ChannelMetaRecord`]: super::rocks::ChannelMetaRecord
-//! [`ConversationRecord`]: super::rocks::ConversationRecord
 //! [`IdempotencyRecord`]: super::rocks::IdempotencyRecord
+//! [`ConversationRecord`]: super::ConversationRecord
 
 use crate::channel::ChannelKey;
 use crate::ids::Seq;
@@ -31,14 +32,16 @@ pub const CF_CHANNELS: &str = "channels";
 pub const CF_MEMBERS: &str = "members";
 pub const CF_CONVERSATIONS: &str = "conversations";
 pub const CF_IDEMPOTENCY: &str = "idempotency";
+pub const CF_MESSAGE_IDS: &str = "message_ids";
 pub const CF_META: &str = "meta";
 
-pub const ALL_CFS: [&str; 6] = [
+pub const ALL_CFS: [&str; 7] = [
     CF_MESSAGES,
     CF_CHANNELS,
     CF_MEMBERS,
     CF_CONVERSATIONS,
     CF_IDEMPOTENCY,
+    CF_MESSAGE_IDS,
     CF_META,
 ];
 
@@ -78,6 +81,12 @@ pub fn decode_channel(bytes: &[u8]) -> Option<(ChannelKey, &[u8])> {
 pub fn message(key: &ChannelKey, seq: Seq) -> Vec<u8> {
     let mut out = channel(key);
     out.extend_from_slice(&seq.0.to_be_bytes());
+    out
+}
+
+pub fn message_id(key: &ChannelKey, id: crate::ids::MessageId) -> Vec<u8> {
+    let mut out = channel(key);
+    out.extend_from_slice(&id.0.to_be_bytes());
     out
 }
 

@@ -1,90 +1,67 @@
-//! The in-memory store: the reference implementation of [`ShardStore`] used
-//! by unit tests and by servers that keep nothing across restarts.
+//! The in-memory store: the reference implementation of [`ShardStore`], used
+//! by unit tests and by servers that keep nothing across restarts. All
+//! shards share one map behind a mutex, like the shared RocksDB database; it
+//! is for tests and experiments, not for production load.
 
 use super::{
-    ChannelRecord, CommitJob, IdempotentHit, Mutation, ShardStore, Storage, StorageError,
-    StoredMessage,
+    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, Mutation, ReadDirection,
+    ShardStore, Storage, StorageError, StoredMessage,
 };
 use crate::channel::ChannelKey;
-use crate::ids::{Seq, ShardId, Uid};
-use std::collections::HashMap;
-use std::sync::Arc;
+use crate::ids::{MessageId, Seq, ShardId, Uid};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Keeps everything in memory; each shard's data is private to that shard.
-#[derive(Debug, Default)]
-pub struct MemoryStorage;
-
-impl Storage for MemoryStorage {
-    fn open_shard(&self, _shard: ShardId) -> Result<Box<dyn ShardStore>, StorageError> {
-        Ok(Box::new(MemoryShardStore::default()))
-    }
-}
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 #[derive(Debug, Default)]
 struct MemoryChannel {
     messages: Vec<Arc<StoredMessage>>,
     members: Option<Vec<Uid>>,
+    last_seq_override: Option<Seq>,
 }
 
-/// One shard's in-memory data.
 #[derive(Debug, Default)]
-pub struct MemoryShardStore {
-    channels: HashMap<ChannelKey, MemoryChannel, ahash::RandomState>,
-    idempotency: HashMap<(Uid, String), IdempotentHit, ahash::RandomState>,
+struct MemoryData {
+    channels: FastMap<ChannelKey, MemoryChannel>,
+    idempotency: FastMap<(Uid, String), IdempotentHit>,
+    conversations: FastMap<Uid, BTreeMap<ChannelKey, ConversationRecord>>,
 }
 
-impl ShardStore for MemoryShardStore {
-    fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
-        // Memory is as durable as it gets: apply now, nothing left to do.
-        self.apply(batch)?;
-        Ok(Box::new(|| Ok(())))
-    }
+/// Keeps everything in memory, shared by every shard.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStorage {
+    data: Arc<Mutex<MemoryData>>,
+}
 
-    fn find_idempotent(
-        &mut self,
-        from: &Uid,
-        client_msg_no: &str,
-        now_unix_ms: u64,
-        ttl_ms: u64,
-    ) -> Result<Option<IdempotentHit>, StorageError> {
-        Ok(self
-            .idempotency
-            .get(&(from.clone(), client_msg_no.to_owned()))
-            .filter(|hit| hit.committed_at_ms as u64 + ttl_ms > now_unix_ms)
-            .cloned())
-    }
-
-    fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError> {
-        Ok(self.channels.get(key).map(|c| ChannelRecord {
-            last_seq: Seq(c.messages.len() as u64),
-            members: c.members.clone(),
+impl Storage for MemoryStorage {
+    fn open_shard(&self, _shard: ShardId) -> Result<Box<dyn ShardStore>, StorageError> {
+        Ok(Box::new(MemoryShardStore {
+            data: Arc::clone(&self.data),
         }))
     }
+}
 
-    fn read_messages(
-        &mut self,
-        key: &ChannelKey,
-        from: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
-        let Some(channel) = self.channels.get(key) else {
-            return Ok(Vec::new());
-        };
-        let start = from.0.max(1) as usize - 1;
-        Ok(channel
-            .messages
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect())
-    }
+/// One shard's handle on the shared in-memory data.
+#[derive(Debug)]
+pub struct MemoryShardStore {
+    data: Arc<Mutex<MemoryData>>,
 }
 
 impl MemoryShardStore {
+    fn data(&self) -> MutexGuard<'_, MemoryData> {
+        // A panic while holding the lock is a bug elsewhere; the data itself
+        // is still consistent (every commit checks before it writes).
+        self.data
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl MemoryData {
     fn apply(&mut self, batch: &[Mutation]) -> Result<(), StorageError> {
         // Check the whole batch first so that a bad batch changes nothing.
-        let mut expected: HashMap<&ChannelKey, u64, ahash::RandomState> = HashMap::default();
+        let mut expected: FastMap<&ChannelKey, u64> = FastMap::default();
         for mutation in batch {
             if let Mutation::Message(message) = mutation {
                 let next = expected.entry(&message.channel).or_insert_with(|| {
@@ -121,8 +98,30 @@ impl MemoryShardStore {
                         },
                     );
                 }
-                Mutation::PutGroup { key, members, .. } => {
-                    self.channels.entry(key.clone()).or_default().members = Some(members.clone());
+                Mutation::Recall(message) => {
+                    if let Some(slot) = self
+                        .channels
+                        .get_mut(&message.channel)
+                        .and_then(|c| c.messages.get_mut(message.seq.0 as usize - 1))
+                    {
+                        *slot = Arc::clone(message);
+                    }
+                }
+                Mutation::Conversation { uid, key, record } => {
+                    self.conversations
+                        .entry(uid.clone())
+                        .or_default()
+                        .insert(key.clone(), *record);
+                }
+                Mutation::PutGroup {
+                    key,
+                    members,
+                    last_seq,
+                    ..
+                } => {
+                    let channel = self.channels.entry(key.clone()).or_default();
+                    channel.members = Some(members.clone());
+                    channel.last_seq_override = Some(*last_seq);
                 }
             }
         }
@@ -130,10 +129,114 @@ impl MemoryShardStore {
     }
 }
 
+impl ShardStore for MemoryShardStore {
+    fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
+        // Memory is as durable as it gets: apply now, nothing left to do.
+        self.data().apply(batch)?;
+        Ok(Box::new(|| Ok(())))
+    }
+
+    fn find_idempotent(
+        &mut self,
+        from: &Uid,
+        client_msg_no: &str,
+        now_unix_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Option<IdempotentHit>, StorageError> {
+        Ok(self
+            .data()
+            .idempotency
+            .get(&(from.clone(), client_msg_no.to_owned()))
+            .filter(|hit| (hit.committed_at_ms.max(0) as u64).saturating_add(ttl_ms) > now_unix_ms)
+            .cloned())
+    }
+
+    fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError> {
+        Ok(self.data().channels.get(key).map(|c| {
+            let last = c.messages.last();
+            ChannelRecord {
+                last_seq: last.map_or(c.last_seq_override.unwrap_or_default(), |m| m.seq),
+                last_message_id: last.map_or(MessageId(0), |m| m.message_id),
+                members: c.members.clone(),
+            }
+        }))
+    }
+
+    fn read_messages(
+        &mut self,
+        key: &ChannelKey,
+        from: Seq,
+        limit: usize,
+        direction: ReadDirection,
+    ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
+        let data = self.data();
+        let Some(channel) = data.channels.get(key) else {
+            return Ok(Vec::new());
+        };
+        let messages = &channel.messages;
+        Ok(match direction {
+            ReadDirection::Up => {
+                let start = from.0.max(1) as usize - 1;
+                messages.iter().skip(start).take(limit).cloned().collect()
+            }
+            ReadDirection::Down => {
+                let end = (from.0 as usize).min(messages.len());
+                messages[..end].iter().rev().take(limit).cloned().collect()
+            }
+        })
+    }
+
+    fn find_message_id(
+        &mut self,
+        key: &ChannelKey,
+        id: MessageId,
+    ) -> Result<Option<Seq>, StorageError> {
+        let data = self.data();
+        Ok(data
+            .channels
+            .get(key)
+            .and_then(|c| c.messages.iter().find(|m| m.message_id == id))
+            .map(|m| m.seq))
+    }
+
+    fn is_member(&mut self, key: &ChannelKey, uid: &Uid) -> Result<bool, StorageError> {
+        Ok(self
+            .data()
+            .channels
+            .get(key)
+            .and_then(|c| c.members.as_ref())
+            .is_some_and(|members| members.contains(uid)))
+    }
+
+    fn conversation(
+        &mut self,
+        uid: &Uid,
+        key: &ChannelKey,
+    ) -> Result<Option<ConversationRecord>, StorageError> {
+        Ok(self
+            .data()
+            .conversations
+            .get(uid)
+            .and_then(|rows| rows.get(key))
+            .copied())
+    }
+
+    fn conversations(
+        &mut self,
+        uid: &Uid,
+    ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError> {
+        Ok(self
+            .data()
+            .conversations
+            .get(uid)
+            .map(|rows| rows.iter().map(|(k, r)| (k.clone(), *r)).collect())
+            .unwrap_or_default())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::MessageId;
     use bytes::Bytes;
 
     fn message(key: &ChannelKey, seq: u64) -> Mutation {
@@ -146,24 +249,39 @@ mod tests {
             timestamp_ms: 0,
             send_flags: 0,
             payload: Bytes::from_static(b"x"),
+            recalled: false,
         }))
     }
 
     #[test]
-    fn stores_messages_in_seq_order_and_reads_ranges() {
-        let mut store = MemoryStorage.open_shard(ShardId(0)).unwrap();
+    fn stores_messages_in_seq_order_and_reads_ranges_both_ways() {
+        let mut store = MemoryStorage::default().open_shard(ShardId(0)).unwrap();
         let key = ChannelKey::group("g");
         store
             .commit(&[message(&key, 1), message(&key, 2), message(&key, 3)])
             .unwrap();
-        let read = store.read_messages(&key, Seq(2), 10).unwrap();
-        assert_eq!(read.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![2, 3]);
-        assert_eq!(store.load_channel(&key).unwrap().unwrap().last_seq, Seq(3));
+        let up = store
+            .read_messages(&key, Seq(2), 10, ReadDirection::Up)
+            .unwrap();
+        assert_eq!(up.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![2, 3]);
+        let down = store
+            .read_messages(&key, Seq(2), 10, ReadDirection::Down)
+            .unwrap();
+        assert_eq!(down.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![2, 1]);
+        let record = store.load_channel(&key).unwrap().unwrap();
+        assert_eq!(
+            (record.last_seq, record.last_message_id),
+            (Seq(3), MessageId(30))
+        );
+        assert_eq!(
+            store.find_message_id(&key, MessageId(20)).unwrap(),
+            Some(Seq(2))
+        );
     }
 
     #[test]
     fn a_batch_with_a_gap_changes_nothing() {
-        let mut store = MemoryStorage.open_shard(ShardId(0)).unwrap();
+        let mut store = MemoryStorage::default().open_shard(ShardId(0)).unwrap();
         let key = ChannelKey::group("g");
         store.commit(&[message(&key, 1)]).unwrap();
         assert!(store.commit(&[message(&key, 2), message(&key, 4)]).is_err());

@@ -37,6 +37,58 @@ pub struct StoredMessage {
     /// The application flags of the `Send`.
     pub send_flags: u8,
     pub payload: Bytes,
+    /// Recalled by its sender or an administrator; the payload is then
+    /// empty.
+    pub recalled: bool,
+}
+
+impl StoredMessage {
+    /// The recalled form of this message: same place, no payload.
+    pub fn recalled(&self) -> StoredMessage {
+        StoredMessage {
+            payload: Bytes::new(),
+            recalled: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// One user's conversation in one channel, as its owner shard keeps it.
+/// Unread = `last_seq - read_floor - own_above_floor`: the messages above
+/// the read position, less the user's own. A conversation is visible while
+/// the channel's last seq is above `deleted_seq`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConversationRecord {
+    /// Everything at or below this seq counts as read.
+    pub read_floor: u64,
+    /// The channel's last seq when the user deleted the conversation.
+    pub deleted_seq: u64,
+    /// The user's own messages above `read_floor`.
+    pub own_above_floor: u64,
+    /// The version of the user's last change to this row (or of the
+    /// message that created it).
+    pub version: u64,
+}
+
+impl ConversationRecord {
+    pub fn unread(&self, last_seq: u64) -> u64 {
+        last_seq
+            .saturating_sub(self.read_floor)
+            .saturating_sub(self.own_above_floor)
+    }
+
+    pub fn visible(&self, last_seq: u64) -> bool {
+        last_seq > self.deleted_seq
+    }
+}
+
+/// Which way a range read goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadDirection {
+    /// Seqs `from`, `from + 1`, ...
+    Up,
+    /// Seqs `from`, `from - 1`, ...
+    Down,
 }
 
 /// One change in a commit batch.
@@ -45,12 +97,21 @@ pub enum Mutation {
     /// Append a message at its seq, move the channel's last seq, and
     /// remember its idempotency key.
     Message(Arc<StoredMessage>),
+    /// Write one user's conversation row.
+    Conversation {
+        uid: Uid,
+        key: ChannelKey,
+        record: ConversationRecord,
+    },
+    /// Replace a stored message with its recalled form.
+    Recall(Arc<StoredMessage>),
     /// Create or replace a group and its member list. `last_seq` is the
     /// group's last seq once everything before this change is applied.
     PutGroup {
         key: ChannelKey,
         members: Vec<Uid>,
         last_seq: Seq,
+        last_message_id: MessageId,
     },
 }
 
@@ -73,6 +134,8 @@ pub type CommitJob = Box<dyn FnOnce() -> Result<(), StorageError> + Send>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelRecord {
     pub last_seq: Seq,
+    /// The id of the message at `last_seq` (0 when there is none).
+    pub last_message_id: MessageId,
     /// Members of a group; `None` for a person channel.
     pub members: Option<Vec<Uid>>,
 }
@@ -114,13 +177,50 @@ pub trait ShardStore {
     /// What is stored about `key`, or `None` for a channel never written.
     fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError>;
 
-    /// Up to `limit` messages of `key` with seq >= `from`, in seq order.
+    /// Up to `limit` messages of `key` from seq `from` (inclusive) in
+    /// `direction`.
     fn read_messages(
         &mut self,
         key: &ChannelKey,
         from: Seq,
         limit: usize,
+        direction: ReadDirection,
     ) -> Result<Vec<Arc<StoredMessage>>, StorageError>;
+
+    /// The message at `seq`, if stored.
+    fn message(
+        &mut self,
+        key: &ChannelKey,
+        seq: Seq,
+    ) -> Result<Option<Arc<StoredMessage>>, StorageError> {
+        Ok(self
+            .read_messages(key, seq, 1, ReadDirection::Up)?
+            .into_iter()
+            .find(|m| m.seq == seq))
+    }
+
+    /// The seq of the message with `id` in `key`, if stored.
+    fn find_message_id(
+        &mut self,
+        key: &ChannelKey,
+        id: MessageId,
+    ) -> Result<Option<Seq>, StorageError>;
+
+    /// Whether `uid` is a member of the group `key`.
+    fn is_member(&mut self, key: &ChannelKey, uid: &Uid) -> Result<bool, StorageError>;
+
+    /// `uid`'s row in `key`.
+    fn conversation(
+        &mut self,
+        uid: &Uid,
+        key: &ChannelKey,
+    ) -> Result<Option<ConversationRecord>, StorageError>;
+
+    /// Every conversation row of `uid`.
+    fn conversations(
+        &mut self,
+        uid: &Uid,
+    ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError>;
 }
 
 /// A storage engine: hands every shard its own [`ShardStore`].
@@ -174,7 +274,35 @@ impl ShardStore for ClosedStore {
         _key: &ChannelKey,
         _from: Seq,
         _limit: usize,
+        _direction: ReadDirection,
     ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn find_message_id(
+        &mut self,
+        _key: &ChannelKey,
+        _id: MessageId,
+    ) -> Result<Option<Seq>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn is_member(&mut self, _key: &ChannelKey, _uid: &Uid) -> Result<bool, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn conversation(
+        &mut self,
+        _uid: &Uid,
+        _key: &ChannelKey,
+    ) -> Result<Option<ConversationRecord>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn conversations(
+        &mut self,
+        _uid: &Uid,
+    ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError> {
         Err(StorageError::Closed)
     }
 }

@@ -10,8 +10,8 @@
 
 use super::keys;
 use super::{
-    ChannelRecord, CommitJob, IdempotentHit, Mutation, ShardStore, Storage, StorageError,
-    StoredMessage,
+    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, Mutation, ReadDirection,
+    ShardStore, Storage, StorageError, StoredMessage,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -49,12 +49,14 @@ pub struct MessageRecord {
     pub timestamp_ms: i64,
     pub send_flags: u8,
     pub payload: Vec<u8>,
+    pub recalled: bool,
 }
 
 /// What the `channels` column family holds for a channel.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChannelMetaRecord {
     pub last_seq: u64,
+    pub last_message_id: u64,
     /// A group that was created (person channels are never "created").
     pub is_group: bool,
 }
@@ -230,24 +232,38 @@ impl ShardStore for RocksShardStore {
         let channels = self.cf(keys::CF_CHANNELS);
         let members = self.cf(keys::CF_MEMBERS);
         let idempotency = self.cf(keys::CF_IDEMPOTENCY);
+        let message_ids = self.cf(keys::CF_MESSAGE_IDS);
+        let conversations = self.cf(keys::CF_CONVERSATIONS);
         for mutation in batch {
             match mutation {
-                Mutation::Message(message) => {
-                    let record = MessageRecord {
-                        message_id: message.message_id.0,
-                        from_uid: message.from_uid.as_str().to_owned(),
-                        client_msg_no: message.client_msg_no.clone(),
-                        timestamp_ms: message.timestamp_ms,
-                        send_flags: message.send_flags,
-                        payload: message.payload.to_vec(),
-                    };
+                Mutation::Recall(message) => {
                     write.put_cf(
                         messages,
                         keys::message(&message.channel, message.seq),
-                        encode(&record),
+                        encode(&message_record(message)),
+                    );
+                }
+                Mutation::Conversation { uid, key, record } => {
+                    write.put_cf(
+                        conversations,
+                        keys::conversation(uid.as_str(), key),
+                        encode(record),
+                    );
+                }
+                Mutation::Message(message) => {
+                    write.put_cf(
+                        messages,
+                        keys::message(&message.channel, message.seq),
+                        encode(&message_record(message)),
+                    );
+                    write.put_cf(
+                        message_ids,
+                        keys::message_id(&message.channel, message.message_id),
+                        message.seq.0.to_be_bytes(),
                     );
                     let meta = ChannelMetaRecord {
                         last_seq: message.seq.0,
+                        last_message_id: message.message_id.0,
                         is_group: message.channel.kind() == crate::protocol::ChannelType::Group,
                     };
                     write.put_cf(channels, keys::channel(&message.channel), encode(&meta));
@@ -268,9 +284,11 @@ impl ShardStore for RocksShardStore {
                     key,
                     members: uids,
                     last_seq,
+                    last_message_id,
                 } => {
                     let meta = ChannelMetaRecord {
                         last_seq: last_seq.0,
+                        last_message_id: last_message_id.0,
                         is_group: true,
                     };
                     write.put_cf(channels, keys::channel(key), encode(&meta));
@@ -356,8 +374,76 @@ impl ShardStore for RocksShardStore {
         };
         Ok(Some(ChannelRecord {
             last_seq: Seq(meta.last_seq),
+            last_message_id: MessageId(meta.last_message_id),
             members,
         }))
+    }
+
+    fn find_message_id(
+        &mut self,
+        key: &ChannelKey,
+        id: MessageId,
+    ) -> Result<Option<Seq>, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_MESSAGE_IDS), keys::message_id(key, id))
+            .map_err(io_error)?
+        else {
+            return Ok(None);
+        };
+        let seq: [u8; 8] = bytes
+            .as_ref()
+            .try_into()
+            .map_err(|_| StorageError::Corrupt("message id index entry".into()))?;
+        Ok(Some(Seq(u64::from_be_bytes(seq))))
+    }
+
+    fn is_member(&mut self, key: &ChannelKey, uid: &Uid) -> Result<bool, StorageError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_MEMBERS), keys::member(key, uid.as_str()))
+            .map_err(io_error)?
+            .is_some())
+    }
+
+    fn conversation(
+        &mut self,
+        uid: &Uid,
+        key: &ChannelKey,
+    ) -> Result<Option<ConversationRecord>, StorageError> {
+        match self
+            .db
+            .get_pinned_cf(
+                self.cf(keys::CF_CONVERSATIONS),
+                keys::conversation(uid.as_str(), key),
+            )
+            .map_err(io_error)?
+        {
+            Some(bytes) => Ok(Some(decode("conversation record", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn conversations(
+        &mut self,
+        uid: &Uid,
+    ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError> {
+        let prefix = keys::conversations_of(uid.as_str());
+        let iter = self.db.iterator_cf(
+            self.cf(keys::CF_CONVERSATIONS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(io_error)?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let (_, channel) = keys::decode_conversation(&key)
+                .ok_or_else(|| StorageError::Corrupt("conversation key".into()))?;
+            out.push((channel, decode("conversation record", &value)?));
+        }
+        Ok(out)
     }
 
     fn read_messages(
@@ -365,12 +451,17 @@ impl ShardStore for RocksShardStore {
         key: &ChannelKey,
         from: Seq,
         limit: usize,
+        direction: ReadDirection,
     ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
         let prefix = keys::channel(key);
         let start = keys::message(key, from);
+        let direction = match direction {
+            ReadDirection::Up => Direction::Forward,
+            ReadDirection::Down => Direction::Reverse,
+        };
         let iter = self.db.iterator_cf(
             self.cf(keys::CF_MESSAGES),
-            IteratorMode::From(&start, Direction::Forward),
+            IteratorMode::From(&start, direction),
         );
         let mut out = Vec::new();
         for item in iter {
@@ -393,9 +484,22 @@ impl ShardStore for RocksShardStore {
                 timestamp_ms: record.timestamp_ms,
                 send_flags: record.send_flags,
                 payload: Bytes::from(record.payload),
+                recalled: record.recalled,
             }));
         }
         Ok(out)
+    }
+}
+
+fn message_record(message: &StoredMessage) -> MessageRecord {
+    MessageRecord {
+        message_id: message.message_id.0,
+        from_uid: message.from_uid.as_str().to_owned(),
+        client_msg_no: message.client_msg_no.clone(),
+        timestamp_ms: message.timestamp_ms,
+        send_flags: message.send_flags,
+        payload: message.payload.to_vec(),
+        recalled: message.recalled,
     }
 }
 

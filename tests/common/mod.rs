@@ -210,3 +210,45 @@ pub fn connect_packet(uid: &str, token: &str) -> Packet {
         client_timestamp_ms: 0,
     })
 }
+
+/// Starts `ruyi serve` as a child process on port 0 with 2 shards and the
+/// RocksDB store in `dir`; returns it and its address (read from the line it
+/// prints on stdout). For kill -9 tests.
+pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ruyi"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUYI_AUTH_SECRET", SECRET)
+        .env("RUYI_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ruyi serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// Connects an SDK client with a token.
+pub async fn connect_to(addr: SocketAddr, uid: &str) -> (Client, Incoming) {
+    connect(addr, ConnectOptions::new(uid).token(&token(uid)))
+        .await
+        .unwrap_or_else(|e| panic!("{uid} connects: {e}"))
+}
