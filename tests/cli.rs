@@ -149,3 +149,90 @@ fn client_send_exits_non_zero_on_a_refusal_and_prints_the_reason() {
     assert_eq!(refused.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("auth_failed"));
 }
+
+#[test]
+fn client_sync_conversations_conversation_and_recall_print_json_as_documented() {
+    let server = TestServer::start();
+    let addr = server.addr.to_string();
+    let token = |uid: &str| {
+        let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let common = |uid: &'static str, token: &str| -> Vec<String> {
+        vec![
+            "client".into(),
+            "--server".into(),
+            addr.clone(),
+            "--uid".into(),
+            uid.into(),
+            "--token".into(),
+            token.into(),
+        ]
+    };
+    let run = |mut args: Vec<String>, rest: &[&str]| {
+        args.extend(rest.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ruyi(&refs)
+    };
+    let first = run(
+        common("alice", &alice),
+        &["send", "--to", "bob", "--text", "one"],
+    );
+    let second = run(
+        common("alice", &alice),
+        &["send", "--to", "bob", "--text", "two"],
+    );
+    let second_id = stdout_json_lines(&second)[0]["message_id"].clone();
+    assert!(first.status.success() && second.status.success());
+
+    let listed = run(common("bob", &bob), &["conversations"]);
+    assert!(listed.status.success());
+    let lines = stdout_json_lines(&listed);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["channel_id"], "alice");
+    assert_eq!(lines[0]["unread"], 2);
+    assert_eq!(lines[0]["last_message_seq"], 2);
+    assert_eq!(lines[0]["last_message_text"], "two");
+
+    let cleared = run(
+        common("bob", &bob),
+        &["conversation", "--channel", "alice", "--clear-unread"],
+    );
+    assert!(cleared.status.success());
+    let line = &stdout_json_lines(&cleared)[0];
+    assert_eq!(
+        (line["reason"].as_str(), line["unread"].as_u64()),
+        (Some("success"), Some(0))
+    );
+    let unread = run(common("bob", &bob), &["conversations", "--unread-only"]);
+    assert!(stdout_json_lines(&unread).is_empty());
+
+    let id = second_id.to_string();
+    let recalled = run(
+        common("alice", &alice),
+        &["recall", "--channel", "bob", "--message-id", &id],
+    );
+    assert!(recalled.status.success());
+    assert_eq!(stdout_json_lines(&recalled)[0]["reason"], "success");
+    let refused = run(
+        common("bob", &bob),
+        &["recall", "--channel", "alice", "--message-id", &id],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(stdout_json_lines(&refused)[0]["reason"], "not_sender");
+
+    let synced = run(
+        common("bob", &bob),
+        &["sync", "--channel", "alice", "--channel-type", "1"],
+    );
+    assert!(synced.status.success());
+    let lines = stdout_json_lines(&synced);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[0]["text"].as_str(), lines[0]["recalled"].as_bool()),
+        (Some("one"), Some(false))
+    );
+    assert_eq!(lines[1]["recalled"], true);
+    assert_eq!(lines[1]["text"], "");
+}

@@ -4,7 +4,8 @@
 
 use super::{connect, ClientError, ConnectOptions, Delivery, Outgoing};
 use crate::protocol::{
-    reason_name, ChannelType, DeviceFlag, ReasonCode, Recv, RECV_FLAG_REDELIVERED,
+    reason_name, ChannelType, Conversation, ConversationAction, DeviceFlag, ReasonCode, Recv,
+    SyncDirection, RECV_FLAG_RECALLED, RECV_FLAG_REDELIVERED,
 };
 use base64::Engine;
 use bytes::Bytes;
@@ -55,6 +56,82 @@ pub enum ClientCommand {
     Send(SendArgs),
     /// Print every received message as a JSON line, acknowledging each.
     Listen(ListenArgs),
+    /// Print a channel's stored messages as JSON lines (oldest first).
+    Sync(SyncArgs),
+    /// Print the user's conversations, one JSON line each.
+    Conversations(ConversationsArgs),
+    /// Change one conversation: clear or set its unread count, or delete it.
+    Conversation(ConversationArgs),
+    /// Recall a message this user sent.
+    Recall(RecallArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChannelTypeArg {
+    #[value(name = "1")]
+    Person,
+    #[value(name = "2")]
+    Group,
+}
+
+impl From<ChannelTypeArg> for ChannelType {
+    fn from(kind: ChannelTypeArg) -> ChannelType {
+        match kind {
+            ChannelTypeArg::Person => ChannelType::Person,
+            ChannelTypeArg::Group => ChannelType::Group,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The channel: the other person's uid, or the group id.
+    #[arg(long)]
+    pub channel: String,
+    /// 1 = person, 2 = group.
+    #[arg(long, value_enum, default_value = "1")]
+    pub channel_type: ChannelTypeArg,
+    /// First seq to print.
+    #[arg(long, default_value_t = 1)]
+    pub from: u64,
+    /// At most this many messages.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ConversationsArgs {
+    /// Only conversations with unread messages.
+    #[arg(long)]
+    pub unread_only: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["clear_unread", "set_unread", "delete"])))]
+pub struct ConversationArgs {
+    #[arg(long)]
+    pub channel: String,
+    #[arg(long, value_enum, default_value = "1")]
+    pub channel_type: ChannelTypeArg,
+    #[arg(long)]
+    pub clear_unread: bool,
+    #[arg(long)]
+    pub set_unread: Option<u64>,
+    #[arg(long)]
+    pub delete: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["message_id", "client_msg_no"])))]
+pub struct RecallArgs {
+    #[arg(long)]
+    pub channel: String,
+    #[arg(long, value_enum, default_value = "1")]
+    pub channel_type: ChannelTypeArg,
+    #[arg(long)]
+    pub message_id: Option<u64>,
+    #[arg(long)]
+    pub client_msg_no: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +211,116 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
                 1
             })
         }
+        ClientCommand::Sync(sync) => {
+            let (client, _incoming) = connect(addr, options.heartbeat(false)).await?;
+            let mut from = sync.from.max(1);
+            let mut left = sync.limit;
+            // Page through: one response holds at most the server's limits.
+            while left > 0 {
+                let page = client
+                    .sync_messages(
+                        &sync.channel,
+                        sync.channel_type.into(),
+                        from,
+                        0,
+                        left.min(1000),
+                        SyncDirection::Up,
+                    )
+                    .await?;
+                if page.reason != ReasonCode::Success {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "reason": reason_name(page.reason) })
+                    );
+                    client.close().await;
+                    return Ok(1);
+                }
+                let Some(last) = page.messages.last().map(|m| m.message_seq) else {
+                    break;
+                };
+                for message in &page.messages {
+                    let mut line = recv_json(message);
+                    line["recalled"] = (message.flags & RECV_FLAG_RECALLED != 0).into();
+                    println!("{line}");
+                }
+                left = left.saturating_sub(page.messages.len() as u32);
+                from = last + 1;
+            }
+            client.close().await;
+            Ok(0)
+        }
+        ClientCommand::Conversations(list) => {
+            let (client, _incoming) = connect(addr, options.heartbeat(false)).await?;
+            let mut since = 0;
+            loop {
+                let page = client
+                    .sync_conversations(since, 500, list.unread_only)
+                    .await?;
+                if page.reason != ReasonCode::Success {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "reason": reason_name(page.reason) })
+                    );
+                    client.close().await;
+                    return Ok(1);
+                }
+                for conversation in &page.conversations {
+                    println!("{}", conversation_json(conversation));
+                    since = since.max(conversation.version);
+                }
+                if !page.more || page.conversations.is_empty() {
+                    break;
+                }
+            }
+            client.close().await;
+            Ok(0)
+        }
+        ClientCommand::Conversation(change) => {
+            let (client, _incoming) = connect(addr, options.heartbeat(false)).await?;
+            let (action, unread) = match (change.clear_unread, change.set_unread, change.delete) {
+                (true, _, _) => (ConversationAction::ClearUnread, 0),
+                (_, Some(n), _) => (ConversationAction::SetUnread, n),
+                _ => (ConversationAction::Delete, 0),
+            };
+            let response = client
+                .conversation_op(&change.channel, change.channel_type.into(), action, unread)
+                .await?;
+            client.close().await;
+            let mut line = match &response.conversation {
+                Some(conversation) => conversation_json(conversation),
+                None => serde_json::json!({}),
+            };
+            line["reason"] = reason_name(response.reason).into();
+            println!("{line}");
+            Ok(if response.reason == ReasonCode::Success {
+                0
+            } else {
+                1
+            })
+        }
+        ClientCommand::Recall(recall) => {
+            let (client, _incoming) = connect(addr, options.heartbeat(false)).await?;
+            let response = client
+                .recall(
+                    &recall.channel,
+                    recall.channel_type.into(),
+                    recall.message_id.unwrap_or(0),
+                    recall.client_msg_no.as_deref().unwrap_or(""),
+                )
+                .await?;
+            client.close().await;
+            let line = serde_json::json!({
+                "message_id": response.message_id,
+                "message_seq": response.message_seq,
+                "reason": reason_name(response.reason),
+            });
+            println!("{line}");
+            Ok(if response.reason == ReasonCode::Success {
+                0
+            } else {
+                1
+            })
+        }
         ClientCommand::Listen(listen) => {
             let (client, mut incoming) = connect(addr, options).await?;
             // On stderr, so stdout stays one JSON line per message; scripts
@@ -183,6 +370,30 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
             Ok(if reached { 0 } else { 1 })
         }
     }
+}
+
+/// One conversation as the JSON line `ruyi client conversations` prints.
+pub fn conversation_json(conversation: &Conversation) -> serde_json::Value {
+    let text = conversation.last_message.as_ref().map(|m| {
+        if m.flags & RECV_FLAG_RECALLED != 0 {
+            serde_json::Value::Null
+        } else {
+            String::from_utf8_lossy(&m.payload).into_owned().into()
+        }
+    });
+    serde_json::json!({
+        "channel_id": conversation.channel_id,
+        "channel_type": conversation.channel_type.0,
+        "unread": conversation.unread,
+        "last_message_seq": conversation.last_message_seq,
+        "last_message_text": text.unwrap_or(serde_json::Value::Null),
+        "last_message_recalled": conversation
+            .last_message
+            .as_ref()
+            .is_some_and(|m| m.flags & RECV_FLAG_RECALLED != 0),
+        "deleted": conversation.deleted,
+        "version": conversation.version,
+    })
 }
 
 /// One received message as the JSON line `ruyi client listen` prints.
