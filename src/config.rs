@@ -18,6 +18,7 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("config/ruyi.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub policy: PolicyConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
 }
@@ -92,6 +93,12 @@ impl StorageConfig {
             idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub allowlist_for_person: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

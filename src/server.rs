@@ -9,8 +9,8 @@ use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
 use crate::shard::mesh;
 use crate::shard::runtime::{self, ControlCmd, ShardSetup};
-use crate::shard::state::{ControlError, GroupChange, GroupInfo};
-use crate::storage::{MemoryStorage, RocksStorage, Storage};
+use crate::shard::state::{ControlError, GroupInfo, SetChange};
+use crate::storage::{ListKind, MemoryStorage, RocksStorage, Storage};
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
@@ -190,6 +190,15 @@ impl std::fmt::Debug for ServerHandle {
     }
 }
 
+/// Whose allow or deny list to change.
+#[derive(Debug, Clone, Copy)]
+pub enum ListTarget<'a> {
+    /// A group's: who may send into it.
+    Group(&'a str),
+    /// A user's own: who may send to them in person channels.
+    User(&'a str),
+}
+
 /// Sums of every shard's counters.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServerStats {
@@ -255,7 +264,7 @@ impl Control {
         &self,
         group_id: &str,
         uids: &[&str],
-        change: GroupChange,
+        change: SetChange,
     ) -> Result<GroupInfo, ControlError> {
         let owner = ChannelKey::group(group_id).shard(self.shards);
         let (reply, answer) = async_channel::bounded(1);
@@ -282,7 +291,7 @@ impl Control {
         group_id: &str,
         members: &[&str],
     ) -> Result<GroupInfo, ControlError> {
-        self.group(group_id, members, GroupChange::Replace).await
+        self.group(group_id, members, SetChange::Replace).await
     }
 
     pub async fn add_members(
@@ -290,7 +299,7 @@ impl Control {
         group_id: &str,
         members: &[&str],
     ) -> Result<GroupInfo, ControlError> {
-        self.group(group_id, members, GroupChange::Add).await
+        self.group(group_id, members, SetChange::Add).await
     }
 
     /// Removes members; they receive nothing committed after the removal.
@@ -299,7 +308,40 @@ impl Control {
         group_id: &str,
         members: &[&str],
     ) -> Result<GroupInfo, ControlError> {
-        self.group(group_id, members, GroupChange::Remove).await
+        self.group(group_id, members, SetChange::Remove).await
+    }
+
+    /// Changes an allow or deny list: a group's, or a user's own (which
+    /// applies to person channels: the deny list always, the allow list when
+    /// `policy.allowlist_for_person` is on). Returns the resulting list.
+    pub async fn change_list(
+        &self,
+        target: ListTarget<'_>,
+        kind: ListKind,
+        change: SetChange,
+        uids: &[&str],
+    ) -> Result<Vec<String>, ControlError> {
+        let key = match target {
+            ListTarget::Group(id) => ChannelKey::group(id),
+            ListTarget::User(uid) => crate::storage::user_list_key(&crate::ids::Uid::new(uid)),
+        };
+        let owner = key.shard(self.shards);
+        let (reply, answer) = async_channel::bounded(1);
+        let command = ControlCmd::List {
+            key,
+            kind,
+            uids: uids.iter().map(|u| (*u).to_owned()).collect(),
+            change,
+            reply,
+        };
+        self.controls[owner.index()]
+            .send(command)
+            .await
+            .map_err(|_| ControlError::ShuttingDown)?;
+        answer
+            .recv()
+            .await
+            .map_err(|_| ControlError::ShuttingDown)?
     }
 
     /// Every shard's counters, summed.

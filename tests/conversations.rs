@@ -355,3 +355,141 @@ async fn group_conversations_count_only_others_messages_and_late_joiners_start_a
     assert_eq!((list.len(), list[0].unread), (1, 1));
     assert_nothing_arrives(&mut carol_in, Duration::from_millis(100)).await;
 }
+
+#[tokio::test]
+async fn the_first_message_creates_both_conversations_with_the_person_allowlist_on_and_off() {
+    use ruyi::server::ListTarget;
+    use ruyi::shard::state::SetChange;
+    use ruyi::storage::ListKind;
+    for allowlist_for_person in [false, true] {
+        let server =
+            TestServer::start_with(|c| c.policy.allowlist_for_person = allowlist_for_person);
+        let (alice, _a) = server.connect("alice").await;
+        let ack = alice.send_text("bob", "hello").await.unwrap();
+        assert_eq!(ack.reason, ReasonCode::Success, "bob's allow list is empty");
+        let (bob, _b) = server.connect("bob").await;
+        let list = conversations(&bob, true).await;
+        assert_eq!(
+            (list.len(), list[0].unread),
+            (1, 1),
+            "allowlist_for_person = {allowlist_for_person}"
+        );
+        assert_eq!(conversations(&alice, false).await.len(), 1);
+
+        // Bob allows only carol: that binds alice only when the setting is on.
+        server
+            .control()
+            .change_list(
+                ListTarget::User("bob"),
+                ListKind::Allow,
+                SetChange::Replace,
+                &["carol"],
+            )
+            .await
+            .unwrap();
+        let again = alice.send_text("bob", "may I?").await.unwrap();
+        let expected = if allowlist_for_person {
+            ReasonCode::NotAllowed
+        } else {
+            ReasonCode::Success
+        };
+        assert_eq!(
+            again.reason, expected,
+            "allowlist_for_person = {allowlist_for_person}"
+        );
+        let (carol, _c) = server.connect("carol").await;
+        assert_eq!(
+            carol.send_text("bob", "hi").await.unwrap().reason,
+            ReasonCode::Success
+        );
+        let list = conversations(&bob, false).await;
+        assert!(list
+            .iter()
+            .any(|c| c.channel_id == "carol" && c.unread == 1));
+    }
+}
+
+#[tokio::test]
+async fn deny_lists_always_block_and_a_group_allow_list_applies_when_not_empty() {
+    use ruyi::server::ListTarget;
+    use ruyi::shard::state::SetChange;
+    use ruyi::storage::ListKind;
+    let server = TestServer::start();
+    let control = server.control();
+    control
+        .create_group("club", &["alice", "bob", "carol"])
+        .await
+        .unwrap();
+    let (alice, _a) = server.connect("alice").await;
+    let (bob, _b) = server.connect("bob").await;
+    let (carol, _c) = server.connect("carol").await;
+
+    control
+        .change_list(
+            ListTarget::Group("club"),
+            ListKind::Deny,
+            SetChange::Add,
+            &["alice"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.send_group_text("club", "x").await.unwrap().reason,
+        ReasonCode::Denied
+    );
+    control
+        .change_list(
+            ListTarget::Group("club"),
+            ListKind::Allow,
+            SetChange::Replace,
+            &["bob"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        carol.send_group_text("club", "x").await.unwrap().reason,
+        ReasonCode::NotAllowed
+    );
+    let ok = bob.send_group_text("club", "x").await.unwrap();
+    assert_eq!(
+        (ok.reason, ok.message_seq),
+        (ReasonCode::Success, 1),
+        "refusals took no seq"
+    );
+    let cleared = control
+        .change_list(
+            ListTarget::Group("club"),
+            ListKind::Deny,
+            SetChange::Remove,
+            &["alice"],
+        )
+        .await
+        .unwrap();
+    assert!(cleared.is_empty());
+
+    // A person's deny list blocks whatever the allowlist setting.
+    control
+        .change_list(
+            ListTarget::User("bob"),
+            ListKind::Deny,
+            SetChange::Add,
+            &["carol"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        carol.send_text("bob", "hi").await.unwrap().reason,
+        ReasonCode::Denied
+    );
+    assert_eq!(
+        alice.send_text("bob", "hi").await.unwrap().reason,
+        ReasonCode::Success
+    );
+    assert!(
+        conversations(&bob, false)
+            .await
+            .iter()
+            .all(|c| c.channel_id != "carol"),
+        "a blocked first message creates no conversation"
+    );
+}

@@ -198,6 +198,11 @@ pub struct Channel {
     /// The id of the message at `committed_seq` (0 when there is none).
     pub last_message_id: MessageId,
     pub members: Members,
+    /// A group's allow list (when non-empty, only these may send) and deny
+    /// list (these may never send). Person channels use the recipient's
+    /// own lists, kept in storage.
+    pub allow: MemberSet,
+    pub deny: MemberSet,
     /// Conversation rows of this channel's users that the owner has read or
     /// written: the owner is their only writer, so this copy is current.
     pub conversations: std::collections::HashMap<Uid, ConversationRecord, ahash::RandomState>,
@@ -216,6 +221,8 @@ impl Channel {
             committed_seq: Seq(0),
             last_message_id: MessageId(0),
             members,
+            allow: MemberSet::default(),
+            deny: MemberSet::default(),
             conversations: Default::default(),
         }
     }
@@ -231,6 +238,8 @@ impl Channel {
             committed_seq: last_seq,
             last_message_id: MessageId(0),
             members: Members::Group(members.into_iter().collect()),
+            allow: MemberSet::default(),
+            deny: MemberSet::default(),
             conversations: Default::default(),
         }
     }

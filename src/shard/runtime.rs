@@ -4,7 +4,7 @@
 use super::mesh::MeshEnds;
 use super::message::Batch;
 use super::notify::Notify;
-use super::state::{GroupChange, GroupReply, Now, ShardState, ShardStats, Signals};
+use super::state::{GroupReply, Now, SetChange, ShardState, ShardStats, Signals};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::conn;
@@ -29,8 +29,16 @@ pub enum ControlCmd {
     Group {
         group_id: String,
         uids: Vec<String>,
-        change: GroupChange,
+        change: SetChange,
         reply: GroupReply,
+    },
+    /// Change an allow or deny list this shard owns.
+    List {
+        key: crate::channel::ChannelKey,
+        kind: crate::storage::ListKind,
+        uids: Vec<String>,
+        change: SetChange,
+        reply: super::state::ListReply,
     },
     /// Report counters.
     Stats {
@@ -140,6 +148,8 @@ pub async fn run(setup: ShardSetup) {
         store,
         Rc::clone(&signals),
     );
+    let mut state = state;
+    state.set_allowlist_for_person(config.policy.allowlist_for_person);
     let runtime = Rc::new(Runtime {
         state: RefCell::new(state),
         signals,
@@ -355,6 +365,16 @@ async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<Con
                 .state
                 .borrow_mut()
                 .change_group(&group_id, uids, change, reply),
+            ControlCmd::List {
+                key,
+                kind,
+                uids,
+                change,
+                reply,
+            } => runtime
+                .state
+                .borrow_mut()
+                .change_list(key, kind, uids, change, reply),
             ControlCmd::Stats { reply } => {
                 let state = runtime.state.borrow();
                 let _ = reply.try_send((state.stats, state.connection_count()));

@@ -20,7 +20,8 @@ use crate::protocol::{
     SyncMessagesResp, VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_RECALLED,
 };
 use crate::storage::{
-    CommitJob, ConversationRecord, Mutation, ReadDirection, ShardStore, StorageError, StoredMessage,
+    user_list_key, CommitJob, ConversationRecord, ListKind, Mutation, ReadDirection, ShardStore,
+    StorageError, StoredMessage,
 };
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -55,9 +56,10 @@ impl Signals {
     }
 }
 
-/// A change to a group's member list, from the control plane.
+/// A change to a set of uids (a group's members, an allow or deny list),
+/// from the control plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupChange {
+pub enum SetChange {
     /// Create the group, or replace its members.
     Replace,
     Add,
@@ -86,6 +88,7 @@ pub enum ControlError {
 }
 
 pub type GroupReply = async_channel::Sender<Result<GroupInfo, ControlError>>;
+pub type ListReply = async_channel::Sender<Result<Vec<String>, ControlError>>;
 
 /// Work assigned a place in a channel and waiting for the next commit.
 enum Pending {
@@ -115,6 +118,12 @@ enum Pending {
         origin: ConnId,
         request_id: u32,
         message: Arc<StoredMessage>,
+    },
+    List {
+        key: ChannelKey,
+        kind: ListKind,
+        uids: Vec<Uid>,
+        reply: ListReply,
     },
 }
 
@@ -162,6 +171,7 @@ pub struct ShardState {
     pending: Vec<Pending>,
     uncommitted_keys: FastMap<IdempotencyKey, SmallVec<[(ConnId, u32); 1]>>,
     idempotency_ttl_ms: u64,
+    allowlist_for_person: bool,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     encoder: Encoder,
@@ -203,6 +213,7 @@ impl ShardState {
             pending: Vec::new(),
             uncommitted_keys: FastMap::default(),
             idempotency_ttl_ms,
+            allowlist_for_person: false,
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             encoder: Encoder::new(),
@@ -210,6 +221,12 @@ impl ShardState {
             shutting_down: false,
             stats: ShardStats::default(),
         }
+    }
+
+    /// Whether a person channel's recipient's allow list applies (the
+    /// `allowlist_for_person` setting).
+    pub fn set_allowlist_for_person(&mut self, on: bool) {
+        self.allowlist_for_person = on;
     }
 
     pub fn limits(&self) -> &Limits {
@@ -656,6 +673,118 @@ impl ShardState {
         Ok(self.channels.get_mut(key))
     }
 
+    /// For a person channel: the recipient's deny list always blocks; their
+    /// allow list applies when `allowlist_for_person` is on and it is not
+    /// empty. Read from storage: a user's lists live with the user, not with
+    /// any one channel.
+    fn person_policy(&mut self, key: &ChannelKey, from: &Uid) -> Result<(), ReasonCode> {
+        let Some((low, high)) = key.person_pair() else {
+            return Ok(());
+        };
+        let recipient = Uid::new(if low == from.as_str() { high } else { low });
+        let lists = user_list_key(&recipient);
+        let storage = |error: StorageError| {
+            tracing::warn!(%error, "reading a user's lists failed");
+            ReasonCode::StorageError
+        };
+        if self
+            .store
+            .list_contains(&lists, ListKind::Deny, from)
+            .map_err(storage)?
+        {
+            return Err(ReasonCode::Denied);
+        }
+        if self.allowlist_for_person
+            && !self
+                .store
+                .list(&lists, ListKind::Allow, 1)
+                .map_err(storage)?
+                .is_empty()
+            && !self
+                .store
+                .list_contains(&lists, ListKind::Allow, from)
+                .map_err(storage)?
+        {
+            return Err(ReasonCode::NotAllowed);
+        }
+        Ok(())
+    }
+
+    /// Queues a change to an allow or deny list: a group's (`key` is the
+    /// group) or a user's own, for person channels (`key` is
+    /// [`user_list_key`]). `reply` hears the resulting list.
+    pub fn change_list(
+        &mut self,
+        key: ChannelKey,
+        kind: ListKind,
+        uids: Vec<String>,
+        change: SetChange,
+        reply: ListReply,
+    ) {
+        let fail = |reply: ListReply, error: ControlError| {
+            let _ = reply.try_send(Err(error));
+        };
+        if self.shutting_down {
+            return fail(reply, ControlError::ShuttingDown);
+        }
+        assert_eq!(
+            key.shard(self.shards),
+            self.id,
+            "list change sent to the wrong shard"
+        );
+        if let Some(bad) = uids
+            .iter()
+            .find(|u| !valid_uid(u, self.limits.uid_length_max_bytes))
+        {
+            return fail(reply, ControlError::Invalid(format!("bad uid {bad:?}")));
+        }
+        let max = self.limits.group_members_max;
+        let current: crate::channel::MemberSet = if key.kind()
+            == crate::protocol::ChannelType::Group
+        {
+            match self.channel_mut(&key) {
+                Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
+                Ok(None) => return fail(reply, ControlError::NoSuchGroup(key.id().to_owned())),
+                Ok(Some(channel)) => match kind {
+                    ListKind::Allow => channel.allow.clone(),
+                    ListKind::Deny => channel.deny.clone(),
+                },
+            }
+        } else {
+            match self.store.list(&key, kind, max) {
+                Ok(list) => list.into_iter().collect(),
+                Err(error) => return fail(reply, ControlError::Storage(error.to_string())),
+            }
+        };
+        let uids = uids.iter().map(|u| Uid::new(u));
+        let next: crate::channel::MemberSet = match change {
+            SetChange::Replace => uids.collect(),
+            SetChange::Add => current.into_iter().chain(uids).collect(),
+            SetChange::Remove => {
+                let gone: crate::channel::MemberSet = uids.collect();
+                current.into_iter().filter(|u| !gone.contains(u)).collect()
+            }
+        };
+        if next.len() > max {
+            return fail(
+                reply,
+                ControlError::Invalid(format!(
+                    "{} uids exceeds limits.group_members_max = {max}",
+                    next.len()
+                )),
+            );
+        }
+        let mut uids: Vec<Uid> = next.into_iter().collect();
+        uids.sort();
+        self.pending.push(Pending::List {
+            key,
+            kind,
+            uids,
+            reply,
+        });
+        self.signals.commit.notify();
+    }
+
     /// The owner's half of a send: check membership, assign the seq and
     /// queue the message for the next commit.
     fn owner_send(
@@ -700,7 +829,18 @@ impl ShardState {
             Err(reason) => Err(reason),
             Ok(None) => Err(ReasonCode::ChannelMissing),
             Ok(Some(channel)) if !channel.members.contains(&from) => Err(ReasonCode::NotMember),
-            Ok(Some(channel)) => Ok(channel.assign_seq()),
+            Ok(Some(channel)) if channel.deny.contains(&from) => Err(ReasonCode::Denied),
+            Ok(Some(channel)) if !channel.allow.is_empty() && !channel.allow.contains(&from) => {
+                Err(ReasonCode::NotAllowed)
+            }
+            Ok(Some(_)) => match self.person_policy(&key, &from) {
+                Err(reason) => Err(reason),
+                Ok(()) => Ok(self
+                    .channels
+                    .get_mut(&key)
+                    .expect("the channel was just loaded")
+                    .assign_seq()),
+            },
         };
         let seq = match seq {
             Ok(seq) => seq,
@@ -745,7 +885,7 @@ impl ShardState {
         &mut self,
         group_id: &str,
         uids: Vec<String>,
-        change: GroupChange,
+        change: SetChange,
         reply: GroupReply,
     ) {
         let fail = |reply: GroupReply, error: ControlError| {
@@ -793,13 +933,13 @@ impl ShardState {
         };
         let previous = current.clone().unwrap_or_default();
         let members: crate::channel::MemberSet = match (change, current) {
-            (GroupChange::Replace, _) => uids.into_iter().collect(),
+            (SetChange::Replace, _) => uids.into_iter().collect(),
             (_, None) => return fail(reply, ControlError::NoSuchGroup(group_id.to_owned())),
-            (GroupChange::Add, Some(mut set)) => {
+            (SetChange::Add, Some(mut set)) => {
                 set.extend(uids);
                 set
             }
-            (GroupChange::Remove, Some(mut set)) => {
+            (SetChange::Remove, Some(mut set)) => {
                 for uid in &uids {
                     set.remove(uid);
                 }
@@ -907,6 +1047,13 @@ impl ShardState {
                 Pending::Recall { message, .. } => {
                     mutations.push(Mutation::Recall(Arc::clone(message)))
                 }
+                Pending::List {
+                    key, kind, uids, ..
+                } => mutations.push(Mutation::PutList {
+                    key: key.clone(),
+                    kind: *kind,
+                    uids: uids.clone(),
+                }),
             }
         }
         self.stats.commit_batches += 1;
@@ -975,6 +1122,9 @@ impl ShardState {
                     }
                 }
                 Pending::Group { reply, .. } => {
+                    let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
+                }
+                Pending::List { reply, .. } => {
                     let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
                 }
                 Pending::Conversation {
@@ -1069,6 +1219,21 @@ impl ShardState {
                     conversation,
                 });
                 self.reply_to(origin, response);
+            }
+            Pending::List {
+                key,
+                kind,
+                uids,
+                reply,
+            } => {
+                if let Some(channel) = self.channels.get_mut(&key) {
+                    let set = uids.iter().cloned().collect();
+                    match kind {
+                        ListKind::Allow => channel.allow = set,
+                        ListKind::Deny => channel.deny = set,
+                    }
+                }
+                let _ = reply.try_send(Ok(uids.iter().map(|u| u.as_str().to_owned()).collect()));
             }
             Pending::Recall {
                 origin,

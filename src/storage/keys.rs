@@ -11,9 +11,11 @@
 //! | `conversations` | uid · channel                         | [`ConversationRecord`]        |
 //! | `idempotency`   | uid · client_msg_no                   | [`IdempotencyRecord`]         |
 //! | `message_ids`   | channel · message id (u64 BE)         | seq (u64 BE)                  |
+//! | `lists`         | channel · kind (u8) · uid             | empty                         |
 //! | `meta`          | ASCII name                            | format version and such       |
 //!
-//! where `channel` is `kind (u8) · id length (u16 BE) · id bytes` and `uid`
+//! where `channel` is `kind (u8) · id length (u16 BE) · id bytes` (a user's
+//! own lists use a person-type `channel` holding just their uid) and `uid`
 //! and `client_msg_no` are `length (u16 BE) · bytes`. Values are postcard
 //! encodings of the record structs below; a record gains fields only at the
 //! end, with `#[serde(default)]`.
@@ -33,9 +35,11 @@ pub const CF_MEMBERS: &str = "members";
 pub const CF_CONVERSATIONS: &str = "conversations";
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 pub const CF_MESSAGE_IDS: &str = "message_ids";
+pub const CF_LISTS: &str = "lists";
 pub const CF_META: &str = "meta";
 
-pub const ALL_CFS: [&str; 7] = [
+pub const ALL_CFS: [&str; 8] = [
+    CF_LISTS,
     CF_MESSAGES,
     CF_CHANNELS,
     CF_MEMBERS,
@@ -99,6 +103,25 @@ pub fn member(key: &ChannelKey, uid: &str) -> Vec<u8> {
     let mut out = channel(key);
     push_str(&mut out, uid);
     out
+}
+
+/// The prefix of one list: `channel · kind`.
+pub fn list(key: &ChannelKey, kind: u8) -> Vec<u8> {
+    let mut out = channel(key);
+    out.push(kind);
+    out
+}
+
+pub fn list_entry(key: &ChannelKey, kind: u8, uid: &str) -> Vec<u8> {
+    let mut out = list(key, kind);
+    push_str(&mut out, uid);
+    out
+}
+
+pub fn decode_list_entry(bytes: &[u8]) -> Option<String> {
+    let (_, rest) = decode_channel(bytes)?;
+    let (uid, _) = take_str(rest.get(1..)?)?;
+    Some(uid.to_owned())
 }
 
 pub fn decode_member(bytes: &[u8]) -> Option<String> {

@@ -4,7 +4,7 @@
 //! is for tests and experiments, not for production load.
 
 use super::{
-    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, Mutation, ReadDirection,
+    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, ListKind, Mutation, ReadDirection,
     ShardStore, Storage, StorageError, StoredMessage,
 };
 use crate::channel::ChannelKey;
@@ -26,6 +26,7 @@ struct MemoryData {
     channels: FastMap<ChannelKey, MemoryChannel>,
     idempotency: FastMap<(Uid, String), IdempotentHit>,
     conversations: FastMap<Uid, BTreeMap<ChannelKey, ConversationRecord>>,
+    lists: FastMap<(ChannelKey, ListKind), Vec<Uid>>,
 }
 
 /// Keeps everything in memory, shared by every shard.
@@ -106,6 +107,9 @@ impl MemoryData {
                     {
                         *slot = Arc::clone(message);
                     }
+                }
+                Mutation::PutList { key, kind, uids } => {
+                    self.lists.insert((key.clone(), *kind), uids.clone());
                 }
                 Mutation::Conversation { uid, key, record } => {
                     self.conversations
@@ -231,6 +235,33 @@ impl ShardStore for MemoryShardStore {
             .get(uid)
             .map(|rows| rows.iter().map(|(k, r)| (k.clone(), *r)).collect())
             .unwrap_or_default())
+    }
+
+    fn list(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        limit: usize,
+    ) -> Result<Vec<Uid>, StorageError> {
+        Ok(self
+            .data()
+            .lists
+            .get(&(key.clone(), kind))
+            .map(|uids| uids.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn list_contains(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        uid: &Uid,
+    ) -> Result<bool, StorageError> {
+        Ok(self
+            .data()
+            .lists
+            .get(&(key.clone(), kind))
+            .is_some_and(|uids| uids.contains(uid)))
     }
 }
 

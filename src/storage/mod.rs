@@ -82,6 +82,31 @@ impl ConversationRecord {
     }
 }
 
+/// Which list of a channel (or of a user, for person channels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListKind {
+    /// When non-empty, only these uids may send.
+    Allow,
+    /// These uids may never send.
+    Deny,
+}
+
+impl ListKind {
+    pub fn tag(self) -> u8 {
+        match self {
+            ListKind::Allow => 0,
+            ListKind::Deny => 1,
+        }
+    }
+}
+
+/// The key under which a user's own lists (for person channels) are kept:
+/// a person-type key holding one uid, which no pair key can equal because
+/// uids never contain `@`.
+pub fn user_list_key(uid: &Uid) -> ChannelKey {
+    ChannelKey::from_parts(crate::protocol::ChannelType::Person, uid.as_str())
+}
+
 /// Which way a range read goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadDirection {
@@ -105,6 +130,12 @@ pub enum Mutation {
     },
     /// Replace a stored message with its recalled form.
     Recall(Arc<StoredMessage>),
+    /// Replace an allow or deny list.
+    PutList {
+        key: ChannelKey,
+        kind: ListKind,
+        uids: Vec<Uid>,
+    },
     /// Create or replace a group and its member list. `last_seq` is the
     /// group's last seq once everything before this change is applied.
     PutGroup {
@@ -221,6 +252,22 @@ pub trait ShardStore {
         &mut self,
         uid: &Uid,
     ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError>;
+
+    /// Up to `limit` uids of a list.
+    fn list(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        limit: usize,
+    ) -> Result<Vec<Uid>, StorageError>;
+
+    /// Whether `uid` is on a list.
+    fn list_contains(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        uid: &Uid,
+    ) -> Result<bool, StorageError>;
 }
 
 /// A storage engine: hands every shard its own [`ShardStore`].
@@ -303,6 +350,24 @@ impl ShardStore for ClosedStore {
         &mut self,
         _uid: &Uid,
     ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn list(
+        &mut self,
+        _key: &ChannelKey,
+        _kind: ListKind,
+        _limit: usize,
+    ) -> Result<Vec<Uid>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn list_contains(
+        &mut self,
+        _key: &ChannelKey,
+        _kind: ListKind,
+        _uid: &Uid,
+    ) -> Result<bool, StorageError> {
         Err(StorageError::Closed)
     }
 }

@@ -10,7 +10,7 @@
 
 use super::keys;
 use super::{
-    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, Mutation, ReadDirection,
+    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, ListKind, Mutation, ReadDirection,
     ShardStore, Storage, StorageError, StoredMessage,
 };
 use crate::channel::ChannelKey;
@@ -234,8 +234,18 @@ impl ShardStore for RocksShardStore {
         let idempotency = self.cf(keys::CF_IDEMPOTENCY);
         let message_ids = self.cf(keys::CF_MESSAGE_IDS);
         let conversations = self.cf(keys::CF_CONVERSATIONS);
+        let lists = self.cf(keys::CF_LISTS);
         for mutation in batch {
             match mutation {
+                Mutation::PutList { key, kind, uids } => {
+                    let prefix = keys::list(key, kind.tag());
+                    let mut end = prefix.clone();
+                    increment(&mut end);
+                    write.delete_range_cf(lists, &prefix, &end);
+                    for uid in uids {
+                        write.put_cf(lists, keys::list_entry(key, kind.tag(), uid.as_str()), []);
+                    }
+                }
                 Mutation::Recall(message) => {
                     write.put_cf(
                         messages,
@@ -444,6 +454,49 @@ impl ShardStore for RocksShardStore {
             out.push((channel, decode("conversation record", &value)?));
         }
         Ok(out)
+    }
+
+    fn list(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        limit: usize,
+    ) -> Result<Vec<Uid>, StorageError> {
+        let prefix = keys::list(key, kind.tag());
+        let iter = self.db.iterator_cf(
+            self.cf(keys::CF_LISTS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (entry, _) = item.map_err(io_error)?;
+            if !entry.starts_with(&prefix) {
+                break;
+            }
+            let uid = keys::decode_list_entry(&entry)
+                .ok_or_else(|| StorageError::Corrupt("list key".into()))?;
+            out.push(Uid::new(&uid));
+        }
+        Ok(out)
+    }
+
+    fn list_contains(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        uid: &Uid,
+    ) -> Result<bool, StorageError> {
+        Ok(self
+            .db
+            .get_pinned_cf(
+                self.cf(keys::CF_LISTS),
+                keys::list_entry(key, kind.tag(), uid.as_str()),
+            )
+            .map_err(io_error)?
+            .is_some())
     }
 
     fn read_messages(
