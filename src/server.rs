@@ -267,21 +267,27 @@ impl Control {
         change: SetChange,
     ) -> Result<GroupInfo, ControlError> {
         let owner = ChannelKey::group(group_id).shard(self.shards);
-        let (reply, answer) = async_channel::bounded(1);
-        let command = ControlCmd::Group {
+        self.ask(owner, |reply| ControlCmd::Group {
             group_id: group_id.to_owned(),
             uids: uids.iter().map(|u| (*u).to_owned()).collect(),
             change,
             reply,
-        };
-        self.controls[owner.index()]
-            .send(command)
+        })
+        .await?
+    }
+
+    /// Sends one request to `shard` and waits for its answer.
+    async fn ask<T>(
+        &self,
+        shard: ShardId,
+        command: impl FnOnce(async_channel::Sender<T>) -> ControlCmd,
+    ) -> Result<T, ControlError> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.controls[shard.index()]
+            .send(command(reply))
             .await
             .map_err(|_| ControlError::ShuttingDown)?;
-        answer
-            .recv()
-            .await
-            .map_err(|_| ControlError::ShuttingDown)?
+        answer.recv().await.map_err(|_| ControlError::ShuttingDown)
     }
 
     /// Creates a group with exactly these members, or replaces the members
@@ -326,37 +332,23 @@ impl Control {
             ListTarget::User(uid) => crate::storage::user_list_key(&crate::ids::Uid::new(uid)),
         };
         let owner = key.shard(self.shards);
-        let (reply, answer) = async_channel::bounded(1);
-        let command = ControlCmd::List {
+        self.ask(owner, |reply| ControlCmd::List {
             key,
             kind,
             uids: uids.iter().map(|u| (*u).to_owned()).collect(),
             change,
             reply,
-        };
-        self.controls[owner.index()]
-            .send(command)
-            .await
-            .map_err(|_| ControlError::ShuttingDown)?;
-        answer
-            .recv()
-            .await
-            .map_err(|_| ControlError::ShuttingDown)?
+        })
+        .await?
     }
 
     /// Every shard's counters, summed.
     pub async fn stats(&self) -> Result<ServerStats, ControlError> {
         let mut total = ServerStats::default();
-        for control in &self.controls {
-            let (reply, answer) = async_channel::bounded(1);
-            control
-                .send(ControlCmd::Stats { reply })
-                .await
-                .map_err(|_| ControlError::ShuttingDown)?;
-            let (stats, connections) = answer
-                .recv()
-                .await
-                .map_err(|_| ControlError::ShuttingDown)?;
+        for shard in 0..self.shards {
+            let (stats, connections) = self
+                .ask(ShardId(shard), |reply| ControlCmd::Stats { reply })
+                .await?;
             total.connections += connections;
             total.connections_accepted += stats.connections_accepted;
             total.connections_refused += stats.connections_refused;

@@ -8,7 +8,10 @@
 //! what a packet means in a phase; the shard carries it out.
 
 use crate::ids::{Millis, Uid};
-use crate::protocol::{DeviceFlag, Packet, ReasonCode};
+use crate::protocol::{
+    Connect, ConversationOp, DeviceFlag, Packet, ReasonCode, Recall, SendPacket, SyncConversations,
+    SyncMessages,
+};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,51 +39,52 @@ pub struct Session {
     pub closing_since: Option<Millis>,
 }
 
-/// What a packet asks the shard to do.
+/// What a packet asks the shard to do, with the packet it came in.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
     /// Check the `Connect` and start joining.
-    Authenticate,
+    Authenticate(Connect),
     /// Route the `Send` to its channel's owner.
-    Send,
+    Send(SendPacket),
     /// Record the delivery acknowledgement.
     RecvAck,
     /// Answer with `Pong`.
     Pong,
     /// Read a range of a channel.
-    SyncMessages,
+    SyncMessages(SyncMessages),
     /// List the user's conversations.
-    SyncConversations,
+    SyncConversations(SyncConversations),
     /// Change one of the user's conversations.
-    ConversationOp,
+    ConversationOp(ConversationOp),
     /// Recall a message.
-    Recall,
-    /// Nothing to do (a `Pong` from the client).
+    Recall(Recall),
+    /// Nothing to do (a `Pong` from the client, anything while closing).
     Nothing,
     /// The client said goodbye: close without a reply.
     ClientClosed,
-    /// Close with this reason.
-    Refuse(ReasonCode),
+    /// Close with this reason; the name of the offending packet.
+    Refuse(ReasonCode, &'static str),
 }
 
 /// Decides what `packet` means in `phase`. Packets only the server sends are
 /// protocol violations from a client.
-pub fn step(phase: Phase, packet: &Packet) -> Step {
+pub fn step(phase: Phase, packet: Packet) -> Step {
+    let unexpected = |packet: &Packet| Step::Refuse(ReasonCode::UnexpectedPacket, packet.name());
     match (phase, packet) {
         (Phase::Closing, _) => Step::Nothing,
-        (Phase::Handshake, Packet::Connect(_)) => Step::Authenticate,
-        (Phase::Handshake, _) => Step::Refuse(ReasonCode::UnexpectedPacket),
+        (Phase::Handshake, Packet::Connect(connect)) => Step::Authenticate(connect),
+        (Phase::Handshake, other) => unexpected(&other),
         (_, Packet::Disconnect(_)) => Step::ClientClosed,
-        (Phase::Joining { .. }, _) => Step::Refuse(ReasonCode::UnexpectedPacket),
-        (Phase::Active, Packet::Send(_)) => Step::Send,
+        (Phase::Joining { .. }, other) => unexpected(&other),
+        (Phase::Active, Packet::Send(send)) => Step::Send(send),
         (Phase::Active, Packet::RecvAck(_)) => Step::RecvAck,
         (Phase::Active, Packet::Ping) => Step::Pong,
-        (Phase::Active, Packet::SyncMessages(_)) => Step::SyncMessages,
-        (Phase::Active, Packet::SyncConversations(_)) => Step::SyncConversations,
-        (Phase::Active, Packet::ConversationOp(_)) => Step::ConversationOp,
-        (Phase::Active, Packet::Recall(_)) => Step::Recall,
         (Phase::Active, Packet::Pong) => Step::Nothing,
-        (Phase::Active, _) => Step::Refuse(ReasonCode::UnexpectedPacket),
+        (Phase::Active, Packet::SyncMessages(request)) => Step::SyncMessages(request),
+        (Phase::Active, Packet::SyncConversations(request)) => Step::SyncConversations(request),
+        (Phase::Active, Packet::ConversationOp(op)) => Step::ConversationOp(op),
+        (Phase::Active, Packet::Recall(recall)) => Step::Recall(recall),
+        (Phase::Active, other) => unexpected(&other),
     }
 }
 
@@ -104,10 +108,10 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Connect, RecvAck};
+    use crate::protocol::RecvAck;
 
     fn connect() -> Packet {
-        Packet::Connect(Connect {
+        Packet::Connect(crate::protocol::Connect {
             version: 1,
             uid: "u".into(),
             token: String::new(),
@@ -119,31 +123,34 @@ mod tests {
 
     #[test]
     fn only_connect_opens_a_session() {
-        assert_eq!(step(Phase::Handshake, &connect()), Step::Authenticate);
+        assert!(matches!(
+            step(Phase::Handshake, connect()),
+            Step::Authenticate(_)
+        ));
         assert_eq!(
-            step(Phase::Handshake, &Packet::Ping),
-            Step::Refuse(ReasonCode::UnexpectedPacket)
+            step(Phase::Handshake, Packet::Ping),
+            Step::Refuse(ReasonCode::UnexpectedPacket, "Ping")
         );
         assert_eq!(
             step(
                 Phase::Handshake,
-                &Packet::RecvAck(RecvAck {
+                Packet::RecvAck(RecvAck {
                     message_id: 1,
                     message_seq: 1
                 })
             ),
-            Step::Refuse(ReasonCode::UnexpectedPacket)
+            Step::Refuse(ReasonCode::UnexpectedPacket, "RecvAck")
         );
     }
 
     #[test]
     fn a_second_connect_or_a_server_packet_is_a_violation() {
         assert_eq!(
-            step(Phase::Active, &connect()),
-            Step::Refuse(ReasonCode::UnexpectedPacket)
+            step(Phase::Active, connect()),
+            Step::Refuse(ReasonCode::UnexpectedPacket, "Connect")
         );
-        assert_eq!(step(Phase::Active, &Packet::Pong), Step::Nothing);
-        assert_eq!(step(Phase::Active, &Packet::Ping), Step::Pong);
-        assert_eq!(step(Phase::Closing, &Packet::Ping), Step::Nothing);
+        assert_eq!(step(Phase::Active, Packet::Pong), Step::Nothing);
+        assert_eq!(step(Phase::Active, Packet::Ping), Step::Pong);
+        assert_eq!(step(Phase::Closing, Packet::Ping), Step::Nothing);
     }
 }

@@ -378,43 +378,13 @@ impl ShardState {
                 return;
             }
         };
-        match step(phase, &packet) {
-            Step::Authenticate => {
-                let Packet::Connect(connect) = packet else {
-                    unreachable!("step() returns Authenticate only for Connect")
-                };
-                self.authenticate(conn, connect, now);
-            }
-            Step::Send => {
-                let Packet::Send(send) = packet else {
-                    unreachable!("step() returns Send only for Send")
-                };
-                self.client_send(conn, send, now);
-            }
-            Step::SyncMessages => {
-                let Packet::SyncMessages(request) = packet else {
-                    unreachable!("step() returns SyncMessages only for SyncMessages")
-                };
-                self.client_sync_messages(conn, &request);
-            }
-            Step::SyncConversations => {
-                let Packet::SyncConversations(request) = packet else {
-                    unreachable!("step() returns SyncConversations only for SyncConversations")
-                };
-                self.client_sync_conversations(conn, &request);
-            }
-            Step::ConversationOp => {
-                let Packet::ConversationOp(op) = packet else {
-                    unreachable!("step() returns ConversationOp only for ConversationOp")
-                };
-                self.client_conversation_op(conn, op, now);
-            }
-            Step::Recall => {
-                let Packet::Recall(recall) = packet else {
-                    unreachable!("step() returns Recall only for Recall")
-                };
-                self.client_recall(conn, recall, now);
-            }
+        match step(phase, packet) {
+            Step::Authenticate(connect) => self.authenticate(conn, connect, now),
+            Step::Send(send) => self.client_send(conn, send, now),
+            Step::SyncMessages(request) => self.client_sync_messages(conn, &request),
+            Step::SyncConversations(request) => self.client_sync_conversations(conn, &request),
+            Step::ConversationOp(op) => self.client_conversation_op(conn, op, now),
+            Step::Recall(recall) => self.client_recall(conn, recall),
             // Acknowledgements are recorded by the delivery layer; without it
             // there is nothing pending to complete.
             Step::RecvAck | Step::Nothing => {}
@@ -426,8 +396,8 @@ impl ShardState {
                     entry.outbox.start_closing(ReasonCode::Success);
                 }
             }
-            Step::Refuse(reason) => {
-                let detail = format!("{} not allowed here", packet.name());
+            Step::Refuse(reason, name) => {
+                let detail = format!("{name} not allowed here");
                 self.close(conn, reason, &detail, now);
             }
         }
@@ -1863,7 +1833,7 @@ impl ShardState {
         Ok((deleted, own))
     }
 
-    fn client_recall(&mut self, conn: ConnId, recall: Recall, now: Now) {
+    fn client_recall(&mut self, conn: ConnId, recall: Recall) {
         let Some(uid) = self.identity_uid(conn) else {
             return;
         };
@@ -1875,7 +1845,6 @@ impl ShardState {
         if owner == self.id {
             self.owner_recall(conn, uid, key, recall);
         } else {
-            let _ = now;
             self.push_outgoing(
                 owner,
                 ShardMsg::Recall {
