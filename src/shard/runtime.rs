@@ -200,10 +200,16 @@ pub async fn run(setup: ShardSetup) {
 
     // SAFETY: the descriptor is a listening TCP socket this shard owns; it
     // was bound by `server::bind_listeners` and nothing else refers to it.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    let listener_fd = listener.into_raw_fd();
+    let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
     let _ = ready.send(Ok(shard));
     tracing::info!(shard = shard.0, cpu = ?current_cpu(), "shard started");
     accept_loop(&runtime, &listener).await;
+    // Stop listening now. Closing the descriptor is not enough: the accept
+    // that was in flight in io_uring keeps the socket open (and accepting
+    // into its backlog) until it completes.
+    // SAFETY: `listener_fd` is the listening socket `listener` still owns.
+    unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
     drop(listener);
 
     // Graceful shutdown: every connection has been told; give them the
