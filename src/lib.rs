@@ -32,6 +32,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 pub mod conn;
+pub mod delivery;
 pub mod ids;
 pub mod protocol;
 pub mod server;
