@@ -18,6 +18,7 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("config/ruyi.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub delivery: DeliveryConfig,
     pub policy: PolicyConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
@@ -91,6 +92,43 @@ impl StorageConfig {
             block_cache_bytes: self.block_cache_bytes,
             write_buffer_bytes: self.write_buffer_bytes,
             idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub retry_interval_ms: u64,
+    pub retry_backoff_percent: u64,
+    pub retry_interval_max_ms: u64,
+    pub retry_jitter_percent: u64,
+    pub retry_attempts_max: u32,
+    pub retry_tick_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_interval_ms: 3000,
+            retry_backoff_percent: 200,
+            retry_interval_max_ms: 30_000,
+            retry_jitter_percent: 20,
+            retry_attempts_max: 5,
+            retry_tick_ms: 100,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    pub fn retry_policy(&self) -> crate::delivery::RetryPolicy {
+        crate::delivery::RetryPolicy {
+            interval_ms: self.retry_interval_ms,
+            backoff_percent: self.retry_backoff_percent,
+            interval_max_ms: self.retry_interval_max_ms,
+            jitter_percent: self.retry_jitter_percent,
+            attempts_max: self.retry_attempts_max,
+            tick_ms: self.retry_tick_ms,
         }
     }
 }
@@ -281,6 +319,24 @@ impl Config {
         check(
             st.write_buffer_bytes >= 1024 * 1024,
             "storage.write_buffer_bytes must be at least 1 MiB".into(),
+        );
+        let d = &self.delivery;
+        check(
+            (10..=d.retry_interval_ms).contains(&d.retry_tick_ms),
+            "delivery.retry_tick_ms must be at least 10 and at most delivery.retry_interval_ms"
+                .into(),
+        );
+        check(
+            d.retry_interval_ms <= d.retry_interval_max_ms,
+            "delivery.retry_interval_ms must be at most delivery.retry_interval_max_ms".into(),
+        );
+        check(
+            (100..=1000).contains(&d.retry_backoff_percent),
+            "delivery.retry_backoff_percent must be between 100 and 1000".into(),
+        );
+        check(
+            d.retry_jitter_percent <= 50,
+            "delivery.retry_jitter_percent must be at most 50".into(),
         );
         if self.auth.mode == AuthMode::Token {
             check(

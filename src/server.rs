@@ -208,6 +208,7 @@ pub struct ServerStats {
     pub messages_committed: u64,
     pub recvs_written: u64,
     pub commit_batches: u64,
+    pub redeliveries: u64,
 }
 
 impl ServerHandle {
@@ -355,6 +356,7 @@ impl Control {
             total.messages_committed += stats.messages_committed;
             total.recvs_written += stats.recvs_written;
             total.commit_batches += stats.commit_batches;
+            total.redeliveries += stats.redeliveries;
         }
         Ok(total)
     }

@@ -236,3 +236,54 @@ fn client_sync_conversations_conversation_and_recall_print_json_as_documented() 
     assert_eq!(lines[1]["recalled"], true);
     assert_eq!(lines[1]["text"], "");
 }
+
+#[test]
+fn listen_with_no_ack_prints_redeliveries_flagged() {
+    let server = TestServer::start_with(|c| {
+        c.delivery.retry_interval_ms = 200;
+        c.delivery.retry_tick_ms = 10;
+        c.delivery.retry_jitter_percent = 0;
+    });
+    let addr = server.addr.to_string();
+    let token = |uid: &str| {
+        let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let mut listener = Command::new(RUYI)
+        .args([
+            "client",
+            "listen",
+            "--server",
+            &addr,
+            "--uid",
+            "bob",
+            "--token",
+            &bob,
+            "--no-ack",
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(listener.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.starts_with("listening as bob"), "{line}");
+    let sent = ruyi(&[
+        "client", "send", "--server", &addr, "--uid", "alice", "--token", &alice, "--to", "bob",
+        "--text", "retry me",
+    ]);
+    assert!(sent.status.success());
+    let output = listener.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let lines = stdout_json_lines(&output);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["redelivered"], false);
+    assert_eq!(lines[1]["redelivered"], true);
+    assert_eq!(lines[0]["message_id"], lines[1]["message_id"]);
+}

@@ -158,6 +158,10 @@ pub struct ListenArgs {
     /// Exit after this many seconds.
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Do not acknowledge: the server redelivers, and every redelivery is
+    /// printed (`"redelivered": true`). For testing retries.
+    #[arg(long)]
+    pub no_ack: bool,
 }
 
 /// Runs a client command; returns the process exit code.
@@ -322,7 +326,7 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
             })
         }
         ClientCommand::Listen(listen) => {
-            let (client, mut incoming) = connect(addr, options).await?;
+            let (client, mut incoming) = connect(addr, options.auto_ack(!listen.no_ack)).await?;
             // On stderr, so stdout stays one JSON line per message; scripts
             // can wait for it to know the listener is online.
             eprintln!(

@@ -119,10 +119,28 @@ impl ClientCore {
         client_seq
     }
 
+    /// Acknowledges one received message.
     pub fn ack(&mut self, message_id: u64, message_seq: u64) {
         let packet = Packet::RecvAck(RecvAck {
             message_id,
             message_seq,
+            channel_id: String::new(),
+            channel_type: ChannelType::Unknown,
+            through: false,
+        });
+        self.encoder.encode(&packet, &mut self.output);
+    }
+
+    /// Acknowledges every message of a channel received on this connection
+    /// up to `message_seq` with one frame. Pushes arrive in order on one
+    /// connection, so receiving seq N means every earlier push arrived.
+    pub fn ack_through(&mut self, channel_id: &str, channel_type: ChannelType, message_seq: u64) {
+        let packet = Packet::RecvAck(RecvAck {
+            message_id: 0,
+            message_seq,
+            channel_id: channel_id.to_owned(),
+            channel_type,
+            through: true,
         });
         self.encoder.encode(&packet, &mut self.output);
     }

@@ -49,7 +49,10 @@ pub struct ConnectOptions {
     pub token: String,
     pub device_id: String,
     pub device_flag: DeviceFlag,
-    /// Acknowledge every received message as soon as it is handed over.
+    /// Acknowledge received messages as soon as they are handed over (one
+    /// cumulative ack per channel per read), and drop redeliveries of
+    /// messages already handed over. Off: the app acks with
+    /// [`Client::ack`] and sees every redelivery.
     pub auto_ack: bool,
     /// Send `Ping` at the interval the server asks for.
     pub heartbeat: bool,
@@ -147,6 +150,7 @@ enum Command {
     Send(Outgoing, oneshot::Sender<Result<SendAck, ClientError>>),
     Request(Packet, u32, oneshot::Sender<Result<Packet, ClientError>>),
     Ack(u64, u64),
+    AckThrough(String, ChannelType, u64),
     Close,
 }
 
@@ -236,6 +240,11 @@ async fn run(
     let (mut reader, mut writer) = stream.into_split();
     let mut pending: HashMap<u32, oneshot::Sender<Result<SendAck, ClientError>>> = HashMap::new();
     let mut requests: HashMap<u32, oneshot::Sender<Result<Packet, ClientError>>> = HashMap::new();
+    // Per channel (id, type): the highest seq handed to the app, and the
+    // highest to acknowledge after this read (one cumulative ack per
+    // channel per read).
+    let mut highest_seen: HashMap<(String, u8), u64> = HashMap::new();
+    let mut to_ack: HashMap<(String, u8), u64> = HashMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     let period = heartbeat.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -257,12 +266,22 @@ async fn run(
                             }
                         }
                         Ok(Some(Event::Recv(recv))) => {
-                            let (id, seq) = (recv.message_id, recv.message_seq);
-                            if incoming.send(Delivery::Message(recv)).await.is_err() {
-                                break 'outer;
+                            let channel = (recv.channel_id.clone(), recv.channel_type.0);
+                            let seq = recv.message_seq;
+                            let seen = highest_seen.get(&channel).copied().unwrap_or(0);
+                            // Pushes arrive in order on one connection: a seq
+                            // at or below one already handed over is a
+                            // redelivery of a message the app has.
+                            let duplicate = auto_ack && seq <= seen;
+                            if !duplicate {
+                                highest_seen.insert(channel.clone(), seq);
+                                if incoming.send(Delivery::Message(recv)).await.is_err() {
+                                    break 'outer;
+                                }
                             }
                             if auto_ack {
-                                core.ack(id, seq);
+                                let top = to_ack.entry(channel).or_insert(0);
+                                *top = (*top).max(seq);
                             }
                         }
                         Ok(Some(Event::Disconnect(d))) => {
@@ -291,6 +310,9 @@ async fn run(
                         }
                     }
                 }
+                for ((channel_id, channel_type), seq) in to_ack.drain() {
+                    core.ack_through(&channel_id, ChannelType(channel_type), seq);
+                }
             }
             command = commands.recv() => match command {
                 Some(Command::Send(message, reply)) => {
@@ -302,6 +324,9 @@ async fn run(
                     requests.insert(request_id, reply);
                 }
                 Some(Command::Ack(id, seq)) => core.ack(id, seq),
+                Some(Command::AckThrough(channel_id, channel_type, seq)) => {
+                    core.ack_through(&channel_id, channel_type, seq)
+                }
                 Some(Command::Close) | None => {
                     core.disconnect();
                     let _ = writer.write_all(core.output()).await;
@@ -479,6 +504,24 @@ impl Client {
     pub async fn ack(&self, message_id: u64, message_seq: u64) -> Result<(), ClientError> {
         self.commands
             .send(Command::Ack(message_id, message_seq))
+            .await
+            .map_err(|_| ClientError::Closed(None))
+    }
+
+    /// Acknowledges every message of a channel received on this connection
+    /// up to `message_seq`, with one frame (when `auto_ack` is off).
+    pub async fn ack_through(
+        &self,
+        channel_id: &str,
+        channel_type: ChannelType,
+        message_seq: u64,
+    ) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::AckThrough(
+                channel_id.to_owned(),
+                channel_type,
+                message_seq,
+            ))
             .await
             .map_err(|_| ClientError::Closed(None))
     }

@@ -9,8 +9,8 @@
 
 use crate::ids::{Millis, Uid};
 use crate::protocol::{
-    Connect, ConversationOp, DeviceFlag, Packet, ReasonCode, Recall, SendPacket, SyncConversations,
-    SyncMessages,
+    Connect, ConversationOp, DeviceFlag, Packet, ReasonCode, Recall, RecvAck, SendPacket,
+    SyncConversations, SyncMessages,
 };
 use std::sync::Arc;
 
@@ -47,7 +47,7 @@ pub enum Step {
     /// Route the `Send` to its channel's owner.
     Send(SendPacket),
     /// Record the delivery acknowledgement.
-    RecvAck,
+    RecvAck(RecvAck),
     /// Answer with `Pong`.
     Pong,
     /// Read a range of a channel.
@@ -77,7 +77,7 @@ pub fn step(phase: Phase, packet: Packet) -> Step {
         (_, Packet::Disconnect(_)) => Step::ClientClosed,
         (Phase::Joining { .. }, other) => unexpected(&other),
         (Phase::Active, Packet::Send(send)) => Step::Send(send),
-        (Phase::Active, Packet::RecvAck(_)) => Step::RecvAck,
+        (Phase::Active, Packet::RecvAck(ack)) => Step::RecvAck(ack),
         (Phase::Active, Packet::Ping) => Step::Pong,
         (Phase::Active, Packet::Pong) => Step::Nothing,
         (Phase::Active, Packet::SyncMessages(request)) => Step::SyncMessages(request),
@@ -108,7 +108,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::RecvAck;
 
     fn connect() -> Packet {
         Packet::Connect(crate::protocol::Connect {
@@ -136,7 +135,10 @@ mod tests {
                 Phase::Handshake,
                 Packet::RecvAck(RecvAck {
                     message_id: 1,
-                    message_seq: 1
+                    message_seq: 1,
+                    channel_id: String::new(),
+                    channel_type: crate::protocol::ChannelType::Person,
+                    through: false,
                 })
             ),
             Step::Refuse(ReasonCode::UnexpectedPacket, "RecvAck")

@@ -1699,6 +1699,9 @@ impl<'a> ::flatbuffers::Follow<'a> for RecvAck<'a> {
 impl<'a> RecvAck<'a> {
   pub const VT_MESSAGE_ID: ::flatbuffers::VOffsetT = 4;
   pub const VT_MESSAGE_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CHANNEL_ID: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CHANNEL_TYPE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_THROUGH: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1707,11 +1710,14 @@ impl<'a> RecvAck<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args RecvAckArgs
+    args: &'args RecvAckArgs<'args>
   ) -> ::flatbuffers::WIPOffset<RecvAck<'bldr>> {
     let mut builder = RecvAckBuilder::new(_fbb);
     builder.add_message_seq(args.message_seq);
     builder.add_message_id(args.message_id);
+    if let Some(x) = args.channel_id { builder.add_channel_id(x); }
+    builder.add_through(args.through);
+    builder.add_channel_type(args.channel_type);
     builder.finish()
   }
 
@@ -1730,6 +1736,29 @@ impl<'a> RecvAck<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(RecvAck::VT_MESSAGE_SEQ, Some(0)).unwrap()}
   }
+  /// With `through`: the channel (as the client sees it) whose pushes up to
+  /// `message_seq` are all acknowledged by this one frame.
+  #[inline]
+  pub fn channel_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(RecvAck::VT_CHANNEL_ID, None)}
+  }
+  #[inline]
+  pub fn channel_type(&self) -> ChannelType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ChannelType>(RecvAck::VT_CHANNEL_TYPE, Some(ChannelType::Unknown)).unwrap()}
+  }
+  #[inline]
+  pub fn through(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(RecvAck::VT_THROUGH, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RecvAck<'_> {
@@ -1740,20 +1769,29 @@ impl ::flatbuffers::Verifiable for RecvAck<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("message_id", Self::VT_MESSAGE_ID, false)?
      .visit_field::<u64>("message_seq", Self::VT_MESSAGE_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("channel_id", Self::VT_CHANNEL_ID, false)?
+     .visit_field::<ChannelType>("channel_type", Self::VT_CHANNEL_TYPE, false)?
+     .visit_field::<bool>("through", Self::VT_THROUGH, false)?
      .finish();
     Ok(())
   }
 }
-pub struct RecvAckArgs {
+pub struct RecvAckArgs<'a> {
     pub message_id: u64,
     pub message_seq: u64,
+    pub channel_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub channel_type: ChannelType,
+    pub through: bool,
 }
-impl<'a> Default for RecvAckArgs {
+impl<'a> Default for RecvAckArgs<'a> {
   #[inline]
   fn default() -> Self {
     RecvAckArgs {
       message_id: 0,
       message_seq: 0,
+      channel_id: None,
+      channel_type: ChannelType::Unknown,
+      through: false,
     }
   }
 }
@@ -1770,6 +1808,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RecvAckBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_message_seq(&mut self, message_seq: u64) {
     self.fbb_.push_slot::<u64>(RecvAck::VT_MESSAGE_SEQ, message_seq, 0);
+  }
+  #[inline]
+  pub fn add_channel_id(&mut self, channel_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RecvAck::VT_CHANNEL_ID, channel_id);
+  }
+  #[inline]
+  pub fn add_channel_type(&mut self, channel_type: ChannelType) {
+    self.fbb_.push_slot::<ChannelType>(RecvAck::VT_CHANNEL_TYPE, channel_type, ChannelType::Unknown);
+  }
+  #[inline]
+  pub fn add_through(&mut self, through: bool) {
+    self.fbb_.push_slot::<bool>(RecvAck::VT_THROUGH, through, false);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RecvAckBuilder<'a, 'b, A> {
@@ -1791,6 +1841,9 @@ impl ::core::fmt::Debug for RecvAck<'_> {
     let mut ds = f.debug_struct("RecvAck");
       ds.field("message_id", &self.message_id());
       ds.field("message_seq", &self.message_seq());
+      ds.field("channel_id", &self.channel_id());
+      ds.field("channel_type", &self.channel_type());
+      ds.field("through", &self.through());
       ds.finish()
   }
 }

@@ -103,10 +103,15 @@ pub struct Recv {
     pub payload: Bytes,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Acknowledges one pushed message (by id), or with `through` every push of
+/// `channel_id` up to `message_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecvAck {
     pub message_id: u64,
     pub message_seq: u64,
+    pub channel_id: String,
+    pub channel_type: ChannelType,
+    pub through: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,6 +379,9 @@ impl Packet {
                 Packet::RecvAck(RecvAck {
                     message_id: p.message_id(),
                     message_seq: p.message_seq(),
+                    channel_id: p.channel_id().unwrap_or_default().to_owned(),
+                    channel_type: p.channel_type(),
+                    through: p.through(),
                 })
             }
             wire::Packet::Ping => {
@@ -638,11 +646,15 @@ impl Encoder {
                 return encode_recv(self, &recv_fields(p), out);
             }
             Packet::RecvAck(p) => {
+                let channel_id = fbb.create_string(&p.channel_id);
                 let t = wire::RecvAck::create(
                     fbb,
                     &wire::RecvAckArgs {
                         message_id: p.message_id,
                         message_seq: p.message_seq,
+                        channel_id: Some(channel_id),
+                        channel_type: p.channel_type,
+                        through: p.through,
                     },
                 );
                 (wire::Packet::RecvAck, t.as_union_value())
@@ -944,6 +956,9 @@ mod tests {
         round_trip(Packet::RecvAck(RecvAck {
             message_id: 77,
             message_seq: 1,
+            channel_id: "alice".into(),
+            channel_type: ChannelType::Person,
+            through: true,
         }));
         round_trip(Packet::Ping);
         round_trip(Packet::Pong);

@@ -150,12 +150,20 @@ pub async fn run(setup: ShardSetup) {
     );
     let mut state = state;
     state.set_allowlist_for_person(config.policy.allowlist_for_person);
+    let clock = SystemClock::new();
+    state.set_retry_policy(
+        config.delivery.retry_policy(),
+        Now {
+            monotonic: clock.monotonic(),
+            unix_ms: clock.unix_ms(),
+        },
+    );
     let runtime = Rc::new(Runtime {
         state: RefCell::new(state),
         signals,
         read_scratch: RefCell::new(BytesMut::new()),
         config: Arc::clone(&config),
-        clock: SystemClock::new(),
+        clock,
         paused: RefCell::new(Vec::new()),
         shutting_down: Cell::new(false),
         shutdown: Notify::default(),
@@ -196,6 +204,7 @@ pub async fn run(setup: ShardSetup) {
         .detach();
     }
     glommio::spawn_local(sweep_loop(Rc::clone(&runtime))).detach();
+    glommio::spawn_local(retry_loop(Rc::clone(&runtime))).detach();
     glommio::spawn_local(control_loop(Rc::clone(&runtime), control)).detach();
 
     // SAFETY: the descriptor is a listening TCP socket this shard owns; it
@@ -356,6 +365,16 @@ async fn sweep_loop(runtime: Rc<Runtime>) {
         glommio::timer::sleep(interval).await;
         let now = runtime.now();
         runtime.state.borrow_mut().sweep(now);
+    }
+}
+
+/// One wake-up per retry tick for all of the shard's pending pushes.
+async fn retry_loop(runtime: Rc<Runtime>) {
+    let tick = Duration::from_millis(runtime.config.delivery.retry_tick_ms);
+    loop {
+        glommio::timer::sleep(tick).await;
+        let now = runtime.now();
+        runtime.state.borrow_mut().retry_due(now);
     }
 }
 

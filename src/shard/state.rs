@@ -18,6 +18,7 @@ use crate::protocol::{
     Disconnect, Encoder, Packet, ReasonCode, Recall, RecallEvent, RecallResp, Recv, RecvFields,
     SendAck, SendPacket, SyncConversations, SyncConversationsResp, SyncDirection, SyncMessages,
     SyncMessagesResp, VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_RECALLED,
+    RECV_FLAG_REDELIVERED,
 };
 use crate::storage::{
     user_list_key, CommitJob, ConversationRecord, ListKind, Mutation, ReadDirection, ShardStore,
@@ -149,6 +150,7 @@ pub struct ShardStats {
     pub messages_committed: u64,
     pub recvs_written: u64,
     pub commit_batches: u64,
+    pub redeliveries: u64,
 }
 
 pub struct ShardState {
@@ -172,6 +174,8 @@ pub struct ShardState {
     uncommitted_keys: FastMap<IdempotencyKey, SmallVec<[(ConnId, u32); 1]>>,
     idempotency_ttl_ms: u64,
     allowlist_for_person: bool,
+    /// Pushes to this shard's connections not acknowledged yet.
+    pushes: crate::delivery::PendingPushes,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     encoder: Encoder,
@@ -214,6 +218,11 @@ impl ShardState {
             uncommitted_keys: FastMap::default(),
             idempotency_ttl_ms,
             allowlist_for_person: false,
+            pushes: crate::delivery::PendingPushes::new(
+                crate::config::DeliveryConfig::default().retry_policy(),
+                u64::from(id.0) + 1,
+                0,
+            ),
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             encoder: Encoder::new(),
@@ -227,6 +236,17 @@ impl ShardState {
     /// `allowlist_for_person` setting).
     pub fn set_allowlist_for_person(&mut self, on: bool) {
         self.allowlist_for_person = on;
+    }
+
+    /// How unacknowledged pushes are retried; `now` starts the timers' clock.
+    pub fn set_retry_policy(&mut self, policy: crate::delivery::RetryPolicy, now: Now) {
+        self.pushes =
+            crate::delivery::PendingPushes::new(policy, u64::from(self.id.0) + 1, now.monotonic.0);
+    }
+
+    /// Pushes waiting for an acknowledgement, and their timers.
+    pub fn pending_pushes(&self) -> (usize, usize) {
+        (self.pushes.len(), self.pushes.timers())
     }
 
     pub fn limits(&self) -> &Limits {
@@ -278,6 +298,7 @@ impl ShardState {
         let Some(entry) = self.conns.remove(&conn) else {
             return;
         };
+        self.pushes.forget_conn(conn);
         let Some(identity) = entry.session.identity else {
             return;
         };
@@ -385,9 +406,8 @@ impl ShardState {
             Step::SyncConversations(request) => self.client_sync_conversations(conn, &request),
             Step::ConversationOp(op) => self.client_conversation_op(conn, op, now),
             Step::Recall(recall) => self.client_recall(conn, recall),
-            // Acknowledgements are recorded by the delivery layer; without it
-            // there is nothing pending to complete.
-            Step::RecvAck | Step::Nothing => {}
+            Step::RecvAck(ack) => self.client_ack(conn, &ack),
+            Step::Nothing => {}
             Step::Pong => self.write_packet(conn, &Packet::Pong),
             Step::ClientClosed => {
                 if let Some(entry) = self.conns.get_mut(&conn) {
@@ -1272,7 +1292,7 @@ impl ShardState {
     /// outbox.
     fn deliver_local(
         &mut self,
-        message: &StoredMessage,
+        message: &Arc<StoredMessage>,
         recipients: &[Uid],
         skip: Option<ConnId>,
         now: Now,
@@ -1294,6 +1314,11 @@ impl ShardState {
                     continue;
                 };
                 if entry.session.phase != Phase::Active {
+                    continue;
+                }
+                // A message already waiting for this device's ack is not
+                // written again: its timer will.
+                if !message.recalled && !self.pushes.track(*conn, message, now.monotonic.0) {
                     continue;
                 }
                 let (start, end) = *frames[view].get_or_insert_with(|| {
@@ -1400,6 +1425,45 @@ impl ShardState {
                     }
                 }
             }
+        }
+    }
+
+    // ---- acknowledgements and retries ------------------------------------
+
+    fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck) {
+        if !ack.through {
+            self.pushes.ack(conn, MessageId(ack.message_id));
+            return;
+        }
+        let Some(uid) = self.identity_uid(conn) else {
+            return;
+        };
+        // A bad channel in an ack completes nothing; it is not worth a
+        // disconnect.
+        if let Ok(key) = self.resolve_for(&uid, &ack.channel_id, ack.channel_type) {
+            self.pushes.ack_through(conn, &key, Seq(ack.message_seq));
+        }
+    }
+
+    /// Pushes again every message whose retry timer fired, flagged as
+    /// redelivered, with the same ids.
+    pub fn retry_due(&mut self, now: Now) {
+        let mut due = Vec::new();
+        self.pushes.due(now.monotonic.0, &mut due);
+        for (conn, message) in due {
+            let Some(entry) = self.conns.get(&conn) else {
+                continue;
+            };
+            if entry.session.phase != Phase::Active {
+                continue;
+            }
+            let Some(uid) = entry.session.identity.as_ref().map(|i| i.uid.clone()) else {
+                continue;
+            };
+            let mut recv = recv_view(&message, &uid);
+            recv.flags |= RECV_FLAG_REDELIVERED;
+            self.write_packet(conn, &Packet::Recv(recv));
+            self.stats.redeliveries += 1;
         }
     }
 

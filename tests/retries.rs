@@ -1,0 +1,125 @@
+//! A pushed message stays pending until the device acknowledges it: it comes
+//! again, flagged and with identical ids, until then, and never after.
+
+mod common;
+
+use common::{assert_nothing_arrives, TestServer, WAIT};
+use ruyi::client::{connect, Client, Incoming};
+use ruyi::config::Config;
+use ruyi::protocol::{ChannelType, ConversationAction, ReasonCode, RECV_FLAG_REDELIVERED};
+use std::time::Duration;
+
+/// Retries every 200 ms, without jitter or backoff, so the test is quick.
+fn fast_retries(config: &mut Config) {
+    config.delivery.retry_interval_ms = 200;
+    config.delivery.retry_backoff_percent = 100;
+    config.delivery.retry_jitter_percent = 0;
+    config.delivery.retry_tick_ms = 10;
+    config.delivery.retry_attempts_max = 20;
+}
+
+async fn connect_without_acks(server: &TestServer, uid: &str) -> (Client, Incoming) {
+    connect(server.addr, server.options(uid).auto_ack(false))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_withheld_ack_brings_the_message_again_flagged_with_identical_ids_and_an_ack_ends_it() {
+    let server = TestServer::start_with(fast_retries);
+    let (bob, mut bob_in) = connect_without_acks(&server, "bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    let ack = alice.send_text("bob", "ack me").await.unwrap();
+
+    let first = bob_in.next_message(WAIT).await.unwrap();
+    assert_eq!(first.flags & RECV_FLAG_REDELIVERED, 0);
+    let again = bob_in.next_message(WAIT).await.unwrap();
+    assert_ne!(
+        again.flags & RECV_FLAG_REDELIVERED,
+        0,
+        "flagged as redelivered"
+    );
+    assert_eq!(
+        (again.message_id, again.message_seq, &again.client_msg_no),
+        (ack.message_id, ack.message_seq, &ack.client_msg_no),
+        "identical ids"
+    );
+    assert_eq!(again.payload, first.payload);
+
+    bob.ack(again.message_id, again.message_seq).await.unwrap();
+    // Well over the retry interval: nothing comes again.
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(1500)).await;
+    let stats = server.control().stats().await.unwrap();
+    assert!(stats.redeliveries >= 1);
+}
+
+#[tokio::test]
+async fn one_cumulative_ack_completes_a_burst() {
+    let server = TestServer::start_with(fast_retries);
+    let (bob, mut bob_in) = connect_without_acks(&server, "bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    for i in 0..5 {
+        alice.send_text("bob", &format!("{i}")).await.unwrap();
+    }
+    let mut last = 0;
+    for _ in 0..5 {
+        let m = bob_in.next_message(WAIT).await.unwrap();
+        assert_eq!(m.flags & RECV_FLAG_REDELIVERED, 0);
+        last = m.message_seq;
+    }
+    bob.ack_through("alice", ChannelType::Person, last)
+        .await
+        .unwrap();
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(1000)).await;
+}
+
+#[tokio::test]
+async fn clearing_unread_while_a_retry_is_pending_keeps_unread_at_zero() {
+    let server = TestServer::start_with(fast_retries);
+    let (bob, mut bob_in) = connect_without_acks(&server, "bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    alice.send_text("bob", "read me").await.unwrap();
+    bob_in.next_message(WAIT).await.unwrap();
+
+    let cleared = bob
+        .conversation_op(
+            "alice",
+            ChannelType::Person,
+            ConversationAction::ClearUnread,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cleared.reason, ReasonCode::Success);
+    let retry = bob_in.next_message(WAIT).await.unwrap();
+    assert_ne!(retry.flags & RECV_FLAG_REDELIVERED, 0);
+    let list = bob.sync_conversations(0, 10, false).await.unwrap();
+    assert_eq!(
+        list.conversations[0].unread, 0,
+        "a redelivery never changes unread"
+    );
+    assert!(bob
+        .sync_conversations(0, 10, true)
+        .await
+        .unwrap()
+        .conversations
+        .is_empty());
+}
+
+#[tokio::test]
+async fn the_sdk_acknowledges_and_hides_redeliveries_by_default() {
+    let server = TestServer::start_with(fast_retries);
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    for i in 0..20 {
+        alice.send_text("bob", &format!("{i}")).await.unwrap();
+    }
+    for expected in 1..=20 {
+        assert_eq!(
+            bob_in.next_message(WAIT).await.unwrap().message_seq,
+            expected
+        );
+    }
+    // Whether or not a retry raced an ack, the app sees each message once.
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(800)).await;
+}
