@@ -20,7 +20,12 @@
 //!   broadcast, so the send path never waits on another shard.
 //! - [`channel`]: channel identity and routing (`shard = hash(channel) %
 //!   shards`), sequencing with no gaps, membership.
-//! - [`storage`]: the batch-oriented storage seam and the in-memory store.
+//! - [`delivery`]: what a shard pushed to its connections and not yet had
+//!   acknowledged: one entry and one timer per (connection, message) on a
+//!   hashed timer wheel, retried with backoff until acknowledged.
+//! - [`storage`]: the batch-oriented storage seam (one commit per shard
+//!   tick), the RocksDB store (the default; key encodings in
+//!   `storage::keys`) and the in-memory store.
 //! - [`auth`]: HS256 tokens.
 //! - [`client`]: the SDK (a runtime-free protocol core and a tokio adapter)
 //!   and the `ruyi client` command line.
