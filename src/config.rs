@@ -168,6 +168,7 @@ pub struct Limits {
     pub channel_id_length_max_bytes: usize,
     pub client_msg_no_length_max_bytes: usize,
     pub outbound_buffer_max_bytes: usize,
+    pub write_stall_timeout_ms: u64,
     pub group_members_max: usize,
     pub sync_limit_max: u32,
     pub sync_response_max_bytes: usize,
@@ -216,6 +217,7 @@ impl Default for Limits {
             channel_id_length_max_bytes: 64,
             client_msg_no_length_max_bytes: 64,
             outbound_buffer_max_bytes: 4 * 1024 * 1024,
+            write_stall_timeout_ms: 30_000,
             group_members_max: 10_000,
             sync_limit_max: 1000,
             sync_response_max_bytes: 1024 * 1024,
@@ -402,6 +404,10 @@ impl Config {
         check(
             l.outbound_buffer_max_bytes >= l.frame_size_max_bytes * 2,
             "limits.outbound_buffer_max_bytes must hold at least two maximum-size frames".into(),
+        );
+        check(
+            l.write_stall_timeout_ms >= 100,
+            "limits.write_stall_timeout_ms must be at least 100".into(),
         );
         check(
             l.group_members_max >= 2,

@@ -64,10 +64,16 @@ pub(crate) async fn drive(
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ended::PeerClosed),
                     Poll::Ready(Ok(n)) => {
                         writing.advance(n);
+                        outbox.mark_flowing();
                         progressed = true;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Ended::Io(error)),
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        // The peer is not reading; the sweeper cuts it off
+                        // after the write-stall timeout.
+                        outbox.mark_stalled(runtime.now().monotonic);
+                        break;
+                    }
                 }
             }
             if outbox.closing().is_some() {

@@ -17,6 +17,9 @@ pub struct Outbox {
     closing: Cell<Option<ReasonCode>>,
     /// Set when the connection must end now, without flushing.
     aborted: Cell<bool>,
+    /// Since when the socket has refused bytes that are waiting to go out;
+    /// cleared by any progress.
+    stalled_since: Cell<Option<crate::ids::Millis>>,
 }
 
 impl Outbox {
@@ -82,5 +85,21 @@ impl Outbox {
 
     pub fn is_aborted(&self) -> bool {
         self.aborted.get()
+    }
+
+    /// The socket took no bytes although some wait to be written.
+    pub fn mark_stalled(&self, now: crate::ids::Millis) {
+        if self.stalled_since.get().is_none() {
+            self.stalled_since.set(Some(now));
+        }
+    }
+
+    /// The socket took bytes (or nothing waits).
+    pub fn mark_flowing(&self) {
+        self.stalled_since.set(None);
+    }
+
+    pub fn stalled_since(&self) -> Option<crate::ids::Millis> {
+        self.stalled_since.get()
     }
 }

@@ -359,7 +359,8 @@ async fn sweep_loop(runtime: Rc<Runtime>) {
     let shortest = limits
         .handshake_timeout_ms
         .min(limits.idle_timeout_ms)
-        .min(limits.close_flush_timeout_ms);
+        .min(limits.close_flush_timeout_ms)
+        .min(limits.write_stall_timeout_ms);
     let interval = Duration::from_millis((shortest / 4).clamp(10, 1000));
     loop {
         glommio::timer::sleep(interval).await;

@@ -341,6 +341,16 @@ impl ShardState {
         let mut expired: SmallVec<[(ConnId, ReasonCode); 8]> = SmallVec::new();
         for (conn, entry) in &self.conns {
             let s = &entry.session;
+            if entry.outbox.stalled_since().is_some_and(|since| {
+                now.monotonic.saturating_sub(since) >= self.limits.write_stall_timeout_ms
+            }) {
+                // It has not taken a byte for the whole timeout: nothing,
+                // not even a Disconnect, can be flushed to it.
+                tracing::debug!(conn = conn.0, "write stalled: closing");
+                entry.outbox.start_closing(ReasonCode::SlowConsumer);
+                entry.outbox.abort();
+                continue;
+            }
             match s.phase {
                 Phase::Closing => {
                     let since = s.closing_since.unwrap_or(now.monotonic);

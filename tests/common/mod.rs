@@ -152,8 +152,12 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> RawClient {
+        RawClient::from_stream(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> RawClient {
         RawClient {
-            stream: TcpStream::connect(addr).await.unwrap(),
+            stream,
             encoder: Encoder::new(),
             input: BytesMut::new(),
         }
