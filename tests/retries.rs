@@ -123,3 +123,61 @@ async fn the_sdk_acknowledges_and_hides_redeliveries_by_default() {
     // Whether or not a retry raced an ack, the app sees each message once.
     assert_nothing_arrives(&mut bob_in, Duration::from_millis(800)).await;
 }
+
+#[tokio::test]
+async fn a_device_that_acked_1_to_5_of_10_gets_exactly_6_to_10_in_order_on_resume() {
+    let server = TestServer::start_with(fast_retries);
+    let (bob, mut bob_in) = connect_without_acks(&server, "bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    for i in 1..=10 {
+        alice.send_text("bob", &format!("m{i}")).await.unwrap();
+    }
+    for expected in 1..=10 {
+        let m = bob_in.next_message(WAIT).await.unwrap();
+        assert_eq!(m.message_seq, expected);
+    }
+    bob.ack_through("alice", ChannelType::Person, 5)
+        .await
+        .unwrap();
+    bob.close().await;
+    while !matches!(
+        bob_in.recv().await,
+        Some(ruyi::client::Delivery::Closed(_)) | None
+    ) {}
+
+    // The same device comes back and asks to resume (the SDK default).
+    let (_bob, mut bob_in) = connect(server.addr, server.options("bob").resume(true))
+        .await
+        .unwrap();
+    for expected in 6..=10 {
+        let m = bob_in.next_message(WAIT).await.unwrap();
+        assert_eq!(
+            m.message_seq, expected,
+            "in order, from the first unacknowledged"
+        );
+        assert_eq!(&m.payload[..], format!("m{expected}").as_bytes());
+    }
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(800)).await;
+    // A live message follows the resumed ones.
+    alice.send_text("bob", "m11").await.unwrap();
+    assert_eq!(bob_in.next_message(WAIT).await.unwrap().message_seq, 11);
+}
+
+#[tokio::test]
+async fn a_device_that_was_never_online_resumes_from_the_unread_messages() {
+    let server = TestServer::start();
+    let (alice, _a) = server.connect("alice").await;
+    for i in 1..=3 {
+        alice.send_text("bob", &format!("m{i}")).await.unwrap();
+    }
+    let (_bob, mut bob_in) = connect(server.addr, server.options("bob").resume(true))
+        .await
+        .unwrap();
+    for expected in 1..=3 {
+        assert_eq!(
+            bob_in.next_message(WAIT).await.unwrap().message_seq,
+            expected
+        );
+    }
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(300)).await;
+}

@@ -261,6 +261,7 @@ impl Conn {
                 token,
                 device_id: "bench".into(),
                 device_flag: DeviceFlag::App,
+                resume: false,
             },
             0,
         );

@@ -162,6 +162,9 @@ pub struct ListenArgs {
     /// printed (`"redelivered": true`). For testing retries.
     #[arg(long)]
     pub no_ack: bool,
+    /// Do not ask for what this device missed; print only live messages.
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// Runs a client command; returns the process exit code.
@@ -326,7 +329,8 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
             })
         }
         ClientCommand::Listen(listen) => {
-            let (client, mut incoming) = connect(addr, options.auto_ack(!listen.no_ack)).await?;
+            let options = options.auto_ack(!listen.no_ack).resume(!listen.no_resume);
+            let (client, mut incoming) = connect(addr, options).await?;
             // On stderr, so stdout stays one JSON line per message; scripts
             // can wait for it to know the listener is online.
             eprintln!(

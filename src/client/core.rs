@@ -47,6 +47,8 @@ pub struct Identity {
     pub token: String,
     pub device_id: String,
     pub device_flag: DeviceFlag,
+    /// Ask the server to push what this device has not acknowledged.
+    pub resume: bool,
 }
 
 /// One message to send.
@@ -98,6 +100,7 @@ impl ClientCore {
             device_id: identity.device_id.clone(),
             device_flag: identity.device_flag,
             client_timestamp_ms,
+            resume: identity.resume,
         });
         self.encoder.encode(&packet, &mut self.output);
     }

@@ -56,6 +56,9 @@ pub struct ConnectOptions {
     pub auto_ack: bool,
     /// Send `Ping` at the interval the server asks for.
     pub heartbeat: bool,
+    /// Ask the server to push, once connected, what this device has not
+    /// acknowledged yet (per channel, in order, before live messages).
+    pub resume: bool,
     /// How long to wait for the TCP connection and for `ConnAck`.
     pub connect_timeout: Duration,
     /// Largest frame accepted from the server.
@@ -73,6 +76,7 @@ impl ConnectOptions {
             device_flag: DeviceFlag::App,
             auto_ack: true,
             heartbeat: true,
+            resume: true,
             connect_timeout: Duration::from_secs(10),
             frame_size_max_bytes: 4 * 1024 * 1024,
             incoming_capacity: 4096,
@@ -97,6 +101,11 @@ impl ConnectOptions {
 
     pub fn heartbeat(mut self, on: bool) -> Self {
         self.heartbeat = on;
+        self
+    }
+
+    pub fn resume(mut self, on: bool) -> Self {
+        self.resume = on;
         self
     }
 }
@@ -179,6 +188,7 @@ pub async fn connect(
             token: options.token.clone(),
             device_id: options.device_id.clone(),
             device_flag: options.device_flag,
+            resume: options.resume,
         },
         crate::time::unix_now_ms() as i64,
     );

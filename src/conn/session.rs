@@ -37,6 +37,8 @@ pub struct Session {
     pub accepted_at: Millis,
     pub last_read_at: Millis,
     pub closing_since: Option<Millis>,
+    /// The client asked for what it missed once connected.
+    pub resume: bool,
 }
 
 /// What a packet asks the shard to do, with the packet it came in.
@@ -96,6 +98,7 @@ impl Session {
             accepted_at: now,
             last_read_at: now,
             closing_since: None,
+            resume: false,
         }
     }
 
@@ -117,6 +120,7 @@ mod tests {
             device_id: "d".into(),
             device_flag: DeviceFlag::App,
             client_timestamp_ms: 0,
+            resume: false,
         })
     }
 

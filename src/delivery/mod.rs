@@ -121,9 +121,12 @@ impl PendingPushes {
 
     /// `conn` acknowledged `message_id`. Returns whether it was pending.
     pub fn ack(&mut self, conn: ConnId, message_id: MessageId) -> bool {
-        let Some(entry) = self.entries.remove(&(conn, message_id)) else {
-            return false;
-        };
+        self.complete(conn, message_id).is_some()
+    }
+
+    /// Like [`PendingPushes::ack`], returning the channel and seq completed.
+    pub fn complete(&mut self, conn: ConnId, message_id: MessageId) -> Option<(ChannelKey, Seq)> {
+        let entry = self.entries.remove(&(conn, message_id))?;
         self.wheel.cancel(&(conn, message_id));
         if let Some(index) = self.by_conn.get_mut(&conn) {
             index.remove(&(entry.message.channel.clone(), entry.message.seq));
@@ -131,7 +134,16 @@ impl PendingPushes {
                 self.by_conn.remove(&conn);
             }
         }
-        true
+        Some((entry.message.channel.clone(), entry.message.seq))
+    }
+
+    /// The lowest seq of `channel` still pending on `conn`.
+    pub fn lowest_pending(&self, conn: ConnId, channel: &ChannelKey) -> Option<Seq> {
+        self.by_conn
+            .get(&conn)?
+            .range((channel.clone(), Seq(0))..=(channel.clone(), Seq(u64::MAX)))
+            .next()
+            .map(|((_, seq), _)| *seq)
     }
 
     /// `conn` acknowledged everything of `channel` up to `seq`. Returns how

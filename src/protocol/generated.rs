@@ -766,6 +766,7 @@ impl<'a> Connect<'a> {
   pub const VT_DEVICE_ID: ::flatbuffers::VOffsetT = 10;
   pub const VT_DEVICE_FLAG: ::flatbuffers::VOffsetT = 12;
   pub const VT_CLIENT_TIMESTAMP_MS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_RESUME: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -782,6 +783,7 @@ impl<'a> Connect<'a> {
     if let Some(x) = args.token { builder.add_token(x); }
     if let Some(x) = args.uid { builder.add_uid(x); }
     builder.add_version(args.version);
+    builder.add_resume(args.resume);
     builder.add_device_flag(args.device_flag);
     builder.finish()
   }
@@ -831,6 +833,15 @@ impl<'a> Connect<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(Connect::VT_CLIENT_TIMESTAMP_MS, Some(0)).unwrap()}
   }
+  /// Push what this device has not acknowledged (per channel, in order,
+  /// before live messages of that channel) once connected.
+  #[inline]
+  pub fn resume(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Connect::VT_RESUME, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Connect<'_> {
@@ -845,6 +856,7 @@ impl ::flatbuffers::Verifiable for Connect<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("device_id", Self::VT_DEVICE_ID, false)?
      .visit_field::<DeviceFlag>("device_flag", Self::VT_DEVICE_FLAG, false)?
      .visit_field::<i64>("client_timestamp_ms", Self::VT_CLIENT_TIMESTAMP_MS, false)?
+     .visit_field::<bool>("resume", Self::VT_RESUME, false)?
      .finish();
     Ok(())
   }
@@ -856,6 +868,7 @@ pub struct ConnectArgs<'a> {
     pub device_id: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub device_flag: DeviceFlag,
     pub client_timestamp_ms: i64,
+    pub resume: bool,
 }
 impl<'a> Default for ConnectArgs<'a> {
   #[inline]
@@ -867,6 +880,7 @@ impl<'a> Default for ConnectArgs<'a> {
       device_id: None,
       device_flag: DeviceFlag::App,
       client_timestamp_ms: 0,
+      resume: false,
     }
   }
 }
@@ -901,6 +915,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConnectBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<i64>(Connect::VT_CLIENT_TIMESTAMP_MS, client_timestamp_ms, 0);
   }
   #[inline]
+  pub fn add_resume(&mut self, resume: bool) {
+    self.fbb_.push_slot::<bool>(Connect::VT_RESUME, resume, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConnectBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConnectBuilder {
@@ -924,6 +942,7 @@ impl ::core::fmt::Debug for Connect<'_> {
       ds.field("device_id", &self.device_id());
       ds.field("device_flag", &self.device_flag());
       ds.field("client_timestamp_ms", &self.client_timestamp_ms());
+      ds.field("resume", &self.resume());
       ds.finish()
   }
 }

@@ -59,6 +59,7 @@ pub struct Connect {
     pub device_id: String,
     pub device_flag: DeviceFlag,
     pub client_timestamp_ms: i64,
+    pub resume: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +336,7 @@ impl Packet {
                     device_id: p.device_id().unwrap_or_default().to_owned(),
                     device_flag: p.device_flag(),
                     client_timestamp_ms: p.client_timestamp_ms(),
+                    resume: p.resume(),
                 })
             }
             wire::Packet::ConnAck => {
@@ -595,6 +597,7 @@ impl Encoder {
                         device_id: Some(device_id),
                         device_flag: p.device_flag,
                         client_timestamp_ms: p.client_timestamp_ms,
+                        resume: p.resume,
                     },
                 );
                 (wire::Packet::Connect, t.as_union_value())
@@ -919,6 +922,7 @@ mod tests {
             device_id: "phone".into(),
             device_flag: DeviceFlag::Web,
             client_timestamp_ms: 42,
+            resume: true,
         }));
         round_trip(Packet::ConnAck(ConnAck {
             reason: ReasonCode::Success,

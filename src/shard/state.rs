@@ -176,6 +176,8 @@ pub struct ShardState {
     allowlist_for_person: bool,
     /// Pushes to this shard's connections not acknowledged yet.
     pushes: crate::delivery::PendingPushes,
+    /// Acknowledged positions per connection and channel, not saved yet.
+    positions: FastMap<ConnId, FastMap<ChannelKey, Seq>>,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     encoder: Encoder,
@@ -223,6 +225,7 @@ impl ShardState {
                 u64::from(id.0) + 1,
                 0,
             ),
+            positions: FastMap::default(),
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             encoder: Encoder::new(),
@@ -295,6 +298,9 @@ impl ShardState {
 
     /// The connection's task has ended: forget it and tell every shard.
     pub fn on_closed(&mut self, conn: ConnId) {
+        // Before the device can reconnect (anywhere), what it acknowledged
+        // here is saved.
+        self.flush_positions(Some(conn));
         let Some(entry) = self.conns.remove(&conn) else {
             return;
         };
@@ -317,6 +323,9 @@ impl ShardState {
     /// Closes `conn` with `reason`: queues a `Disconnect`, stops reading, and
     /// lets the task flush and end.
     pub fn close(&mut self, conn: ConnId, reason: ReasonCode, detail: &str, now: Now) {
+        // Save what it acknowledged now: the same device may be connecting
+        // elsewhere (a kick arrives exactly then) and resume from it.
+        self.flush_positions(Some(conn));
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -420,6 +429,7 @@ impl ShardState {
             Step::Nothing => {}
             Step::Pong => self.write_packet(conn, &Packet::Pong),
             Step::ClientClosed => {
+                self.flush_positions(Some(conn));
                 if let Some(entry) = self.conns.get_mut(&conn) {
                     entry.session.phase = Phase::Closing;
                     entry.session.closing_since = Some(now.monotonic);
@@ -495,6 +505,7 @@ impl ShardState {
             return;
         };
         entry.session.identity = Some(identity.clone());
+        entry.session.resume = connect.resume;
         entry.session.phase = Phase::Joining {
             acks_missing: self.shards - 1,
         };
@@ -514,6 +525,7 @@ impl ShardState {
             return;
         };
         entry.session.phase = Phase::Active;
+        let resume = entry.session.resume;
         self.write_packet(
             conn,
             &Packet::ConnAck(ConnAck {
@@ -523,6 +535,51 @@ impl ShardState {
                 session_id: conn.0,
             }),
         );
+        if resume {
+            if let Err(error) = self.resume(conn, now) {
+                tracing::warn!(conn = conn.0, %error, "resume failed; the client can sync");
+            }
+        }
+    }
+
+    /// Pushes, channel by channel and in seq order, what this device has not
+    /// acknowledged: everything above its acknowledged position (or, for a
+    /// channel it never acknowledged, above the user's read position), never
+    /// below a deletion. Live messages of a channel come after, because they
+    /// are committed later; one already pushed here is not pushed twice.
+    fn resume(&mut self, conn: ConnId, now: Now) -> Result<(), StorageError> {
+        let Some(identity) = self
+            .conns
+            .get(&conn)
+            .and_then(|e| e.session.identity.clone())
+        else {
+            return Ok(());
+        };
+        let limit = self.limits.sync_limit_max as usize;
+        for (key, record) in self.store.conversations(&identity.uid)? {
+            let Some(channel) = self.store.load_channel(&key)? else {
+                continue;
+            };
+            let acked = self
+                .store
+                .device_ack(&identity.uid, &identity.device_id, &key)?
+                .0;
+            let floor = if acked == 0 { record.read_floor } else { acked }.max(record.deleted_seq);
+            if channel.last_seq.0 <= floor {
+                continue;
+            }
+            let missed =
+                self.store
+                    .read_messages(&key, Seq(floor + 1), limit, ReadDirection::Up)?;
+            for message in missed {
+                if !self.pushes.track(conn, &message, now.monotonic.0) {
+                    continue;
+                }
+                let recv = recv_view(&message, &identity.uid);
+                self.write_packet(conn, &Packet::Recv(recv));
+            }
+        }
+        Ok(())
     }
 
     fn kick_device(&mut self, uid: &Uid, device_id: &str, except: ConnId, now: Now) {
@@ -1442,7 +1499,15 @@ impl ShardState {
 
     fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck) {
         if !ack.through {
-            self.pushes.ack(conn, MessageId(ack.message_id));
+            if let Some((key, seq)) = self.pushes.complete(conn, MessageId(ack.message_id)) {
+                // The device has everything of the channel below the lowest
+                // push still pending there.
+                let through = match self.pushes.lowest_pending(conn, &key) {
+                    Some(lowest) if lowest <= seq => Seq(lowest.0 - 1),
+                    _ => seq,
+                };
+                self.advance_position(conn, key, through);
+            }
             return;
         }
         let Some(uid) = self.identity_uid(conn) else {
@@ -1452,12 +1517,67 @@ impl ShardState {
         // disconnect.
         if let Ok(key) = self.resolve_for(&uid, &ack.channel_id, ack.channel_type) {
             self.pushes.ack_through(conn, &key, Seq(ack.message_seq));
+            self.advance_position(conn, key, Seq(ack.message_seq));
+        }
+    }
+
+    /// Remembers that `conn`'s device has acknowledged `key` through `seq`;
+    /// saved with the next flush.
+    fn advance_position(&mut self, conn: ConnId, key: ChannelKey, seq: Seq) {
+        if seq.0 == 0 {
+            return;
+        }
+        let position = self
+            .positions
+            .entry(conn)
+            .or_default()
+            .entry(key)
+            .or_default();
+        *position = (*position).max(seq);
+    }
+
+    /// Saves the acknowledged positions gathered since the last flush (all
+    /// connections', or one connection's when it closes).
+    fn flush_positions(&mut self, only: Option<ConnId>) {
+        let conns: SmallVec<[ConnId; 8]> = match only {
+            Some(conn) => std::iter::once(conn).collect(),
+            None => self.positions.keys().copied().collect(),
+        };
+        let mut rows = Vec::new();
+        for conn in conns {
+            let Some(channels) = self.positions.remove(&conn) else {
+                continue;
+            };
+            let Some(identity) = self
+                .conns
+                .get(&conn)
+                .and_then(|e| e.session.identity.as_ref())
+            else {
+                continue;
+            };
+            for (channel, seq) in channels {
+                rows.push(crate::storage::DeviceAck {
+                    uid: identity.uid.clone(),
+                    device_id: Arc::clone(&identity.device_id),
+                    channel,
+                    seq,
+                });
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.save_device_acks(&rows) {
+            // Not fatal: the device gets those messages again on resume.
+            tracing::warn!(%error, rows = rows.len(), "saving acknowledged positions failed");
         }
     }
 
     /// Pushes again every message whose retry timer fired, flagged as
     /// redelivered, with the same ids.
     pub fn retry_due(&mut self, now: Now) {
+        // The retry tick also batches the saving of acknowledged positions.
+        self.flush_positions(None);
         let mut due = Vec::new();
         self.pushes.due(now.monotonic.0, &mut due);
         for (conn, message) in due {

@@ -12,6 +12,7 @@
 //! | `idempotency`   | uid · client_msg_no                   | [`IdempotencyRecord`]         |
 //! | `message_ids`   | channel · message id (u64 BE)         | seq (u64 BE)                  |
 //! | `lists`         | channel · kind (u8) · uid             | empty                         |
+//! | `device_acks`   | uid · device id · channel             | acknowledged seq (u64 BE)     |
 //! | `meta`          | ASCII name                            | format version and such       |
 //!
 //! where `channel` is `kind (u8) · id length (u16 BE) · id bytes` (a user's
@@ -36,10 +37,12 @@ pub const CF_CONVERSATIONS: &str = "conversations";
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 pub const CF_MESSAGE_IDS: &str = "message_ids";
 pub const CF_LISTS: &str = "lists";
+pub const CF_DEVICE_ACKS: &str = "device_acks";
 pub const CF_META: &str = "meta";
 
-pub const ALL_CFS: [&str; 8] = [
+pub const ALL_CFS: [&str; 9] = [
     CF_LISTS,
+    CF_DEVICE_ACKS,
     CF_MESSAGES,
     CF_CHANNELS,
     CF_MEMBERS,
@@ -147,6 +150,14 @@ pub fn decode_conversation(bytes: &[u8]) -> Option<(String, ChannelKey)> {
     let (uid, rest) = take_str(bytes)?;
     let (key, _) = decode_channel(rest)?;
     Some((uid.to_owned(), key))
+}
+
+pub fn device_ack(uid: &str, device_id: &str, key: &ChannelKey) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + uid.len() + device_id.len() + key.id().len());
+    push_str(&mut out, uid);
+    push_str(&mut out, device_id);
+    out.extend_from_slice(&channel(key));
+    out
 }
 
 pub fn idempotency(uid: &str, client_msg_no: &str) -> Vec<u8> {

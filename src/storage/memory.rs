@@ -4,8 +4,8 @@
 //! is for tests and experiments, not for production load.
 
 use super::{
-    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, ListKind, Mutation, ReadDirection,
-    ShardStore, Storage, StorageError, StoredMessage,
+    ChannelRecord, CommitJob, ConversationRecord, DeviceAck, IdempotentHit, ListKind, Mutation,
+    ReadDirection, ShardStore, Storage, StorageError, StoredMessage,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -27,6 +27,7 @@ struct MemoryData {
     idempotency: FastMap<(Uid, String), IdempotentHit>,
     conversations: FastMap<Uid, BTreeMap<ChannelKey, ConversationRecord>>,
     lists: FastMap<(ChannelKey, ListKind), Vec<Uid>>,
+    device_acks: FastMap<(Uid, String, ChannelKey), Seq>,
 }
 
 /// Keeps everything in memory, shared by every shard.
@@ -248,6 +249,34 @@ impl ShardStore for MemoryShardStore {
             .lists
             .get(&(key.clone(), kind))
             .map(|uids| uids.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError> {
+        let mut data = self.data();
+        for row in rows {
+            let key = (
+                row.uid.clone(),
+                row.device_id.to_string(),
+                row.channel.clone(),
+            );
+            let seq = data.device_acks.entry(key).or_default();
+            *seq = (*seq).max(row.seq);
+        }
+        Ok(())
+    }
+
+    fn device_ack(
+        &mut self,
+        uid: &Uid,
+        device_id: &str,
+        key: &ChannelKey,
+    ) -> Result<Seq, StorageError> {
+        Ok(self
+            .data()
+            .device_acks
+            .get(&(uid.clone(), device_id.to_owned(), key.clone()))
+            .copied()
             .unwrap_or_default())
     }
 

@@ -268,6 +268,29 @@ pub trait ShardStore {
         kind: ListKind,
         uid: &Uid,
     ) -> Result<bool, StorageError>;
+
+    /// Records how far devices have acknowledged channels. Written at once,
+    /// without a sync of its own (it rides the next one): losing the last
+    /// few positions in a power cut only means a few redeliveries. Positions
+    /// only grow.
+    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError>;
+
+    /// How far `device_id` of `uid` has acknowledged `key` (0: never).
+    fn device_ack(
+        &mut self,
+        uid: &Uid,
+        device_id: &str,
+        key: &ChannelKey,
+    ) -> Result<Seq, StorageError>;
+}
+
+/// How far one device has acknowledged one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAck {
+    pub uid: Uid,
+    pub device_id: Arc<str>,
+    pub channel: ChannelKey,
+    pub seq: Seq,
 }
 
 /// A storage engine: hands every shard its own [`ShardStore`].
@@ -368,6 +391,19 @@ impl ShardStore for ClosedStore {
         _kind: ListKind,
         _uid: &Uid,
     ) -> Result<bool, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn save_device_acks(&mut self, _rows: &[DeviceAck]) -> Result<(), StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn device_ack(
+        &mut self,
+        _uid: &Uid,
+        _device_id: &str,
+        _key: &ChannelKey,
+    ) -> Result<Seq, StorageError> {
         Err(StorageError::Closed)
     }
 }

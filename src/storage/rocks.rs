@@ -10,8 +10,8 @@
 
 use super::keys;
 use super::{
-    ChannelRecord, CommitJob, ConversationRecord, IdempotentHit, ListKind, Mutation, ReadDirection,
-    ShardStore, Storage, StorageError, StoredMessage,
+    ChannelRecord, CommitJob, ConversationRecord, DeviceAck, IdempotentHit, ListKind, Mutation,
+    ReadDirection, ShardStore, Storage, StorageError, StoredMessage,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -481,6 +481,46 @@ impl ShardStore for RocksShardStore {
             out.push(Uid::new(&uid));
         }
         Ok(out)
+    }
+
+    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError> {
+        // The writing shard only ever raises a position (it keeps the
+        // highest), and a device is connected to one shard at a time.
+        let cf = self.cf(keys::CF_DEVICE_ACKS);
+        let mut write = WriteBatch::default();
+        for row in rows {
+            write.put_cf(
+                cf,
+                keys::device_ack(row.uid.as_str(), &row.device_id, &row.channel),
+                row.seq.0.to_be_bytes(),
+            );
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(false);
+        self.db.write_opt(write, &options).map_err(io_error)
+    }
+
+    fn device_ack(
+        &mut self,
+        uid: &Uid,
+        device_id: &str,
+        key: &ChannelKey,
+    ) -> Result<Seq, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(
+                self.cf(keys::CF_DEVICE_ACKS),
+                keys::device_ack(uid.as_str(), device_id, key),
+            )
+            .map_err(io_error)?
+        else {
+            return Ok(Seq(0));
+        };
+        let seq: [u8; 8] = bytes
+            .as_ref()
+            .try_into()
+            .map_err(|_| StorageError::Corrupt("device ack entry".into()))?;
+        Ok(Seq(u64::from_be_bytes(seq)))
     }
 
     fn list_contains(

@@ -79,8 +79,10 @@ impl TestServer {
         }
     }
 
+    /// SDK options for `uid`, without resume: tests see only what is pushed
+    /// live unless they ask for resume themselves.
     pub fn options(&self, uid: &str) -> ConnectOptions {
-        ConnectOptions::new(uid).token(&token(uid))
+        ConnectOptions::new(uid).token(&token(uid)).resume(false)
     }
 
     pub async fn connect(&self, uid: &str) -> (Client, Incoming) {
@@ -212,6 +214,7 @@ pub fn connect_packet(uid: &str, token: &str) -> Packet {
         device_id: "raw".into(),
         device_flag: DeviceFlag::App,
         client_timestamp_ms: 0,
+        resume: false,
     })
 }
 
@@ -252,7 +255,10 @@ pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
 
 /// Connects an SDK client with a token.
 pub async fn connect_to(addr: SocketAddr, uid: &str) -> (Client, Incoming) {
-    connect(addr, ConnectOptions::new(uid).token(&token(uid)))
-        .await
-        .unwrap_or_else(|e| panic!("{uid} connects: {e}"))
+    connect(
+        addr,
+        ConnectOptions::new(uid).token(&token(uid)).resume(false),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{uid} connects: {e}"))
 }
