@@ -169,6 +169,8 @@ pub struct Limits {
     pub client_msg_no_length_max_bytes: usize,
     pub outbound_buffer_max_bytes: usize,
     pub write_stall_timeout_ms: u64,
+    pub inflight_messages_max: usize,
+    pub inflight_bytes_max: usize,
     pub group_members_max: usize,
     pub sync_limit_max: u32,
     pub sync_response_max_bytes: usize,
@@ -218,6 +220,8 @@ impl Default for Limits {
             client_msg_no_length_max_bytes: 64,
             outbound_buffer_max_bytes: 4 * 1024 * 1024,
             write_stall_timeout_ms: 30_000,
+            inflight_messages_max: 256,
+            inflight_bytes_max: 1024 * 1024,
             group_members_max: 10_000,
             sync_limit_max: 1000,
             sync_response_max_bytes: 1024 * 1024,
@@ -404,6 +408,14 @@ impl Config {
         check(
             l.outbound_buffer_max_bytes >= l.frame_size_max_bytes * 2,
             "limits.outbound_buffer_max_bytes must hold at least two maximum-size frames".into(),
+        );
+        check(
+            l.inflight_messages_max >= 1,
+            "limits.inflight_messages_max must be at least 1".into(),
+        );
+        check(
+            l.inflight_bytes_max >= l.payload_size_max_bytes,
+            "limits.inflight_bytes_max must hold at least one maximum-size payload".into(),
         );
         check(
             l.write_stall_timeout_ms >= 100,

@@ -181,3 +181,30 @@ async fn a_device_that_was_never_online_resumes_from_the_unread_messages() {
     }
     assert_nothing_arrives(&mut bob_in, Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn beyond_the_in_flight_window_messages_wait_in_storage_and_come_in_order_as_acks_open_it() {
+    let server = TestServer::start_with(|c| c.limits.inflight_messages_max = 5);
+    let (bob, mut bob_in) = connect_without_acks(&server, "bob").await;
+    let (alice, _a) = server.connect("alice").await;
+    for i in 1..=20 {
+        let ack = alice.send_text("bob", &format!("m{i}")).await.unwrap();
+        assert_eq!(
+            ack.reason,
+            ReasonCode::Success,
+            "the sender never waits for bob"
+        );
+    }
+    for round in 0..4u64 {
+        for expected in round * 5 + 1..=round * 5 + 5 {
+            let m = bob_in.next_message(WAIT).await.unwrap();
+            assert_eq!(m.message_seq, expected);
+            assert_eq!(m.flags & RECV_FLAG_REDELIVERED, 0);
+        }
+        assert_nothing_arrives(&mut bob_in, Duration::from_millis(200)).await;
+        bob.ack_through("alice", ChannelType::Person, round * 5 + 5)
+            .await
+            .unwrap();
+    }
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(300)).await;
+}

@@ -15,6 +15,10 @@ async fn a_device_that_stops_reading_is_cut_off_after_the_write_stall_timeout() 
     let server = TestServer::start_with(|c| {
         c.limits.write_stall_timeout_ms = 500;
         c.limits.outbound_buffer_max_bytes = 256 * 1024 * 1024;
+        // A window wider than the socket buffers, so the socket is what
+        // stops taking bytes.
+        c.limits.inflight_bytes_max = 64 * 1024 * 1024;
+        c.limits.inflight_messages_max = 1000;
     });
     // Bob connects with a tiny receive buffer and then never reads.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -53,6 +53,8 @@ pub struct PendingPushes {
     /// Per connection, its pending messages by channel and seq: for
     /// cumulative acknowledgements and for forgetting a closed connection.
     by_conn: HashMap<ConnId, BTreeMap<(ChannelKey, Seq), MessageId>, ahash::RandomState>,
+    /// Payload bytes pending per connection, for its in-flight window.
+    conn_bytes: HashMap<ConnId, usize, ahash::RandomState>,
     jitter_state: u64,
     due: Vec<Key>,
 }
@@ -73,6 +75,7 @@ impl PendingPushes {
             wheel: TimerWheel::new(policy.tick_ms, 1024, now_ms),
             entries: HashMap::default(),
             by_conn: HashMap::default(),
+            conn_bytes: HashMap::default(),
             jitter_state: seed | 1,
             due: Vec::new(),
         }
@@ -109,6 +112,7 @@ impl PendingPushes {
             .entry(conn)
             .or_default()
             .insert((message.channel.clone(), message.seq), message.message_id);
+        *self.conn_bytes.entry(conn).or_default() += message.payload.len();
         self.entries.insert(
             key,
             Entry {
@@ -132,6 +136,12 @@ impl PendingPushes {
             index.remove(&(entry.message.channel.clone(), entry.message.seq));
             if index.is_empty() {
                 self.by_conn.remove(&conn);
+            }
+        }
+        if let Some(bytes) = self.conn_bytes.get_mut(&conn) {
+            *bytes -= entry.message.payload.len();
+            if *bytes == 0 && !self.by_conn.contains_key(&conn) {
+                self.conn_bytes.remove(&conn);
             }
         }
         Some((entry.message.channel.clone(), entry.message.seq))
@@ -159,8 +169,17 @@ impl PendingPushes {
         ids.into_iter().filter(|id| self.ack(conn, *id)).count()
     }
 
+    /// Messages and payload bytes pending on `conn`: its in-flight window.
+    pub fn in_flight(&self, conn: ConnId) -> (usize, usize) {
+        (
+            self.by_conn.get(&conn).map_or(0, BTreeMap::len),
+            self.conn_bytes.get(&conn).copied().unwrap_or(0),
+        )
+    }
+
     /// Forgets everything pending on a closed connection.
     pub fn forget_conn(&mut self, conn: ConnId) {
+        self.conn_bytes.remove(&conn);
         let Some(index) = self.by_conn.remove(&conn) else {
             return;
         };
@@ -172,7 +191,8 @@ impl PendingPushes {
 
     /// The pushes whose timers fired by `now_ms`, to be written again with
     /// the redelivered flag. Each is rescheduled with backoff, or dropped
-    /// once it has been redelivered `attempts_max` times.
+    /// once it has been redelivered `attempts_max` times (which frees its
+    /// place in the window).
     pub fn due(&mut self, now_ms: u64, out: &mut Vec<(ConnId, Arc<StoredMessage>)>) {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(now_ms, &mut due);

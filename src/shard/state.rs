@@ -178,6 +178,12 @@ pub struct ShardState {
     pushes: crate::delivery::PendingPushes,
     /// Acknowledged positions per connection and channel, not saved yet.
     positions: FastMap<ConnId, FastMap<ChannelKey, Seq>>,
+    /// Per connection, channels with committed messages it should get but
+    /// that did not fit its in-flight window (or came with a resume): the
+    /// next seq to push and the last known. Read from storage as
+    /// acknowledgements open the window, so memory stays bounded by the
+    /// window, not by how far behind a device is.
+    backlog: FastMap<ConnId, std::collections::BTreeMap<ChannelKey, (Seq, Seq)>>,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     encoder: Encoder,
@@ -226,6 +232,7 @@ impl ShardState {
                 0,
             ),
             positions: FastMap::default(),
+            backlog: FastMap::default(),
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             encoder: Encoder::new(),
@@ -305,6 +312,7 @@ impl ShardState {
             return;
         };
         self.pushes.forget_conn(conn);
+        self.backlog.remove(&conn);
         let Some(identity) = entry.session.identity else {
             return;
         };
@@ -425,7 +433,7 @@ impl ShardState {
             Step::SyncConversations(request) => self.client_sync_conversations(conn, &request),
             Step::ConversationOp(op) => self.client_conversation_op(conn, op, now),
             Step::Recall(recall) => self.client_recall(conn, recall),
-            Step::RecvAck(ack) => self.client_ack(conn, &ack),
+            Step::RecvAck(ack) => self.client_ack(conn, &ack, now),
             Step::Nothing => {}
             Step::Pong => self.write_packet(conn, &Packet::Pong),
             Step::ClientClosed => {
@@ -555,7 +563,6 @@ impl ShardState {
         else {
             return Ok(());
         };
-        let limit = self.limits.sync_limit_max as usize;
         for (key, record) in self.store.conversations(&identity.uid)? {
             let Some(channel) = self.store.load_channel(&key)? else {
                 continue;
@@ -568,18 +575,79 @@ impl ShardState {
             if channel.last_seq.0 <= floor {
                 continue;
             }
-            let missed =
-                self.store
-                    .read_messages(&key, Seq(floor + 1), limit, ReadDirection::Up)?;
-            for message in missed {
-                if !self.pushes.track(conn, &message, now.monotonic.0) {
-                    continue;
+            let behind = self.backlog.entry(conn).or_default();
+            let entry = behind
+                .entry(key)
+                .or_insert((Seq(floor + 1), channel.last_seq));
+            entry.0 = entry.0.min(Seq(floor + 1));
+            entry.1 = entry.1.max(channel.last_seq);
+        }
+        self.refill(conn, now);
+        Ok(())
+    }
+
+    /// Pushes what waits in `conn`'s backlog, channel by channel in seq
+    /// order, while its in-flight window has room.
+    fn refill(&mut self, conn: ConnId, now: Now) {
+        let Some(uid) = self.identity_uid(conn) else {
+            self.backlog.remove(&conn);
+            return;
+        };
+        loop {
+            let (used, _) = self.pushes.in_flight(conn);
+            let room = self.limits.inflight_messages_max.saturating_sub(used);
+            if room == 0 {
+                return;
+            }
+            let Some((key, (next, last))) = self
+                .backlog
+                .get(&conn)
+                .and_then(|b| b.iter().next())
+                .map(|(k, v)| (k.clone(), *v))
+            else {
+                self.backlog.remove(&conn);
+                return;
+            };
+            let want = room.min((last.0 - next.0 + 1) as usize);
+            let page = match self
+                .store
+                .read_messages(&key, next, want, ReadDirection::Up)
+            {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(%error, "reading a backlog failed; the client can sync");
+                    Vec::new()
                 }
-                let recv = recv_view(&message, &identity.uid);
-                self.write_packet(conn, &Packet::Recv(recv));
+            };
+            let mut pushed_through = None;
+            for message in &page {
+                if !window_has_room(&self.pushes, &self.limits, conn, message.payload.len()) {
+                    break;
+                }
+                if self.pushes.track(conn, message, now.monotonic.0) {
+                    let recv = recv_view(message, &uid);
+                    self.write_packet(conn, &Packet::Recv(recv));
+                }
+                pushed_through = Some(message.seq);
+            }
+            let Some(backlog) = self.backlog.get_mut(&conn) else {
+                return;
+            };
+            match pushed_through {
+                Some(seq) if seq < last => {
+                    backlog.insert(key, (seq.next(), last));
+                }
+                // Done with this channel, or nothing left to read there.
+                Some(_) => {
+                    backlog.remove(&key);
+                }
+                None if page.is_empty() => {
+                    backlog.remove(&key);
+                }
+                // The window is full by bytes.
+                None => return,
             }
         }
-        Ok(())
     }
 
     fn kick_device(&mut self, uid: &Uid, device_id: &str, except: ConnId, now: Now) {
@@ -1383,10 +1451,29 @@ impl ShardState {
                 if entry.session.phase != Phase::Active {
                     continue;
                 }
-                // A message already waiting for this device's ack is not
-                // written again: its timer will.
-                if !message.recalled && !self.pushes.track(*conn, message, now.monotonic.0) {
-                    continue;
+                if !message.recalled {
+                    // Behind in this channel, or the window is full: it
+                    // waits in storage, after what is already waiting.
+                    if let Some(behind) = self
+                        .backlog
+                        .get_mut(conn)
+                        .and_then(|b| b.get_mut(&message.channel))
+                    {
+                        behind.1 = behind.1.max(message.seq);
+                        continue;
+                    }
+                    if !window_has_room(&self.pushes, &self.limits, *conn, message.payload.len()) {
+                        self.backlog
+                            .entry(*conn)
+                            .or_default()
+                            .insert(message.channel.clone(), (message.seq, message.seq));
+                        continue;
+                    }
+                    // A message already waiting for this device's ack is not
+                    // written again: its timer will.
+                    if !self.pushes.track(*conn, message, now.monotonic.0) {
+                        continue;
+                    }
                 }
                 let (start, end) = *frames[view].get_or_insert_with(|| {
                     let start = self.frame_scratch.len();
@@ -1497,7 +1584,14 @@ impl ShardState {
 
     // ---- acknowledgements and retries ------------------------------------
 
-    fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck) {
+    fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck, now: Now) {
+        self.record_ack(conn, ack);
+        if self.backlog.contains_key(&conn) {
+            self.refill(conn, now);
+        }
+    }
+
+    fn record_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck) {
         if !ack.through {
             if let Some((key, seq)) = self.pushes.complete(conn, MessageId(ack.message_id)) {
                 // The device has everything of the channel below the lowest
@@ -1594,6 +1688,10 @@ impl ShardState {
             recv.flags |= RECV_FLAG_REDELIVERED;
             self.write_packet(conn, &Packet::Recv(recv));
             self.stats.redeliveries += 1;
+        }
+        let behind: SmallVec<[ConnId; 8]> = self.backlog.keys().copied().collect();
+        for conn in behind {
+            self.refill(conn, now);
         }
     }
 
@@ -2117,6 +2215,20 @@ impl ShardState {
         self.outgoing_total -= batch.len();
         batch
     }
+}
+
+/// Whether one more push of `payload_bytes` fits `conn`'s in-flight window.
+/// An empty window always takes one message, however large.
+fn window_has_room(
+    pushes: &crate::delivery::PendingPushes,
+    limits: &Limits,
+    conn: ConnId,
+    payload_bytes: usize,
+) -> bool {
+    let (messages, bytes) = pushes.in_flight(conn);
+    messages == 0
+        || (messages < limits.inflight_messages_max
+            && bytes + payload_bytes <= limits.inflight_bytes_max)
 }
 
 fn push_rows(mutations: &mut Vec<Mutation>, key: &ChannelKey, rows: &[(Uid, ConversationRecord)]) {
