@@ -260,3 +260,57 @@ async fn kill_9_during_ten_thousand_sends_loses_no_acknowledged_message_and_leav
     assert_eq!(ack.message_seq, stored.len() as u64);
     assert_eq!(stored.last().unwrap().client_msg_no, "after-kill");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_sdk_resends_through_a_kill_9_and_every_message_is_stored_once() {
+    const MESSAGES: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = common::spawn_gateway(dir.path());
+    let options = ConnectOptions::new("alice")
+        .token(&token("alice"))
+        .reconnect(true);
+    let (alice, _a) = connect(addr, options).await.unwrap();
+    let acked_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&acked_so_far);
+    let sender = tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for i in 0..MESSAGES {
+            // Each send resolves once stored, across reconnects.
+            let ack = alice
+                .send(text("bob", &format!("r-{i}"), "x"))
+                .await
+                .unwrap();
+            assert_eq!(ack.reason, ReasonCode::Success);
+            acks.push(ack.message_seq);
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        acks
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acked_so_far.load(std::sync::atomic::Ordering::Relaxed) < MESSAGES / 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sends are not being acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut child, _) = common::spawn_gateway_at(dir.path(), &addr.to_string());
+    let acks = tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("the sender finished after the restart")
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let key = ChannelKey::person(&Uid::new("alice"), &Uid::new("bob"));
+    let stored = stored_messages(dir.path(), &key);
+    assert_eq!(stored.len(), MESSAGES, "each message stored exactly once");
+    for (index, message) in stored.iter().enumerate() {
+        assert_eq!(message.seq.0, index as u64 + 1);
+        assert_eq!(message.client_msg_no, format!("r-{index}"));
+    }
+    assert_eq!(acks, (1..=MESSAGES as u64).collect::<Vec<_>>());
+}

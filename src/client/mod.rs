@@ -59,6 +59,11 @@ pub struct ConnectOptions {
     /// Ask the server to push, once connected, what this device has not
     /// acknowledged yet (per channel, in order, before live messages).
     pub resume: bool,
+    /// When the connection drops (or the server restarts, times it out or
+    /// sheds it), connect again with exponential backoff (0.1 s doubling to
+    /// 5 s), resume, and send every unacknowledged send again with the same
+    /// client_msg_no. Not after a kick or an authentication failure.
+    pub reconnect: bool,
     /// How long to wait for the TCP connection and for `ConnAck`.
     pub connect_timeout: Duration,
     /// Largest frame accepted from the server.
@@ -77,6 +82,7 @@ impl ConnectOptions {
             auto_ack: true,
             heartbeat: true,
             resume: true,
+            reconnect: false,
             connect_timeout: Duration::from_secs(10),
             frame_size_max_bytes: 4 * 1024 * 1024,
             incoming_capacity: 4096,
@@ -106,6 +112,11 @@ impl ConnectOptions {
 
     pub fn resume(mut self, on: bool) -> Self {
         self.resume = on;
+        self
+    }
+
+    pub fn reconnect(mut self, on: bool) -> Self {
+        self.reconnect = on;
         self
     }
 }
@@ -176,6 +187,29 @@ pub async fn connect(
     addr: SocketAddr,
     options: ConnectOptions,
 ) -> Result<(Client, Incoming), ClientError> {
+    let (stream, core, conn_ack) = open(addr, &options).await?;
+    let (commands, command_rx) = mpsc::channel(1024);
+    let (incoming, rx) = mpsc::channel(options.incoming_capacity.max(1));
+    tokio::spawn(run(
+        addr,
+        options,
+        (stream, core, conn_ack),
+        command_rx,
+        incoming,
+    ));
+    let client = Client {
+        commands,
+        conn_ack,
+        next_request_id: Default::default(),
+    };
+    Ok((client, Incoming { rx }))
+}
+
+/// Opens one connection: TCP, `Connect`, `ConnAck`.
+async fn open(
+    addr: SocketAddr,
+    options: &ConnectOptions,
+) -> Result<(TcpStream, ClientCore, ConnAck), ClientError> {
     let timeout = options.connect_timeout;
     let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
@@ -197,24 +231,7 @@ pub async fn connect(
     let conn_ack = tokio::time::timeout(timeout, read_conn_ack(&mut stream, &mut core))
         .await
         .map_err(|_| ClientError::Timeout(timeout))??;
-    let (commands, command_rx) = mpsc::channel(1024);
-    let (incoming, rx) = mpsc::channel(options.incoming_capacity.max(1));
-    let heartbeat = (options.heartbeat && conn_ack.heartbeat_interval_ms > 0)
-        .then(|| Duration::from_millis(u64::from(conn_ack.heartbeat_interval_ms)));
-    tokio::spawn(run(
-        stream,
-        core,
-        command_rx,
-        incoming,
-        heartbeat,
-        options.auto_ack,
-    ));
-    let client = Client {
-        commands,
-        conn_ack,
-        next_request_id: Default::default(),
-    };
-    Ok((client, Incoming { rx }))
+    Ok((stream, core, conn_ack))
 }
 
 async fn read_conn_ack(
@@ -239,31 +256,153 @@ async fn read_conn_ack(
     }
 }
 
+/// A send waiting for its `SendAck`; kept whole so it can be sent again,
+/// with the same client_msg_no, after a reconnect.
+struct PendingSend {
+    message: Outgoing,
+    reply: oneshot::Sender<Result<SendAck, ClientError>>,
+}
+
+/// What the client remembers across connections.
+struct ClientState {
+    sends: HashMap<u32, PendingSend>,
+    requests: HashMap<u32, oneshot::Sender<Result<Packet, ClientError>>>,
+    /// Per channel (id, type): the highest seq handed to the app.
+    highest_seen: HashMap<(String, u8), u64>,
+}
+
+/// How one connection ended.
+enum Ended {
+    /// The app closed the client (or dropped it).
+    ByClient,
+    /// The server or the network ended it; `Some` when the server said why.
+    ByServer(Option<Disconnect>),
+}
+
+/// Whether a connection that ended this way is worth reconnecting.
+fn reconnectable(reason: &Option<Disconnect>) -> bool {
+    match reason {
+        None => true,
+        Some(d) => matches!(
+            d.reason,
+            ReasonCode::ServerShutdown
+                | ReasonCode::IdleTimeout
+                | ReasonCode::SlowConsumer
+                | ReasonCode::ServerBusy
+        ),
+    }
+}
+
 async fn run(
-    stream: TcpStream,
-    mut core: ClientCore,
+    addr: SocketAddr,
+    options: ConnectOptions,
+    first: (TcpStream, ClientCore, ConnAck),
     mut commands: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Delivery>,
-    heartbeat: Option<Duration>,
-    auto_ack: bool,
 ) {
+    let mut state = ClientState {
+        sends: HashMap::new(),
+        requests: HashMap::new(),
+        highest_seen: HashMap::new(),
+    };
+    let mut connection = Some(first);
+    let closed_by = loop {
+        let Some((stream, mut core, conn_ack)) = connection.take() else {
+            break None;
+        };
+        let ended = drive(
+            stream,
+            &mut core,
+            &conn_ack,
+            &options,
+            &mut state,
+            &mut commands,
+            &incoming,
+        )
+        .await;
+        let reason = match ended {
+            Ended::ByClient => break None,
+            Ended::ByServer(reason) => reason,
+        };
+        // Requests in flight are not repeated: their callers retry.
+        for (_, waiter) in state.requests.drain() {
+            let _ = waiter.send(Err(ClientError::Closed(reason.clone())));
+        }
+        if !options.reconnect || !reconnectable(&reason) {
+            break reason;
+        }
+        let mut backoff = Duration::from_millis(100);
+        connection = loop {
+            if incoming.is_closed() {
+                break None;
+            }
+            tokio::time::sleep(backoff).await;
+            match open(addr, &options).await {
+                Ok(opened) => break Some(opened),
+                Err(ClientError::Refused(reason)) if reason != ReasonCode::ServerBusy => {
+                    tracing::warn!(reason = %crate::protocol::reason_name(reason), "reconnect refused");
+                    break None;
+                }
+                Err(error) => {
+                    tracing::debug!(%error, ?backoff, "reconnect failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let Some((_, core, _)) = connection.as_mut() else {
+            break reason;
+        };
+        // Unacknowledged sends go again with the same client_msg_no: the
+        // server answers a resend of a stored message with the original.
+        let waiting: Vec<PendingSend> = state.sends.drain().map(|(_, p)| p).collect();
+        for pending in waiting {
+            let client_seq = core.send(pending.message.clone());
+            state.sends.insert(client_seq, pending);
+        }
+    };
+    for (_, pending) in state.sends.drain() {
+        let _ = pending
+            .reply
+            .send(Err(ClientError::Closed(closed_by.clone())));
+    }
+    for (_, waiter) in state.requests.drain() {
+        let _ = waiter.send(Err(ClientError::Closed(closed_by.clone())));
+    }
+    let _ = incoming.send(Delivery::Closed(closed_by)).await;
+}
+
+/// Runs one connection until it ends.
+async fn drive(
+    stream: TcpStream,
+    core: &mut ClientCore,
+    conn_ack: &ConnAck,
+    options: &ConnectOptions,
+    state: &mut ClientState,
+    commands: &mut mpsc::Receiver<Command>,
+    incoming: &mpsc::Sender<Delivery>,
+) -> Ended {
+    let auto_ack = options.auto_ack;
+    let heartbeat = (options.heartbeat && conn_ack.heartbeat_interval_ms > 0)
+        .then(|| Duration::from_millis(u64::from(conn_ack.heartbeat_interval_ms)));
     let (mut reader, mut writer) = stream.into_split();
-    let mut pending: HashMap<u32, oneshot::Sender<Result<SendAck, ClientError>>> = HashMap::new();
-    let mut requests: HashMap<u32, oneshot::Sender<Result<Packet, ClientError>>> = HashMap::new();
-    // Per channel (id, type): the highest seq handed to the app, and the
-    // highest to acknowledge after this read (one cumulative ack per
-    // channel per read).
-    let mut highest_seen: HashMap<(String, u8), u64> = HashMap::new();
+    // The highest seq to acknowledge per channel after this read: one
+    // cumulative ack per channel per read.
     let mut to_ack: HashMap<(String, u8), u64> = HashMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     let period = heartbeat.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut closed_by: Option<Disconnect> = None;
-    'outer: loop {
+    // Whatever was queued before this connection (resent sends).
+    if !core.output().is_empty() {
+        if writer.write_all(core.output()).await.is_err() {
+            return Ended::ByServer(None);
+        }
+        core.output().clear();
+    }
+    loop {
         tokio::select! {
             read = reader.read(&mut buf) => {
                 let n = match read {
-                    Ok(0) | Err(_) => break 'outer,
+                    Ok(0) | Err(_) => return Ended::ByServer(None),
                     Ok(n) => n,
                 };
                 core.feed(&buf[..n]);
@@ -271,22 +410,22 @@ async fn run(
                     match core.next_event() {
                         Ok(None) => break,
                         Ok(Some(Event::SendAck(ack))) => {
-                            if let Some(waiter) = pending.remove(&ack.client_seq) {
-                                let _ = waiter.send(Ok(ack));
+                            if let Some(pending) = state.sends.remove(&ack.client_seq) {
+                                let _ = pending.reply.send(Ok(ack));
                             }
                         }
                         Ok(Some(Event::Recv(recv))) => {
                             let channel = (recv.channel_id.clone(), recv.channel_type.0);
                             let seq = recv.message_seq;
-                            let seen = highest_seen.get(&channel).copied().unwrap_or(0);
-                            // Pushes arrive in order on one connection: a seq
-                            // at or below one already handed over is a
-                            // redelivery of a message the app has.
+                            let seen = state.highest_seen.get(&channel).copied().unwrap_or(0);
+                            // Pushes of a channel arrive in seq order (also
+                            // across a resume): a seq at or below one already
+                            // handed over is a redelivery the app has.
                             let duplicate = auto_ack && seq <= seen;
                             if !duplicate {
-                                highest_seen.insert(channel.clone(), seq);
+                                state.highest_seen.insert(channel.clone(), seq);
                                 if incoming.send(Delivery::Message(recv)).await.is_err() {
-                                    break 'outer;
+                                    return Ended::ByClient;
                                 }
                             }
                             if auto_ack {
@@ -294,29 +433,26 @@ async fn run(
                                 *top = (*top).max(seq);
                             }
                         }
-                        Ok(Some(Event::Disconnect(d))) => {
-                            closed_by = Some(d);
-                            break 'outer;
-                        }
+                        Ok(Some(Event::Disconnect(d))) => return Ended::ByServer(Some(d)),
                         Ok(Some(Event::Response { request_id, packet })) => {
-                            if let Some(waiter) = requests.remove(&request_id) {
+                            if let Some(waiter) = state.requests.remove(&request_id) {
                                 let _ = waiter.send(Ok(packet));
                             }
                         }
                         Ok(Some(Event::ConversationUpdate(c))) => {
                             if incoming.send(Delivery::ConversationUpdate(c)).await.is_err() {
-                                break 'outer;
+                                return Ended::ByClient;
                             }
                         }
                         Ok(Some(Event::Recall(e))) => {
                             if incoming.send(Delivery::Recall(e)).await.is_err() {
-                                break 'outer;
+                                return Ended::ByClient;
                             }
                         }
                         Ok(Some(Event::Pong | Event::ConnAck(_))) => {}
                         Err(error) => {
                             tracing::warn!(%error, "server broke the protocol");
-                            break 'outer;
+                            return Ended::ByServer(None);
                         }
                     }
                 }
@@ -326,12 +462,12 @@ async fn run(
             }
             command = commands.recv() => match command {
                 Some(Command::Send(message, reply)) => {
-                    let client_seq = core.send(message);
-                    pending.insert(client_seq, reply);
+                    let client_seq = core.send(message.clone());
+                    state.sends.insert(client_seq, PendingSend { message, reply });
                 }
                 Some(Command::Request(packet, request_id, reply)) => {
                     core.request(&packet);
-                    requests.insert(request_id, reply);
+                    state.requests.insert(request_id, reply);
                 }
                 Some(Command::Ack(id, seq)) => core.ack(id, seq),
                 Some(Command::AckThrough(channel_id, channel_type, seq)) => {
@@ -341,25 +477,18 @@ async fn run(
                     core.disconnect();
                     let _ = writer.write_all(core.output()).await;
                     core.output().clear();
-                    break 'outer;
+                    return Ended::ByClient;
                 }
             },
             _ = ticker.tick(), if heartbeat.is_some() => core.ping(),
         }
         if !core.output().is_empty() {
             if writer.write_all(core.output()).await.is_err() {
-                break;
+                return Ended::ByServer(None);
             }
             core.output().clear();
         }
     }
-    for (_, waiter) in pending.drain() {
-        let _ = waiter.send(Err(ClientError::Closed(closed_by.clone())));
-    }
-    for (_, waiter) in requests.drain() {
-        let _ = waiter.send(Err(ClientError::Closed(closed_by.clone())));
-    }
-    let _ = incoming.send(Delivery::Closed(closed_by)).await;
 }
 
 impl Client {

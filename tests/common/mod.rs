@@ -222,16 +222,14 @@ pub fn connect_packet(uid: &str, token: &str) -> Packet {
 /// RocksDB store in `dir`; returns it and its address (read from the line it
 /// prints on stdout). For kill -9 tests.
 pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
+    spawn_gateway_at(dir, "127.0.0.1:0")
+}
+
+/// Like [`spawn_gateway`], on a given address (to restart on the same one).
+pub fn spawn_gateway_at(dir: &Path, listen: &str) -> (std::process::Child, SocketAddr) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ruyi"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--data-dir",
-        ])
+        .args(["serve", "--listen", listen, "--shards", "2", "--data-dir"])
         .arg(dir)
         .env("RUYI_AUTH_SECRET", SECRET)
         .env("RUYI_LOG", "warn")
