@@ -240,7 +240,7 @@ fn client_sync_conversations_conversation_and_recall_print_json_as_documented() 
 #[test]
 fn listen_with_no_ack_prints_redeliveries_flagged() {
     let server = TestServer::start_with(|c| {
-        c.delivery.retry_interval_ms = 200;
+        c.delivery.retry_interval_ms = 300;
         c.delivery.retry_tick_ms = 10;
         c.delivery.retry_jitter_percent = 0;
     });

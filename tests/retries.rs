@@ -9,9 +9,10 @@ use ruyi::config::Config;
 use ruyi::protocol::{ChannelType, ConversationAction, ReasonCode, RECV_FLAG_REDELIVERED};
 use std::time::Duration;
 
-/// Retries every 200 ms, without jitter or backoff, so the test is quick.
+/// Retries every 400 ms, without jitter or backoff, so the test is quick
+/// (and an ack has ample time to land between two retries).
 fn fast_retries(config: &mut Config) {
-    config.delivery.retry_interval_ms = 200;
+    config.delivery.retry_interval_ms = 400;
     config.delivery.retry_backoff_percent = 100;
     config.delivery.retry_jitter_percent = 0;
     config.delivery.retry_tick_ms = 10;
@@ -47,8 +48,8 @@ async fn a_withheld_ack_brings_the_message_again_flagged_with_identical_ids_and_
     assert_eq!(again.payload, first.payload);
 
     bob.ack(again.message_id, again.message_seq).await.unwrap();
-    // Well over the retry interval: nothing comes again.
-    assert_nothing_arrives(&mut bob_in, Duration::from_millis(1500)).await;
+    // Five retry intervals: nothing comes again.
+    assert_nothing_arrives(&mut bob_in, Duration::from_millis(2000)).await;
     let stats = server.control().stats().await.unwrap();
     assert!(stats.redeliveries >= 1);
 }
@@ -126,7 +127,8 @@ async fn the_sdk_acknowledges_and_hides_redeliveries_by_default() {
 
 #[tokio::test]
 async fn a_device_that_acked_1_to_5_of_10_gets_exactly_6_to_10_in_order_on_resume() {
-    let server = TestServer::start_with(fast_retries);
+    // Default retries (3 s): no redelivery interleaves with the first ten.
+    let server = TestServer::start();
     let (bob, mut bob_in) = connect_without_acks(&server, "bob").await;
     let (alice, _a) = server.connect("alice").await;
     for i in 1..=10 {
