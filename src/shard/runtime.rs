@@ -375,7 +375,17 @@ async fn retry_loop(runtime: Rc<Runtime>) {
     loop {
         glommio::timer::sleep(tick).await;
         let now = runtime.now();
-        runtime.state.borrow_mut().retry_due(now);
+        let flush = {
+            let mut state = runtime.state.borrow_mut();
+            state.retry_due(now);
+            state.position_flush()
+        };
+        // Acknowledged positions, batched per tick, written off this thread.
+        if let Some(job) = flush {
+            if let Err(error) = glommio::executor().spawn_blocking(job).await {
+                tracing::warn!(%error, "saving acknowledged positions failed");
+            }
+        }
     }
 }
 

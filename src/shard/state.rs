@@ -1633,6 +1633,33 @@ impl ShardState {
     /// Saves the acknowledged positions gathered since the last flush (all
     /// connections', or one connection's when it closes).
     fn flush_positions(&mut self, only: Option<ConnId>) {
+        let rows = self.take_positions(only);
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.save_device_acks(&rows) {
+            // Not fatal: the device gets those messages again on resume.
+            tracing::warn!(%error, rows = rows.len(), "saving acknowledged positions failed");
+        }
+    }
+
+    /// The write of every position gathered since the last one, for the
+    /// runtime to run off this thread (the retry tick batches them).
+    pub fn position_flush(&mut self) -> Option<CommitJob> {
+        let rows = self.take_positions(None);
+        if rows.is_empty() {
+            return None;
+        }
+        match self.store.prepare_device_acks(&rows) {
+            Ok(job) => Some(job),
+            Err(error) => {
+                tracing::warn!(%error, rows = rows.len(), "saving acknowledged positions failed");
+                None
+            }
+        }
+    }
+
+    fn take_positions(&mut self, only: Option<ConnId>) -> Vec<crate::storage::DeviceAck> {
         let conns: SmallVec<[ConnId; 8]> = match only {
             Some(conn) => std::iter::once(conn).collect(),
             None => self.positions.keys().copied().collect(),
@@ -1658,20 +1685,12 @@ impl ShardState {
                 });
             }
         }
-        if rows.is_empty() {
-            return;
-        }
-        if let Err(error) = self.store.save_device_acks(&rows) {
-            // Not fatal: the device gets those messages again on resume.
-            tracing::warn!(%error, rows = rows.len(), "saving acknowledged positions failed");
-        }
+        rows
     }
 
     /// Pushes again every message whose retry timer fired, flagged as
     /// redelivered, with the same ids.
     pub fn retry_due(&mut self, now: Now) {
-        // The retry tick also batches the saving of acknowledged positions.
-        self.flush_positions(None);
         let mut due = Vec::new();
         self.pushes.due(now.monotonic.0, &mut due);
         for (conn, message) in due {

@@ -252,7 +252,7 @@ impl ShardStore for MemoryShardStore {
             .unwrap_or_default())
     }
 
-    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError> {
+    fn prepare_device_acks(&mut self, rows: &[DeviceAck]) -> Result<CommitJob, StorageError> {
         let mut data = self.data();
         for row in rows {
             let key = (
@@ -263,7 +263,7 @@ impl ShardStore for MemoryShardStore {
             let seq = data.device_acks.entry(key).or_default();
             *seq = (*seq).max(row.seq);
         }
-        Ok(())
+        Ok(Box::new(|| Ok(())))
     }
 
     fn device_ack(

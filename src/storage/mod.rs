@@ -273,7 +273,12 @@ pub trait ShardStore {
     /// without a sync of its own (it rides the next one): losing the last
     /// few positions in a power cut only means a few redeliveries. Positions
     /// only grow.
-    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError>;
+    fn prepare_device_acks(&mut self, rows: &[DeviceAck]) -> Result<CommitJob, StorageError>;
+
+    /// Prepares and writes positions on the calling thread.
+    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError> {
+        self.prepare_device_acks(rows)?()
+    }
 
     /// How far `device_id` of `uid` has acknowledged `key` (0: never).
     fn device_ack(
@@ -394,7 +399,7 @@ impl ShardStore for ClosedStore {
         Err(StorageError::Closed)
     }
 
-    fn save_device_acks(&mut self, _rows: &[DeviceAck]) -> Result<(), StorageError> {
+    fn prepare_device_acks(&mut self, _rows: &[DeviceAck]) -> Result<CommitJob, StorageError> {
         Err(StorageError::Closed)
     }
 

@@ -483,7 +483,7 @@ impl ShardStore for RocksShardStore {
         Ok(out)
     }
 
-    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError> {
+    fn prepare_device_acks(&mut self, rows: &[DeviceAck]) -> Result<CommitJob, StorageError> {
         // The writing shard only ever raises a position (it keeps the
         // highest), and a device is connected to one shard at a time.
         let cf = self.cf(keys::CF_DEVICE_ACKS);
@@ -495,9 +495,14 @@ impl ShardStore for RocksShardStore {
                 row.seq.0.to_be_bytes(),
             );
         }
-        let mut options = WriteOptions::default();
-        options.set_sync(false);
-        self.db.write_opt(write, &options).map_err(io_error)
+        // Unsynced, but it still queues behind a synced group commit in
+        // RocksDB's write path: the job runs off the shard's thread.
+        let db = Arc::clone(&self.db);
+        Ok(Box::new(move || {
+            let mut options = WriteOptions::default();
+            options.set_sync(false);
+            db.write_opt(write, &options).map_err(io_error)
+        }))
     }
 
     fn device_ack(
