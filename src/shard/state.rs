@@ -857,12 +857,10 @@ impl ShardState {
             self.id,
             "list change sent to the wrong shard"
         );
-        if let Some(bad) = uids
-            .iter()
-            .find(|u| !valid_uid(u, self.limits.uid_length_max_bytes))
-        {
-            return fail(reply, ControlError::Invalid(format!("bad uid {bad:?}")));
-        }
+        let uids = match checked_uids(&uids, self.limits.uid_length_max_bytes) {
+            Ok(uids) => uids,
+            Err(error) => return fail(reply, error),
+        };
         let max = self.limits.group_members_max;
         let current: crate::channel::MemberSet = if key.kind()
             == crate::protocol::ChannelType::Group
@@ -881,15 +879,7 @@ impl ShardState {
                 Err(error) => return fail(reply, ControlError::Storage(error.to_string())),
             }
         };
-        let uids = uids.iter().map(|u| Uid::new(u));
-        let next: crate::channel::MemberSet = match change {
-            SetChange::Replace => uids.collect(),
-            SetChange::Add => current.into_iter().chain(uids).collect(),
-            SetChange::Remove => {
-                let gone: crate::channel::MemberSet = uids.collect();
-                current.into_iter().filter(|u| !gone.contains(u)).collect()
-            }
-        };
+        let next = apply_set_change(current, uids, change);
         if next.len() > max {
             return fail(
                 reply,
@@ -1038,13 +1028,10 @@ impl ShardState {
             self.id,
             "group change sent to the wrong shard"
         );
-        if let Some(bad) = uids
-            .iter()
-            .find(|u| !valid_uid(u, self.limits.uid_length_max_bytes))
-        {
-            return fail(reply, ControlError::Invalid(format!("bad uid {bad:?}")));
-        }
-        let uids: Vec<Uid> = uids.iter().map(|u| Uid::new(u)).collect();
+        let uids = match checked_uids(&uids, self.limits.uid_length_max_bytes) {
+            Ok(uids) => uids,
+            Err(error) => return fail(reply, error),
+        };
         let members_max = self.limits.group_members_max;
         let (current, last_seq, last_message_id) = match self.channel_mut(&key) {
             Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
@@ -1057,19 +1044,12 @@ impl ShardState {
             },
         };
         let previous = current.clone().unwrap_or_default();
-        let members: crate::channel::MemberSet = match (change, current) {
-            (SetChange::Replace, _) => uids.into_iter().collect(),
+        let members = match (change, current) {
+            (SetChange::Replace, current) => {
+                apply_set_change(current.unwrap_or_default(), uids, change)
+            }
             (_, None) => return fail(reply, ControlError::NoSuchGroup(group_id.to_owned())),
-            (SetChange::Add, Some(mut set)) => {
-                set.extend(uids);
-                set
-            }
-            (SetChange::Remove, Some(mut set)) => {
-                for uid in &uids {
-                    set.remove(uid);
-                }
-                set
-            }
+            (_, Some(current)) => apply_set_change(current, uids, change),
         };
         if members.len() > members_max {
             return fail(
@@ -2233,6 +2213,35 @@ impl ShardState {
         };
         self.outgoing_total -= batch.len();
         batch
+    }
+}
+
+/// The uids of a control request, checked.
+fn checked_uids(uids: &[String], max_bytes: usize) -> Result<Vec<Uid>, ControlError> {
+    match uids.iter().find(|u| !valid_uid(u, max_bytes)) {
+        Some(bad) => Err(ControlError::Invalid(format!("bad uid {bad:?}"))),
+        None => Ok(uids.iter().map(|u| Uid::new(u)).collect()),
+    }
+}
+
+/// `current` changed by `change` with `uids`.
+fn apply_set_change(
+    mut current: crate::channel::MemberSet,
+    uids: Vec<Uid>,
+    change: SetChange,
+) -> crate::channel::MemberSet {
+    match change {
+        SetChange::Replace => uids.into_iter().collect(),
+        SetChange::Add => {
+            current.extend(uids);
+            current
+        }
+        SetChange::Remove => {
+            for uid in &uids {
+                current.remove(uid);
+            }
+            current
+        }
     }
 }
 
