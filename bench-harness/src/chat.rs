@@ -220,24 +220,24 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
 }
 
 #[derive(Clone)]
-struct PairConfig {
-    server: SocketAddr,
-    secret: String,
-    window: usize,
-    payload_bytes: usize,
-    prefix: String,
-    duration: Duration,
+pub(crate) struct PairConfig {
+    pub(crate) server: SocketAddr,
+    pub(crate) secret: String,
+    pub(crate) window: usize,
+    pub(crate) payload_bytes: usize,
+    pub(crate) prefix: String,
+    pub(crate) duration: Duration,
 }
 
 /// One connection driven by the runtime-free core.
-struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     core: ClientCore,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    async fn open(config: &PairConfig, uid: &str) -> anyhow::Result<Conn> {
+    pub(crate) async fn open(config: &PairConfig, uid: &str) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(config.server)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", config.server))?;

@@ -11,6 +11,7 @@
 //! runtime-free `ClientCore`.
 
 mod chat;
+mod connect;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ struct Cli {
 enum Scenario {
     /// Many one-to-one conversations, senders keeping a window in flight.
     Chat(chat::ChatArgs),
+    /// A connection storm, then N idle connections held.
+    Connect(connect::ConnectArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,21 @@ fn main() -> ExitCode {
                 } else {
                     ExitCode::FAILURE
                 }
+            }
+            Err(error) => {
+                eprintln!("ruyi-bench: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Scenario::Connect(args) => match connect::run(&args) {
+            Ok(report) => {
+                if let Some(path) = &args.json {
+                    if let Err(error) = std::fs::write(path, report.to_string()) {
+                        eprintln!("ruyi-bench: cannot write {}: {error}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                ExitCode::SUCCESS
             }
             Err(error) => {
                 eprintln!("ruyi-bench: {error:#}");
