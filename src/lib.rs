@@ -31,6 +31,7 @@
 //!   and the `ruyi client` command line.
 //! - [`config`]: the one configuration tree; [`server`]: start and stop.
 //! - [`ids`] and [`time`]: id newtypes and injected time.
+//! - [`system`]: checks of the machine (`ruyi check-system`).
 
 pub mod auth;
 pub mod channel;
@@ -43,6 +44,7 @@ pub mod protocol;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod system;
 pub mod time;
 
 pub use config::Config;

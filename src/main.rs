@@ -29,6 +29,13 @@ enum Command {
     Token(TokenArgs),
     /// Talk to a gateway: send messages, listen for them.
     Client(ruyi::client::cli::ClientArgs),
+    /// Check this machine's settings for ruyi (pass, warn or fail, with the
+    /// fix). Exits non-zero on a failure.
+    CheckSystem {
+        /// Check against this configuration (shards, limits).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +94,21 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Token(args) => token(args),
+        Command::CheckSystem { config } => {
+            let config = match load_config(config.as_ref()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("ruyi check-system: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let checks = ruyi::system::checks(&config);
+            if ruyi::system::report(&checks) == ruyi::system::Verdict::Fail {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
         Command::Serve(args) => {
             init_logging("info");
             serve(args)
@@ -176,6 +198,23 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Refuse to start on a machine that cannot run the gateway, naming the
+    // fix, instead of failing somewhere deep in start-up.
+    let failures: Vec<_> = ruyi::system::checks(&config)
+        .into_iter()
+        .filter(|c| c.verdict == ruyi::system::Verdict::Fail)
+        .collect();
+    if !failures.is_empty() {
+        for failure in &failures {
+            eprintln!(
+                "ruyi serve: {} check failed ({}): {}",
+                failure.name,
+                failure.found,
+                failure.fix.as_deref().unwrap_or("see ruyi check-system")
+            );
+        }
+        return ExitCode::FAILURE;
+    }
     let handle = match ruyi::Server::start(config) {
         Ok(handle) => handle,
         Err(error) => {

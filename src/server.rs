@@ -164,10 +164,24 @@ fn bind_listeners(
     Ok((bound, fds))
 }
 
+/// The CPUs this process may run on (its affinity mask, so a systemd
+/// `CPUAffinity=` or `taskset` decides where shards go), else every online
+/// CPU.
 fn online_cpus() -> Vec<usize> {
-    let mut cpus: Vec<usize> = CpuSet::online()
-        .map(|set| set.into_iter().map(|location| location.cpu).collect())
-        .unwrap_or_default();
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let allowed =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
+    let mut cpus: Vec<usize> = if allowed {
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) })
+            .collect()
+    } else {
+        CpuSet::online()
+            .map(|set| set.into_iter().map(|location| location.cpu).collect())
+            .unwrap_or_default()
+    };
     cpus.sort_unstable();
     cpus.dedup();
     cpus

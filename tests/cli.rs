@@ -287,3 +287,24 @@ fn listen_with_no_ack_prints_redeliveries_flagged() {
     assert_eq!(lines[1]["redelivered"], true);
     assert_eq!(lines[0]["message_id"], lines[1]["message_id"]);
 }
+
+#[test]
+fn check_system_reports_every_setting_and_passes_on_this_machine() {
+    let output = ruyi(&["check-system"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    for name in [
+        "kernel",
+        "io_uring",
+        "memlock",
+        "nofile",
+        "somaxconn",
+        "port range",
+        "cpus",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    assert!(
+        output.status.success(),
+        "a hard failure on the test machine:\n{text}"
+    );
+}
