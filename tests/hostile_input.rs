@@ -216,3 +216,30 @@ async fn frames_sent_right_behind_connect_are_processed_after_conn_ack() {
         b"early"
     );
 }
+
+#[tokio::test]
+async fn slowloris_one_byte_at_a_time_is_cut_off_at_the_handshake_timeout() {
+    let server = TestServer::start_with(|c| c.limits.handshake_timeout_ms = 500);
+    let mut out = bytes::BytesMut::new();
+    ruyi::protocol::Encoder::new().encode(&connect_packet("slow", &token("slow")), &mut out);
+    let started = Instant::now();
+    let mut raw = RawClient::connect(server.addr).await;
+    // One byte every 100 ms: each arrives well within any read timeout, but
+    // the Connect never completes in time.
+    for byte in out.iter().take(20) {
+        if tokio::io::AsyncWriteExt::write_all(&mut raw.stream, &[*byte])
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let packets = raw.packets_until_closed().await;
+    assert_eq!(
+        disconnect_reason(&packets),
+        Some(ReasonCode::HandshakeTimeout)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_server_still_delivers(&server).await;
+}
