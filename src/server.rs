@@ -374,9 +374,4 @@ impl Control {
         }
         Ok(total)
     }
-
-    /// The shard that owns a channel, for tests that place channels.
-    pub fn owner_of_group(&self, group_id: &str) -> ShardId {
-        ChannelKey::group(group_id).shard(self.shards)
-    }
 }

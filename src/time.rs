@@ -1,9 +1,8 @@
 //! Injected time. Shard logic takes the current time as an argument; the I/O
-//! edge reads it from a [`Clock`]. Tests drive the same logic with a
-//! [`ManualClock`] and never sleep.
+//! edge reads it from a [`Clock`]. Tests drive the same logic by passing the
+//! times they want (the retry timers' tests run minutes in microseconds).
 
 use crate::ids::Millis;
-use std::cell::Cell;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// A source of time: a monotonic reading for timeouts and a wall-clock
@@ -51,34 +50,4 @@ pub fn unix_now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A clock that moves only when told to; for deterministic tests.
-#[derive(Debug, Default)]
-pub struct ManualClock {
-    now: Cell<u64>,
-    unix_base: u64,
-}
-
-impl ManualClock {
-    pub fn new(unix_base: u64) -> ManualClock {
-        ManualClock {
-            now: Cell::new(0),
-            unix_base,
-        }
-    }
-
-    pub fn advance(&self, ms: u64) {
-        self.now.set(self.now.get() + ms);
-    }
-}
-
-impl Clock for ManualClock {
-    fn monotonic(&self) -> Millis {
-        Millis(self.now.get())
-    }
-
-    fn unix_ms(&self) -> u64 {
-        self.unix_base + self.now.get()
-    }
 }

@@ -17,6 +17,13 @@ fn ruyi(args: &[&str]) -> std::process::Output {
         .expect("ruyi runs")
 }
 
+/// A token printed by `ruyi token`, as a script would get it.
+fn token(uid: &str) -> String {
+    let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 fn stdout_json_lines(output: &std::process::Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -45,11 +52,6 @@ fn serve_refuses_token_auth_without_a_secret_with_a_message_naming_the_fix() {
 fn client_send_and_listen_walk_through_works_as_documented() {
     let server = TestServer::start();
     let addr = server.addr.to_string();
-    let token = |uid: &str| {
-        let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
     let (alice, bob) = (token("alice"), token("bob"));
 
     let listener = Command::new(RUYI)
@@ -133,8 +135,7 @@ fn client_send_and_listen_walk_through_works_as_documented() {
 fn client_send_exits_non_zero_on_a_refusal_and_prints_the_reason() {
     let server = TestServer::start();
     let addr = server.addr.to_string();
-    let out = ruyi(&["token", "--secret", SECRET, "--uid", "alice"]);
-    let alice = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let alice = token("alice");
     let sent = ruyi(&[
         "client", "send", "--server", &addr, "--uid", "alice", "--token", &alice, "--group",
         "nope", "--text", "x",
@@ -154,10 +155,6 @@ fn client_send_exits_non_zero_on_a_refusal_and_prints_the_reason() {
 fn client_sync_conversations_conversation_and_recall_print_json_as_documented() {
     let server = TestServer::start();
     let addr = server.addr.to_string();
-    let token = |uid: &str| {
-        let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
     let (alice, bob) = (token("alice"), token("bob"));
     let common = |uid: &'static str, token: &str| -> Vec<String> {
         vec![
@@ -245,10 +242,6 @@ fn listen_with_no_ack_prints_redeliveries_flagged() {
         c.delivery.retry_jitter_percent = 0;
     });
     let addr = server.addr.to_string();
-    let token = |uid: &str| {
-        let out = ruyi(&["token", "--secret", SECRET, "--uid", uid]);
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
     let (alice, bob) = (token("alice"), token("bob"));
     let mut listener = Command::new(RUYI)
         .args([

@@ -63,10 +63,6 @@ impl FrameDecoder {
         }
         Ok(Some(length))
     }
-
-    pub fn frame_size_max_bytes(&self) -> usize {
-        self.frame_size_max_bytes
-    }
 }
 
 #[cfg(test)]

@@ -254,15 +254,6 @@ impl ShardState {
             crate::delivery::PendingPushes::new(policy, u64::from(self.id.0) + 1, now.monotonic.0);
     }
 
-    /// Pushes waiting for an acknowledgement, and their timers.
-    pub fn pending_pushes(&self) -> (usize, usize) {
-        (self.pushes.len(), self.pushes.timers())
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
@@ -1103,11 +1094,6 @@ impl ShardState {
     /// commit.
     pub fn close_storage(&mut self) {
         self.store = Box::new(crate::storage::ClosedStore);
-    }
-
-    /// Whether sends or group changes wait for a commit.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
     }
 
     /// Hands everything pending to storage as one batch. Returns the job
