@@ -72,6 +72,12 @@ impl Authenticator {
     }
 }
 
+/// Compares two secrets in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
 /// Signs a token for `uid` valid for `ttl_s` seconds from `now_unix_s`.
 pub fn issue_token(secret: &str, uid: &str, now_unix_s: u64, ttl_s: u64) -> String {
     let claims = Claims {

@@ -21,7 +21,77 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub policy: PolicyConfig,
     pub auth: AuthConfig,
+    pub api: ApiConfig,
+    pub webhook: WebhookConfig,
     pub limits: Limits,
+}
+
+/// The admin HTTP API (`[api]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub token: String,
+    pub open: bool,
+    pub body_max_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub system_uid: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5001)),
+            token: String::new(),
+            open: false,
+            body_max_bytes: 1024 * 1024,
+            request_timeout_ms: 10_000,
+            system_uid: "__system".into(),
+        }
+    }
+}
+
+/// Webhooks to the business server (`[webhook]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub events: Vec<String>,
+    pub secret: String,
+    pub request_timeout_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub concurrency: usize,
+    pub notify_batch_max_messages: usize,
+    pub outbox_max_bytes: u64,
+}
+
+/// Every event ruyi can post.
+pub const WEBHOOK_EVENTS: [&str; 3] = ["msg.offline", "msg.notify", "user.onlinestatus"];
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            events: WEBHOOK_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+            secret: String::new(),
+            request_timeout_ms: 5000,
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
+            concurrency: 8,
+            notify_batch_max_messages: 100,
+            outbox_max_bytes: 4 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl WebhookConfig {
+    /// Whether webhooks are on and `event` is one of those to send.
+    pub fn wants(&self, event: &str) -> bool {
+        !self.url.is_empty() && self.events.iter().any(|e| e == event)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,6 +396,76 @@ impl Config {
             st.write_buffer_bytes >= 1024 * 1024,
             "storage.write_buffer_bytes must be at least 1 MiB".into(),
         );
+        let a = &self.api;
+        if a.enabled {
+            check(
+                !a.token.is_empty() || a.open,
+                "api.token is empty: set api.token (or --api-token, or RUYI_API_TOKEN), or \
+                 api.open = true on a loopback api.listen, or api.enabled = false"
+                    .into(),
+            );
+            check(
+                !a.open || a.listen.ip().is_loopback(),
+                format!(
+                    "api.open = true is only allowed on a loopback address, not {}",
+                    a.listen
+                ),
+            );
+            check(
+                (1024..=64 * 1024 * 1024).contains(&a.body_max_bytes),
+                "api.body_max_bytes must be between 1024 and 67108864".into(),
+            );
+            check(
+                a.request_timeout_ms >= 100,
+                "api.request_timeout_ms must be at least 100".into(),
+            );
+            check(
+                crate::channel::valid_uid(&a.system_uid, self.limits.uid_length_max_bytes),
+                "api.system_uid must be a valid uid".into(),
+            );
+        }
+        let w = &self.webhook;
+        check(
+            w.url.is_empty() || w.url.starts_with("http://") || w.url.starts_with("https://"),
+            format!(
+                "webhook.url = {:?} must start with http:// or https://",
+                w.url
+            ),
+        );
+        for event in &w.events {
+            check(
+                WEBHOOK_EVENTS.contains(&event.as_str()),
+                format!(
+                    "webhook.events: unknown event {event:?}; known: {}",
+                    WEBHOOK_EVENTS.join(", ")
+                ),
+            );
+        }
+        check(
+            w.url.is_empty() || !w.secret.is_empty(),
+            "webhook.secret must be set when webhook.url is (receivers verify signatures with it)"
+                .into(),
+        );
+        check(
+            w.request_timeout_ms >= 100,
+            "webhook.request_timeout_ms must be at least 100".into(),
+        );
+        check(
+            w.retry_initial_ms >= 10 && w.retry_initial_ms <= w.retry_max_ms,
+            "webhook.retry_initial_ms must be at least 10 and at most webhook.retry_max_ms".into(),
+        );
+        check(
+            (1..=1024).contains(&w.concurrency),
+            "webhook.concurrency must be between 1 and 1024".into(),
+        );
+        check(
+            (1..=10_000).contains(&w.notify_batch_max_messages),
+            "webhook.notify_batch_max_messages must be between 1 and 10000".into(),
+        );
+        check(
+            w.outbox_max_bytes >= 1024 * 1024,
+            "webhook.outbox_max_bytes must be at least 1 MiB".into(),
+        );
         let d = &self.delivery;
         check(
             (10..=d.retry_interval_ms).contains(&d.retry_tick_ms),
@@ -460,12 +600,38 @@ mod tests {
     }
 
     #[test]
-    fn default_refuses_token_auth_without_a_secret() {
+    fn default_refuses_token_auth_without_a_secret_and_the_api_without_a_token() {
         let err = Config::default().validate().unwrap_err().to_string();
         assert!(err.contains("auth.secret"), "{err}");
+        assert!(err.contains("api.token"), "{err}");
         let mut config = Config::default();
         config.auth.secret = "s".into();
+        config.api.token = "t".into();
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn an_open_api_is_only_allowed_on_loopback() {
+        let mut config = Config::default();
+        config.auth.secret = "s".into();
+        config.api.open = true;
+        config.validate().unwrap();
+        config.api.listen = "0.0.0.0:5001".parse().unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_need_a_known_event_an_http_url_and_a_secret() {
+        let mut config = Config::default();
+        config.auth.secret = "s".into();
+        config.api.token = "t".into();
+        config.webhook.url = "ftp://example".into();
+        config.webhook.events = vec!["msg.unknown".into()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("webhook.url"), "{err}");
+        assert!(err.contains("msg.unknown"), "{err}");
+        assert!(err.contains("webhook.secret"), "{err}");
     }
 
     #[test]

@@ -71,6 +71,12 @@ impl fmt::Display for Uid {
     }
 }
 
+impl serde::Serialize for Uid {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 impl From<&str> for Uid {
     fn from(text: &str) -> Uid {
         Uid::new(text)

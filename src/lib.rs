@@ -33,6 +33,7 @@
 //! - [`ids`] and [`time`]: id newtypes and injected time.
 //! - [`system`]: checks of the machine (`ruyi check-system`).
 
+pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod client;
@@ -46,6 +47,7 @@ pub mod shard;
 pub mod storage;
 pub mod system;
 pub mod time;
+pub mod webhook;
 
 pub use config::Config;
 pub use server::{Control, Server, ServerHandle};

@@ -58,6 +58,12 @@ struct ServeArgs {
     /// Sets auth.mode = "off": any client may connect as any uid.
     #[arg(long)]
     auth_off: bool,
+    /// Overrides api.listen (the admin HTTP API).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// Overrides api.token.
+    #[arg(long, env = "RUYI_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,6 +194,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     if args.auth_off {
         config.auth.mode = AuthMode::Off;
     }
+    if let Some(http) = args.http {
+        config.api.listen = http;
+    }
+    if let Some(token) = args.api_token {
+        config.api.token = token;
+    }
     let signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -229,6 +241,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         handle.local_addr(),
         handle.shards()
     );
+    if let Some(api) = handle.api_addr() {
+        println!("ruyi admin api on http://{api}");
+    }
     let mut signals = signals;
     if let Some(signal) = signals.forever().next() {
         tracing::info!(signal, "shutting down");

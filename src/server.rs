@@ -7,10 +7,12 @@
 use crate::channel::ChannelKey;
 use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
+use crate::shard::api::{ApiRequest, ApiResponse};
 use crate::shard::mesh;
 use crate::shard::runtime::{self, ControlCmd, ShardSetup};
-use crate::shard::state::{ControlError, GroupInfo, SetChange};
+use crate::shard::state::{CommitLatency, ControlError, GroupInfo, SetChange};
 use crate::storage::{ListKind, MemoryStorage, RocksStorage, Storage};
+use crate::webhook::WebhookShared;
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
@@ -35,6 +37,11 @@ pub enum StartError {
     },
     #[error("cannot start shard {shard}: {detail}")]
     Shard { shard: u16, detail: String },
+    #[error("cannot start the admin API on {addr}: {source}")]
+    Api {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct Server;
@@ -73,8 +80,22 @@ impl Server {
         let shards = config.shard_count();
         let (addr, listeners) =
             bind_listeners(config.server.listen, shards, config.limits.listen_backlog)?;
+        // The API listener is bound first, so a taken port fails the start
+        // before any shard runs.
+        let api_listener = if config.api.enabled {
+            let listener = std::net::TcpListener::bind(config.api.listen)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| StartError::Api {
+                    addr: config.api.listen,
+                    source,
+                })?;
+            Some(listener)
+        } else {
+            None
+        };
         let cpus = online_cpus();
         let config = Arc::new(config);
+        let webhooks = Arc::new(WebhookShared::default());
         let meshes = mesh::build(shards, config.server.inbox_capacity_batches);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut controls = Vec::new();
@@ -96,6 +117,7 @@ impl Server {
                 storage: Arc::clone(&storage),
                 control: control_rx,
                 ready: ready_tx.clone(),
+                webhooks: Arc::clone(&webhooks),
             };
             let thread = LocalExecutorBuilder::new(placement)
                 .name(&format!("ruyi-shard-{index}"))
@@ -108,11 +130,13 @@ impl Server {
             threads.push(thread);
         }
         drop(ready_tx);
-        let handle = ServerHandle {
+        let mut handle = ServerHandle {
             addr,
             shards,
             controls,
             threads,
+            api_addr: None,
+            control_plane: None,
         };
         for _ in 0..shards {
             match ready_rx.recv() {
@@ -129,7 +153,21 @@ impl Server {
                 }
             }
         }
-        tracing::info!(%addr, shards, "ruyi is listening");
+        let control = handle.control_with(Arc::clone(&webhooks), Arc::clone(&storage));
+        match crate::api::ControlPlane::start(&config, control, storage, webhooks, api_listener) {
+            Ok(plane) => {
+                handle.api_addr = plane.api_addr();
+                handle.control_plane = Some(plane);
+            }
+            Err(source) => {
+                handle.shutdown();
+                return Err(StartError::Api {
+                    addr: config.api.listen,
+                    source,
+                });
+            }
+        }
+        tracing::info!(%addr, api = ?handle.api_addr, shards, "ruyi is listening");
         Ok(handle)
     }
 }
@@ -193,6 +231,9 @@ pub struct ServerHandle {
     shards: u16,
     controls: Vec<async_channel::Sender<ControlCmd>>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    api_addr: Option<SocketAddr>,
+    /// The admin API and the webhook dispatcher, on their own thread.
+    control_plane: Option<crate::api::ControlPlane>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -223,6 +264,11 @@ pub struct ServerStats {
     pub recvs_written: u64,
     pub commit_batches: u64,
     pub redeliveries: u64,
+    pub sends_received: u64,
+    pub acks_received: u64,
+    /// Messages queued for other shards' inboxes, not yet handed over.
+    pub inbox_depth: usize,
+    pub commit_latency: CommitLatency,
 }
 
 impl ServerHandle {
@@ -235,26 +281,51 @@ impl ServerHandle {
         self.shards
     }
 
+    /// The admin HTTP API's address, when it is enabled.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
     /// A handle for control requests that can be moved to other threads.
     pub fn control(&self) -> Control {
+        match &self.control_plane {
+            Some(plane) => plane.control().clone(),
+            None => Control {
+                shards: self.shards,
+                controls: self.controls.clone(),
+                webhooks: Arc::new(WebhookShared::default()),
+                storage: None,
+            },
+        }
+    }
+
+    fn control_with(&self, webhooks: Arc<WebhookShared>, storage: Arc<dyn Storage>) -> Control {
         Control {
             shards: self.shards,
             controls: self.controls.clone(),
+            webhooks,
+            storage: Some(storage),
         }
     }
 
     /// Asks every shard to stop: no new connections, every open one gets a
     /// `Disconnect` with `ServerShutdown` and time to flush.
     pub fn shutdown(&self) {
+        if let Some(plane) = &self.control_plane {
+            plane.stop();
+        }
         for control in &self.controls {
             let _ = control.send_blocking(ControlCmd::Shutdown);
         }
     }
 
-    /// Waits for every shard thread to finish.
+    /// Waits for every shard thread (and the control plane) to finish.
     pub fn join(self) {
         for thread in self.threads {
             let _ = thread.join();
+        }
+        if let Some(plane) = self.control_plane {
+            plane.join();
         }
     }
 
@@ -268,10 +339,20 @@ impl ServerHandle {
 /// Control-plane requests to a running server, usable from any thread or
 /// runtime. Group changes are applied by the group's owner shard, stored,
 /// and only then confirmed.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Control {
     shards: u16,
     controls: Vec<async_channel::Sender<ControlCmd>>,
+    webhooks: Arc<WebhookShared>,
+    storage: Option<Arc<dyn Storage>>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Control {
@@ -357,14 +438,42 @@ impl Control {
         .await?
     }
 
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// The webhook outbox's counters.
+    pub fn webhooks(&self) -> &WebhookShared {
+        &self.webhooks
+    }
+
+    /// The storage engine (for the API's direct writes, such as tokens).
+    pub fn storage(&self) -> Option<&Arc<dyn Storage>> {
+        self.storage.as_ref()
+    }
+
+    /// Sends an admin API request to `shard` and waits for the answer.
+    pub async fn api(
+        &self,
+        shard: ShardId,
+        request: ApiRequest,
+    ) -> Result<ApiResponse, ControlError> {
+        self.ask(shard, |reply| ControlCmd::Api { request, reply })
+            .await
+    }
+
     /// Every shard's counters, summed.
     pub async fn stats(&self) -> Result<ServerStats, ControlError> {
         let mut total = ServerStats::default();
         for shard in 0..self.shards {
-            let (stats, connections) = self
+            let (stats, connections, depth) = self
                 .ask(ShardId(shard), |reply| ControlCmd::Stats { reply })
                 .await?;
             total.connections += connections;
+            total.inbox_depth += depth;
+            total.sends_received += stats.sends_received;
+            total.acks_received += stats.acks_received;
+            total.commit_latency.merge(&stats.commit_latency);
             total.connections_accepted += stats.connections_accepted;
             total.connections_refused += stats.connections_refused;
             total.messages_committed += stats.messages_committed;

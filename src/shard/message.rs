@@ -36,6 +36,7 @@ pub enum ShardMsg {
     Presence {
         uid: Uid,
         device_id: Arc<str>,
+        device_flag: u8,
         conn: ConnId,
         online: bool,
     },

@@ -11,6 +11,7 @@
 //!   sends that arrived in one tick share one storage batch) and the sweeper
 //!   for timeouts.
 
+pub mod api;
 pub mod mesh;
 pub mod message;
 pub mod notify;

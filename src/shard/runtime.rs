@@ -40,9 +40,15 @@ pub enum ControlCmd {
         change: SetChange,
         reply: super::state::ListReply,
     },
-    /// Report counters.
+    /// Report counters: the stats, open connections, and messages queued
+    /// for other shards.
     Stats {
-        reply: async_channel::Sender<(ShardStats, usize)>,
+        reply: async_channel::Sender<(ShardStats, usize, usize)>,
+    },
+    /// A request of the admin HTTP API.
+    Api {
+        request: super::api::ApiRequest,
+        reply: super::api::ApiReply,
     },
     /// Stop accepting, close every connection with a `Disconnect`, exit.
     Shutdown,
@@ -57,6 +63,7 @@ pub struct ShardSetup {
     pub storage: Arc<dyn Storage>,
     pub control: async_channel::Receiver<ControlCmd>,
     pub ready: std::sync::mpsc::Sender<Result<ShardId, String>>,
+    pub webhooks: Arc<crate::webhook::WebhookShared>,
 }
 
 /// The shard's shared, single-threaded runtime state.
@@ -126,6 +133,7 @@ pub async fn run(setup: ShardSetup) {
         storage,
         control,
         ready,
+        webhooks,
     } = setup;
     let shard = mesh.shard;
     let store = match storage.open_shard(shard) {
@@ -150,6 +158,11 @@ pub async fn run(setup: ShardSetup) {
     );
     let mut state = state;
     state.set_allowlist_for_person(config.policy.allowlist_for_person);
+    state.set_webhooks(crate::webhook::WebhookWriter::new(
+        &config.webhook,
+        webhooks,
+    ));
+    state.set_system_uid(&config.api.system_uid);
     let clock = SystemClock::new();
     state.set_retry_policy(
         config.delivery.retry_policy(),
@@ -322,17 +335,18 @@ async fn commit_loop(runtime: Rc<Runtime>, offload: bool) {
                 break;
             };
             runtime.committing.set(true);
+            let started = std::time::Instant::now();
             let result = if offload {
                 glommio::executor().spawn_blocking(job).await
             } else {
                 job()
             };
+            let took = started.elapsed().as_micros() as u64;
             runtime.committing.set(false);
             let now = runtime.now();
-            runtime
-                .state
-                .borrow_mut()
-                .finish_commit(in_flight, result, now);
+            let mut state = runtime.state.borrow_mut();
+            state.stats.commit_latency.record(took);
+            state.finish_commit(in_flight, result, now);
         }
     }
 }
@@ -413,7 +427,15 @@ async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<Con
                 .change_list(key, kind, uids, change, reply),
             ControlCmd::Stats { reply } => {
                 let state = runtime.state.borrow();
-                let _ = reply.try_send((state.stats, state.connection_count()));
+                let _ = reply.try_send((
+                    state.stats,
+                    state.connection_count(),
+                    state.outgoing_depth(),
+                ));
+            }
+            ControlCmd::Api { request, reply } => {
+                let now = runtime.now();
+                runtime.state.borrow_mut().api(request, reply, now);
             }
             ControlCmd::Shutdown => {
                 if runtime.shutting_down.replace(true) {

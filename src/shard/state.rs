@@ -5,6 +5,7 @@
 //! [`Outbox`]es, to per-shard outgoing batches, or to storage. Tests drive it
 //! directly.
 
+use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
 use super::message::ShardMsg;
 use super::notify::Notify;
 use crate::auth::Authenticator;
@@ -126,12 +127,61 @@ enum Pending {
         uids: Vec<Uid>,
         reply: ListReply,
     },
+    DeleteGroup {
+        key: ChannelKey,
+        members: Vec<Uid>,
+        reply: ApiReply,
+    },
 }
 
 /// A batch handed to storage whose durable write has not finished yet.
 pub struct InFlight {
     pending: Vec<Pending>,
+    /// Webhook events written with the batch, and their bytes.
+    webhook_events: u64,
+    webhook_bytes: u64,
+    /// `user.onlinestatus` lines in the batch: queued again if it fails.
+    presence_lines: Vec<String>,
 }
+
+/// Buckets (upper bounds, microseconds) of the commit latency histogram.
+pub const COMMIT_BUCKETS_US: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
+/// How long durable writes took: a cumulative-style histogram for
+/// Prometheus (`counts[i]` = commits within `COMMIT_BUCKETS_US[i]`, not
+/// cumulative; the last slot counts the rest).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommitLatency {
+    pub counts: [u64; COMMIT_BUCKETS_US.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl CommitLatency {
+    pub fn record(&mut self, micros: u64) {
+        let slot = COMMIT_BUCKETS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(COMMIT_BUCKETS_US.len());
+        self.counts[slot] += 1;
+        self.sum_us += micros;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &CommitLatency) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+        self.sum_us += other.sum_us;
+        self.count += other.count;
+    }
+}
+
+/// Admin API requests get connection ids from here up: no real connection
+/// reaches it (the counter would need 2^47 accepts).
+const API_CONN_BASE: u64 = 1 << 47;
 
 /// Who else waits for a send that is not committed yet: resends of the same
 /// `(from_uid, client_msg_no)` get the same answer when it commits.
@@ -151,6 +201,12 @@ pub struct ShardStats {
     pub recvs_written: u64,
     pub commit_batches: u64,
     pub redeliveries: u64,
+    /// Sends this shard sequenced as a channel's owner (from clients and
+    /// the API), accepted or refused.
+    pub sends_received: u64,
+    /// `RecvAck` frames from this shard's connections.
+    pub acks_received: u64,
+    pub commit_latency: CommitLatency,
 }
 
 pub struct ShardState {
@@ -189,6 +245,17 @@ pub struct ShardState {
     encoder: Encoder,
     frame_scratch: BytesMut,
     shutting_down: bool,
+    /// Admin API requests waiting for the packet a client would get, under
+    /// connection ids no real connection has.
+    api_waiters: FastMap<ConnId, ApiReply>,
+    next_api_conn: u64,
+    /// Groups deleted in a commit that is not finished: they take no sends.
+    deleting: FastMap<ChannelKey, ()>,
+    /// Every shard's online devices per user, as counts per device flag.
+    device_presence: FastMap<Uid, SmallVec<[(u8, u32); 2]>>,
+    webhooks: Option<crate::webhook::WebhookWriter>,
+    /// The sender of system messages; no client may log in as it.
+    system_uid: Option<Uid>,
     pub stats: ShardStats,
 }
 
@@ -238,8 +305,29 @@ impl ShardState {
             encoder: Encoder::new(),
             frame_scratch: BytesMut::new(),
             shutting_down: false,
+            api_waiters: FastMap::default(),
+            next_api_conn: API_CONN_BASE,
+            deleting: FastMap::default(),
+            device_presence: FastMap::default(),
+            webhooks: None,
+            system_uid: None,
             stats: ShardStats::default(),
         }
+    }
+
+    /// Webhook events this shard writes with its commits.
+    pub fn set_webhooks(&mut self, writer: Option<crate::webhook::WebhookWriter>) {
+        self.webhooks = writer;
+    }
+
+    /// The uid system messages come from; clients may not log in as it.
+    pub fn set_system_uid(&mut self, uid: &str) {
+        self.system_uid = Some(Uid::new(uid));
+    }
+
+    /// Messages queued for other shards and not yet handed to their inboxes.
+    pub fn outgoing_depth(&self) -> usize {
+        self.outgoing_total
     }
 
     /// Whether a person channel's recipient's allow list applies (the
@@ -316,7 +404,13 @@ impl ShardState {
         if matches!(entry.session.phase, Phase::Handshake) {
             return;
         }
-        self.broadcast_presence(identity.uid, identity.device_id, conn, false);
+        self.broadcast_presence(
+            identity.uid,
+            identity.device_id,
+            identity.device_flag.0,
+            conn,
+            false,
+        );
     }
 
     /// Closes `conn` with `reason`: queues a `Disconnect`, stops reading, and
@@ -452,6 +546,12 @@ impl ShardState {
     }
 
     fn write_packet(&mut self, conn: ConnId, packet: &Packet) {
+        if !self.api_waiters.is_empty() {
+            if let Some(reply) = self.api_waiters.remove(&conn) {
+                let _ = reply.try_send(ApiResponse::Packet(Box::new(packet.clone())));
+                return;
+            }
+        }
         if let Some(entry) = self.conns.get(&conn) {
             let encoder = &mut self.encoder;
             entry.outbox.append(|buf| encoder.encode(packet, buf));
@@ -489,9 +589,53 @@ impl ShardState {
                 now,
             );
         }
-        if let Err(error) = self.auth.check(&connect.uid, &connect.token) {
-            tracing::info!(conn = conn.0, uid = %connect.uid, %error, "authentication failed");
+        if self
+            .system_uid
+            .as_ref()
+            .is_some_and(|system| system.as_str() == connect.uid)
+        {
+            tracing::info!(conn = conn.0, uid = %connect.uid, "refused: the system uid cannot log in");
             return self.refuse_connect(conn, ReasonCode::AuthFailed, "authentication failed", now);
+        }
+        if let Err(error) = self.auth.check(&connect.uid, &connect.token) {
+            // A token registered through the admin API (`POST /user/token`)
+            // for this uid and device flag is the other way in.
+            let registered = if connect.token.is_empty() {
+                Ok(false)
+            } else {
+                self.store
+                    .user_token(&Uid::new(&connect.uid), connect.device_flag.0)
+                    .map(|stored| {
+                        stored.is_some_and(|stored| {
+                            !stored.is_empty()
+                                && crate::auth::constant_time_eq(
+                                    stored.as_bytes(),
+                                    connect.token.as_bytes(),
+                                )
+                        })
+                    })
+            };
+            match registered {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(conn = conn.0, uid = %connect.uid, %error, "authentication failed");
+                    return self.refuse_connect(
+                        conn,
+                        ReasonCode::AuthFailed,
+                        "authentication failed",
+                        now,
+                    );
+                }
+                Err(storage) => {
+                    tracing::warn!(conn = conn.0, %storage, "reading a registered token failed");
+                    return self.refuse_connect(
+                        conn,
+                        ReasonCode::StorageError,
+                        "cannot check the token now",
+                        now,
+                    );
+                }
+            }
         }
         let identity = Identity {
             uid: Uid::new(&connect.uid),
@@ -512,7 +656,13 @@ impl ShardState {
             .entry(identity.uid.clone())
             .or_default()
             .push(conn);
-        self.broadcast_presence(identity.uid, identity.device_id, conn, true);
+        self.broadcast_presence(
+            identity.uid,
+            identity.device_id,
+            identity.device_flag.0,
+            conn,
+            true,
+        );
         if self.shards == 1 {
             self.activate(conn, now);
         }
@@ -668,8 +818,15 @@ impl ShardState {
         }
     }
 
-    fn broadcast_presence(&mut self, uid: Uid, device_id: Arc<str>, conn: ConnId, online: bool) {
-        self.apply_presence(&uid, conn.shard(), online);
+    fn broadcast_presence(
+        &mut self,
+        uid: Uid,
+        device_id: Arc<str>,
+        device_flag: u8,
+        conn: ConnId,
+        online: bool,
+    ) {
+        self.apply_presence(&uid, conn.shard(), device_flag, online);
         for shard in 0..self.shards {
             if shard != self.id.0 {
                 self.push_outgoing(
@@ -677,15 +834,55 @@ impl ShardState {
                     ShardMsg::Presence {
                         uid: uid.clone(),
                         device_id: Arc::clone(&device_id),
+                        device_flag,
                         conn,
                         online,
                     },
                 );
             }
         }
+        self.queue_online_status(&uid, device_flag, conn, online);
     }
 
-    fn apply_presence(&mut self, uid: &Uid, shard: ShardId, online: bool) {
+    /// Queues a `user.onlinestatus` line for the next commit, in WuKongIM's
+    /// format: `uid-device_flag-online-conn_id-device_online_count-total_online_count`
+    /// (the counts over every shard, as this shard knows them).
+    fn queue_online_status(&mut self, uid: &Uid, device_flag: u8, conn: ConnId, online: bool) {
+        let Some(writer) = self.webhooks.as_mut() else {
+            return;
+        };
+        if !writer.online_status {
+            return;
+        }
+        let devices = self.device_presence.get(uid);
+        let device_count = devices
+            .and_then(|d| d.iter().find(|(flag, _)| *flag == device_flag))
+            .map_or(0, |(_, count)| *count);
+        let total: u32 = devices.map_or(0, |d| d.iter().map(|(_, count)| *count).sum());
+        writer.presence_lines.push(format!(
+            "{uid}-{device_flag}-{}-{}-{device_count}-{total}",
+            u8::from(online),
+            conn.0
+        ));
+        self.signals.commit.notify();
+    }
+
+    fn apply_presence(&mut self, uid: &Uid, shard: ShardId, device_flag: u8, online: bool) {
+        let devices = self.device_presence.entry(uid.clone()).or_default();
+        match devices.iter().position(|(flag, _)| *flag == device_flag) {
+            Some(index) if online => devices[index].1 += 1,
+            None if online => devices.push((device_flag, 1)),
+            Some(index) => {
+                devices[index].1 -= 1;
+                if devices[index].1 == 0 {
+                    devices.swap_remove(index);
+                }
+            }
+            None => {}
+        }
+        if devices.is_empty() {
+            self.device_presence.remove(uid);
+        }
         if online {
             let entry = self.presence.entry(uid.clone()).or_default();
             match entry.iter_mut().find(|(s, _)| *s == shard) {
@@ -740,7 +937,7 @@ impl ShardState {
         };
         let owner = channel.shard(self.shards);
         if owner == self.id {
-            self.owner_send(conn, uid, channel, send, now);
+            self.owner_send(conn, uid, channel, send, true, now);
         } else {
             self.push_outgoing(
                 owner,
@@ -759,6 +956,9 @@ impl ShardState {
     /// Finds or loads a channel this shard owns. A person channel exists as
     /// soon as someone writes to it; a group must have been created.
     fn channel_mut(&mut self, key: &ChannelKey) -> Result<Option<&mut Channel>, ReasonCode> {
+        if !self.deleting.is_empty() && self.deleting.contains_key(key) {
+            return Ok(None);
+        }
         if !self.channels.contains_key(key) {
             let record = self.store.load_channel(key).map_err(|error| {
                 tracing::warn!(channel = ?key, %error, "loading channel failed");
@@ -891,17 +1091,20 @@ impl ShardState {
         self.signals.commit.notify();
     }
 
-    /// The owner's half of a send: check membership, assign the seq and
-    /// queue the message for the next commit.
+    /// The owner's half of a send: check membership (unless `checked` is
+    /// false: a system message from the admin API), assign the seq and queue
+    /// the message for the next commit.
     fn owner_send(
         &mut self,
         origin: ConnId,
         from: Uid,
         key: ChannelKey,
         send: SendPacket,
+        checked: bool,
         now: Now,
     ) {
         debug_assert_eq!(key.shard(self.shards), self.id);
+        self.stats.sends_received += 1;
         // The same (from_uid, client_msg_no) again: answer with the original,
         // store and deliver nothing.
         let idempotency_key = (from.clone(), send.client_msg_no.clone());
@@ -934,6 +1137,7 @@ impl ShardState {
         let seq = match self.channel_mut(&key) {
             Err(reason) => Err(reason),
             Ok(None) => Err(ReasonCode::ChannelMissing),
+            Ok(Some(channel)) if !checked => Ok(channel.assign_seq()),
             Ok(Some(channel)) if !channel.members.contains(&from) => Err(ReasonCode::NotMember),
             Ok(Some(channel)) if channel.deny.contains(&from) => Err(ReasonCode::Denied),
             Ok(Some(channel)) if !channel.allow.is_empty() && !channel.allow.contains(&from) => {
@@ -1101,7 +1305,11 @@ impl ShardState {
     /// it syncs) and then calls [`ShardState::finish_commit`]. Sends that
     /// arrive meanwhile wait for the next batch.
     pub fn begin_commit(&mut self, now: Now) -> Option<(CommitJob, InFlight)> {
-        if self.pending.is_empty() {
+        let presence_waiting = self
+            .webhooks
+            .as_ref()
+            .is_some_and(|w| !w.presence_lines.is_empty());
+        if self.pending.is_empty() && !presence_waiting {
             return None;
         }
         let pending = std::mem::take(&mut self.pending);
@@ -1145,16 +1353,123 @@ impl ShardState {
                     kind: *kind,
                     uids: uids.clone(),
                 }),
+                Pending::DeleteGroup { key, members, .. } => {
+                    mutations.push(Mutation::DeleteGroup {
+                        key: key.clone(),
+                        members: members.clone(),
+                    })
+                }
             }
         }
+        let mut in_flight = InFlight {
+            pending,
+            webhook_events: 0,
+            webhook_bytes: 0,
+            presence_lines: Vec::new(),
+        };
+        self.webhook_mutations(&mut in_flight, &mut mutations, now);
         self.stats.commit_batches += 1;
         match self.store.prepare_commit(&mutations) {
-            Ok(job) => Some((job, InFlight { pending })),
+            Ok(job) => Some((job, in_flight)),
             Err(error) => {
-                self.fail_commit(InFlight { pending }, &error, now);
+                self.fail_commit(in_flight, &error, now);
                 None
             }
         }
+    }
+
+    /// The webhook events of a batch, written with it: one `msg.notify` per
+    /// `notify_batch_max_messages` messages and recalls, one `msg.offline`
+    /// per message with offline recipients, one `user.onlinestatus` with the
+    /// transitions since the last commit.
+    fn webhook_mutations(
+        &mut self,
+        in_flight: &mut InFlight,
+        mutations: &mut Vec<Mutation>,
+        now: Now,
+    ) {
+        use crate::webhook::{EVENT_NOTIFY, EVENT_OFFLINE, EVENT_ONLINE_STATUS};
+        let Some(writer) = self.webhooks.as_mut() else {
+            return;
+        };
+        in_flight.presence_lines = std::mem::take(&mut writer.presence_lines);
+        let (offline, notify, batch_max) = (writer.offline, writer.notify, writer.batch_max);
+        let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
+        if notify {
+            let messages: Vec<&StoredMessage> = in_flight
+                .pending
+                .iter()
+                .filter_map(|p| match p {
+                    Pending::Send { message, .. } | Pending::Recall { message, .. } => {
+                        Some(&**message)
+                    }
+                    _ => None,
+                })
+                .collect();
+            for chunk in messages.chunks(batch_max) {
+                events.push((
+                    EVENT_NOTIFY,
+                    crate::webhook::notify_body(chunk.iter().copied()),
+                ));
+            }
+        }
+        if offline {
+            for p in &in_flight.pending {
+                if let Pending::Send { message, .. } = p {
+                    let to_uids = self.offline_recipients(message);
+                    if !to_uids.is_empty() {
+                        events.push((
+                            EVENT_OFFLINE,
+                            crate::webhook::offline_body(message, &to_uids),
+                        ));
+                    }
+                }
+            }
+        }
+        if !in_flight.presence_lines.is_empty() {
+            events.push((
+                EVENT_ONLINE_STATUS,
+                crate::webhook::online_status_body(&in_flight.presence_lines),
+            ));
+        }
+        for (event, body) in events {
+            let record = crate::storage::WebhookRecord {
+                event: event.to_owned(),
+                body,
+                created_ms: now.unix_ms,
+            };
+            let Some(writer) = self.webhooks.as_mut() else {
+                return;
+            };
+            if !writer.admit(&record) {
+                continue;
+            }
+            in_flight.webhook_events += 1;
+            in_flight.webhook_bytes += record.size();
+            let id = self.ids.next(now.unix_ms).0;
+            mutations.push(Mutation::Webhook {
+                shard: self.id,
+                id,
+                record: Arc::new(record),
+            });
+        }
+    }
+
+    /// The recipients of `message` with no device online anywhere (as this
+    /// shard's presence knows it), sender excluded, each once, sorted.
+    fn offline_recipients(&self, message: &StoredMessage) -> Vec<Uid> {
+        let Some(channel) = self.channels.get(&message.channel) else {
+            return Vec::new();
+        };
+        let mut offline: Vec<Uid> = channel
+            .members
+            .iter()
+            .filter(|uid| **uid != message.from_uid && !self.presence.contains_key(*uid))
+            .cloned()
+            .collect();
+        offline.sort();
+        offline.dedup();
+        offline
     }
 
     /// Acknowledges and fans out a batch whose write succeeded. On a storage
@@ -1169,6 +1484,11 @@ impl ShardState {
     ) {
         match result {
             Ok(()) => {
+                if in_flight.webhook_events > 0 {
+                    if let Some(writer) = &self.webhooks {
+                        writer.committed(in_flight.webhook_events);
+                    }
+                }
                 for p in in_flight.pending {
                     self.committed(p, now);
                 }
@@ -1186,6 +1506,14 @@ impl ShardState {
     }
 
     fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
+        if let Some(writer) = self.webhooks.as_mut() {
+            writer.release(in_flight.webhook_bytes);
+            // Presence transitions are not lost with the batch: the next
+            // commit carries them.
+            let mut lines = in_flight.presence_lines;
+            lines.append(&mut writer.presence_lines);
+            writer.presence_lines = lines;
+        }
         let queued = std::mem::take(&mut self.pending);
         tracing::warn!(%error, batch = in_flight.pending.len(), queued = queued.len(), "commit failed");
         for channel in self.channels.values_mut() {
@@ -1217,6 +1545,10 @@ impl ShardState {
                 }
                 Pending::List { reply, .. } => {
                     let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
+                }
+                Pending::DeleteGroup { key, reply, .. } => {
+                    self.deleting.remove(&key);
+                    let _ = reply.try_send(ApiResponse::Failed(ReasonCode::StorageError));
                 }
                 Pending::Conversation {
                     origin, request_id, ..
@@ -1325,6 +1657,11 @@ impl ShardState {
                     }
                 }
                 let _ = reply.try_send(Ok(uids.iter().map(|u| u.as_str().to_owned()).collect()));
+            }
+            Pending::DeleteGroup { key, reply, .. } => {
+                self.deleting.remove(&key);
+                self.channels.remove(&key);
+                let _ = reply.try_send(ApiResponse::Deleted);
             }
             Pending::Recall {
                 origin,
@@ -1487,6 +1824,212 @@ impl ShardState {
         }
     }
 
+    // ---- the admin API ----------------------------------------------------
+
+    /// A connection id for an API request whose answer is the packet a
+    /// client would get: [`ShardState::write_packet`] hands it to `reply`.
+    fn api_conn(&mut self, reply: ApiReply) -> ConnId {
+        let conn = ConnId::new(self.id, self.next_api_conn);
+        self.next_api_conn += 1;
+        self.api_waiters.insert(conn, reply);
+        conn
+    }
+
+    /// Serves one admin API request; the answer goes to `reply`, now or
+    /// after the commit it waits for.
+    pub fn api(&mut self, request: ApiRequest, reply: ApiReply, now: Now) {
+        let answer = |reply: &ApiReply, response: ApiResponse| {
+            let _ = reply.try_send(response);
+        };
+        if self.shutting_down {
+            return answer(&reply, ApiResponse::Failed(ReasonCode::ServerShutdown));
+        }
+        match request {
+            ApiRequest::Send {
+                from,
+                system,
+                channel,
+                packet,
+            } => {
+                let conn = self.api_conn(reply);
+                self.owner_send(conn, from, channel, packet, !system, now);
+            }
+            ApiRequest::ConversationOp { uid, channel, op } => {
+                let conn = self.api_conn(reply);
+                self.owner_conversation_op(conn, uid, channel, op, now);
+            }
+            ApiRequest::Recall {
+                channel,
+                message_id,
+                message_seq,
+            } => self.api_recall(channel, message_id, message_seq, reply),
+            ApiRequest::SyncMessages { uid, request } => {
+                let response = match self.sync_messages(&uid, &request) {
+                    Ok(messages) => ApiResponse::Messages(messages),
+                    Err(reason) => ApiResponse::Failed(reason),
+                };
+                answer(&reply, response);
+            }
+            ApiRequest::SyncConversations { uid, request } => {
+                let response = match list_conversations(
+                    &mut *self.store,
+                    &uid,
+                    &request,
+                    self.limits.sync_response_max_bytes,
+                ) {
+                    Ok((conversations, more)) => ApiResponse::Conversations {
+                        conversations,
+                        more,
+                    },
+                    Err(error) => {
+                        tracing::warn!(%error, "conversation sync failed");
+                        ApiResponse::Failed(ReasonCode::StorageError)
+                    }
+                };
+                answer(&reply, response);
+            }
+            ApiRequest::MessageByClientMsgNo {
+                from,
+                client_msg_no,
+            } => {
+                let found = self
+                    .store
+                    .find_idempotent(&from, &client_msg_no, 0, u64::MAX)
+                    .and_then(|hit| match hit {
+                        Some(hit) => self.store.message(&hit.channel, hit.seq),
+                        None => Ok(None),
+                    });
+                let response = match found {
+                    Ok(message) => ApiResponse::Message(message),
+                    Err(_) => ApiResponse::Failed(ReasonCode::StorageError),
+                };
+                answer(&reply, response);
+            }
+            ApiRequest::ChannelInfo { channel } => {
+                let response = match self.channel_mut(&channel) {
+                    Err(reason) => ApiResponse::Failed(reason),
+                    Ok(None) => ApiResponse::Failed(ReasonCode::ChannelMissing),
+                    Ok(Some(channel)) => {
+                        let sorted = |set: &crate::channel::MemberSet| {
+                            let mut list: Vec<Uid> = set.iter().cloned().collect();
+                            list.sort();
+                            list
+                        };
+                        let mut members: Vec<Uid> = channel.members.iter().cloned().collect();
+                        members.sort();
+                        ApiResponse::Channel(ChannelDetails {
+                            members,
+                            allow: sorted(&channel.allow),
+                            deny: sorted(&channel.deny),
+                            last_seq: channel.committed_seq.0,
+                        })
+                    }
+                };
+                answer(&reply, response);
+            }
+            ApiRequest::DeleteGroup { channel } => {
+                let members = match self.channel_mut(&channel) {
+                    Err(reason) => return answer(&reply, ApiResponse::Failed(reason)),
+                    Ok(None) => {
+                        return answer(&reply, ApiResponse::Failed(ReasonCode::ChannelMissing))
+                    }
+                    Ok(Some(group)) => group.members.iter().cloned().collect(),
+                };
+                self.channels.remove(&channel);
+                self.deleting.insert(channel.clone(), ());
+                self.pending.push(Pending::DeleteGroup {
+                    key: channel,
+                    members,
+                    reply,
+                });
+                self.signals.commit.notify();
+            }
+            ApiRequest::Kick { uid, device_flag } => {
+                let victims: SmallVec<[ConnId; 4]> = self
+                    .local_users
+                    .get(&uid)
+                    .map(|conns| {
+                        conns
+                            .iter()
+                            .copied()
+                            .filter(|conn| {
+                                self.conns.get(conn).is_some_and(|e| {
+                                    e.session.identity.as_ref().is_some_and(|i| {
+                                        device_flag.is_none_or(|flag| i.device_flag.0 == flag)
+                                    })
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for conn in &victims {
+                    self.close(
+                        *conn,
+                        ReasonCode::Kicked,
+                        "logged out by the administrator",
+                        now,
+                    );
+                }
+                answer(&reply, ApiResponse::Kicked(victims.len()));
+            }
+            ApiRequest::Online { uids } => {
+                let online = uids
+                    .into_iter()
+                    .filter_map(|uid| {
+                        let flags: Vec<u8> = self
+                            .device_presence
+                            .get(&uid)?
+                            .iter()
+                            .map(|(flag, _)| *flag)
+                            .collect();
+                        Some((uid, flags))
+                    })
+                    .collect();
+                answer(&reply, ApiResponse::Online(online));
+            }
+        }
+    }
+
+    /// An administrator recalls a message of a channel this shard owns, by
+    /// seq or by id, whoever sent it.
+    fn api_recall(&mut self, key: ChannelKey, message_id: u64, message_seq: u64, reply: ApiReply) {
+        let failed = |reason| ApiResponse::Failed(reason);
+        let seq = if message_seq != 0 {
+            Ok(Some(Seq(message_seq)))
+        } else {
+            self.store.find_message_id(&key, MessageId(message_id))
+        };
+        let message = match seq {
+            Ok(Some(seq)) => self.store.message(&key, seq),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error),
+        };
+        let message = match message {
+            Err(_) => return drop(reply.try_send(failed(ReasonCode::StorageError))),
+            Ok(None) => return drop(reply.try_send(failed(ReasonCode::MessageMissing))),
+            Ok(Some(message)) => message,
+        };
+        if message_id != 0 && message.message_id.0 != message_id {
+            return drop(reply.try_send(failed(ReasonCode::MessageMissing)));
+        }
+        let conn = self.api_conn(reply);
+        if message.recalled {
+            let response = Packet::RecallResp(RecallResp {
+                request_id: 0,
+                reason: ReasonCode::Success,
+                message_id: message.message_id.0,
+                message_seq: message.seq.0,
+            });
+            return self.write_packet(conn, &response);
+        }
+        self.pending.push(Pending::Recall {
+            origin: conn,
+            request_id: 0,
+            message: Arc::new(message.recalled()),
+        });
+        self.signals.commit.notify();
+    }
+
     // ---- inboxes --------------------------------------------------------
 
     /// Handles one message from another shard's inbox.
@@ -1497,7 +2040,7 @@ impl ShardState {
                 from,
                 channel,
                 packet,
-            } => self.owner_send(origin, from, channel, packet, now),
+            } => self.owner_send(origin, from, channel, packet, true, now),
             ShardMsg::SendAck { conn, ack } => self.write_packet(conn, &Packet::SendAck(ack)),
             ShardMsg::Deliver {
                 message,
@@ -1507,10 +2050,11 @@ impl ShardState {
             ShardMsg::Presence {
                 uid,
                 device_id,
+                device_flag,
                 conn,
                 online,
             } => {
-                self.apply_presence(&uid, conn.shard(), online);
+                self.apply_presence(&uid, conn.shard(), device_flag, online);
                 if online {
                     self.kick_device(&uid, &device_id, conn, now);
                     self.push_outgoing(conn.shard(), ShardMsg::PresenceAck { conn });
@@ -1551,6 +2095,7 @@ impl ShardState {
     // ---- acknowledgements and retries ------------------------------------
 
     fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck, now: Now) {
+        self.stats.acks_received += 1;
         self.record_ack(conn, ack);
         if self.backlog.contains_key(&conn) {
             self.refill(conn, now);

@@ -13,6 +13,8 @@
 //! | `message_ids`   | channel · message id (u64 BE)         | seq (u64 BE)                  |
 //! | `lists`         | channel · kind (u8) · uid             | empty                         |
 //! | `device_acks`   | uid · device id · channel             | acknowledged seq (u64 BE)     |
+//! | `webhooks`      | shard (u16 BE) · event id (u64 BE)    | [`WebhookRecord`]             |
+//! | `tokens`        | uid · device flag (u8)                | token (UTF-8)                 |
 //! | `meta`          | ASCII name                            | format version and such       |
 //!
 //! where `channel` is `kind (u8) · id length (u16 BE) · id bytes` (a user's
@@ -25,6 +27,7 @@
 //! [`ChannelMetaRecord`]: super::rocks::ChannelMetaRecord
 //! [`IdempotencyRecord`]: super::rocks::IdempotencyRecord
 //! [`ConversationRecord`]: super::ConversationRecord
+//! [`WebhookRecord`]: super::WebhookRecord
 
 use crate::channel::ChannelKey;
 use crate::ids::Seq;
@@ -39,8 +42,12 @@ pub const CF_MESSAGE_IDS: &str = "message_ids";
 pub const CF_LISTS: &str = "lists";
 pub const CF_DEVICE_ACKS: &str = "device_acks";
 pub const CF_META: &str = "meta";
+pub const CF_WEBHOOKS: &str = "webhooks";
+pub const CF_TOKENS: &str = "tokens";
 
-pub const ALL_CFS: [&str; 9] = [
+pub const ALL_CFS: [&str; 11] = [
+    CF_WEBHOOKS,
+    CF_TOKENS,
     CF_LISTS,
     CF_DEVICE_ACKS,
     CF_MESSAGES,
@@ -164,6 +171,26 @@ pub fn idempotency(uid: &str, client_msg_no: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + uid.len() + client_msg_no.len());
     push_str(&mut out, uid);
     push_str(&mut out, client_msg_no);
+    out
+}
+
+pub fn webhook(shard: crate::ids::ShardId, id: u64) -> [u8; 10] {
+    let mut out = [0u8; 10];
+    out[..2].copy_from_slice(&shard.0.to_be_bytes());
+    out[2..].copy_from_slice(&id.to_be_bytes());
+    out
+}
+
+pub fn decode_webhook(bytes: &[u8]) -> Option<(crate::ids::ShardId, u64)> {
+    let shard = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?);
+    let id = u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?);
+    Some((crate::ids::ShardId(shard), id))
+}
+
+pub fn token(uid: &str, device_flag: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 + uid.len());
+    push_str(&mut out, uid);
+    out.push(device_flag);
     out
 }
 

@@ -5,7 +5,7 @@
 
 use super::{
     ChannelRecord, CommitJob, ConversationRecord, DeviceAck, IdempotentHit, ListKind, Mutation,
-    ReadDirection, ShardStore, Storage, StorageError, StoredMessage,
+    ReadDirection, ShardStore, Storage, StorageError, StoredMessage, WebhookRecord,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -28,6 +28,8 @@ struct MemoryData {
     conversations: FastMap<Uid, BTreeMap<ChannelKey, ConversationRecord>>,
     lists: FastMap<(ChannelKey, ListKind), Vec<Uid>>,
     device_acks: FastMap<(Uid, String, ChannelKey), Seq>,
+    webhooks: BTreeMap<(u16, u64), WebhookRecord>,
+    tokens: FastMap<(Uid, u8), String>,
 }
 
 /// Keeps everything in memory, shared by every shard.
@@ -36,11 +38,55 @@ pub struct MemoryStorage {
     data: Arc<Mutex<MemoryData>>,
 }
 
+impl MemoryStorage {
+    fn data(&self) -> MutexGuard<'_, MemoryData> {
+        self.data
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 impl Storage for MemoryStorage {
     fn open_shard(&self, _shard: ShardId) -> Result<Box<dyn ShardStore>, StorageError> {
         Ok(Box::new(MemoryShardStore {
             data: Arc::clone(&self.data),
         }))
+    }
+
+    fn webhook_events(
+        &self,
+        shard: ShardId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, WebhookRecord)>, StorageError> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .data()
+            .webhooks
+            .range((shard.0, first)..=(shard.0, u64::MAX))
+            .take(limit)
+            .map(|((_, id), record)| (*id, record.clone()))
+            .collect())
+    }
+
+    fn delete_webhook_event(&self, shard: ShardId, id: u64) -> Result<(), StorageError> {
+        self.data().webhooks.remove(&(shard.0, id));
+        Ok(())
+    }
+
+    fn webhook_outbox_size(&self) -> Result<(u64, u64), StorageError> {
+        let data = self.data();
+        let bytes = data.webhooks.values().map(WebhookRecord::size).sum();
+        Ok((data.webhooks.len() as u64, bytes))
+    }
+
+    fn put_user_token(&self, uid: &Uid, device_flag: u8, token: &str) -> Result<(), StorageError> {
+        self.data()
+            .tokens
+            .insert((uid.clone(), device_flag), token.to_owned());
+        Ok(())
     }
 }
 
@@ -117,6 +163,19 @@ impl MemoryData {
                         .entry(uid.clone())
                         .or_default()
                         .insert(key.clone(), *record);
+                }
+                Mutation::Webhook { shard, id, record } => {
+                    self.webhooks.insert((shard.0, *id), (**record).clone());
+                }
+                Mutation::DeleteGroup { key, members } => {
+                    self.channels.remove(key);
+                    self.lists.remove(&(key.clone(), ListKind::Allow));
+                    self.lists.remove(&(key.clone(), ListKind::Deny));
+                    for uid in members {
+                        if let Some(rows) = self.conversations.get_mut(uid) {
+                            rows.remove(key);
+                        }
+                    }
                 }
                 Mutation::PutGroup {
                     key,
@@ -278,6 +337,10 @@ impl ShardStore for MemoryShardStore {
             .get(&(uid.clone(), device_id.to_owned(), key.clone()))
             .copied()
             .unwrap_or_default())
+    }
+
+    fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {
+        Ok(self.data().tokens.get(&(uid.clone(), device_flag)).cloned())
     }
 
     fn list_contains(

@@ -136,6 +136,16 @@ pub enum Mutation {
         kind: ListKind,
         uids: Vec<Uid>,
     },
+    /// Append an event to the webhook outbox of `shard`, in the same batch
+    /// as the messages it describes. `id` grows within a shard.
+    Webhook {
+        shard: ShardId,
+        id: u64,
+        record: Arc<WebhookRecord>,
+    },
+    /// Delete a group: its record, members, lists, messages, and the
+    /// conversation rows of `members`.
+    DeleteGroup { key: ChannelKey, members: Vec<Uid> },
     /// Create or replace a group and its member list. `last_seq` is the
     /// group's last seq once everything before this change is applied.
     PutGroup {
@@ -144,6 +154,23 @@ pub enum Mutation {
         last_seq: Seq,
         last_message_id: MessageId,
     },
+}
+
+/// One event waiting in the webhook outbox: the event name and the JSON
+/// body exactly as it will be posted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WebhookRecord {
+    pub event: String,
+    pub body: Vec<u8>,
+    /// When the event was committed, Unix milliseconds.
+    pub created_ms: u64,
+}
+
+impl WebhookRecord {
+    /// What the record counts against `webhook.outbox_max_bytes`.
+    pub fn size(&self) -> u64 {
+        (self.event.len() + self.body.len() + 24) as u64
+    }
 }
 
 /// What a client that sends the same `(from_uid, client_msg_no)` again gets
@@ -287,6 +314,10 @@ pub trait ShardStore {
         device_id: &str,
         key: &ChannelKey,
     ) -> Result<Seq, StorageError>;
+
+    /// The token registered for `uid` on devices of `device_flag` through
+    /// the admin API, if any.
+    fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError>;
 }
 
 /// How far one device has acknowledged one channel.
@@ -318,6 +349,26 @@ pub trait Storage: Send + Sync {
     fn sync_interval_ms(&self) -> Option<u64> {
         None
     }
+
+    /// Up to `limit` events of `shard`'s webhook outbox with ids above
+    /// `after`, oldest first.
+    fn webhook_events(
+        &self,
+        shard: ShardId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, WebhookRecord)>, StorageError>;
+
+    /// Removes a delivered event (not synced: a lost delete means one more
+    /// delivery, which receivers drop by id).
+    fn delete_webhook_event(&self, shard: ShardId, id: u64) -> Result<(), StorageError>;
+
+    /// Events and bytes in the whole outbox (a scan, for start-up).
+    fn webhook_outbox_size(&self) -> Result<(u64, u64), StorageError>;
+
+    /// Registers `token` for `uid` on devices of `device_flag` (replacing
+    /// the previous one), durably.
+    fn put_user_token(&self, uid: &Uid, device_flag: u8, token: &str) -> Result<(), StorageError>;
 }
 
 /// What a shard holds after shutdown: every call fails, and the engine's
@@ -409,6 +460,10 @@ impl ShardStore for ClosedStore {
         _device_id: &str,
         _key: &ChannelKey,
     ) -> Result<Seq, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn user_token(&mut self, _uid: &Uid, _device_flag: u8) -> Result<Option<String>, StorageError> {
         Err(StorageError::Closed)
     }
 }

@@ -11,7 +11,7 @@
 use super::keys;
 use super::{
     ChannelRecord, CommitJob, ConversationRecord, DeviceAck, IdempotentHit, ListKind, Mutation,
-    ReadDirection, ShardStore, Storage, StorageError, StoredMessage,
+    ReadDirection, ShardStore, Storage, StorageError, StoredMessage, WebhookRecord,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -210,6 +210,77 @@ impl Storage for RocksStorage {
             _ => None,
         }
     }
+
+    fn webhook_events(
+        &self,
+        shard: ShardId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, WebhookRecord)>, StorageError> {
+        let mut out = Vec::new();
+        let Some(first) = after.checked_add(1) else {
+            return Ok(out);
+        };
+        let cf = self.cf(keys::CF_WEBHOOKS);
+        let start = keys::webhook(shard, first);
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(io_error)?;
+            match keys::decode_webhook(&key) {
+                Some((owner, id)) if owner == shard => {
+                    out.push((id, decode("webhook record", &value)?))
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_webhook_event(&self, shard: ShardId, id: u64) -> Result<(), StorageError> {
+        self.db
+            .delete_cf(self.cf(keys::CF_WEBHOOKS), keys::webhook(shard, id))
+            .map_err(io_error)
+    }
+
+    fn webhook_outbox_size(&self) -> Result<(u64, u64), StorageError> {
+        let (mut events, mut bytes) = (0, 0);
+        for item in self
+            .db
+            .iterator_cf(self.cf(keys::CF_WEBHOOKS), IteratorMode::Start)
+        {
+            let (_, value) = item.map_err(io_error)?;
+            let record: WebhookRecord = decode("webhook record", &value)?;
+            events += 1;
+            bytes += record.size();
+        }
+        Ok((events, bytes))
+    }
+
+    fn put_user_token(&self, uid: &Uid, device_flag: u8, token: &str) -> Result<(), StorageError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(self.sync != SyncPolicy::Never);
+        self.db
+            .put_cf_opt(
+                self.cf(keys::CF_TOKENS),
+                keys::token(uid.as_str(), device_flag),
+                token.as_bytes(),
+                &options,
+            )
+            .map_err(io_error)
+    }
+}
+
+impl RocksStorage {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created at open")
+    }
 }
 
 struct RocksShardStore {
@@ -235,8 +306,24 @@ impl ShardStore for RocksShardStore {
         let message_ids = self.cf(keys::CF_MESSAGE_IDS);
         let conversations = self.cf(keys::CF_CONVERSATIONS);
         let lists = self.cf(keys::CF_LISTS);
+        let webhooks = self.cf(keys::CF_WEBHOOKS);
         for mutation in batch {
             match mutation {
+                Mutation::Webhook { shard, id, record } => {
+                    write.put_cf(webhooks, keys::webhook(*shard, *id), encode(&**record));
+                }
+                Mutation::DeleteGroup { key, members: uids } => {
+                    let prefix = keys::channel(key);
+                    let mut end = prefix.clone();
+                    increment(&mut end);
+                    for cf in [messages, members, message_ids, lists] {
+                        write.delete_range_cf(cf, &prefix, &end);
+                    }
+                    write.delete_cf(channels, &prefix);
+                    for uid in uids {
+                        write.delete_cf(conversations, keys::conversation(uid.as_str(), key));
+                    }
+                }
                 Mutation::PutList { key, kind, uids } => {
                     let prefix = keys::list(key, kind.tag());
                     let mut end = prefix.clone();
@@ -526,6 +613,24 @@ impl ShardStore for RocksShardStore {
             .try_into()
             .map_err(|_| StorageError::Corrupt("device ack entry".into()))?;
         Ok(Seq(u64::from_be_bytes(seq)))
+    }
+
+    fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {
+        match self
+            .db
+            .get_pinned_cf(
+                self.cf(keys::CF_TOKENS),
+                keys::token(uid.as_str(), device_flag),
+            )
+            .map_err(io_error)?
+        {
+            Some(bytes) => Ok(Some(
+                std::str::from_utf8(&bytes)
+                    .map_err(|_| StorageError::Corrupt("token is not UTF-8".into()))?
+                    .to_owned(),
+            )),
+            None => Ok(None),
+        }
     }
 
     fn list_contains(

@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const SECRET: &str = "integration-test-secret";
+/// The admin API token of test servers.
+pub const API_TOKEN: &str = "integration-test-api-token";
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct TestServer {
@@ -33,6 +35,8 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.server.shards = 2;
     config.server.data_dir = data_dir.to_owned();
     config.auth.secret = SECRET.into();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.api.token = API_TOKEN.into();
     config.storage.block_cache_bytes = 8 * 1024 * 1024;
     config.storage.write_buffer_bytes = 4 * 1024 * 1024;
     config
@@ -62,6 +66,14 @@ impl TestServer {
             addr,
             _data: None,
         }
+    }
+
+    /// The admin API's base URL, `http://127.0.0.1:PORT`.
+    pub fn api_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.handle().api_addr().expect("the API is on")
+        )
     }
 
     pub fn handle(&self) -> &ServerHandle {
@@ -227,28 +239,57 @@ pub fn spawn_gateway(dir: &Path) -> (std::process::Child, SocketAddr) {
 
 /// Like [`spawn_gateway`], on a given address (to restart on the same one).
 pub fn spawn_gateway_at(dir: &Path, listen: &str) -> (std::process::Child, SocketAddr) {
+    let (child, addr, _) = spawn_gateway_with(dir, listen, &[]);
+    (child, addr)
+}
+
+/// Like [`spawn_gateway_at`] with more arguments for `ruyi serve`; also
+/// returns the admin API's address (port 0 unless the arguments say).
+pub fn spawn_gateway_with(
+    dir: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> (std::process::Child, SocketAddr, SocketAddr) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ruyi"))
-        .args(["serve", "--listen", listen, "--shards", "2", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--shards",
+            "2",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .arg("--data-dir")
         .arg(dir)
         .env("RUYI_AUTH_SECRET", SECRET)
+        .env("RUYI_API_TOKEN", API_TOKEN)
         .env("RUYI_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("ruyi serve starts");
     let stdout = child.stdout.take().unwrap();
+    let mut stdout = std::io::BufReader::new(stdout);
     let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
+    stdout.read_line(&mut line).unwrap();
     let addr = line
         .split_whitespace()
         .nth(3)
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
         .unwrap();
-    (child, addr)
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let api = line
+        .trim()
+        .strip_prefix("ruyi admin api on http://")
+        .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr, api)
 }
 
 /// Connects an SDK client with a token.
@@ -259,4 +300,161 @@ pub async fn connect_to(addr: SocketAddr, uid: &str) -> (Client, Incoming) {
     )
     .await
     .unwrap_or_else(|e| panic!("{uid} connects: {e}"))
+}
+
+/// Posts `body` to the admin API at `base` with the test token; returns
+/// the status and the JSON answer.
+pub async fn api_post(base: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("token", API_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, json)
+}
+
+/// GETs `path` (with its query) from the admin API with the test token.
+pub async fn api_get(base: &str, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .header("token", API_TOKEN)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+/// One request a [`WebhookReceiver`] got.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub event: String,
+    pub id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub body: bytes::Bytes,
+}
+
+impl Hook {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("webhook bodies are JSON")
+    }
+
+    /// Whether the Standard Webhooks signature is valid for `secret` (raw
+    /// bytes), computed here independently of the server's code.
+    pub fn signed_with(&self, secret: &[u8]) -> bool {
+        use base64::Engine;
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+        mac.update(format!("{}.{}.", self.id, self.timestamp).as_bytes());
+        mac.update(&self.body);
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        self.signature.split(' ').any(|s| s == expected)
+    }
+}
+
+/// A real HTTP webhook receiver on loopback that records every request and
+/// answers with a status the test can change.
+pub struct WebhookReceiver {
+    pub url: String,
+    pub hooks: std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+    pub status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> WebhookReceiver {
+        use axum::extract::{Query, State};
+        use std::sync::atomic::Ordering;
+        type Shared = (
+            std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+            std::sync::Arc<std::sync::atomic::AtomicU16>,
+        );
+        async fn receive(
+            State((hooks, status)): State<Shared>,
+            Query(query): Query<std::collections::HashMap<String, String>>,
+            headers: axum::http::HeaderMap,
+            body: bytes::Bytes,
+        ) -> axum::http::StatusCode {
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let code = status.load(Ordering::SeqCst);
+            if code == 200 {
+                hooks.lock().unwrap().push(Hook {
+                    event: query.get("event").cloned().unwrap_or_default(),
+                    id: header("webhook-id"),
+                    timestamp: header("webhook-timestamp"),
+                    signature: header("webhook-signature"),
+                    body,
+                });
+            }
+            axum::http::StatusCode::from_u16(code).unwrap()
+        }
+        let hooks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state((hooks.clone(), status.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        WebhookReceiver {
+            url,
+            hooks,
+            status,
+            _task: task,
+        }
+    }
+
+    /// Every recorded request of `event`.
+    pub fn events(&self, event: &str) -> Vec<Hook> {
+        self.hooks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.event == event)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `done` holds for the recorded requests (or panics after
+    /// `WAIT`).
+    pub async fn wait_for(&self, what: &str, done: impl Fn(&[Hook]) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT * 3;
+        loop {
+            if done(&self.hooks.lock().unwrap()) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; got {:?}",
+                    self.hooks
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|h| (
+                            h.event.clone(),
+                            String::from_utf8_lossy(&h.body).into_owned()
+                        ))
+                        .collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

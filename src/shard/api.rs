@@ -1,0 +1,86 @@
+//! Requests of the admin HTTP API to a shard, and their answers. The API
+//! thread sends each to the shard that owns what it names (a channel's
+//! owner, or every shard for a user's connections); the shard answers on the
+//! request's own reply channel.
+
+use crate::channel::ChannelKey;
+use crate::ids::Uid;
+use crate::protocol::{Conversation, ConversationOp, Packet, ReasonCode, Recv, SendPacket};
+use crate::storage::StoredMessage;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// A message from `from` (checked like a client's send unless `system`),
+    /// to the channel's owner. Answered with the `SendAck` packet after the
+    /// commit.
+    Send {
+        from: Uid,
+        system: bool,
+        channel: ChannelKey,
+        packet: SendPacket,
+    },
+    /// A change to `uid`'s conversation, to the channel's owner. Answered
+    /// with the `ConversationOpResp` packet.
+    ConversationOp {
+        uid: Uid,
+        channel: ChannelKey,
+        op: ConversationOp,
+    },
+    /// An administrator's recall, to the channel's owner, by message id or
+    /// by seq. Answered with the `RecallResp` packet.
+    Recall {
+        channel: ChannelKey,
+        message_id: u64,
+        message_seq: u64,
+    },
+    /// Messages of a channel as `uid` sees them.
+    SyncMessages {
+        uid: Uid,
+        request: crate::protocol::SyncMessages,
+    },
+    /// `uid`'s conversations.
+    SyncConversations {
+        uid: Uid,
+        request: crate::protocol::SyncConversations,
+    },
+    /// The message `(from_uid, client_msg_no)` names.
+    MessageByClientMsgNo { from: Uid, client_msg_no: String },
+    /// A group's members and lists, from its owner.
+    ChannelInfo { channel: ChannelKey },
+    /// Delete a group, at its owner.
+    DeleteGroup { channel: ChannelKey },
+    /// Close `uid`'s connections on this shard (of one device flag, or all).
+    Kick { uid: Uid, device_flag: Option<u8> },
+    /// Which of `uids` are online, on which device flags (any shard knows).
+    Online { uids: Vec<Uid> },
+}
+
+/// A group as its owner knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelDetails {
+    pub members: Vec<Uid>,
+    pub allow: Vec<Uid>,
+    pub deny: Vec<Uid>,
+    pub last_seq: u64,
+}
+
+#[derive(Debug)]
+pub enum ApiResponse {
+    /// The packet a client would have got.
+    Packet(Box<Packet>),
+    Failed(ReasonCode),
+    Messages(Vec<Recv>),
+    Conversations {
+        conversations: Vec<Conversation>,
+        more: bool,
+    },
+    Message(Option<Arc<StoredMessage>>),
+    Channel(ChannelDetails),
+    Deleted,
+    Kicked(usize),
+    /// Per uid, the device flags online (each once).
+    Online(Vec<(Uid, Vec<u8>)>),
+}
+
+pub type ApiReply = async_channel::Sender<ApiResponse>;

@@ -1,0 +1,221 @@
+//! Webhooks against a real HTTP receiver on loopback: who is in
+//! `msg.offline`, and at-least-once delivery across receiver failures and
+//! a kill -9 of the gateway.
+
+mod common;
+
+use base64::Engine;
+use common::{api_post, TestServer, WebhookReceiver};
+use ruyi::channel::ChannelKey;
+use ruyi::client::connect;
+use ruyi::ids::ShardId;
+use ruyi::protocol::{DeviceFlag, ReasonCode};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const HOOK_SECRET: &str = "test-webhook-secret";
+
+fn with_webhooks(receiver: &WebhookReceiver) -> impl FnOnce(&mut ruyi::Config) + '_ {
+    move |config| {
+        config.webhook.url = receiver.url.clone();
+        config.webhook.secret = HOOK_SECRET.into();
+        config.webhook.retry_initial_ms = 50;
+        config.webhook.retry_max_ms = 500;
+    }
+}
+
+/// The message ids a `msg.notify` request carries.
+fn notified_ids(hook: &common::Hook) -> Vec<u64> {
+    hook.json()
+        .as_array()
+        .expect("msg.notify is an array")
+        .iter()
+        .map(|m| m["message_id"].as_u64().unwrap())
+        .collect()
+}
+
+fn offline_for(hooks: &[common::Hook], message_id: u64) -> Vec<serde_json::Value> {
+    hooks
+        .iter()
+        .filter(|h| h.event == "msg.offline")
+        .map(|h| h.json())
+        .filter(|body| body["message_id"].as_u64() == Some(message_id))
+        .collect()
+}
+
+fn notified(hooks: &[common::Hook], message_id: u64) -> bool {
+    hooks
+        .iter()
+        .filter(|h| h.event == "msg.notify")
+        .any(|h| notified_ids(h).contains(&message_id))
+}
+
+#[tokio::test]
+async fn msg_offline_lists_exactly_the_recipient_with_no_device_and_not_once_they_are_online() {
+    let receiver = WebhookReceiver::start().await;
+    let server = TestServer::start_with(with_webhooks(&receiver));
+    // A is online on a web device only; B has no connection at all.
+    let options = server.options("alice").device("browser", DeviceFlag::Web);
+    let (alice, _alice_in) = connect(server.addr, options).await.unwrap();
+    let first = alice.send_text("bob", "are you there?").await.unwrap();
+    assert_eq!(first.reason, ReasonCode::Success);
+    receiver
+        .wait_for("msg.offline and msg.notify of the first message", |hooks| {
+            !offline_for(hooks, first.message_id).is_empty() && notified(hooks, first.message_id)
+        })
+        .await;
+    let hooks = receiver.hooks.lock().unwrap().clone();
+    let offline = offline_for(&hooks, first.message_id);
+    assert_eq!(offline.len(), 1, "exactly one msg.offline: {offline:?}");
+    let event = &offline[0];
+    assert_eq!(event["to_uids"], json!(["bob"]));
+    assert_eq!(event["from_uid"], "alice");
+    assert_eq!(event["channel_id"], "bob");
+    assert_eq!(event["channel_type"], 1);
+    assert_eq!(event["message_seq"], first.message_seq);
+    assert_eq!(event["client_msg_no"], first.client_msg_no);
+    assert_eq!(
+        event["payload"],
+        base64::engine::general_purpose::STANDARD.encode("are you there?")
+    );
+    for hook in &hooks {
+        assert!(hook.signed_with(HOOK_SECRET.as_bytes()), "{hook:?}");
+    }
+
+    // With B online too: no msg.offline lists B.
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let second = alice.send_text("bob", "hello again").await.unwrap();
+    bob_in.next_message(common::WAIT).await.unwrap();
+    receiver
+        .wait_for("msg.notify of the second message", |hooks| {
+            notified(hooks, second.message_id)
+        })
+        .await;
+    // The msg.offline would have been committed with the message, and the
+    // dispatcher sends in commit order: give it a moment anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hooks = receiver.hooks.lock().unwrap().clone();
+    assert!(offline_for(&hooks, second.message_id).is_empty());
+    for hook in hooks.iter().filter(|h| h.event == "msg.offline") {
+        let to: Vec<String> = serde_json::from_value(hook.json()["to_uids"].clone()).unwrap();
+        if hook.json()["message_id"].as_u64() != Some(first.message_id) {
+            assert!(!to.contains(&"bob".to_owned()), "{to:?}");
+        }
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn msg_offline_of_a_group_spread_over_both_shards_is_exactly_the_offline_members() {
+    let receiver = WebhookReceiver::start().await;
+    let server = TestServer::start_with(with_webhooks(&receiver));
+    // One group owned by each shard, so the owner is sometimes the sender's
+    // shard and sometimes not.
+    let mut groups = Vec::new();
+    for shard in [ShardId(0), ShardId(1)] {
+        let id = (0..)
+            .map(|n| format!("crew{n}"))
+            .find(|id| ChannelKey::group(id).shard(2) == shard)
+            .unwrap();
+        groups.push(id);
+    }
+    let members = ["m1", "m2", "m3", "m4", "m5", "m6"];
+    for group in &groups {
+        let control = server.control();
+        control.create_group(group, &members).await.unwrap();
+    }
+    // Online: m1 (the sender) on shard 0, m2 and m3 on shard 1.
+    let (m1, _m1_in) = server.connect_on_shard("m1", "d1", ShardId(0)).await;
+    let (_m2, _m2_in) = server.connect_on_shard("m2", "d2", ShardId(1)).await;
+    let (_m3, _m3_in) = server.connect_on_shard("m3", "d3", ShardId(1)).await;
+    let mut sent = Vec::new();
+    for group in &groups {
+        let ack = m1.send_group_text(group, "meeting at noon").await.unwrap();
+        assert_eq!(ack.reason, ReasonCode::Success);
+        sent.push(ack.message_id);
+    }
+    receiver
+        .wait_for("msg.offline of both group messages", |hooks| {
+            sent.iter().all(|id| !offline_for(hooks, *id).is_empty())
+        })
+        .await;
+    let hooks = receiver.hooks.lock().unwrap().clone();
+    for id in sent {
+        let offline = offline_for(&hooks, id);
+        assert_eq!(offline.len(), 1);
+        assert_eq!(offline[0]["to_uids"], json!(["m4", "m5", "m6"]));
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn every_event_arrives_signed_after_the_receiver_fails_and_the_gateway_is_killed() {
+    let receiver = WebhookReceiver::start().await;
+    receiver
+        .status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ruyi.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[webhook]\nurl = \"{}\"\nsecret = \"{HOOK_SECRET}\"\nretry_initial_ms = 50\n\
+             retry_max_ms = 300\nrequest_timeout_ms = 1000\n",
+            receiver.url
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let config_arg = config.to_str().unwrap();
+    let (mut child, _, api) =
+        common::spawn_gateway_with(&data, "127.0.0.1:0", &["--config", config_arg]);
+    let base = format!("http://{api}");
+    let mut sent = Vec::new();
+    for n in 0..20 {
+        let (status, body) = api_post(
+            &base,
+            "/message/send",
+            json!({"from_uid": "alice", "channel_id": "bob", "channel_type": 1,
+                   "client_msg_no": format!("hook-{n}"),
+                   "payload": base64::engine::general_purpose::STANDARD.encode(format!("m{n}"))}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        sent.push(body["data"]["message_id"].as_u64().unwrap());
+    }
+    // Let the dispatcher fail a few times, then kill the gateway.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(receiver.hooks.lock().unwrap().is_empty());
+
+    let (mut child, _, _) =
+        common::spawn_gateway_with(&data, "127.0.0.1:0", &["--config", config_arg]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    receiver
+        .status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    receiver
+        .wait_for("msg.notify and msg.offline of every message", |hooks| {
+            sent.iter()
+                .all(|id| notified(hooks, *id) && !offline_for(hooks, *id).is_empty())
+        })
+        .await;
+    let hooks = receiver.hooks.lock().unwrap().clone();
+    let ids: BTreeSet<&str> = hooks.iter().map(|h| h.id.as_str()).collect();
+    assert!(!ids.contains(""), "every request carries an id");
+    for hook in &hooks {
+        assert!(
+            hook.signed_with(HOOK_SECRET.as_bytes()),
+            "bad signature: {hook:?}"
+        );
+        let age = ruyi::time::unix_now_ms() / 1000 - hook.timestamp.parse::<u64>().unwrap();
+        assert!(age < 60, "timestamp is the time of the attempt");
+    }
+    for id in &sent {
+        assert_eq!(offline_for(&hooks, *id)[0]["to_uids"], json!(["bob"]));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
