@@ -233,6 +233,10 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     pub heartbeat_interval_ms: u32,
     pub connections_per_shard_max: usize,
+    pub unauthenticated_connections_per_shard_max: usize,
+    pub accepts_per_ip_per_second: u32,
+    pub frames_per_second_per_connection: u32,
+    pub bytes_per_second_per_connection: u64,
     pub uid_length_max_bytes: usize,
     pub device_id_length_max_bytes: usize,
     pub channel_id_length_max_bytes: usize,
@@ -284,6 +288,10 @@ impl Default for Limits {
             idle_timeout_ms: 90_000,
             heartbeat_interval_ms: 30_000,
             connections_per_shard_max: 500_000,
+            unauthenticated_connections_per_shard_max: 10_000,
+            accepts_per_ip_per_second: 200,
+            frames_per_second_per_connection: 2000,
+            bytes_per_second_per_connection: 2 * 1024 * 1024,
             uid_length_max_bytes: 64,
             device_id_length_max_bytes: 64,
             channel_id_length_max_bytes: 64,
@@ -530,6 +538,17 @@ impl Config {
         check(
             l.connections_per_shard_max >= 1,
             "limits.connections_per_shard_max must be at least 1".into(),
+        );
+        check(
+            l.unauthenticated_connections_per_shard_max >= 1,
+            "limits.unauthenticated_connections_per_shard_max must be at least 1".into(),
+        );
+        check(
+            l.bytes_per_second_per_connection == 0
+                || l.bytes_per_second_per_connection >= l.frame_size_max_bytes as u64,
+            "limits.bytes_per_second_per_connection must be 0 (unlimited) or at least \
+             limits.frame_size_max_bytes"
+                .into(),
         );
         for (name, value) in [
             ("uid_length_max_bytes", l.uid_length_max_bytes),

@@ -266,6 +266,7 @@ pub struct ServerStats {
     pub redeliveries: u64,
     pub sends_received: u64,
     pub acks_received: u64,
+    pub connections_rate_limited: u64,
     /// Messages queued for other shards' inboxes, not yet handed over.
     pub inbox_depth: usize,
     pub commit_latency: CommitLatency,
@@ -473,6 +474,7 @@ impl Control {
             total.inbox_depth += depth;
             total.sends_received += stats.sends_received;
             total.acks_received += stats.acks_received;
+            total.connections_rate_limited += stats.connections_rate_limited;
             total.commit_latency.merge(&stats.commit_latency);
             total.connections_accepted += stats.connections_accepted;
             total.connections_refused += stats.connections_refused;

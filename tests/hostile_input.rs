@@ -243,3 +243,131 @@ async fn slowloris_one_byte_at_a_time_is_cut_off_at_the_handshake_timeout() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_server_still_delivers(&server).await;
 }
+
+/// Opens `n` connections from `source` as fast as possible, then sorts
+/// them: the reasons of those the server refused (it says why and closes)
+/// and those it holds open.
+async fn flood(
+    source: &str,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> (Vec<ReasonCode>, Vec<RawClient>) {
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        streams.push(connect_from(source, addr).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in streams {
+        tasks.spawn(async move {
+            let mut raw = RawClient::from_stream(stream);
+            match tokio::time::timeout(Duration::from_millis(500), raw.next_packet()).await {
+                Ok(Some(Packet::Disconnect(d))) => {
+                    assert_eq!(raw.next_packet().await, None, "closed after the Disconnect");
+                    Err(d.reason)
+                }
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(_) => Ok(raw),
+            }
+        });
+    }
+    let (mut refused, mut held) = (Vec::new(), Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        match result.unwrap() {
+            Ok(raw) => held.push(raw),
+            Err(reason) => refused.push(reason),
+        }
+    }
+    (refused, held)
+}
+
+/// Connects from `source` (a loopback address of our choosing) to `addr`.
+async fn connect_from(source: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_of_connects_from_one_address_is_cut_off_with_rate_limited_and_others_still_connect(
+) {
+    // 20 per second over 2 shards: 10 per shard, 20 in a burst each.
+    let server = TestServer::start_with(|c| c.limits.accepts_per_ip_per_second = 20);
+    // A refused connection is told why and closed at once; an admitted one
+    // stays open (silent, until its handshake timeout).
+    let (refused, held) = flood("127.0.0.1", server.addr, 150).await;
+    assert!(refused.iter().all(|r| *r == ReasonCode::RateLimited));
+    let refused = refused.len();
+    assert!(refused >= 80, "only {refused} of 150 refused");
+    assert!(held.len() >= 20, "the burst is admitted: {}", held.len());
+
+    // A client from another address is not affected.
+    let stream = connect_from("127.0.0.2", server.addr).await;
+    let mut raw = RawClient::from_stream(stream);
+    raw.send_packet(&connect_packet("bob", &token("bob"))).await;
+    match raw.next_packet().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(ack.reason, ReasonCode::Success),
+        other => panic!("expected ConnAck, got {other:?}"),
+    }
+    let (status, metrics) = common::api_get(&server.api_url(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(&format!("ruyi_connections_rate_limited_total {refused}\n")),
+        "{refused} refused; {}",
+        metrics
+            .lines()
+            .find(|l| l.starts_with("ruyi_connections_rate"))
+            .unwrap_or("")
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_beyond_the_shard_limit_get_server_busy_until_they_go() {
+    let server = TestServer::start_with(|c| {
+        c.limits.unauthenticated_connections_per_shard_max = 4;
+        c.limits.handshake_timeout_ms = 1000;
+    });
+    // 2 shards × 4: at most 8 silent connections are held at once.
+    let (busy, held) = flood("127.0.0.1", server.addr, 30).await;
+    assert!(busy.iter().all(|r| *r == ReasonCode::ServerBusy));
+    assert!(held.len() <= 8, "{} silent connections held", held.len());
+    assert!(busy.len() >= 22);
+    // Once they time out, new clients get in again.
+    for mut raw in held {
+        let packets = raw.packets_until_closed().await;
+        assert_eq!(
+            disconnect_reason(&packets),
+            Some(ReasonCode::HandshakeTimeout)
+        );
+    }
+    assert_server_still_delivers(&server).await;
+}
+
+#[tokio::test]
+async fn a_client_over_its_frame_rate_is_slowed_down_not_cut_off_and_loses_nothing() {
+    let server = TestServer::start_with(|c| c.limits.frames_per_second_per_connection = 50);
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.send_packet(&connect_packet("eve", &token("eve"))).await;
+    assert!(matches!(raw.next_packet().await, Some(Packet::ConnAck(_))));
+    // 150 pings at once: the Connect used one frame of the burst of 50,
+    // then 50 frames per second.
+    let mut pings = bytes::BytesMut::new();
+    let mut encoder = ruyi::protocol::Encoder::new();
+    for _ in 0..150 {
+        encoder.encode(&Packet::Ping, &mut pings);
+    }
+    raw.send_raw(&pings).await;
+    let started = Instant::now();
+    let mut pongs = 0;
+    while pongs < 150 {
+        match raw.next_packet().await {
+            Some(Packet::Pong) => pongs += 1,
+            other => panic!("expected Pong, got {other:?}"),
+        }
+        if started.elapsed() < Duration::from_millis(900) {
+            assert!(pongs <= 100, "{pongs} pongs within the first second");
+        }
+    }
+    // All of them answered, in about (150 - 49) / 50 = 2 seconds.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_server_still_delivers(&server).await;
+}

@@ -81,7 +81,13 @@ fn resident_bytes() -> u64 {
 async fn a_device_100000_messages_behind_costs_a_window_of_memory_and_gets_all_in_order() {
     const MESSAGES: u64 = 100_000;
     const PAYLOAD: usize = 1000;
-    let server = TestServer::start_with(|c| c.storage.sync = ruyi::config::SyncMode::Never);
+    let server = TestServer::start_with(|c| {
+        c.storage.sync = ruyi::config::SyncMode::Never;
+        // Alice is a bulk loader here (100 MB as fast as possible), not a
+        // chat client: her connection is not rate-limited.
+        c.limits.bytes_per_second_per_connection = 0;
+        c.limits.frames_per_second_per_connection = 0;
+    });
     let (alice, _a) = server.connect("alice").await;
     // 100,000 one-kilobyte messages to bob, who is offline: 100 MB if they
     // were buffered per device.

@@ -67,6 +67,13 @@ pub async fn metrics(State(api): State<Shared>) -> Result<Response, ApiError> {
     );
     metric(
         &mut out,
+        "ruyi_connections_rate_limited_total",
+        "counter",
+        "Client connections refused by limits.accepts_per_ip_per_second.",
+        stats.connections_rate_limited,
+    );
+    metric(
+        &mut out,
         "ruyi_messages_received_total",
         "counter",
         "Sends sequenced by channel owners (clients and API), accepted or refused.",

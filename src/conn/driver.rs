@@ -7,6 +7,7 @@
 //! outbox holds in one `send`, then reads a chunk and parses every complete
 //! frame in it.
 
+use crate::conn::limit::TokenBucket;
 use crate::conn::outbox::Outbox;
 use crate::ids::ConnId;
 use crate::protocol::FrameDecoder;
@@ -15,9 +16,11 @@ use bytes::{Buf, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use std::future::poll_fn;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
+use std::time::Duration;
 
 /// Why a connection's task ended.
 #[derive(Debug)]
@@ -47,6 +50,15 @@ pub(crate) async fn drive(
     let decoder = FrameDecoder::new(runtime.config.limits.frame_size_max_bytes);
     let mut writing = BytesMut::new();
     let mut partial = BytesMut::new();
+    // What the client may send: a second's worth in a burst, then the rate.
+    let limits = &runtime.config.limits;
+    let start = runtime.now().monotonic.0;
+    let frame_rate = u64::from(limits.frames_per_second_per_connection);
+    let byte_rate = limits.bytes_per_second_per_connection;
+    let mut frames = TokenBucket::new(frame_rate, frame_rate, start);
+    let mut bytes = TokenBucket::new(byte_rate, byte_rate, start);
+    // Set while the client is over its rate: nothing is read until it fires.
+    let mut throttle: Option<glommio::timer::Timer> = None;
     let ended = poll_fn(|cx| {
         outbox.register(cx.waker());
         for _ in 0..ROUNDS_PER_WAKEUP {
@@ -86,12 +98,50 @@ pub(crate) async fn drive(
                 return Poll::Pending;
             }
 
+            // Over its rate, the client is not read (TCP pushes back on
+            // it) until the buckets allow again.
+            let now_ms = runtime.now().monotonic.0;
+            let mut throttled = match throttle.as_mut() {
+                Some(timer) => match Pin::new(timer).poll(cx) {
+                    Poll::Ready(_) => {
+                        throttle = None;
+                        false
+                    }
+                    Poll::Pending => true,
+                },
+                None => false,
+            };
+            if !throttled {
+                let wait = frames.wait_ms(now_ms).max(bytes.wait_ms(now_ms));
+                if wait > 0 {
+                    let mut timer = glommio::timer::Timer::new(Duration::from_millis(wait));
+                    if Pin::new(&mut timer).poll(cx).is_pending() {
+                        throttle = Some(timer);
+                        throttled = true;
+                    }
+                }
+            }
+            if throttled {
+                if progressed {
+                    continue;
+                }
+                return Poll::Pending;
+            }
+
             // Read: one chunk into the shard's scratch buffer, then every
             // complete frame in it.
             let reads_frames = runtime.state.borrow().reads_frames(conn);
             if reads_frames && holds_whole_frame(&decoder, &partial) {
-                // Frames that arrived while the session was joining.
-                take_frames(&runtime, conn, &decoder, &mut partial, BytesMut::new());
+                // Frames that arrived while the session was joining, or
+                // that the frame rate held back.
+                take_frames(
+                    &runtime,
+                    conn,
+                    &decoder,
+                    &mut partial,
+                    BytesMut::new(),
+                    &mut frames,
+                );
                 continue;
             }
             if reads_frames && runtime.may_read(&outbox) {
@@ -106,7 +156,8 @@ pub(crate) async fn drive(
                     Poll::Ready(Ok(n)) => {
                         let filled = scratch.split_to(n);
                         drop(scratch);
-                        take_frames(&runtime, conn, &decoder, &mut partial, filled);
+                        bytes.take(n as u64, now_ms);
+                        take_frames(&runtime, conn, &decoder, &mut partial, filled, &mut frames);
                         progressed = true;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Ended::Io(error)),
@@ -141,15 +192,18 @@ fn holds_whole_frame(decoder: &FrameDecoder, buf: &[u8]) -> bool {
     }
 }
 
-/// Hands every complete frame in `partial` + `filled` to the shard and keeps
-/// the rest in `partial`. Frames stay unread in `partial` while the session
-/// is not taking any (joining, closing).
+/// Hands every complete frame in `partial` + `filled` to the shard, as far
+/// as the frame rate allows, and keeps the rest in `partial`. Frames stay
+/// unread in `partial` while the session is not taking any (joining,
+/// closing) or the rate is used up; nothing more is read meanwhile, so
+/// this holds at most one read.
 fn take_frames(
     runtime: &Runtime,
     conn: ConnId,
     decoder: &FrameDecoder,
     partial: &mut BytesMut,
     filled: BytesMut,
+    frames: &mut TokenBucket,
 ) {
     let mut buf = if partial.is_empty() {
         filled
@@ -159,9 +213,12 @@ fn take_frames(
     };
     let now = runtime.now();
     let mut state = runtime.state.borrow_mut();
-    while state.reads_frames(conn) {
+    while state.reads_frames(conn) && frames.ready(now.monotonic.0) {
         match decoder.next_frame(&mut buf) {
-            Ok(Some(frame)) => state.on_frame(conn, &frame, now),
+            Ok(Some(frame)) => {
+                frames.take(1, now.monotonic.0);
+                state.on_frame(conn, &frame, now);
+            }
             Ok(None) => break,
             Err(error) => {
                 state.on_frame_error(conn, &error, now);

@@ -12,5 +12,6 @@
 //! deregisters the connection and tells every other shard it went offline.
 
 pub mod driver;
+pub mod limit;
 pub mod outbox;
 pub mod session;

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::conn;
 use crate::conn::outbox::Outbox;
 use crate::ids::ShardId;
+use crate::protocol::ReasonCode;
 use crate::storage::Storage;
 use crate::time::{Clock, SystemClock};
 use bytes::BytesMut;
@@ -270,9 +271,22 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
             }
         };
         let now = runtime.now();
-        let Some((conn, outbox)) = runtime.state.borrow_mut().accept(now) else {
-            tracing::debug!("connection refused: shard full or shutting down");
-            continue;
+        let admitted = match stream.peer_addr() {
+            Ok(peer) => runtime.state.borrow_mut().admit_ip(peer.ip(), now),
+            Err(_) => true,
+        };
+        let accepted = if admitted {
+            runtime.state.borrow_mut().accept(now)
+        } else {
+            Err(ReasonCode::RateLimited)
+        };
+        let (conn, outbox) = match accepted {
+            Ok(accepted) => accepted,
+            Err(reason) => {
+                tracing::debug!(reason = %crate::protocol::reason_name(reason), "connection refused");
+                glommio::spawn_local(refuse(stream, reason)).detach();
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         runtime
@@ -286,6 +300,28 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
         ))
         .detach();
     }
+}
+
+/// Tells a refused connection why (one `Disconnect` frame, if the socket
+/// takes it within a second) and closes it.
+async fn refuse(mut stream: glommio::net::TcpStream, reason: ReasonCode) {
+    use futures_lite::AsyncWriteExt;
+    let mut frame = BytesMut::new();
+    crate::protocol::Encoder::new().encode(
+        &crate::protocol::Packet::Disconnect(crate::protocol::Disconnect {
+            reason,
+            message: crate::protocol::reason_name(reason),
+        }),
+        &mut frame,
+    );
+    let write = async {
+        let _ = stream.write_all(&frame).await;
+        let _ = stream.close().await;
+    };
+    let _ = futures_lite::future::or(write, async {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+    })
+    .await;
 }
 
 /// Drains this shard's inbox from one peer, a batch at a time.

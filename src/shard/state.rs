@@ -190,6 +190,8 @@ type IdempotencyKey = (Uid, String);
 struct ConnEntry {
     session: Session,
     outbox: Rc<Outbox>,
+    /// Counted in `handshaking` until it authenticates or closes.
+    unauthenticated: bool,
 }
 
 /// Counters exported for observability and checked by tests.
@@ -204,6 +206,8 @@ pub struct ShardStats {
     /// Sends this shard sequenced as a channel's owner (from clients and
     /// the API), accepted or refused.
     pub sends_received: u64,
+    /// Connections refused by the per-IP accept rate.
+    pub connections_rate_limited: u64,
     /// `RecvAck` frames from this shard's connections.
     pub acks_received: u64,
     pub commit_latency: CommitLatency,
@@ -245,6 +249,10 @@ pub struct ShardState {
     encoder: Encoder,
     frame_scratch: BytesMut,
     shutting_down: bool,
+    /// Connections that have not authenticated yet.
+    handshaking: usize,
+    /// Accept rate per source address (this shard's share).
+    ip_buckets: FastMap<std::net::IpAddr, crate::conn::limit::TokenBucket>,
     /// Admin API requests waiting for the packet a client would get, under
     /// connection ids no real connection has.
     api_waiters: FastMap<ConnId, ApiReply>,
@@ -305,6 +313,8 @@ impl ShardState {
             encoder: Encoder::new(),
             frame_scratch: BytesMut::new(),
             shutting_down: false,
+            handshaking: 0,
+            ip_buckets: FastMap::default(),
             api_waiters: FastMap::default(),
             next_api_conn: API_CONN_BASE,
             deleting: FastMap::default(),
@@ -348,13 +358,42 @@ impl ShardState {
 
     // ---- connection lifecycle -------------------------------------------
 
-    /// Registers a newly accepted connection, or refuses it when the shard
-    /// is full or shutting down.
-    pub fn accept(&mut self, now: Now) -> Option<(ConnId, Rc<Outbox>)> {
-        if self.shutting_down || self.conns.len() >= self.limits.connections_per_shard_max {
-            self.stats.connections_refused += 1;
-            return None;
+    /// Whether a new connection from `ip` is within the accept rate
+    /// (`accepts_per_ip_per_second`, this shard's share of it).
+    pub fn admit_ip(&mut self, ip: std::net::IpAddr, now: Now) -> bool {
+        let rate = u64::from(self.limits.accepts_per_ip_per_second);
+        if rate == 0 {
+            return true;
         }
+        let share = rate.div_ceil(u64::from(self.shards));
+        let bucket = self.ip_buckets.entry(ip).or_insert_with(|| {
+            crate::conn::limit::TokenBucket::new(share, share * 2, now.monotonic.0)
+        });
+        if bucket.try_take_one(now.monotonic.0) {
+            return true;
+        }
+        self.stats.connections_rate_limited += 1;
+        false
+    }
+
+    /// Registers a newly accepted connection, or refuses it (with the
+    /// reason to tell the client) when the shard is full, has too many
+    /// connections that have not authenticated, or is shutting down.
+    pub fn accept(&mut self, now: Now) -> Result<(ConnId, Rc<Outbox>), ReasonCode> {
+        let refusal = if self.shutting_down {
+            Some(ReasonCode::ServerShutdown)
+        } else if self.conns.len() >= self.limits.connections_per_shard_max {
+            Some(ReasonCode::TooManyConnections)
+        } else if self.handshaking >= self.limits.unauthenticated_connections_per_shard_max {
+            Some(ReasonCode::ServerBusy)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.stats.connections_refused += 1;
+            return Err(reason);
+        }
+        self.handshaking += 1;
         let conn = ConnId::new(self.id, self.next_conn);
         self.next_conn += 1;
         let outbox = Rc::new(Outbox::default());
@@ -363,10 +402,11 @@ impl ShardState {
             ConnEntry {
                 session: Session::new(now.monotonic),
                 outbox: Rc::clone(&outbox),
+                unauthenticated: true,
             },
         );
         self.stats.connections_accepted += 1;
-        Some((conn, outbox))
+        Ok((conn, outbox))
     }
 
     /// Whether `conn` should have frames read from it now.
@@ -390,6 +430,9 @@ impl ShardState {
         let Some(entry) = self.conns.remove(&conn) else {
             return;
         };
+        if entry.unauthenticated {
+            self.handshaking -= 1;
+        }
         self.pushes.forget_conn(conn);
         self.backlog.remove(&conn);
         let Some(identity) = entry.session.identity else {
@@ -478,6 +521,9 @@ impl ShardState {
         for (conn, reason) in expired {
             self.close(conn, reason, "timed out", now);
         }
+        // Forget sources whose accept budget is whole again.
+        self.ip_buckets
+            .retain(|_, bucket| !bucket.is_full(now.monotonic.0));
     }
 
     /// Starts a graceful shutdown: refuse new connections, close every open
@@ -647,6 +693,10 @@ impl ShardState {
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
+        if entry.unauthenticated {
+            entry.unauthenticated = false;
+            self.handshaking -= 1;
+        }
         entry.session.identity = Some(identity.clone());
         entry.session.resume = connect.resume;
         entry.session.phase = Phase::Joining {
