@@ -371,6 +371,76 @@ async fn run(
     let _ = incoming.send(Delivery::Closed(closed_by)).await;
 }
 
+/// Hands every complete packet the core holds to its waiter or the app,
+/// then queues one cumulative ack per channel. `Some` when the connection
+/// ended.
+async fn take_events(
+    core: &mut ClientCore,
+    state: &mut ClientState,
+    incoming: &mpsc::Sender<Delivery>,
+    auto_ack: bool,
+    to_ack: &mut HashMap<(String, u8), u64>,
+) -> Option<Ended> {
+    loop {
+        match core.next_event() {
+            Ok(None) => break,
+            Ok(Some(Event::SendAck(ack))) => {
+                if let Some(pending) = state.sends.remove(&ack.client_seq) {
+                    let _ = pending.reply.send(Ok(ack));
+                }
+            }
+            Ok(Some(Event::Recv(recv))) => {
+                let channel = (recv.channel_id.clone(), recv.channel_type.0);
+                let seq = recv.message_seq;
+                let seen = state.highest_seen.get(&channel).copied().unwrap_or(0);
+                // Pushes of a channel arrive in seq order (also
+                // across a resume): a seq at or below one already
+                // handed over is a redelivery the app has.
+                let duplicate = auto_ack && seq <= seen;
+                if !duplicate {
+                    state.highest_seen.insert(channel.clone(), seq);
+                    if incoming.send(Delivery::Message(recv)).await.is_err() {
+                        return Some(Ended::ByClient);
+                    }
+                }
+                if auto_ack {
+                    let top = to_ack.entry(channel).or_insert(0);
+                    *top = (*top).max(seq);
+                }
+            }
+            Ok(Some(Event::Disconnect(d))) => return Some(Ended::ByServer(Some(d))),
+            Ok(Some(Event::Response { request_id, packet })) => {
+                if let Some(waiter) = state.requests.remove(&request_id) {
+                    let _ = waiter.send(Ok(packet));
+                }
+            }
+            Ok(Some(Event::ConversationUpdate(c))) => {
+                if incoming
+                    .send(Delivery::ConversationUpdate(c))
+                    .await
+                    .is_err()
+                {
+                    return Some(Ended::ByClient);
+                }
+            }
+            Ok(Some(Event::Recall(e))) => {
+                if incoming.send(Delivery::Recall(e)).await.is_err() {
+                    return Some(Ended::ByClient);
+                }
+            }
+            Ok(Some(Event::Pong | Event::ConnAck(_))) => {}
+            Err(error) => {
+                tracing::warn!(%error, "server broke the protocol");
+                return Some(Ended::ByServer(None));
+            }
+        }
+    }
+    for ((channel_id, channel_type), seq) in to_ack.drain() {
+        core.ack_through(&channel_id, ChannelType(channel_type), seq);
+    }
+    None
+}
+
 /// Runs one connection until it ends.
 async fn drive(
     stream: TcpStream,
@@ -391,6 +461,10 @@ async fn drive(
     let mut buf = vec![0u8; 64 * 1024];
     let period = heartbeat.unwrap_or(Duration::from_secs(3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // Packets that came in the same read as ConnAck (resumed messages).
+    if let Some(ended) = take_events(core, state, incoming, auto_ack, &mut to_ack).await {
+        return ended;
+    }
     // Whatever was queued before this connection (resent sends).
     if !core.output().is_empty() {
         if writer.write_all(core.output()).await.is_err() {
@@ -406,58 +480,8 @@ async fn drive(
                     Ok(n) => n,
                 };
                 core.feed(&buf[..n]);
-                loop {
-                    match core.next_event() {
-                        Ok(None) => break,
-                        Ok(Some(Event::SendAck(ack))) => {
-                            if let Some(pending) = state.sends.remove(&ack.client_seq) {
-                                let _ = pending.reply.send(Ok(ack));
-                            }
-                        }
-                        Ok(Some(Event::Recv(recv))) => {
-                            let channel = (recv.channel_id.clone(), recv.channel_type.0);
-                            let seq = recv.message_seq;
-                            let seen = state.highest_seen.get(&channel).copied().unwrap_or(0);
-                            // Pushes of a channel arrive in seq order (also
-                            // across a resume): a seq at or below one already
-                            // handed over is a redelivery the app has.
-                            let duplicate = auto_ack && seq <= seen;
-                            if !duplicate {
-                                state.highest_seen.insert(channel.clone(), seq);
-                                if incoming.send(Delivery::Message(recv)).await.is_err() {
-                                    return Ended::ByClient;
-                                }
-                            }
-                            if auto_ack {
-                                let top = to_ack.entry(channel).or_insert(0);
-                                *top = (*top).max(seq);
-                            }
-                        }
-                        Ok(Some(Event::Disconnect(d))) => return Ended::ByServer(Some(d)),
-                        Ok(Some(Event::Response { request_id, packet })) => {
-                            if let Some(waiter) = state.requests.remove(&request_id) {
-                                let _ = waiter.send(Ok(packet));
-                            }
-                        }
-                        Ok(Some(Event::ConversationUpdate(c))) => {
-                            if incoming.send(Delivery::ConversationUpdate(c)).await.is_err() {
-                                return Ended::ByClient;
-                            }
-                        }
-                        Ok(Some(Event::Recall(e))) => {
-                            if incoming.send(Delivery::Recall(e)).await.is_err() {
-                                return Ended::ByClient;
-                            }
-                        }
-                        Ok(Some(Event::Pong | Event::ConnAck(_))) => {}
-                        Err(error) => {
-                            tracing::warn!(%error, "server broke the protocol");
-                            return Ended::ByServer(None);
-                        }
-                    }
-                }
-                for ((channel_id, channel_type), seq) in to_ack.drain() {
-                    core.ack_through(&channel_id, ChannelType(channel_type), seq);
+                if let Some(ended) = take_events(core, state, incoming, auto_ack, &mut to_ack).await {
+                    return ended;
                 }
             }
             command = commands.recv() => match command {

@@ -55,6 +55,9 @@ pub struct PendingPushes {
     by_conn: HashMap<ConnId, BTreeMap<(ChannelKey, Seq), MessageId>, ahash::RandomState>,
     /// Payload bytes pending per connection, for its in-flight window.
     conn_bytes: HashMap<ConnId, usize, ahash::RandomState>,
+    /// Per connection and channel, the highest seq ever pushed there: a
+    /// cumulative ack never counts for more than the device was sent.
+    highest: HashMap<ConnId, HashMap<ChannelKey, Seq, ahash::RandomState>, ahash::RandomState>,
     jitter_state: u64,
     due: Vec<Key>,
 }
@@ -76,6 +79,7 @@ impl PendingPushes {
             entries: HashMap::default(),
             by_conn: HashMap::default(),
             conn_bytes: HashMap::default(),
+            highest: HashMap::default(),
             jitter_state: seed | 1,
             due: Vec::new(),
         }
@@ -113,6 +117,13 @@ impl PendingPushes {
             .or_default()
             .insert((message.channel.clone(), message.seq), message.message_id);
         *self.conn_bytes.entry(conn).or_default() += message.payload.len();
+        let highest = self
+            .highest
+            .entry(conn)
+            .or_default()
+            .entry(message.channel.clone())
+            .or_default();
+        *highest = (*highest).max(message.seq);
         self.entries.insert(
             key,
             Entry {
@@ -177,9 +188,15 @@ impl PendingPushes {
         )
     }
 
+    /// The highest seq of `channel` ever pushed to `conn`, if any.
+    pub fn highest_pushed(&self, conn: ConnId, channel: &ChannelKey) -> Option<Seq> {
+        self.highest.get(&conn)?.get(channel).copied()
+    }
+
     /// Forgets everything pending on a closed connection.
     pub fn forget_conn(&mut self, conn: ConnId) {
         self.conn_bytes.remove(&conn);
+        self.highest.remove(&conn);
         let Some(index) = self.by_conn.remove(&conn) else {
             return;
         };

@@ -107,6 +107,8 @@ enum Pending {
         last_seq: Seq,
         last_message_id: MessageId,
         rows: Vec<(Uid, ConversationRecord)>,
+        /// Members removed by this change: their conversation rows go.
+        removed: Vec<Uid>,
         reply: GroupReply,
     },
     Conversation {
@@ -1326,9 +1328,21 @@ impl ShardState {
                 })
                 .collect()
         };
+        // A member who leaves loses the conversation: nothing committed
+        // after the removal may show in their list, their resume, or an
+        // answer to a change of it.
+        let mut removed: Vec<Uid> = previous
+            .iter()
+            .filter(|uid| !members.contains(*uid))
+            .cloned()
+            .collect();
+        removed.sort();
         if let Some(channel) = self.channels.get_mut(&key) {
             for (uid, record) in &rows {
                 channel.conversations.insert(uid.clone(), *record);
+            }
+            for uid in &removed {
+                channel.conversations.remove(uid);
             }
         }
         let mut members: Vec<Uid> = members.into_iter().collect();
@@ -1339,6 +1353,7 @@ impl ShardState {
             last_seq,
             last_message_id,
             rows,
+            removed,
             reply,
         });
         self.signals.commit.notify();
@@ -1376,6 +1391,7 @@ impl ShardState {
                     last_seq,
                     last_message_id,
                     rows,
+                    removed,
                     ..
                 } => {
                     mutations.push(Mutation::PutGroup {
@@ -1385,6 +1401,12 @@ impl ShardState {
                         last_message_id: *last_message_id,
                     });
                     push_rows(&mut mutations, key, rows);
+                    for uid in removed {
+                        mutations.push(Mutation::DeleteConversation {
+                            uid: uid.clone(),
+                            key: key.clone(),
+                        });
+                    }
                 }
                 Pending::Conversation {
                     uid, key, record, ..
@@ -2171,8 +2193,15 @@ impl ShardState {
         // A bad channel in an ack completes nothing; it is not worth a
         // disconnect.
         if let Ok(key) = self.resolve_for(&uid, &ack.channel_id, ack.channel_type) {
-            self.pushes.ack_through(conn, &key, Seq(ack.message_seq));
-            self.advance_position(conn, key, Seq(ack.message_seq));
+            // Only what was pushed to this connection counts: an ack for a
+            // channel it was never sent (not a member) or beyond what it got
+            // must not hide later messages on resume.
+            let Some(highest) = self.pushes.highest_pushed(conn, &key) else {
+                return;
+            };
+            let through = Seq(ack.message_seq.min(highest.0));
+            self.pushes.ack_through(conn, &key, through);
+            self.advance_position(conn, key, through);
         }
     }
 
@@ -2755,6 +2784,17 @@ impl ShardState {
         };
         if message.from_uid != uid {
             return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotSender));
+        }
+        // A member who left (or was removed) can no longer recall what they
+        // sent while a member.
+        if key.kind() == crate::protocol::ChannelType::Group {
+            let member = match self.channel_mut(&key) {
+                Ok(Some(channel)) => channel.members.contains(&uid),
+                _ => false,
+            };
+            if !member {
+                return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotMember));
+            }
         }
         if message.recalled {
             let response = Packet::RecallResp(RecallResp {

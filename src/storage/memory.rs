@@ -164,6 +164,11 @@ impl MemoryData {
                         .or_default()
                         .insert(key.clone(), *record);
                 }
+                Mutation::DeleteConversation { uid, key } => {
+                    if let Some(rows) = self.conversations.get_mut(uid) {
+                        rows.remove(key);
+                    }
+                }
                 Mutation::Webhook { shard, id, record } => {
                     self.webhooks.insert((shard.0, *id), (**record).clone());
                 }

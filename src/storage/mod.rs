@@ -128,6 +128,8 @@ pub enum Mutation {
         key: ChannelKey,
         record: ConversationRecord,
     },
+    /// Remove one user's conversation row (a member who left a group).
+    DeleteConversation { uid: Uid, key: ChannelKey },
     /// Replace a stored message with its recalled form.
     Recall(Arc<StoredMessage>),
     /// Replace an allow or deny list.

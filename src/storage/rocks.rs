@@ -309,6 +309,9 @@ impl ShardStore for RocksShardStore {
         let webhooks = self.cf(keys::CF_WEBHOOKS);
         for mutation in batch {
             match mutation {
+                Mutation::DeleteConversation { uid, key } => {
+                    write.delete_cf(conversations, keys::conversation(uid.as_str(), key));
+                }
                 Mutation::Webhook { shard, id, record } => {
                     write.put_cf(webhooks, keys::webhook(*shard, *id), encode(&**record));
                 }
