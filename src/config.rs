@@ -21,9 +21,24 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub policy: PolicyConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
     pub api: ApiConfig,
     pub webhook: WebhookConfig,
     pub limits: Limits,
+}
+
+/// TLS on the client listener (`[tls]`): on when both paths are set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
 }
 
 /// The admin HTTP API (`[api]`).
@@ -403,6 +418,11 @@ impl Config {
         check(
             st.write_buffer_bytes >= 1024 * 1024,
             "storage.write_buffer_bytes must be at least 1 MiB".into(),
+        );
+        let t = &self.tls;
+        check(
+            t.cert_path.as_os_str().is_empty() == t.key_path.as_os_str().is_empty(),
+            "tls.cert_path and tls.key_path must both be set (TLS on) or both be empty".into(),
         );
         let a = &self.api;
         if a.enabled {

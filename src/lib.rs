@@ -47,6 +47,7 @@ pub mod shard;
 pub mod storage;
 pub mod system;
 pub mod time;
+pub mod tls;
 pub mod webhook;
 
 pub use config::Config;

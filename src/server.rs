@@ -37,6 +37,8 @@ pub enum StartError {
     },
     #[error("cannot start shard {shard}: {detail}")]
     Shard { shard: u16, detail: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot start the admin API on {addr}: {source}")]
     Api {
         addr: SocketAddr,
@@ -78,6 +80,14 @@ impl Server {
             tracing::warn!("auth.mode = \"off\": any client can connect as any uid");
         }
         let shards = config.shard_count();
+        let tls = if config.tls.enabled() {
+            Some(crate::tls::server_config(
+                &config.tls.cert_path,
+                &config.tls.key_path,
+            )?)
+        } else {
+            None
+        };
         let (addr, listeners) =
             bind_listeners(config.server.listen, shards, config.limits.listen_backlog)?;
         // The API listener is bound first, so a taken port fails the start
@@ -118,6 +128,7 @@ impl Server {
                 control: control_rx,
                 ready: ready_tx.clone(),
                 webhooks: Arc::clone(&webhooks),
+                tls: tls.clone(),
             };
             let thread = LocalExecutorBuilder::new(placement)
                 .name(&format!("ruyi-shard-{index}"))

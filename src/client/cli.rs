@@ -46,6 +46,17 @@ pub struct ClientArgs {
     /// Identifies this installation; defaults to `cli`.
     #[arg(long, default_value = "cli", global = true)]
     pub device_id: String,
+    /// Speak TLS, trusting the Mozilla root certificates (or `--tls-ca`).
+    #[arg(long, global = true)]
+    pub tls: bool,
+    /// Speak TLS, trusting the CA (or self-signed) certificates in this PEM
+    /// file.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must have; defaults to the host
+    /// of `--server`.
+    #[arg(long, global = true)]
+    pub tls_server_name: Option<String>,
     #[command(subcommand)]
     pub command: ClientCommand,
 }
@@ -184,9 +195,29 @@ async fn run_inner(args: ClientArgs) -> Result<i32, ClientError> {
         return Ok(2);
     }
     let addr = super::parse_addr(&args.server)?;
-    let options = ConnectOptions::new(&args.uid)
+    let mut options = ConnectOptions::new(&args.uid)
         .token(&args.token)
         .device(&args.device_id, args.device_flag.into());
+    if args.tls || args.tls_ca.is_some() {
+        let name = args.tls_server_name.clone().unwrap_or_else(|| {
+            args.server
+                .rsplit_once(':')
+                .map_or(args.server.as_str(), |(host, _)| host)
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_owned()
+        });
+        let tls = match &args.tls_ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    ClientError::Tls(format!("cannot read {}: {e}", path.display()))
+                })?;
+                super::TlsOptions::with_ca_pem(&pem, &name)
+            }
+            None => super::TlsOptions::with_webpki_roots(&name),
+        }
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+        options = options.tls(tls);
+    }
     match args.command {
         ClientCommand::Send(send) => {
             let (client, _incoming) = connect(addr, options.heartbeat(false)).await?;

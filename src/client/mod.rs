@@ -39,6 +39,8 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
     #[error("expected a message, got {0}")]
     Unexpected(String),
+    #[error("TLS failed: {0}")]
+    Tls(String),
     #[error("the connection is closed{}", .0.as_ref().map(|d| format!(": {}", crate::protocol::reason_name(d.reason))).unwrap_or_default())]
     Closed(Option<Disconnect>),
 }
@@ -70,7 +72,41 @@ pub struct ConnectOptions {
     pub frame_size_max_bytes: usize,
     /// Received messages buffered before the client stops reading.
     pub incoming_capacity: usize,
+    /// Speak TLS to the server (its listener has `[tls]` set).
+    pub tls: Option<TlsOptions>,
 }
+
+/// TLS for the SDK: whom to trust and the name the certificate must have.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// A DNS name or an IP address the server's certificate covers.
+    pub server_name: String,
+}
+
+impl TlsOptions {
+    /// Trusts the CA certificates (or the self-signed certificate) in `pem`.
+    pub fn with_ca_pem(pem: &[u8], server_name: &str) -> Result<TlsOptions, crate::tls::TlsError> {
+        Ok(TlsOptions {
+            config: crate::tls::client_config_with_ca(pem)?,
+            server_name: server_name.to_owned(),
+        })
+    }
+
+    /// Trusts the Mozilla root certificates (a server with a public
+    /// certificate).
+    pub fn with_webpki_roots(server_name: &str) -> Result<TlsOptions, crate::tls::TlsError> {
+        Ok(TlsOptions {
+            config: crate::tls::client_config_with_webpki_roots()?,
+            server_name: server_name.to_owned(),
+        })
+    }
+}
+
+/// The connection under the protocol: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+type Stream = Box<dyn Io>;
 
 impl ConnectOptions {
     pub fn new(uid: &str) -> ConnectOptions {
@@ -86,7 +122,13 @@ impl ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             frame_size_max_bytes: 4 * 1024 * 1024,
             incoming_capacity: 4096,
+            tls: None,
         }
+    }
+
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     pub fn token(mut self, token: &str) -> Self {
@@ -209,12 +251,25 @@ pub async fn connect(
 async fn open(
     addr: SocketAddr,
     options: &ConnectOptions,
-) -> Result<(TcpStream, ClientCore, ConnAck), ClientError> {
+) -> Result<(Stream, ClientCore, ConnAck), ClientError> {
     let timeout = options.connect_timeout;
-    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ClientError::Timeout(timeout))??;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream: Stream = match &options.tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())
+                .map_err(|e| ClientError::Tls(format!("server name {:?}: {e}", tls.server_name)))?;
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&tls.config));
+            let stream = tokio::time::timeout(timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| ClientError::Timeout(timeout))?
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+            Box::new(stream)
+        }
+    };
     let mut core = ClientCore::new(options.frame_size_max_bytes);
     core.connect(
         &Identity {
@@ -234,10 +289,7 @@ async fn open(
     Ok((stream, core, conn_ack))
 }
 
-async fn read_conn_ack(
-    stream: &mut TcpStream,
-    core: &mut ClientCore,
-) -> Result<ConnAck, ClientError> {
+async fn read_conn_ack(stream: &mut Stream, core: &mut ClientCore) -> Result<ConnAck, ClientError> {
     let mut buf = vec![0u8; 4096];
     loop {
         if let Some(event) = core.next_event()? {
@@ -296,7 +348,7 @@ fn reconnectable(reason: &Option<Disconnect>) -> bool {
 async fn run(
     addr: SocketAddr,
     options: ConnectOptions,
-    first: (TcpStream, ClientCore, ConnAck),
+    first: (Stream, ClientCore, ConnAck),
     mut commands: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Delivery>,
 ) {
@@ -443,7 +495,7 @@ async fn take_events(
 
 /// Runs one connection until it ends.
 async fn drive(
-    stream: TcpStream,
+    stream: Stream,
     core: &mut ClientCore,
     conn_ack: &ConnAck,
     options: &ConnectOptions,
@@ -454,7 +506,7 @@ async fn drive(
     let auto_ack = options.auto_ack;
     let heartbeat = (options.heartbeat && conn_ack.heartbeat_interval_ms > 0)
         .then(|| Duration::from_millis(u64::from(conn_ack.heartbeat_interval_ms)));
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     // The highest seq to acknowledge per channel after this read: one
     // cumulative ack per channel per read.
     let mut to_ack: HashMap<(String, u8), u64> = HashMap::new();

@@ -14,7 +14,6 @@ use crate::protocol::FrameDecoder;
 use crate::shard::runtime::Runtime;
 use bytes::{Buf, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 use std::future::poll_fn;
 use std::future::Future;
 use std::pin::Pin;
@@ -38,9 +37,11 @@ pub enum Ended {
 /// other connections.
 const ROUNDS_PER_WAKEUP: usize = 8;
 
-pub(crate) async fn drive(
+/// Drives one connection: a plain glommio `TcpStream`, or a TLS stream
+/// over one.
+pub(crate) async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     runtime: Rc<Runtime>,
-    mut stream: TcpStream,
+    mut stream: S,
     conn: ConnId,
     outbox: Rc<Outbox>,
 ) {
@@ -88,8 +89,22 @@ pub(crate) async fn drive(
                     }
                 }
             }
+            // A TLS stream may hold written bytes as records until flushed
+            // (plain TCP flushes at once).
+            let flushed = if writing.is_empty() {
+                match Pin::new(&mut stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => true,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Ended::Io(error)),
+                    Poll::Pending => false,
+                }
+            } else {
+                false
+            };
             if outbox.closing().is_some() {
-                if writing.is_empty() && outbox.is_empty() {
+                if flushed && outbox.is_empty() {
+                    // A TLS stream sends its close_notify; for TCP this is
+                    // the same as dropping it.
+                    let _ = Pin::new(&mut stream).poll_close(cx);
                     return Poll::Ready(Ended::Closed);
                 }
                 if progressed {

@@ -65,6 +65,8 @@ pub struct ShardSetup {
     pub control: async_channel::Receiver<ControlCmd>,
     pub ready: std::sync::mpsc::Sender<Result<ShardId, String>>,
     pub webhooks: Arc<crate::webhook::WebhookShared>,
+    /// TLS on the listener, when configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The shard's shared, single-threaded runtime state.
@@ -86,6 +88,7 @@ pub(crate) struct Runtime {
     all_closed: Notify,
     /// A commit's durable write is running.
     committing: Cell<bool>,
+    tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 impl Runtime {
@@ -135,6 +138,7 @@ pub async fn run(setup: ShardSetup) {
         control,
         ready,
         webhooks,
+        tls,
     } = setup;
     let shard = mesh.shard;
     let store = match storage.open_shard(shard) {
@@ -184,6 +188,7 @@ pub async fn run(setup: ShardSetup) {
         live_connections: Cell::new(0),
         all_closed: Notify::default(),
         committing: Cell::new(false),
+        tls: tls.map(futures_rustls::TlsAcceptor::from),
     });
 
     // Connect both ends of every inbox concurrently: a connect waits for its
@@ -292,13 +297,55 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
         runtime
             .live_connections
             .set(runtime.live_connections.get() + 1);
-        glommio::spawn_local(conn::driver::drive(
-            Rc::clone(runtime),
-            stream,
-            conn,
-            outbox,
-        ))
-        .detach();
+        match runtime.tls.clone() {
+            None => {
+                glommio::spawn_local(conn::driver::drive(
+                    Rc::clone(runtime),
+                    stream,
+                    conn,
+                    outbox,
+                ))
+                .detach();
+            }
+            Some(acceptor) => {
+                glommio::spawn_local(tls_then_drive(
+                    Rc::clone(runtime),
+                    acceptor,
+                    stream,
+                    conn,
+                    outbox,
+                ))
+                .detach();
+            }
+        }
+    }
+}
+
+/// The TLS handshake, under the handshake timeout, then the connection.
+async fn tls_then_drive(
+    runtime: Rc<Runtime>,
+    acceptor: futures_rustls::TlsAcceptor,
+    stream: glommio::net::TcpStream,
+    conn: crate::ids::ConnId,
+    outbox: Rc<Outbox>,
+) {
+    let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
+    let handshake =
+        futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+            glommio::timer::sleep(timeout).await;
+            None
+        })
+        .await;
+    match handshake {
+        Some(Ok(tls)) => conn::driver::drive(runtime, tls, conn, outbox).await,
+        failed => {
+            match failed {
+                Some(Err(error)) => tracing::debug!(conn = conn.0, %error, "TLS handshake failed"),
+                _ => tracing::debug!(conn = conn.0, "TLS handshake timed out"),
+            }
+            runtime.state.borrow_mut().on_closed(conn);
+            runtime.connection_ended();
+        }
     }
 }
 
