@@ -106,6 +106,28 @@ impl Server {
         let cpus = online_cpus();
         let config = Arc::new(config);
         let webhooks = Arc::new(WebhookShared::default());
+        if !config.webhook.url.is_empty() {
+            // Counted before any shard can commit a new event, so nothing is
+            // counted twice.
+            match storage.webhook_outbox_size() {
+                Ok((events, bytes)) => {
+                    webhooks
+                        .outbox_events
+                        .store(events, std::sync::atomic::Ordering::Relaxed);
+                    webhooks
+                        .outbox_bytes
+                        .store(bytes, std::sync::atomic::Ordering::Relaxed);
+                    if events > 0 {
+                        tracing::info!(
+                            events,
+                            bytes,
+                            "webhook events from before the start are waiting"
+                        );
+                    }
+                }
+                Err(error) => tracing::error!(%error, "reading the webhook outbox size failed"),
+            }
+        }
         let meshes = mesh::build(shards, config.server.inbox_capacity_batches);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut controls = Vec::new();

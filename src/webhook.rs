@@ -251,22 +251,6 @@ impl Dispatcher {
     /// Runs until `stop` turns true; what is not delivered stays in the
     /// outbox for the next start.
     pub async fn run(self, stop: tokio::sync::watch::Receiver<bool>) {
-        match self.storage.webhook_outbox_size() {
-            Ok((events, bytes)) => {
-                self.shared
-                    .outbox_events
-                    .fetch_add(events, Ordering::Relaxed);
-                self.shared.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
-                if events > 0 {
-                    tracing::info!(
-                        events,
-                        bytes,
-                        "webhook outbox has events from before the start"
-                    );
-                }
-            }
-            Err(error) => tracing::error!(%error, "reading the webhook outbox size failed"),
-        }
         let client = match reqwest::Client::builder()
             .timeout(Duration::from_millis(self.config.request_timeout_ms))
             .build()

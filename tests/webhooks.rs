@@ -190,7 +190,7 @@ async fn every_event_arrives_signed_after_the_receiver_fails_and_the_gateway_is_
     child.wait().unwrap();
     assert!(receiver.hooks.lock().unwrap().is_empty());
 
-    let (mut child, _, _) =
+    let (mut child, _, api) =
         common::spawn_gateway_with(&data, "127.0.0.1:0", &["--config", config_arg]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     receiver
@@ -215,6 +215,22 @@ async fn every_event_arrives_signed_after_the_receiver_fails_and_the_gateway_is_
     }
     for id in &sent {
         assert_eq!(offline_for(&hooks, *id)[0]["to_uids"], json!(["bob"]));
+    }
+    // The outbox empties, and its gauges (counted again at the restart)
+    // come back to zero.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (_, metrics) = common::api_get(&format!("http://{api}"), "/metrics").await;
+        if metrics.contains("ruyi_webhook_outbox_events 0\n")
+            && metrics.contains("ruyi_webhook_outbox_bytes 0\n")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outbox not empty:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child.kill().unwrap();
     child.wait().unwrap();

@@ -2065,7 +2065,9 @@ impl ShardState {
     /// An administrator recalls a message of a channel this shard owns, by
     /// seq or by id, whoever sent it.
     fn api_recall(&mut self, key: ChannelKey, message_id: u64, message_seq: u64, reply: ApiReply) {
-        let failed = |reason| ApiResponse::Failed(reason);
+        let fail = |reply: ApiReply, reason| {
+            let _ = reply.try_send(ApiResponse::Failed(reason));
+        };
         let seq = if message_seq != 0 {
             Ok(Some(Seq(message_seq)))
         } else {
@@ -2077,12 +2079,12 @@ impl ShardState {
             Err(error) => Err(error),
         };
         let message = match message {
-            Err(_) => return drop(reply.try_send(failed(ReasonCode::StorageError))),
-            Ok(None) => return drop(reply.try_send(failed(ReasonCode::MessageMissing))),
+            Err(_) => return fail(reply, ReasonCode::StorageError),
+            Ok(None) => return fail(reply, ReasonCode::MessageMissing),
             Ok(Some(message)) => message,
         };
         if message_id != 0 && message.message_id.0 != message_id {
-            return drop(reply.try_send(failed(ReasonCode::MessageMissing)));
+            return fail(reply, ReasonCode::MessageMissing);
         }
         let conn = self.api_conn(reply);
         if message.recalled {
