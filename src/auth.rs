@@ -28,7 +28,9 @@ pub enum AuthError {
 #[derive(Clone)]
 pub struct Authenticator {
     mode: AuthMode,
-    key: DecodingKey,
+    /// `None` without `auth.secret`: no signed token is accepted (only
+    /// tokens registered through the admin API, checked by the shard).
+    key: Option<DecodingKey>,
     validation: Validation,
 }
 
@@ -47,7 +49,8 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "sub"]);
         Authenticator {
             mode: config.mode,
-            key: DecodingKey::from_secret(config.secret.as_bytes()),
+            key: (!config.secret.is_empty())
+                .then(|| DecodingKey::from_secret(config.secret.as_bytes())),
             validation,
         }
     }
@@ -60,7 +63,12 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let Some(key) = &self.key else {
+            return Err(AuthError::Invalid(
+                "no auth.secret: signed tokens are off".into(),
+            ));
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         if data.claims.sub != uid {
             return Err(AuthError::WrongUid {
@@ -127,6 +135,12 @@ mod tests {
         assert!(auth("s3cret").check("alice", &foreign).is_err());
         assert_eq!(auth("s3cret").check("alice", ""), Err(AuthError::Missing));
         assert!(auth("s3cret").check("alice", "not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn without_a_secret_no_signed_token_is_accepted_not_even_one_signed_with_the_empty_key() {
+        let empty = issue_token("", "alice", now(), 60);
+        assert!(auth("").check("alice", &empty).is_err());
     }
 
     #[test]

@@ -513,9 +513,12 @@ impl Config {
             "delivery.retry_jitter_percent must be at most 50".into(),
         );
         if self.auth.mode == AuthMode::Token {
+            // Without a secret the only tokens are those registered through
+            // the admin API, so it must be on.
             check(
-                !self.auth.secret.is_empty(),
-                "auth.mode = \"token\" needs auth.secret (or --auth-secret, or RUYI_AUTH_SECRET); \
+                !self.auth.secret.is_empty() || self.api.enabled,
+                "auth.mode = \"token\" needs auth.secret (or --auth-secret, or RUYI_AUTH_SECRET) \
+                 for signed tokens, or the admin API (api.enabled) for registered tokens; \
                  set auth.mode = \"off\" only for development"
                     .into(),
             );
@@ -639,13 +642,17 @@ mod tests {
     }
 
     #[test]
-    fn default_refuses_token_auth_without_a_secret_and_the_api_without_a_token() {
+    fn default_refuses_the_api_without_a_token_and_token_auth_without_any_source_of_tokens() {
         let err = Config::default().validate().unwrap_err().to_string();
-        assert!(err.contains("auth.secret"), "{err}");
         assert!(err.contains("api.token"), "{err}");
         let mut config = Config::default();
-        config.auth.secret = "s".into();
         config.api.token = "t".into();
+        // Registered tokens only.
+        config.validate().unwrap();
+        config.api.enabled = false;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.secret"), "{err}");
+        config.auth.secret = "s".into();
         config.validate().unwrap();
     }
 

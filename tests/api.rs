@@ -453,3 +453,24 @@ async fn health_is_ready_and_metrics_are_prometheus_text() {
     assert_eq!(doc, ruyi::api::OPENAPI_JSON);
     server.stop();
 }
+
+#[tokio::test]
+async fn without_an_auth_secret_only_tokens_registered_through_the_api_log_in() {
+    let server = TestServer::start_with(|c| c.auth.secret = String::new());
+    let signed = ConnectOptions::new("dan")
+        .token(&common::token("dan"))
+        .resume(false);
+    assert!(connect(server.addr, signed).await.is_err());
+    let (status, _) = api_post(
+        &server.api_url(),
+        "/user/token",
+        json!({"uid": "dan", "token": "dan-registered", "device_flag": 0}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let registered = ConnectOptions::new("dan")
+        .token("dan-registered")
+        .resume(false);
+    assert!(connect(server.addr, registered).await.is_ok());
+    server.stop();
+}

@@ -41,11 +41,12 @@ fn print_config_prints_the_default_configuration_that_parses_back() {
 }
 
 #[test]
-fn serve_refuses_token_auth_without_a_secret_with_a_message_naming_the_fix() {
+fn serve_refuses_an_api_without_a_token_with_a_message_naming_the_fix() {
     let output = ruyi(&["serve", "--listen", "127.0.0.1:0"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("auth.secret"), "{stderr}");
+    assert!(stderr.contains("api.token"), "{stderr}");
+    assert!(stderr.contains("RUYI_API_TOKEN"), "{stderr}");
 }
 
 #[test]
