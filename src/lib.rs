@@ -26,7 +26,11 @@
 //! - [`storage`]: the batch-oriented storage seam (one commit per shard
 //!   tick), the RocksDB store (the default; key encodings in
 //!   `storage::keys`) and the in-memory store.
-//! - [`auth`]: HS256 tokens.
+//! - [`auth`]: HS256 tokens (and constant-time comparison for registered
+//!   tokens); [`tls`]: rustls configurations for the listener and the SDK.
+//! - [`api`]: the admin HTTP API (axum) and the control-plane thread that
+//!   runs it with the [`webhook`] dispatcher; webhook events are written to
+//!   a durable outbox in the commit of the message they describe.
 //! - [`client`]: the SDK (a runtime-free protocol core and a tokio adapter)
 //!   and the `ruyi client` command line.
 //! - [`config`]: the one configuration tree; [`server`]: start and stop.

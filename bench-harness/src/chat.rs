@@ -1,5 +1,6 @@
 //! The `chat` scenario: `pairs` one-to-one conversations.
 
+use crate::common::{percentiles, print_latency, unix_us, Gate, ServerProbe, ServerUsage};
 use anyhow::bail;
 use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -8,9 +9,10 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use ruyi::client::{ClientCore, Event, Identity, Outgoing};
 use ruyi::protocol::{ChannelType, DeviceFlag, ReasonCode};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -40,26 +42,62 @@ pub struct ChatArgs {
     /// Prefix of the bench users' uids, so runs do not share channels.
     #[arg(long, default_value = "bench")]
     pub uid_prefix: String,
+    /// The gateway's process id, to report its CPU use and resident memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Write every figure as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
 /// What one executor measured.
-struct Part {
-    sent: u64,
-    acked: u64,
-    failed: u64,
-    delivered: u64,
-    lost: u64,
-    duplicated: u64,
-    reordered: u64,
-    ack_latency_us: Histogram<u64>,
-    delivery_latency_us: Histogram<u64>,
+pub(crate) struct Part {
+    pub(crate) sent: u64,
+    pub(crate) acked: u64,
+    pub(crate) failed: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) reordered: u64,
+    /// Delivered, but never acknowledged to a sender (or to the wrong
+    /// device, e.g. echoed to the sending device).
+    pub(crate) unexpected: u64,
+    pub(crate) ack_latency_us: Histogram<u64>,
+    pub(crate) delivery_latency_us: Histogram<u64>,
+    /// When the last SendAck and the last delivery arrived.
+    pub(crate) last_ack: Option<Instant>,
+    pub(crate) last_delivery: Option<Instant>,
+}
+
+/// How long a run took: `duration_s` of sending (the parameter), and from
+/// the start to the last SendAck and to the last delivery, which the rates
+/// are computed over (a backlog drained after the senders stopped makes
+/// `delivering_s` longer than `duration_s`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Spans {
+    pub(crate) duration_s: f64,
+    pub(crate) sending_s: f64,
+    pub(crate) delivering_s: f64,
+}
+
+impl Spans {
+    pub(crate) fn new(duration_s: f64, started: Instant, part: &Part) -> Spans {
+        let since = |at: Option<Instant>| {
+            at.map_or(duration_s, |at| {
+                at.saturating_duration_since(started).as_secs_f64()
+            })
+            .max(1e-6)
+        };
+        Spans {
+            duration_s,
+            sending_s: since(part.last_ack),
+            delivering_s: since(part.last_delivery),
+        }
+    }
 }
 
 impl Part {
-    fn new() -> Part {
+    pub(crate) fn new() -> Part {
         Part {
             sent: 0,
             acked: 0,
@@ -68,12 +106,15 @@ impl Part {
             lost: 0,
             duplicated: 0,
             reordered: 0,
+            unexpected: 0,
+            last_ack: None,
+            last_delivery: None,
             ack_latency_us: Histogram::new(3).expect("valid sigfig"),
             delivery_latency_us: Histogram::new(3).expect("valid sigfig"),
         }
     }
 
-    fn add(&mut self, other: &Part) {
+    pub(crate) fn add(&mut self, other: &Part) {
         self.sent += other.sent;
         self.acked += other.acked;
         self.failed += other.failed;
@@ -81,6 +122,9 @@ impl Part {
         self.lost += other.lost;
         self.duplicated += other.duplicated;
         self.reordered += other.reordered;
+        self.unexpected += other.unexpected;
+        self.last_ack = self.last_ack.max(other.last_ack);
+        self.last_delivery = self.last_delivery.max(other.last_delivery);
         let _ = self.ack_latency_us.add(&other.ack_latency_us);
         let _ = self.delivery_latency_us.add(&other.delivery_latency_us);
     }
@@ -88,89 +132,91 @@ impl Part {
 
 pub struct Report {
     args: String,
-    duration_s: f64,
+    target: String,
+    spans: Spans,
     total: Part,
+    server: ServerUsage,
 }
 
-fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+impl Part {
+    pub(crate) fn correct(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0 && self.reordered == 0 && self.unexpected == 0
+    }
 
-fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
-    serde_json::json!({
-        "p50": h.value_at_quantile(0.50),
-        "p90": h.value_at_quantile(0.90),
-        "p99": h.value_at_quantile(0.99),
-        "p999": h.value_at_quantile(0.999),
-        "max": h.max(),
-    })
+    /// The fields every message scenario reports.
+    pub(crate) fn to_json(
+        &self,
+        scenario: &str,
+        target: &str,
+        spans: &Spans,
+        server: &ServerUsage,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "scenario": scenario,
+            "target": target,
+            "duration_s": spans.duration_s,
+            "sending_s": spans.sending_s,
+            "delivering_s": spans.delivering_s,
+            "sent": self.sent,
+            "acked": self.acked,
+            "failed": self.failed,
+            "delivered": self.delivered,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "reordered": self.reordered,
+            "unexpected": self.unexpected,
+            "correct": self.correct(),
+            "sends_per_s": self.acked as f64 / spans.sending_s,
+            "deliveries_per_s": self.delivered as f64 / spans.delivering_s,
+            "ack_latency_us": percentiles(&self.ack_latency_us),
+            "delivery_latency_us": percentiles(&self.delivery_latency_us),
+            "server_rss_bytes": server.rss_bytes,
+            "server_cpu_percent": server.cpu_percent,
+        })
+    }
+
+    pub(crate) fn print_summary(&self, spans: &Spans, server: &ServerUsage) {
+        println!(
+            "  sent {} acked {} failed {} delivered {} sending for {:.1} s",
+            self.sent, self.acked, self.failed, self.delivered, spans.duration_s
+        );
+        println!(
+            "  {:.0} acked sends/s (last SendAck at {:.2} s), {:.0} deliveries/s (last delivery at {:.2} s)",
+            self.acked as f64 / spans.sending_s,
+            spans.sending_s,
+            self.delivered as f64 / spans.delivering_s,
+            spans.delivering_s
+        );
+        print_latency("send->SendAck", &self.ack_latency_us);
+        print_latency("send->delivery", &self.delivery_latency_us);
+        server.print();
+        println!(
+            "  correctness: lost {} duplicated {} reordered {} unexpected {} -> {}",
+            self.lost,
+            self.duplicated,
+            self.reordered,
+            self.unexpected,
+            if self.correct() { "OK" } else { "FAILED" }
+        );
+    }
 }
 
 impl Report {
     pub fn correct(&self) -> bool {
-        self.total.lost == 0 && self.total.duplicated == 0 && self.total.reordered == 0
+        self.total.correct()
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let t = &self.total;
-        serde_json::json!({
-            "scenario": "chat",
-            "args": self.args,
-            "duration_s": self.duration_s,
-            "sent": t.sent,
-            "acked": t.acked,
-            "failed": t.failed,
-            "delivered": t.delivered,
-            "lost": t.lost,
-            "duplicated": t.duplicated,
-            "reordered": t.reordered,
-            "sends_per_s": t.acked as f64 / self.duration_s,
-            "deliveries_per_s": t.delivered as f64 / self.duration_s,
-            "ack_latency_us": percentiles(&t.ack_latency_us),
-            "delivery_latency_us": percentiles(&t.delivery_latency_us),
-        })
+        let mut json = self
+            .total
+            .to_json("chat", &self.target, &self.spans, &self.server);
+        json["args"] = serde_json::Value::from(self.args.clone());
+        json
     }
 
     pub fn print_summary(&self) {
-        let t = &self.total;
-        let a = &t.ack_latency_us;
-        let d = &t.delivery_latency_us;
-        println!("chat: {}", self.args);
-        println!(
-            "  sent {} acked {} failed {} delivered {} in {:.1} s: {:.0} acked sends/s, {:.0} deliveries/s",
-            t.sent,
-            t.acked,
-            t.failed,
-            t.delivered,
-            self.duration_s,
-            t.acked as f64 / self.duration_s,
-            t.delivered as f64 / self.duration_s
-        );
-        println!(
-            "  send->SendAck us: p50 {} p90 {} p99 {} p99.9 {} max {}",
-            a.value_at_quantile(0.5),
-            a.value_at_quantile(0.9),
-            a.value_at_quantile(0.99),
-            a.value_at_quantile(0.999),
-            a.max()
-        );
-        println!(
-            "  send->delivery us: p50 {} p90 {} p99 {} p99.9 {} max {}",
-            d.value_at_quantile(0.5),
-            d.value_at_quantile(0.9),
-            d.value_at_quantile(0.99),
-            d.value_at_quantile(0.999),
-            d.max()
-        );
-        println!(
-            "  correctness: lost {} duplicated {} reordered {} -> {}",
-            t.lost,
-            t.duplicated,
-            t.reordered,
-            if self.correct() { "OK" } else { "FAILED" }
-        );
+        println!("chat: {} against {}", self.args, self.target);
+        self.total.print_summary(&self.spans, &self.server);
     }
 }
 
@@ -183,7 +229,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, args.pairs.max(1));
     let duration = Duration::from_secs_f64(args.duration_s);
-    let started = Instant::now();
+    let gate = Arc::new(Gate::default());
     let mut handles = Vec::new();
     for thread in 0..threads {
         let pairs: Vec<usize> = (thread..args.pairs).step_by(threads).collect();
@@ -195,12 +241,21 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
             prefix: args.uid_prefix.clone(),
             duration,
         };
+        let gate = Arc::clone(&gate);
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("bench-{thread}"))
-            .spawn(move || async move { run_pairs(config, pairs).await })
+            .spawn(move || async move { run_pairs(config, pairs, gate).await })
             .map_err(|e| anyhow::anyhow!("starting a load executor: {e}"))?;
         handles.push(handle);
     }
+    // Every connection is open: measure the gateway over the sending time.
+    gate.open_when_ready(handles.len());
+    let started = Instant::now();
+    let probe = ServerProbe::start(args.server_pid);
+    if !gate.aborted() {
+        std::thread::sleep(duration);
+    }
+    let server = probe.finish();
     let mut total = Part::new();
     for handle in handles {
         let part = handle
@@ -208,13 +263,14 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
             .map_err(|e| anyhow::anyhow!("load executor failed: {e}"))??;
         total.add(&part);
     }
-    let _ = started;
     Ok(Report {
+        target: format!("ruyi://{}", args.server),
+        server,
         args: format!(
             "pairs={} window={} payload_bytes={} duration_s={}",
             args.pairs, args.window, args.payload_bytes, args.duration_s
         ),
-        duration_s: duration.as_secs_f64(),
+        spans: Spans::new(duration.as_secs_f64(), started, &total),
         total,
     })
 }
@@ -232,7 +288,7 @@ pub(crate) struct PairConfig {
 /// One connection driven by the runtime-free core.
 pub(crate) struct Conn {
     stream: TcpStream,
-    core: ClientCore,
+    pub(crate) core: ClientCore,
     buf: Vec<u8>,
 }
 
@@ -272,7 +328,7 @@ impl Conn {
         }
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn flush(&mut self) -> anyhow::Result<()> {
         if !self.core.output().is_empty() {
             self.stream.write_all(self.core.output()).await?;
             self.core.output().clear();
@@ -295,7 +351,7 @@ impl Conn {
     }
 
     /// Every event in what one read brings (waits for at least one read).
-    async fn read_events(&mut self, timeout: Duration) -> anyhow::Result<Vec<Event>> {
+    pub(crate) async fn read_events(&mut self, timeout: Duration) -> anyhow::Result<Vec<Event>> {
         let mut events = Vec::new();
         while let Some(event) = self.core.next_event()? {
             events.push(event);
@@ -371,6 +427,7 @@ async fn run_sender(
                 };
                 if ack.reason == ReasonCode::Success {
                     part.acked += 1;
+                    part.last_ack = Some(Instant::now());
                     acked_seqs.push(ack.message_seq);
                     let _ = part
                         .ack_latency_us
@@ -389,13 +446,14 @@ async fn run_sender(
 async fn run_receiver(
     mut conn: Conn,
     grace: Duration,
-) -> anyhow::Result<(Vec<u64>, Histogram<u64>)> {
+) -> anyhow::Result<(Vec<u64>, Histogram<u64>, Option<Instant>)> {
     let mut seqs = Vec::new();
     let mut latency = Histogram::new(3).expect("valid sigfig");
+    let mut last = None;
     loop {
         let events = conn.read_events(grace).await?;
         if events.is_empty() {
-            return Ok((seqs, latency));
+            return Ok((seqs, latency, last));
         }
         for event in events {
             if let Event::Recv(recv) = event {
@@ -406,29 +464,49 @@ async fn run_receiver(
                 }
                 conn.core.ack(recv.message_id, recv.message_seq);
                 seqs.push(recv.message_seq);
+                last = Some(Instant::now());
             }
         }
         conn.flush().await?;
     }
 }
 
-async fn run_pairs(config: PairConfig, pairs: Vec<usize>) -> anyhow::Result<Part> {
+/// Opens both ends of every pair (receivers first).
+async fn open_pairs(
+    config: &PairConfig,
+    pairs: &[usize],
+) -> anyhow::Result<(Vec<Conn>, Vec<Conn>)> {
     let mut receivers = Vec::new();
-    for &i in &pairs {
-        let uid = format!("{}-r{i}", config.prefix);
-        let conn = Conn::open(&config, &uid).await?;
-        // The grace period covers the whole run: a receiver stops only
-        // after the senders are done and nothing arrived for 3 s.
+    for &i in pairs {
+        receivers.push(Conn::open(config, &format!("{}-r{i}", config.prefix)).await?);
+    }
+    let mut senders = Vec::new();
+    for &i in pairs {
+        senders.push(Conn::open(config, &format!("{}-s{i}", config.prefix)).await?);
+    }
+    Ok((receivers, senders))
+}
+
+async fn run_pairs(config: PairConfig, pairs: Vec<usize>, gate: Arc<Gate>) -> anyhow::Result<Part> {
+    let opened = open_pairs(&config, &pairs).await;
+    gate.arrive(opened.is_ok());
+    let (receiver_conns, sender_conns) = opened?;
+    if !gate.wait().await {
+        bail!("another load executor failed to connect");
+    }
+    let mut receivers = Vec::new();
+    for conn in receiver_conns {
+        // A receiver stops once nothing arrived for 3 s; the senders start
+        // sending at the same time, so that happens only after they finish.
         let grace = Duration::from_secs(3);
         receivers.push(glommio::spawn_local(async move {
             run_receiver(conn, grace).await
         }));
     }
     let mut senders = Vec::new();
-    for &i in &pairs {
+    for (&i, conn) in pairs.iter().zip(sender_conns) {
         let uid = format!("{}-s{i}", config.prefix);
         let receiver = format!("{}-r{i}", config.prefix);
-        let conn = Conn::open(&config, &uid).await?;
         let config = config.clone();
         senders.push(glommio::spawn_local(run_sender(
             config, conn, receiver, uid,
@@ -442,26 +520,28 @@ async fn run_pairs(config: PairConfig, pairs: Vec<usize>) -> anyhow::Result<Part
         acked_per_pair.push(result.acked_seqs);
     }
     for (receiver, acked) in receivers.into_iter().zip(acked_per_pair) {
-        let (delivered, latency) = receiver.await?;
+        let (delivered, latency, last) = receiver.await?;
+        total.last_delivery = total.last_delivery.max(last);
         let _ = total.delivery_latency_us.add(&latency);
         total.delivered += delivered.len() as u64;
         // Order and duplicates, as the device saw them. Seqs start after
-        // whatever earlier runs left in the channel.
+        // whatever earlier runs left in the channel. A gap is not counted
+        // here: the missing seq is `lost` (acknowledged) or was never acked.
         let mut seen = BTreeSet::new();
-        let mut last = None;
+        let mut highest = None;
         for &seq in &delivered {
             if !seen.insert(seq) {
                 total.duplicated += 1;
                 continue;
             }
-            if let Some(previous) = last {
-                if seq != previous + 1 {
-                    total.reordered += 1;
-                }
+            if highest.is_some_and(|h| seq < h) {
+                total.reordered += 1;
             }
-            last = Some(seq);
+            highest = highest.max(Some(seq));
         }
+        let acked: HashSet<u64> = acked.into_iter().collect();
         total.lost += acked.iter().filter(|seq| !seen.contains(seq)).count() as u64;
+        total.unexpected += seen.iter().filter(|seq| !acked.contains(seq)).count() as u64;
     }
     Ok(total)
 }

@@ -3,6 +3,7 @@
 //! local (`--server-pid`), its resident memory per held connection.
 
 use crate::chat::{Conn, PairConfig};
+use crate::common::{resident_bytes, ServerProbe};
 use anyhow::bail;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
@@ -33,24 +34,13 @@ pub struct ConnectArgs {
     pub json: Option<PathBuf>,
 }
 
-fn resident_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, args.connections.max(1));
     let rss_before = args.server_pid.and_then(resident_bytes);
+    let probe = ServerProbe::start(args.server_pid);
     let (opened_tx, opened_rx) = std::sync::mpsc::channel::<usize>();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let release_rx = std::sync::Arc::new(std::sync::Mutex::new(release_rx));
@@ -108,6 +98,9 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
     let setup_s = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs_f64(args.hold_s));
     let rss_held = args.server_pid.and_then(resident_bytes);
+    // CPU over the storm and the hold.
+    let server = probe.finish();
+    let duration_s = started.elapsed().as_secs_f64();
     for _ in 0..threads {
         let _ = release_tx.send(());
     }
@@ -125,14 +118,31 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
         (Some(before), Some(held)) => Some(held.saturating_sub(before) / opened.max(1) as u64),
         _ => None,
     };
+    // The fields every scenario has; connect sends no messages.
     let report = serde_json::json!({
         "scenario": "connect",
+        "target": format!("ruyi://{}", args.server),
+        "duration_s": duration_s,
+        "sent": 0,
+        "acked": 0,
+        "delivered": 0,
+        "lost": 0,
+        "duplicated": 0,
+        "reordered": 0,
+        "unexpected": 0,
+        "sends_per_s": 0.0,
+        "deliveries_per_s": 0.0,
+        "ack_latency_us": null,
+        "delivery_latency_us": null,
+        "server_cpu_percent": server.cpu_percent,
         "connections": opened,
         "setup_s": setup_s,
         "connections_per_s": opened as f64 / setup_s,
         "setup_latency_us": {
             "p50": setup.value_at_quantile(0.5),
+            "p90": setup.value_at_quantile(0.9),
             "p99": setup.value_at_quantile(0.99),
+            "p999": setup.value_at_quantile(0.999),
             "max": setup.max(),
         },
         "server_rss_bytes_before": rss_before,
@@ -150,5 +160,6 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
             "  server resident memory: {before} -> {held} bytes, {per} bytes per held connection"
         );
     }
+    server.print();
     Ok(report)
 }
