@@ -495,7 +495,7 @@ pub async fn message_send(State(api): State<Shared>, Body(req): Body<SendReq>) -
         uid(&api, "from_uid", &req.from_uid)?
     };
     let client_msg_no = if req.client_msg_no.is_empty() {
-        format!("api-{:016x}", rand_u64())
+        format!("api-{}", crate::client::new_client_msg_no())
     } else {
         req.client_msg_no.clone()
     };
@@ -576,13 +576,6 @@ async fn send_one(
         },
         _ => Err(unexpected()),
     }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = ahash::RandomState::new().build_hasher();
-    hasher.write_u64(crate::time::unix_now_ms());
-    hasher.finish()
 }
 
 /// A message in the API's JSON, as `viewer` sees it (WuKongIM's
