@@ -474,3 +474,34 @@ async fn without_an_auth_secret_only_tokens_registered_through_the_api_log_in() 
     assert!(connect(server.addr, registered).await.is_ok());
     server.stop();
 }
+
+#[tokio::test]
+async fn messages_delivered_total_counts_pushes_on_resume_as_well_as_live_ones() {
+    let server = TestServer::start();
+    let base = server.api_url();
+    for n in 0..3 {
+        let (status, _) = api_post(
+            &base,
+            "/message/send",
+            json!({"from_uid": "alice", "channel_id": "bob", "channel_type": 1,
+                   "payload": b64(&format!("m{n}"))}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // Bob was offline: the three come on resume.
+    let options = server.options("bob").resume(true);
+    let (_bob, mut bob_in) = connect(server.addr, options).await.unwrap();
+    for _ in 0..3 {
+        bob_in.next_message(WAIT).await.unwrap();
+    }
+    let (_, text) = api_get(&base, "/metrics").await;
+    assert!(
+        text.contains("ruyi_messages_delivered_total 3\n"),
+        "{}",
+        text.lines()
+            .find(|l| l.starts_with("ruyi_messages_delivered_total"))
+            .unwrap_or("")
+    );
+    server.stop();
+}

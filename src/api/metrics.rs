@@ -90,7 +90,7 @@ pub async fn metrics(State(api): State<Shared>) -> Result<Response, ApiError> {
         &mut out,
         "ruyi_messages_delivered_total",
         "counter",
-        "Messages pushed to connections (retries included).",
+        "Messages pushed to connections: live, from a backlog or on resume (retries are ruyi_retries_total).",
         stats.recvs_written,
     );
     metric(

@@ -820,6 +820,7 @@ impl ShardState {
                 if self.pushes.track(conn, message, now.monotonic.0) {
                     let recv = recv_view(message, &uid);
                     self.write_packet(conn, &Packet::Recv(recv));
+                    self.stats.recvs_written += 1;
                 }
                 pushed_through = Some(message.seq);
             }
