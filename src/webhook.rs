@@ -81,10 +81,13 @@ impl WebhookWriter {
     pub fn admit(&mut self, record: &WebhookRecord) -> bool {
         let size = record.size();
         let before = self.shared.outbox_bytes.fetch_add(size, Ordering::Relaxed);
-        if before + size <= self.max_bytes {
+        if before.saturating_add(size) <= self.max_bytes {
+            // Counted before the batch is durable, so the dispatcher (which
+            // only sees it after) never subtracts first.
+            self.shared.outbox_events.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        self.shared.outbox_bytes.fetch_sub(size, Ordering::Relaxed);
+        saturating_sub(&self.shared.outbox_bytes, size);
         let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::error!(
             event = %record.event,
@@ -95,16 +98,14 @@ impl WebhookWriter {
         false
     }
 
-    /// A batch that reserved `bytes` failed to commit.
-    pub fn release(&mut self, bytes: u64) {
-        self.shared.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    /// A batch that reserved `events` and `bytes` failed to commit.
+    pub fn release(&mut self, events: u64, bytes: u64) {
+        saturating_sub(&self.shared.outbox_events, events);
+        saturating_sub(&self.shared.outbox_bytes, bytes);
     }
 
-    /// `events` were committed: count them and wake the dispatcher.
-    pub fn committed(&self, events: u64) {
-        self.shared
-            .outbox_events
-            .fetch_add(events, Ordering::Relaxed);
+    /// Events were committed: wake the dispatcher.
+    pub fn committed(&self) {
         self.shared.wake.notify_one();
     }
 }
@@ -221,8 +222,12 @@ pub fn sign(key: &[u8], id: &str, timestamp_s: u64, body: &[u8]) -> String {
     )
 }
 
-/// Posts the outbox's events, in order of commit per shard, at most
-/// `concurrency` at a time.
+/// Posts the outbox's events, read in commit order per shard, with at most
+/// `concurrency` requests in flight. An event waiting to retry holds no
+/// request slot, so a few events a receiver keeps refusing do not stop the
+/// others; at most `concurrency` × [`EVENTS_IN_MEMORY_PER_REQUEST`] events
+/// are held in memory at once, the rest wait in the outbox. Requests in
+/// flight at once may arrive in any order.
 pub struct Dispatcher {
     storage: Arc<dyn Storage>,
     shards: u16,
@@ -261,8 +266,18 @@ impl Dispatcher {
                 return;
             }
         };
-        let permits = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
-        let mut cursors = vec![0u64; usize::from(self.shards)];
+        let requests = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency));
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            self.config.concurrency * EVENTS_IN_MEMORY_PER_REQUEST,
+        ));
+        // This run's shards, and any shard of an earlier run with more
+        // shards that left events behind.
+        let mut shards: Vec<ShardId> = (0..self.shards).map(ShardId).collect();
+        match self.storage.webhook_shards() {
+            Ok(found) => shards.extend(found.into_iter().filter(|s| s.0 >= self.shards)),
+            Err(error) => tracing::error!(%error, "listing the webhook outbox failed"),
+        }
+        let mut cursors = vec![0u64; shards.len()];
         let mut stopping = stop.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
@@ -270,11 +285,10 @@ impl Dispatcher {
         tokio::pin!(stopped);
         loop {
             let mut found = false;
-            for shard in 0..self.shards {
-                let shard = ShardId(shard);
+            for (slot, shard) in shards.iter().copied().enumerate() {
                 let events = match self.storage.webhook_events(
                     shard,
-                    cursors[shard.index()],
+                    cursors[slot],
                     self.config.concurrency * 4,
                 ) {
                     Ok(events) => events,
@@ -285,7 +299,7 @@ impl Dispatcher {
                 };
                 for (id, record) in events {
                     found = true;
-                    cursors[shard.index()] = id;
+                    cursors[slot] = id;
                     let permit = tokio::select! {
                         permit = Arc::clone(&permits).acquire_owned() => permit.expect("never closed"),
                         _ = &mut stopped => return,
@@ -298,6 +312,7 @@ impl Dispatcher {
                         shared: Arc::clone(&self.shared),
                         retry_initial_ms: self.config.retry_initial_ms,
                         retry_max_ms: self.config.retry_max_ms,
+                        requests: Arc::clone(&requests),
                         stop: stop.clone(),
                     };
                     tokio::spawn(async move {
@@ -317,7 +332,12 @@ impl Dispatcher {
     }
 }
 
+/// Events read from the outbox and held in memory (delivering or waiting
+/// to retry), per allowed request in flight.
+pub const EVENTS_IN_MEMORY_PER_REQUEST: usize = 64;
+
 struct Attempt {
+    requests: Arc<tokio::sync::Semaphore>,
     client: reqwest::Client,
     url: String,
     key: Arc<[u8]>,
@@ -340,6 +360,11 @@ impl Attempt {
         loop {
             let timestamp = crate::time::unix_now_ms() / 1000;
             let signature = sign(&self.key, &event_id, timestamp, &record.body);
+            // A request slot only for the request itself, not the wait
+            // before a retry.
+            let Ok(slot) = self.requests.acquire().await else {
+                return;
+            };
             let outcome = self
                 .client
                 .post(&url)
@@ -350,6 +375,7 @@ impl Attempt {
                 .body(record.body.clone())
                 .send()
                 .await;
+            drop(slot);
             let failure = match outcome {
                 Ok(response) if response.status().is_success() => None,
                 Ok(response) => Some(format!("answered {}", response.status())),
@@ -377,11 +403,17 @@ impl Attempt {
             tracing::warn!(%error, id = %event_id, "removing a delivered webhook event failed; it will be sent again");
         }
         self.shared.delivered.fetch_add(1, Ordering::Relaxed);
-        self.shared.outbox_events.fetch_sub(1, Ordering::Relaxed);
-        self.shared
-            .outbox_bytes
-            .fetch_sub(record.size(), Ordering::Relaxed);
+        saturating_sub(&self.shared.outbox_events, 1);
+        saturating_sub(&self.shared.outbox_bytes, record.size());
     }
+}
+
+/// Subtracts without wrapping: a gauge read while another thread has not
+/// added its share yet shows 0, not 2^64 - 1.
+fn saturating_sub(gauge: &AtomicU64, amount: u64) {
+    let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
+        Some(value.saturating_sub(amount))
+    });
 }
 
 /// A number in `0..bound` for jitter (not for anything secret).

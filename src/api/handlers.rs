@@ -198,6 +198,11 @@ pub async fn user_token(State(api): State<Shared>, Body(req): Body<TokenReq>) ->
     if req.token.is_empty() || req.token.len() > 1024 {
         return Err(ApiError::bad_request("`token` must be 1 to 1024 bytes"));
     }
+    if req.device_flag > 2 {
+        return Err(ApiError::bad_request(
+            "`device_flag` must be 0 (app), 1 (web) or 2 (desktop)",
+        ));
+    }
     let storage = api.control.storage().cloned().ok_or_else(unexpected)?;
     let flag = req.device_flag;
     let token = req.token;

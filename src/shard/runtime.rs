@@ -427,9 +427,20 @@ async fn commit_loop(runtime: Rc<Runtime>, offload: bool) {
             let took = started.elapsed().as_micros() as u64;
             runtime.committing.set(false);
             let now = runtime.now();
-            let mut state = runtime.state.borrow_mut();
-            state.stats.commit_latency.record(took);
-            state.finish_commit(in_flight, result, now);
+            let failed = result.is_err();
+            {
+                let mut state = runtime.state.borrow_mut();
+                state.stats.commit_latency.record(took);
+                state.finish_commit(in_flight, result, now);
+            }
+            if failed {
+                // Storage is failing (a full disk): what waits (presence
+                // events put back) is retried at a bounded rate, not in a
+                // tight loop.
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                runtime.signals.commit.notify();
+                break;
+            }
         }
     }
 }

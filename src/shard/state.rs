@@ -1378,7 +1378,33 @@ impl ShardState {
         if self.pending.is_empty() && !presence_waiting {
             return None;
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        // A group deleted in this batch: its sends and recalls queued before
+        // the delete are refused, not written (the delete would erase them
+        // and leave their webhook events describing nothing).
+        let deleted: Vec<ChannelKey> = pending
+            .iter()
+            .filter_map(|p| match p {
+                Pending::DeleteGroup { key, .. } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        if !deleted.is_empty() {
+            let (doomed, kept): (Vec<Pending>, Vec<Pending>) =
+                pending.into_iter().partition(|p| match p {
+                    Pending::Send { message, .. } | Pending::Recall { message, .. } => {
+                        deleted.contains(&message.channel)
+                    }
+                    _ => false,
+                });
+            pending = kept;
+            for p in doomed {
+                self.refuse_pending(p, ReasonCode::ChannelMissing);
+            }
+            if pending.is_empty() {
+                return None;
+            }
+        }
         let mut mutations: Vec<Mutation> = Vec::with_capacity(pending.len() * 2);
         for p in &pending {
             match p {
@@ -1545,6 +1571,43 @@ impl ShardState {
         offline
     }
 
+    /// Answers a queued send or recall that will not be written.
+    fn refuse_pending(&mut self, pending: Pending, reason: ReasonCode) {
+        match pending {
+            Pending::Send {
+                origin,
+                client_seq,
+                message,
+                ..
+            } => {
+                let key = (message.from_uid.clone(), message.client_msg_no.clone());
+                let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
+                for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
+                    let ack = SendAck {
+                        client_seq: seq,
+                        client_msg_no: message.client_msg_no.clone(),
+                        message_id: 0,
+                        message_seq: 0,
+                        reason,
+                    };
+                    self.reply_send_ack(conn, ack);
+                }
+            }
+            Pending::Recall {
+                origin, request_id, ..
+            } => {
+                let response = Packet::RecallResp(RecallResp {
+                    request_id,
+                    reason,
+                    message_id: 0,
+                    message_seq: 0,
+                });
+                self.reply_to(origin, response);
+            }
+            _ => {}
+        }
+    }
+
     /// Acknowledges and fans out a batch whose write succeeded. On a storage
     /// failure nothing is acknowledged as stored: every send of the batch, and
     /// every send queued behind it, fails with `StorageError`, and the
@@ -1559,7 +1622,7 @@ impl ShardState {
             Ok(()) => {
                 if in_flight.webhook_events > 0 {
                     if let Some(writer) = &self.webhooks {
-                        writer.committed(in_flight.webhook_events);
+                        writer.committed();
                     }
                 }
                 for p in in_flight.pending {
@@ -1580,7 +1643,7 @@ impl ShardState {
 
     fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
         if let Some(writer) = self.webhooks.as_mut() {
-            writer.release(in_flight.webhook_bytes);
+            writer.release(in_flight.webhook_events, in_flight.webhook_bytes);
             // Presence transitions are not lost with the batch: the next
             // commit carries them.
             let mut lines = in_flight.presence_lines;
@@ -2069,6 +2132,9 @@ impl ShardState {
         let fail = |reply: ApiReply, reason| {
             let _ = reply.try_send(ApiResponse::Failed(reason));
         };
+        if self.deleting.contains_key(&key) {
+            return fail(reply, ReasonCode::ChannelMissing);
+        }
         let seq = if message_seq != 0 {
             Ok(Some(Seq(message_seq)))
         } else {

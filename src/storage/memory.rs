@@ -71,6 +71,17 @@ impl Storage for MemoryStorage {
             .collect())
     }
 
+    fn webhook_shards(&self) -> Result<Vec<ShardId>, StorageError> {
+        let mut shards: Vec<ShardId> = self
+            .data()
+            .webhooks
+            .keys()
+            .map(|(shard, _)| ShardId(*shard))
+            .collect();
+        shards.dedup();
+        Ok(shards)
+    }
+
     fn delete_webhook_event(&self, shard: ShardId, id: u64) -> Result<(), StorageError> {
         self.data().webhooks.remove(&(shard.0, id));
         Ok(())

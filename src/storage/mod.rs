@@ -365,6 +365,10 @@ pub trait Storage: Send + Sync {
     /// delivery, which receivers drop by id).
     fn delete_webhook_event(&self, shard: ShardId, id: u64) -> Result<(), StorageError>;
 
+    /// The shards that have events in the outbox (also shards of an earlier
+    /// run with more shards).
+    fn webhook_shards(&self) -> Result<Vec<ShardId>, StorageError>;
+
     /// Events and bytes in the whole outbox (a scan, for start-up).
     fn webhook_outbox_size(&self) -> Result<(u64, u64), StorageError>;
 

@@ -241,6 +241,30 @@ impl Storage for RocksStorage {
         Ok(out)
     }
 
+    fn webhook_shards(&self) -> Result<Vec<ShardId>, StorageError> {
+        let cf = self.cf(keys::CF_WEBHOOKS);
+        let mut shards = Vec::new();
+        let mut next = Some(0u16);
+        // One seek per shard present: to the first key at or after `next`.
+        while let Some(from) = next {
+            let start = keys::webhook(ShardId(from), 0);
+            let Some(item) = self
+                .db
+                .iterator_cf(cf, IteratorMode::From(&start, Direction::Forward))
+                .next()
+            else {
+                break;
+            };
+            let (key, _) = item.map_err(io_error)?;
+            let Some((shard, _)) = keys::decode_webhook(&key) else {
+                return Err(StorageError::Corrupt("webhook key".into()));
+            };
+            shards.push(shard);
+            next = shard.0.checked_add(1);
+        }
+        Ok(shards)
+    }
+
     fn delete_webhook_event(&self, shard: ShardId, id: u64) -> Result<(), StorageError> {
         self.db
             .delete_cf(self.cf(keys::CF_WEBHOOKS), keys::webhook(shard, id))
