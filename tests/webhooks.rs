@@ -235,3 +235,44 @@ async fn every_event_arrives_signed_after_the_receiver_fails_and_the_gateway_is_
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn events_left_by_a_run_with_more_shards_are_delivered_after_a_restart_with_fewer() {
+    let receiver = WebhookReceiver::start().await;
+    receiver
+        .status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), with_webhooks(&receiver));
+    // Messages in channels owned by both shards.
+    let mut sent = Vec::new();
+    for n in 0..8 {
+        let (status, body) = api_post(
+            &server.api_url(),
+            "/message/send",
+            json!({"from_uid": format!("u{n}"), "channel_id": "bob", "channel_type": 1,
+                   "payload": base64::engine::general_purpose::STANDARD.encode("x")}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        sent.push(body["data"]["message_id"].as_u64().unwrap());
+    }
+    let shards: BTreeSet<u64> = sent.iter().map(|id| (id >> 12) & 0x3ff).collect();
+    assert_eq!(shards.len(), 2, "messages on both shards");
+    server.stop();
+
+    receiver
+        .status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    let webhooks = with_webhooks(&receiver);
+    let server = TestServer::start_in(dir.path(), move |c| {
+        webhooks(c);
+        c.server.shards = 1;
+    });
+    receiver
+        .wait_for("msg.notify of every message", |hooks| {
+            sent.iter().all(|id| notified(hooks, *id))
+        })
+        .await;
+    server.stop();
+}
