@@ -163,6 +163,29 @@ pub fn message_json(message: &StoredMessage) -> MessageJson<'_> {
     }
 }
 
+/// The same view of a message as one viewer got it (`channel_id` as that
+/// viewer sees it), for the admin API's reads.
+pub fn recv_json(recv: &crate::protocol::Recv) -> MessageJson<'_> {
+    MessageJson {
+        header: HeaderJson {
+            red_dot: 1,
+            ..HeaderJson::default()
+        },
+        setting: 0,
+        message_id: recv.message_id,
+        message_idstr: recv.message_id.to_string(),
+        client_msg_no: &recv.client_msg_no,
+        message_seq: recv.message_seq,
+        from_uid: &recv.from_uid,
+        channel_id: &recv.channel_id,
+        channel_type: recv.channel_type.0,
+        timestamp: recv.timestamp_ms.div_euclid(1000),
+        timestamp_ms: recv.timestamp_ms,
+        revoke: u8::from(recv.flags & crate::protocol::RECV_FLAG_RECALLED != 0),
+        payload: base64::engine::general_purpose::STANDARD.encode(&recv.payload),
+    }
+}
+
 #[derive(Serialize)]
 struct OfflineJson<'a> {
     #[serde(flatten)]

@@ -586,21 +586,7 @@ async fn send_one(
 /// A message in the API's JSON, as `viewer` sees it (WuKongIM's
 /// `MessageResp`, plus `timestamp_ms` and `revoke`).
 fn recv_json(recv: &Recv) -> Value {
-    json!({
-        "header": { "no_persist": 0, "red_dot": 1, "sync_once": 0 },
-        "setting": 0,
-        "message_id": recv.message_id,
-        "message_idstr": recv.message_id.to_string(),
-        "client_msg_no": recv.client_msg_no,
-        "message_seq": recv.message_seq,
-        "from_uid": recv.from_uid,
-        "channel_id": recv.channel_id,
-        "channel_type": recv.channel_type.0,
-        "timestamp": recv.timestamp_ms.div_euclid(1000),
-        "timestamp_ms": recv.timestamp_ms,
-        "revoke": u8::from(recv.flags & crate::protocol::RECV_FLAG_RECALLED != 0),
-        "payload": base64::engine::general_purpose::STANDARD.encode(&recv.payload),
-    })
+    serde_json::to_value(crate::webhook::recv_json(recv)).expect("plain structs serialize")
 }
 
 #[derive(Deserialize)]

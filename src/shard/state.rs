@@ -1657,24 +1657,8 @@ impl ShardState {
         }
         for p in in_flight.pending.into_iter().chain(queued) {
             match p {
-                Pending::Send {
-                    origin,
-                    client_seq,
-                    message,
-                    ..
-                } => {
-                    let key = (message.from_uid.clone(), message.client_msg_no.clone());
-                    let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
-                    for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
-                        let ack = SendAck {
-                            client_seq: seq,
-                            client_msg_no: message.client_msg_no.clone(),
-                            message_id: 0,
-                            message_seq: 0,
-                            reason: ReasonCode::StorageError,
-                        };
-                        self.reply_send_ack(conn, ack);
-                    }
+                p @ (Pending::Send { .. } | Pending::Recall { .. }) => {
+                    self.refuse_pending(p, ReasonCode::StorageError)
                 }
                 Pending::Group { reply, .. } => {
                     let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
@@ -1693,17 +1677,6 @@ impl ShardState {
                         request_id,
                         reason: ReasonCode::StorageError,
                         conversation: None,
-                    });
-                    self.reply_to(origin, response);
-                }
-                Pending::Recall {
-                    origin, request_id, ..
-                } => {
-                    let response = Packet::RecallResp(RecallResp {
-                        request_id,
-                        reason: ReasonCode::StorageError,
-                        message_id: 0,
-                        message_seq: 0,
                     });
                     self.reply_to(origin, response);
                 }
