@@ -143,46 +143,66 @@ pub struct HeaderJson {
 /// channel the channel id is the other party from the sender's side (what
 /// the sender addressed).
 pub fn message_json(message: &StoredMessage) -> MessageJson<'_> {
-    MessageJson {
-        header: HeaderJson {
-            red_dot: 1,
-            ..HeaderJson::default()
-        },
-        setting: 0,
-        message_id: message.message_id.0,
-        message_idstr: message.message_id.0.to_string(),
-        client_msg_no: &message.client_msg_no,
-        message_seq: message.seq.0,
-        from_uid: message.from_uid.as_str(),
-        channel_id: message.channel.id_seen_by(message.from_uid.as_str()),
-        channel_type: message.channel.kind().0,
-        timestamp: message.timestamp_ms.div_euclid(1000),
-        timestamp_ms: message.timestamp_ms,
-        revoke: u8::from(message.recalled),
-        payload: base64::engine::general_purpose::STANDARD.encode(&message.payload),
-    }
+    MessageJson::new(
+        message.message_id.0,
+        message.seq.0,
+        &message.client_msg_no,
+        message.from_uid.as_str(),
+        message.channel.id_seen_by(message.from_uid.as_str()),
+        message.channel.kind().0,
+        message.timestamp_ms,
+        message.recalled,
+        &message.payload,
+    )
 }
 
 /// The same view of a message as one viewer got it (`channel_id` as that
 /// viewer sees it), for the admin API's reads.
 pub fn recv_json(recv: &crate::protocol::Recv) -> MessageJson<'_> {
-    MessageJson {
-        header: HeaderJson {
-            red_dot: 1,
-            ..HeaderJson::default()
-        },
-        setting: 0,
-        message_id: recv.message_id,
-        message_idstr: recv.message_id.to_string(),
-        client_msg_no: &recv.client_msg_no,
-        message_seq: recv.message_seq,
-        from_uid: &recv.from_uid,
-        channel_id: &recv.channel_id,
-        channel_type: recv.channel_type.0,
-        timestamp: recv.timestamp_ms.div_euclid(1000),
-        timestamp_ms: recv.timestamp_ms,
-        revoke: u8::from(recv.flags & crate::protocol::RECV_FLAG_RECALLED != 0),
-        payload: base64::engine::general_purpose::STANDARD.encode(&recv.payload),
+    MessageJson::new(
+        recv.message_id,
+        recv.message_seq,
+        &recv.client_msg_no,
+        &recv.from_uid,
+        &recv.channel_id,
+        recv.channel_type.0,
+        recv.timestamp_ms,
+        recv.flags & crate::protocol::RECV_FLAG_RECALLED != 0,
+        &recv.payload,
+    )
+}
+
+impl<'a> MessageJson<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        message_id: u64,
+        message_seq: u64,
+        client_msg_no: &'a str,
+        from_uid: &'a str,
+        channel_id: &'a str,
+        channel_type: u8,
+        timestamp_ms: i64,
+        recalled: bool,
+        payload: &[u8],
+    ) -> MessageJson<'a> {
+        MessageJson {
+            header: HeaderJson {
+                red_dot: 1,
+                ..HeaderJson::default()
+            },
+            setting: 0,
+            message_id,
+            message_idstr: message_id.to_string(),
+            client_msg_no,
+            message_seq,
+            from_uid,
+            channel_id,
+            channel_type,
+            timestamp: timestamp_ms.div_euclid(1000),
+            timestamp_ms,
+            revoke: u8::from(recalled),
+            payload: base64::engine::general_purpose::STANDARD.encode(payload),
+        }
     }
 }
 
