@@ -283,3 +283,44 @@ async fn after_kill_9_with_pushes_in_flight_resume_gives_every_message_once_afte
         redelivered_after_restart
     );
 }
+
+#[tokio::test]
+async fn a_resuming_device_is_not_pushed_its_own_sends_and_the_users_other_devices_are() {
+    let server = TestServer::start();
+    let phone = || {
+        server
+            .options("alice")
+            .device("phone", ruyi::protocol::DeviceFlag::App)
+            .resume(true)
+    };
+    let (alice, mut phone_in) = connect(server.addr, phone()).await.unwrap();
+    let mut sent = Vec::new();
+    for i in 1..=3 {
+        sent.push(alice.send_text("bob", &format!("m{i}")).await.unwrap());
+    }
+    // Not echoed live to the sending device.
+    assert_nothing_arrives(&mut phone_in, Duration::from_millis(300)).await;
+    alice.close().await;
+    while !matches!(
+        phone_in.recv().await,
+        Some(ruyi::client::Delivery::Closed(_)) | None
+    ) {}
+
+    // The phone comes back: its own messages are not pushed to it again.
+    let (_alice, mut phone_in) = connect(server.addr, phone()).await.unwrap();
+    assert_nothing_arrives(&mut phone_in, Duration::from_millis(500)).await;
+
+    // Her tablet resumes the same conversation and gets them, in order.
+    let tablet = server
+        .options("alice")
+        .device("tablet", ruyi::protocol::DeviceFlag::Web)
+        .resume(true);
+    let (_tablet, mut tablet_in) = connect(server.addr, tablet).await.unwrap();
+    for ack in &sent {
+        let m = tablet_in.next_message(WAIT).await.unwrap();
+        assert_eq!(
+            (m.message_seq, &m.from_uid),
+            (ack.message_seq, &"alice".to_owned())
+        );
+    }
+}

@@ -280,6 +280,7 @@ mod tests {
             seq: Seq(seq),
             channel: ChannelKey::group("g"),
             from_uid: Uid::new("a"),
+            from_device: Arc::from("d"),
             client_msg_no: format!("m{seq}"),
             timestamp_ms: 0,
             send_flags: 0,

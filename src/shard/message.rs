@@ -19,6 +19,9 @@ pub enum ShardMsg {
     Send {
         origin: ConnId,
         from: Uid,
+        /// The sending device, stored with the message (see
+        /// `StoredMessage::from_device`).
+        from_device: std::sync::Arc<str>,
         channel: ChannelKey,
         packet: SendPacket,
     },

@@ -782,7 +782,12 @@ impl ShardState {
     /// Pushes what waits in `conn`'s backlog, channel by channel in seq
     /// order, while its in-flight window has room.
     fn refill(&mut self, conn: ConnId, now: Now) {
-        let Some(uid) = self.identity_uid(conn) else {
+        let Some((uid, device)) = self
+            .conns
+            .get(&conn)
+            .and_then(|e| e.session.identity.as_ref())
+            .map(|i| (i.uid.clone(), Arc::clone(&i.device_id)))
+        else {
             self.backlog.remove(&conn);
             return;
         };
@@ -814,6 +819,15 @@ impl ShardState {
             };
             let mut pushed_through = None;
             for message in &page {
+                // This device's own send: it has it, and the live fan-out
+                // skipped it too.
+                let own = message.from_uid == uid
+                    && !message.from_device.is_empty()
+                    && message.from_device == device;
+                if own {
+                    pushed_through = Some(message.seq);
+                    continue;
+                }
                 if !window_has_room(&self.pushes, &self.limits, conn, message.payload.len()) {
                     break;
                 }
@@ -960,11 +974,11 @@ impl ShardState {
 
     /// Checks a client's `Send` and routes it to the channel's owner.
     fn client_send(&mut self, conn: ConnId, send: SendPacket, now: Now) {
-        let Some(uid) = self
+        let Some((uid, device)) = self
             .conns
             .get(&conn)
             .and_then(|e| e.session.identity.as_ref())
-            .map(|i| i.uid.clone())
+            .map(|i| (i.uid.clone(), Arc::clone(&i.device_id)))
         else {
             return;
         };
@@ -990,13 +1004,14 @@ impl ShardState {
         };
         let owner = channel.shard(self.shards);
         if owner == self.id {
-            self.owner_send(conn, uid, channel, send, true, now);
+            self.owner_send(conn, uid, device, channel, send, true, now);
         } else {
             self.push_outgoing(
                 owner,
                 ShardMsg::Send {
                     origin: conn,
                     from: uid,
+                    from_device: device,
                     channel,
                     packet: send,
                 },
@@ -1147,10 +1162,12 @@ impl ShardState {
     /// The owner's half of a send: check membership (unless `checked` is
     /// false: a system message from the admin API), assign the seq and queue
     /// the message for the next commit.
+    #[allow(clippy::too_many_arguments)]
     fn owner_send(
         &mut self,
         origin: ConnId,
         from: Uid,
+        from_device: Arc<str>,
         key: ChannelKey,
         send: SendPacket,
         checked: bool,
@@ -1224,6 +1241,7 @@ impl ShardState {
             seq,
             channel: key,
             from_uid: from,
+            from_device,
             client_msg_no: send.client_msg_no,
             timestamp_ms: now.unix_ms as i64,
             send_flags: send.flags,
@@ -1961,7 +1979,7 @@ impl ShardState {
                 packet,
             } => {
                 let conn = self.api_conn(reply);
-                self.owner_send(conn, from, channel, packet, !system, now);
+                self.owner_send(conn, from, Arc::from(""), channel, packet, !system, now);
             }
             ApiRequest::ConversationOp { uid, channel, op } => {
                 let conn = self.api_conn(reply);
@@ -2152,9 +2170,10 @@ impl ShardState {
             ShardMsg::Send {
                 origin,
                 from,
+                from_device,
                 channel,
                 packet,
-            } => self.owner_send(origin, from, channel, packet, true, now),
+            } => self.owner_send(origin, from, from_device, channel, packet, true, now),
             ShardMsg::SendAck { conn, ack } => self.write_packet(conn, &Packet::SendAck(ack)),
             ShardMsg::Deliver {
                 message,

@@ -384,6 +384,7 @@ mod tests {
             seq: Seq(seq),
             channel: key.clone(),
             from_uid: Uid::new("a"),
+            from_device: Arc::from("d"),
             client_msg_no: format!("m{seq}"),
             timestamp_ms: 0,
             send_flags: 0,

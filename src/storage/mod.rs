@@ -31,6 +31,10 @@ pub struct StoredMessage {
     pub seq: Seq,
     pub channel: ChannelKey,
     pub from_uid: Uid,
+    /// The device that sent it; empty for the admin API. A backlog read
+    /// back for that same device (a full in-flight window, a resume) skips
+    /// it, as the live fan-out skips the sending connection.
+    pub from_device: Arc<str>,
     pub client_msg_no: String,
     /// Server time of the commit, Unix milliseconds.
     pub timestamp_ms: i64,

@@ -50,6 +50,44 @@ pub struct MessageRecord {
     pub send_flags: u8,
     pub payload: Vec<u8>,
     pub recalled: bool,
+    /// Added after the first release of the format: records written
+    /// before it end at `recalled` and decode with an empty device
+    /// (see [`decode_message_record`]).
+    pub from_device: String,
+}
+
+/// A message record as written before `from_device` existed.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct MessageRecordV1 {
+    message_id: u64,
+    from_uid: String,
+    client_msg_no: String,
+    timestamp_ms: i64,
+    send_flags: u8,
+    payload: Vec<u8>,
+    recalled: bool,
+}
+
+/// Decodes a message record of either format. postcard is not
+/// self-describing: a record without the trailing `from_device` fails to
+/// decode as the current format (it runs out of bytes), and then decodes
+/// as the first one.
+pub fn decode_message_record(bytes: &[u8]) -> Result<MessageRecord, StorageError> {
+    if let Ok(record) = postcard::from_bytes::<MessageRecord>(bytes) {
+        return Ok(record);
+    }
+    let v1: MessageRecordV1 = decode("message record", bytes)?;
+    Ok(MessageRecord {
+        message_id: v1.message_id,
+        from_uid: v1.from_uid,
+        client_msg_no: v1.client_msg_no,
+        timestamp_ms: v1.timestamp_ms,
+        send_flags: v1.send_flags,
+        payload: v1.payload,
+        recalled: v1.recalled,
+        from_device: String::new(),
+    })
 }
 
 /// What the `channels` column family holds for a channel.
@@ -704,12 +742,13 @@ impl ShardStore for RocksShardStore {
             }
             let seq = keys::decode_message_seq(&message_key)
                 .ok_or_else(|| StorageError::Corrupt("message key".into()))?;
-            let record: MessageRecord = decode("message record", &value)?;
+            let record = decode_message_record(&value)?;
             out.push(Arc::new(StoredMessage {
                 message_id: MessageId(record.message_id),
                 seq,
                 channel: key.clone(),
                 from_uid: Uid::new(&record.from_uid),
+                from_device: Arc::from(record.from_device),
                 client_msg_no: record.client_msg_no,
                 timestamp_ms: record.timestamp_ms,
                 send_flags: record.send_flags,
@@ -730,6 +769,7 @@ fn message_record(message: &StoredMessage) -> MessageRecord {
         send_flags: message.send_flags,
         payload: message.payload.to_vec(),
         recalled: message.recalled,
+        from_device: message.from_device.to_string(),
     }
 }
 
@@ -741,5 +781,45 @@ fn increment(prefix: &mut Vec<u8>) {
             return;
         }
         prefix.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_records_of_both_formats_decode() {
+        let v1 = MessageRecordV1 {
+            message_id: 7,
+            from_uid: "alice".into(),
+            client_msg_no: "c1".into(),
+            timestamp_ms: 1_795_398_253_077,
+            send_flags: 1,
+            payload: b"hi".to_vec(),
+            recalled: false,
+        };
+        let old = decode_message_record(&encode(&v1)).expect("a first-format record");
+        assert_eq!(
+            (
+                old.message_id,
+                old.from_uid.as_str(),
+                old.payload.as_slice()
+            ),
+            (7, "alice", &b"hi"[..])
+        );
+        assert_eq!(old.from_device, "", "written before devices were stored");
+
+        let new = MessageRecord {
+            from_device: "phone".into(),
+            ..old
+        };
+        let back = decode_message_record(&encode(&new)).expect("a current record");
+        assert_eq!(back.from_device, "phone");
+        assert_eq!(back.client_msg_no, "c1");
+        assert!(
+            decode_message_record(b"\x07").is_err(),
+            "garbage is refused"
+        );
     }
 }
