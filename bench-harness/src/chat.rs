@@ -1,280 +1,109 @@
-//! The `chat` scenario: `pairs` one-to-one conversations.
+//! The `chat` scenario: `pairs` one-to-one conversations, and the ruyi
+//! connection ([`Conn`]) and per-device accounting ([`DeviceLog`]) the
+//! other ruyi scenarios share.
 
-use crate::common::{percentiles, print_latency, unix_us, Gate, ServerProbe, ServerUsage};
+use crate::common::{unix_us, CommonArgs, Gate, Target};
+use crate::live::Live;
+use crate::process::{measure, ServerProcess};
+use crate::report::{payload, read_payload, Part, Report, Spans};
 use anyhow::bail;
-use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
-use hdrhistogram::Histogram;
 use ruyi::client::{ClientCore, Event, Identity, Outgoing};
 use ruyi::protocol::{ChannelType, DeviceFlag, ReasonCode};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Gateway address.
-    #[arg(long, default_value = "127.0.0.1:5100")]
-    pub server: SocketAddr,
-    /// HS256 secret of the gateway, to sign the bench users' tokens (empty
-    /// when the gateway runs with auth off).
-    #[arg(long, env = "RUYI_AUTH_SECRET", default_value = "")]
-    pub secret: String,
-    /// Number of conversations (each a sender and a receiver connection).
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+    /// Number of conversations: a sender writing to a receiver.
     #[arg(long, default_value_t = 10)]
-    pub pairs: usize,
+    pub(crate) pairs: usize,
     /// Sends each sender keeps in flight (1: send, wait for the ack, send).
     #[arg(long, default_value_t = 1)]
-    pub window: usize,
-    /// How long to send, in seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration_s: f64,
-    /// Payload size in bytes (at least 8: the send time travels in it).
-    #[arg(long, default_value_t = 64)]
-    pub payload_bytes: usize,
-    /// Load-generating executors (default: one per CPU).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Prefix of the bench users' uids, so runs do not share channels.
-    #[arg(long, default_value = "bench")]
-    pub uid_prefix: String,
-    /// The gateway's process id, to report its CPU use and resident memory.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Write every figure as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-/// What one executor measured.
-pub(crate) struct Part {
-    pub(crate) sent: u64,
-    pub(crate) acked: u64,
-    pub(crate) failed: u64,
-    pub(crate) delivered: u64,
-    pub(crate) lost: u64,
-    pub(crate) duplicated: u64,
-    pub(crate) reordered: u64,
-    /// Delivered, but never acknowledged to a sender (or to the wrong
-    /// device, e.g. echoed to the sending device).
-    pub(crate) unexpected: u64,
-    pub(crate) ack_latency_us: Histogram<u64>,
-    pub(crate) delivery_latency_us: Histogram<u64>,
-    /// When the last SendAck and the last delivery arrived.
-    pub(crate) last_ack: Option<Instant>,
-    pub(crate) last_delivery: Option<Instant>,
-}
-
-/// How long a run took: `duration_s` of sending (the parameter), and from
-/// the start to the last SendAck and to the last delivery, which the rates
-/// are computed over (a backlog drained after the senders stopped makes
-/// `delivering_s` longer than `duration_s`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Spans {
-    pub(crate) duration_s: f64,
-    pub(crate) sending_s: f64,
-    pub(crate) delivering_s: f64,
-}
-
-impl Spans {
-    pub(crate) fn new(duration_s: f64, started: Instant, part: &Part) -> Spans {
-        let since = |at: Option<Instant>| {
-            at.map_or(duration_s, |at| {
-                at.saturating_duration_since(started).as_secs_f64()
-            })
-            .max(1e-6)
-        };
-        Spans {
-            duration_s,
-            sending_s: since(part.last_ack),
-            delivering_s: since(part.last_delivery),
-        }
-    }
-}
-
-impl Part {
-    pub(crate) fn new() -> Part {
-        Part {
-            sent: 0,
-            acked: 0,
-            failed: 0,
-            delivered: 0,
-            lost: 0,
-            duplicated: 0,
-            reordered: 0,
-            unexpected: 0,
-            last_ack: None,
-            last_delivery: None,
-            ack_latency_us: Histogram::new(3).expect("valid sigfig"),
-            delivery_latency_us: Histogram::new(3).expect("valid sigfig"),
-        }
-    }
-
-    pub(crate) fn add(&mut self, other: &Part) {
-        self.sent += other.sent;
-        self.acked += other.acked;
-        self.failed += other.failed;
-        self.delivered += other.delivered;
-        self.lost += other.lost;
-        self.duplicated += other.duplicated;
-        self.reordered += other.reordered;
-        self.unexpected += other.unexpected;
-        self.last_ack = self.last_ack.max(other.last_ack);
-        self.last_delivery = self.last_delivery.max(other.last_delivery);
-        let _ = self.ack_latency_us.add(&other.ack_latency_us);
-        let _ = self.delivery_latency_us.add(&other.delivery_latency_us);
-    }
-}
-
-pub struct Report {
-    args: String,
-    target: String,
-    spans: Spans,
-    total: Part,
-    server: ServerUsage,
-}
-
-impl Part {
-    pub(crate) fn correct(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.reordered == 0 && self.unexpected == 0
-    }
-
-    /// The fields every message scenario reports.
-    pub(crate) fn to_json(
-        &self,
-        scenario: &str,
-        target: &str,
-        spans: &Spans,
-        server: &ServerUsage,
-    ) -> serde_json::Value {
-        serde_json::json!({
-            "scenario": scenario,
-            "target": target,
-            "duration_s": spans.duration_s,
-            "sending_s": spans.sending_s,
-            "delivering_s": spans.delivering_s,
-            "sent": self.sent,
-            "acked": self.acked,
-            "failed": self.failed,
-            "delivered": self.delivered,
-            "lost": self.lost,
-            "duplicated": self.duplicated,
-            "reordered": self.reordered,
-            "unexpected": self.unexpected,
-            "correct": self.correct(),
-            "sends_per_s": self.acked as f64 / spans.sending_s,
-            "deliveries_per_s": self.delivered as f64 / spans.delivering_s,
-            "ack_latency_us": percentiles(&self.ack_latency_us),
-            "delivery_latency_us": percentiles(&self.delivery_latency_us),
-            "server_rss_bytes": server.rss_bytes,
-            "server_cpu_percent": server.cpu_percent,
-        })
-    }
-
-    pub(crate) fn print_summary(&self, spans: &Spans, server: &ServerUsage) {
-        println!(
-            "  sent {} acked {} failed {} delivered {} sending for {:.1} s",
-            self.sent, self.acked, self.failed, self.delivered, spans.duration_s
-        );
-        println!(
-            "  {:.0} acked sends/s (last SendAck at {:.2} s), {:.0} deliveries/s (last delivery at {:.2} s)",
-            self.acked as f64 / spans.sending_s,
-            spans.sending_s,
-            self.delivered as f64 / spans.delivering_s,
-            spans.delivering_s
-        );
-        print_latency("send->SendAck", &self.ack_latency_us);
-        print_latency("send->delivery", &self.delivery_latency_us);
-        server.print();
-        println!(
-            "  correctness: lost {} duplicated {} reordered {} unexpected {} -> {}",
-            self.lost,
-            self.duplicated,
-            self.reordered,
-            self.unexpected,
-            if self.correct() { "OK" } else { "FAILED" }
-        );
-    }
-}
-
-impl Report {
-    pub fn correct(&self) -> bool {
-        self.total.correct()
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut json = self
-            .total
-            .to_json("chat", &self.target, &self.spans, &self.server);
-        json["args"] = serde_json::Value::from(self.args.clone());
-        json
-    }
-
-    pub fn print_summary(&self) {
-        println!("chat: {} against {}", self.args, self.target);
-        self.total.print_summary(&self.spans, &self.server);
-    }
+    pub(crate) window: usize,
+    /// Devices of each receiver, each connected and each receiving every
+    /// message (ruyi: device ids d0, d1, ...; MQTT/NATS: one subscriber
+    /// session each).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) devices_per_user: usize,
 }
 
 pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
-    if args.payload_bytes < 8 {
-        bail!("--payload-bytes must be at least 8");
+    args.common.check()?;
+    if args.pairs == 0 || args.devices_per_user == 0 {
+        bail!("--pairs and --devices-per-user must be at least 1");
     }
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, args.pairs.max(1));
-    let duration = Duration::from_secs_f64(args.duration_s);
+    let Target::Ruyi(server_addr) = args.common.target else {
+        return crate::peer::chat(args);
+    };
+    let mut server = ServerProcess::maybe_start(&args.common)?;
+    let common = &args.common;
+    let threads = common.threads(args.pairs);
+    let live = Live::new();
     let gate = Arc::new(Gate::default());
+    let sending = Arc::new(AtomicUsize::new(args.pairs));
     let mut handles = Vec::new();
     for thread in 0..threads {
         let pairs: Vec<usize> = (thread..args.pairs).step_by(threads).collect();
-        let config = PairConfig {
-            server: args.server,
-            secret: args.secret.clone(),
-            window: args.window.max(1),
-            payload_bytes: args.payload_bytes,
-            prefix: args.uid_prefix.clone(),
-            duration,
+        let config = PairConfig::new(common, server_addr, "chat", args.window);
+        let shared = PairShared {
+            gate: Arc::clone(&gate),
+            live: Arc::clone(&live),
+            sending: Arc::clone(&sending),
+            interval: common.send_interval(args.pairs),
+            devices: args.devices_per_user,
         };
-        let gate = Arc::clone(&gate);
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
             .name(&format!("bench-{thread}"))
-            .spawn(move || async move { run_pairs(config, pairs, gate).await })
+            .spawn(move || async move { run_pairs(config, pairs, shared).await })
             .map_err(|e| anyhow::anyhow!("starting a load executor: {e}"))?;
         handles.push(handle);
     }
-    // Every connection is open: measure the gateway over the sending time.
-    gate.open_when_ready(handles.len());
-    let started = Instant::now();
-    let probe = ServerProbe::start(args.server_pid);
-    if !gate.aborted() {
-        std::thread::sleep(duration);
-    }
-    let server = probe.finish();
+    let (parts, measured) = measure(common, "chat", &gate, &live, server.as_mut(), handles)?;
     let mut total = Part::new();
-    for handle in handles {
-        let part = handle
-            .join()
-            .map_err(|e| anyhow::anyhow!("load executor failed: {e}"))??;
-        total.add(&part);
+    for part in &parts {
+        total.add(part);
+    }
+    let mut extra = Vec::new();
+    if common.chaos.is_some() {
+        extra.push(("server_kills".to_owned(), measured.kills.into()));
+        extra.push((
+            "longest_restart_s".to_owned(),
+            measured.longest_restart.as_secs_f64().into(),
+        ));
     }
     Ok(Report {
-        target: format!("ruyi://{}", args.server),
-        server,
+        scenario: "chat",
+        target: common.target.to_string(),
         args: format!(
-            "pairs={} window={} payload_bytes={} duration_s={}",
-            args.pairs, args.window, args.payload_bytes, args.duration_s
+            "pairs={} devices_per_user={} window={} rate={} payload_bytes={} warmup_s={} duration_s={}{}",
+            args.pairs,
+            args.devices_per_user,
+            args.window,
+            common.rate.map_or("max".to_owned(), |r| r.to_string()),
+            common.payload_bytes,
+            common.warmup_s,
+            common.duration_s,
+            common
+                .chaos
+                .map_or(String::new(), |c| format!(" chaos=kill:{}", c.kill_every.as_secs_f64()))
         ),
-        spans: Spans::new(duration.as_secs_f64(), started, &total),
+        spans: Spans::new(common.duration_s, common.warmup_s, measured.measure_from, &total),
         total,
+        server: measured.server,
+        samples: measured.samples,
+        extra,
     })
 }
 
+/// How every connection of a run connects and sends.
 #[derive(Clone)]
 pub(crate) struct PairConfig {
     pub(crate) server: SocketAddr,
@@ -282,49 +111,102 @@ pub(crate) struct PairConfig {
     pub(crate) window: usize,
     pub(crate) payload_bytes: usize,
     pub(crate) prefix: String,
+    /// Warm-up plus the measured time.
     pub(crate) duration: Duration,
+    /// Reconnect (and resume) when the server goes away, instead of
+    /// failing the run: `--chaos`.
+    pub(crate) reconnect: bool,
+    /// Part of every client_msg_no, so a run reusing an earlier run's uids
+    /// is not answered with that run's messages (the server's idempotency).
+    pub(crate) run_id: u64,
 }
 
-/// One connection driven by the runtime-free core.
+impl PairConfig {
+    pub(crate) fn new(
+        common: &CommonArgs,
+        server: SocketAddr,
+        scenario: &str,
+        window: usize,
+    ) -> PairConfig {
+        PairConfig {
+            server,
+            secret: common.secret.clone(),
+            window: window.max(1),
+            payload_bytes: common.payload_bytes,
+            prefix: common.prefix(scenario),
+            duration: Duration::from_secs_f64(common.warmup_s + common.duration_s),
+            reconnect: common.chaos.is_some(),
+            run_id: unix_us(),
+        }
+    }
+
+    /// How long a sender waits for an ack before giving its sends up, and
+    /// a receiver for the server after the senders finished: longer under
+    /// chaos, where a restart (RocksDB recovery) comes first.
+    pub(crate) fn patience(&self) -> Duration {
+        Duration::from_secs(if self.reconnect { 60 } else { 10 })
+    }
+}
+
+/// One connection driven by the runtime-free core; reconnects with
+/// `resume` when the run allows it.
 pub(crate) struct Conn {
     stream: TcpStream,
     pub(crate) core: ClientCore,
     buf: Vec<u8>,
+    server: SocketAddr,
+    secret: String,
+    uid: String,
+    device_id: String,
+    /// Connections made so far (1 after `open`).
+    pub(crate) epoch: u32,
 }
 
 impl Conn {
     pub(crate) async fn open(config: &PairConfig, uid: &str) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(config.server)
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", config.server))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| anyhow::anyhow!("setting TCP_NODELAY: {e}"))?;
-        let token = if config.secret.is_empty() {
-            String::new()
-        } else {
-            let now_s = ruyi::time::unix_now_ms() / 1000;
-            ruyi::auth::issue_token(&config.secret, uid, now_s, 3600)
-        };
-        let mut conn = Conn {
+        Conn::open_device(config, uid, "bench").await
+    }
+
+    pub(crate) async fn open_device(
+        config: &PairConfig,
+        uid: &str,
+        device_id: &str,
+    ) -> anyhow::Result<Conn> {
+        let (stream, core) =
+            handshake(config.server, &config.secret, uid, device_id, false).await?;
+        Ok(Conn {
             stream,
-            core: ClientCore::new(4 * 1024 * 1024),
+            core,
             buf: vec![0u8; 64 * 1024],
-        };
-        conn.core.connect(
-            &Identity {
-                uid: uid.to_owned(),
-                token,
-                device_id: "bench".into(),
-                device_flag: DeviceFlag::App,
-                resume: false,
-            },
-            0,
-        );
-        conn.flush().await?;
-        match conn.next_event().await? {
-            Event::ConnAck(ack) if ack.reason == ReasonCode::Success => Ok(conn),
-            other => bail!("{uid} was refused: {other:?}"),
+            server: config.server,
+            secret: config.secret.clone(),
+            uid: uid.to_owned(),
+            device_id: device_id.to_owned(),
+            epoch: 1,
+        })
+    }
+
+    /// Connects again with `resume` (the server pushes what this device
+    /// has not acknowledged), retrying until `patience` runs out.
+    pub(crate) async fn reconnect(&mut self, patience: Duration) -> anyhow::Result<()> {
+        let give_up = Instant::now() + patience;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match handshake(self.server, &self.secret, &self.uid, &self.device_id, true).await {
+                Ok((stream, core)) => {
+                    self.stream = stream;
+                    self.core = core;
+                    self.epoch += 1;
+                    return Ok(());
+                }
+                Err(error) if Instant::now() > give_up => {
+                    bail!("{} could not reconnect: {error:#}", self.uid)
+                }
+                Err(_) => {
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
         }
     }
 
@@ -336,21 +218,8 @@ impl Conn {
         Ok(())
     }
 
-    /// The next event, reading as needed.
-    async fn next_event(&mut self) -> anyhow::Result<Event> {
-        loop {
-            if let Some(event) = self.core.next_event()? {
-                return Ok(event);
-            }
-            let n = self.stream.read(&mut self.buf).await?;
-            if n == 0 {
-                bail!("the server closed the connection");
-            }
-            self.core.feed(&self.buf[..n]);
-        }
-    }
-
-    /// Every event in what one read brings (waits for at least one read).
+    /// Every event in what one read brings (waits for at least one read,
+    /// at most `timeout`).
     pub(crate) async fn read_events(&mut self, timeout: Duration) -> anyhow::Result<Vec<Event>> {
         let mut events = Vec::new();
         while let Some(event) = self.core.next_event()? {
@@ -371,177 +240,477 @@ impl Conn {
         };
         self.core.feed(&self.buf[..n]);
         while let Some(event) = self.core.next_event()? {
+            if let Event::Disconnect(d) = &event {
+                bail!("the server disconnected: {:?}", d.reason);
+            }
             events.push(event);
         }
         Ok(events)
     }
 }
 
-/// What a sender learned: the seqs acknowledged.
-struct SenderResult {
-    acked_seqs: Vec<u64>,
-    part: Part,
+async fn handshake(
+    server: SocketAddr,
+    secret: &str,
+    uid: &str,
+    device_id: &str,
+    resume: bool,
+) -> anyhow::Result<(TcpStream, ClientCore)> {
+    let mut stream = TcpStream::connect(server)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {server}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| anyhow::anyhow!("setting TCP_NODELAY: {e}"))?;
+    let token = if secret.is_empty() {
+        String::new()
+    } else {
+        let now_s = ruyi::time::unix_now_ms() / 1000;
+        ruyi::auth::issue_token(secret, uid, now_s, 3600)
+    };
+    let mut core = ClientCore::new(4 * 1024 * 1024);
+    core.connect(
+        &Identity {
+            uid: uid.to_owned(),
+            token,
+            device_id: device_id.to_owned(),
+            device_flag: DeviceFlag::App,
+            resume,
+        },
+        0,
+    );
+    stream.write_all(core.output()).await?;
+    core.output().clear();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(event) = core.next_event()? {
+            return match event {
+                Event::ConnAck(ack) if ack.reason == ReasonCode::Success => Ok((stream, core)),
+                other => bail!("{uid} was refused: {other:?}"),
+            };
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            bail!("the server closed the connection before ConnAck");
+        }
+        core.feed(&buf[..n]);
+    }
 }
 
-async fn run_sender(
-    config: PairConfig,
-    mut conn: Conn,
-    receiver: String,
-    uid: String,
-) -> anyhow::Result<SenderResult> {
-    let mut part = Part::new();
-    let mut acked_seqs = Vec::new();
-    let mut in_flight: HashMap<u32, u64> = HashMap::new();
-    let deadline = Instant::now() + config.duration;
-    let mut next = 0u64;
-    loop {
-        while in_flight.len() < config.window && Instant::now() < deadline {
-            let mut payload = vec![0u8; config.payload_bytes];
-            let sent_at = unix_us();
-            payload[..8].copy_from_slice(&sent_at.to_le_bytes());
-            let client_seq = conn.core.send(Outgoing {
-                channel_id: receiver.clone(),
-                channel_type: ChannelType::Person,
-                client_msg_no: format!("{uid}-{next}"),
-                flags: 0,
-                payload: Bytes::from(payload),
+/// A send waiting for its SendAck, kept whole to go again after a
+/// reconnect (same client_msg_no: the server answers a resend of a stored
+/// message with the original's seq).
+struct PendingSend {
+    outgoing: Outgoing,
+    sent_at_us: u64,
+}
+
+/// One sender's loop: keeps `window` sends in flight (paced by
+/// `interval` when given) until `duration` is over and every send is
+/// answered; returns the seqs acknowledged.
+pub(crate) struct Sender {
+    pub(crate) channel_id: String,
+    pub(crate) channel_type: ChannelType,
+    pub(crate) uid: String,
+    pub(crate) interval: Option<Duration>,
+}
+
+impl Sender {
+    pub(crate) async fn run(
+        self,
+        config: &PairConfig,
+        conn: &mut Conn,
+        part: &mut Part,
+        live: &Live,
+        mut on_event: impl FnMut(&mut Conn, Event, &mut Part),
+    ) -> anyhow::Result<Vec<u64>> {
+        let mut acked_seqs = Vec::new();
+        let mut pending: BTreeMap<u64, PendingSend> = BTreeMap::new();
+        let mut by_client_seq: HashMap<u32, u64> = HashMap::new();
+        let started = Instant::now();
+        let deadline = started + config.duration;
+        // Under --rate each sender starts at its own point of the interval,
+        // so the senders do not send in lockstep bursts.
+        let mut next_due = started
+            + self.interval.map_or(Duration::ZERO, |interval| {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&self.uid, &mut hasher);
+                interval.mul_f64((std::hash::Hasher::finish(&hasher) % 1000) as f64 / 1000.0)
             });
-            next += 1;
-            part.sent += 1;
-            in_flight.insert(client_seq, sent_at);
-        }
-        conn.flush().await?;
-        if in_flight.is_empty() {
-            break;
-        }
-        let events = conn.read_events(Duration::from_secs(10)).await?;
-        if events.is_empty() {
-            // Nothing for 10 s: whatever is in flight is not acknowledged.
-            part.failed += in_flight.len() as u64;
-            break;
-        }
-        for event in events {
-            if let Event::SendAck(ack) = event {
-                let Some(sent_at) = in_flight.remove(&ack.client_seq) else {
-                    continue;
+        let mut counter = 0u64;
+        let mut last_progress = Instant::now();
+        loop {
+            let now = Instant::now();
+            while pending.len() < config.window
+                && now < deadline
+                && self.interval.is_none_or(|_| next_due <= now)
+            {
+                // Under --rate a send counts from when it was due.
+                let sent_at_us = unix_us().saturating_sub(
+                    now.saturating_duration_since(next_due).as_micros() as u64
+                        * u64::from(self.interval.is_some()),
+                );
+                let outgoing = Outgoing {
+                    channel_id: self.channel_id.clone(),
+                    channel_type: self.channel_type,
+                    client_msg_no: format!("{}-{}-{counter}", self.uid, config.run_id),
+                    flags: 0,
+                    payload: payload(config.payload_bytes, sent_at_us, counter),
                 };
-                if ack.reason == ReasonCode::Success {
-                    part.acked += 1;
-                    part.last_ack = Some(Instant::now());
-                    acked_seqs.push(ack.message_seq);
-                    let _ = part
-                        .ack_latency_us
-                        .record(unix_us().saturating_sub(sent_at));
-                } else {
-                    part.failed += 1;
+                by_client_seq.insert(conn.core.send(outgoing.clone()), counter);
+                pending.insert(
+                    counter,
+                    PendingSend {
+                        outgoing,
+                        sent_at_us,
+                    },
+                );
+                part.sent += 1;
+                counter += 1;
+                if let Some(interval) = self.interval {
+                    next_due += interval;
+                }
+            }
+            if pending.is_empty() {
+                if now >= deadline {
+                    return Ok(acked_seqs);
+                }
+                last_progress = now;
+            } else if now.saturating_duration_since(last_progress) > config.patience() {
+                // No SendAck for that long: what is in flight is given up.
+                part.on_failed(pending.len() as u64);
+                pending.clear();
+                by_client_seq.clear();
+                if now >= deadline {
+                    return Ok(acked_seqs);
+                }
+            }
+            let wait = if self.interval.is_some() && pending.len() < config.window && now < deadline
+            {
+                next_due
+                    .saturating_duration_since(now)
+                    .max(Duration::from_micros(50))
+            } else {
+                Duration::from_millis(200)
+            };
+            let events = match conn.flush().await {
+                Ok(()) => conn.read_events(wait).await,
+                Err(error) => Err(error),
+            };
+            let events = match events {
+                Ok(events) => events,
+                Err(error) if config.reconnect => {
+                    let _ = error;
+                    conn.reconnect(config.patience()).await?;
+                    live.reconnected();
+                    by_client_seq.clear();
+                    for (&counter, send) in &pending {
+                        by_client_seq.insert(conn.core.send(send.outgoing.clone()), counter);
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            if events.is_empty() {
+                part.flush_meter();
+            }
+            for event in events {
+                match event {
+                    Event::SendAck(ack) => {
+                        let Some(counter) = by_client_seq.remove(&ack.client_seq) else {
+                            continue;
+                        };
+                        let Some(send) = pending.remove(&counter) else {
+                            continue;
+                        };
+                        last_progress = Instant::now();
+                        if ack.reason == ReasonCode::Success {
+                            part.on_ack(send.sent_at_us);
+                            acked_seqs.push(ack.message_seq);
+                        } else {
+                            part.on_failed(1);
+                        }
+                    }
+                    other => on_event(conn, other, part),
                 }
             }
         }
     }
-    Ok(SenderResult { acked_seqs, part })
 }
 
-/// Receives until `done` says the senders finished and nothing more arrives
-/// for the grace period; returns the delivered seqs (in arrival order).
-async fn run_receiver(
-    mut conn: Conn,
-    grace: Duration,
-) -> anyhow::Result<(Vec<u64>, Histogram<u64>, Option<Instant>)> {
-    let mut seqs = Vec::new();
-    let mut latency = Histogram::new(3).expect("valid sigfig");
-    let mut last = None;
-    loop {
-        let events = conn.read_events(grace).await?;
-        if events.is_empty() {
-            return Ok((seqs, latency, last));
+/// What one receiving device got, after the client's dedup, with the
+/// anomalies counted as they arrive.
+#[derive(Default)]
+pub(crate) struct DeviceLog {
+    /// Seq -> (the connection epoch it first came on, acknowledged yet).
+    seen: HashMap<u64, (u32, bool)>,
+    highest: Option<u64>,
+    /// Seqs received but not yet acknowledged to the server.
+    unacked: Vec<u64>,
+}
+
+impl DeviceLog {
+    /// A push of `seq` on connection `epoch`. A seq seen before is a
+    /// redelivery: a duplicate (a violation) when the device had already
+    /// acknowledged it on this same connection, else one the server may
+    /// make (its retry raced the ack, or a restart lost the device's last
+    /// position) and the client's dedup removes. True when it is new.
+    pub(crate) fn on_push(&mut self, seq: u64, epoch: u32, part: &mut Part) -> bool {
+        if let Some(&(first_epoch, acked)) = self.seen.get(&seq) {
+            if acked && first_epoch == epoch {
+                part.duplicated += 1;
+            } else {
+                part.redelivered += 1;
+            }
+            return false;
         }
+        if self.highest.is_some_and(|h| seq < h) {
+            part.reordered += 1;
+        }
+        self.highest = self.highest.max(Some(seq));
+        self.seen.insert(seq, (epoch, false));
+        self.unacked.push(seq);
+        true
+    }
+
+    /// The acks of everything received so far have been written.
+    pub(crate) fn acks_flushed(&mut self) {
+        for seq in self.unacked.drain(..) {
+            if let Some(entry) = self.seen.get_mut(&seq) {
+                entry.1 = true;
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, seq: u64) -> bool {
+        self.seen.contains_key(&seq)
+    }
+
+    pub(crate) fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.seen.keys().copied()
+    }
+}
+
+/// Receives on one device until the senders are done and nothing arrived
+/// for the grace period, acknowledging every push.
+pub(crate) async fn receive(
+    config: &PairConfig,
+    conn: &mut Conn,
+    log: &mut DeviceLog,
+    part: &mut Part,
+    live: &Live,
+    sending: &AtomicUsize,
+    mut judge: impl FnMut(&ruyi::protocol::Recv) -> Verdict,
+) -> anyhow::Result<()> {
+    let grace = Duration::from_secs(3);
+    let mut last_event = Instant::now();
+    loop {
+        let events = match conn.read_events(Duration::from_millis(200)).await {
+            Ok(events) => events,
+            Err(_) if config.reconnect => {
+                conn.reconnect(config.patience()).await?;
+                live.reconnected();
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        if events.is_empty() {
+            part.flush_meter();
+            if sending.load(Ordering::SeqCst) == 0 && last_event.elapsed() >= grace {
+                return Ok(());
+            }
+            continue;
+        }
+        last_event = Instant::now();
         for event in events {
             if let Event::Recv(recv) = event {
-                if recv.payload.len() >= 8 {
-                    let mut at = [0u8; 8];
-                    at.copy_from_slice(&recv.payload[..8]);
-                    let _ = latency.record(unix_us().saturating_sub(u64::from_le_bytes(at)));
-                }
-                conn.core.ack(recv.message_id, recv.message_seq);
-                seqs.push(recv.message_seq);
-                last = Some(Instant::now());
+                record_push(conn, log, part, &recv, &mut judge);
             }
         }
-        conn.flush().await?;
+        match conn.flush().await {
+            Ok(()) => log.acks_flushed(),
+            Err(_) if config.reconnect => {
+                conn.reconnect(config.patience()).await?;
+                live.reconnected();
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
 
-/// Opens both ends of every pair (receivers first).
-async fn open_pairs(
-    config: &PairConfig,
-    pairs: &[usize],
-) -> anyhow::Result<(Vec<Conn>, Vec<Conn>)> {
-    let mut receivers = Vec::new();
-    for &i in pairs {
-        receivers.push(Conn::open(config, &format!("{}-r{i}", config.prefix)).await?);
-    }
-    let mut senders = Vec::new();
-    for &i in pairs {
-        senders.push(Conn::open(config, &format!("{}-s{i}", config.prefix)).await?);
-    }
-    Ok((receivers, senders))
+/// Whose a push is, as far as one device is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// One this device must receive.
+    Expected,
+    /// This device's own send pushed back to it, which the gateway
+    /// promises never to do (live or from storage): `unexpected`.
+    Own,
+    /// Another channel, or from someone who does not write here:
+    /// `unexpected`.
+    Foreign,
 }
 
-async fn run_pairs(config: PairConfig, pairs: Vec<usize>, gate: Arc<Gate>) -> anyhow::Result<Part> {
-    let opened = open_pairs(&config, &pairs).await;
-    gate.arrive(opened.is_ok());
+/// Acknowledges a push and counts it as `judge` says.
+pub(crate) fn record_push(
+    conn: &mut Conn,
+    log: &mut DeviceLog,
+    part: &mut Part,
+    recv: &ruyi::protocol::Recv,
+    judge: &mut impl FnMut(&ruyi::protocol::Recv) -> Verdict,
+) {
+    conn.core.ack(recv.message_id, recv.message_seq);
+    match judge(recv) {
+        Verdict::Expected => {}
+        Verdict::Own | Verdict::Foreign => {
+            part.unexpected += 1;
+            return;
+        }
+    }
+    if log.on_push(recv.message_seq, conn.epoch, part) {
+        let sent_at_us = read_payload(&recv.payload).map_or(unix_us(), |(at, _)| at);
+        part.on_delivery(sent_at_us);
+    }
+}
+
+/// Lost and unexpected, per device: every acknowledged seq must be among
+/// the device's, and every one of the device's acknowledged.
+pub(crate) fn account_device(acked: &HashSet<u64>, log: &DeviceLog, part: &mut Part) {
+    part.lost += acked.iter().filter(|&&seq| !log.contains(seq)).count() as u64;
+    part.unexpected += log.seqs().filter(|seq| !acked.contains(seq)).count() as u64;
+}
+
+struct PairShared {
+    gate: Arc<Gate>,
+    live: Arc<Live>,
+    /// Senders still sending, over all executors.
+    sending: Arc<AtomicUsize>,
+    interval: Option<Duration>,
+    devices: usize,
+}
+
+/// Counts a sender out of the shared count once, however its task ends.
+pub(crate) struct SendingGuard(pub(crate) Option<Arc<AtomicUsize>>);
+
+impl Drop for SendingGuard {
+    fn drop(&mut self) {
+        if let Some(sending) = self.0.take() {
+            sending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn run_pairs(
+    config: PairConfig,
+    pairs: Vec<usize>,
+    shared: PairShared,
+) -> anyhow::Result<Part> {
+    // Receivers first, so nothing sent is waiting for them.
+    let opened = async {
+        let mut receivers = Vec::new();
+        for &i in &pairs {
+            let mut devices = Vec::new();
+            for d in 0..shared.devices {
+                let uid = format!("{}-r{i}", config.prefix);
+                devices.push(Conn::open_device(&config, &uid, &format!("d{d}")).await?);
+            }
+            receivers.push(devices);
+        }
+        let mut senders = Vec::new();
+        for &i in &pairs {
+            senders.push(Conn::open(&config, &format!("{}-s{i}", config.prefix)).await?);
+        }
+        anyhow::Ok((receivers, senders))
+    }
+    .await;
+    shared.gate.arrive(opened.is_ok());
     let (receiver_conns, sender_conns) = opened?;
-    if !gate.wait().await {
+    if !shared.gate.wait().await {
         bail!("another load executor failed to connect");
     }
+    let config = Arc::new(config);
     let mut receivers = Vec::new();
-    for conn in receiver_conns {
-        // A receiver stops once nothing arrived for 3 s; the senders start
-        // sending at the same time, so that happens only after they finish.
-        let grace = Duration::from_secs(3);
-        receivers.push(glommio::spawn_local(async move {
-            run_receiver(conn, grace).await
-        }));
+    for (&i, devices) in pairs.iter().zip(receiver_conns) {
+        let mut tasks = Vec::new();
+        for mut conn in devices {
+            let config = Arc::clone(&config);
+            let live = Arc::clone(&shared.live);
+            let sending = Arc::clone(&shared.sending);
+            let sender_uid = format!("{}-s{i}", config.prefix);
+            tasks.push(glommio::spawn_local(async move {
+                let mut part = Part::metered(&live);
+                let mut log = DeviceLog::default();
+                receive(
+                    &config,
+                    &mut conn,
+                    &mut log,
+                    &mut part,
+                    &live,
+                    &sending,
+                    |recv| {
+                        if recv.channel_type == ChannelType::Person && recv.from_uid == sender_uid {
+                            Verdict::Expected
+                        } else {
+                            Verdict::Foreign
+                        }
+                    },
+                )
+                .await?;
+                anyhow::Ok((part, log))
+            }));
+        }
+        receivers.push(tasks);
     }
     let mut senders = Vec::new();
-    for (&i, conn) in pairs.iter().zip(sender_conns) {
-        let uid = format!("{}-s{i}", config.prefix);
-        let receiver = format!("{}-r{i}", config.prefix);
-        let config = config.clone();
-        senders.push(glommio::spawn_local(run_sender(
-            config, conn, receiver, uid,
-        )));
+    for (&i, mut conn) in pairs.iter().zip(sender_conns) {
+        let config = Arc::clone(&config);
+        let live = Arc::clone(&shared.live);
+        let guard = SendingGuard(Some(Arc::clone(&shared.sending)));
+        let uid_of_sender = format!("{}-s{i}", config.prefix);
+        let sender = Sender {
+            channel_id: format!("{}-r{i}", config.prefix),
+            channel_type: ChannelType::Person,
+            uid: uid_of_sender.clone(),
+            interval: shared.interval,
+        };
+        senders.push(glommio::spawn_local(async move {
+            let _guard = guard;
+            let mut part = Part::metered(&live);
+            let acked = sender
+                .run(&config, &mut conn, &mut part, &live, |conn, event, part| {
+                    // A sender gets nothing but its acks (and, after a
+                    // resume, its own messages).
+                    if let Event::Recv(recv) = event {
+                        let mut log = DeviceLog::default();
+                        let own = recv.from_uid == uid_of_sender;
+                        record_push(conn, &mut log, part, &recv, &mut |_| {
+                            if own {
+                                Verdict::Own
+                            } else {
+                                Verdict::Foreign
+                            }
+                        });
+                    } else {
+                        part.unexpected += 1;
+                    }
+                })
+                .await?;
+            anyhow::Ok((part, acked))
+        }));
     }
     let mut total = Part::new();
     let mut acked_per_pair = Vec::new();
     for sender in senders {
-        let result = sender.await?;
-        total.add(&result.part);
-        acked_per_pair.push(result.acked_seqs);
+        let (part, acked) = sender.await?;
+        total.add(&part);
+        acked_per_pair.push(acked.into_iter().collect::<HashSet<u64>>());
     }
-    for (receiver, acked) in receivers.into_iter().zip(acked_per_pair) {
-        let (delivered, latency, last) = receiver.await?;
-        total.last_delivery = total.last_delivery.max(last);
-        let _ = total.delivery_latency_us.add(&latency);
-        total.delivered += delivered.len() as u64;
-        // Order and duplicates, as the device saw them. Seqs start after
-        // whatever earlier runs left in the channel. A gap is not counted
-        // here: the missing seq is `lost` (acknowledged) or was never acked.
-        let mut seen = BTreeSet::new();
-        let mut highest = None;
-        for &seq in &delivered {
-            if !seen.insert(seq) {
-                total.duplicated += 1;
-                continue;
-            }
-            if highest.is_some_and(|h| seq < h) {
-                total.reordered += 1;
-            }
-            highest = highest.max(Some(seq));
+    for (devices, acked) in receivers.into_iter().zip(acked_per_pair) {
+        for device in devices {
+            let (mut part, log) = device.await?;
+            account_device(&acked, &log, &mut part);
+            total.add(&part);
         }
-        let acked: HashSet<u64> = acked.into_iter().collect();
-        total.lost += acked.iter().filter(|seq| !seen.contains(seq)).count() as u64;
-        total.unexpected += seen.iter().filter(|seq| !acked.contains(seq)).count() as u64;
     }
     Ok(total)
 }

@@ -5,7 +5,8 @@
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -217,4 +218,171 @@ pub(crate) fn http_post(
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_owned());
     Ok((status, body))
+}
+
+/// Where the load goes: `ruyi://ADDR` (the default scheme), `mqtt://ADDR`
+/// or `nats://ADDR`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Ruyi(SocketAddr),
+    Mqtt(SocketAddr),
+    Nats(SocketAddr),
+}
+
+impl Target {
+    pub(crate) fn addr(&self) -> SocketAddr {
+        match *self {
+            Target::Ruyi(a) | Target::Mqtt(a) | Target::Nats(a) => a,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Ruyi(a) => write!(f, "ruyi://{a}"),
+            Target::Mqtt(a) => write!(f, "mqtt://{a}"),
+            Target::Nats(a) => write!(f, "nats://{a}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Target, String> {
+        let (scheme, rest) = text.split_once("://").unwrap_or(("ruyi", text));
+        let addr = rest
+            .trim_end_matches('/')
+            .to_socket_addrs()
+            .map_err(|e| format!("{rest}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{rest} resolves to nothing"))?;
+        match scheme {
+            "ruyi" => Ok(Target::Ruyi(addr)),
+            "mqtt" => Ok(Target::Mqtt(addr)),
+            "nats" => Ok(Target::Nats(addr)),
+            other => Err(format!(
+                "unknown scheme {other}://; targets are ruyi://, mqtt:// and nats://"
+            )),
+        }
+    }
+}
+
+/// `--chaos kill:SECONDS`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Chaos {
+    pub(crate) kill_every: Duration,
+}
+
+impl std::str::FromStr for Chaos {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Chaos, String> {
+        let seconds = text
+            .strip_prefix("kill:")
+            .ok_or_else(|| format!("{text}: chaos is `kill:SECONDS`"))?;
+        let seconds: f64 = seconds
+            .parse()
+            .map_err(|_| format!("{text}: `{seconds}` is not a number of seconds"))?;
+        if !(seconds.is_finite() && seconds >= 0.5) {
+            return Err(format!("{text}: kill at most every 0.5 s"));
+        }
+        Ok(Chaos {
+            kill_every: Duration::from_secs_f64(seconds),
+        })
+    }
+}
+
+/// The flags every message scenario (chat, group, mixed) takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Where to send: `ruyi://ADDR` (or just ADDR), `mqtt://ADDR`
+    /// (QoS 1, persistent sessions) or `nats://ADDR` (JetStream, file
+    /// storage).
+    #[arg(
+        long = "target",
+        alias = "server",
+        default_value = "ruyi://127.0.0.1:5100"
+    )]
+    pub(crate) target: Target,
+    /// HS256 secret of the gateway, to sign the bench users' tokens (empty
+    /// when the gateway runs with auth off).
+    #[arg(long, env = "RUYI_AUTH_SECRET", default_value = "")]
+    pub(crate) secret: String,
+    /// How long to send, in seconds, after the warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) duration_s: f64,
+    /// Seconds of load before measuring: sends and deliveries in it are
+    /// checked for correctness but left out of the rates and latencies.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) warmup_s: f64,
+    /// Sends per second over all senders, paced (open loop); without it
+    /// every sender sends as fast as its window allows. Latencies count
+    /// from when a send was due, so a stalled server is not hidden.
+    #[arg(long)]
+    pub(crate) rate: Option<f64>,
+    /// Payload size in bytes (at least 16: the send time and the sender's
+    /// counter travel in it).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) payload_bytes: usize,
+    /// Load-generating executors (default: one per CPU).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    /// Prefix of the bench users' uids and channels, so runs do not share
+    /// channels (default: the scenario's name).
+    #[arg(long)]
+    pub(crate) uid_prefix: Option<String>,
+    /// The server's process id, to report its CPU use and resident memory.
+    #[arg(long)]
+    pub(crate) server_pid: Option<u32>,
+    /// Start the server with this command (split at spaces, no quoting)
+    /// and stop it at the end; its pid is measured.
+    #[arg(long)]
+    pub(crate) server_cmd: Option<String>,
+    /// `kill:SECONDS`: kill -9 the server (started with --server-cmd) every
+    /// SECONDS during the load and start it again; clients reconnect and
+    /// resume, and correctness must still hold.
+    #[arg(long, requires = "server_cmd")]
+    pub(crate) chaos: Option<Chaos>,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Draw the latency distributions and throughput over time here (SVG).
+    #[arg(long)]
+    pub(crate) plot: Option<PathBuf>,
+}
+
+impl CommonArgs {
+    pub(crate) fn threads(&self, tasks: usize) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .clamp(1, tasks.max(1))
+    }
+
+    pub(crate) fn prefix(&self, scenario: &str) -> String {
+        self.uid_prefix
+            .clone()
+            .unwrap_or_else(|| format!("bench-{scenario}"))
+    }
+
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        if self.payload_bytes < 16 {
+            bail!("--payload-bytes must be at least 16");
+        }
+        if !(self.duration_s > 0.0 && self.warmup_s >= 0.0) {
+            bail!("--duration-s must be above 0 and --warmup-s at least 0");
+        }
+        if self.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+            bail!("--rate must be above 0");
+        }
+        Ok(())
+    }
+
+    /// The time between two sends of one of `senders` senders under
+    /// `--rate`.
+    pub(crate) fn send_interval(&self, senders: usize) -> Option<Duration> {
+        self.rate
+            .map(|rate| Duration::from_secs_f64(senders.max(1) as f64 / rate))
+    }
 }

@@ -3,18 +3,23 @@
 //! local (`--server-pid`), its resident memory per held connection.
 
 use crate::chat::{Conn, PairConfig};
-use crate::common::{resident_bytes, ServerProbe};
+use crate::common::{resident_bytes, ServerProbe, Target};
 use anyhow::bail;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct ConnectArgs {
-    #[arg(long, default_value = "127.0.0.1:5100")]
-    pub server: SocketAddr,
+    /// Where to connect: `ruyi://ADDR` (or just ADDR), `mqtt://ADDR`,
+    /// `nats://ADDR`.
+    #[arg(
+        long = "target",
+        alias = "server",
+        default_value = "ruyi://127.0.0.1:5100"
+    )]
+    pub(crate) target: Target,
     #[arg(long, env = "RUYI_AUTH_SECRET", default_value = "")]
     pub secret: String,
     /// Connections to open and hold (mind `ulimit -n` on both sides).
@@ -35,6 +40,9 @@ pub struct ConnectArgs {
 }
 
 pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
+    let Target::Ruyi(server_addr) = args.target else {
+        return crate::peer::connect(args);
+    };
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -49,12 +57,14 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
     for thread in 0..threads {
         let ids: Vec<usize> = (thread..args.connections).step_by(threads).collect();
         let config = PairConfig {
-            server: args.server,
+            server: server_addr,
             secret: args.secret.clone(),
             window: 1,
             payload_bytes: 8,
             prefix: args.uid_prefix.clone(),
             duration: Duration::ZERO,
+            reconnect: false,
+            run_id: 0,
         };
         let opened_tx = opened_tx.clone();
         let release_rx = std::sync::Arc::clone(&release_rx);
@@ -121,7 +131,7 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
     // The fields every scenario has; connect sends no messages.
     let report = serde_json::json!({
         "scenario": "connect",
-        "target": format!("ruyi://{}", args.server),
+        "target": args.target.to_string(),
         "duration_s": duration_s,
         "sent": 0,
         "acked": 0,

@@ -1,109 +1,58 @@
 //! The `group` scenario: fan-out. `groups` groups of `members` members each
 //! are created through the admin HTTP API; `online_percent` of each group's
-//! members connect (at least its senders), `senders_per_group` of them send
-//! with a window, and every online member's device must receive every
-//! acknowledged message of its group exactly once, in seq order (the
-//! sending device excepted: the gateway does not echo a send to it).
+//! members connect (at least its senders) with `devices_per_user` devices
+//! each, `senders_per_group` of them send with a window from their first
+//! device, and every online device must receive every acknowledged message
+//! of its group exactly once, in seq order (the sending device excepted:
+//! the gateway does not echo a send to it; the sender's other devices get
+//! it).
 
-use crate::chat::{Conn, PairConfig, Part, Spans};
-use crate::common::{http_post, unix_us, Gate, ServerProbe, ServerUsage};
-use anyhow::{bail, Context};
-use bytes::Bytes;
+use crate::chat::{
+    receive, record_push, Conn, DeviceLog, PairConfig, Sender, SendingGuard, Verdict,
+};
+use crate::common::{http_post, CommonArgs, Gate, Target};
+use crate::live::Live;
+use crate::process::{measure, ServerProcess};
+use crate::report::{Part, Report, Spans};
+use anyhow::bail;
 use glommio::{LocalExecutorBuilder, Placement};
-use ruyi::client::{Event, Outgoing};
-use ruyi::protocol::{ChannelType, ReasonCode};
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use ruyi::protocol::ChannelType;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
 pub struct GroupArgs {
-    /// Gateway address.
-    #[arg(long, default_value = "127.0.0.1:5100")]
-    pub server: SocketAddr,
-    /// HS256 secret of the gateway, to sign the bench users' tokens (empty
-    /// when the gateway runs with auth off).
-    #[arg(long, env = "RUYI_AUTH_SECRET", default_value = "")]
-    pub secret: String,
-    /// The gateway's admin HTTP API, to create the groups.
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+    /// The gateway's admin HTTP API, to create the groups (ruyi only).
     #[arg(long, default_value = "http://127.0.0.1:5001")]
-    pub api: String,
+    pub(crate) api: String,
     /// The admin API's token (`[api] token`).
     #[arg(long, env = "RUYI_API_TOKEN", default_value = "")]
-    pub api_token: String,
+    pub(crate) api_token: String,
     /// Number of groups.
     #[arg(long, default_value_t = 10)]
-    pub groups: usize,
+    pub(crate) groups: usize,
     /// Members of each group.
     #[arg(long, default_value_t = 100)]
-    pub members: usize,
+    pub(crate) members: usize,
     /// Members of each group that send (they are always online).
     #[arg(long, default_value_t = 1)]
-    pub senders_per_group: usize,
+    pub(crate) senders_per_group: usize,
     /// Percentage of each group's members connected (rounded up, at least
-    /// the senders); the others are offline members the gateway still
+    /// the senders); the others are offline members the server still
     /// stores for.
     #[arg(long, default_value_t = 50.0)]
-    pub online_percent: f64,
+    pub(crate) online_percent: f64,
     /// Sends each sender keeps in flight.
     #[arg(long, default_value_t = 1)]
-    pub window: usize,
-    /// How long to send, in seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration_s: f64,
-    /// Payload size in bytes (at least 8: the send time travels in it).
-    #[arg(long, default_value_t = 64)]
-    pub payload_bytes: usize,
-    /// Load-generating executors (default: one per CPU).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Prefix of the bench users' uids and the groups' ids.
-    #[arg(long, default_value = "bench-group")]
-    pub uid_prefix: String,
-    /// The gateway's process id, to report its CPU use and resident memory.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Write every figure as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-pub struct Report {
-    args: String,
-    target: String,
-    spans: Spans,
-    online: usize,
-    expected_deliveries: u64,
-    total: Part,
-    server: ServerUsage,
-}
-
-impl Report {
-    pub fn correct(&self) -> bool {
-        self.total.correct()
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut json = self
-            .total
-            .to_json("group", &self.target, &self.spans, &self.server);
-        json["args"] = serde_json::Value::from(self.args.clone());
-        json["online_connections"] = serde_json::Value::from(self.online);
-        json["expected_deliveries"] = serde_json::Value::from(self.expected_deliveries);
-        json
-    }
-
-    pub fn print_summary(&self) {
-        println!("group: {} against {}", self.args, self.target);
-        println!(
-            "  {} online member devices; {} deliveries expected (acked x online members but the sender)",
-            self.online, self.expected_deliveries
-        );
-        self.total.print_summary(&self.spans, &self.server);
-    }
+    pub(crate) window: usize,
+    /// Devices of each online member, each receiving every message of the
+    /// group (a sender sends from its first device).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) devices_per_user: usize,
 }
 
 /// One online member device.
@@ -111,6 +60,8 @@ impl Report {
 struct Member {
     group: usize,
     member: usize,
+    device: usize,
+    /// Sends from this device.
     sender: bool,
 }
 
@@ -118,16 +69,18 @@ struct Member {
 struct MemberResult {
     member: Member,
     acked_seqs: Vec<u64>,
-    /// Seqs of its group's messages from other members, in arrival order.
-    delivered: Vec<u64>,
+    log: DeviceLog,
+    part: Part,
 }
 
 struct Shared {
     config: PairConfig,
     gate: Gate,
+    live: Arc<Live>,
     /// Senders still sending, over all executors: receivers stop once this
     /// is 0 and nothing arrived for the grace period.
-    sending: AtomicUsize,
+    sending: Arc<AtomicUsize>,
+    interval: Option<Duration>,
 }
 
 fn uid(prefix: &str, group: usize, member: usize) -> String {
@@ -138,19 +91,28 @@ fn channel(prefix: &str, group: usize) -> String {
     format!("{prefix}-g{group}")
 }
 
-fn create_groups(args: &GroupArgs) -> anyhow::Result<()> {
+fn create_groups(args: &GroupArgs, prefix: &str) -> anyhow::Result<()> {
     for group in 0..args.groups {
-        let subscribers: Vec<String> = (0..args.members)
-            .map(|m| uid(&args.uid_prefix, group, m))
-            .collect();
+        let subscribers: Vec<String> = (0..args.members).map(|m| uid(prefix, group, m)).collect();
         let body = serde_json::json!({
-            "channel_id": channel(&args.uid_prefix, group),
+            "channel_id": channel(prefix, group),
             "channel_type": 2,
             "subscribers": subscribers,
             "reset": 1,
         });
-        let (status, answer) = http_post(&args.api, &args.api_token, "/channel", &body.to_string())
-            .with_context(|| format!("creating group {group}"))?;
+        // A server this harness just started may take a moment to open
+        // its admin API.
+        let mut attempt = 0;
+        let (status, answer) = loop {
+            match http_post(&args.api, &args.api_token, "/channel", &body.to_string()) {
+                Ok(answer) => break answer,
+                Err(_) if attempt < 50 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(error) => return Err(error.context(format!("creating group {group}"))),
+            }
+        };
         if status != 200 {
             bail!(
                 "creating group {group}: {} answered {status}: {answer}",
@@ -161,12 +123,16 @@ fn create_groups(args: &GroupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
-    if args.payload_bytes < 8 {
-        bail!("--payload-bytes must be at least 8");
-    }
-    if args.groups == 0 || args.members < 2 {
-        bail!("--groups must be at least 1 and --members at least 2");
+/// Members of each group that are online.
+pub(crate) fn online_per_group(args: &GroupArgs) -> usize {
+    ((args.members as f64 * args.online_percent / 100.0).ceil() as usize)
+        .clamp(args.senders_per_group, args.members)
+}
+
+pub(crate) fn check(args: &GroupArgs) -> anyhow::Result<()> {
+    args.common.check()?;
+    if args.groups == 0 || args.members < 2 || args.devices_per_user == 0 {
+        bail!("--groups and --devices-per-user must be at least 1 and --members at least 2");
     }
     if args.senders_per_group == 0 || args.senders_per_group > args.members {
         bail!("--senders-per-group must be between 1 and --members");
@@ -174,16 +140,43 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
     if !(0.0..=100.0).contains(&args.online_percent) {
         bail!("--online-percent must be between 0 and 100");
     }
-    let online_per_group = ((args.members as f64 * args.online_percent / 100.0).ceil() as usize)
-        .clamp(args.senders_per_group, args.members);
-    let online = args.groups * online_per_group;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, online);
+    Ok(())
+}
+
+pub(crate) fn describe(args: &GroupArgs) -> String {
+    let c = &args.common;
+    format!(
+        "groups={} members={} senders_per_group={} online_percent={} ({} online per group) devices_per_user={} window={} rate={} payload_bytes={} warmup_s={} duration_s={}{}",
+        args.groups,
+        args.members,
+        args.senders_per_group,
+        args.online_percent,
+        online_per_group(args),
+        args.devices_per_user,
+        args.window,
+        c.rate.map_or("max".to_owned(), |r| r.to_string()),
+        c.payload_bytes,
+        c.warmup_s,
+        c.duration_s,
+        c.chaos
+            .map_or(String::new(), |c| format!(" chaos=kill:{}", c.kill_every.as_secs_f64()))
+    )
+}
+
+pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
+    check(args)?;
+    let Target::Ruyi(server_addr) = args.common.target else {
+        return crate::peer::group(args);
+    };
+    let common: &CommonArgs = &args.common;
+    let prefix = common.prefix("group");
+    let mut server = ServerProcess::maybe_start(common)?;
+    let online_per_group = online_per_group(args);
+    let online = args.groups * online_per_group * args.devices_per_user;
+    let threads = common.threads(online);
 
     let created = Instant::now();
-    create_groups(args)?;
+    create_groups(args, &prefix)?;
     eprintln!(
         "ruyi-bench: created {} groups of {} in {:.2} s; connecting {online} devices",
         args.groups,
@@ -191,32 +184,31 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
         created.elapsed().as_secs_f64()
     );
 
-    // Online devices, spread over the executors member by member, so a
+    // Online devices, spread over the executors device by device, so a
     // group's fan-out crosses executors (and the gateway's shards).
     let mut per_thread: Vec<Vec<Member>> = vec![Vec::new(); threads];
     let mut k = 0;
     for group in 0..args.groups {
         for member in 0..online_per_group {
-            per_thread[k % threads].push(Member {
-                group,
-                member,
-                sender: member < args.senders_per_group,
-            });
-            k += 1;
+            for device in 0..args.devices_per_user {
+                per_thread[k % threads].push(Member {
+                    group,
+                    member,
+                    device,
+                    sender: member < args.senders_per_group && device == 0,
+                });
+                k += 1;
+            }
         }
     }
-    let duration = Duration::from_secs_f64(args.duration_s);
+    let senders = args.groups * args.senders_per_group;
+    let live = Live::new();
     let shared = Arc::new(Shared {
-        config: PairConfig {
-            server: args.server,
-            secret: args.secret.clone(),
-            window: args.window.max(1),
-            payload_bytes: args.payload_bytes,
-            prefix: args.uid_prefix.clone(),
-            duration,
-        },
+        config: PairConfig::new(common, server_addr, "group", args.window),
         gate: Gate::default(),
-        sending: AtomicUsize::new(args.groups * args.senders_per_group),
+        live: Arc::clone(&live),
+        sending: Arc::new(AtomicUsize::new(senders)),
+        interval: common.send_interval(senders),
     });
     let mut handles = Vec::new();
     for (thread, members) in per_thread.into_iter().enumerate() {
@@ -227,59 +219,49 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
             .map_err(|e| anyhow::anyhow!("starting a load executor: {e}"))?;
         handles.push(handle);
     }
-    shared.gate.open_when_ready(handles.len());
-    let started = Instant::now();
-    let probe = ServerProbe::start(args.server_pid);
-    if !shared.gate.aborted() {
-        std::thread::sleep(duration);
-    }
-    let server = probe.finish();
-
+    let (per_executor, measured) = measure(
+        common,
+        "group",
+        &shared.gate,
+        &live,
+        server.as_mut(),
+        handles,
+    )?;
+    let results: Vec<MemberResult> = per_executor.into_iter().flatten().collect();
     let mut total = Part::new();
-    let mut results = Vec::new();
-    let mut first_error = None;
-    for handle in handles {
-        match handle.join() {
-            Ok(Ok((part, mut members))) => {
-                total.add(&part);
-                results.append(&mut members);
-            }
-            Ok(Err(error)) => {
-                first_error.get_or_insert(error);
-            }
-            Err(error) => {
-                first_error.get_or_insert(anyhow::anyhow!("load executor failed: {error}"));
-            }
-        }
-    }
-    if let Some(error) = first_error {
-        return Err(error);
-    }
-
     let expected_deliveries = account(args.groups, &results, &mut total);
+    let mut extra = vec![
+        ("online_devices".to_owned(), online.into()),
+        ("expected_deliveries".to_owned(), expected_deliveries.into()),
+    ];
+    if common.chaos.is_some() {
+        extra.push(("server_kills".to_owned(), measured.kills.into()));
+        extra.push((
+            "longest_restart_s".to_owned(),
+            measured.longest_restart.as_secs_f64().into(),
+        ));
+    }
     Ok(Report {
-        args: format!(
-            "groups={} members={} senders_per_group={} online_percent={} ({online_per_group} online per group) window={} payload_bytes={} duration_s={}",
-            args.groups,
-            args.members,
-            args.senders_per_group,
-            args.online_percent,
-            args.window,
-            args.payload_bytes,
-            args.duration_s
+        scenario: "group",
+        target: common.target.to_string(),
+        args: describe(args),
+        spans: Spans::new(
+            common.duration_s,
+            common.warmup_s,
+            measured.measure_from,
+            &total,
         ),
-        target: format!("ruyi://{}", args.server),
-        spans: Spans::new(duration.as_secs_f64(), started, &total),
-        online,
-        expected_deliveries,
         total,
-        server,
+        server: measured.server,
+        samples: measured.samples,
+        extra,
     })
 }
 
 /// Checks what every device received against what the senders had
-/// acknowledged, counting into `total`; returns the deliveries expected
-/// (each acknowledged message, once per online member but its sender).
+/// acknowledged, adding every device's part into `total`; returns the
+/// deliveries expected (each acknowledged message, once per online device
+/// but the one that sent it).
 fn account(groups: usize, results: &[MemberResult], total: &mut Part) -> u64 {
     // Which member's send each acknowledged seq of each group was.
     let mut acked: Vec<HashMap<u64, usize>> = vec![HashMap::new(); groups];
@@ -296,28 +278,21 @@ fn account(groups: usize, results: &[MemberResult], total: &mut Part) -> u64 {
     }
     let mut expected_deliveries = 0u64;
     for result in results {
-        let group_acked = &acked[result.member.group];
-        let mut seen = HashSet::with_capacity(result.delivered.len());
-        let mut highest = None;
-        for &seq in &result.delivered {
-            if !seen.insert(seq) {
-                total.duplicated += 1;
-                continue;
-            }
-            if highest.is_some_and(|h| seq < h) {
-                total.reordered += 1;
-            }
-            highest = highest.max(Some(seq));
+        total.add(&result.part);
+        let m = result.member;
+        let group_acked = &acked[m.group];
+        let from_this_device = |from: usize| from == m.member && m.device == 0;
+        for seq in result.log.seqs() {
             match group_acked.get(&seq) {
-                Some(&from) if from != result.member.member => {}
+                Some(&from) if !from_this_device(from) => {}
                 // Never acknowledged, or its own send echoed back.
                 _ => total.unexpected += 1,
             }
         }
-        for (seq, &from) in group_acked {
-            if from != result.member.member {
+        for (&seq, &from) in group_acked {
+            if !from_this_device(from) {
                 expected_deliveries += 1;
-                if !seen.contains(seq) {
+                if !result.log.contains(seq) {
                     total.lost += 1;
                 }
             }
@@ -326,19 +301,19 @@ fn account(groups: usize, results: &[MemberResult], total: &mut Part) -> u64 {
     expected_deliveries
 }
 
-async fn open_members(config: &PairConfig, members: &[Member]) -> anyhow::Result<Vec<Conn>> {
-    let mut conns = Vec::with_capacity(members.len());
-    for m in members {
-        conns.push(Conn::open(config, &uid(&config.prefix, m.group, m.member)).await?);
-    }
-    Ok(conns)
-}
-
 async fn run_members(
     shared: Arc<Shared>,
     members: Vec<Member>,
-) -> anyhow::Result<(Part, Vec<MemberResult>)> {
-    let opened = open_members(&shared.config, &members).await;
+) -> anyhow::Result<Vec<MemberResult>> {
+    let opened = async {
+        let mut conns = Vec::with_capacity(members.len());
+        for m in &members {
+            let uid = uid(&shared.config.prefix, m.group, m.member);
+            conns.push(Conn::open_device(&shared.config, &uid, &format!("d{}", m.device)).await?);
+        }
+        anyhow::Ok(conns)
+    }
+    .await;
     shared.gate.arrive(opened.is_ok());
     let conns = opened?;
     if !shared.gate.wait().await {
@@ -348,51 +323,14 @@ async fn run_members(
     for (member, conn) in members.into_iter().zip(conns) {
         let shared = Arc::clone(&shared);
         tasks.push(glommio::spawn_local(async move {
-            let mut guard = SendingGuard {
-                shared: Arc::clone(&shared),
-                armed: member.sender,
-            };
-            run_member(&shared, member, conn, &mut guard).await
+            run_member(&shared, member, conn).await
         }));
     }
-    let mut total = Part::new();
     let mut results = Vec::with_capacity(tasks.len());
-    let mut first_error = None;
     for task in tasks {
-        match task.await {
-            Ok((part, result)) => {
-                total.add(&part);
-                results.push(result);
-            }
-            Err(error) => {
-                first_error.get_or_insert(error);
-            }
-        }
+        results.push(task.await?);
     }
-    match first_error {
-        Some(error) => Err(error),
-        None => Ok((total, results)),
-    }
-}
-
-/// Counts a sender out of `Shared::sending` once, however its task ends.
-struct SendingGuard {
-    shared: Arc<Shared>,
-    armed: bool,
-}
-
-impl SendingGuard {
-    fn done(&mut self) {
-        if std::mem::take(&mut self.armed) {
-            self.shared.sending.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-impl Drop for SendingGuard {
-    fn drop(&mut self) {
-        self.done();
-    }
+    Ok(results)
 }
 
 /// Sends (when a sender) and receives on one device until the senders are
@@ -401,107 +339,60 @@ async fn run_member(
     shared: &Shared,
     member: Member,
     mut conn: Conn,
-    guard: &mut SendingGuard,
-) -> anyhow::Result<(Part, MemberResult)> {
+) -> anyhow::Result<MemberResult> {
     let config = &shared.config;
     let my_uid = uid(&config.prefix, member.group, member.member);
     let group_channel = channel(&config.prefix, member.group);
-    let mut part = Part::new();
-    let mut result = MemberResult {
-        member,
-        acked_seqs: Vec::new(),
-        delivered: Vec::new(),
+    let mut part = Part::metered(&shared.live);
+    let mut log = DeviceLog::default();
+    let mut judge = |recv: &ruyi::protocol::Recv| {
+        if recv.channel_type != ChannelType::Group || recv.channel_id != group_channel {
+            Verdict::Foreign
+        } else if recv.from_uid == my_uid && member.device == 0 {
+            Verdict::Own
+        } else {
+            Verdict::Expected
+        }
     };
-    let grace = Duration::from_secs(3);
-    let ack_timeout = Duration::from_secs(10);
-    let deadline = Instant::now() + config.duration;
-    let mut sending = member.sender;
-    let mut in_flight: HashMap<u32, u64> = HashMap::new();
-    let mut next = 0u64;
-    let mut last_progress = Instant::now();
-    let mut last_event = Instant::now();
-    loop {
-        if sending {
-            while in_flight.len() < config.window && Instant::now() < deadline {
-                let mut payload = vec![0u8; config.payload_bytes];
-                let sent_at = unix_us();
-                payload[..8].copy_from_slice(&sent_at.to_le_bytes());
-                let client_seq = conn.core.send(Outgoing {
-                    channel_id: group_channel.clone(),
-                    channel_type: ChannelType::Group,
-                    client_msg_no: format!("{my_uid}-{next}"),
-                    flags: 0,
-                    payload: Bytes::from(payload),
-                });
-                next += 1;
-                part.sent += 1;
-                in_flight.insert(client_seq, sent_at);
-            }
-            if !in_flight.is_empty() && last_progress.elapsed() >= ack_timeout {
-                // No SendAck for 10 s: whatever is in flight is not acknowledged.
-                part.failed += in_flight.len() as u64;
-                in_flight.clear();
-            }
-            if in_flight.is_empty() && Instant::now() >= deadline {
-                sending = false;
-                guard.done();
-            }
-        }
-        conn.flush().await?;
-        let events = conn.read_events(Duration::from_millis(200)).await?;
-        if events.is_empty() {
-            if !sending
-                && shared.sending.load(Ordering::SeqCst) == 0
-                && last_event.elapsed() >= grace
-            {
-                break;
-            }
-            continue;
-        }
-        last_event = Instant::now();
-        for event in events {
-            match event {
-                Event::SendAck(ack) => {
-                    let Some(sent_at) = in_flight.remove(&ack.client_seq) else {
-                        continue;
-                    };
-                    last_progress = Instant::now();
-                    if ack.reason == ReasonCode::Success {
-                        part.acked += 1;
-                        part.last_ack = Some(Instant::now());
-                        result.acked_seqs.push(ack.message_seq);
-                        let _ = part
-                            .ack_latency_us
-                            .record(unix_us().saturating_sub(sent_at));
-                    } else {
-                        part.failed += 1;
+    let mut acked_seqs = Vec::new();
+    if member.sender {
+        let _guard = SendingGuard(Some(Arc::clone(&shared.sending)));
+        let sender = Sender {
+            channel_id: group_channel.clone(),
+            channel_type: ChannelType::Group,
+            uid: my_uid.clone(),
+            interval: shared.interval,
+        };
+        acked_seqs = sender
+            .run(
+                config,
+                &mut conn,
+                &mut part,
+                &shared.live,
+                |conn, event, part| {
+                    if let ruyi::client::Event::Recv(recv) = event {
+                        record_push(conn, &mut log, part, &recv, &mut judge);
                     }
-                }
-                Event::Recv(recv) => {
-                    conn.core.ack(recv.message_id, recv.message_seq);
-                    if recv.channel_type != ChannelType::Group
-                        || recv.channel_id != group_channel
-                        || recv.from_uid == my_uid
-                    {
-                        part.unexpected += 1;
-                        continue;
-                    }
-                    if recv.payload.len() >= 8 {
-                        let mut at = [0u8; 8];
-                        at.copy_from_slice(&recv.payload[..8]);
-                        let _ = part
-                            .delivery_latency_us
-                            .record(unix_us().saturating_sub(u64::from_le_bytes(at)));
-                    }
-                    part.delivered += 1;
-                    part.last_delivery = Some(Instant::now());
-                    result.delivered.push(recv.message_seq);
-                }
-                _ => {}
-            }
-        }
+                },
+            )
+            .await?;
     }
-    Ok((part, result))
+    receive(
+        config,
+        &mut conn,
+        &mut log,
+        &mut part,
+        &shared.live,
+        &shared.sending,
+        judge,
+    )
+    .await?;
+    Ok(MemberResult {
+        member,
+        acked_seqs,
+        log,
+        part,
+    })
 }
 
 #[cfg(test)]
@@ -509,14 +400,22 @@ mod tests {
     use super::*;
 
     fn result(group: usize, member: usize, acked: &[u64], delivered: &[u64]) -> MemberResult {
+        let mut part = Part::new();
+        let mut log = DeviceLog::default();
+        for &seq in delivered {
+            log.on_push(seq, 1, &mut part);
+            log.acks_flushed();
+        }
         MemberResult {
             member: Member {
                 group,
                 member,
+                device: 0,
                 sender: !acked.is_empty(),
             },
             acked_seqs: acked.to_vec(),
-            delivered: delivered.to_vec(),
+            log,
+            part,
         }
     }
 

@@ -17,6 +17,13 @@ mod chat;
 mod common;
 mod connect;
 mod group;
+mod live;
+mod mixed;
+mod peer;
+mod plot;
+mod process;
+mod report;
+mod sink;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -39,8 +46,14 @@ enum Scenario {
     Group(group::GroupArgs),
     /// A connection storm, then N idle connections held.
     Connect(connect::ConnectArgs),
+    /// Everything at once: one-to-one conversations, group fan-out and
+    /// idle connections against the same server.
+    Mixed(mixed::MixedArgs),
+    /// A null server speaking ruyi's protocol (acks, pushes, stores
+    /// nothing): run `chat` against it for the load generator's ceiling.
+    Sink(sink::SinkArgs),
     /// A scenario described in a TOML file: `scenario = "chat" | "group" |
-    /// "connect"` and its parameters, named as the flags (`duration_s` or
+    /// "mixed" | "connect"` and its parameters, named as the flags (`duration_s` or
     /// `duration-s`).
     Run {
         /// The scenario file.
@@ -61,16 +74,36 @@ fn write_json(path: Option<&Path>, json: &serde_json::Value) -> bool {
     }
 }
 
+fn finish(report: &report::Report, json: Option<&Path>, plot: Option<&Path>) -> bool {
+    report.print_summary();
+    let mut ok = write_json(json, &report.to_json());
+    if let Some(path) = plot {
+        if let Err(error) = plot::draw(report, path) {
+            eprintln!("ruyi-bench: cannot draw {}: {error:#}", path.display());
+            ok = false;
+        }
+    }
+    ok && report.correct()
+}
+
 fn execute(scenario: Scenario) -> ExitCode {
     let outcome: anyhow::Result<bool> = match scenario {
         Scenario::Chat(args) => chat::run(&args).map(|report| {
-            report.print_summary();
-            write_json(args.json.as_deref(), &report.to_json()) && report.correct()
+            finish(
+                &report,
+                args.common.json.as_deref(),
+                args.common.plot.as_deref(),
+            )
         }),
         Scenario::Group(args) => group::run(&args).map(|report| {
-            report.print_summary();
-            write_json(args.json.as_deref(), &report.to_json()) && report.correct()
+            finish(
+                &report,
+                args.common.json.as_deref(),
+                args.common.plot.as_deref(),
+            )
         }),
+        Scenario::Mixed(args) => mixed::run(&args),
+        Scenario::Sink(args) => sink::run(&args).map(|()| true),
         Scenario::Connect(args) => {
             connect::run(&args).map(|report| write_json(args.json.as_deref(), &report))
         }
@@ -102,7 +135,7 @@ fn scenario_from_file(file: &Path) -> anyhow::Result<Scenario> {
         toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let Some(toml::Value::String(name)) = table.get("scenario") else {
         bail!(
-            "{}: `scenario = \"chat\"` (or \"group\", \"connect\") is required",
+            "{}: `scenario = \"chat\"` (or \"group\", \"mixed\", \"connect\") is required",
             file.display()
         );
     };
@@ -167,7 +200,7 @@ mod tests {
         assert_eq!(args.senders_per_group, 2);
         assert_eq!(args.online_percent, 25.5);
         assert_eq!(args.api_token, "t");
-        assert_eq!(args.duration_s, 2.0);
+        assert_eq!(args.common.duration_s, 2.0);
         assert_eq!(args.members, 100, "defaults as the flags'");
     }
 
@@ -183,7 +216,13 @@ mod tests {
     #[test]
     fn the_committed_examples_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-        for name in ["chat-durable.toml", "group-100.toml", "connect-10k.toml"] {
+        for name in [
+            "chat-durable.toml",
+            "chat-chaos.toml",
+            "group-100.toml",
+            "connect-10k.toml",
+            "mixed.toml",
+        ] {
             scenario_from_file(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         }
     }

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# One run of every figure in the README's "Performance" section: ruyi (durable,
+# sync = "always"), mosquitto and nats-server (persistence on, PEERS.md) under
+# the same loads, the chaos runs, and the load generator's own ceiling against
+# the null sink. Writes OUT/*.json and OUT/*.svg and prints the table.
+#
+#   bench-harness/perf.sh [OUT]          (from the repository root)
+#
+# Needs mosquitto and nats-server (Debian: apt-get install mosquitto
+# nats-server); the peers' runs are skipped when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/ruyi-perf}
+rm -rf "$out"
+mkdir -p "$out"
+cargo build --release -p ruyi -p bench-harness >&2
+bench=target/release/ruyi-bench
+ruyi=target/release/ruyi
+secs=${PERF_SECONDS:-10}
+warm=${PERF_WARMUP:-2}
+
+cat >"$out/durable.toml" <<'EOF'
+[storage]
+sync = "always"
+[api]
+token = "t"
+[limits]
+accepts_per_ip_per_second = 0
+frames_per_second_per_connection = 0
+EOF
+
+serve() { # data directory name
+  echo "$ruyi serve --config $out/durable.toml --listen 127.0.0.1:5100 --auth-secret s --data-dir $out/data-$1"
+}
+common=(--secret s --duration-s "$secs" --warmup-s "$warm" --payload-bytes 64)
+chat_load=(--pairs 100 --window 16)
+group_load=(--groups 10 --members 100 --online-percent 50 --senders-per-group 1 --window 4)
+
+echo "== harness ceiling: chat against the null sink" >&2
+$bench sink --listen 127.0.0.1:5200 >"$out/sink.log" 2>&1 &
+sink=$!
+sleep 1
+$bench chat --target ruyi://127.0.0.1:5200 "${common[@]}" "${chat_load[@]}" \
+  --server-pid "$sink" --json "$out/ceiling.json" >&2 || true
+kill "$sink"
+wait "$sink" 2>/dev/null || true
+
+echo "== ruyi" >&2
+$bench chat --server-cmd "$(serve chat)" "${common[@]}" "${chat_load[@]}" \
+  --json "$out/ruyi-chat.json" --plot "$out/ruyi-chat.svg" >&2
+half=$(python3 -c "import json; print(round(json.load(open('$out/ruyi-chat.json'))['sends_per_s'] / 2))")
+$bench chat --server-cmd "$(serve chat-half)" "${common[@]}" "${chat_load[@]}" --rate "$half" \
+  --json "$out/ruyi-chat-half.json" >&2
+$bench group --server-cmd "$(serve group)" --api-token t "${common[@]}" "${group_load[@]}" \
+  --json "$out/ruyi-group.json" --plot "$out/ruyi-group.svg" >&2
+$bench mixed --server-cmd "$(serve mixed)" --api-token t "${common[@]}" \
+  --pairs 50 --chat-window 4 --groups 5 --members 100 --group-window 2 --idle 1000 \
+  --json "$out/ruyi-mixed.json" >&2
+$bench chat --server-cmd "$(serve chaos-chat)" --chaos kill:5 --secret s --duration-s 30 \
+  --pairs 50 --window 4 --json "$out/ruyi-chaos-chat.json" --plot "$out/ruyi-chaos-chat.svg" >&2
+$bench group --server-cmd "$(serve chaos-group)" --chaos kill:5 --api-token t --secret s \
+  --duration-s 30 --groups 5 --members 100 --senders-per-group 2 --window 2 \
+  --json "$out/ruyi-chaos-group.json" >&2
+$ruyi serve --config "$out/durable.toml" --listen 127.0.0.1:5100 --auth-secret s \
+  --data-dir "$out/data-connect" >"$out/connect-server.log" 2>&1 &
+server=$!
+sleep 2
+$bench connect --secret s --connections 10000 --hold-s 5 --server-pid "$server" \
+  --json "$out/ruyi-connect.json" >&2
+kill "$server"
+wait "$server" 2>/dev/null || true
+
+if command -v mosquitto >/dev/null; then
+  echo "== mosquitto" >&2
+  mkdir -p "$out/mosquitto"
+  cat >"$out/mosquitto.conf" <<EOF
+listener 1883 127.0.0.1
+allow_anonymous true
+persistence true
+persistence_location $out/mosquitto/
+autosave_interval 1
+max_inflight_messages 0
+max_queued_messages 0
+max_queued_bytes 0
+EOF
+  for load in chat group; do
+    rm -rf "$out/mosquitto"/*
+    if [ $load = chat ]; then args=("${chat_load[@]}"); else args=("${group_load[@]}"); fi
+    $bench $load --target mqtt://127.0.0.1:1883 --server-cmd "mosquitto -c $out/mosquitto.conf" \
+      "${common[@]}" "${args[@]}" --json "$out/mqtt-$load.json" >&2 || true
+  done
+fi
+
+if command -v nats-server >/dev/null; then
+  echo "== nats-server" >&2
+  for load in chat group; do
+    if [ $load = chat ]; then args=("${chat_load[@]}"); else args=("${group_load[@]}"); fi
+    $bench $load --target nats://127.0.0.1:4222 \
+      --server-cmd "nats-server -a 127.0.0.1 -p 4222 -js -sd $out/nats-$load" \
+      "${common[@]}" "${args[@]}" --json "$out/nats-$load.json" >&2 || true
+  done
+fi
+
+python3 - "$out" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def row(name, label):
+    path = os.path.join(out, name + ".json")
+    if not os.path.exists(path):
+        return f"| {label} | (not run) |"
+    j = json.load(open(path))
+    lat = lambda k, p: "-" if not j.get(k) else f"{j[k][p] / 1000:.1f}"
+    cpu = j.get("server_cpu_percent")
+    rss = j.get("server_rss_bytes")
+    checks = "/".join(str(j.get(k, 0)) for k in ("lost", "duplicated", "reordered", "unexpected"))
+    return (f"| {label} | {j.get('sends_per_s', 0):,.0f} | {j.get('deliveries_per_s', 0):,.0f} | "
+            f"{lat('ack_latency_us', 'p50')} / {lat('ack_latency_us', 'p99')} | "
+            f"{lat('delivery_latency_us', 'p99')} | "
+            f"{'-' if cpu is None else f'{cpu:.0f}%'} | {'-' if rss is None else f'{rss / 1048576:.0f} MiB'} | {checks} |")
+print("| run | acked sends/s | deliveries/s | SendAck p50 / p99 ms | delivery p99 ms | server CPU | server RSS | lost/dup/reord/unexp |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
+for name, label in [
+    ("ceiling", "harness ceiling: chat vs null sink"),
+    ("ruyi-chat", "ruyi chat (durable)"),
+    ("ruyi-chat-half", "ruyi chat at half that rate"),
+    ("mqtt-chat", "mosquitto chat (QoS 1, persistent)"),
+    ("nats-chat", "nats chat (JetStream file)"),
+    ("ruyi-group", "ruyi group 10x100 (durable)"),
+    ("mqtt-group", "mosquitto group"),
+    ("nats-group", "nats group"),
+    ("ruyi-mixed", "ruyi mixed (chat+group+1k idle)"),
+    ("ruyi-chaos-chat", "ruyi chat, kill -9 every 5 s"),
+    ("ruyi-chaos-group", "ruyi group, kill -9 every 5 s"),
+]:
+    print(row(name, label))
+c = os.path.join(out, "ruyi-connect.json")
+if os.path.exists(c):
+    j = json.load(open(c))
+    print()
+    print(f"connect: {j['connections']} connections at {j['connections_per_s']:,.0f}/s, "
+          f"setup p99 {j['setup_latency_us']['p99'] / 1000:.1f} ms, "
+          f"{j.get('server_rss_bytes_per_connection')} bytes of server RSS each, "
+          f"server CPU {j.get('server_cpu_percent') or 0:.1f}%")
+for name in ("ruyi-chaos-chat", "ruyi-chaos-group"):
+    p = os.path.join(out, name + ".json")
+    if os.path.exists(p):
+        j = json.load(open(p))
+        print(f"{name}: {j.get('server_kills')} kills, longest restart {j.get('longest_restart_s', 0):.2f} s, "
+              f"acked {j['acked']}, delivered {j['delivered']}, redelivered {j['redelivered']}, "
+              f"failed {j['failed']}")
+EOF
