@@ -35,6 +35,7 @@ serve() { # data directory name
 common=(--secret s --duration-s "$secs" --warmup-s "$warm" --payload-bytes 64)
 chat_load=(--pairs 100 --window 16)
 group_load=(--groups 10 --members 100 --online-percent 50 --senders-per-group 1 --window 4)
+mixed_load=(--pairs 50 --chat-window 4 --groups 5 --members 100 --group-window 2)
 
 echo "== harness ceiling: chat against the null sink" >&2
 $bench sink --listen 127.0.0.1:5200 >"$out/sink.log" 2>&1 &
@@ -53,9 +54,8 @@ $bench chat --server-cmd "$(serve chat-half)" "${common[@]}" "${chat_load[@]}" -
   --json "$out/ruyi-chat-half.json" >&2
 $bench group --server-cmd "$(serve group)" --api-token t "${common[@]}" "${group_load[@]}" \
   --json "$out/ruyi-group.json" --plot "$out/ruyi-group.svg" >&2
-$bench mixed --server-cmd "$(serve mixed)" --api-token t "${common[@]}" \
-  --pairs 50 --chat-window 4 --groups 5 --members 100 --group-window 2 --idle 1000 \
-  --json "$out/ruyi-mixed.json" >&2
+$bench mixed --server-cmd "$(serve mixed)" --api-token t "${common[@]}" "${mixed_load[@]}" \
+  --idle 1000 --json "$out/ruyi-mixed.json" >&2
 $bench chat --server-cmd "$(serve chaos-chat)" --chaos kill:5 --secret s --duration-s 30 \
   --pairs 50 --window 4 --json "$out/ruyi-chaos-chat.json" --plot "$out/ruyi-chaos-chat.svg" >&2
 $bench group --server-cmd "$(serve chaos-group)" --chaos kill:5 --api-token t --secret s \
@@ -72,33 +72,57 @@ wait "$server" 2>/dev/null || true
 
 if command -v mosquitto >/dev/null; then
   echo "== mosquitto" >&2
-  mkdir -p "$out/mosquitto"
   cat >"$out/mosquitto.conf" <<EOF
 listener 1883 127.0.0.1
 allow_anonymous true
 persistence true
 persistence_location $out/mosquitto/
 autosave_interval 1
-max_inflight_messages 0
+max_inflight_messages 1000
 max_queued_messages 0
 max_queued_bytes 0
+set_tcp_nodelay true
 EOF
-  for load in chat group; do
-    rm -rf "$out/mosquitto"/*
-    if [ $load = chat ]; then args=("${chat_load[@]}"); else args=("${group_load[@]}"); fi
-    $bench $load --target mqtt://127.0.0.1:1883 --server-cmd "mosquitto -c $out/mosquitto.conf" \
-      "${common[@]}" "${args[@]}" --json "$out/mqtt-$load.json" >&2 || true
-  done
+  broker="mosquitto -c $out/mosquitto.conf"
+  fresh() { # mosquitto drops to its own user, which must own the store
+    rm -rf "$out/mosquitto" && mkdir -p "$out/mosquitto"
+    if id mosquitto >/dev/null 2>&1; then chown mosquitto: "$out/mosquitto"; fi
+  }
+  fresh
+  $bench chat --target mqtt://127.0.0.1:1883 --server-cmd "$broker" "${common[@]}" "${chat_load[@]}" \
+    --json "$out/mqtt-chat.json" >&2 || true
+  fresh
+  $bench group --target mqtt://127.0.0.1:1883 --server-cmd "$broker" "${common[@]}" "${group_load[@]}" \
+    --json "$out/mqtt-group.json" >&2 || true
+  fresh
+  $bench mixed --target mqtt://127.0.0.1:1883 --server-cmd "$broker" "${common[@]}" "${mixed_load[@]}" \
+    --idle 0 --json "$out/mqtt-mixed.json" >&2 || true
+  fresh
+  $broker >"$out/mosquitto-connect.log" 2>&1 &
+  peer=$!
+  sleep 1
+  $bench connect --target mqtt://127.0.0.1:1883 --connections 10000 --hold-s 5 --server-pid "$peer" \
+    --json "$out/mqtt-connect.json" >&2 || true
+  kill "$peer"
+  wait "$peer" 2>/dev/null || true
 fi
 
 if command -v nats-server >/dev/null; then
   echo "== nats-server" >&2
-  for load in chat group; do
-    if [ $load = chat ]; then args=("${chat_load[@]}"); else args=("${group_load[@]}"); fi
-    $bench $load --target nats://127.0.0.1:4222 \
-      --server-cmd "nats-server -a 127.0.0.1 -p 4222 -js -sd $out/nats-$load" \
-      "${common[@]}" "${args[@]}" --json "$out/nats-$load.json" >&2 || true
-  done
+  nats() { echo "nats-server -a 127.0.0.1 -p 4222 -js -sd $out/nats-$1"; }
+  $bench chat --target nats://127.0.0.1:4222 --server-cmd "$(nats chat)" "${common[@]}" "${chat_load[@]}" \
+    --json "$out/nats-chat.json" >&2 || true
+  $bench group --target nats://127.0.0.1:4222 --server-cmd "$(nats group)" "${common[@]}" "${group_load[@]}" \
+    --json "$out/nats-group.json" >&2 || true
+  $bench mixed --target nats://127.0.0.1:4222 --server-cmd "$(nats mixed)" "${common[@]}" "${mixed_load[@]}" \
+    --idle 0 --json "$out/nats-mixed.json" >&2 || true
+  $(nats connect) >"$out/nats-connect.log" 2>&1 &
+  peer=$!
+  sleep 1
+  $bench connect --target nats://127.0.0.1:4222 --connections 10000 --hold-s 5 --server-pid "$peer" \
+    --json "$out/nats-connect.json" >&2 || true
+  kill "$peer"
+  wait "$peer" 2>/dev/null || true
 fi
 
 python3 - "$out" <<'EOF'
@@ -109,7 +133,10 @@ def row(name, label):
     if not os.path.exists(path):
         return f"| {label} | (not run) |"
     j = json.load(open(path))
-    lat = lambda k, p: "-" if not j.get(k) else f"{j[k][p] / 1000:.1f}"
+    def lat(k, p):
+        v = j.get(k) or {}
+        v = v.get("chat", v)  # mixed: the chat part's
+        return "-" if p not in v else f"{v[p] / 1000:.1f}"
     cpu = j.get("server_cpu_percent")
     rss = j.get("server_rss_bytes")
     checks = "/".join(str(j.get(k, 0)) for k in ("lost", "duplicated", "reordered", "unexpected"))
@@ -129,18 +156,23 @@ for name, label in [
     ("mqtt-group", "mosquitto group"),
     ("nats-group", "nats group"),
     ("ruyi-mixed", "ruyi mixed (chat+group+1k idle)"),
+    ("mqtt-mixed", "mosquitto mixed (chat+group)"),
+    ("nats-mixed", "nats mixed (chat+group)"),
     ("ruyi-chaos-chat", "ruyi chat, kill -9 every 5 s"),
     ("ruyi-chaos-group", "ruyi group, kill -9 every 5 s"),
 ]:
     print(row(name, label))
-c = os.path.join(out, "ruyi-connect.json")
-if os.path.exists(c):
-    j = json.load(open(c))
-    print()
-    print(f"connect: {j['connections']} connections at {j['connections_per_s']:,.0f}/s, "
-          f"setup p99 {j['setup_latency_us']['p99'] / 1000:.1f} ms, "
-          f"{j.get('server_rss_bytes_per_connection')} bytes of server RSS each, "
-          f"server CPU {j.get('server_cpu_percent') or 0:.1f}%")
+print()
+print("| connect (10,000 held) | set-up/s | set-up p99 ms | server RSS per connection | server CPU |")
+print("|---|---:|---:|---:|---:|")
+for name, label in [("ruyi-connect", "ruyi"), ("mqtt-connect", "mosquitto"), ("nats-connect", "nats")]:
+    c = os.path.join(out, name + ".json")
+    if os.path.exists(c):
+        j = json.load(open(c))
+        per = j.get("server_rss_bytes_per_connection")
+        print(f"| {label} | {j['connections_per_s']:,.0f} | {j['setup_latency_us']['p99'] / 1000:.1f} | "
+              f"{'-' if per is None else f'{per:,} B'} | {j.get('server_cpu_percent') or 0:.1f}% |")
+print()
 for name in ("ruyi-chaos-chat", "ruyi-chaos-group"):
     p = os.path.join(out, name + ".json")
     if os.path.exists(p):
