@@ -780,17 +780,17 @@ impl ShardState {
     }
 
     /// Pushes what waits in `conn`'s backlog, channel by channel in seq
-    /// order, while its in-flight window has room.
+    /// order, while its in-flight window has room. The device's own sends
+    /// are skipped (and its position moved past them when nothing below is
+    /// outstanding); at most 4 windows' worth of records are read per call,
+    /// the retry tick goes on from there.
     fn refill(&mut self, conn: ConnId, now: Now) {
-        let Some((uid, device)) = self
-            .conns
-            .get(&conn)
-            .and_then(|e| e.session.identity.as_ref())
-            .map(|i| (i.uid.clone(), Arc::clone(&i.device_id)))
-        else {
+        let Some((uid, device)) = self.identity_device(conn) else {
             self.backlog.remove(&conn);
             return;
         };
+        let scan_max = 4 * self.limits.inflight_messages_max.max(1);
+        let mut scanned = 0;
         loop {
             let (used, _) = self.pushes.in_flight(conn);
             let room = self.limits.inflight_messages_max.saturating_sub(used);
@@ -826,6 +826,13 @@ impl ShardState {
                     && message.from_device == device;
                 if own {
                     pushed_through = Some(message.seq);
+                    if self
+                        .pushes
+                        .lowest_pending(conn, &key)
+                        .is_none_or(|pending| pending > message.seq)
+                    {
+                        self.advance_position(conn, key.clone(), message.seq);
+                    }
                     continue;
                 }
                 if !window_has_room(&self.pushes, &self.limits, conn, message.payload.len()) {
@@ -854,6 +861,10 @@ impl ShardState {
                 }
                 // The window is full by bytes.
                 None => return,
+            }
+            scanned += page.len();
+            if scanned >= scan_max {
+                return;
             }
         }
     }
@@ -974,12 +985,7 @@ impl ShardState {
 
     /// Checks a client's `Send` and routes it to the channel's owner.
     fn client_send(&mut self, conn: ConnId, send: SendPacket, now: Now) {
-        let Some((uid, device)) = self
-            .conns
-            .get(&conn)
-            .and_then(|e| e.session.identity.as_ref())
-            .map(|i| (i.uid.clone(), Arc::clone(&i.device_id)))
-        else {
+        let Some((uid, device)) = self.identity_device(conn) else {
             return;
         };
         let refusal = if send.payload.len() > self.limits.payload_size_max_bytes {
@@ -1881,6 +1887,19 @@ impl ShardState {
                 if entry.session.phase != Phase::Active {
                     continue;
                 }
+                // The sending device on a newer connection (it reconnected
+                // while its send was being committed) has it already.
+                if from_self
+                    && !message.recalled
+                    && !message.from_device.is_empty()
+                    && entry
+                        .session
+                        .identity
+                        .as_ref()
+                        .is_some_and(|i| i.device_id == message.from_device)
+                {
+                    continue;
+                }
                 if !message.recalled {
                     // Behind in this channel, or the window is full: it
                     // waits in storage, after what is already waiting.
@@ -1890,6 +1909,17 @@ impl ShardState {
                         .and_then(|b| b.get_mut(&message.channel))
                     {
                         behind.1 = behind.1.max(message.seq);
+                        continue;
+                    }
+                    // Already pushed from storage: a resume or refill read
+                    // it there before this live copy arrived from the
+                    // owner's shard (pushes of a channel go out in seq
+                    // order, so nothing at or below the highest is new).
+                    if self
+                        .pushes
+                        .highest_pushed(*conn, &message.channel)
+                        .is_some_and(|highest| highest >= message.seq)
+                    {
                         continue;
                     }
                     if !window_has_room(&self.pushes, &self.limits, *conn, message.payload.len()) {
@@ -2380,6 +2410,14 @@ impl ShardState {
                 },
             );
         }
+    }
+
+    /// The uid and device id of an identified connection.
+    fn identity_device(&self, conn: ConnId) -> Option<(Uid, Arc<str>)> {
+        self.conns
+            .get(&conn)
+            .and_then(|e| e.session.identity.as_ref())
+            .map(|i| (i.uid.clone(), Arc::clone(&i.device_id)))
     }
 
     fn identity_uid(&self, conn: ConnId) -> Option<Uid> {
