@@ -331,12 +331,7 @@ impl Sender {
         let deadline = started + config.duration;
         // Under --rate each sender starts at its own point of the interval,
         // so the senders do not send in lockstep bursts.
-        let mut next_due = started
-            + self.interval.map_or(Duration::ZERO, |interval| {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&self.uid, &mut hasher);
-                interval.mul_f64((std::hash::Hasher::finish(&hasher) % 1000) as f64 / 1000.0)
-            });
+        let mut next_due = started + crate::common::stagger(&self.uid, self.interval);
         let mut counter = 0u64;
         let mut last_progress = Instant::now();
         loop {
@@ -403,6 +398,8 @@ impl Sender {
                     let _ = error;
                     conn.reconnect(config.patience()).await?;
                     live.reconnected();
+                    // Patience counts again from the new connection.
+                    last_progress = Instant::now();
                     by_client_seq.clear();
                     for (&counter, send) in &pending {
                         by_client_seq.insert(conn.core.send(send.outgoing.clone()), counter);
@@ -442,25 +439,25 @@ impl Sender {
 /// anomalies counted as they arrive.
 #[derive(Default)]
 pub(crate) struct DeviceLog {
-    /// Seq -> (the connection epoch it first came on, acknowledged yet).
-    seen: HashMap<u64, (u32, bool)>,
+    /// Seq -> the connection epoch it first came on.
+    seen: HashMap<u64, u32>,
     highest: Option<u64>,
-    /// Seqs received but not yet acknowledged to the server.
-    unacked: Vec<u64>,
 }
 
 impl DeviceLog {
-    /// A push of `seq` on connection `epoch`. A seq seen before is a
-    /// redelivery: a duplicate (a violation) when the device had already
-    /// acknowledged it on this same connection, else one the server may
-    /// make (its retry raced the ack, or a restart lost the device's last
-    /// position) and the client's dedup removes. True when it is new.
-    pub(crate) fn on_push(&mut self, seq: u64, epoch: u32, part: &mut Part) -> bool {
-        if let Some(&(first_epoch, acked)) = self.seen.get(&seq) {
-            if acked && first_epoch == epoch {
-                part.duplicated += 1;
-            } else {
+    /// A push of `seq` on connection `epoch`, `flagged` when the server
+    /// marked it as a redelivery. A seq seen before is removed by the
+    /// client's dedup: `redelivered` when the server said it was a retry
+    /// (its timer raced the ack) or it came on a newer connection (a
+    /// restart lost the device's last position), else `duplicated`: the
+    /// same connection was pushed the same message twice as if new. True
+    /// when it is new.
+    pub(crate) fn on_push(&mut self, seq: u64, epoch: u32, flagged: bool, part: &mut Part) -> bool {
+        if let Some(&first_epoch) = self.seen.get(&seq) {
+            if flagged || first_epoch != epoch {
                 part.redelivered += 1;
+            } else {
+                part.duplicated += 1;
             }
             return false;
         }
@@ -468,18 +465,8 @@ impl DeviceLog {
             part.reordered += 1;
         }
         self.highest = self.highest.max(Some(seq));
-        self.seen.insert(seq, (epoch, false));
-        self.unacked.push(seq);
+        self.seen.insert(seq, epoch);
         true
-    }
-
-    /// The acks of everything received so far have been written.
-    pub(crate) fn acks_flushed(&mut self) {
-        for seq in self.unacked.drain(..) {
-            if let Some(entry) = self.seen.get_mut(&seq) {
-                entry.1 = true;
-            }
-        }
     }
 
     pub(crate) fn contains(&self, seq: u64) -> bool {
@@ -527,13 +514,12 @@ pub(crate) async fn receive(
                 record_push(conn, log, part, &recv, &mut judge);
             }
         }
-        match conn.flush().await {
-            Ok(()) => log.acks_flushed(),
-            Err(_) if config.reconnect => {
-                conn.reconnect(config.patience()).await?;
-                live.reconnected();
+        if let Err(error) = conn.flush().await {
+            if !config.reconnect {
+                return Err(error);
             }
-            Err(error) => return Err(error),
+            conn.reconnect(config.patience()).await?;
+            live.reconnected();
         }
     }
 }
@@ -567,7 +553,8 @@ pub(crate) fn record_push(
             return;
         }
     }
-    if log.on_push(recv.message_seq, conn.epoch, part) {
+    let flagged = recv.flags & ruyi::protocol::RECV_FLAG_REDELIVERED != 0;
+    if log.on_push(recv.message_seq, conn.epoch, flagged, part) {
         let sent_at_us = read_payload(&recv.payload).map_or(unix_us(), |(at, _)| at);
         part.on_delivery(sent_at_us);
     }

@@ -285,8 +285,10 @@ impl std::str::FromStr for Chaos {
         let seconds: f64 = seconds
             .parse()
             .map_err(|_| format!("{text}: `{seconds}` is not a number of seconds"))?;
-        if !(seconds.is_finite() && seconds >= 0.5) {
-            return Err(format!("{text}: kill at most every 0.5 s"));
+        if !(0.5..=86_400.0).contains(&seconds) {
+            return Err(format!(
+                "{text}: kill at most every 0.5 s and at least once a day"
+            ));
         }
         Ok(Chaos {
             kill_every: Duration::from_secs_f64(seconds),
@@ -370,11 +372,16 @@ impl CommonArgs {
         if self.payload_bytes < 16 {
             bail!("--payload-bytes must be at least 16");
         }
-        if !(self.duration_s > 0.0 && self.warmup_s >= 0.0) {
-            bail!("--duration-s must be above 0 and --warmup-s at least 0");
+        // A day at most: beyond that a Duration overflows soon enough.
+        let seconds = 0.0..=86_400.0;
+        if !(self.duration_s > 0.0 && seconds.contains(&self.duration_s)) {
+            bail!("--duration-s must be above 0 and at most 86400");
         }
-        if self.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-            bail!("--rate must be above 0");
+        if !seconds.contains(&self.warmup_s) {
+            bail!("--warmup-s must be between 0 and 86400");
+        }
+        if self.rate.is_some_and(|r| !(0.001..=1e9).contains(&r)) {
+            bail!("--rate must be between 0.001 and 1000000000 sends per second");
         }
         Ok(())
     }
@@ -385,4 +392,26 @@ impl CommonArgs {
         self.rate
             .map(|rate| Duration::from_secs_f64(senders.max(1) as f64 / rate))
     }
+}
+
+/// Where the gateway's admin HTTP API is, for scenarios that create groups
+/// (ruyi only).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// The gateway's admin HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:5001")]
+    pub(crate) api: String,
+    /// The admin API's token (`[api] token`).
+    #[arg(long, env = "RUYI_API_TOKEN", default_value = "")]
+    pub(crate) api_token: String,
+}
+
+/// Where in its `--rate` interval a sender starts: a fixed point per sender
+/// (from its name), so senders do not all send in the same instant.
+pub(crate) fn stagger(name: &str, interval: Option<Duration>) -> Duration {
+    interval.map_or(Duration::ZERO, |interval| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(name, &mut hasher);
+        interval.mul_f64((std::hash::Hasher::finish(&hasher) % 1000) as f64 / 1000.0)
+    })
 }

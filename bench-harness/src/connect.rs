@@ -121,6 +121,43 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
             .map_err(|e| anyhow::anyhow!("load executor failed: {e}"))??;
         let _ = setup.add(&part);
     }
+    report(
+        args,
+        &Measured {
+            opened,
+            setup_s,
+            duration_s,
+            setup,
+            rss_before,
+            rss_held,
+            server,
+        },
+    )
+}
+
+/// What a connect run measured, whatever the target.
+pub(crate) struct Measured {
+    pub(crate) opened: usize,
+    pub(crate) setup_s: f64,
+    pub(crate) duration_s: f64,
+    pub(crate) setup: Histogram<u64>,
+    pub(crate) rss_before: Option<u64>,
+    pub(crate) rss_held: Option<u64>,
+    pub(crate) server: crate::common::ServerUsage,
+}
+
+/// Prints the summary and makes the JSON of a connect run (ruyi's or a
+/// peer's); an error when not every connection opened.
+pub(crate) fn report(args: &ConnectArgs, m: &Measured) -> anyhow::Result<serde_json::Value> {
+    let Measured {
+        opened,
+        setup_s,
+        duration_s,
+        ref setup,
+        rss_before,
+        rss_held,
+        server,
+    } = *m;
     if opened < args.connections {
         bail!("only {opened} of {} connections opened", args.connections);
     }
@@ -148,19 +185,14 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
         "connections": opened,
         "setup_s": setup_s,
         "connections_per_s": opened as f64 / setup_s,
-        "setup_latency_us": {
-            "p50": setup.value_at_quantile(0.5),
-            "p90": setup.value_at_quantile(0.9),
-            "p99": setup.value_at_quantile(0.99),
-            "p999": setup.value_at_quantile(0.999),
-            "max": setup.max(),
-        },
+        "setup_latency_us": crate::common::percentiles(setup),
         "server_rss_bytes_before": rss_before,
         "server_rss_bytes": rss_held,
         "server_rss_bytes_per_connection": per_connection,
     });
     println!(
-        "connect: {opened} connections in {setup_s:.2} s ({:.0}/s), setup p50 {} us p99 {} us",
+        "connect: {opened} connections to {} in {setup_s:.2} s ({:.0}/s), setup p50 {} us p99 {} us",
+        args.target,
         opened as f64 / setup_s,
         setup.value_at_quantile(0.5),
         setup.value_at_quantile(0.99)

@@ -10,7 +10,7 @@
 use crate::chat::{
     receive, record_push, Conn, DeviceLog, PairConfig, Sender, SendingGuard, Verdict,
 };
-use crate::common::{http_post, CommonArgs, Gate, Target};
+use crate::common::{http_post, ApiArgs, CommonArgs, Gate, Target};
 use crate::live::Live;
 use crate::process::{measure, ServerProcess};
 use crate::report::{Part, Report, Spans};
@@ -26,12 +26,8 @@ use std::time::{Duration, Instant};
 pub struct GroupArgs {
     #[command(flatten)]
     pub(crate) common: CommonArgs,
-    /// The gateway's admin HTTP API, to create the groups (ruyi only).
-    #[arg(long, default_value = "http://127.0.0.1:5001")]
-    pub(crate) api: String,
-    /// The admin API's token (`[api] token`).
-    #[arg(long, env = "RUYI_API_TOKEN", default_value = "")]
-    pub(crate) api_token: String,
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
     /// Number of groups.
     #[arg(long, default_value_t = 10)]
     pub(crate) groups: usize,
@@ -104,7 +100,12 @@ fn create_groups(args: &GroupArgs, prefix: &str) -> anyhow::Result<()> {
         // its admin API.
         let mut attempt = 0;
         let (status, answer) = loop {
-            match http_post(&args.api, &args.api_token, "/channel", &body.to_string()) {
+            match http_post(
+                &args.api.api,
+                &args.api.api_token,
+                "/channel",
+                &body.to_string(),
+            ) {
                 Ok(answer) => break answer,
                 Err(_) if attempt < 50 => {
                     attempt += 1;
@@ -116,7 +117,7 @@ fn create_groups(args: &GroupArgs, prefix: &str) -> anyhow::Result<()> {
         if status != 200 {
             bail!(
                 "creating group {group}: {} answered {status}: {answer}",
-                args.api
+                args.api.api
             );
         }
     }
@@ -403,8 +404,7 @@ mod tests {
         let mut part = Part::new();
         let mut log = DeviceLog::default();
         for &seq in delivered {
-            log.on_push(seq, 1, &mut part);
-            log.acks_flushed();
+            log.on_push(seq, 1, false, &mut part);
         }
         MemberResult {
             member: Member {

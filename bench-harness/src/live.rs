@@ -88,6 +88,7 @@ impl Live {
         let mut samples = Vec::new();
         let (mut acked, mut delivered) = (0, 0);
         let mut tick = started;
+        let mut last_sample = started;
         while !stop.load(Ordering::SeqCst) {
             tick += Duration::from_secs(1);
             while Instant::now() < tick {
@@ -97,9 +98,11 @@ impl Live {
                 std::thread::sleep(Duration::from_millis(20).min(tick - Instant::now()));
             }
             let elapsed = Instant::now();
-            let span = (elapsed - (tick - Duration::from_secs(1)))
-                .as_secs_f64()
-                .max(1e-3);
+            // Late (a stalled machine): the next second starts now.
+            tick = tick.max(elapsed);
+            // Over the time since the last sample, however late this one is.
+            let span = (elapsed - last_sample).as_secs_f64().max(1e-3);
+            last_sample = elapsed;
             let now_acked = self.acked.load(Ordering::Relaxed);
             let now_delivered = self.delivered.load(Ordering::Relaxed);
             let (ack_p99_us, delivery_p99_us) = {

@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(args.groups, 3);
         assert_eq!(args.senders_per_group, 2);
         assert_eq!(args.online_percent, 25.5);
-        assert_eq!(args.api_token, "t");
+        assert_eq!(args.api.api_token, "t");
         assert_eq!(args.common.duration_s, 2.0);
         assert_eq!(args.members, 100, "defaults as the flags'");
     }

@@ -3,7 +3,7 @@
 //! and checked as in its own scenario, with their sum.
 
 use crate::chat::{ChatArgs, Conn, PairConfig};
-use crate::common::{CommonArgs, Target};
+use crate::common::{ApiArgs, CommonArgs, Target};
 use crate::group::GroupArgs;
 use crate::process::ServerProcess;
 use crate::report::Report;
@@ -24,12 +24,8 @@ pub struct MixedArgs {
     /// Sends each chat sender keeps in flight.
     #[arg(long, default_value_t = 1)]
     pub(crate) chat_window: usize,
-    /// The gateway's admin HTTP API, to create the groups.
-    #[arg(long, default_value = "http://127.0.0.1:5001")]
-    pub(crate) api: String,
-    /// The admin API's token (`[api] token`).
-    #[arg(long, env = "RUYI_API_TOKEN", default_value = "")]
-    pub(crate) api_token: String,
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
     /// Groups.
     #[arg(long, default_value_t = 5)]
     pub(crate) groups: usize,
@@ -92,12 +88,14 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<bool> {
     }
     let mut server = ServerProcess::maybe_start(common)?;
     let prefix = common.prefix("mixed");
-    // The server is started here once; the parts measure it by pid.
+    // The server is started here once; the parts measure it by pid. A
+    // --rate is the whole run's: each part sends half of it.
     let part_common = |name: &str, threads: usize| CommonArgs {
         uid_prefix: Some(format!("{prefix}-{name}")),
         server_cmd: None,
         server_pid: server.as_ref().map(|s| s.pid()).or(common.server_pid),
         threads: Some(threads),
+        rate: common.rate.map(|r| r / 2.0),
         json: None,
         plot: None,
         ..common.clone()
@@ -114,7 +112,6 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<bool> {
     let group = GroupArgs {
         common: part_common("group", group_threads),
         api: args.api.clone(),
-        api_token: args.api_token.clone(),
         groups: args.groups,
         members: args.members,
         senders_per_group: args.senders_per_group,

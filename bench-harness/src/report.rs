@@ -205,7 +205,16 @@ pub struct Report {
 }
 
 impl Report {
+    /// No violation, and at least one send acknowledged (a run where the
+    /// server refused everything checked nothing).
     pub fn correct(&self) -> bool {
+        if self.total.acked == 0 {
+            eprintln!(
+                "ruyi-bench: {} against {}: no send was acknowledged, so nothing was checked",
+                self.scenario, self.target
+            );
+            return false;
+        }
         self.total.correct()
     }
 

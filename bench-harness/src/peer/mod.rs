@@ -799,57 +799,18 @@ fn run_connect<B: Backend>(
     if let Some(error) = first_error {
         return Err(error.context(format!("after {opened} connections")));
     }
-    if opened < args.connections {
-        bail!("only {opened} of {} connections opened", args.connections);
-    }
-    let per_connection = match (rss_before, rss_held) {
-        (Some(before), Some(held)) => Some(held.saturating_sub(before) / opened.max(1) as u64),
-        _ => None,
-    };
-    let report = serde_json::json!({
-        "scenario": "connect",
-        "target": args.target.to_string(),
-        "duration_s": duration_s,
-        "sent": 0,
-        "acked": 0,
-        "delivered": 0,
-        "lost": 0,
-        "duplicated": 0,
-        "reordered": 0,
-        "unexpected": 0,
-        "sends_per_s": 0.0,
-        "deliveries_per_s": 0.0,
-        "ack_latency_us": null,
-        "delivery_latency_us": null,
-        "server_cpu_percent": server.cpu_percent,
-        "connections": opened,
-        "setup_s": setup_s,
-        "connections_per_s": opened as f64 / setup_s,
-        "setup_latency_us": {
-            "p50": setup.value_at_quantile(0.5),
-            "p90": setup.value_at_quantile(0.9),
-            "p99": setup.value_at_quantile(0.99),
-            "p999": setup.value_at_quantile(0.999),
-            "max": setup.max(),
+    crate::connect::report(
+        args,
+        &crate::connect::Measured {
+            opened,
+            setup_s,
+            duration_s,
+            setup,
+            rss_before,
+            rss_held,
+            server,
         },
-        "server_rss_bytes_before": rss_before,
-        "server_rss_bytes": rss_held,
-        "server_rss_bytes_per_connection": per_connection,
-    });
-    println!(
-        "connect: {opened} connections to {} in {setup_s:.2} s ({:.0}/s), setup p50 {} us p99 {} us",
-        args.target,
-        opened as f64 / setup_s,
-        setup.value_at_quantile(0.5),
-        setup.value_at_quantile(0.99)
-    );
-    if let (Some(before), Some(held), Some(per)) = (rss_before, rss_held, per_connection) {
-        println!(
-            "  server resident memory: {before} -> {held} bytes, {per} bytes per held connection"
-        );
-    }
-    server.print();
-    Ok(report)
+    )
 }
 
 #[cfg(test)]

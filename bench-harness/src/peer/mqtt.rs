@@ -552,7 +552,8 @@ async fn pace(
     let shared = Arc::clone(&guard.0);
     let started = Instant::now();
     let deadline = started + shared.duration;
-    let mut next_due = started;
+    let mut next_due =
+        started + crate::common::stagger(&format!("{topic}/{slot}"), shared.interval);
     let mut n = 0u64;
     state.borrow_mut().last_progress = started;
     let timer = shared

@@ -397,7 +397,7 @@ async fn send(
     let mut resend_at: Option<Instant> = None;
     let started = Instant::now();
     let deadline = started + shared.duration;
-    let mut next_due = started;
+    let mut next_due = started + crate::common::stagger(&msg_prefix, shared.interval);
     let mut last_progress = started;
     let mut n = 0u64;
     let timer = shared
