@@ -371,3 +371,23 @@ async fn a_client_over_its_frame_rate_is_slowed_down_not_cut_off_and_loses_nothi
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert_server_still_delivers(&server).await;
 }
+
+#[tokio::test]
+async fn a_connect_with_an_unknown_device_flag_is_refused_as_malformed() {
+    let server = TestServer::start();
+    let mut raw = RawClient::connect(server.addr).await;
+    let Packet::Connect(mut connect) = connect_packet("eve", &token("eve")) else {
+        unreachable!("connect_packet makes a Connect");
+    };
+    connect.device_flag = ruyi::protocol::DeviceFlag(7);
+    raw.send_packet(&Packet::Connect(connect)).await;
+    let packets = raw.packets_until_closed().await;
+    assert!(
+        matches!(
+            packets.first(),
+            Some(Packet::ConnAck(ack)) if ack.reason == ReasonCode::MalformedFrame
+        ),
+        "{packets:?}"
+    );
+    assert_server_still_delivers(&server).await;
+}

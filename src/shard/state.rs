@@ -637,6 +637,14 @@ impl ShardState {
                 now,
             );
         }
+        if connect.device_flag.0 > crate::protocol::DeviceFlag::ENUM_MAX {
+            return self.refuse_connect(
+                conn,
+                ReasonCode::MalformedFrame,
+                "device_flag must be 0 (app), 1 (web) or 2 (desktop)",
+                now,
+            );
+        }
         if self
             .system_uid
             .as_ref()
