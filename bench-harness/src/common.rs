@@ -72,11 +72,28 @@ impl Gate {
     }
 
     /// On the main thread: waits until `executors` arrived, then opens.
-    pub(crate) fn open_when_ready(&self, executors: usize) {
+    /// An executor that never arrives (its io_uring could not be set up,
+    /// say) aborts the run after `patience` instead of hanging it.
+    pub(crate) fn open_when_ready(
+        &self,
+        executors: usize,
+        patience: Duration,
+    ) -> anyhow::Result<()> {
+        let give_up = Instant::now() + patience;
         while self.ready.load(Ordering::SeqCst) < executors {
+            if Instant::now() > give_up {
+                self.abort.store(true, Ordering::SeqCst);
+                bail!(
+                    "{} of {executors} load executors were ready after {} s; one did not start \
+                     (glommio needs io_uring and locked memory: see `ulimit -l`)",
+                    self.ready.load(Ordering::SeqCst),
+                    patience.as_secs()
+                );
+            }
             std::thread::sleep(Duration::from_millis(2));
         }
         self.go.store(true, Ordering::SeqCst);
+        Ok(())
     }
 }
 

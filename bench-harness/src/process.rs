@@ -155,7 +155,9 @@ pub(crate) fn measure<T: Send + 'static>(
     mut server: Option<&mut ServerProcess>,
     handles: Vec<glommio::ExecutorJoinHandle<anyhow::Result<T>>>,
 ) -> anyhow::Result<(Vec<T>, Measured)> {
-    gate.open_when_ready(handles.len());
+    // Connecting everything may take a while (tens of thousands of
+    // connections); an executor that never starts should not hang the run.
+    gate.open_when_ready(handles.len(), Duration::from_secs(600))?;
     let started = Instant::now();
     let measure_from = started + Duration::from_secs_f64(common.warmup_s);
     let end = measure_from + Duration::from_secs_f64(common.duration_s);
