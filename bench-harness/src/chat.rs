@@ -5,7 +5,7 @@
 use crate::common::{unix_us, CommonArgs, Gate, Target};
 use crate::live::Live;
 use crate::process::{measure, ServerProcess};
-use crate::report::{payload, read_payload, Part, Report, Spans};
+use crate::report::{payload, read_payload, Part, Report};
 use anyhow::bail;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -71,18 +71,10 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
     for part in &parts {
         total.add(part);
     }
-    let mut extra = Vec::new();
-    if common.chaos.is_some() {
-        extra.push(("server_kills".to_owned(), measured.kills.into()));
-        extra.push((
-            "longest_restart_s".to_owned(),
-            measured.longest_restart.as_secs_f64().into(),
-        ));
-    }
-    Ok(Report {
-        scenario: "chat",
-        target: common.target.to_string(),
-        args: format!(
+    Ok(Report::new(
+        "chat",
+        common,
+        format!(
             "pairs={} devices_per_user={} window={} rate={} payload_bytes={} warmup_s={} duration_s={}{}",
             args.pairs,
             args.devices_per_user,
@@ -95,12 +87,10 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
                 .chaos
                 .map_or(String::new(), |c| format!(" chaos=kill:{}", c.kill_every.as_secs_f64()))
         ),
-        spans: Spans::new(common.duration_s, common.warmup_s, measured.measure_from, &total),
         total,
-        server: measured.server,
-        samples: measured.samples,
-        extra,
-    })
+        measured,
+        Vec::new(),
+    ))
 }
 
 /// How every connection of a run connects and sends.

@@ -13,7 +13,7 @@ use crate::chat::{
 use crate::common::{http_post, ApiArgs, CommonArgs, Gate, Target};
 use crate::live::Live;
 use crate::process::{measure, ServerProcess};
-use crate::report::{Part, Report, Spans};
+use crate::report::{Part, Report};
 use anyhow::bail;
 use glommio::{LocalExecutorBuilder, Placement};
 use ruyi::protocol::ChannelType;
@@ -231,32 +231,18 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
     let results: Vec<MemberResult> = per_executor.into_iter().flatten().collect();
     let mut total = Part::new();
     let expected_deliveries = account(args.groups, &results, &mut total);
-    let mut extra = vec![
+    let extra = vec![
         ("online_devices".to_owned(), online.into()),
         ("expected_deliveries".to_owned(), expected_deliveries.into()),
     ];
-    if common.chaos.is_some() {
-        extra.push(("server_kills".to_owned(), measured.kills.into()));
-        extra.push((
-            "longest_restart_s".to_owned(),
-            measured.longest_restart.as_secs_f64().into(),
-        ));
-    }
-    Ok(Report {
-        scenario: "group",
-        target: common.target.to_string(),
-        args: describe(args),
-        spans: Spans::new(
-            common.duration_s,
-            common.warmup_s,
-            measured.measure_from,
-            &total,
-        ),
+    Ok(Report::new(
+        "group",
+        common,
+        describe(args),
         total,
-        server: measured.server,
-        samples: measured.samples,
+        measured,
         extra,
-    })
+    ))
 }
 
 /// Checks what every device received against what the senders had

@@ -3,8 +3,9 @@
 //! by second. Every target (ruyi, MQTT, NATS) fills the same [`Part`]s, so
 //! their reports compare field by field.
 
-use crate::common::{percentiles, print_latency, unix_us, ServerUsage};
+use crate::common::{percentiles, print_latency, unix_us, CommonArgs, ServerUsage};
 use crate::live::{Live, Meter, Sample};
+use crate::process::Measured;
 use hdrhistogram::Histogram;
 use std::sync::Arc;
 use std::time::Instant;
@@ -205,6 +206,40 @@ pub struct Report {
 }
 
 impl Report {
+    /// A run's report from its totals, what the main thread measured, and
+    /// the scenario's own figures (the chaos figures are added here).
+    pub(crate) fn new(
+        scenario: &'static str,
+        common: &CommonArgs,
+        args: String,
+        total: Part,
+        measured: Measured,
+        mut extra: Vec<(String, serde_json::Value)>,
+    ) -> Report {
+        if common.chaos.is_some() {
+            extra.push(("server_kills".to_owned(), measured.kills.into()));
+            extra.push((
+                "longest_restart_s".to_owned(),
+                measured.longest_restart.as_secs_f64().into(),
+            ));
+        }
+        Report {
+            scenario,
+            target: common.target.to_string(),
+            args,
+            spans: Spans::new(
+                common.duration_s,
+                common.warmup_s,
+                measured.measure_from,
+                &total,
+            ),
+            total,
+            server: measured.server,
+            samples: measured.samples,
+            extra,
+        }
+    }
+
     /// No violation, and at least one send acknowledged (a run where the
     /// server refused everything checked nothing).
     pub fn correct(&self) -> bool {

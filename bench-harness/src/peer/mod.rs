@@ -23,7 +23,7 @@ use crate::connect::ConnectArgs;
 use crate::group::GroupArgs;
 use crate::live::Live;
 use crate::process::{measure, Measured, ServerProcess};
-use crate::report::{read_payload, Part, Report, Spans};
+use crate::report::{read_payload, Part, Report};
 use anyhow::bail;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
@@ -677,28 +677,7 @@ fn report(
     if own_skipped > 0 {
         extra.push(("own_messages_skipped".to_owned(), own_skipped.into()));
     }
-    if common.chaos.is_some() {
-        extra.push(("server_kills".to_owned(), measured.kills.into()));
-        extra.push((
-            "longest_restart_s".to_owned(),
-            measured.longest_restart.as_secs_f64().into(),
-        ));
-    }
-    Report {
-        scenario: plan.scenario,
-        target: common.target.to_string(),
-        args: describe,
-        spans: Spans::new(
-            common.duration_s,
-            common.warmup_s,
-            measured.measure_from,
-            &total,
-        ),
-        total,
-        server: measured.server,
-        samples: measured.samples,
-        extra,
-    }
+    Report::new(plan.scenario, common, describe, total, measured, extra)
 }
 
 /// The `connect` scenario against a peer: the same storm and hold as
@@ -811,6 +790,30 @@ fn run_connect<B: Backend>(
             server,
         },
     )
+}
+
+/// Waits for every endpoint task of an executor: their results, or the
+/// first error.
+async fn join_endpoints(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<EndpointResult>>>,
+) -> anyhow::Result<Vec<EndpointResult>> {
+    let mut results = Vec::with_capacity(tasks.len());
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(result)) => results.push(result),
+            Ok(Err(error)) => {
+                first_error.get_or_insert(error);
+            }
+            Err(error) => {
+                first_error.get_or_insert(anyhow::anyhow!("an endpoint task failed: {error}"));
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(results),
+    }
 }
 
 #[cfg(test)]

@@ -236,23 +236,7 @@ impl Backend for Nats {
                 shared, endpoint, subject, msg_prefix,
             )));
         }
-        let mut results = Vec::with_capacity(tasks.len());
-        let mut first_error = None;
-        for task in tasks {
-            match task.await {
-                Ok(Ok(result)) => results.push(result),
-                Ok(Err(error)) => {
-                    first_error.get_or_insert(error);
-                }
-                Err(error) => {
-                    first_error.get_or_insert(anyhow::anyhow!("an endpoint task failed: {error}"));
-                }
-            }
-        }
-        match first_error {
-            Some(error) => Err(error),
-            None => Ok(results),
-        }
+        super::join_endpoints(tasks).await
     }
 
     fn cleanup(&self, _shared: &Shared) -> anyhow::Result<()> {
