@@ -163,15 +163,18 @@ for name, label in [
 ]:
     print(row(name, label))
 print()
-print("| connect (10,000 held) | set-up/s | set-up p99 ms | server RSS per connection | server CPU |")
-print("|---|---:|---:|---:|---:|")
+print("| connect (10,000 held) | set-up/s | set-up p99 ms | server RSS per connection | server CPU, storm + hold | server CPU, hold only |")
+print("|---|---:|---:|---:|---:|---:|")
 for name, label in [("ruyi-connect", "ruyi"), ("mqtt-connect", "mosquitto"), ("nats-connect", "nats")]:
     c = os.path.join(out, name + ".json")
     if os.path.exists(c):
         j = json.load(open(c))
         per = j.get("server_rss_bytes_per_connection")
+        per = "-" if per is None else f"{per:,} B"
+        idle = j.get("server_cpu_percent_idle")
+        idle = "-" if idle is None else f"{idle:.1f}%"
         print(f"| {label} | {j['connections_per_s']:,.0f} | {j['setup_latency_us']['p99'] / 1000:.1f} | "
-              f"{'-' if per is None else f'{per:,} B'} | {j.get('server_cpu_percent') or 0:.1f}% |")
+              f"{per} | {j.get('server_cpu_percent') or 0:.1f}% | {idle} |")
 print()
 for name in ("ruyi-chaos-chat", "ruyi-chaos-group"):
     p = os.path.join(out, name + ".json")

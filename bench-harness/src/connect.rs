@@ -106,10 +106,12 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
         }
     }
     let setup_s = started.elapsed().as_secs_f64();
+    let holding = ServerProbe::start(args.server_pid);
     std::thread::sleep(Duration::from_secs_f64(args.hold_s));
     let rss_held = args.server_pid.and_then(resident_bytes);
-    // CPU over the storm and the hold.
+    // CPU over the storm and the hold, and over the hold alone.
     let server = probe.finish();
+    let held = holding.finish();
     let duration_s = started.elapsed().as_secs_f64();
     for _ in 0..threads {
         let _ = release_tx.send(());
@@ -131,6 +133,7 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
             rss_before,
             rss_held,
             server,
+            held,
         },
     )
 }
@@ -144,6 +147,8 @@ pub(crate) struct Measured {
     pub(crate) rss_before: Option<u64>,
     pub(crate) rss_held: Option<u64>,
     pub(crate) server: crate::common::ServerUsage,
+    /// Over the hold only: what idle connections cost.
+    pub(crate) held: crate::common::ServerUsage,
 }
 
 /// Prints the summary and makes the JSON of a connect run (ruyi's or a
@@ -157,6 +162,7 @@ pub(crate) fn report(args: &ConnectArgs, m: &Measured) -> anyhow::Result<serde_j
         rss_before,
         rss_held,
         server,
+        held,
     } = *m;
     if opened < args.connections {
         bail!("only {opened} of {} connections opened", args.connections);
@@ -182,6 +188,7 @@ pub(crate) fn report(args: &ConnectArgs, m: &Measured) -> anyhow::Result<serde_j
         "ack_latency_us": null,
         "delivery_latency_us": null,
         "server_cpu_percent": server.cpu_percent,
+        "server_cpu_percent_idle": held.cpu_percent,
         "connections": opened,
         "setup_s": setup_s,
         "connections_per_s": opened as f64 / setup_s,
@@ -203,5 +210,8 @@ pub(crate) fn report(args: &ConnectArgs, m: &Measured) -> anyhow::Result<serde_j
         );
     }
     server.print();
+    if let Some(idle) = held.cpu_percent {
+        println!("  server CPU while the connections were held idle: {idle:.1}%");
+    }
     Ok(report)
 }

@@ -754,11 +754,13 @@ fn run_connect<B: Backend>(
         }
     }
     let setup_s = started.elapsed().as_secs_f64();
+    let holding = ServerProbe::start(args.server_pid);
     if first_error.is_none() {
         std::thread::sleep(Duration::from_secs_f64(args.hold_s));
     }
     let rss_held = args.server_pid.and_then(resident_bytes);
     let server = probe.finish();
+    let held = holding.finish();
     let duration_s = started.elapsed().as_secs_f64();
     release.store(true, Ordering::SeqCst);
     let mut setup = Histogram::<u64>::new(3).expect("valid sigfig");
@@ -788,6 +790,7 @@ fn run_connect<B: Backend>(
             rss_before,
             rss_held,
             server,
+            held,
         },
     )
 }
