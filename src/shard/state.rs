@@ -3172,6 +3172,216 @@ impl MessageIdGenerator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{ChannelType, Connect, DeviceFlag, RecvAck, LENGTH_PREFIX_BYTES};
+    use crate::storage::{MemoryStorage, Mutation, Storage};
+
+    fn now() -> Now {
+        Now {
+            monotonic: Millis(1),
+            unix_ms: crate::time::unix_now_ms(),
+        }
+    }
+
+    fn frame(packet: &Packet) -> Bytes {
+        let mut out = BytesMut::new();
+        Encoder::new().encode(packet, &mut out);
+        Bytes::copy_from_slice(&out[LENGTH_PREFIX_BYTES..])
+    }
+
+    fn shard(storage: &MemoryStorage, id: u16) -> ShardState {
+        let config = crate::config::Config::default();
+        let auth = crate::config::AuthConfig {
+            mode: crate::config::AuthMode::Off,
+            ..crate::config::AuthConfig::default()
+        };
+        let mut state = ShardState::new(
+            ShardId(id),
+            2,
+            config.limits.clone(),
+            config.storage.idempotency_ttl_s * 1000,
+            crate::auth::Authenticator::new(&auth),
+            storage.open_shard(ShardId(id)).unwrap(),
+            Rc::new(Signals::new(2)),
+        );
+        state.set_retry_policy(config.delivery.retry_policy(), now());
+        state
+    }
+
+    /// Hands each shard what the other queued for it, and commits, until
+    /// both are quiet.
+    fn pump(shards: &mut [ShardState; 2]) {
+        loop {
+            let mut moved = false;
+            for (from, to) in [(0, 1), (1, 0)] {
+                let batch = shards[from].take_outgoing(ShardId(to as u16), usize::MAX);
+                moved |= !batch.is_empty();
+                for message in batch {
+                    shards[to].on_remote(message, now());
+                }
+            }
+            for state in shards.iter_mut() {
+                state.commit(now());
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn packets(outbox: &Outbox) -> Vec<Packet> {
+        let mut bytes = BytesMut::new();
+        outbox.take_into(&mut bytes);
+        let decoder = crate::protocol::FrameDecoder::new(1 << 20);
+        let limits = VerifyLimits::for_frame_size(1 << 20);
+        let mut out = Vec::new();
+        while let Some(f) = decoder.next_frame(&mut bytes).unwrap() {
+            out.push(Packet::decode(&f, &limits).unwrap());
+        }
+        out
+    }
+
+    fn connect(state: &mut ShardState, uid: &str, resume: bool) -> (ConnId, Rc<Outbox>) {
+        let (conn, outbox) = state.accept(now()).unwrap();
+        let packet = Packet::Connect(Connect {
+            version: PROTOCOL_VERSION,
+            uid: uid.to_owned(),
+            token: String::new(),
+            device_id: "phone".to_owned(),
+            device_flag: DeviceFlag::App,
+            client_timestamp_ms: 0,
+            resume,
+        });
+        state.on_frame(conn, &frame(&packet), now());
+        (conn, outbox)
+    }
+
+    /// A group message is in storage before its Deliver reaches a member's
+    /// shard: a device that resumed in between gets it from storage and
+    /// acknowledges it; the live copy arriving after must not be written
+    /// again as if new.
+    #[test]
+    fn a_live_copy_of_a_message_already_pushed_from_storage_is_not_written_again() {
+        let storage = MemoryStorage::default();
+        let group = (0..)
+            .map(|i| format!("g{i}"))
+            .find(|id| ChannelKey::group(id).shard(2) == ShardId(0))
+            .unwrap();
+        let key = ChannelKey::group(&group);
+        let mut members = vec![Uid::new("alice"), Uid::new("bob")];
+        members.sort();
+        storage
+            .open_shard(ShardId(0))
+            .unwrap()
+            .commit(&[Mutation::PutGroup {
+                key: key.clone(),
+                members,
+                last_seq: Seq(0),
+                last_message_id: MessageId(0),
+            }])
+            .unwrap();
+        let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+        let (alice, alice_out) = connect(&mut shards[0], "alice", false);
+        pump(&mut shards);
+        assert!(matches!(packets(&alice_out)[..], [Packet::ConnAck(_)]));
+
+        // Alice writes while Bob is offline: stored, nobody to deliver to.
+        let send = Packet::Send(SendPacket {
+            client_seq: 1,
+            client_msg_no: "m1".into(),
+            channel_id: group.clone(),
+            channel_type: ChannelType::Group,
+            flags: 0,
+            payload: Bytes::from_static(b"hi"),
+        });
+        shards[0].on_frame(alice, &frame(&send), now());
+        pump(&mut shards);
+        assert!(matches!(packets(&alice_out)[..], [Packet::SendAck(_)]));
+
+        // Bob resumes on the other shard: the message comes from storage,
+        // and he acknowledges it.
+        let (bob, bob_out) = connect(&mut shards[1], "bob", true);
+        pump(&mut shards);
+        let got = packets(&bob_out);
+        assert!(
+            matches!(&got[..], [Packet::ConnAck(_), Packet::Recv(r)] if r.message_seq == 1),
+            "{got:?}"
+        );
+        let ack = Packet::RecvAck(RecvAck {
+            message_id: 0,
+            message_seq: 1,
+            channel_id: group.clone(),
+            channel_type: ChannelType::Group,
+            through: true,
+        });
+        shards[1].on_frame(bob, &frame(&ack), now());
+
+        // The owner's live copy arrives late.
+        let message = shards[1]
+            .store
+            .read_messages(&key, Seq(1), 1, ReadDirection::Up)
+            .unwrap()
+            .remove(0);
+        shards[1].on_remote(
+            ShardMsg::Deliver {
+                message,
+                recipients: std::iter::once(Uid::new("bob")).collect(),
+                skip: None,
+            },
+            now(),
+        );
+        let again = packets(&bob_out);
+        assert!(again.is_empty(), "pushed twice: {again:?}");
+    }
+
+    /// The sending device reconnects while its send is being committed:
+    /// the fan-out skips the old connection, and the device on its new one
+    /// must not get its own message either. Its other members do.
+    #[test]
+    fn a_device_that_reconnected_during_its_send_is_not_pushed_its_own_message() {
+        let storage = MemoryStorage::default();
+        let group = (0..)
+            .map(|i| format!("g{i}"))
+            .find(|id| ChannelKey::group(id).shard(2) == ShardId(0))
+            .unwrap();
+        let key = ChannelKey::group(&group);
+        let mut members = vec![Uid::new("alice"), Uid::new("bob")];
+        members.sort();
+        storage
+            .open_shard(ShardId(0))
+            .unwrap()
+            .commit(&[Mutation::PutGroup {
+                key,
+                members,
+                last_seq: Seq(0),
+                last_message_id: MessageId(0),
+            }])
+            .unwrap();
+        let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+        let (alice, _old) = connect(&mut shards[0], "alice", false);
+        let (_bob, bob_out) = connect(&mut shards[1], "bob", false);
+        pump(&mut shards);
+        let _ = packets(&bob_out);
+        let send = Packet::Send(SendPacket {
+            client_seq: 1,
+            client_msg_no: "m1".into(),
+            channel_id: group.clone(),
+            channel_type: ChannelType::Group,
+            flags: 0,
+            payload: Bytes::from_static(b"hi"),
+        });
+        shards[0].on_frame(alice, &frame(&send), now());
+        // Not committed yet: the phone's connection drops and it is back.
+        shards[0].on_closed(alice);
+        let (_again, new_out) = connect(&mut shards[0], "alice", false);
+        pump(&mut shards);
+        let got = packets(&new_out);
+        assert!(matches!(got[..], [Packet::ConnAck(_)]), "{got:?}");
+        let got = packets(&bob_out);
+        assert!(
+            matches!(&got[..], [Packet::Recv(r)] if r.message_seq == 1),
+            "{got:?}"
+        );
+    }
 
     #[test]
     fn message_ids_grow_and_never_collide_across_shards() {
