@@ -483,30 +483,35 @@ async fn connect_is_refused_for_expired_foreign_forged_empty_or_wrong_device_tok
     )
     .await;
     assert_eq!(status, 200);
-    assert_auth_failed(
-        &server,
-        "registered for app, used on web",
-        connect_as("carol", "carol-app-token", DeviceFlag::Web),
-    )
-    .await;
-    assert_auth_failed(
-        &server,
-        "registered for app, used on desktop",
-        connect_as("carol", "carol-app-token", DeviceFlag::Desktop),
-    )
-    .await;
-    assert_auth_failed(
-        &server,
-        "registered for carol, used by dave",
-        connect_as("dave", "carol-app-token", DeviceFlag::App),
-    )
-    .await;
-    assert_auth_failed(
-        &server,
-        "a prefix of the registered token",
-        connect_as("carol", "carol-app", DeviceFlag::App),
-    )
-    .await;
+    let misuses = [
+        (
+            "registered for app, used on web",
+            "carol",
+            "carol-app-token",
+            DeviceFlag::Web,
+        ),
+        (
+            "registered for app, used on desktop",
+            "carol",
+            "carol-app-token",
+            DeviceFlag::Desktop,
+        ),
+        (
+            "registered for carol, used by dave",
+            "dave",
+            "carol-app-token",
+            DeviceFlag::App,
+        ),
+        (
+            "a prefix of the registered token",
+            "carol",
+            "carol-app",
+            DeviceFlag::App,
+        ),
+    ];
+    for (what, uid, token, flag) in misuses {
+        assert_auth_failed(&server, what, connect_as(uid, token, flag)).await;
+    }
     // The control: the same token on the right device flag gets in.
     let mut raw = RawClient::connect(server.addr).await;
     raw.send_packet(&connect_as("carol", "carol-app-token", DeviceFlag::App))

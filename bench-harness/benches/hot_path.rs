@@ -11,34 +11,19 @@
 //!
 //! Run: `cargo bench -p bench-harness --bench hot_path`.
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ruyi::delivery::wheel::TimerWheel;
-use ruyi::protocol::{
-    encode_recv, ChannelType, Encoder, Packet, RecvFields, SendPacket, VerifyLimits,
-};
+use ruyi::protocol::{encode_recv, ChannelType, Encoder, Packet, SendPacket, VerifyLimits};
 use std::hint::black_box;
-
-fn recv_fields(payload: &[u8]) -> RecvFields<'_> {
-    RecvFields {
-        message_id: 383_070_201_245_077_504,
-        message_seq: 42,
-        client_msg_no: "74328f29cab872e731d84843c83f9318",
-        from_uid: "alice",
-        channel_id: "alice",
-        channel_type: ChannelType::Person,
-        timestamp_ms: 1_795_398_253_077,
-        flags: 0,
-        send_flags: 0,
-        payload,
-    }
-}
 
 fn frames(c: &mut Criterion) {
     let payload = [b'x'; 32];
     let mut encoder = Encoder::new();
     let mut out = BytesMut::with_capacity(4096);
-    encode_recv(&mut encoder, &recv_fields(&payload), &mut out);
+    encode_recv(&mut encoder, &common::chat_recv(&payload), &mut out);
     let size = out.len();
     let source = vec![7u8; size];
     let mut group = c.benchmark_group("frame");
@@ -52,7 +37,11 @@ fn frames(c: &mut Criterion) {
     group.bench_function("encode Recv", |b| {
         b.iter(|| {
             out.clear();
-            encode_recv(&mut encoder, black_box(&recv_fields(&payload)), &mut out);
+            encode_recv(
+                &mut encoder,
+                black_box(&common::chat_recv(&payload)),
+                &mut out,
+            );
             black_box(&out);
         })
     });

@@ -11,12 +11,14 @@
 //! Run: `cargo bench --bench write_coalescing` (results under
 //! target/criterion).
 
+mod common;
+
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
-use ruyi::protocol::{encode_recv, ChannelType, Encoder, RecvFields};
+use ruyi::protocol::{encode_recv, Encoder};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -25,22 +27,7 @@ fn recv_frame() -> Vec<u8> {
     let mut encoder = Encoder::new();
     let mut out = BytesMut::new();
     let payload = [b'x'; 32];
-    encode_recv(
-        &mut encoder,
-        &RecvFields {
-            message_id: 383_070_201_245_077_504,
-            message_seq: 42,
-            client_msg_no: "74328f29cab872e731d84843c83f9318",
-            from_uid: "alice",
-            channel_id: "alice",
-            channel_type: ChannelType::Person,
-            timestamp_ms: 1_795_398_253_077,
-            flags: 0,
-            send_flags: 0,
-            payload: &payload,
-        },
-        &mut out,
-    );
+    encode_recv(&mut encoder, &common::chat_recv(&payload), &mut out);
     out.to_vec()
 }
 

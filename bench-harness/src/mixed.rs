@@ -156,7 +156,8 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<bool> {
     println!("mixed: {idle_held} idle connections held throughout");
     chat_report.print_summary();
     group_report.print_summary();
-    let json = combined_json(&chat_report, &group_report, idle_held);
+    let correct = chat_report.correct() && group_report.correct();
+    let json = combined_json(&chat_report, &group_report, idle_held, correct);
     let mut ok = crate::write_json(common.json.as_deref(), &json);
     if let Some(path) = &common.plot {
         for (report, suffix) in [(&chat_report, "chat"), (&group_report, "group")] {
@@ -167,7 +168,6 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<bool> {
             }
         }
     }
-    let correct = chat_report.correct() && group_report.correct();
     println!(
         "mixed: {:.0} acked sends/s and {:.0} deliveries/s in all -> {}",
         json["sends_per_s"].as_f64().unwrap_or(0.0),
@@ -178,7 +178,7 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<bool> {
 }
 
 /// The parts' own reports, and their sums under the usual field names.
-fn combined_json(chat: &Report, group: &Report, idle: usize) -> serde_json::Value {
+fn combined_json(chat: &Report, group: &Report, idle: usize, correct: bool) -> serde_json::Value {
     let (c, g) = (chat.to_json(), group.to_json());
     let sum = |key: &str| c[key].as_f64().unwrap_or(0.0) + g[key].as_f64().unwrap_or(0.0);
     let count = |key: &str| c[key].as_u64().unwrap_or(0) + g[key].as_u64().unwrap_or(0);
@@ -195,7 +195,7 @@ fn combined_json(chat: &Report, group: &Report, idle: usize) -> serde_json::Valu
         "duplicated": count("duplicated"),
         "reordered": count("reordered"),
         "unexpected": count("unexpected"),
-        "correct": chat.correct() && group.correct(),
+        "correct": correct,
         "sends_per_s": sum("sends_per_s"),
         "deliveries_per_s": sum("deliveries_per_s"),
         "ack_latency_us": { "chat": c["ack_latency_us"], "group": g["ack_latency_us"] },

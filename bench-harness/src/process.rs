@@ -209,11 +209,9 @@ pub(crate) fn measure<T: Send + 'static>(
     let mut usage = probe.map(|p| p.finish()).unwrap_or_default();
     if common.chaos.is_some() {
         // The last process's memory, for what it is worth.
-        usage.rss_bytes = pid.and_then(crate::common::resident_bytes);
         usage.rss_bytes = server
             .as_ref()
-            .and_then(|s| crate::common::resident_bytes(s.pid()))
-            .or(usage.rss_bytes);
+            .and_then(|s| crate::common::resident_bytes(s.pid()));
     }
     let mut results = Vec::with_capacity(handles.len());
     let mut first_error = chaos_error;

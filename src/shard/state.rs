@@ -3255,6 +3255,40 @@ mod tests {
         (conn, outbox)
     }
 
+    /// A group of alice and bob, owned by shard 0 of 2, stored as after a
+    /// restart; its id.
+    fn group_of_alice_and_bob(storage: &MemoryStorage) -> String {
+        let group = (0..)
+            .map(|i| format!("g{i}"))
+            .find(|id| ChannelKey::group(id).shard(2) == ShardId(0))
+            .unwrap();
+        let mut members = vec![Uid::new("alice"), Uid::new("bob")];
+        members.sort();
+        storage
+            .open_shard(ShardId(0))
+            .unwrap()
+            .commit(&[Mutation::PutGroup {
+                key: ChannelKey::group(&group),
+                members,
+                last_seq: Seq(0),
+                last_message_id: MessageId(0),
+            }])
+            .unwrap();
+        group
+    }
+
+    /// The frame of a first `Send` to `group`.
+    fn first_send(group: &str) -> Bytes {
+        frame(&Packet::Send(SendPacket {
+            client_seq: 1,
+            client_msg_no: "m1".into(),
+            channel_id: group.to_owned(),
+            channel_type: ChannelType::Group,
+            flags: 0,
+            payload: Bytes::from_static(b"hi"),
+        }))
+    }
+
     /// A group message is in storage before its Deliver reaches a member's
     /// shard: a device that resumed in between gets it from storage and
     /// acknowledges it; the live copy arriving after must not be written
@@ -3262,38 +3296,15 @@ mod tests {
     #[test]
     fn a_live_copy_of_a_message_already_pushed_from_storage_is_not_written_again() {
         let storage = MemoryStorage::default();
-        let group = (0..)
-            .map(|i| format!("g{i}"))
-            .find(|id| ChannelKey::group(id).shard(2) == ShardId(0))
-            .unwrap();
+        let group = group_of_alice_and_bob(&storage);
         let key = ChannelKey::group(&group);
-        let mut members = vec![Uid::new("alice"), Uid::new("bob")];
-        members.sort();
-        storage
-            .open_shard(ShardId(0))
-            .unwrap()
-            .commit(&[Mutation::PutGroup {
-                key: key.clone(),
-                members,
-                last_seq: Seq(0),
-                last_message_id: MessageId(0),
-            }])
-            .unwrap();
         let mut shards = [shard(&storage, 0), shard(&storage, 1)];
         let (alice, alice_out) = connect(&mut shards[0], "alice", false);
         pump(&mut shards);
         assert!(matches!(packets(&alice_out)[..], [Packet::ConnAck(_)]));
 
         // Alice writes while Bob is offline: stored, nobody to deliver to.
-        let send = Packet::Send(SendPacket {
-            client_seq: 1,
-            client_msg_no: "m1".into(),
-            channel_id: group.clone(),
-            channel_type: ChannelType::Group,
-            flags: 0,
-            payload: Bytes::from_static(b"hi"),
-        });
-        shards[0].on_frame(alice, &frame(&send), now());
+        shards[0].on_frame(alice, &first_send(&group), now());
         pump(&mut shards);
         assert!(matches!(packets(&alice_out)[..], [Packet::SendAck(_)]));
 
@@ -3339,37 +3350,13 @@ mod tests {
     #[test]
     fn a_device_that_reconnected_during_its_send_is_not_pushed_its_own_message() {
         let storage = MemoryStorage::default();
-        let group = (0..)
-            .map(|i| format!("g{i}"))
-            .find(|id| ChannelKey::group(id).shard(2) == ShardId(0))
-            .unwrap();
-        let key = ChannelKey::group(&group);
-        let mut members = vec![Uid::new("alice"), Uid::new("bob")];
-        members.sort();
-        storage
-            .open_shard(ShardId(0))
-            .unwrap()
-            .commit(&[Mutation::PutGroup {
-                key,
-                members,
-                last_seq: Seq(0),
-                last_message_id: MessageId(0),
-            }])
-            .unwrap();
+        let group = group_of_alice_and_bob(&storage);
         let mut shards = [shard(&storage, 0), shard(&storage, 1)];
         let (alice, _old) = connect(&mut shards[0], "alice", false);
         let (_bob, bob_out) = connect(&mut shards[1], "bob", false);
         pump(&mut shards);
         let _ = packets(&bob_out);
-        let send = Packet::Send(SendPacket {
-            client_seq: 1,
-            client_msg_no: "m1".into(),
-            channel_id: group.clone(),
-            channel_type: ChannelType::Group,
-            flags: 0,
-            payload: Bytes::from_static(b"hi"),
-        });
-        shards[0].on_frame(alice, &frame(&send), now());
+        shards[0].on_frame(alice, &first_send(&group), now());
         // Not committed yet: the phone's connection drops and it is back.
         shards[0].on_closed(alice);
         let (_again, new_out) = connect(&mut shards[0], "alice", false);
