@@ -257,6 +257,8 @@ pub struct Limits {
     pub channel_id_length_max_bytes: usize,
     pub client_msg_no_length_max_bytes: usize,
     pub outbound_buffer_max_bytes: usize,
+    pub pending_requests_per_connection_max: usize,
+    pub channels_cached_per_shard_max: usize,
     pub write_stall_timeout_ms: u64,
     pub inflight_messages_max: usize,
     pub inflight_bytes_max: usize,
@@ -312,6 +314,8 @@ impl Default for Limits {
             channel_id_length_max_bytes: 64,
             client_msg_no_length_max_bytes: 64,
             outbound_buffer_max_bytes: 4 * 1024 * 1024,
+            pending_requests_per_connection_max: 1024,
+            channels_cached_per_shard_max: 100_000,
             write_stall_timeout_ms: 30_000,
             inflight_messages_max: 256,
             inflight_bytes_max: 1024 * 1024,
@@ -590,6 +594,21 @@ impl Config {
         check(
             l.outbound_buffer_max_bytes >= l.frame_size_max_bytes * 2,
             "limits.outbound_buffer_max_bytes must hold at least two maximum-size frames".into(),
+        );
+        check(
+            l.outbound_buffer_max_bytes >= 2 * (l.sync_response_max_bytes + l.frame_size_max_bytes),
+            "limits.outbound_buffer_max_bytes must be at least twice limits.sync_response_max_bytes \
+             + limits.frame_size_max_bytes (a connection stops being read at half of it, and one \
+             more answer must fit)"
+                .into(),
+        );
+        check(
+            l.pending_requests_per_connection_max >= 1,
+            "limits.pending_requests_per_connection_max must be at least 1".into(),
+        );
+        check(
+            l.channels_cached_per_shard_max >= 16,
+            "limits.channels_cached_per_shard_max must be at least 16".into(),
         );
         check(
             l.inflight_messages_max >= 1,

@@ -32,7 +32,7 @@ impl ConnId {
 }
 
 /// Server-assigned message id, unique across the server and across restarts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MessageId(pub u64);
 
 /// Position of a message in its channel: 1, 2, 3, ... with no gaps.

@@ -128,6 +128,17 @@ impl Server {
                 Err(error) => tracing::error!(%error, "reading the webhook outbox size failed"),
             }
         }
+        // The first message id of this run, the same for every shard: ids
+        // continue above everything an earlier run recorded.
+        let run = storage
+            .open_shard(crate::ids::ShardId(0))
+            .and_then(|mut store| {
+                crate::shard::state::first_id_of_run(&mut *store, crate::time::unix_now_ms())
+            })
+            .map_err(|source| StartError::Storage {
+                dir: config.server.data_dir.clone(),
+                source,
+            })?;
         let meshes = mesh::build(shards, config.server.inbox_capacity_batches);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut controls = Vec::new();
@@ -151,6 +162,7 @@ impl Server {
                 ready: ready_tx.clone(),
                 webhooks: Arc::clone(&webhooks),
                 tls: tls.clone(),
+                run,
             };
             let thread = LocalExecutorBuilder::new(placement)
                 .name(&format!("ruyi-shard-{index}"))
@@ -303,6 +315,13 @@ pub struct ServerStats {
     /// Messages queued for other shards' inboxes, not yet handed over.
     pub inbox_depth: usize,
     pub commit_latency: CommitLatency,
+    /// Bytes queued for connections and not yet written to their sockets.
+    pub outbound_queued_bytes: u64,
+    /// Connections cut off because they did not read what was sent to them.
+    pub slow_consumers: u64,
+    /// Channels held in memory, and idle ones dropped from it.
+    pub channels_cached: usize,
+    pub channels_evicted: u64,
 }
 
 impl ServerHandle {
@@ -515,6 +534,10 @@ impl Control {
             total.recvs_written += stats.recvs_written;
             total.commit_batches += stats.commit_batches;
             total.redeliveries += stats.redeliveries;
+            total.outbound_queued_bytes += stats.outbound_queued_bytes;
+            total.slow_consumers += stats.slow_consumers;
+            total.channels_cached += stats.channels_cached;
+            total.channels_evicted += stats.channels_evicted;
         }
         Ok(total)
     }

@@ -58,6 +58,7 @@ fn sample_conversation() -> Conversation {
         last_message_seq: 1,
         last_message: Some(sample_recv()),
         deleted: false,
+        read_seq: 0,
     }
 }
 

@@ -314,3 +314,95 @@ async fn a_reconnecting_sdk_resends_through_a_kill_9_and_every_message_is_stored
     }
     assert_eq!(acks, (1..=MESSAGES as u64).collect::<Vec<_>>());
 }
+
+/// A group's deny list is stored with it: after a restart the denied member
+/// is still refused, the API still shows the list, and the next change adds
+/// to it rather than replacing it with only the new uids. (It was lost on
+/// restart: groups were loaded without their lists.)
+#[tokio::test]
+async fn a_groups_deny_and_allow_lists_survive_a_restart_and_later_changes_add_to_them() {
+    use ruyi::server::ListTarget;
+    use ruyi::shard::state::SetChange;
+    use ruyi::storage::ListKind;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), |_| {});
+    let control = server.control();
+    control
+        .create_group("club", &["alice", "bob", "carol", "dave"])
+        .await
+        .unwrap();
+    control
+        .change_list(
+            ListTarget::Group("club"),
+            ListKind::Deny,
+            SetChange::Add,
+            &["bob"],
+        )
+        .await
+        .unwrap();
+    control
+        .change_list(
+            ListTarget::Group("club"),
+            ListKind::Allow,
+            SetChange::Add,
+            &["alice", "bob", "carol"],
+        )
+        .await
+        .unwrap();
+    let (bob, _b) = server.connect("bob").await;
+    let refused = bob.send_group_text("club", "before").await.unwrap();
+    assert_eq!(refused.reason, ReasonCode::Denied);
+    drop(bob);
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+
+    let server = TestServer::start_in(dir.path(), |_| {});
+    let (bob, _b) = server.connect("bob").await;
+    let refused = bob
+        .send_group_text("club", "after a restart")
+        .await
+        .unwrap();
+    assert_eq!(refused.reason, ReasonCode::Denied, "the deny list survived");
+    let (dave, _d) = server.connect("dave").await;
+    let refused = dave.send_group_text("club", "not allowed").await.unwrap();
+    assert_eq!(
+        refused.reason,
+        ReasonCode::NotAllowed,
+        "the allow list survived"
+    );
+    let (alice, _a) = server.connect("alice").await;
+    let sent = alice.send_group_text("club", "hello").await.unwrap();
+    assert_eq!(sent.reason, ReasonCode::Success);
+
+    let deny = server
+        .control()
+        .change_list(
+            ListTarget::Group("club"),
+            ListKind::Deny,
+            SetChange::Add,
+            &["carol"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deny, vec!["bob".to_owned(), "carol".to_owned()]);
+    let (status, info) = common::api_post(
+        &server.api_url(),
+        "/channel/info",
+        serde_json::json!({"channel_id": "club"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(
+        info["data"]["blacklist"],
+        serde_json::json!(["bob", "carol"])
+    );
+    assert_eq!(
+        info["data"]["whitelist"],
+        serde_json::json!(["alice", "bob", "carol"])
+    );
+    drop((alice, bob, dave));
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap();
+}

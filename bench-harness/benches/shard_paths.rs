@@ -420,6 +420,7 @@ impl FanOut {
         for (i, outbox) in self.outboxes.iter().enumerate() {
             let mut bytes = BytesMut::new();
             outbox.take_into(&mut bytes);
+            outbox.wrote(bytes.len());
             let frame = decoder.next_frame(&mut bytes).unwrap().unwrap();
             assert!(bytes.is_empty(), "one frame each");
             match Packet::decode(&frame, &limits).unwrap() {
@@ -434,6 +435,7 @@ impl FanOut {
     fn drain(&mut self) {
         for outbox in &self.outboxes {
             outbox.take_into(&mut self.scratch);
+            outbox.wrote(self.scratch.len());
             self.scratch.clear();
         }
     }

@@ -40,6 +40,7 @@ fn refused(reason: ReasonCode) -> ApiError {
         | ReasonCode::MessageMissing
         | ReasonCode::ConversationMissing => StatusCode::NOT_FOUND,
         ReasonCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ReasonCode::ClientMsgNoReused => StatusCode::CONFLICT,
         ReasonCode::StorageError | ReasonCode::ServerShutdown | ReasonCode::ServerBusy => {
             StatusCode::SERVICE_UNAVAILABLE
         }
@@ -54,6 +55,10 @@ fn refused(reason: ReasonCode) -> ApiError {
         ReasonCode::Denied => "the sender is on the channel's blacklist".to_owned(),
         ReasonCode::NotAllowed => "the sender is not on the channel's whitelist".to_owned(),
         ReasonCode::StorageError => "storage failed; retry".to_owned(),
+        ReasonCode::ClientMsgNoReused => {
+            "client_msg_no was already used for a message to another channel; nothing was stored"
+                .to_owned()
+        }
         _ => name.clone(),
     };
     let code: &'static str = match reason {
@@ -69,6 +74,7 @@ fn refused(reason: ReasonCode) -> ApiError {
         ReasonCode::InvalidRange => "invalid_range",
         ReasonCode::InvalidChannel => "invalid_channel",
         ReasonCode::InvalidClientMsgNo => "invalid_client_msg_no",
+        ReasonCode::ClientMsgNoReused => "client_msg_no_reused",
         _ => "refused",
     };
     ApiError::new(status, code, msg)

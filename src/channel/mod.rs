@@ -186,6 +186,16 @@ impl Members {
     }
 }
 
+/// A membership change whose place in the channel's order is after `after`,
+/// kept until every message at or before it is stored: those messages are
+/// fanned out to the members they had.
+#[derive(Debug, Clone)]
+pub struct MembershipChange {
+    pub after: Seq,
+    pub added: Vec<Uid>,
+    pub removed: Vec<Uid>,
+}
+
 /// A channel as its owning shard holds it.
 #[derive(Debug, Clone)]
 pub struct Channel {
@@ -197,6 +207,11 @@ pub struct Channel {
     pub committed_seq: Seq,
     /// The id of the message at `committed_seq` (0 when there is none).
     pub last_message_id: MessageId,
+    /// The id of the message at `last_seq`, committed or not.
+    pub assigned_message_id: MessageId,
+    /// Seqs handed out and not yet stored, with their senders: a user's own
+    /// messages in flight count as read when they clear their unread.
+    pub uncommitted: Vec<(Seq, Uid)>,
     pub members: Members,
     /// A group's allow list (when non-empty, only these may send) and deny
     /// list (these may never send). Person channels use the recipient's
@@ -206,6 +221,11 @@ pub struct Channel {
     /// Conversation rows of this channel's users that the owner has read or
     /// written: the owner is their only writer, so this copy is current.
     pub conversations: std::collections::HashMap<Uid, ConversationRecord, ahash::RandomState>,
+    /// When the owner last used it (a counter of the owner's): the least
+    /// recently used idle channels are dropped from memory first.
+    pub last_used: u64,
+    /// Membership changes queued after messages that are not stored yet.
+    pub recent_changes: Vec<MembershipChange>,
 }
 
 impl Channel {
@@ -220,10 +240,14 @@ impl Channel {
             last_seq: Seq(0),
             committed_seq: Seq(0),
             last_message_id: MessageId(0),
+            assigned_message_id: MessageId(0),
+            uncommitted: Vec::new(),
             members,
             allow: MemberSet::default(),
             deny: MemberSet::default(),
             conversations: Default::default(),
+            last_used: 0,
+            recent_changes: Vec::new(),
         }
     }
 
@@ -237,25 +261,109 @@ impl Channel {
             last_seq,
             committed_seq: last_seq,
             last_message_id: MessageId(0),
+            assigned_message_id: MessageId(0),
+            uncommitted: Vec::new(),
             members: Members::Group(members.into_iter().collect()),
             allow: MemberSet::default(),
             deny: MemberSet::default(),
             conversations: Default::default(),
+            last_used: 0,
+            recent_changes: Vec::new(),
         }
     }
 
-    /// Hands out the next sequence number.
-    pub fn assign_seq(&mut self) -> Seq {
+    /// Hands out the next sequence number to a message of `from`, whose id
+    /// is `message_id`.
+    pub fn assign_seq(&mut self, from: &Uid, message_id: MessageId) -> Seq {
         self.last_seq = self.last_seq.next();
+        self.assigned_message_id = message_id;
+        self.uncommitted.push((self.last_seq, from.clone()));
         self.last_seq
     }
 
-    /// Records that everything up to `seq` is stored.
-    pub fn mark_committed(&mut self, seq: Seq) {
+    /// Gives back the seq just handed out (its message was refused before
+    /// it was queued).
+    pub fn unassign_last(&mut self) {
+        if let Some((seq, _)) = self.uncommitted.pop() {
+            debug_assert_eq!(seq, self.last_seq);
+            self.last_seq = Seq(seq.0 - 1);
+        }
+    }
+
+    /// Records that everything up to `seq` is stored; `message_id` is the
+    /// message at `seq`.
+    pub fn mark_committed(&mut self, seq: Seq, message_id: MessageId) {
         assert!(seq <= self.last_seq, "committed beyond what was assigned");
         if seq > self.committed_seq {
             self.committed_seq = seq;
+            self.last_message_id = message_id;
         }
+        self.uncommitted.retain(|(s, _)| *s > seq);
+        // A change after exactly `committed` is still needed: the message
+        // at `committed` is fanned out after this.
+        let committed = self.committed_seq;
+        self.recent_changes.retain(|c| c.after >= committed);
+    }
+
+    /// Records a membership change at its place: after the last seq handed
+    /// out.
+    pub fn record_change(&mut self, added: Vec<Uid>, removed: Vec<Uid>) {
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        if self.last_seq > self.committed_seq {
+            self.recent_changes.push(MembershipChange {
+                after: self.last_seq,
+                added,
+                removed,
+            });
+        }
+    }
+
+    /// The members the message at `seq` is for: today's, with the changes
+    /// queued after it undone.
+    pub fn members_at(&self, seq: Seq) -> Vec<Uid> {
+        let mut members: Vec<Uid> = self.members.iter().cloned().collect();
+        for change in self.recent_changes.iter().rev() {
+            if change.after < seq {
+                break;
+            }
+            members.retain(|uid| !change.added.contains(uid));
+            members.extend(change.removed.iter().cloned());
+        }
+        members.sort();
+        members.dedup();
+        members
+    }
+
+    /// Whether membership changed after `seq` in a way not yet settled.
+    pub fn changed_after(&self, seq: Seq) -> bool {
+        self.recent_changes.last().is_some_and(|c| c.after >= seq)
+    }
+
+    /// Where `uid` has read (or deleted) up to when they clear (or delete)
+    /// now: everything stored, and their own messages right after it that
+    /// are still being stored; with the number of their own messages above
+    /// that (behind someone else's that they have not seen).
+    pub fn read_point(&self, uid: &Uid) -> (Seq, u64) {
+        let mut point = self.committed_seq;
+        let mut own_above = 0;
+        for (seq, sender) in &self.uncommitted {
+            if sender != uid {
+                continue;
+            }
+            if *seq == point.next() && own_above == 0 {
+                point = *seq;
+            } else {
+                own_above += 1;
+            }
+        }
+        (point, own_above)
+    }
+
+    /// `uid`'s own messages handed a seq and not stored yet.
+    pub fn own_uncommitted(&self, uid: &Uid) -> u64 {
+        self.uncommitted.iter().filter(|(_, u)| u == uid).count() as u64
     }
 
     /// Takes back every sequence number handed out after the last commit,
@@ -263,6 +371,9 @@ impl Channel {
     /// forgets conversation rows changed for it (they are read again).
     pub fn roll_back_uncommitted(&mut self) {
         self.last_seq = self.committed_seq;
+        self.assigned_message_id = self.last_message_id;
+        self.uncommitted.clear();
+        self.recent_changes.clear();
         self.conversations.clear();
     }
 }
@@ -294,11 +405,14 @@ mod tests {
     #[test]
     fn sequence_numbers_have_no_gaps_after_a_rollback() {
         let mut channel = Channel::new_person(ChannelKey::person(&"a".into(), &"b".into()));
-        assert_eq!(channel.assign_seq(), Seq(1));
-        channel.mark_committed(Seq(1));
-        assert_eq!(channel.assign_seq(), Seq(2));
+        let a = Uid::new("a");
+        assert_eq!(channel.assign_seq(&a, MessageId(10)), Seq(1));
+        channel.mark_committed(Seq(1), MessageId(10));
+        assert_eq!(channel.assign_seq(&a, MessageId(11)), Seq(2));
+        assert_eq!(channel.own_uncommitted(&a), 1);
         channel.roll_back_uncommitted();
-        assert_eq!(channel.assign_seq(), Seq(2));
+        assert_eq!(channel.own_uncommitted(&a), 0);
+        assert_eq!(channel.assign_seq(&a, MessageId(12)), Seq(2));
     }
 
     #[test]

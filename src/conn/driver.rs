@@ -77,13 +77,19 @@ pub(crate) async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ended::PeerClosed),
                     Poll::Ready(Ok(n)) => {
                         writing.advance(n);
-                        outbox.mark_flowing();
+                        outbox.wrote(n);
+                        if writing.is_empty() {
+                            // Caught up: only that resets the stall clock,
+                            // not a trickle of bytes.
+                            outbox.mark_flowing();
+                        }
                         progressed = true;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Ended::Io(error)),
                     Poll::Pending => {
                         // The peer is not reading; the sweeper cuts it off
-                        // after the write-stall timeout.
+                        // if it has not caught up by the write-stall
+                        // timeout.
                         outbox.mark_stalled(runtime.now().monotonic);
                         break;
                     }

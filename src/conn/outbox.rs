@@ -17,9 +17,13 @@ pub struct Outbox {
     closing: Cell<Option<ReasonCode>>,
     /// Set when the connection must end now, without flushing.
     aborted: Cell<bool>,
-    /// Since when the socket has refused bytes that are waiting to go out;
-    /// cleared by any progress.
+    /// Since when bytes have been waiting to go out; cleared only when the
+    /// connection's task has written everything it took (a trickle of
+    /// progress does not count as catching up).
     stalled_since: Cell<Option<crate::ids::Millis>>,
+    /// Bytes the connection's task took out of `buf` and has not written
+    /// yet: they still count against the connection's outbound limit.
+    in_writer: Cell<usize>,
 }
 
 impl Outbox {
@@ -29,8 +33,20 @@ impl Outbox {
         self.wake();
     }
 
+    /// Bytes queued and not yet taken by the connection's task.
     pub fn len(&self) -> usize {
         self.buf.borrow().len()
+    }
+
+    /// Everything not yet written to the socket: queued, and taken by the
+    /// task but not written. What `outbound_buffer_max_bytes` bounds.
+    pub fn unwritten(&self) -> usize {
+        self.buf.borrow().len() + self.in_writer.get()
+    }
+
+    /// The task wrote `n` of the bytes it took.
+    pub fn wrote(&self, n: usize) {
+        self.in_writer.set(self.in_writer.get().saturating_sub(n));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -42,6 +58,7 @@ impl Outbox {
     pub fn take_into(&self, dst: &mut BytesMut) {
         debug_assert!(dst.is_empty());
         std::mem::swap(&mut *self.buf.borrow_mut(), dst);
+        self.in_writer.set(self.in_writer.get() + dst.len());
     }
 
     /// Drops the allocation of a connection that has gone quiet, so idle
@@ -94,7 +111,7 @@ impl Outbox {
         }
     }
 
-    /// The socket took bytes (or nothing waits).
+    /// Everything taken was written (or nothing waits).
     pub fn mark_flowing(&self) {
         self.stalled_since.set(None);
     }

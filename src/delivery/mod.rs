@@ -193,6 +193,14 @@ impl PendingPushes {
         self.highest.get(&conn)?.get(channel).copied()
     }
 
+    /// Every channel pushed to `conn`, with the highest seq pushed there.
+    pub fn pushed_channels(&self, conn: ConnId) -> impl Iterator<Item = (&ChannelKey, Seq)> {
+        self.highest
+            .get(&conn)
+            .into_iter()
+            .flat_map(|channels| channels.iter().map(|(key, seq)| (key, *seq)))
+    }
+
     /// Forgets everything pending on a closed connection.
     pub fn forget_conn(&mut self, conn: ConnId) {
         self.conn_bytes.remove(&conn);
@@ -207,10 +215,17 @@ impl PendingPushes {
     }
 
     /// The pushes whose timers fired by `now_ms`, to be written again with
-    /// the redelivered flag. Each is rescheduled with backoff, or dropped
-    /// once it has been redelivered `attempts_max` times (which frees its
-    /// place in the window).
-    pub fn due(&mut self, now_ms: u64, out: &mut Vec<(ConnId, Arc<StoredMessage>)>) {
+    /// the redelivered flag. Each is rescheduled with backoff, or, once it
+    /// has been redelivered `attempts_max` times, dropped and its
+    /// connection listed in `given_up` (the caller closes it: a device that
+    /// does not acknowledge must not have later acknowledgements move its
+    /// position past what it never acknowledged).
+    pub fn due(
+        &mut self,
+        now_ms: u64,
+        out: &mut Vec<(ConnId, Arc<StoredMessage>)>,
+        given_up: &mut Vec<ConnId>,
+    ) {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(now_ms, &mut due);
         for key in due.drain(..) {
@@ -220,6 +235,9 @@ impl PendingPushes {
             if entry.redeliveries >= self.policy.attempts_max {
                 let id = key.1;
                 self.ack(key.0, id);
+                if !given_up.contains(&key.0) {
+                    given_up.push(key.0);
+                }
                 continue;
             }
             entry.redeliveries += 1;
@@ -315,9 +333,9 @@ mod tests {
         pending.track(conn(1), &message(1), 0);
         pending.track(conn(1), &message(2), 0);
         let mut out = Vec::new();
-        pending.due(999, &mut out);
+        pending.due(999, &mut out, &mut Vec::new());
         assert!(out.is_empty());
-        pending.due(1000, &mut out);
+        pending.due(1000, &mut out, &mut Vec::new());
         assert_eq!(out.len(), 2);
         assert!(pending.ack(conn(1), MessageId(1002)));
         assert!(
@@ -330,13 +348,15 @@ mod tests {
         );
         out.clear();
         // Redeliveries at +2 s and +4 s after that, then dropped.
-        pending.due(2999, &mut out);
+        pending.due(2999, &mut out, &mut Vec::new());
         assert!(out.is_empty());
-        pending.due(3000, &mut out);
-        pending.due(7000, &mut out);
+        pending.due(3000, &mut out, &mut Vec::new());
+        pending.due(7000, &mut out, &mut Vec::new());
         assert_eq!(out.len(), 2);
-        pending.due(100_000, &mut out);
+        let mut given_up = Vec::new();
+        pending.due(100_000, &mut out, &mut given_up);
         assert_eq!(out.len(), 2, "attempts_max = 3 redeliveries, then nothing");
+        assert_eq!(given_up, vec![conn(1)], "its connection is reported once");
         assert!(pending.is_empty());
         assert_eq!(pending.timers(), 0);
     }
@@ -409,7 +429,7 @@ mod tests {
                     Op::Tick(by) => {
                         now += u64::from(by);
                         let mut out = Vec::new();
-                        pending.due(now, &mut out);
+                        pending.due(now, &mut out, &mut Vec::new());
                         for (c, m) in out {
                             let key = ((c.0 & 0xffff) as u8, m.seq.0 as u8);
                             prop_assert!(!acked.contains(&key), "redelivered an acknowledged message");

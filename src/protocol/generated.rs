@@ -14,10 +14,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_REASON_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REASON_CODE: u16 = 27;
+pub const ENUM_MAX_REASON_CODE: u16 = 28;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REASON_CODE: [ReasonCode; 28] = [
+pub const ENUM_VALUES_REASON_CODE: [ReasonCode; 29] = [
   ReasonCode::Unknown,
   ReasonCode::Success,
   ReasonCode::AuthFailed,
@@ -46,6 +46,7 @@ pub const ENUM_VALUES_REASON_CODE: [ReasonCode; 28] = [
   ReasonCode::MessageMissing,
   ReasonCode::NotSender,
   ReasonCode::ConversationMissing,
+  ReasonCode::ClientMsgNoReused,
 ];
 
 /// Why something failed (or `Success`). One enum for every packet that
@@ -113,9 +114,12 @@ impl ReasonCode {
   pub const NotSender: Self = Self(26);
   /// The user has no conversation in that channel.
   pub const ConversationMissing: Self = Self(27);
+  /// The client_msg_no was already used by this user for a message to
+  /// another channel; nothing was stored. Use a new client_msg_no.
+  pub const ClientMsgNoReused: Self = Self(28);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 27;
+  pub const ENUM_MAX: u16 = 28;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Unknown,
     Self::Success,
@@ -145,6 +149,7 @@ impl ReasonCode {
     Self::MessageMissing,
     Self::NotSender,
     Self::ConversationMissing,
+    Self::ClientMsgNoReused,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -177,6 +182,7 @@ impl ReasonCode {
       Self::MessageMissing => Some("MessageMissing"),
       Self::NotSender => Some("NotSender"),
       Self::ConversationMissing => Some("ConversationMissing"),
+      Self::ClientMsgNoReused => Some("ClientMsgNoReused"),
       _ => None,
     }
   }
@@ -2496,6 +2502,7 @@ impl<'a> Conversation<'a> {
   pub const VT_LAST_MESSAGE_SEQ: ::flatbuffers::VOffsetT = 12;
   pub const VT_LAST_MESSAGE: ::flatbuffers::VOffsetT = 14;
   pub const VT_DELETED: ::flatbuffers::VOffsetT = 16;
+  pub const VT_READ_SEQ: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2507,6 +2514,7 @@ impl<'a> Conversation<'a> {
     args: &'args ConversationArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Conversation<'bldr>> {
     let mut builder = ConversationBuilder::new(_fbb);
+    builder.add_read_seq(args.read_seq);
     builder.add_last_message_seq(args.last_message_seq);
     builder.add_version(args.version);
     builder.add_unread(args.unread);
@@ -2572,6 +2580,15 @@ impl<'a> Conversation<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Conversation::VT_DELETED, Some(false)).unwrap()}
   }
+  /// The user's read position: every message at or below this seq counts
+  /// as read (unread counts the messages from others above it).
+  #[inline]
+  pub fn read_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Conversation::VT_READ_SEQ, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Conversation<'_> {
@@ -2587,6 +2604,7 @@ impl ::flatbuffers::Verifiable for Conversation<'_> {
      .visit_field::<u64>("last_message_seq", Self::VT_LAST_MESSAGE_SEQ, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<Recv>>("last_message", Self::VT_LAST_MESSAGE, false)?
      .visit_field::<bool>("deleted", Self::VT_DELETED, false)?
+     .visit_field::<u64>("read_seq", Self::VT_READ_SEQ, false)?
      .finish();
     Ok(())
   }
@@ -2599,6 +2617,7 @@ pub struct ConversationArgs<'a> {
     pub last_message_seq: u64,
     pub last_message: Option<::flatbuffers::WIPOffset<Recv<'a>>>,
     pub deleted: bool,
+    pub read_seq: u64,
 }
 impl<'a> Default for ConversationArgs<'a> {
   #[inline]
@@ -2611,6 +2630,7 @@ impl<'a> Default for ConversationArgs<'a> {
       last_message_seq: 0,
       last_message: None,
       deleted: false,
+      read_seq: 0,
     }
   }
 }
@@ -2649,6 +2669,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConversationBuilder<'a, 'b, A
     self.fbb_.push_slot::<bool>(Conversation::VT_DELETED, deleted, false);
   }
   #[inline]
+  pub fn add_read_seq(&mut self, read_seq: u64) {
+    self.fbb_.push_slot::<u64>(Conversation::VT_READ_SEQ, read_seq, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConversationBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConversationBuilder {
@@ -2673,6 +2697,7 @@ impl ::core::fmt::Debug for Conversation<'_> {
       ds.field("last_message_seq", &self.last_message_seq());
       ds.field("last_message", &self.last_message());
       ds.field("deleted", &self.deleted());
+      ds.field("read_seq", &self.read_seq());
       ds.finish()
   }
 }

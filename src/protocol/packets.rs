@@ -148,6 +148,8 @@ pub struct Conversation {
     pub last_message_seq: u64,
     pub last_message: Option<Recv>,
     pub deleted: bool,
+    /// Everything at or below this seq counts as read.
+    pub read_seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +315,7 @@ fn decode_conversation(frame: &Bytes, p: wire::Conversation<'_>) -> Conversation
         last_message_seq: p.last_message_seq(),
         last_message: p.last_message().map(|m| decode_recv(frame, m)),
         deleted: p.deleted(),
+        read_seq: p.read_seq(),
     }
 }
 
@@ -887,6 +890,7 @@ fn build_conversation<'b>(
             last_message_seq: c.last_message_seq,
             last_message,
             deleted: c.deleted,
+            read_seq: c.read_seq,
         },
     )
 }
@@ -990,6 +994,7 @@ mod tests {
             last_message_seq: 2,
             last_message: Some(recv.clone()),
             deleted: false,
+            read_seq: 1,
         };
         round_trip(Packet::SyncMessages(SyncMessages {
             request_id: 1,

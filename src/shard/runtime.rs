@@ -67,6 +67,8 @@ pub struct ShardSetup {
     pub webhooks: Arc<crate::webhook::WebhookShared>,
     /// TLS on the listener, when configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The first message id of this run (`state::first_id_of_run`).
+    pub run: crate::ids::MessageId,
 }
 
 /// The shard's shared, single-threaded runtime state.
@@ -139,6 +141,7 @@ pub async fn run(setup: ShardSetup) {
         ready,
         webhooks,
         tls,
+        run,
     } = setup;
     let shard = mesh.shard;
     let store = match storage.open_shard(shard) {
@@ -162,6 +165,7 @@ pub async fn run(setup: ShardSetup) {
         Rc::clone(&signals),
     );
     let mut state = state;
+    state.start_run(run);
     state.set_allowlist_for_person(config.policy.allowlist_for_person);
     state.set_webhooks(crate::webhook::WebhookWriter::new(
         &config.webhook,
@@ -505,10 +509,13 @@ async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<Con
                 uids,
                 change,
                 reply,
-            } => runtime
-                .state
-                .borrow_mut()
-                .change_group(&group_id, uids, change, reply),
+            } => {
+                let now = runtime.now();
+                runtime
+                    .state
+                    .borrow_mut()
+                    .change_group(&group_id, uids, change, reply, now)
+            }
             ControlCmd::List {
                 key,
                 kind,
@@ -522,7 +529,7 @@ async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<Con
             ControlCmd::Stats { reply } => {
                 let state = runtime.state.borrow();
                 let _ = reply.try_send((
-                    state.stats,
+                    state.current_stats(),
                     state.connection_count(),
                     state.outgoing_depth(),
                 ));

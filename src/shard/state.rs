@@ -132,8 +132,26 @@ enum Pending {
     DeleteGroup {
         key: ChannelKey,
         members: Vec<Uid>,
+        /// The group's last seq and message id, kept in its tombstone.
+        last_seq: Seq,
+        last_message_id: MessageId,
         reply: ApiReply,
     },
+}
+
+impl Pending {
+    /// The channel the work is for.
+    fn channel(&self) -> Option<&ChannelKey> {
+        match self {
+            Pending::Send { message, .. } | Pending::Recall { message, .. } => {
+                Some(&message.channel)
+            }
+            Pending::Group { key, .. }
+            | Pending::Conversation { key, .. }
+            | Pending::List { key, .. }
+            | Pending::DeleteGroup { key, .. } => Some(key),
+        }
+    }
 }
 
 /// A batch handed to storage whose durable write has not finished yet.
@@ -185,15 +203,45 @@ impl CommitLatency {
 /// reaches it (the counter would need 2^47 accepts).
 const API_CONN_BASE: u64 = 1 << 47;
 
-/// Who else waits for a send that is not committed yet: resends of the same
-/// `(from_uid, client_msg_no)` get the same answer when it commits.
+/// A send's `(from_uid, client_msg_no)`.
 type IdempotencyKey = (Uid, String);
+
+/// A send that is not committed yet, and who waits for it: resends of the
+/// same `(from_uid, client_msg_no)` get the same answer when it commits, and
+/// recalls by that client_msg_no are served once it is stored.
+struct Uncommitted {
+    channel: ChannelKey,
+    waiters: SmallVec<[(ConnId, u32); 1]>,
+    recalls: SmallVec<[(ConnId, Recall); 1]>,
+}
 
 struct ConnEntry {
     session: Session,
     outbox: Rc<Outbox>,
     /// Counted in `handshaking` until it authenticates or closes.
     unauthenticated: bool,
+    /// Sends, recalls and conversation changes read from it and not
+    /// answered yet (`pending_requests_per_connection_max`).
+    awaiting: usize,
+    /// Its device's session record says it is open (written when the
+    /// connection became active, cleared when it closes cleanly).
+    session_open: bool,
+    /// Messages with ids below it may have reached this device on a
+    /// connection whose pushes a crash kept from being recorded: pushed
+    /// again from storage, they are flagged as redelivered.
+    unrecorded_below: MessageId,
+}
+
+/// What waits in storage for one connection in one channel.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    /// The next seq to push.
+    next: Seq,
+    /// The last seq known to be due.
+    last: Seq,
+    /// Seqs up to here may have reached the device before (on an earlier
+    /// connection): they go out flagged as redelivered.
+    flag_through: Seq,
 }
 
 /// Counters exported for observability and checked by tests.
@@ -212,6 +260,14 @@ pub struct ShardStats {
     pub connections_rate_limited: u64,
     /// `RecvAck` frames from this shard's connections.
     pub acks_received: u64,
+    /// Idle channels dropped from memory (`channels_cached_per_shard_max`).
+    pub channels_evicted: u64,
+    /// Connections cut off for not reading what was queued for them.
+    pub slow_consumers: u64,
+    /// Gauges, filled in by [`ShardState::current_stats`]: bytes queued for
+    /// connections and not written yet, and channels held in memory.
+    pub outbound_queued_bytes: u64,
+    pub channels_cached: usize,
     pub commit_latency: CommitLatency,
 }
 
@@ -233,7 +289,7 @@ pub struct ShardState {
     store: Box<dyn ShardStore>,
     ids: MessageIdGenerator,
     pending: Vec<Pending>,
-    uncommitted_keys: FastMap<IdempotencyKey, SmallVec<[(ConnId, u32); 1]>>,
+    uncommitted_keys: FastMap<IdempotencyKey, Uncommitted>,
     idempotency_ttl_ms: u64,
     allowlist_for_person: bool,
     /// Pushes to this shard's connections not acknowledged yet.
@@ -245,7 +301,7 @@ pub struct ShardState {
     /// next seq to push and the last known. Read from storage as
     /// acknowledgements open the window, so memory stays bounded by the
     /// window, not by how far behind a device is.
-    backlog: FastMap<ConnId, std::collections::BTreeMap<ChannelKey, (Seq, Seq)>>,
+    backlog: FastMap<ConnId, std::collections::BTreeMap<ChannelKey, Behind>>,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     encoder: Encoder,
@@ -259,8 +315,16 @@ pub struct ShardState {
     /// connection ids no real connection has.
     api_waiters: FastMap<ConnId, ApiReply>,
     next_api_conn: u64,
+    /// The first message id of this run of the process: every id below it
+    /// was handed out by an earlier run.
+    run: MessageId,
+    /// Counts uses of channels, for evicting the least recently used.
+    channel_clock: u64,
+    /// Channels of the batch being committed: not evicted meanwhile.
+    committing: Vec<ChannelKey>,
     /// Groups deleted in a commit that is not finished: they take no sends.
-    deleting: FastMap<ChannelKey, ()>,
+    /// Their last seq and message id, where a group created again starts.
+    deleting: FastMap<ChannelKey, (Seq, MessageId)>,
     /// Every shard's online devices per user, as counts per device flag.
     device_presence: FastMap<Uid, SmallVec<[(u8, u32); 2]>>,
     webhooks: Option<crate::webhook::WebhookWriter>,
@@ -320,11 +384,22 @@ impl ShardState {
             api_waiters: FastMap::default(),
             next_api_conn: API_CONN_BASE,
             deleting: FastMap::default(),
+            channel_clock: 0,
+            committing: Vec::new(),
+            run: MessageId(0),
             device_presence: FastMap::default(),
             webhooks: None,
             system_uid: None,
             stats: ShardStats::default(),
         }
+    }
+
+    /// Starts this run of the shard: message ids continue above every id
+    /// an earlier run recorded and above `run`, the first id of this run
+    /// (from [`first_id_of_run`], the same for every shard of the process).
+    pub fn start_run(&mut self, run: MessageId) {
+        self.run = run;
+        self.ids.continue_from(run);
     }
 
     /// Webhook events this shard writes with its commits.
@@ -356,6 +431,25 @@ impl ShardState {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The counters, with the gauges read now.
+    pub fn current_stats(&self) -> ShardStats {
+        ShardStats {
+            outbound_queued_bytes: self
+                .conns
+                .values()
+                .map(|c| c.outbox.unwritten() as u64)
+                .sum(),
+            channels_cached: self.channels.len(),
+            ..self.stats
+        }
+    }
+
+    /// Channels held in memory (at most `channels_cached_per_shard_max`,
+    /// but for those with work in flight).
+    pub fn channels_cached(&self) -> usize {
+        self.channels.len()
     }
 
     // ---- connection lifecycle -------------------------------------------
@@ -405,17 +499,25 @@ impl ShardState {
                 session: Session::new(now.monotonic),
                 outbox: Rc::clone(&outbox),
                 unauthenticated: true,
+                awaiting: 0,
+                session_open: false,
+                unrecorded_below: MessageId(0),
             },
         );
         self.stats.connections_accepted += 1;
         Ok((conn, outbox))
     }
 
-    /// Whether `conn` should have frames read from it now.
+    /// Whether `conn` should have frames read from it now: not while it
+    /// has more than half its outbound limit unread (a client pipelining
+    /// requests is paced by how fast it reads the answers), nor while it has
+    /// its maximum of requests waiting for an answer.
     pub fn reads_frames(&self, conn: ConnId) -> bool {
-        self.conns
-            .get(&conn)
-            .is_some_and(|c| c.session.reads_frames())
+        self.conns.get(&conn).is_some_and(|c| {
+            c.session.reads_frames()
+                && c.outbox.unwritten() <= self.limits.outbound_buffer_max_bytes / 2
+                && c.awaiting < self.limits.pending_requests_per_connection_max
+        })
     }
 
     /// Whether cross-shard batches waiting to be sent are under the limit;
@@ -486,16 +588,17 @@ impl ShardState {
     /// those that did not finish closing in time.
     pub fn sweep(&mut self, now: Now) {
         let mut expired: SmallVec<[(ConnId, ReasonCode); 8]> = SmallVec::new();
+        let mut stalled: SmallVec<[ConnId; 8]> = SmallVec::new();
         for (conn, entry) in &self.conns {
             let s = &entry.session;
-            if entry.outbox.stalled_since().is_some_and(|since| {
-                now.monotonic.saturating_sub(since) >= self.limits.write_stall_timeout_ms
-            }) {
-                // It has not taken a byte for the whole timeout: nothing,
-                // not even a Disconnect, can be flushed to it.
-                tracing::debug!(conn = conn.0, "write stalled: closing");
-                entry.outbox.start_closing(ReasonCode::SlowConsumer);
-                entry.outbox.abort();
+            if !entry.outbox.is_aborted()
+                && entry.outbox.stalled_since().is_some_and(|since| {
+                    now.monotonic.saturating_sub(since) >= self.limits.write_stall_timeout_ms
+                })
+            {
+                // It has not caught up for the whole timeout: nothing, not
+                // even a Disconnect, would get through.
+                stalled.push(*conn);
                 continue;
             }
             match s.phase {
@@ -522,6 +625,9 @@ impl ShardState {
         }
         for (conn, reason) in expired {
             self.close(conn, reason, "timed out", now);
+        }
+        for conn in stalled {
+            self.cut_off_slow_consumer(conn);
         }
         // Forget sources whose accept budget is whole again.
         self.ip_buckets
@@ -600,10 +706,50 @@ impl ShardState {
                 return;
             }
         }
-        if let Some(entry) = self.conns.get(&conn) {
-            let encoder = &mut self.encoder;
-            entry.outbox.append(|buf| encoder.encode(packet, buf));
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if matches!(
+            packet,
+            Packet::SendAck(_) | Packet::RecallResp(_) | Packet::ConversationOpResp(_)
+        ) {
+            entry.awaiting = entry.awaiting.saturating_sub(1);
         }
+        let encoder = &mut self.encoder;
+        entry.outbox.append(|buf| encoder.encode(packet, buf));
+        if entry.outbox.unwritten() > self.limits.outbound_buffer_max_bytes {
+            self.cut_off_slow_consumer(conn);
+        }
+    }
+
+    /// A request that will be answered with one packet was read from
+    /// `conn`.
+    fn awaiting_answer(&mut self, conn: ConnId) {
+        if let Some(entry) = self.conns.get_mut(&conn) {
+            entry.awaiting += 1;
+        }
+    }
+
+    /// `conn` has more unread than `outbound_buffer_max_bytes`: it cannot
+    /// keep up. It is cut off at once (what it acknowledged is saved; it
+    /// resumes from there), so its queue stops growing.
+    fn cut_off_slow_consumer(&mut self, conn: ConnId) {
+        self.flush_positions(Some(conn));
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if entry.outbox.is_aborted() {
+            return;
+        }
+        tracing::debug!(
+            conn = conn.0,
+            unwritten = entry.outbox.unwritten(),
+            "outbound buffer limit exceeded: cut off as a slow consumer"
+        );
+        entry.session.phase = Phase::Closing;
+        entry.outbox.start_closing(ReasonCode::SlowConsumer);
+        entry.outbox.abort();
+        self.stats.slow_consumers += 1;
     }
 
     fn refuse_connect(&mut self, conn: ConnId, reason: ReasonCode, detail: &str, now: Now) {
@@ -735,6 +881,7 @@ impl ShardState {
         };
         entry.session.phase = Phase::Active;
         let resume = entry.session.resume;
+        self.open_device_session(conn);
         self.write_packet(
             conn,
             &Packet::ConnAck(ConnAck {
@@ -751,11 +898,57 @@ impl ShardState {
         }
     }
 
+    /// Records that `conn`'s device has a session open in this run, and
+    /// learns whether its last session was left open by a run that crashed
+    /// (then its pushes from before this run were never recorded). Written
+    /// on this thread, before anything is pushed, so a crash from here on
+    /// finds it.
+    fn open_device_session(&mut self, conn: ConnId) {
+        let Some((uid, device)) = self.identity_device(conn) else {
+            return;
+        };
+        let previous = match self.store.device_session(&uid, &device) {
+            Ok(record) => record.unwrap_or_default(),
+            Err(error) => {
+                // Not knowing, assume the worst: everything from before this
+                // run may have reached it.
+                tracing::warn!(%error, "reading a device's session failed");
+                crate::storage::SessionRecord {
+                    open_in_run: MessageId(1),
+                    unrecorded_below: self.run,
+                }
+            }
+        };
+        let crashed = previous.open_in_run.0 != 0 && previous.open_in_run != self.run;
+        let unrecorded_below = if crashed {
+            previous.unrecorded_below.max(self.run)
+        } else {
+            previous.unrecorded_below
+        };
+        let session = crate::storage::DeviceSession {
+            uid,
+            device_id: device,
+            record: crate::storage::SessionRecord {
+                open_in_run: self.run,
+                unrecorded_below,
+            },
+        };
+        if let Err(error) = self.store.save_device_acks(&[], &[session]) {
+            tracing::warn!(%error, "saving a device's session failed");
+        }
+        if let Some(entry) = self.conns.get_mut(&conn) {
+            entry.session_open = true;
+            entry.unrecorded_below = unrecorded_below;
+        }
+    }
+
     /// Pushes, channel by channel and in seq order, what this device has not
     /// acknowledged: everything above its acknowledged position (or, for a
     /// channel it never acknowledged, above the user's read position), never
     /// below a deletion. Live messages of a channel come after, because they
     /// are committed later; one already pushed here is not pushed twice.
+    /// What it was pushed before, on an earlier connection, comes flagged as
+    /// redelivered.
     fn resume(&mut self, conn: ConnId, now: Now) -> Result<(), StorageError> {
         let Some(identity) = self
             .conns
@@ -765,23 +958,26 @@ impl ShardState {
             return Ok(());
         };
         for (key, record) in self.store.conversations(&identity.uid)? {
-            let Some(channel) = self.store.load_channel(&key)? else {
+            let Some(channel) = self.store.channel_head(&key)? else {
                 continue;
             };
-            let acked = self
+            let position = self
                 .store
-                .device_ack(&identity.uid, &identity.device_id, &key)?
-                .0;
+                .device_position(&identity.uid, &identity.device_id, &key)?;
+            let acked = position.acked.0;
             let floor = if acked == 0 { record.read_floor } else { acked }.max(record.deleted_seq);
             if channel.last_seq.0 <= floor {
                 continue;
             }
             let behind = self.backlog.entry(conn).or_default();
-            let entry = behind
-                .entry(key)
-                .or_insert((Seq(floor + 1), channel.last_seq));
-            entry.0 = entry.0.min(Seq(floor + 1));
-            entry.1 = entry.1.max(channel.last_seq);
+            let entry = behind.entry(key).or_insert(Behind {
+                next: Seq(floor + 1),
+                last: channel.last_seq,
+                flag_through: position.pushed,
+            });
+            entry.next = entry.next.min(Seq(floor + 1));
+            entry.last = entry.last.max(channel.last_seq);
+            entry.flag_through = entry.flag_through.max(position.pushed);
         }
         self.refill(conn, now);
         Ok(())
@@ -797,6 +993,10 @@ impl ShardState {
             self.backlog.remove(&conn);
             return;
         };
+        let unrecorded_below = self
+            .conns
+            .get(&conn)
+            .map_or(MessageId(0), |e| e.unrecorded_below);
         let scan_max = 4 * self.limits.inflight_messages_max.max(1);
         let mut scanned = 0;
         loop {
@@ -805,7 +1005,7 @@ impl ShardState {
             if room == 0 {
                 return;
             }
-            let Some((key, (next, last))) = self
+            let Some((key, behind)) = self
                 .backlog
                 .get(&conn)
                 .and_then(|b| b.iter().next())
@@ -814,6 +1014,11 @@ impl ShardState {
                 self.backlog.remove(&conn);
                 return;
             };
+            let Behind {
+                next,
+                last,
+                flag_through,
+            } = behind;
             let want = room.min((last.0 - next.0 + 1) as usize);
             let page = match self
                 .store
@@ -821,8 +1026,9 @@ impl ShardState {
             {
                 Ok(page) => page,
                 Err(error) => {
-                    tracing::warn!(%error, "reading a backlog failed; the client can sync");
-                    Vec::new()
+                    // The backlog stays: the next retry tick reads it again.
+                    tracing::warn!(%error, "reading a backlog failed; retrying at the next tick");
+                    return;
                 }
             };
             let mut pushed_through = None;
@@ -847,7 +1053,10 @@ impl ShardState {
                     break;
                 }
                 if self.pushes.track(conn, message, now.monotonic.0) {
-                    let recv = recv_view(message, &uid);
+                    let mut recv = recv_view(message, &uid);
+                    if message.seq <= flag_through || message.message_id < unrecorded_below {
+                        recv.flags |= RECV_FLAG_REDELIVERED;
+                    }
                     self.write_packet(conn, &Packet::Recv(recv));
                     self.stats.recvs_written += 1;
                 }
@@ -858,7 +1067,13 @@ impl ShardState {
             };
             match pushed_through {
                 Some(seq) if seq < last => {
-                    backlog.insert(key, (seq.next(), last));
+                    backlog.insert(
+                        key,
+                        Behind {
+                            next: seq.next(),
+                            ..behind
+                        },
+                    );
                 }
                 // Done with this channel, or nothing left to read there.
                 Some(_) => {
@@ -996,6 +1211,7 @@ impl ShardState {
         let Some((uid, device)) = self.identity_device(conn) else {
             return;
         };
+        self.awaiting_answer(conn);
         let refusal = if send.payload.len() > self.limits.payload_size_max_bytes {
             Some(ReasonCode::PayloadTooLarge)
         } else if send.client_msg_no.is_empty()
@@ -1036,39 +1252,103 @@ impl ShardState {
     // ---- channel ownership ----------------------------------------------
 
     /// Finds or loads a channel this shard owns. A person channel exists as
-    /// soon as someone writes to it; a group must have been created.
+    /// soon as someone writes to it; a group must have been created (and
+    /// not deleted). A group comes with its allow and deny lists.
     fn channel_mut(&mut self, key: &ChannelKey) -> Result<Option<&mut Channel>, ReasonCode> {
         if !self.deleting.is_empty() && self.deleting.contains_key(key) {
             return Ok(None);
         }
         if !self.channels.contains_key(key) {
-            let record = self.store.load_channel(key).map_err(|error| {
+            let storage = |error: StorageError| {
                 tracing::warn!(channel = ?key, %error, "loading channel failed");
                 ReasonCode::StorageError
-            })?;
-            let channel = match (key.kind(), record) {
+            };
+            let record = self.store.load_channel(key).map_err(storage)?;
+            let mut channel = match (key.kind(), record) {
                 (crate::protocol::ChannelType::Person, record) => {
                     let mut channel = Channel::new_person(key.clone());
                     if let Some(record) = record {
                         channel.last_seq = record.last_seq;
                         channel.committed_seq = record.last_seq;
                         channel.last_message_id = record.last_message_id;
+                        channel.assigned_message_id = record.last_message_id;
                     }
                     channel
                 }
                 (_, Some(record)) => match record.members {
-                    Some(members) => {
+                    Some(members) if !record.deleted => {
                         let mut channel = Channel::new_group(key.clone(), members, record.last_seq);
                         channel.last_message_id = record.last_message_id;
+                        channel.assigned_message_id = record.last_message_id;
                         channel
                     }
-                    None => return Ok(None),
+                    _ => return Ok(None),
                 },
                 (_, None) => return Ok(None),
             };
+            if key.kind() == crate::protocol::ChannelType::Group {
+                let max = self.limits.group_members_max;
+                for kind in [ListKind::Allow, ListKind::Deny] {
+                    let uids = self.store.list(key, kind, max).map_err(storage)?;
+                    let set = uids.into_iter().collect();
+                    match kind {
+                        ListKind::Allow => channel.allow = set,
+                        ListKind::Deny => channel.deny = set,
+                    }
+                }
+            }
             self.channels.insert(key.clone(), channel);
+            if self.channels.len() > self.limits.channels_cached_per_shard_max {
+                self.evict_channels(key);
+            }
         }
-        Ok(self.channels.get_mut(key))
+        self.channel_clock += 1;
+        let clock = self.channel_clock;
+        Ok(self.channels.get_mut(key).map(|channel| {
+            channel.last_used = clock;
+            channel
+        }))
+    }
+
+    /// Drops the least recently used tenth of the channels held in memory,
+    /// of those with nothing queued or being committed (their state is all
+    /// in storage, read again when next used). Never `keep`.
+    fn evict_channels(&mut self, keep: &ChannelKey) {
+        let mut busy: std::collections::HashSet<&ChannelKey, ahash::RandomState> =
+            self.pending.iter().filter_map(Pending::channel).collect();
+        busy.extend(self.committing.iter());
+        busy.insert(keep);
+        let mut idle: Vec<(u64, ChannelKey)> = self
+            .channels
+            .iter()
+            .filter(|(key, channel)| channel.uncommitted.is_empty() && !busy.contains(key))
+            .map(|(key, channel)| (channel.last_used, key.clone()))
+            .collect();
+        let max = self.limits.channels_cached_per_shard_max;
+        let excess = (self.channels.len() - max * 9 / 10).min(idle.len());
+        if excess == 0 {
+            return;
+        }
+        idle.select_nth_unstable_by_key(excess - 1, |(used, _)| *used);
+        for (_, key) in idle.into_iter().take(excess) {
+            self.channels.remove(&key);
+        }
+        self.stats.channels_evicted += excess as u64;
+    }
+
+    /// Where a group created under `key` starts: after the last seq of a
+    /// deleted group of the same id (its tombstone, or a delete still being
+    /// committed), else at 0. Seqs are never reused.
+    fn group_base(&mut self, key: &ChannelKey) -> Result<(Seq, MessageId), StorageError> {
+        if let Some(base) = self.deleting.get(key) {
+            return Ok(*base);
+        }
+        Ok(self
+            .store
+            .channel_head(key)?
+            .map_or((Seq(0), MessageId(0)), |head| {
+                (head.last_seq, head.last_message_id)
+            }))
     }
 
     /// For a person channel: the recipient's deny list always blocks; their
@@ -1162,6 +1442,14 @@ impl ShardState {
                 )),
             );
         }
+        // Like a membership change, it takes effect at its place in the
+        // channel's order: sends checked after it see the new list.
+        if let Some(channel) = self.channels.get_mut(&key) {
+            match kind {
+                ListKind::Allow => channel.allow = next.clone(),
+                ListKind::Deny => channel.deny = next.clone(),
+            }
+        }
         let mut uids: Vec<Uid> = next.into_iter().collect();
         uids.sort();
         self.pending.push(Pending::List {
@@ -1190,19 +1478,25 @@ impl ShardState {
         debug_assert_eq!(key.shard(self.shards), self.id);
         self.stats.sends_received += 1;
         // The same (from_uid, client_msg_no) again: answer with the original,
-        // store and deliver nothing.
+        // store and deliver nothing. The same client_msg_no for a message
+        // to another channel is refused: answering it with the first
+        // message's place would tell the client a message was stored that
+        // was not.
         let idempotency_key = (from.clone(), send.client_msg_no.clone());
-        if let Some(waiters) = self.uncommitted_keys.get_mut(&idempotency_key) {
-            waiters.push((origin, send.client_seq));
+        if let Some(waiting) = self.uncommitted_keys.get_mut(&idempotency_key) {
+            if waiting.channel != key {
+                let ack = failed_ack(&send, ReasonCode::ClientMsgNoReused);
+                return self.reply_send_ack(origin, ack);
+            }
+            waiting.waiters.push((origin, send.client_seq));
             return;
         }
-        match self.store.find_idempotent(
-            &from,
-            &send.client_msg_no,
-            now.unix_ms,
-            self.idempotency_ttl_ms,
-        ) {
+        match self.idempotent_hit(&from, &send.client_msg_no, now) {
             Ok(None) => {}
+            Ok(Some(hit)) if hit.channel != key => {
+                let ack = failed_ack(&send, ReasonCode::ClientMsgNoReused);
+                return self.reply_send_ack(origin, ack);
+            }
             Ok(Some(hit)) => {
                 let ack = SendAck {
                     client_seq: send.client_seq,
@@ -1218,34 +1512,31 @@ impl ShardState {
                 return self.reply_send_ack(origin, failed_ack(&send, ReasonCode::StorageError));
             }
         }
-        let seq = match self.channel_mut(&key) {
-            Err(reason) => Err(reason),
-            Ok(None) => Err(ReasonCode::ChannelMissing),
-            Ok(Some(channel)) if !checked => Ok(channel.assign_seq()),
-            Ok(Some(channel)) if !channel.members.contains(&from) => Err(ReasonCode::NotMember),
-            Ok(Some(channel)) if channel.deny.contains(&from) => Err(ReasonCode::Denied),
+        let refusal = match self.channel_mut(&key) {
+            Err(reason) => Some(reason),
+            Ok(None) => Some(ReasonCode::ChannelMissing),
+            Ok(Some(_)) if !checked => None,
+            Ok(Some(channel)) if !channel.members.contains(&from) => Some(ReasonCode::NotMember),
+            Ok(Some(channel)) if channel.deny.contains(&from) => Some(ReasonCode::Denied),
             Ok(Some(channel)) if !channel.allow.is_empty() && !channel.allow.contains(&from) => {
-                Err(ReasonCode::NotAllowed)
+                Some(ReasonCode::NotAllowed)
             }
-            Ok(Some(_)) => match self.person_policy(&key, &from) {
-                Err(reason) => Err(reason),
-                Ok(()) => Ok(self
-                    .channels
-                    .get_mut(&key)
-                    .expect("the channel was just loaded")
-                    .assign_seq()),
-            },
+            Ok(Some(_)) => self.person_policy(&key, &from).err(),
         };
-        let seq = match seq {
-            Ok(seq) => seq,
-            Err(reason) => return self.reply_send_ack(origin, failed_ack(&send, reason)),
-        };
+        if let Some(reason) = refusal {
+            return self.reply_send_ack(origin, failed_ack(&send, reason));
+        }
         let message_id = self.ids.next(now.unix_ms);
+        let seq = self
+            .channels
+            .get_mut(&key)
+            .expect("the channel was just loaded")
+            .assign_seq(&from, message_id);
         let rows = match self.rows_for_message(&key, &from, seq, message_id) {
             Ok(rows) => rows,
             Err(reason) => {
                 if let Some(channel) = self.channels.get_mut(&key) {
-                    channel.last_seq = Seq(seq.0 - 1);
+                    channel.unassign_last();
                 }
                 return self.reply_send_ack(origin, failed_ack(&send, reason));
             }
@@ -1253,7 +1544,7 @@ impl ShardState {
         let message = Arc::new(StoredMessage {
             message_id,
             seq,
-            channel: key,
+            channel: key.clone(),
             from_uid: from,
             from_device,
             client_msg_no: send.client_msg_no,
@@ -1264,8 +1555,14 @@ impl ShardState {
             payload: Bytes::copy_from_slice(&send.payload),
             recalled: false,
         });
-        self.uncommitted_keys
-            .insert(idempotency_key, SmallVec::new());
+        self.uncommitted_keys.insert(
+            idempotency_key,
+            Uncommitted {
+                channel: key,
+                waiters: SmallVec::new(),
+                recalls: SmallVec::new(),
+            },
+        );
         self.pending.push(Pending::Send {
             origin,
             client_seq: send.client_seq,
@@ -1275,13 +1572,45 @@ impl ShardState {
         self.signals.commit.notify();
     }
 
+    /// The stored message `(from, client_msg_no)` names, if it was
+    /// committed within the idempotency window and is still stored (a
+    /// deleted group's messages are gone, though their keys linger until
+    /// they expire).
+    fn idempotent_hit(
+        &mut self,
+        from: &Uid,
+        client_msg_no: &str,
+        now: Now,
+    ) -> Result<Option<crate::storage::IdempotentHit>, StorageError> {
+        let Some(hit) = self.store.find_idempotent(
+            from,
+            client_msg_no,
+            now.unix_ms,
+            self.idempotency_ttl_ms,
+        )?
+        else {
+            return Ok(None);
+        };
+        let stored = self.store.message(&hit.channel, hit.seq)?;
+        Ok(stored
+            .is_some_and(|m| m.message_id == hit.message_id)
+            .then_some(hit))
+    }
+
     /// Queues a group change for the next commit; `reply` hears the result.
+    ///
+    /// The change takes its place in the channel's order now, like a
+    /// message: sends that reach the owner after it are checked against the
+    /// new members, and `GroupInfo::last_seq` is the seq it falls after
+    /// (members who join see what comes after it; members who leave see
+    /// nothing after it). A failed commit puts the group back as stored.
     pub fn change_group(
         &mut self,
         group_id: &str,
         uids: Vec<String>,
         change: SetChange,
         reply: GroupReply,
+        now: Now,
     ) {
         let fail = |reply: GroupReply, error: ControlError| {
             let _ = reply.try_send(Err(error));
@@ -1313,24 +1642,27 @@ impl ShardState {
             Err(error) => return fail(reply, error),
         };
         let members_max = self.limits.group_members_max;
-        let (current, last_seq, last_message_id) = match self.channel_mut(&key) {
+        let current = match self.channel_mut(&key) {
             Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
-            Ok(None) => (None, Seq(0), MessageId(0)),
+            Ok(None) => None,
             Ok(Some(channel)) => match &channel.members {
                 Members::Group(set) => {
-                    (Some(set.clone()), channel.last_seq, channel.last_message_id)
+                    Some((set.clone(), channel.last_seq, channel.assigned_message_id))
                 }
                 Members::Person(_) => unreachable!("group keys never load person channels"),
             },
         };
-        let previous = current.clone().unwrap_or_default();
-        let members = match (change, current) {
-            (SetChange::Replace, current) => {
-                apply_set_change(current.unwrap_or_default(), uids, change)
-            }
+        let (previous, last_seq, last_message_id) = match (change, current) {
+            (SetChange::Replace, None) => match self.group_base(&key) {
+                Ok((seq, id)) => (None, seq, id),
+                Err(error) => return fail(reply, ControlError::Storage(error.to_string())),
+            },
             (_, None) => return fail(reply, ControlError::NoSuchGroup(group_id.to_owned())),
-            (_, Some(current)) => apply_set_change(current, uids, change),
+            (_, Some((set, seq, id))) => (Some(set), seq, id),
         };
+        let created = previous.is_none();
+        let previous = previous.unwrap_or_default();
+        let members = apply_set_change(previous.clone(), uids, change);
         if members.len() > members_max {
             return fail(
                 reply,
@@ -1342,8 +1674,9 @@ impl ShardState {
         }
         // A member who joins a channel that already has messages gets a
         // conversation that is hidden and read up to now: it appears with
-        // the next message.
-        let version = self.ids.next(crate::time::unix_now_ms()).0;
+        // the next message. (Before the first message there is no row: the
+        // first message writes one for every member.)
+        let version = self.ids.next(now.unix_ms).0;
         let rows: Vec<(Uid, ConversationRecord)> = if last_seq.0 == 0 {
             Vec::new()
         } else {
@@ -1370,7 +1703,20 @@ impl ShardState {
             .cloned()
             .collect();
         removed.sort();
+        if created {
+            let mut channel = Channel::new_group(key.clone(), members.iter().cloned(), last_seq);
+            channel.last_message_id = last_message_id;
+            channel.assigned_message_id = last_message_id;
+            self.channels.insert(key.clone(), channel);
+        }
         if let Some(channel) = self.channels.get_mut(&key) {
+            let added: Vec<Uid> = members
+                .iter()
+                .filter(|uid| !previous.contains(*uid))
+                .cloned()
+                .collect();
+            channel.record_change(added, removed.clone());
+            channel.members = Members::Group(members.clone());
             for (uid, record) in &rows {
                 channel.conversations.insert(uid.clone(), *record);
             }
@@ -1484,14 +1830,25 @@ impl ShardState {
                     kind: *kind,
                     uids: uids.clone(),
                 }),
-                Pending::DeleteGroup { key, members, .. } => {
-                    mutations.push(Mutation::DeleteGroup {
-                        key: key.clone(),
-                        members: members.clone(),
-                    })
-                }
+                Pending::DeleteGroup {
+                    key,
+                    members,
+                    last_seq,
+                    last_message_id,
+                    ..
+                } => mutations.push(Mutation::DeleteGroup {
+                    key: key.clone(),
+                    members: members.clone(),
+                    last_seq: *last_seq,
+                    last_message_id: *last_message_id,
+                }),
             }
         }
+        self.committing = pending
+            .iter()
+            .filter_map(Pending::channel)
+            .cloned()
+            .collect();
         let mut in_flight = InFlight {
             pending,
             webhook_events: 0,
@@ -1499,6 +1856,9 @@ impl ShardState {
             presence_lines: Vec::new(),
         };
         self.webhook_mutations(&mut in_flight, &mut mutations, now);
+        // Every id handed out so far (messages, versions, webhook events)
+        // is recorded with the batch that uses it: a restart starts above.
+        mutations.push(Mutation::IdsIssued(self.ids.last_issued()));
         self.stats.commit_batches += 1;
         match self.store.prepare_commit(&mutations) {
             Ok(job) => Some((job, in_flight)),
@@ -1592,11 +1952,14 @@ impl ShardState {
         let Some(channel) = self.channels.get(&message.channel) else {
             return Vec::new();
         };
-        let mut offline: Vec<Uid> = channel
-            .members
-            .iter()
-            .filter(|uid| **uid != message.from_uid && !self.presence.contains_key(*uid))
-            .cloned()
+        let members: Vec<Uid> = if channel.changed_after(message.seq) {
+            channel.members_at(message.seq)
+        } else {
+            channel.members.iter().cloned().collect()
+        };
+        let mut offline: Vec<Uid> = members
+            .into_iter()
+            .filter(|uid| *uid != message.from_uid && !self.presence.contains_key(uid))
             .collect();
         offline.sort();
         offline.dedup();
@@ -1613,7 +1976,10 @@ impl ShardState {
                 ..
             } => {
                 let key = (message.from_uid.clone(), message.client_msg_no.clone());
-                let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
+                let (waiters, recalls) = match self.uncommitted_keys.remove(&key) {
+                    Some(waiting) => (waiting.waiters, waiting.recalls),
+                    None => Default::default(),
+                };
                 for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
                     let ack = SendAck {
                         client_seq: seq,
@@ -1623,6 +1989,16 @@ impl ShardState {
                         reason,
                     };
                     self.reply_send_ack(conn, ack);
+                }
+                // Recalls that waited for it: there is nothing to recall
+                // (a storage error is worth retrying, after the resend).
+                let recall_reason = if reason == ReasonCode::StorageError {
+                    reason
+                } else {
+                    ReasonCode::MessageMissing
+                };
+                for (conn, recall) in recalls {
+                    self.reply_to(conn, recall_failed(&recall, recall_reason));
                 }
             }
             Pending::Recall {
@@ -1650,6 +2026,7 @@ impl ShardState {
         result: Result<(), StorageError>,
         now: Now,
     ) {
+        self.committing.clear();
         match result {
             Ok(()) => {
                 if in_flight.webhook_events > 0 {
@@ -1674,6 +2051,7 @@ impl ShardState {
     }
 
     fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
+        self.committing.clear();
         if let Some(writer) = self.webhooks.as_mut() {
             writer.release(in_flight.webhook_events, in_flight.webhook_bytes);
             // Presence transitions are not lost with the batch: the next
@@ -1684,9 +2062,10 @@ impl ShardState {
         }
         let queued = std::mem::take(&mut self.pending);
         tracing::warn!(%error, batch = in_flight.pending.len(), queued = queued.len(), "commit failed");
-        for channel in self.channels.values_mut() {
-            channel.roll_back_uncommitted();
-        }
+        // Channels hold what was queued (seqs handed out, members and lists
+        // changed, rows): forget them all and read them again from what
+        // is stored. Everything queued is refused below.
+        self.channels.clear();
         for p in in_flight.pending.into_iter().chain(queued) {
             match p {
                 p @ (Pending::Send { .. } | Pending::Recall { .. }) => {
@@ -1726,11 +2105,13 @@ impl ShardState {
             } => {
                 self.stats.messages_committed += 1;
                 if let Some(channel) = self.channels.get_mut(&message.channel) {
-                    channel.mark_committed(message.seq);
-                    channel.last_message_id = message.message_id;
+                    channel.mark_committed(message.seq, message.message_id);
                 }
                 let key = (message.from_uid.clone(), message.client_msg_no.clone());
-                let waiters = self.uncommitted_keys.remove(&key).unwrap_or_default();
+                let (waiters, recalls) = match self.uncommitted_keys.remove(&key) {
+                    Some(waiting) => (waiting.waiters, waiting.recalls),
+                    None => Default::default(),
+                };
                 for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
                     let ack = SendAck {
                         client_seq: seq,
@@ -1741,29 +2122,27 @@ impl ShardState {
                     };
                     self.reply_send_ack(conn, ack);
                 }
+                let (from, channel) = (message.from_uid.clone(), message.channel.clone());
                 self.fan_out(message, Some(origin), now);
+                // Recalls by client_msg_no that arrived before the commit:
+                // now there is something to recall.
+                for (conn, recall) in recalls {
+                    self.owner_recall(conn, from.clone(), channel.clone(), recall);
+                }
             }
             Pending::Group {
                 key,
                 members,
+                last_seq,
                 reply,
                 ..
             } => {
-                let last_seq = self.channels.get(&key).map_or(Seq(0), |c| c.last_seq);
+                // The members took effect when the change was queued.
                 let info = GroupInfo {
                     group_id: key.id().to_owned(),
                     members: members.iter().map(|u| u.as_str().to_owned()).collect(),
                     last_seq: last_seq.0,
                 };
-                match self.channels.get_mut(&key) {
-                    Some(channel) => {
-                        channel.members = Members::Group(members.into_iter().collect());
-                    }
-                    None => {
-                        self.channels
-                            .insert(key.clone(), Channel::new_group(key, members, Seq(0)));
-                    }
-                }
                 let _ = reply.try_send(Ok(info));
             }
             Pending::Conversation {
@@ -1784,19 +2163,8 @@ impl ShardState {
                 });
                 self.reply_to(origin, response);
             }
-            Pending::List {
-                key,
-                kind,
-                uids,
-                reply,
-            } => {
-                if let Some(channel) = self.channels.get_mut(&key) {
-                    let set = uids.iter().cloned().collect();
-                    match kind {
-                        ListKind::Allow => channel.allow = set,
-                        ListKind::Deny => channel.deny = set,
-                    }
-                }
+            Pending::List { uids, reply, .. } => {
+                // The list took effect when the change was queued.
                 let _ = reply.try_send(Ok(uids.iter().map(|u| u.as_str().to_owned()).collect()));
             }
             Pending::DeleteGroup { key, reply, .. } => {
@@ -1838,11 +2206,22 @@ impl ShardState {
         };
         let mut per_shard: SmallVec<[SmallVec<[Uid; 4]>; 8]> =
             (0..self.shards).map(|_| SmallVec::new()).collect();
-        for uid in channel.members.iter() {
+        let mut add = |uid: &Uid| {
             if let Some(shards) = self.presence.get(uid) {
                 for (shard, _) in shards {
                     per_shard[shard.index()].push(uid.clone());
                 }
+            }
+        };
+        // The members it was sent to: a membership change queued after it
+        // (and committed with or before it) does not apply.
+        if channel.changed_after(message.seq) {
+            for uid in &channel.members_at(message.seq) {
+                add(uid);
+            }
+        } else {
+            for uid in channel.members.iter() {
+                add(uid);
             }
         }
         for (index, recipients) in per_shard.into_iter().enumerate() {
@@ -1916,7 +2295,7 @@ impl ShardState {
                         .get_mut(conn)
                         .and_then(|b| b.get_mut(&message.channel))
                     {
-                        behind.1 = behind.1.max(message.seq);
+                        behind.last = behind.last.max(message.seq);
                         continue;
                     }
                     // Already pushed from storage: a resume or refill read
@@ -1931,10 +2310,14 @@ impl ShardState {
                         continue;
                     }
                     if !window_has_room(&self.pushes, &self.limits, *conn, message.payload.len()) {
-                        self.backlog
-                            .entry(*conn)
-                            .or_default()
-                            .insert(message.channel.clone(), (message.seq, message.seq));
+                        self.backlog.entry(*conn).or_default().insert(
+                            message.channel.clone(),
+                            Behind {
+                                next: message.seq,
+                                last: message.seq,
+                                flag_through: Seq(0),
+                            },
+                        );
                         continue;
                     }
                     // A message already waiting for this device's ack is not
@@ -1974,18 +2357,13 @@ impl ShardState {
                 let frame = &self.frame_scratch[start..end];
                 entry.outbox.append(|buf| buf.extend_from_slice(frame));
                 self.stats.recvs_written += 1;
-                if entry.outbox.len() > self.limits.outbound_buffer_max_bytes {
+                if entry.outbox.unwritten() > self.limits.outbound_buffer_max_bytes {
                     slow.push(*conn);
                 }
             }
         }
         for conn in slow {
-            self.close(
-                conn,
-                ReasonCode::SlowConsumer,
-                "outbound buffer limit exceeded",
-                now,
-            );
+            self.cut_off_slow_consumer(conn);
         }
     }
 
@@ -2008,6 +2386,12 @@ impl ShardState {
         };
         if self.shutting_down {
             return answer(&reply, ApiResponse::Failed(ReasonCode::ServerShutdown));
+        }
+        // The API checks what it is given; this is the shard's own check of
+        // everything that becomes a storage key (a key cannot hold an id of
+        // 64 KiB or more, whatever the API accepted).
+        if let Err(reason) = self.check_api_ids(&request) {
+            return answer(&reply, ApiResponse::Failed(reason));
         }
         match request {
             ApiRequest::Send {
@@ -2093,18 +2477,25 @@ impl ShardState {
                 answer(&reply, response);
             }
             ApiRequest::DeleteGroup { channel } => {
-                let members = match self.channel_mut(&channel) {
+                let (members, last_seq, last_message_id) = match self.channel_mut(&channel) {
                     Err(reason) => return answer(&reply, ApiResponse::Failed(reason)),
                     Ok(None) => {
                         return answer(&reply, ApiResponse::Failed(ReasonCode::ChannelMissing))
                     }
-                    Ok(Some(group)) => group.members.iter().cloned().collect(),
+                    Ok(Some(group)) => (
+                        group.members.iter().cloned().collect(),
+                        group.last_seq,
+                        group.assigned_message_id,
+                    ),
                 };
                 self.channels.remove(&channel);
-                self.deleting.insert(channel.clone(), ());
+                self.deleting
+                    .insert(channel.clone(), (last_seq, last_message_id));
                 self.pending.push(Pending::DeleteGroup {
                     key: channel,
                     members,
+                    last_seq,
+                    last_message_id,
                     reply,
                 });
                 self.signals.commit.notify();
@@ -2152,6 +2543,40 @@ impl ShardState {
                     .collect();
                 answer(&reply, ApiResponse::Online(online));
             }
+        }
+    }
+
+    fn check_api_ids(&self, request: &ApiRequest) -> Result<(), ReasonCode> {
+        let uid = |uid: &Uid| {
+            if valid_uid(uid.as_str(), self.limits.uid_length_max_bytes) {
+                Ok(())
+            } else {
+                Err(ReasonCode::InvalidUid)
+            }
+        };
+        let client_msg_no = |no: &str| {
+            if no.len() <= self.limits.client_msg_no_length_max_bytes {
+                Ok(())
+            } else {
+                Err(ReasonCode::InvalidClientMsgNo)
+            }
+        };
+        match request {
+            ApiRequest::Send { from, packet, .. } => {
+                uid(from)?;
+                client_msg_no(&packet.client_msg_no)
+            }
+            ApiRequest::ConversationOp { uid: u, .. }
+            | ApiRequest::SyncMessages { uid: u, .. }
+            | ApiRequest::SyncConversations { uid: u, .. } => uid(u),
+            ApiRequest::MessageByClientMsgNo {
+                from,
+                client_msg_no: no,
+            } => {
+                uid(from)?;
+                client_msg_no(no)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -2323,10 +2748,29 @@ impl ShardState {
     /// connections', or one connection's when it closes).
     fn flush_positions(&mut self, only: Option<ConnId>) {
         let rows = self.take_positions(only);
-        if rows.is_empty() {
+        // A connection that is closing: its session ends cleanly here, once
+        // (a later flush must not clear the session of a newer connection
+        // of the same device).
+        let mut sessions = Vec::new();
+        if let Some(entry) = only.and_then(|conn| self.conns.get_mut(&conn)) {
+            if entry.session_open {
+                entry.session_open = false;
+                if let Some(identity) = &entry.session.identity {
+                    sessions.push(crate::storage::DeviceSession {
+                        uid: identity.uid.clone(),
+                        device_id: Arc::clone(&identity.device_id),
+                        record: crate::storage::SessionRecord {
+                            open_in_run: MessageId(0),
+                            unrecorded_below: entry.unrecorded_below,
+                        },
+                    });
+                }
+            }
+        }
+        if rows.is_empty() && sessions.is_empty() {
             return;
         }
-        if let Err(error) = self.store.save_device_acks(&rows) {
+        if let Err(error) = self.store.save_device_acks(&rows, &sessions) {
             // Not fatal: the device gets those messages again on resume.
             tracing::warn!(%error, rows = rows.len(), "saving acknowledged positions failed");
         }
@@ -2339,7 +2783,7 @@ impl ShardState {
         if rows.is_empty() {
             return None;
         }
-        match self.store.prepare_device_acks(&rows) {
+        match self.store.prepare_device_acks(&rows, &[]) {
             Ok(job) => Some(job),
             Err(error) => {
                 tracing::warn!(%error, rows = rows.len(), "saving acknowledged positions failed");
@@ -2348,6 +2792,10 @@ impl ShardState {
         }
     }
 
+    /// The positions to save: of every channel acknowledged since the last
+    /// flush, with what was pushed there; for one closing connection
+    /// (`only`), of every channel it was pushed, so that whatever it got
+    /// and did not acknowledge comes flagged on its next resume.
     fn take_positions(&mut self, only: Option<ConnId>) -> Vec<crate::storage::DeviceAck> {
         let conns: SmallVec<[ConnId; 8]> = match only {
             Some(conn) => std::iter::once(conn).collect(),
@@ -2355,9 +2803,12 @@ impl ShardState {
         };
         let mut rows = Vec::new();
         for conn in conns {
-            let Some(channels) = self.positions.remove(&conn) else {
-                continue;
-            };
+            let mut channels = self.positions.remove(&conn).unwrap_or_default();
+            if only.is_some() {
+                for (channel, _) in self.pushes.pushed_channels(conn) {
+                    channels.entry(channel.clone()).or_insert(Seq(0));
+                }
+            }
             let Some(identity) = self
                 .conns
                 .get(&conn)
@@ -2366,11 +2817,17 @@ impl ShardState {
                 continue;
             };
             for (channel, seq) in channels {
+                let pushed = self
+                    .pushes
+                    .highest_pushed(conn, &channel)
+                    .unwrap_or(Seq(0))
+                    .max(seq);
                 rows.push(crate::storage::DeviceAck {
                     uid: identity.uid.clone(),
                     device_id: Arc::clone(&identity.device_id),
                     channel,
                     seq,
+                    pushed,
                 });
             }
         }
@@ -2381,7 +2838,16 @@ impl ShardState {
     /// redelivered, with the same ids.
     pub fn retry_due(&mut self, now: Now) {
         let mut due = Vec::new();
-        self.pushes.due(now.monotonic.0, &mut due);
+        let mut given_up = Vec::new();
+        self.pushes.due(now.monotonic.0, &mut due, &mut given_up);
+        for conn in given_up {
+            self.close(
+                conn,
+                ReasonCode::SlowConsumer,
+                "messages not acknowledged after every redelivery",
+                now,
+            );
+        }
         for (conn, message) in due {
             let Some(entry) = self.conns.get(&conn) else {
                 continue;
@@ -2442,6 +2908,15 @@ impl ShardState {
         key: &ChannelKey,
         uid: &Uid,
     ) -> Result<Option<ConversationRecord>, ReasonCode> {
+        // A member removed from a group has no row, even before the removal
+        // is stored (what storage still holds must not be written back).
+        if self
+            .channels
+            .get(key)
+            .is_some_and(|c| !c.members.contains(uid))
+        {
+            return Ok(None);
+        }
         if let Some(record) = self
             .channels
             .get(key)
@@ -2508,7 +2983,7 @@ impl ShardState {
         let (last_seq, last_message_id) = match self.channels.get(key) {
             Some(channel) => (channel.committed_seq, channel.last_message_id),
             None => {
-                let channel = self.store.load_channel(key).ok()??;
+                let channel = self.store.channel_head(key).ok()??;
                 (channel.last_seq, channel.last_message_id)
             }
         };
@@ -2617,7 +3092,8 @@ impl ShardState {
             ReasonCode::StorageError
         };
         if key.kind() == crate::protocol::ChannelType::Group {
-            if self.store.load_channel(&key).map_err(storage)?.is_none() {
+            let record = self.store.channel_head(&key).map_err(storage)?;
+            if record.is_none_or(|r| r.deleted) {
                 return Err(ReasonCode::ChannelMissing);
             }
             if !self.store.is_member(&key, uid).map_err(storage)? {
@@ -2706,6 +3182,7 @@ impl ShardState {
         let Some(uid) = self.identity_uid(conn) else {
             return;
         };
+        self.awaiting_answer(conn);
         let key = match self.resolve_for(&uid, &op.channel_id, op.channel_type) {
             Ok(key) => key,
             Err(reason) => {
@@ -2750,10 +3227,21 @@ impl ShardState {
             });
             state.reply_to(origin, response);
         };
-        let last = match self.channel_mut(&key) {
+        // The user's own messages still being committed count as read: a
+        // clear (or delete) right behind one's own send must not leave it
+        // unread (or bring the conversation back).
+        let (last, own_in_flight, point, own_above) = match self.channel_mut(&key) {
             Err(reason) => return fail(self, reason),
             Ok(None) => return fail(self, ReasonCode::ChannelMissing),
-            Ok(Some(channel)) => channel.committed_seq.0,
+            Ok(Some(channel)) => {
+                let (point, own_above) = channel.read_point(&uid);
+                (
+                    channel.committed_seq.0,
+                    channel.own_uncommitted(&uid),
+                    point.0,
+                    own_above,
+                )
+            }
         };
         let mut record = match self.owned_row(&key, &uid) {
             Err(reason) => return fail(self, reason),
@@ -2762,13 +3250,13 @@ impl ShardState {
         };
         match op.action {
             ConversationAction::ClearUnread => {
-                record.read_floor = last;
-                record.own_above_floor = 0;
+                record.read_floor = point;
+                record.own_above_floor = own_above;
             }
             ConversationAction::Delete => {
-                record.deleted_seq = last;
-                record.read_floor = last;
-                record.own_above_floor = 0;
+                record.deleted_seq = point;
+                record.read_floor = point;
+                record.own_above_floor = own_above;
             }
             ConversationAction::SetUnread => {
                 if op.unread > u64::from(self.limits.sync_limit_max) {
@@ -2777,7 +3265,7 @@ impl ShardState {
                 match self.floor_for_unread(&key, &uid, last, op.unread, record.deleted_seq) {
                     Ok((floor, own)) => {
                         record.read_floor = floor;
-                        record.own_above_floor = own;
+                        record.own_above_floor = own + own_in_flight;
                     }
                     Err(reason) => return fail(self, reason),
                 }
@@ -2845,6 +3333,16 @@ impl ShardState {
         let Some(uid) = self.identity_uid(conn) else {
             return;
         };
+        self.awaiting_answer(conn);
+        if recall.message_id == 0
+            && (recall.client_msg_no.is_empty()
+                || recall.client_msg_no.len() > self.limits.client_msg_no_length_max_bytes)
+        {
+            return self.write_packet(
+                conn,
+                &recall_failed(&recall, ReasonCode::InvalidClientMsgNo),
+            );
+        }
         let key = match self.resolve_for(&uid, &recall.channel_id, recall.channel_type) {
             Ok(key) => key,
             Err(reason) => return self.write_packet(conn, &recall_failed(&recall, reason)),
@@ -2865,8 +3363,19 @@ impl ShardState {
         }
     }
 
-    /// The owner recalls a message of its channel for its sender.
+    /// The owner recalls a message of its channel for its sender. A recall
+    /// by client_msg_no of a send that is not committed yet (pipelined right
+    /// behind it) waits for the commit.
     fn owner_recall(&mut self, origin: ConnId, uid: Uid, key: ChannelKey, recall: Recall) {
+        if recall.message_id == 0 {
+            let waiting_key = (uid.clone(), recall.client_msg_no.clone());
+            if let Some(waiting) = self.uncommitted_keys.get_mut(&waiting_key) {
+                if waiting.channel == key {
+                    waiting.recalls.push((origin, recall));
+                    return;
+                }
+            }
+        }
         let seq = if recall.message_id != 0 {
             self.store
                 .find_message_id(&key, MessageId(recall.message_id))
@@ -3060,6 +3569,7 @@ fn build_conversation(
         last_message_seq: last_seq.0,
         last_message,
         deleted: !visible,
+        read_seq: record.read_floor,
     })
 }
 
@@ -3074,7 +3584,7 @@ fn list_conversations(
 ) -> Result<(Vec<Conversation>, bool), StorageError> {
     let mut candidates = Vec::new();
     for (key, record) in store.conversations(uid)? {
-        let Some(channel) = store.load_channel(&key)? else {
+        let Some(channel) = store.channel_head(&key)? else {
             continue;
         };
         let version = record.version.max(channel.last_message_id.0);
@@ -3141,6 +3651,19 @@ pub struct MessageIdGenerator {
     counter: u64,
 }
 
+/// The first message id of a run of the process that starts at `unix_ms`:
+/// above every id an earlier run recorded (whatever the clock says now), so
+/// that ids never repeat across restarts and "handed out before this run"
+/// is `id < first_id_of_run`.
+pub fn first_id_of_run(
+    store: &mut dyn ShardStore,
+    unix_ms: u64,
+) -> Result<MessageId, StorageError> {
+    let issued_ms = store.ids_issued()?.0 >> 22;
+    let now_ms = unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
+    Ok(MessageId(now_ms.max(issued_ms + 1) << 22))
+}
+
 const ID_EPOCH_UNIX_MS: u64 = 1_704_067_200_000;
 
 impl MessageIdGenerator {
@@ -3150,6 +3673,20 @@ impl MessageIdGenerator {
             shard: u64::from(shard.0),
             last_ms: 0,
             counter: 0,
+        }
+    }
+
+    /// The largest id handed out so far (0 before the first).
+    pub fn last_issued(&self) -> MessageId {
+        MessageId((self.last_ms << 22) | (self.shard << 12) | self.counter)
+    }
+
+    /// Hands out ids at or above `first` from now on.
+    pub fn continue_from(&mut self, first: MessageId) {
+        let ms = first.0 >> 22;
+        if ms > self.last_ms {
+            self.last_ms = ms;
+            self.counter = 0;
         }
     }
 
@@ -3173,6 +3710,7 @@ impl MessageIdGenerator {
 mod tests {
     use super::*;
     use crate::protocol::{ChannelType, Connect, DeviceFlag, RecvAck, LENGTH_PREFIX_BYTES};
+    use crate::protocol::{ConversationAction, ConversationOp};
     use crate::storage::{MemoryStorage, Mutation, Storage};
 
     fn now() -> Now {
@@ -3231,6 +3769,7 @@ mod tests {
     fn packets(outbox: &Outbox) -> Vec<Packet> {
         let mut bytes = BytesMut::new();
         outbox.take_into(&mut bytes);
+        outbox.wrote(bytes.len());
         let decoder = crate::protocol::FrameDecoder::new(1 << 20);
         let limits = VerifyLimits::for_frame_size(1 << 20);
         let mut out = Vec::new();
@@ -3368,6 +3907,138 @@ mod tests {
             matches!(&got[..], [Packet::Recv(r)] if r.message_seq == 1),
             "{got:?}"
         );
+    }
+
+    /// A single shard (everything local, commits on demand).
+    fn lone_shard(storage: &MemoryStorage) -> ShardState {
+        let config = crate::config::Config::default();
+        let auth = crate::config::AuthConfig {
+            mode: crate::config::AuthMode::Off,
+            ..crate::config::AuthConfig::default()
+        };
+        let mut state = ShardState::new(
+            ShardId(0),
+            1,
+            config.limits.clone(),
+            config.storage.idempotency_ttl_s * 1000,
+            crate::auth::Authenticator::new(&auth),
+            storage.open_shard(ShardId(0)).unwrap(),
+            Rc::new(Signals::new(1)),
+        );
+        state.set_retry_policy(config.delivery.retry_policy(), now());
+        state
+    }
+
+    fn send_frame(to: &str, channel_type: ChannelType, client_msg_no: &str) -> Bytes {
+        frame(&Packet::Send(SendPacket {
+            client_seq: 1,
+            client_msg_no: client_msg_no.into(),
+            channel_id: to.to_owned(),
+            channel_type,
+            flags: 0,
+            payload: Bytes::from_static(b"hi"),
+        }))
+    }
+
+    fn group_change(state: &mut ShardState, group: &str, uids: &[&str], change: SetChange) {
+        let (tx, _rx) = async_channel::bounded(1);
+        let uids = uids.iter().map(|u| (*u).to_owned()).collect();
+        state.change_group(group, uids, change, tx, now());
+    }
+
+    /// Finding 1: a removal queued before a member's send takes effect
+    /// first: the send is refused, and no conversation row comes back for
+    /// the removed member once both are committed.
+    #[test]
+    fn a_member_removed_while_the_removal_is_being_committed_cannot_send_nor_get_a_row_back() {
+        let storage = MemoryStorage::default();
+        let mut state = lone_shard(&storage);
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        state.commit(now());
+        let (alice, alice_out) = connect(&mut state, "alice", false);
+        let _ = packets(&alice_out);
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m1"), now());
+        state.commit(now());
+        group_change(&mut state, "club", &["alice"], SetChange::Remove);
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m2"), now());
+        state.commit(now());
+        let acks: Vec<ReasonCode> = packets(&alice_out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::SendAck(ack) => Some(ack.reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, vec![ReasonCode::Success, ReasonCode::NotMember]);
+        let key = ChannelKey::group("club");
+        assert_eq!(
+            state.store.conversation(&Uid::new("alice"), &key).unwrap(),
+            None
+        );
+        assert!(state
+            .store
+            .conversation(&Uid::new("bob"), &key)
+            .unwrap()
+            .is_some());
+    }
+
+    /// Finding 6: a member added in the same commit batch as the group's
+    /// first message gets the conversation the first message writes.
+    #[test]
+    fn a_member_added_in_the_batch_of_the_groups_first_message_gets_its_conversation() {
+        let storage = MemoryStorage::default();
+        let mut state = lone_shard(&storage);
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        state.commit(now());
+        let (alice, _out) = connect(&mut state, "alice", false);
+        group_change(&mut state, "club", &["carol"], SetChange::Add);
+        state.on_frame(
+            alice,
+            &send_frame("club", ChannelType::Group, "first"),
+            now(),
+        );
+        state.commit(now());
+        let key = ChannelKey::group("club");
+        let carol = state.store.conversation(&Uid::new("carol"), &key).unwrap();
+        let carol = carol.expect("carol has the conversation");
+        assert_eq!(carol.unread(1), 1);
+        assert!(carol.visible(1));
+    }
+
+    /// Finding 7: clearing unread (or deleting) right behind one's own send,
+    /// before it is committed, leaves nothing unread.
+    #[test]
+    fn clearing_unread_right_behind_ones_own_uncommitted_send_leaves_nothing_unread() {
+        for action in [ConversationAction::ClearUnread, ConversationAction::Delete] {
+            let storage = MemoryStorage::default();
+            let mut state = lone_shard(&storage);
+            let (alice, alice_out) = connect(&mut state, "alice", false);
+            let (bob, _bob_out) = connect(&mut state, "bob", false);
+            state.on_frame(
+                bob,
+                &send_frame("alice", ChannelType::Person, "from-bob"),
+                now(),
+            );
+            state.commit(now());
+            state.on_frame(
+                alice,
+                &send_frame("bob", ChannelType::Person, "mine"),
+                now(),
+            );
+            let op = Packet::ConversationOp(ConversationOp {
+                request_id: 7,
+                channel_id: "bob".into(),
+                channel_type: ChannelType::Person,
+                action,
+                unread: 0,
+            });
+            state.on_frame(alice, &frame(&op), now());
+            state.commit(now());
+            let _ = packets(&alice_out);
+            let key = ChannelKey::person(&Uid::new("alice"), &Uid::new("bob"));
+            let row = state.store.conversation(&Uid::new("alice"), &key).unwrap();
+            assert_eq!(row.unwrap().unread(2), 0, "{action:?}");
+        }
     }
 
     #[test]

@@ -12,10 +12,11 @@
 //! | `idempotency`   | uid · client_msg_no                   | [`IdempotencyRecord`]         |
 //! | `message_ids`   | channel · message id (u64 BE)         | seq (u64 BE)                  |
 //! | `lists`         | channel · kind (u8) · uid             | empty                         |
-//! | `device_acks`   | uid · device id · channel             | acknowledged seq (u64 BE)     |
+//! | `device_acks`   | uid · device id · channel             | acknowledged, pushed seq (2 × u64 BE; merged by max) |
+//! | `device_sessions` | uid · device id                     | [`SessionRecord`] (2 × u64 BE) |
 //! | `webhooks`      | shard (u16 BE) · event id (u64 BE)    | [`WebhookRecord`]             |
 //! | `tokens`        | uid · device flag (u8)                | token (UTF-8)                 |
-//! | `meta`          | ASCII name                            | format version and such       |
+//! | `meta`          | ASCII name                            | format version, ids issued (u64 BE; merged by max) |
 //!
 //! where `channel` is `kind (u8) · id length (u16 BE) · id bytes` (a user's
 //! own lists use a person-type `channel` holding just their uid) and `uid`
@@ -28,6 +29,7 @@
 //! [`IdempotencyRecord`]: super::rocks::IdempotencyRecord
 //! [`ConversationRecord`]: super::ConversationRecord
 //! [`WebhookRecord`]: super::WebhookRecord
+//! [`SessionRecord`]: super::SessionRecord
 
 use crate::channel::ChannelKey;
 use crate::ids::Seq;
@@ -44,8 +46,10 @@ pub const CF_DEVICE_ACKS: &str = "device_acks";
 pub const CF_META: &str = "meta";
 pub const CF_WEBHOOKS: &str = "webhooks";
 pub const CF_TOKENS: &str = "tokens";
+pub const CF_DEVICE_SESSIONS: &str = "device_sessions";
 
-pub const ALL_CFS: [&str; 11] = [
+pub const ALL_CFS: [&str; 12] = [
+    CF_DEVICE_SESSIONS,
     CF_WEBHOOKS,
     CF_TOKENS,
     CF_LISTS,
@@ -59,6 +63,9 @@ pub const ALL_CFS: [&str; 11] = [
     CF_META,
 ];
 
+/// `meta` key holding the largest message id any shard has handed out
+/// (merged by max).
+pub const META_IDS_ISSUED: &[u8] = b"ids_issued";
 /// `meta` key holding the on-disk format version.
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 /// The format this build writes and reads.
@@ -164,6 +171,13 @@ pub fn device_ack(uid: &str, device_id: &str, key: &ChannelKey) -> Vec<u8> {
     push_str(&mut out, uid);
     push_str(&mut out, device_id);
     out.extend_from_slice(&channel(key));
+    out
+}
+
+pub fn device_session(uid: &str, device_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + uid.len() + device_id.len());
+    push_str(&mut out, uid);
+    push_str(&mut out, device_id);
     out
 }
 

@@ -4,8 +4,9 @@
 //! is for tests and experiments, not for production load.
 
 use super::{
-    ChannelRecord, CommitJob, ConversationRecord, DeviceAck, IdempotentHit, ListKind, Mutation,
-    ReadDirection, ShardStore, Storage, StorageError, StoredMessage, WebhookRecord,
+    ChannelHead, ChannelRecord, CommitJob, ConversationRecord, DeviceAck, DevicePosition,
+    DeviceSession, IdempotentHit, ListKind, Mutation, ReadDirection, SessionRecord, ShardStore,
+    Storage, StorageError, StoredMessage, WebhookRecord,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -14,22 +15,41 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
-#[derive(Debug, Default)]
-struct MemoryChannel {
-    messages: Vec<Arc<StoredMessage>>,
-    members: Option<Vec<Uid>>,
-    last_seq_override: Option<Seq>,
+/// What the store knows of a channel besides its messages (the `channels`
+/// record of the RocksDB store).
+#[derive(Debug, Clone, Copy, Default)]
+struct ChannelMeta {
+    last_seq: Seq,
+    last_message_id: MessageId,
+    is_group: bool,
+    deleted: bool,
 }
 
+/// The data, kept so that every read returns what the RocksDB store would,
+/// in the same order: rows a RocksDB scan returns in key order are kept
+/// under the same key encodings here.
 #[derive(Debug, Default)]
 struct MemoryData {
-    channels: FastMap<ChannelKey, MemoryChannel>,
+    meta: FastMap<ChannelKey, ChannelMeta>,
+    messages: FastMap<ChannelKey, BTreeMap<u64, Arc<StoredMessage>>>,
+    members: FastMap<ChannelKey, Vec<Uid>>,
     idempotency: FastMap<(Uid, String), IdempotentHit>,
-    conversations: FastMap<Uid, BTreeMap<ChannelKey, ConversationRecord>>,
-    lists: FastMap<(ChannelKey, ListKind), Vec<Uid>>,
-    device_acks: FastMap<(Uid, String, ChannelKey), Seq>,
+    /// Per user, rows by the encoded channel key (the RocksDB scan order).
+    conversations: FastMap<Uid, BTreeMap<Vec<u8>, (ChannelKey, ConversationRecord)>>,
+    /// Per list, uids by their encoded key (the RocksDB scan order).
+    lists: FastMap<(ChannelKey, ListKind), BTreeMap<Vec<u8>, Uid>>,
+    device_acks: FastMap<(Uid, String, ChannelKey), DevicePosition>,
+    device_sessions: FastMap<(Uid, String), SessionRecord>,
+    ids_issued: MessageId,
     webhooks: BTreeMap<(u16, u64), WebhookRecord>,
     tokens: FastMap<(Uid, u8), String>,
+}
+
+/// A uid's place in a RocksDB scan: length first, then bytes.
+fn uid_order(uid: &Uid) -> Vec<u8> {
+    let mut key = (uid.as_str().len() as u64).to_be_bytes().to_vec();
+    key.extend_from_slice(uid.as_str().as_bytes());
+    key
 }
 
 /// Keeps everything in memory, shared by every shard.
@@ -119,101 +139,144 @@ impl MemoryShardStore {
 
 impl MemoryData {
     fn apply(&mut self, batch: &[Mutation]) -> Result<(), StorageError> {
-        // Check the whole batch first so that a bad batch changes nothing.
+        // Check the whole batch first so that a bad batch changes nothing:
+        // a channel's seqs follow each other (an invariant of the shards,
+        // checked here where it costs nothing).
         let mut expected: FastMap<&ChannelKey, u64> = FastMap::default();
-        for mutation in batch {
-            if let Mutation::Message(message) = mutation {
-                let next = expected.entry(&message.channel).or_insert_with(|| {
-                    self.channels
-                        .get(&message.channel)
-                        .map_or(0, |c| c.messages.len() as u64)
-                });
-                *next += 1;
-                if message.seq.0 != *next {
-                    return Err(StorageError::Corrupt(format!(
-                        "channel {:?}: seq {} does not follow {}",
-                        message.channel,
-                        message.seq.0,
-                        *next - 1
-                    )));
-                }
-            }
-        }
         for mutation in batch {
             match mutation {
                 Mutation::Message(message) => {
-                    self.channels
-                        .entry(message.channel.clone())
-                        .or_default()
-                        .messages
-                        .push(Arc::clone(message));
-                    self.idempotency.insert(
-                        (message.from_uid.clone(), message.client_msg_no.clone()),
-                        IdempotentHit {
-                            channel: message.channel.clone(),
-                            seq: message.seq,
-                            message_id: message.message_id,
-                            committed_at_ms: message.timestamp_ms,
-                        },
-                    );
-                }
-                Mutation::Recall(message) => {
-                    if let Some(slot) = self
-                        .channels
-                        .get_mut(&message.channel)
-                        .and_then(|c| c.messages.get_mut(message.seq.0 as usize - 1))
-                    {
-                        *slot = Arc::clone(message);
+                    let next = expected.entry(&message.channel).or_insert_with(|| {
+                        self.meta.get(&message.channel).map_or(0, |m| m.last_seq.0)
+                    });
+                    *next += 1;
+                    if message.seq.0 != *next {
+                        return Err(StorageError::Corrupt(format!(
+                            "channel {:?}: seq {} does not follow {}",
+                            message.channel,
+                            message.seq.0,
+                            *next - 1
+                        )));
                     }
                 }
-                Mutation::PutList { key, kind, uids } => {
-                    self.lists.insert((key.clone(), *kind), uids.clone());
+                Mutation::PutGroup { key, last_seq, .. }
+                | Mutation::DeleteGroup { key, last_seq, .. } => {
+                    expected.insert(key, last_seq.0);
                 }
-                Mutation::Conversation { uid, key, record } => {
-                    self.conversations
-                        .entry(uid.clone())
-                        .or_default()
-                        .insert(key.clone(), *record);
-                }
-                Mutation::DeleteConversation { uid, key } => {
-                    if let Some(rows) = self.conversations.get_mut(uid) {
-                        rows.remove(key);
-                    }
-                }
-                Mutation::Webhook { shard, id, record } => {
-                    self.webhooks.insert((shard.0, *id), (**record).clone());
-                }
-                Mutation::DeleteGroup { key, members } => {
-                    self.channels.remove(key);
-                    self.lists.remove(&(key.clone(), ListKind::Allow));
-                    self.lists.remove(&(key.clone(), ListKind::Deny));
-                    for uid in members {
-                        if let Some(rows) = self.conversations.get_mut(uid) {
-                            rows.remove(key);
-                        }
-                    }
-                }
-                Mutation::PutGroup {
-                    key,
-                    members,
-                    last_seq,
-                    ..
-                } => {
-                    let channel = self.channels.entry(key.clone()).or_default();
-                    channel.members = Some(members.clone());
-                    channel.last_seq_override = Some(*last_seq);
-                }
+                _ => {}
             }
         }
+        for mutation in batch {
+            self.apply_one(mutation);
+        }
         Ok(())
+    }
+
+    fn apply_one(&mut self, mutation: &Mutation) {
+        match mutation {
+            Mutation::Message(message) => {
+                self.messages
+                    .entry(message.channel.clone())
+                    .or_default()
+                    .insert(message.seq.0, Arc::clone(message));
+                let meta = self.meta.entry(message.channel.clone()).or_default();
+                meta.last_seq = message.seq;
+                meta.last_message_id = message.message_id;
+                meta.is_group = message.channel.kind() == crate::protocol::ChannelType::Group;
+                meta.deleted = false;
+                self.idempotency.insert(
+                    (message.from_uid.clone(), message.client_msg_no.clone()),
+                    IdempotentHit {
+                        channel: message.channel.clone(),
+                        seq: message.seq,
+                        message_id: message.message_id,
+                        committed_at_ms: message.timestamp_ms,
+                    },
+                );
+            }
+            Mutation::Recall(message) => {
+                self.messages
+                    .entry(message.channel.clone())
+                    .or_default()
+                    .insert(message.seq.0, Arc::clone(message));
+            }
+            Mutation::PutList { key, kind, uids } => {
+                let list = uids.iter().map(|u| (uid_order(u), u.clone())).collect();
+                self.lists.insert((key.clone(), *kind), list);
+            }
+            Mutation::Conversation { uid, key, record } => {
+                self.conversations
+                    .entry(uid.clone())
+                    .or_default()
+                    .insert(super::keys::channel(key), (key.clone(), *record));
+            }
+            Mutation::DeleteConversation { uid, key } => {
+                if let Some(rows) = self.conversations.get_mut(uid) {
+                    rows.remove(&super::keys::channel(key));
+                }
+            }
+            Mutation::Webhook { shard, id, record } => {
+                self.webhooks.insert((shard.0, *id), (**record).clone());
+            }
+            Mutation::IdsIssued(id) => self.ids_issued = self.ids_issued.max(*id),
+            Mutation::DeleteGroup {
+                key,
+                members,
+                last_seq,
+                last_message_id,
+            } => {
+                self.messages.remove(key);
+                self.members.remove(key);
+                self.lists.remove(&(key.clone(), ListKind::Allow));
+                self.lists.remove(&(key.clone(), ListKind::Deny));
+                self.meta.insert(
+                    key.clone(),
+                    ChannelMeta {
+                        last_seq: *last_seq,
+                        last_message_id: *last_message_id,
+                        is_group: true,
+                        deleted: true,
+                    },
+                );
+                let channel = super::keys::channel(key);
+                for uid in members {
+                    if let Some(rows) = self.conversations.get_mut(uid) {
+                        rows.remove(&channel);
+                    }
+                }
+            }
+            Mutation::PutGroup {
+                key,
+                members,
+                last_seq,
+                last_message_id,
+            } => {
+                self.members.insert(key.clone(), members.clone());
+                self.meta.insert(
+                    key.clone(),
+                    ChannelMeta {
+                        last_seq: *last_seq,
+                        last_message_id: *last_message_id,
+                        is_group: true,
+                        deleted: false,
+                    },
+                );
+            }
+        }
     }
 }
 
 impl ShardStore for MemoryShardStore {
     fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
-        // Memory is as durable as it gets: apply now, nothing left to do.
-        self.data().apply(batch)?;
-        Ok(Box::new(|| Ok(())))
+        // Applied when the job runs, as the RocksDB store writes then: a
+        // batch whose job never runs (a crash) leaves nothing behind.
+        let batch = batch.to_vec();
+        let data = Arc::clone(&self.data);
+        Ok(Box::new(move || {
+            data.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .apply(&batch)
+        }))
     }
 
     fn find_idempotent(
@@ -232,13 +295,21 @@ impl ShardStore for MemoryShardStore {
     }
 
     fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError> {
-        Ok(self.data().channels.get(key).map(|c| {
-            let last = c.messages.last();
-            ChannelRecord {
-                last_seq: last.map_or(c.last_seq_override.unwrap_or_default(), |m| m.seq),
-                last_message_id: last.map_or(MessageId(0), |m| m.message_id),
-                members: c.members.clone(),
-            }
+        let data = self.data();
+        Ok(data.meta.get(key).map(|meta| ChannelRecord {
+            last_seq: meta.last_seq,
+            last_message_id: meta.last_message_id,
+            members: (meta.is_group && !meta.deleted)
+                .then(|| data.members.get(key).cloned().unwrap_or_default()),
+            deleted: meta.deleted,
+        }))
+    }
+
+    fn channel_head(&mut self, key: &ChannelKey) -> Result<Option<ChannelHead>, StorageError> {
+        Ok(self.data().meta.get(key).map(|meta| ChannelHead {
+            last_seq: meta.last_seq,
+            last_message_id: meta.last_message_id,
+            deleted: meta.deleted,
         }))
     }
 
@@ -250,19 +321,21 @@ impl ShardStore for MemoryShardStore {
         direction: ReadDirection,
     ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
         let data = self.data();
-        let Some(channel) = data.channels.get(key) else {
+        let Some(messages) = data.messages.get(key) else {
             return Ok(Vec::new());
         };
-        let messages = &channel.messages;
         Ok(match direction {
-            ReadDirection::Up => {
-                let start = from.0.max(1) as usize - 1;
-                messages.iter().skip(start).take(limit).cloned().collect()
-            }
-            ReadDirection::Down => {
-                let end = (from.0 as usize).min(messages.len());
-                messages[..end].iter().rev().take(limit).cloned().collect()
-            }
+            ReadDirection::Up => messages
+                .range(from.0..)
+                .take(limit)
+                .map(|(_, m)| Arc::clone(m))
+                .collect(),
+            ReadDirection::Down => messages
+                .range(..=from.0)
+                .rev()
+                .take(limit)
+                .map(|(_, m)| Arc::clone(m))
+                .collect(),
         })
     }
 
@@ -273,18 +346,17 @@ impl ShardStore for MemoryShardStore {
     ) -> Result<Option<Seq>, StorageError> {
         let data = self.data();
         Ok(data
-            .channels
+            .messages
             .get(key)
-            .and_then(|c| c.messages.iter().find(|m| m.message_id == id))
+            .and_then(|m| m.values().find(|m| m.message_id == id))
             .map(|m| m.seq))
     }
 
     fn is_member(&mut self, key: &ChannelKey, uid: &Uid) -> Result<bool, StorageError> {
         Ok(self
             .data()
-            .channels
+            .members
             .get(key)
-            .and_then(|c| c.members.as_ref())
             .is_some_and(|members| members.contains(uid)))
     }
 
@@ -297,8 +369,8 @@ impl ShardStore for MemoryShardStore {
             .data()
             .conversations
             .get(uid)
-            .and_then(|rows| rows.get(key))
-            .copied())
+            .and_then(|rows| rows.get(&super::keys::channel(key)))
+            .map(|(_, record)| *record))
     }
 
     fn conversations(
@@ -309,7 +381,7 @@ impl ShardStore for MemoryShardStore {
             .data()
             .conversations
             .get(uid)
-            .map(|rows| rows.iter().map(|(k, r)| (k.clone(), *r)).collect())
+            .map(|rows| rows.values().map(|(k, r)| (k.clone(), *r)).collect())
             .unwrap_or_default())
     }
 
@@ -323,36 +395,62 @@ impl ShardStore for MemoryShardStore {
             .data()
             .lists
             .get(&(key.clone(), kind))
-            .map(|uids| uids.iter().take(limit).cloned().collect())
+            .map(|uids| uids.values().take(limit).cloned().collect())
             .unwrap_or_default())
     }
 
-    fn prepare_device_acks(&mut self, rows: &[DeviceAck]) -> Result<CommitJob, StorageError> {
-        let mut data = self.data();
-        for row in rows {
-            let key = (
-                row.uid.clone(),
-                row.device_id.to_string(),
-                row.channel.clone(),
-            );
-            let seq = data.device_acks.entry(key).or_default();
-            *seq = (*seq).max(row.seq);
-        }
-        Ok(Box::new(|| Ok(())))
+    fn prepare_device_acks(
+        &mut self,
+        rows: &[DeviceAck],
+        sessions: &[DeviceSession],
+    ) -> Result<CommitJob, StorageError> {
+        let rows = rows.to_vec();
+        let sessions = sessions.to_vec();
+        let data = Arc::clone(&self.data);
+        Ok(Box::new(move || {
+            let mut data = data.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for row in rows {
+                let key = (row.uid, row.device_id.to_string(), row.channel);
+                let position = data.device_acks.entry(key).or_default();
+                position.acked = position.acked.max(row.seq);
+                position.pushed = position.pushed.max(row.pushed).max(position.acked);
+            }
+            for session in sessions {
+                data.device_sessions
+                    .insert((session.uid, session.device_id.to_string()), session.record);
+            }
+            Ok(())
+        }))
     }
 
-    fn device_ack(
+    fn device_position(
         &mut self,
         uid: &Uid,
         device_id: &str,
         key: &ChannelKey,
-    ) -> Result<Seq, StorageError> {
+    ) -> Result<DevicePosition, StorageError> {
         Ok(self
             .data()
             .device_acks
             .get(&(uid.clone(), device_id.to_owned(), key.clone()))
             .copied()
             .unwrap_or_default())
+    }
+
+    fn device_session(
+        &mut self,
+        uid: &Uid,
+        device_id: &str,
+    ) -> Result<Option<SessionRecord>, StorageError> {
+        Ok(self
+            .data()
+            .device_sessions
+            .get(&(uid.clone(), device_id.to_owned()))
+            .copied())
+    }
+
+    fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
+        Ok(self.data().ids_issued)
     }
 
     fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {
@@ -369,7 +467,7 @@ impl ShardStore for MemoryShardStore {
             .data()
             .lists
             .get(&(key.clone(), kind))
-            .is_some_and(|uids| uids.contains(uid)))
+            .is_some_and(|uids| uids.contains_key(&uid_order(uid))))
     }
 }
 

@@ -149,9 +149,20 @@ pub enum Mutation {
         id: u64,
         record: Arc<WebhookRecord>,
     },
-    /// Delete a group: its record, members, lists, messages, and the
-    /// conversation rows of `members`.
-    DeleteGroup { key: ChannelKey, members: Vec<Uid> },
+    /// Delete a group: its members, lists, messages, and the conversation
+    /// rows of `members`. Its record stays as a tombstone with the last seq
+    /// and message id, so a group created again under the same id continues
+    /// the seqs instead of reusing them.
+    DeleteGroup {
+        key: ChannelKey,
+        members: Vec<Uid>,
+        last_seq: Seq,
+        last_message_id: MessageId,
+    },
+    /// Every message id (and version) the writing shard has handed out is
+    /// at most this: a restart starts its ids above the largest ever
+    /// recorded, whatever the clock says.
+    IdsIssued(MessageId),
     /// Create or replace a group and its member list. `last_seq` is the
     /// group's last seq once everything before this change is applied.
     PutGroup {
@@ -200,8 +211,20 @@ pub struct ChannelRecord {
     pub last_seq: Seq,
     /// The id of the message at `last_seq` (0 when there is none).
     pub last_message_id: MessageId,
-    /// Members of a group; `None` for a person channel.
+    /// Members of a group; `None` for a person channel or a deleted group.
     pub members: Option<Vec<Uid>>,
+    /// A deleted group's tombstone: no members, no messages, only the last
+    /// seq and message id it had.
+    pub deleted: bool,
+}
+
+/// A channel's place, without its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelHead {
+    pub last_seq: Seq,
+    pub last_message_id: MessageId,
+    /// A deleted group's tombstone.
+    pub deleted: bool,
 }
 
 /// A storage failure. Every variant is retryable from the client's point of
@@ -240,6 +263,11 @@ pub trait ShardStore {
 
     /// What is stored about `key`, or `None` for a channel never written.
     fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError>;
+
+    /// `key`'s last seq and message id, without a group's members (one
+    /// point read, for listing a user's conversations), or `None` for a
+    /// channel never written.
+    fn channel_head(&mut self, key: &ChannelKey) -> Result<Option<ChannelHead>, StorageError>;
 
     /// Up to `limit` messages of `key` from seq `from` (inclusive) in
     /// `direction`.
@@ -302,37 +330,141 @@ pub trait ShardStore {
         uid: &Uid,
     ) -> Result<bool, StorageError>;
 
-    /// Records how far devices have acknowledged channels. Written at once,
-    /// without a sync of its own (it rides the next one): losing the last
-    /// few positions in a power cut only means a few redeliveries. Positions
-    /// only grow.
-    fn prepare_device_acks(&mut self, rows: &[DeviceAck]) -> Result<CommitJob, StorageError>;
+    /// Records how far devices have got in channels, and their sessions.
+    /// Written at once, without a sync of its own (it rides the next one):
+    /// losing the last few positions in a power cut only means a few
+    /// redeliveries. Both halves of a position only grow, whatever order
+    /// writes land in.
+    fn prepare_device_acks(
+        &mut self,
+        rows: &[DeviceAck],
+        sessions: &[DeviceSession],
+    ) -> Result<CommitJob, StorageError>;
 
     /// Prepares and writes positions on the calling thread.
-    fn save_device_acks(&mut self, rows: &[DeviceAck]) -> Result<(), StorageError> {
-        self.prepare_device_acks(rows)?()
+    fn save_device_acks(
+        &mut self,
+        rows: &[DeviceAck],
+        sessions: &[DeviceSession],
+    ) -> Result<(), StorageError> {
+        self.prepare_device_acks(rows, sessions)?()
     }
 
-    /// How far `device_id` of `uid` has acknowledged `key` (0: never).
-    fn device_ack(
+    /// How far `device_id` of `uid` has got in `key` (zeros: never).
+    fn device_position(
         &mut self,
         uid: &Uid,
         device_id: &str,
         key: &ChannelKey,
-    ) -> Result<Seq, StorageError>;
+    ) -> Result<DevicePosition, StorageError>;
+
+    /// The session record of `device_id` of `uid`, if it ever connected.
+    fn device_session(
+        &mut self,
+        uid: &Uid,
+        device_id: &str,
+    ) -> Result<Option<SessionRecord>, StorageError>;
+
+    /// The largest [`Mutation::IdsIssued`] ever committed (0: none).
+    fn ids_issued(&mut self) -> Result<MessageId, StorageError>;
 
     /// The token registered for `uid` on devices of `device_flag` through
     /// the admin API, if any.
     fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError>;
 }
 
-/// How far one device has acknowledged one channel.
+/// How far one device has got in one channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceAck {
     pub uid: Uid,
     pub device_id: Arc<str>,
     pub channel: ChannelKey,
+    /// Everything at or below it is acknowledged.
     pub seq: Seq,
+    /// The highest seq ever pushed to it: anything up to it that comes
+    /// again comes flagged as redelivered.
+    pub pushed: Seq,
+}
+
+/// A stored position: acknowledged through `acked`, pushed up to `pushed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DevicePosition {
+    pub acked: Seq,
+    pub pushed: Seq,
+}
+
+impl DevicePosition {
+    /// Decodes a stored value: two big-endian u64s (acknowledged, pushed),
+    /// or, as first written, only the first.
+    pub fn decode(bytes: &[u8]) -> Result<DevicePosition, StorageError> {
+        let word = |i: usize| -> Option<u64> {
+            bytes
+                .get(i * 8..i * 8 + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+        };
+        match bytes.len() {
+            8 | 16 => {
+                let acked = word(0).unwrap_or(0);
+                let pushed = word(1).unwrap_or(0).max(acked);
+                Ok(DevicePosition {
+                    acked: Seq(acked),
+                    pushed: Seq(pushed),
+                })
+            }
+            _ => Err(StorageError::Corrupt("device position entry".into())),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.acked.0.to_be_bytes());
+        out[8..].copy_from_slice(&self.pushed.0.to_be_bytes());
+        out
+    }
+}
+
+/// What is kept of a device's sessions: which run of the gateway has one
+/// open (none after it closed cleanly), and, once a session was left open
+/// by a run that crashed, the id below which messages may have been pushed
+/// to it without the push being recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The run (its first message id) with a session open; 0: closed.
+    pub open_in_run: MessageId,
+    /// Messages with ids below it may have reached the device unrecorded.
+    pub unrecorded_below: MessageId,
+}
+
+impl SessionRecord {
+    pub fn decode(bytes: &[u8]) -> Result<SessionRecord, StorageError> {
+        let words: Option<[u8; 16]> = bytes.try_into().ok();
+        let words = words.ok_or_else(|| StorageError::Corrupt("device session entry".into()))?;
+        let word = |i: usize| {
+            let mut b = [0; 8];
+            b.copy_from_slice(&words[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        Ok(SessionRecord {
+            open_in_run: MessageId(word(0)),
+            unrecorded_below: MessageId(word(1)),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.open_in_run.0.to_be_bytes());
+        out[8..].copy_from_slice(&self.unrecorded_below.0.to_be_bytes());
+        out
+    }
+}
+
+/// A write of one device's session record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSession {
+    pub uid: Uid,
+    pub device_id: Arc<str>,
+    pub record: SessionRecord,
 }
 
 /// A storage engine: hands every shard its own [`ShardStore`].
@@ -405,6 +537,10 @@ impl ShardStore for ClosedStore {
         Err(StorageError::Closed)
     }
 
+    fn channel_head(&mut self, _key: &ChannelKey) -> Result<Option<ChannelHead>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
     fn read_messages(
         &mut self,
         _key: &ChannelKey,
@@ -460,16 +596,32 @@ impl ShardStore for ClosedStore {
         Err(StorageError::Closed)
     }
 
-    fn prepare_device_acks(&mut self, _rows: &[DeviceAck]) -> Result<CommitJob, StorageError> {
+    fn prepare_device_acks(
+        &mut self,
+        _rows: &[DeviceAck],
+        _sessions: &[DeviceSession],
+    ) -> Result<CommitJob, StorageError> {
         Err(StorageError::Closed)
     }
 
-    fn device_ack(
+    fn device_position(
         &mut self,
         _uid: &Uid,
         _device_id: &str,
         _key: &ChannelKey,
-    ) -> Result<Seq, StorageError> {
+    ) -> Result<DevicePosition, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn device_session(
+        &mut self,
+        _uid: &Uid,
+        _device_id: &str,
+    ) -> Result<Option<SessionRecord>, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
         Err(StorageError::Closed)
     }
 

@@ -10,8 +10,9 @@
 
 use super::keys;
 use super::{
-    ChannelRecord, CommitJob, ConversationRecord, DeviceAck, IdempotentHit, ListKind, Mutation,
-    ReadDirection, ShardStore, Storage, StorageError, StoredMessage, WebhookRecord,
+    ChannelHead, ChannelRecord, CommitJob, ConversationRecord, DeviceAck, DevicePosition,
+    DeviceSession, IdempotentHit, ListKind, Mutation, ReadDirection, SessionRecord, ShardStore,
+    Storage, StorageError, StoredMessage, WebhookRecord,
 };
 use crate::channel::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
@@ -97,6 +98,36 @@ pub struct ChannelMetaRecord {
     pub last_message_id: u64,
     /// A group that was created (person channels are never "created").
     pub is_group: bool,
+    /// Added after the first release of the format: a deleted group's
+    /// tombstone, which keeps its last seq so that a group created again
+    /// under the same id continues after it (seqs are never reused: clients
+    /// and saved positions key on them). Records written before it decode
+    /// as not deleted (see [`decode_channel_meta`]).
+    pub deleted: bool,
+}
+
+/// A channel record as written before `deleted` existed.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ChannelMetaRecordV1 {
+    last_seq: u64,
+    last_message_id: u64,
+    is_group: bool,
+}
+
+/// Decodes a channel record of either format (see
+/// [`decode_message_record`] for why this works with postcard).
+pub fn decode_channel_meta(bytes: &[u8]) -> Result<ChannelMetaRecord, StorageError> {
+    if let Ok(record) = postcard::from_bytes::<ChannelMetaRecord>(bytes) {
+        return Ok(record);
+    }
+    let v1: ChannelMetaRecordV1 = decode("channel record", bytes)?;
+    Ok(ChannelMetaRecord {
+        last_seq: v1.last_seq,
+        last_message_id: v1.last_message_id,
+        is_group: v1.is_group,
+        deleted: false,
+    })
 }
 
 /// What the `idempotency` column family holds for `(uid, client_msg_no)`.
@@ -107,6 +138,29 @@ pub struct IdempotencyRecord {
     pub seq: u64,
     pub message_id: u64,
     pub committed_at_ms: i64,
+}
+
+/// The merge operator of `device_acks` and `meta`: values are big-endian
+/// u64s, merged word by word by taking the largest (a shorter value, as
+/// first written, has zeros for its missing words).
+fn merge_u64s_max(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut out: Vec<u64> = Vec::new();
+    for value in existing.into_iter().chain(operands.iter()) {
+        for (i, word) in value.chunks_exact(8).enumerate() {
+            let mut bytes = [0; 8];
+            bytes.copy_from_slice(word);
+            let word = u64::from_be_bytes(bytes);
+            match out.get_mut(i) {
+                Some(slot) => *slot = (*slot).max(word),
+                None => out.push(word),
+            }
+        }
+    }
+    Some(out.iter().flat_map(|w| w.to_be_bytes()).collect())
 }
 
 fn io_error(error: rocksdb::Error) -> StorageError {
@@ -174,6 +228,13 @@ impl RocksStorage {
             cf.set_write_buffer_size(options.write_buffer_bytes);
             if *name == keys::CF_MESSAGES {
                 cf.set_compression_type(DBCompressionType::Lz4);
+            }
+            if *name == keys::CF_DEVICE_ACKS || *name == keys::CF_META {
+                // Positions and the ids issued only grow: writes merge by
+                // taking the larger, so a write that lands late (a periodic
+                // flush off the shard's thread racing the flush at close)
+                // never moves one back.
+                cf.set_merge_operator_associative("u64s_max", merge_u64s_max);
             }
             if *name == keys::CF_IDEMPOTENCY {
                 // Expired keys are dropped when compaction meets them.
@@ -377,14 +438,32 @@ impl ShardStore for RocksShardStore {
                 Mutation::Webhook { shard, id, record } => {
                     write.put_cf(webhooks, keys::webhook(*shard, *id), encode(&**record));
                 }
-                Mutation::DeleteGroup { key, members: uids } => {
+                Mutation::IdsIssued(id) => {
+                    write.merge_cf(
+                        self.cf(keys::CF_META),
+                        keys::META_IDS_ISSUED,
+                        id.0.to_be_bytes(),
+                    );
+                }
+                Mutation::DeleteGroup {
+                    key,
+                    members: uids,
+                    last_seq,
+                    last_message_id,
+                } => {
                     let prefix = keys::channel(key);
                     let mut end = prefix.clone();
                     increment(&mut end);
                     for cf in [messages, members, message_ids, lists] {
                         write.delete_range_cf(cf, &prefix, &end);
                     }
-                    write.delete_cf(channels, &prefix);
+                    let tombstone = ChannelMetaRecord {
+                        last_seq: last_seq.0,
+                        last_message_id: last_message_id.0,
+                        is_group: true,
+                        deleted: true,
+                    };
+                    write.put_cf(channels, &prefix, encode(&tombstone));
                     for uid in uids {
                         write.delete_cf(conversations, keys::conversation(uid.as_str(), key));
                     }
@@ -427,6 +506,7 @@ impl ShardStore for RocksShardStore {
                         last_seq: message.seq.0,
                         last_message_id: message.message_id.0,
                         is_group: message.channel.kind() == crate::protocol::ChannelType::Group,
+                        deleted: false,
                     };
                     write.put_cf(channels, keys::channel(&message.channel), encode(&meta));
                     let key = IdempotencyRecord {
@@ -452,6 +532,7 @@ impl ShardStore for RocksShardStore {
                         last_seq: last_seq.0,
                         last_message_id: last_message_id.0,
                         is_group: true,
+                        deleted: false,
                     };
                     write.put_cf(channels, keys::channel(key), encode(&meta));
                     let prefix = keys::channel(key);
@@ -513,8 +594,8 @@ impl ShardStore for RocksShardStore {
         else {
             return Ok(None);
         };
-        let meta: ChannelMetaRecord = decode("channel record", &bytes)?;
-        let members = if meta.is_group {
+        let meta = decode_channel_meta(&bytes)?;
+        let members = if meta.is_group && !meta.deleted {
             let prefix = keys::channel(key);
             let mut uids = Vec::new();
             let iter = self.db.iterator_cf(
@@ -538,6 +619,23 @@ impl ShardStore for RocksShardStore {
             last_seq: Seq(meta.last_seq),
             last_message_id: MessageId(meta.last_message_id),
             members,
+            deleted: meta.deleted,
+        }))
+    }
+
+    fn channel_head(&mut self, key: &ChannelKey) -> Result<Option<ChannelHead>, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_CHANNELS), keys::channel(key))
+            .map_err(io_error)?
+        else {
+            return Ok(None);
+        };
+        let meta = decode_channel_meta(&bytes)?;
+        Ok(Some(ChannelHead {
+            last_seq: Seq(meta.last_seq),
+            last_message_id: MessageId(meta.last_message_id),
+            deleted: meta.deleted,
         }))
     }
 
@@ -635,16 +733,32 @@ impl ShardStore for RocksShardStore {
         Ok(out)
     }
 
-    fn prepare_device_acks(&mut self, rows: &[DeviceAck]) -> Result<CommitJob, StorageError> {
-        // The writing shard only ever raises a position (it keeps the
-        // highest), and a device is connected to one shard at a time.
+    fn prepare_device_acks(
+        &mut self,
+        rows: &[DeviceAck],
+        sessions: &[DeviceSession],
+    ) -> Result<CommitJob, StorageError> {
+        // Merged with `merge_u64s_max`: a position write that lands after a
+        // newer one cannot move it back.
         let cf = self.cf(keys::CF_DEVICE_ACKS);
         let mut write = WriteBatch::default();
         for row in rows {
-            write.put_cf(
+            let position = DevicePosition {
+                acked: row.seq,
+                pushed: row.pushed,
+            };
+            write.merge_cf(
                 cf,
                 keys::device_ack(row.uid.as_str(), &row.device_id, &row.channel),
-                row.seq.0.to_be_bytes(),
+                position.encode(),
+            );
+        }
+        let cf = self.cf(keys::CF_DEVICE_SESSIONS);
+        for session in sessions {
+            write.put_cf(
+                cf,
+                keys::device_session(session.uid.as_str(), &session.device_id),
+                session.record.encode(),
             );
         }
         // Unsynced, but it still queues behind a synced group commit in
@@ -657,27 +771,56 @@ impl ShardStore for RocksShardStore {
         }))
     }
 
-    fn device_ack(
+    fn device_position(
         &mut self,
         uid: &Uid,
         device_id: &str,
         key: &ChannelKey,
-    ) -> Result<Seq, StorageError> {
-        let Some(bytes) = self
+    ) -> Result<DevicePosition, StorageError> {
+        match self
             .db
             .get_pinned_cf(
                 self.cf(keys::CF_DEVICE_ACKS),
                 keys::device_ack(uid.as_str(), device_id, key),
             )
             .map_err(io_error)?
+        {
+            Some(bytes) => DevicePosition::decode(&bytes),
+            None => Ok(DevicePosition::default()),
+        }
+    }
+
+    fn device_session(
+        &mut self,
+        uid: &Uid,
+        device_id: &str,
+    ) -> Result<Option<SessionRecord>, StorageError> {
+        match self
+            .db
+            .get_pinned_cf(
+                self.cf(keys::CF_DEVICE_SESSIONS),
+                keys::device_session(uid.as_str(), device_id),
+            )
+            .map_err(io_error)?
+        {
+            Some(bytes) => Ok(Some(SessionRecord::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_META), keys::META_IDS_ISSUED)
+            .map_err(io_error)?
         else {
-            return Ok(Seq(0));
+            return Ok(MessageId(0));
         };
-        let seq: [u8; 8] = bytes
-            .as_ref()
-            .try_into()
-            .map_err(|_| StorageError::Corrupt("device ack entry".into()))?;
-        Ok(Seq(u64::from_be_bytes(seq)))
+        let word: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StorageError::Corrupt("ids issued".into()))?;
+        Ok(MessageId(u64::from_be_bytes(word)))
     }
 
     fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {
@@ -821,5 +964,27 @@ mod tests {
             decode_message_record(b"\x07").is_err(),
             "garbage is refused"
         );
+    }
+
+    #[test]
+    fn channel_records_of_both_formats_decode() {
+        let v1 = ChannelMetaRecordV1 {
+            last_seq: 9,
+            last_message_id: 77,
+            is_group: true,
+        };
+        let old = decode_channel_meta(&encode(&v1)).expect("a first-format record");
+        assert_eq!(
+            (old.last_seq, old.last_message_id, old.is_group),
+            (9, 77, true)
+        );
+        assert!(!old.deleted, "written before tombstones existed");
+        let tombstone = ChannelMetaRecord {
+            deleted: true,
+            ..old
+        };
+        let back = decode_channel_meta(&encode(&tombstone)).expect("a current record");
+        assert!(back.deleted);
+        assert_eq!(back.last_seq, 9);
     }
 }

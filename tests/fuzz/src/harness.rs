@@ -667,6 +667,7 @@ impl World {
         }
         let mut writing = BytesMut::new();
         conn.outbox.take_into(&mut writing);
+        conn.outbox.wrote(writing.len());
         let trace = self.trace;
         conn.outbox.mark_flowing();
         conn.client.feed(&writing);
@@ -865,7 +866,8 @@ impl World {
                 let owner = self.shard_of(&ChannelKey::group(group));
                 let (tx, rx) = async_channel::bounded(1);
                 self.group_rx.push(rx);
-                self.shards[owner].change_group(group, uids, change, tx);
+                let now = self.now();
+                self.shards[owner].change_group(group, uids, change, tx, now);
             }
             op::LIST => {
                 let target = input.byte();

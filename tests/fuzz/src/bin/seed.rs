@@ -69,6 +69,7 @@ fn conversation() -> Conversation {
         last_message_seq: 2,
         last_message: Some(recv()),
         deleted: false,
+        read_seq: 1,
     }
 }
 

@@ -1,0 +1,150 @@
+//! Deterministic simulation of the gateway's shard logic, in the spirit of
+//! FoundationDB's simulator and TigerBeetle's VOPR: one seed drives
+//! everything (how many shards, which client does what, when inbox batches
+//! arrive, when commits land or fail, when the process crashes), over the
+//! real RocksDB store in a temporary directory. A reference model checks
+//! every step; see `sim.rs` for what it checks.
+//!
+//! - `cargo test --release --test simulation` runs the fixed seeds.
+//! - `RUYI_SIM_SEED=N cargo test --release --test simulation replay -- --nocapture`
+//!   replays one seed and prints its steps.
+//! - `RUYI_SIM_SEEDS=100000 RUYI_SIM_FROM=0 cargo test --release --test simulation soak -- --ignored --nocapture`
+//!   runs a long soak and prints its figures.
+
+mod model;
+mod rng;
+mod sim;
+mod world;
+
+use world::StoreKind;
+
+/// Seeds every `cargo test` runs, on RocksDB.
+const FIXED_SEEDS: u64 = 150;
+
+fn run_range(from: u64, count: u64, store: StoreKind) -> (sim::Summary, Vec<sim::Failure>) {
+    let mut total = sim::Summary::default();
+    let mut failures = Vec::new();
+    for seed in from..from + count {
+        match sim::run_seed(seed, store) {
+            Ok((summary, _)) => {
+                total.steps += summary.steps;
+                total.crashes += summary.crashes;
+                total.acked_sends += summary.acked_sends;
+                total.pushes += summary.pushes;
+            }
+            Err(failure) => failures.push(failure),
+        }
+    }
+    (total, failures)
+}
+
+fn report(failures: &[sim::Failure]) -> String {
+    let each: Vec<String> = failures
+        .iter()
+        .map(|f| format!("  seed {}: {}", f.seed, f.message))
+        .collect();
+    format!(
+        "{} seeds failed:\n{}\nfirst failure:\n{}",
+        failures.len(),
+        each.join("\n"),
+        failures[0]
+    )
+}
+
+#[test]
+fn fixed_seeds_keep_every_invariant_on_rocksdb() {
+    let (summary, failures) = run_range(0, FIXED_SEEDS, StoreKind::Rocks);
+    assert!(failures.is_empty(), "{}", report(&failures));
+    eprintln!("{FIXED_SEEDS} seeds: {}", sim::describe(&summary));
+}
+
+/// The in-memory store stands in for RocksDB in unit tests: it must behave
+/// the same, step for step.
+#[test]
+fn the_memory_store_behaves_like_rocksdb() {
+    for seed in 0..20 {
+        let rocks = sim::run_seed(seed, StoreKind::Rocks).map(|(_, trace)| trace);
+        let memory = sim::run_seed(seed, StoreKind::Memory).map(|(_, trace)| trace);
+        match (rocks, memory) {
+            (Ok(rocks), Ok(memory)) => {
+                if let Some(i) =
+                    (0..rocks.len().min(memory.len())).find(|i| rocks[*i] != memory[*i])
+                {
+                    panic!(
+                        "seed {seed}: the stores part at step line {i}:\n rocks:  {}\n memory: {}",
+                        rocks[i], memory[i]
+                    );
+                }
+                assert_eq!(
+                    rocks.len(),
+                    memory.len(),
+                    "seed {seed}: traces differ in length"
+                );
+            }
+            (Err(failure), _) | (_, Err(failure)) => panic!("{failure}"),
+        }
+    }
+}
+
+/// A run is a function of its seed.
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 17] {
+        let first = sim::run_seed(seed, StoreKind::Rocks)
+            .map(|(_, t)| t)
+            .map_err(|f| f.to_string());
+        let second = sim::run_seed(seed, StoreKind::Rocks)
+            .map(|(_, t)| t)
+            .map_err(|f| f.to_string());
+        assert_eq!(first, second, "seed {seed} ran differently twice");
+    }
+}
+
+#[test]
+fn replay() {
+    let Ok(seed) = std::env::var("RUYI_SIM_SEED") else {
+        return;
+    };
+    let seed: u64 = seed.parse().expect("RUYI_SIM_SEED is a number");
+    let store = match std::env::var("RUYI_SIM_STORE").as_deref() {
+        Ok("memory") => StoreKind::Memory,
+        _ => StoreKind::Rocks,
+    };
+    match sim::run_seed(seed, store) {
+        Ok((summary, trace)) => {
+            for line in &trace {
+                println!("{line}");
+            }
+            println!("seed {seed} passed: {}", sim::describe(&summary));
+        }
+        Err(failure) => {
+            for line in &failure.trace {
+                println!("{line}");
+            }
+            panic!("{failure}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "a long soak: set RUYI_SIM_SEEDS (and RUYI_SIM_FROM)"]
+fn soak() {
+    let count: u64 = std::env::var("RUYI_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let from: u64 = std::env::var("RUYI_SIM_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let started = std::time::Instant::now();
+    let (summary, failures) = run_range(from, count, StoreKind::Rocks);
+    eprintln!(
+        "seeds {from}..{}: {} in {:.0} s, {} failed",
+        from + count,
+        sim::describe(&summary),
+        started.elapsed().as_secs_f64(),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", report(&failures));
+}

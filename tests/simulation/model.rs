@@ -1,0 +1,82 @@
+//! The reference model: what the gateway must have done, built from what
+//! clients were told (acknowledgements, responses) and from the store,
+//! which the checks read directly. It knows the rules (who may see which
+//! seq, what a conversation shows, how unread is counted) and none of the
+//! implementation.
+
+use bytes::Bytes;
+use ruyi::channel::ChannelKey;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One message a client sent (first attempt and resends alike).
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub channel: ChannelKey,
+    pub payload: Bytes,
+    /// The place the gateway acknowledged, once it did.
+    pub acked: Option<(u64, u64)>,
+    /// Its group was deleted (with its messages) after it was sent.
+    pub deleted: bool,
+}
+
+/// A group's membership over its seqs: `history[i]` holds from the seq
+/// after `cut` on.
+#[derive(Debug, Clone, Default)]
+pub struct GroupModel {
+    pub exists: bool,
+    pub members: BTreeSet<String>,
+    /// For each current member, the seq after which they see messages.
+    pub joined: BTreeMap<String, u64>,
+    pub history: Vec<(u64, BTreeSet<String>)>,
+    pub deny: BTreeSet<String>,
+    pub allow: BTreeSet<String>,
+    /// Control changes sent and not answered.
+    pub in_flight: usize,
+    /// A change's outcome was lost in a crash and has not been read back
+    /// from the store: membership checks wait.
+    pub uncertain: bool,
+    /// Counts every change and answer: a send whose outcome depended on
+    /// the lists is judged only if no change happened around it.
+    pub epoch: u64,
+}
+
+impl GroupModel {
+    /// Whether `uid` was a member for the message at `seq`; `None` when the
+    /// model cannot tell.
+    pub fn member_at(&self, uid: &str, seq: u64) -> Option<bool> {
+        if self.uncertain {
+            return None;
+        }
+        let mut member = None;
+        for (cut, members) in &self.history {
+            if *cut < seq {
+                member = Some(members.contains(uid));
+            }
+        }
+        member
+    }
+}
+
+/// One user's view of one conversation, as the model tracks it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvModel {
+    /// Everything at or below is read.
+    pub read_cut: u64,
+    /// Deleted up to here: hidden until a later message.
+    pub delete_cut: u64,
+    /// An operation's answer was lost: no unread check until the next one.
+    pub uncertain: bool,
+}
+
+#[derive(Default)]
+pub struct Model {
+    /// `(uid, client_msg_no)` → what was sent.
+    pub sent: BTreeMap<(String, String), Sent>,
+    /// `(channel, seq)` → `(message id, uid, client_msg_no)` as
+    /// acknowledged or stored.
+    pub places: BTreeMap<(ChannelKey, u64), (u64, String, String)>,
+    pub groups: BTreeMap<String, GroupModel>,
+    pub conversations: BTreeMap<(String, ChannelKey), ConvModel>,
+    /// Channels anyone wrote to.
+    pub channels: BTreeSet<ChannelKey>,
+}

@@ -1,0 +1,2116 @@
+//! One simulated run: devices that connect, send, acknowledge, recall,
+//! change and sync conversations and disconnect at random; an operator who
+//! changes groups and lists; and faults (crashes, failed writes, clock
+//! steps). After every step the model's safety checks run; at settle points
+//! (every so often, and at the end) the gateway is drained and every
+//! device reconnects, and the liveness checks run: every device has every
+//! message it may see, conversation lists and unread counts are the
+//! model's, incremental syncs add up to the full one.
+
+use crate::model::{ConvModel, GroupModel, Model, Sent};
+use crate::rng::Rng;
+use crate::world::{StoreKind, World};
+use bytes::{Bytes, BytesMut};
+use ruyi::channel::ChannelKey;
+use ruyi::config::Config;
+use ruyi::conn::outbox::Outbox;
+use ruyi::ids::{ConnId, Millis, ShardId, Uid};
+use ruyi::protocol::{
+    ChannelType, Connect, Conversation, ConversationAction, ConversationOp, DeviceFlag, Disconnect,
+    Encoder, FrameDecoder, Packet, ReasonCode, Recall, Recv, RecvAck, SendPacket,
+    SyncConversations, SyncDirection, SyncMessages, VerifyLimits, LENGTH_PREFIX_BYTES,
+    PROTOCOL_VERSION, RECV_FLAG_RECALLED, RECV_FLAG_REDELIVERED,
+};
+use ruyi::shard::api::{ApiRequest, ApiResponse};
+use ruyi::shard::state::{ControlError, GroupInfo, Now, SetChange};
+use ruyi::storage::{ListKind, ReadDirection};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::rc::Rc;
+
+/// What a run is made of, all drawn from its seed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    pub store: StoreKind,
+    pub shards: u16,
+    pub steps: usize,
+    pub users: usize,
+    pub devices_per_user: usize,
+    pub groups: usize,
+    /// Percent chances per step.
+    pub crash_percent: u64,
+    pub write_failure_percent: u64,
+}
+
+impl Options {
+    pub fn from_seed(seed: u64, store: StoreKind) -> Options {
+        let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(7));
+        Options {
+            seed,
+            store,
+            shards: 1 + rng.below(4) as u16,
+            steps: 400 + rng.index(1200),
+            users: 2 + rng.index(6),
+            devices_per_user: 1 + rng.index(2),
+            groups: 1 + rng.index(3),
+            crash_percent: [0, 1, 2][rng.index(3)],
+            write_failure_percent: [0, 1, 5][rng.index(3)],
+        }
+    }
+}
+
+/// A connection as its client holds it.
+struct Link {
+    conn: ConnId,
+    shard: usize,
+    outbox: Rc<Outbox>,
+    generation: u64,
+    active: bool,
+    /// Highest seq pushed on this connection without the redelivered flag,
+    /// per channel.
+    last_unflagged: BTreeMap<ChannelKey, u64>,
+    /// Frames written by the client that the gateway has not read yet (it
+    /// stops reading a connection that is behind on its answers): the
+    /// socket's buffer.
+    unread: std::collections::VecDeque<Bytes>,
+}
+
+/// How a device acknowledges.
+#[derive(Debug, Clone, Copy)]
+enum AckStyle {
+    Through,
+    ById,
+    Lazy,
+}
+
+struct Device {
+    uid: String,
+    device_id: String,
+    link: Option<Link>,
+    next_no: u64,
+    /// Sends not answered yet, in order: resent after a reconnect.
+    unacked: Vec<String>,
+    /// Every send attempt by its client_seq: the client_msg_no, the channel
+    /// it went to, and the group's epoch when it went.
+    attempts: BTreeMap<u32, Attempt>,
+    next_client_seq: u32,
+    /// What the app has stored: seq → message id, per channel.
+    received: BTreeMap<ChannelKey, BTreeMap<u64, u64>>,
+    /// Seqs this device told the gateway it has.
+    acked: BTreeMap<ChannelKey, BTreeSet<u64>>,
+    /// Received and not acknowledged yet.
+    to_ack: Vec<(ChannelKey, u64, u64)>,
+    style: AckStyle,
+    /// Recalls in flight: request id → (channel, client_msg_no, whether its
+    /// send had been acknowledged when the recall went out).
+    recalls: BTreeMap<u32, (ChannelKey, String)>,
+    /// Conversation operations in flight: request id → (channel, action,
+    /// unread asked for, the highest seq from others the device had).
+    conversation_ops: BTreeMap<u32, (ChannelKey, ConversationAction, u64, u64)>,
+    /// Conversation syncs in flight: request id → since version.
+    conversation_syncs: BTreeMap<u32, u64>,
+    /// Responses to conversation syncs, by request id (for settle checks).
+    conversation_answers: BTreeMap<u32, (Vec<Conversation>, bool)>,
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    client_msg_no: String,
+    channel: ChannelKey,
+    /// The group's change counter when the send went out.
+    epoch: u64,
+    /// The first attempt of its client_msg_no (a resend may be answered
+    /// with what was stored under earlier rules).
+    first: bool,
+}
+
+enum ControlWait {
+    Group {
+        group: String,
+        rx: async_channel::Receiver<Result<GroupInfo, ControlError>>,
+    },
+    List {
+        group: String,
+        kind: ListKind,
+        rx: async_channel::Receiver<Result<Vec<String>, ControlError>>,
+    },
+    Delete {
+        group: String,
+        rx: async_channel::Receiver<ApiResponse>,
+    },
+}
+
+/// A violated invariant, with the seed and the steps that led to it.
+#[derive(Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub message: String,
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "seed {}: {}", self.seed, self.message)?;
+        let skip = self.trace.len().saturating_sub(60);
+        if skip > 0 {
+            writeln!(f, "  ... {skip} earlier steps")?;
+        }
+        for line in &self.trace[skip..] {
+            writeln!(f, "  {line}")?;
+        }
+        write!(
+            f,
+            "replay: RUYI_SIM_SEED={} cargo test --release --test simulation replay -- --nocapture",
+            self.seed
+        )
+    }
+}
+
+/// What one run did, for the soak's figures.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub steps: usize,
+    pub crashes: usize,
+    pub acked_sends: usize,
+    pub pushes: usize,
+}
+
+pub struct Sim {
+    options: Options,
+    rng: Rng,
+    world: World,
+    devices: Vec<Device>,
+    model: Model,
+    controls: Vec<ControlWait>,
+    trace: Vec<String>,
+    encoder: Encoder,
+    decoder: FrameDecoder,
+    verify: VerifyLimits,
+    next_request: u32,
+    summary: Summary,
+    /// Connections abandoned by their device (it connected again): drained
+    /// and closed, their packets unread.
+    zombies: Vec<Link>,
+    failure: Option<String>,
+}
+
+/// Small limits, so that every bound is reached in a short run.
+fn simulation_config() -> Config {
+    let mut config = Config::default();
+    config.limits.frame_size_max_bytes = 4096;
+    config.limits.payload_size_max_bytes = 1024;
+    config.limits.sync_response_max_bytes = 4096;
+    config.limits.outbound_buffer_max_bytes = 16_384;
+    config.limits.pending_requests_per_connection_max = 8;
+    config.limits.channels_cached_per_shard_max = 16;
+    config.limits.inflight_messages_max = 4;
+    config.limits.handshake_timeout_ms = 5_000;
+    config.limits.idle_timeout_ms = 60_000;
+    config.delivery.retry_interval_ms = 300;
+    config.delivery.retry_interval_max_ms = 1_200;
+    config.delivery.retry_attempts_max = 3;
+    config.delivery.retry_tick_ms = 10;
+    config.auth.mode = ruyi::config::AuthMode::Off;
+    // RocksDB's compaction drops idempotency keys by the real clock, and
+    // the simulated clock is in the past: keys must outlive any run.
+    config.storage.idempotency_ttl_s = 100 * 365 * 24 * 3600;
+    config.api.enabled = false;
+    config
+        .validate()
+        .expect("the simulation's configuration is valid");
+    config
+}
+
+impl Sim {
+    pub fn new(options: Options) -> Sim {
+        let config = simulation_config();
+        let now = Now {
+            monotonic: Millis(1_000),
+            unix_ms: 1_764_000_000_000,
+        };
+        let world = World::new(options.store, options.shards, config.clone(), now);
+        let mut devices = Vec::new();
+        for u in 0..options.users {
+            for d in 0..options.devices_per_user {
+                devices.push(Device {
+                    uid: format!("u{u}"),
+                    device_id: format!("d{d}"),
+                    link: None,
+                    next_no: 0,
+                    unacked: Vec::new(),
+                    attempts: BTreeMap::new(),
+                    next_client_seq: 0,
+                    received: BTreeMap::new(),
+                    acked: BTreeMap::new(),
+                    to_ack: Vec::new(),
+                    style: [AckStyle::Through, AckStyle::ById, AckStyle::Lazy][(u + d) % 3],
+                    recalls: BTreeMap::new(),
+                    conversation_ops: BTreeMap::new(),
+                    conversation_syncs: BTreeMap::new(),
+                    conversation_answers: BTreeMap::new(),
+                });
+            }
+        }
+        let mut model = Model::default();
+        for g in 0..options.groups {
+            model.groups.insert(format!("g{g}"), GroupModel::default());
+        }
+        Sim {
+            rng: Rng::new(options.seed),
+            options,
+            world,
+            devices,
+            model,
+            controls: Vec::new(),
+            trace: Vec::new(),
+            encoder: Encoder::new(),
+            decoder: FrameDecoder::new(config.limits.frame_size_max_bytes),
+            verify: VerifyLimits::for_frame_size(config.limits.frame_size_max_bytes),
+            next_request: 1,
+            summary: Summary::default(),
+            zombies: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// Runs every step and the final settle; the first violation ends it.
+    pub fn run(mut self) -> Result<(Summary, Vec<String>), Failure> {
+        let settle_every = 150 + self.rng.index(300);
+        for step in 0..self.options.steps {
+            self.step();
+            if step % settle_every == settle_every - 1 {
+                self.settle();
+            }
+            if self.failure.is_some() {
+                break;
+            }
+        }
+        if self.failure.is_none() {
+            self.settle();
+        }
+        self.summary.steps = self.options.steps;
+        match self.failure.take() {
+            None => Ok((self.summary, self.trace)),
+            Some(message) => Err(Failure {
+                seed: self.options.seed,
+                message,
+                trace: self.trace,
+            }),
+        }
+    }
+
+    fn note(&mut self, line: String) {
+        self.trace.push(line);
+    }
+
+    fn violation(&mut self, message: String) {
+        if self.failure.is_none() {
+            self.trace.push(format!("VIOLATION: {message}"));
+            self.failure = Some(message);
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    fn request_id(&mut self) -> u32 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    // ---- one random step --------------------------------------------------
+
+    fn step(&mut self) {
+        let roll = self.rng.below(100);
+        let now = self.world.now;
+        match roll {
+            0..=9 => self.connect_random(),
+            10..=29 => self.send_random(),
+            30..=39 => self.drain_random(),
+            40..=49 => self.deliver_random(),
+            50..=59 => self.commit_random(),
+            60..=64 => self.ack_random(),
+            65..=67 => self.recall_random(),
+            68..=70 => self.conversation_op_random(),
+            71..=72 => self.sync_conversations_random(),
+            73..=74 => self.sync_messages_random(),
+            75..=77 => self.disconnect_random(),
+            78..=81 => self.control_random(),
+            82..=86 => {
+                let by = [1, 5, 20, 100, 400][self.rng.index(5)];
+                self.world.advance(by);
+                for i in 0..self.world.shard_count() {
+                    self.world.retry_tick(i);
+                }
+                self.note(format!("time +{by} ms"));
+            }
+            87..=89 => {
+                let i = self.rng.index(self.world.shard_count());
+                self.world.run_position_job(i);
+                self.note(format!("shard {i}: position write"));
+            }
+            90..=91 => {
+                for i in 0..self.world.shard_count() {
+                    self.world.shards[i].sweep(now);
+                }
+                self.note("sweep".into());
+            }
+            92 => {
+                // The wall clock steps (NTP): message ids and timestamps
+                // must cope.
+                let back = self.rng.chance(50);
+                let by = 1 + self.rng.below(5_000);
+                if back {
+                    self.world.now.unix_ms -= by;
+                } else {
+                    self.world.now.unix_ms += by;
+                }
+                self.note(format!(
+                    "wall clock steps {} {by} ms",
+                    if back { "back" } else { "forward" }
+                ));
+            }
+            _ => {
+                if self.rng.chance(self.options.crash_percent * 8) {
+                    self.crash();
+                } else {
+                    self.drain_all();
+                }
+            }
+        }
+        self.after_step();
+    }
+
+    fn after_step(&mut self) {
+        self.world.collect_outgoing();
+        self.poll_controls();
+        self.check_memory_bounds();
+    }
+
+    /// What a client can make the gateway hold stays within the limits.
+    fn check_memory_bounds(&mut self) {
+        let limits = &self.world.config.limits;
+        let channels_max = limits.channels_cached_per_shard_max;
+        // One more answer may land past the limit before the cut-off.
+        let unwritten_max = limits.outbound_buffer_max_bytes
+            + limits.sync_response_max_bytes
+            + limits.frame_size_max_bytes;
+        for (i, shard) in self.world.shards.iter().enumerate() {
+            if shard.channels_cached() > channels_max {
+                let held = shard.channels_cached();
+                return self.violation(format!(
+                    "shard {i} holds {held} channels, over channels_cached_per_shard_max = {channels_max}"
+                ));
+            }
+        }
+        for d in 0..self.devices.len() {
+            if let Some(link) = &self.devices[d].link {
+                let unwritten = link.outbox.unwritten();
+                if unwritten > unwritten_max && !link.outbox.is_aborted() {
+                    return self.violation(format!(
+                        "{} has {unwritten} bytes queued, over the outbound limit",
+                        self.name(d)
+                    ));
+                }
+            }
+        }
+    }
+
+    // ---- clients ------------------------------------------------------------
+
+    fn connect_random(&mut self) {
+        let d = self.rng.index(self.devices.len());
+        let resume = self.rng.chance(75);
+        let shard = self.rng.index(self.world.shard_count());
+        self.connect(d, shard, resume);
+    }
+
+    fn connect(&mut self, d: usize, shard: usize, resume: bool) {
+        if let Some(old) = self.devices[d].link.take() {
+            // Connecting again while the old connection lingers (a
+            // half-open socket): the gateway must replace it.
+            self.zombies.push(old);
+            self.forget_requests(d);
+        }
+        let now = self.world.now;
+        let (conn, outbox) = match self.world.shards[shard].accept(now) {
+            Ok(accepted) => accepted,
+            Err(reason) => {
+                self.note(format!("{}: accept refused {reason:?}", self.name(d)));
+                return;
+            }
+        };
+        let packet = Packet::Connect(Connect {
+            version: PROTOCOL_VERSION,
+            uid: self.devices[d].uid.clone(),
+            token: String::new(),
+            device_id: self.devices[d].device_id.clone(),
+            device_flag: DeviceFlag::App,
+            client_timestamp_ms: 0,
+            resume,
+        });
+        self.devices[d].link = Some(Link {
+            conn,
+            shard,
+            outbox,
+            generation: self.world.generation,
+            active: false,
+            last_unflagged: BTreeMap::new(),
+            unread: std::collections::VecDeque::new(),
+        });
+        self.note(format!(
+            "{}: connect on shard {shard} as conn {} resume={resume}",
+            self.name(d),
+            conn.0
+        ));
+        self.write(d, &packet);
+    }
+
+    fn name(&self, d: usize) -> String {
+        format!("{}/{}", self.devices[d].uid, self.devices[d].device_id)
+    }
+
+    /// Writes `packet` from device `d` to its connection; the gateway reads
+    /// it when it takes frames from that connection.
+    fn write(&mut self, d: usize, packet: &Packet) {
+        let mut out = BytesMut::new();
+        self.encoder.encode(packet, &mut out);
+        let frame = Bytes::copy_from_slice(&out[LENGTH_PREFIX_BYTES..]);
+        let Some(link) = &mut self.devices[d].link else {
+            return;
+        };
+        link.unread.push_back(frame);
+        self.feed(d);
+    }
+
+    /// The gateway reads what device `d` wrote, as far as it takes frames
+    /// from the connection now (as the connection task does).
+    fn feed(&mut self, d: usize) {
+        let now = self.world.now;
+        let generation = self.world.generation;
+        let Some(link) = &mut self.devices[d].link else {
+            return;
+        };
+        if link.generation != generation {
+            return;
+        }
+        let shard = &mut self.world.shards[link.shard];
+        while !link.unread.is_empty() && shard.reads_frames(link.conn) {
+            let frame = link.unread.pop_front().expect("not empty");
+            shard.on_frame(link.conn, &frame, now);
+        }
+    }
+
+    fn active_devices(&self) -> Vec<usize> {
+        (0..self.devices.len())
+            .filter(|d| self.devices[*d].link.as_ref().is_some_and(|l| l.active))
+            .collect()
+    }
+
+    /// A channel `d` may address: `(channel id as d sees it, type, key)`.
+    fn random_target(&mut self, d: usize) -> (String, ChannelType, ChannelKey) {
+        let uid = self.devices[d].uid.clone();
+        if self.rng.chance(50) && !self.model.groups.is_empty() {
+            let g = format!("g{}", self.rng.index(self.options.groups));
+            let key = ChannelKey::group(&g);
+            return (g, ChannelType::Group, key);
+        }
+        let others: Vec<String> = (0..self.options.users)
+            .map(|u| format!("u{u}"))
+            .filter(|u| *u != uid)
+            .collect();
+        let other = self.rng.pick(&others).clone();
+        let key = ChannelKey::person(&Uid::new(&uid), &Uid::new(&other));
+        (other, ChannelType::Person, key)
+    }
+
+    fn send_random(&mut self) {
+        let active = self.active_devices();
+        if active.is_empty() {
+            return self.connect_random();
+        }
+        let d = *self.rng.pick(&active);
+        let (channel_id, channel_type, key) = self.random_target(d);
+        let uid = self.devices[d].uid.clone();
+        // Now and then a client reuses one of its client_msg_nos for a
+        // different message: it must not be answered as stored.
+        let reused = self
+            .model
+            .sent
+            .iter()
+            .filter(|((from, _), sent)| {
+                *from == uid
+                    && sent.channel != key
+                    && sent.acked.is_some()
+                    && sent.channel.kind() == ChannelType::Person
+            })
+            .map(|((_, no), _)| no.clone())
+            .next();
+        let (client_msg_no, fresh) = match reused {
+            Some(no) if self.rng.chance(4) => (no, false),
+            _ => {
+                self.devices[d].next_no += 1;
+                (
+                    format!("{}-{}", self.devices[d].device_id, self.devices[d].next_no),
+                    true,
+                )
+            }
+        };
+        let payload = Bytes::from(format!("{uid}:{client_msg_no}:{}", self.rng.below(1000)));
+        if fresh {
+            self.model.sent.insert(
+                (uid.clone(), client_msg_no.clone()),
+                Sent {
+                    channel: key.clone(),
+                    payload: payload.clone(),
+                    acked: None,
+                    deleted: false,
+                },
+            );
+            self.model.channels.insert(key.clone());
+            self.devices[d].unacked.push(client_msg_no.clone());
+        }
+        self.note(format!(
+            "{}: send {client_msg_no} to {key:?}{}",
+            self.name(d),
+            if fresh { "" } else { " (reused client_msg_no)" }
+        ));
+        let client_seq = self.attempt(d, &client_msg_no, &key, fresh);
+        let packet = Packet::Send(SendPacket {
+            client_seq,
+            client_msg_no: client_msg_no.clone(),
+            channel_id: channel_id.clone(),
+            channel_type,
+            flags: 0,
+            payload,
+        });
+        self.write(d, &packet);
+        if fresh && self.rng.chance(10) {
+            // Recalled at once, before the SendAck.
+            self.recall(d, key, channel_id, channel_type, 0, client_msg_no);
+        }
+    }
+
+    fn resend_unacked(&mut self, d: usize) {
+        let uid = self.devices[d].uid.clone();
+        for client_msg_no in self.devices[d].unacked.clone() {
+            let Some(sent) = self.model.sent.get(&(uid.clone(), client_msg_no.clone())) else {
+                continue;
+            };
+            let channel_id = sent.channel.id_seen_by(&uid).to_owned();
+            let (key, kind, payload) = (
+                sent.channel.clone(),
+                sent.channel.kind(),
+                sent.payload.clone(),
+            );
+            let client_seq = self.attempt(d, &client_msg_no, &key, false);
+            let packet = Packet::Send(SendPacket {
+                client_seq,
+                client_msg_no: client_msg_no.clone(),
+                channel_id,
+                channel_type: kind,
+                flags: 0,
+                payload,
+            });
+            self.note(format!("{}: resend {client_msg_no}", self.name(d)));
+            self.write(d, &packet);
+        }
+    }
+
+    /// Records a send attempt of device `d`; returns its client_seq.
+    fn attempt(&mut self, d: usize, client_msg_no: &str, key: &ChannelKey, first: bool) -> u32 {
+        let epoch = match key.kind() {
+            ChannelType::Group => self.model.groups.get(key.id()).map_or(0, |g| g.epoch),
+            _ => 0,
+        };
+        let device = &mut self.devices[d];
+        device.next_client_seq += 1;
+        device.attempts.insert(
+            device.next_client_seq,
+            Attempt {
+                client_msg_no: client_msg_no.to_owned(),
+                channel: key.clone(),
+                epoch,
+                first,
+            },
+        );
+        device.next_client_seq
+    }
+
+    fn recall_random(&mut self) {
+        let active = self.active_devices();
+        if active.is_empty() {
+            return;
+        }
+        let d = *self.rng.pick(&active);
+        let uid = self.devices[d].uid.clone();
+        let mine: Vec<(String, Sent)> = self
+            .model
+            .sent
+            .iter()
+            .filter(|((from, _), sent)| *from == uid && sent.acked.is_some())
+            .map(|((_, no), sent)| (no.clone(), sent.clone()))
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        let (client_msg_no, sent) = self.rng.pick(&mine).clone();
+        let by_id = self.rng.chance(50);
+        let id = if by_id {
+            sent.acked.map_or(0, |a| a.1)
+        } else {
+            0
+        };
+        let channel_id = sent.channel.id_seen_by(&uid).to_owned();
+        let kind = sent.channel.kind();
+        self.recall(d, sent.channel, channel_id, kind, id, client_msg_no);
+    }
+
+    fn recall(
+        &mut self,
+        d: usize,
+        key: ChannelKey,
+        channel_id: String,
+        channel_type: ChannelType,
+        message_id: u64,
+        client_msg_no: String,
+    ) {
+        let request_id = self.request_id();
+        self.devices[d]
+            .recalls
+            .insert(request_id, (key.clone(), client_msg_no.clone()));
+        self.note(format!(
+            "{}: recall {client_msg_no} in {key:?} by {}",
+            self.name(d),
+            if message_id != 0 {
+                "id"
+            } else {
+                "client_msg_no"
+            }
+        ));
+        let packet = Packet::Recall(Recall {
+            request_id,
+            channel_id,
+            channel_type,
+            message_id,
+            client_msg_no: if message_id != 0 {
+                String::new()
+            } else {
+                client_msg_no
+            },
+        });
+        self.write(d, &packet);
+    }
+
+    fn ack_random(&mut self) {
+        let active = self.active_devices();
+        if active.is_empty() {
+            return;
+        }
+        let d = *self.rng.pick(&active);
+        let everything = self.rng.chance(30);
+        self.ack(d, everything);
+    }
+
+    /// Device `d` acknowledges what it received, in its style (`all`:
+    /// everything, whatever its style).
+    fn ack(&mut self, d: usize, all: bool) {
+        let style = if all {
+            AckStyle::Through
+        } else {
+            self.devices[d].style
+        };
+        let pending = std::mem::take(&mut self.devices[d].to_ack);
+        if pending.is_empty() {
+            return;
+        }
+        let mut packets = Vec::new();
+        let uid = self.devices[d].uid.clone();
+        match style {
+            AckStyle::Lazy if !all && !self.rng.chance(20) => {
+                self.devices[d].to_ack = pending;
+                return;
+            }
+            AckStyle::ById => {
+                for (key, seq, id) in pending {
+                    self.devices[d]
+                        .acked
+                        .entry(key.clone())
+                        .or_default()
+                        .insert(seq);
+                    packets.push(Packet::RecvAck(RecvAck {
+                        message_id: id,
+                        message_seq: seq,
+                        channel_id: key.id_seen_by(&uid).to_owned(),
+                        channel_type: key.kind(),
+                        through: false,
+                    }));
+                }
+            }
+            _ => {
+                // Through the highest seq below which the app has every
+                // message it was pushed (its own sends count as had).
+                let mut channels: BTreeMap<ChannelKey, u64> = BTreeMap::new();
+                for (key, seq, _) in &pending {
+                    let entry = channels.entry(key.clone()).or_default();
+                    *entry = (*entry).max(*seq);
+                }
+                for (key, _) in channels {
+                    let received = self.devices[d]
+                        .received
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_default();
+                    let own: BTreeSet<u64> = self
+                        .model
+                        .sent
+                        .iter()
+                        .filter(|((from, _), s)| *from == uid && s.channel == key)
+                        .filter_map(|(_, s)| s.acked.map(|a| a.0))
+                        .collect();
+                    let Some((&first, _)) = received.iter().next() else {
+                        continue;
+                    };
+                    let mut through = first;
+                    while received.contains_key(&(through + 1)) || own.contains(&(through + 1)) {
+                        through += 1;
+                    }
+                    // Anything received above the contiguous part waits.
+                    for (seq, id) in received.range(through + 1..) {
+                        if pending.iter().any(|(k, s, _)| *k == key && s == seq) {
+                            self.devices[d].to_ack.push((key.clone(), *seq, *id));
+                        }
+                    }
+                    let acked = self.devices[d].acked.entry(key.clone()).or_default();
+                    for seq in received.range(..=through).map(|(s, _)| *s) {
+                        acked.insert(seq);
+                    }
+                    packets.push(Packet::RecvAck(RecvAck {
+                        message_id: 0,
+                        message_seq: through,
+                        channel_id: key.id_seen_by(&uid).to_owned(),
+                        channel_type: key.kind(),
+                        through: true,
+                    }));
+                }
+            }
+        }
+        self.note(format!("{}: ack {} packets", self.name(d), packets.len()));
+        for packet in packets {
+            self.write(d, &packet);
+        }
+    }
+
+    fn conversation_op_random(&mut self) {
+        let active = self.active_devices();
+        if active.is_empty() {
+            return;
+        }
+        let d = *self.rng.pick(&active);
+        let channels: Vec<ChannelKey> = self.devices[d].received.keys().cloned().collect();
+        if channels.is_empty() {
+            return;
+        }
+        let key = self.rng.pick(&channels).clone();
+        let (action, unread) = match self.rng.below(3) {
+            0 => (ConversationAction::ClearUnread, 0),
+            1 => (ConversationAction::Delete, 0),
+            _ => (ConversationAction::SetUnread, self.rng.below(4)),
+        };
+        let request_id = self.request_id();
+        let uid = self.devices[d].uid.clone();
+        let seen = self.devices[d]
+            .received
+            .get(&key)
+            .and_then(|r| {
+                r.keys()
+                    .rev()
+                    .find(|seq| {
+                        self.model
+                            .places
+                            .get(&(key.clone(), **seq))
+                            .is_some_and(|(_, from, _)| *from != uid)
+                    })
+                    .copied()
+            })
+            .unwrap_or(0);
+        self.devices[d]
+            .conversation_ops
+            .insert(request_id, (key.clone(), action, unread, seen));
+        self.note(format!(
+            "{}: conversation {action:?} {unread} on {key:?}",
+            self.name(d)
+        ));
+        let packet = Packet::ConversationOp(ConversationOp {
+            request_id,
+            channel_id: key.id_seen_by(&uid).to_owned(),
+            channel_type: key.kind(),
+            action,
+            unread,
+        });
+        self.write(d, &packet);
+    }
+
+    fn sync_conversations_random(&mut self) {
+        let active = self.active_devices();
+        if active.is_empty() {
+            return;
+        }
+        let d = *self.rng.pick(&active);
+        self.sync_conversations(d, 0);
+    }
+
+    fn sync_conversations(&mut self, d: usize, since_version: u64) -> u32 {
+        let request_id = self.request_id();
+        self.devices[d]
+            .conversation_syncs
+            .insert(request_id, since_version);
+        let packet = Packet::SyncConversations(SyncConversations {
+            request_id,
+            since_version,
+            limit: self.world.config.limits.sync_limit_max,
+            unread_only: false,
+        });
+        self.write(d, &packet);
+        request_id
+    }
+
+    fn sync_messages_random(&mut self) {
+        let active = self.active_devices();
+        if active.is_empty() {
+            return;
+        }
+        let d = *self.rng.pick(&active);
+        let (channel_id, channel_type, key) = self.random_target(d);
+        let up = self.rng.chance(50);
+        let start = self.rng.below(6);
+        self.note(format!("{}: sync messages of {key:?}", self.name(d)));
+        let packet = Packet::SyncMessages(SyncMessages {
+            request_id: self.request_id(),
+            channel_id,
+            channel_type,
+            start_seq: if up { start.max(1) } else { start },
+            end_seq: 0,
+            limit: 1 + self.rng.below(8) as u32,
+            direction: if up {
+                SyncDirection::Up
+            } else {
+                SyncDirection::Down
+            },
+        });
+        self.write(d, &packet);
+    }
+
+    fn disconnect_random(&mut self) {
+        let connected: Vec<usize> = (0..self.devices.len())
+            .filter(|d| self.devices[*d].link.is_some())
+            .collect();
+        if connected.is_empty() {
+            return;
+        }
+        let d = *self.rng.pick(&connected);
+        match self.rng.below(3) {
+            0 => {
+                self.note(format!("{}: says goodbye", self.name(d)));
+                let packet = Packet::Disconnect(Disconnect {
+                    reason: ReasonCode::Success,
+                    message: String::new(),
+                });
+                self.write(d, &packet);
+                self.drain(d);
+            }
+            1 => {
+                self.note(format!("{}: connection drops", self.name(d)));
+                self.drop_link(d);
+            }
+            _ => {
+                // The app dies: what it had not acknowledged is gone with
+                // it, as is the connection.
+                self.note(format!("{}: app crashes", self.name(d)));
+                self.drop_link(d);
+                let device = &mut self.devices[d];
+                for (key, seqs) in device.received.iter_mut() {
+                    let acked = device.acked.get(key);
+                    seqs.retain(|seq, _| acked.is_some_and(|a| a.contains(seq)));
+                }
+                device.to_ack.clear();
+            }
+        }
+    }
+
+    fn drop_link(&mut self, d: usize) {
+        if let Some(link) = self.devices[d].link.take() {
+            if link.generation == self.world.generation {
+                self.world.shards[link.shard].on_closed(link.conn);
+            }
+        }
+        self.forget_requests(d);
+    }
+
+    /// Device `d` lost its connection: what it asked and was not answered
+    /// may or may not have happened.
+    fn forget_requests(&mut self, d: usize) {
+        let uid = self.devices[d].uid.clone();
+        let device = &mut self.devices[d];
+        // Unacknowledged pushes come again after the reconnect.
+        device.to_ack.clear();
+        device.recalls.clear();
+        device.conversation_syncs.clear();
+        for (_, (key, _, _, _)) in std::mem::take(&mut device.conversation_ops) {
+            self.model
+                .conversations
+                .entry((uid.clone(), key))
+                .or_default()
+                .uncertain = true;
+        }
+    }
+
+    fn drain_random(&mut self) {
+        let connected: Vec<usize> = (0..self.devices.len())
+            .filter(|d| self.devices[*d].link.is_some())
+            .collect();
+        if let Some(&d) = connected.get(self.rng.index(connected.len().max(1))) {
+            self.drain(d);
+        }
+    }
+
+    fn drain_all(&mut self) {
+        for d in 0..self.devices.len() {
+            self.drain(d);
+        }
+        let zombies = std::mem::take(&mut self.zombies);
+        for link in zombies {
+            let mut bytes = BytesMut::new();
+            link.outbox.take_into(&mut bytes);
+            link.outbox.wrote(bytes.len());
+            let stale = link.generation != self.world.generation;
+            if stale {
+                continue;
+            }
+            if link.outbox.closing().is_some() || link.outbox.is_aborted() {
+                self.world.shards[link.shard].on_closed(link.conn);
+            } else {
+                self.zombies.push(link);
+            }
+        }
+    }
+
+    /// Device `d` reads everything its connection was sent.
+    fn drain(&mut self, d: usize) {
+        let Some(link) = &self.devices[d].link else {
+            return;
+        };
+        if link.generation != self.world.generation {
+            // The gateway crashed under this connection.
+            self.devices[d].link = None;
+            self.forget_requests(d);
+            return;
+        }
+        let mut bytes = BytesMut::new();
+        link.outbox.take_into(&mut bytes);
+        link.outbox.wrote(bytes.len());
+        link.outbox.mark_flowing();
+        let ended = link.outbox.closing().is_some() || link.outbox.is_aborted();
+        let mut packets = Vec::new();
+        while let Ok(Some(frame)) = self.decoder.next_frame(&mut bytes) {
+            match Packet::decode(&frame, &self.verify) {
+                Ok(packet) => packets.push(packet),
+                Err(error) => self.violation(format!("server sent an undecodable frame: {error}")),
+            }
+        }
+        for packet in packets {
+            self.on_packet(d, packet);
+        }
+        // Reading the answers may let the gateway read more requests.
+        self.feed(d);
+        if ended {
+            if let Some(link) = self.devices[d].link.take() {
+                self.world.shards[link.shard].on_closed(link.conn);
+                self.note(format!("{}: connection ended", self.name(d)));
+                self.forget_requests(d);
+            }
+        }
+    }
+
+    fn on_packet(&mut self, d: usize, packet: Packet) {
+        match packet {
+            Packet::ConnAck(ack) => {
+                if ack.reason == ReasonCode::Success {
+                    if let Some(link) = &mut self.devices[d].link {
+                        link.active = true;
+                    }
+                    self.note(format!("{}: connected", self.name(d)));
+                    self.resend_unacked(d);
+                }
+            }
+            Packet::SendAck(ack) => self.on_send_ack(d, ack),
+            Packet::Recv(recv) => self.on_recv(d, recv),
+            Packet::RecallResp(resp) => self.on_recall_resp(d, resp),
+            Packet::ConversationOpResp(resp) => self.on_conversation_op_resp(d, resp),
+            Packet::SyncConversationsResp(resp) => {
+                if self.devices[d]
+                    .conversation_syncs
+                    .remove(&resp.request_id)
+                    .is_some()
+                    && resp.reason == ReasonCode::Success
+                {
+                    self.devices[d]
+                        .conversation_answers
+                        .insert(resp.request_id, (resp.conversations, resp.more));
+                }
+            }
+            Packet::SyncMessagesResp(resp) => {
+                let uid = self.devices[d].uid.clone();
+                for recv in resp.messages {
+                    self.check_against_store(&uid, &recv, "sync");
+                }
+            }
+            Packet::Disconnect(disconnect) => {
+                self.note(format!("{}: told {:?}", self.name(d), disconnect.reason));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_send_ack(&mut self, d: usize, ack: ruyi::protocol::SendAck) {
+        let uid = self.devices[d].uid.clone();
+        let no = ack.client_msg_no.clone();
+        self.note(format!(
+            "{}: SendAck {no} {:?} seq {} id {}",
+            self.name(d),
+            ack.reason,
+            ack.message_seq,
+            ack.message_id
+        ));
+        let retryable = matches!(
+            ack.reason,
+            ReasonCode::StorageError | ReasonCode::ServerBusy | ReasonCode::ServerShutdown
+        );
+        if !retryable {
+            self.devices[d].unacked.retain(|n| *n != no);
+        }
+        let Some(attempt) = self.devices[d].attempts.remove(&ack.client_seq) else {
+            return self.violation(format!(
+                "SendAck for client_seq {}, never sent",
+                ack.client_seq
+            ));
+        };
+        self.judge_send_policy(d, &attempt, ack.reason);
+        if ack.reason != ReasonCode::Success {
+            return;
+        }
+        let Some(sent) = self.model.sent.get(&(uid.clone(), no.clone())).cloned() else {
+            return self.violation(format!("SendAck success for {no}, never sent"));
+        };
+        if attempt.channel != sent.channel {
+            return self.violation(format!(
+                "{uid} reused {no} for {:?} (first sent to {:?}) and was told it is stored: it is not",
+                attempt.channel, sent.channel
+            ));
+        }
+        if let Some(before) = sent.acked {
+            if before != (ack.message_seq, ack.message_id) {
+                return self.violation(format!(
+                    "{uid} {no}: acknowledged at {before:?}, now at ({}, {})",
+                    ack.message_seq, ack.message_id
+                ));
+            }
+        }
+        // The acknowledged place holds exactly this message.
+        match self
+            .world
+            .reader
+            .message(&sent.channel, ruyi::ids::Seq(ack.message_seq))
+        {
+            Ok(Some(stored)) => {
+                let same = stored.message_id.0 == ack.message_id
+                    && stored.from_uid.as_str() == uid
+                    && stored.client_msg_no == no
+                    && (stored.recalled || stored.payload == sent.payload);
+                if !same {
+                    return self.violation(format!(
+                        "{uid} {no} acknowledged at {:?} seq {} id {}, which holds {} {} id {} (a reused client_msg_no answered as stored?)",
+                        sent.channel,
+                        ack.message_seq,
+                        ack.message_id,
+                        stored.from_uid,
+                        stored.client_msg_no,
+                        stored.message_id.0
+                    ));
+                }
+            }
+            Ok(None) => {
+                if !self.group_deleted(&sent.channel) {
+                    return self.violation(format!(
+                        "{uid} {no} acknowledged at {:?} seq {} but not stored",
+                        sent.channel, ack.message_seq
+                    ));
+                }
+            }
+            Err(error) => return self.violation(format!("store read failed: {error}")),
+        }
+        let place = (sent.channel.clone(), ack.message_seq);
+        let this = (ack.message_id, uid.clone(), no.clone());
+        if let Some(other) = self.model.places.get(&place) {
+            if *other != this && !self.group_deleted(&sent.channel) {
+                return self.violation(format!(
+                    "{:?} seq {} given to two messages: {other:?} and {this:?}",
+                    place.0, place.1
+                ));
+            }
+        }
+        self.model.places.insert(place, this);
+        if let Some(s) = self.model.sent.get_mut(&(uid, no)) {
+            if s.acked.is_none() {
+                self.summary.acked_sends += 1;
+            }
+            s.acked = Some((ack.message_seq, ack.message_id));
+            s.deleted = false;
+        }
+    }
+
+    /// A send to a group whose members and lists did not change around it
+    /// was accepted or refused exactly as they say.
+    fn judge_send_policy(&mut self, d: usize, attempt: &Attempt, reason: ReasonCode) {
+        if attempt.channel.kind() != ChannelType::Group || !attempt.first {
+            return;
+        }
+        let Some(group) = self.model.groups.get(attempt.channel.id()) else {
+            return;
+        };
+        if group.uncertain || group.in_flight > 0 || group.epoch != attempt.epoch {
+            return;
+        }
+        let uid = &self.devices[d].uid;
+        let expected = if !group.exists {
+            ReasonCode::ChannelMissing
+        } else if !group.members.contains(uid) {
+            ReasonCode::NotMember
+        } else if group.deny.contains(uid) {
+            ReasonCode::Denied
+        } else if !group.allow.is_empty() && !group.allow.contains(uid) {
+            ReasonCode::NotAllowed
+        } else {
+            ReasonCode::Success
+        };
+        let judged = matches!(
+            reason,
+            ReasonCode::Success
+                | ReasonCode::ChannelMissing
+                | ReasonCode::NotMember
+                | ReasonCode::Denied
+                | ReasonCode::NotAllowed
+        );
+        if judged && reason != expected {
+            let message = format!(
+                "{}'s send {} to {:?} was answered {reason:?}; members {:?}, deny {:?}, allow {:?} say {expected:?}",
+                self.name(d),
+                attempt.client_msg_no,
+                attempt.channel,
+                group.members,
+                group.deny,
+                group.allow
+            );
+            self.violation(message);
+        }
+    }
+
+    fn group_deleted(&self, key: &ChannelKey) -> bool {
+        key.kind() == ChannelType::Group
+            && self
+                .model
+                .groups
+                .get(key.id())
+                .is_none_or(|g| !g.exists || g.uncertain || g.in_flight > 0)
+    }
+
+    /// A message a device was given matches the store.
+    fn check_against_store(&mut self, uid: &str, recv: &Recv, what: &str) -> Option<ChannelKey> {
+        let key = match recv.channel_type {
+            ChannelType::Person => ChannelKey::person(&Uid::new(uid), &Uid::new(&recv.channel_id)),
+            _ => ChannelKey::group(&recv.channel_id),
+        };
+        match self
+            .world
+            .reader
+            .message(&key, ruyi::ids::Seq(recv.message_seq))
+        {
+            Ok(Some(stored)) => {
+                let recalled = recv.flags & RECV_FLAG_RECALLED != 0;
+                // A push may precede the recall the store already holds.
+                let sent_payload = self
+                    .model
+                    .sent
+                    .get(&(recv.from_uid.clone(), recv.client_msg_no.clone()))
+                    .map(|s| s.payload.clone());
+                let payload_ok = if recalled {
+                    stored.recalled && recv.payload.is_empty()
+                } else if stored.recalled {
+                    sent_payload.is_some_and(|p| p == recv.payload)
+                } else {
+                    stored.payload == recv.payload
+                };
+                let same = stored.message_id.0 == recv.message_id
+                    && stored.from_uid.as_str() == recv.from_uid
+                    && stored.client_msg_no == recv.client_msg_no
+                    && payload_ok;
+                if !same {
+                    self.violation(format!(
+                        "{uid} got in {what} {key:?} seq {} id {} from {} {}, the store holds id {} from {} {}",
+                        recv.message_seq,
+                        recv.message_id,
+                        recv.from_uid,
+                        recv.client_msg_no,
+                        stored.message_id.0,
+                        stored.from_uid,
+                        stored.client_msg_no
+                    ));
+                }
+            }
+            Ok(None) => {
+                if !self.group_deleted(&key) {
+                    self.violation(format!(
+                        "{uid} got in {what} {key:?} seq {}, which is not stored",
+                        recv.message_seq
+                    ));
+                }
+            }
+            Err(error) => self.violation(format!("store read failed: {error}")),
+        }
+        if key.kind() == ChannelType::Group {
+            if let Some(group) = self.model.groups.get(key.id()) {
+                if group.member_at(uid, recv.message_seq) == Some(false) {
+                    self.violation(format!(
+                        "{uid} got in {what} {key:?} seq {}, sent when they were not a member",
+                        recv.message_seq
+                    ));
+                }
+            }
+        }
+        Some(key)
+    }
+
+    fn on_recv(&mut self, d: usize, recv: Recv) {
+        self.summary.pushes += 1;
+        let uid = self.devices[d].uid.clone();
+        let device_id = self.devices[d].device_id.clone();
+        let Some(key) = self.check_against_store(&uid, &recv, "a push") else {
+            return;
+        };
+        let seq = recv.message_seq;
+        let flagged = recv.flags & RECV_FLAG_REDELIVERED != 0;
+        self.note(format!(
+            "{}: Recv {key:?} seq {seq}{}",
+            self.name(d),
+            if flagged { " (redelivered)" } else { "" }
+        ));
+        if let Ok(Some(stored)) = self.world.reader.message(&key, ruyi::ids::Seq(seq)) {
+            if stored.from_uid.as_str() == uid && &*stored.from_device == device_id {
+                return self.violation(format!(
+                    "{} was pushed its own send {key:?} seq {seq}",
+                    self.name(d)
+                ));
+            }
+        }
+        if !flagged {
+            if self.devices[d]
+                .acked
+                .get(&key)
+                .is_some_and(|a| a.contains(&seq))
+            {
+                return self.violation(format!(
+                    "{} was pushed {key:?} seq {seq} again without the redelivered flag after acknowledging it",
+                    self.name(d)
+                ));
+            }
+            if let Some(link) = &mut self.devices[d].link {
+                let last = link.last_unflagged.entry(key.clone()).or_default();
+                if seq <= *last {
+                    let last = *last;
+                    return self.violation(format!(
+                        "{} was pushed {key:?} seq {seq} after seq {last} on one connection without the redelivered flag",
+                        self.name(d)
+                    ));
+                }
+                *last = seq;
+            }
+        }
+        let device = &mut self.devices[d];
+        device
+            .received
+            .entry(key.clone())
+            .or_default()
+            .insert(seq, recv.message_id);
+        // Everything received is acknowledged, a repeat too (as the SDK
+        // does): an acknowledgement may have been lost with a connection.
+        device.to_ack.push((key, seq, recv.message_id));
+    }
+
+    fn on_recall_resp(&mut self, d: usize, resp: ruyi::protocol::RecallResp) {
+        let Some((key, no)) = self.devices[d].recalls.remove(&resp.request_id) else {
+            return;
+        };
+        let uid = self.devices[d].uid.clone();
+        self.note(format!(
+            "{}: RecallResp {no} {:?}",
+            self.name(d),
+            resp.reason
+        ));
+        let sent = self.model.sent.get(&(uid.clone(), no.clone())).cloned();
+        match resp.reason {
+            ReasonCode::Success => {
+                let Some(sent) = sent else {
+                    return self.violation(format!("recall of {no}, never sent, succeeded"));
+                };
+                if sent.channel != key {
+                    return self.violation(format!(
+                        "recall of {no} in {key:?} succeeded, it was sent to {:?}",
+                        sent.channel
+                    ));
+                }
+                match self
+                    .world
+                    .reader
+                    .message(&key, ruyi::ids::Seq(resp.message_seq))
+                {
+                    Ok(Some(stored)) if stored.recalled && stored.client_msg_no == no => {}
+                    Ok(None) if self.group_deleted(&key) => {}
+                    other => self.violation(format!(
+                        "recall of {no} succeeded at seq {}, the store has {other:?}",
+                        resp.message_seq
+                    )),
+                }
+            }
+            ReasonCode::MessageMissing => {
+                // Allowed only when the send was not stored: refused, or
+                // not acknowledged (and so perhaps never stored).
+                if let Some(sent) = sent {
+                    if sent.acked.is_some() && sent.channel == key && !self.group_deleted(&key) {
+                        self.violation(format!(
+                            "{uid}'s recall of {no}, acknowledged at {:?}, answered MessageMissing",
+                            sent.acked
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_conversation_op_resp(&mut self, d: usize, resp: ruyi::protocol::ConversationOpResp) {
+        let Some((key, action, _unread, seen)) =
+            self.devices[d].conversation_ops.remove(&resp.request_id)
+        else {
+            return;
+        };
+        let uid = self.devices[d].uid.clone();
+        self.note(format!(
+            "{}: ConversationOpResp {action:?} on {key:?}: {:?}",
+            self.name(d),
+            resp.reason
+        ));
+        if resp.reason != ReasonCode::Success {
+            return;
+        }
+        let Some(conversation) = resp.conversation else {
+            return;
+        };
+        // Where the gateway put the read position: at least everything the
+        // device had been given, at most what was stored by the answer.
+        let cut = conversation.read_seq;
+        if matches!(
+            action,
+            ConversationAction::ClearUnread | ConversationAction::Delete
+        ) && (cut < seen || cut > conversation.last_message_seq)
+        {
+            return self.violation(format!(
+                "{uid} {action:?} on {key:?} put the read position at {cut}: the device had seen seq {seen}, {} were stored",
+                conversation.last_message_seq
+            ));
+        }
+        let entry = self
+            .model
+            .conversations
+            .entry((uid, key))
+            .or_insert_with(ConvModel::default);
+        entry.uncertain = false;
+        match action {
+            ConversationAction::ClearUnread => entry.read_cut = cut,
+            ConversationAction::Delete => {
+                entry.read_cut = cut;
+                entry.delete_cut = cut;
+            }
+            _ => {
+                // SetUnread: the answer's unread is what the model checks
+                // from now on; the read point is where that many messages
+                // of others lie above it.
+                entry.uncertain = true;
+            }
+        }
+    }
+
+    // ---- the operator -----------------------------------------------------
+
+    fn control_random(&mut self) {
+        if self.model.groups.is_empty() {
+            return;
+        }
+        let group = format!("g{}", self.rng.index(self.options.groups));
+        let key = ChannelKey::group(&group);
+        let owner = key.shard(self.world.shard_count() as u16).index();
+        let uids: Vec<String> = (0..self.options.users)
+            .filter(|_| self.rng.chance(40))
+            .map(|u| format!("u{u}"))
+            .collect();
+        let exists = self.model.groups[&group].exists;
+        let roll = self.rng.below(10);
+        if !exists || roll < 4 {
+            let change = if !exists || roll == 0 {
+                SetChange::Replace
+            } else if roll < 3 {
+                SetChange::Add
+            } else {
+                SetChange::Remove
+            };
+            let uids = if change == SetChange::Replace && uids.is_empty() {
+                vec!["u0".to_owned(), "u1".to_owned()]
+            } else {
+                uids
+            };
+            self.note(format!("operator: group {group} {change:?} {uids:?}"));
+            let (tx, rx) = async_channel::bounded(1);
+            let now = self.world.now;
+            self.world.shards[owner].change_group(&group, uids, change, tx, now);
+            self.controls.push(ControlWait::Group {
+                group: group.clone(),
+                rx,
+            });
+        } else if roll < 8 {
+            let kind = if roll < 6 {
+                ListKind::Deny
+            } else {
+                ListKind::Allow
+            };
+            let change = if self.rng.chance(60) {
+                SetChange::Add
+            } else {
+                SetChange::Remove
+            };
+            self.note(format!(
+                "operator: {kind:?} list of {group} {change:?} {uids:?}"
+            ));
+            let (tx, rx) = async_channel::bounded(1);
+            self.world.shards[owner].change_list(key, kind, uids, change, tx);
+            self.controls.push(ControlWait::List {
+                group: group.clone(),
+                kind,
+                rx,
+            });
+        } else if roll == 8 {
+            self.note(format!("operator: delete group {group}"));
+            let (tx, rx) = async_channel::bounded(1);
+            let now = self.world.now;
+            self.world.shards[owner].api(ApiRequest::DeleteGroup { channel: key }, tx, now);
+            self.controls.push(ControlWait::Delete {
+                group: group.clone(),
+                rx,
+            });
+        } else {
+            return;
+        }
+        let model = self.model.groups.get_mut(&group).expect("group");
+        model.in_flight += 1;
+        model.epoch += 1;
+    }
+
+    fn poll_controls(&mut self) {
+        let waits = std::mem::take(&mut self.controls);
+        for wait in waits {
+            match wait {
+                ControlWait::Group { group, rx } => match rx.try_recv() {
+                    Ok(result) => {
+                        let model = self.model.groups.get_mut(&group).expect("group");
+                        model.in_flight -= 1;
+                        model.epoch += 1;
+                        if let Ok(info) = result {
+                            let members: BTreeSet<String> = info.members.into_iter().collect();
+                            for uid in &members {
+                                if !model.members.contains(uid) || !model.exists {
+                                    model.joined.insert(uid.clone(), info.last_seq);
+                                }
+                            }
+                            model.joined.retain(|uid, _| members.contains(uid));
+                            model.exists = true;
+                            model.members = members.clone();
+                            model.history.push((info.last_seq, members));
+                            self.trace.push(format!(
+                                "operator: group {group} now {:?} after seq {}",
+                                model.members, info.last_seq
+                            ));
+                        }
+                    }
+                    Err(async_channel::TryRecvError::Empty) => {
+                        self.controls.push(ControlWait::Group { group, rx })
+                    }
+                    Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
+                },
+                ControlWait::List { group, kind, rx } => match rx.try_recv() {
+                    Ok(result) => {
+                        let model = self.model.groups.get_mut(&group).expect("group");
+                        model.in_flight -= 1;
+                        model.epoch += 1;
+                        if let Ok(uids) = result {
+                            let set = uids.into_iter().collect();
+                            match kind {
+                                ListKind::Allow => model.allow = set,
+                                ListKind::Deny => model.deny = set,
+                            }
+                        }
+                    }
+                    Err(async_channel::TryRecvError::Empty) => {
+                        self.controls.push(ControlWait::List { group, kind, rx })
+                    }
+                    Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
+                },
+                ControlWait::Delete { group, rx } => match rx.try_recv() {
+                    Ok(response) => {
+                        let model = self.model.groups.get_mut(&group).expect("group");
+                        model.in_flight -= 1;
+                        model.epoch += 1;
+                        if matches!(response, ApiResponse::Deleted) {
+                            model.exists = false;
+                            model.members.clear();
+                            model.joined.clear();
+                            model.deny.clear();
+                            model.allow.clear();
+                            model.history.clear();
+                            let key = ChannelKey::group(&group);
+                            self.model.places.retain(|(k, _), _| *k != key);
+                            // Its messages are gone with it.
+                            for sent in self.model.sent.values_mut() {
+                                if sent.channel == key {
+                                    sent.acked = None;
+                                    sent.deleted = true;
+                                }
+                            }
+                            for device in &mut self.devices {
+                                device.received.remove(&key);
+                                device.acked.remove(&key);
+                                device.to_ack.retain(|(k, _, _)| *k != key);
+                            }
+                            self.model.conversations.retain(|(_, k), _| *k != key);
+                            self.trace.push(format!("operator: group {group} deleted"));
+                        }
+                    }
+                    Err(async_channel::TryRecvError::Empty) => {
+                        self.controls.push(ControlWait::Delete { group, rx })
+                    }
+                    Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
+                },
+            }
+        }
+    }
+
+    /// A group change's answer was lost (crash): read the group back.
+    fn uncertain(&mut self, group: &str) {
+        let model = self.model.groups.get_mut(group).expect("group");
+        model.in_flight -= 1;
+        model.uncertain = true;
+    }
+
+    /// After a crash: every group whose change was lost is read back from
+    /// the store.
+    fn reload_uncertain_groups(&mut self) {
+        let groups: Vec<String> = self
+            .model
+            .groups
+            .iter()
+            .filter(|(_, g)| g.uncertain && g.in_flight == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for group in groups {
+            let key = ChannelKey::group(&group);
+            let record = self.world.reader.load_channel(&key).ok().flatten();
+            let deny = self
+                .world
+                .reader
+                .list(&key, ListKind::Deny, 1000)
+                .unwrap_or_default();
+            let allow = self
+                .world
+                .reader
+                .list(&key, ListKind::Allow, 1000)
+                .unwrap_or_default();
+            let model = self.model.groups.get_mut(&group).expect("group");
+            match record.and_then(|r| r.members.map(|m| (r.last_seq.0, m))) {
+                Some((last, members)) => {
+                    let members: BTreeSet<String> =
+                        members.iter().map(|u| u.as_str().to_owned()).collect();
+                    // Whoever joined in the lost change sees from now on.
+                    for uid in &members {
+                        if !model.members.contains(uid) || !model.exists {
+                            model.joined.insert(uid.clone(), last);
+                        }
+                    }
+                    model.joined.retain(|uid, _| members.contains(uid));
+                    model.exists = true;
+                    model.members = members.clone();
+                    model.deny = deny.iter().map(|u| u.as_str().to_owned()).collect();
+                    model.allow = allow.iter().map(|u| u.as_str().to_owned()).collect();
+                    // Membership at seqs up to the last stored one is
+                    // unknown: only later messages are judged by it.
+                    model.history = vec![(last, members)];
+                }
+                None => {
+                    model.exists = false;
+                    model.members.clear();
+                    model.joined.clear();
+                    model.history.clear();
+                    model.deny.clear();
+                    model.allow.clear();
+                    // Deleted in the change whose answer was lost: its
+                    // messages are gone with it.
+                    for sent in self.model.sent.values_mut() {
+                        if sent.channel == key {
+                            sent.acked = None;
+                            sent.deleted = true;
+                        }
+                    }
+                    self.model.places.retain(|(k, _), _| *k != key);
+                    self.model.conversations.retain(|(_, k), _| *k != key);
+                    for device in &mut self.devices {
+                        device.received.remove(&key);
+                        device.acked.remove(&key);
+                        device.to_ack.retain(|(k, _, _)| *k != key);
+                    }
+                }
+            }
+            // History before the last known seq is unknown: messages at or
+            // below it are not judged by membership.
+            model.uncertain = false;
+            model.epoch += 1;
+        }
+    }
+
+    // ---- faults -------------------------------------------------------------
+
+    fn deliver_random(&mut self) {
+        let busy = self.world.busy_inboxes();
+        if busy.is_empty() {
+            return;
+        }
+        let (from, to) = *self.rng.pick(&busy);
+        self.note(format!("inbox {from} -> {to}"));
+        self.world.deliver(from, to);
+    }
+
+    fn commit_random(&mut self) {
+        let i = self.rng.index(self.world.shard_count());
+        let fail = self.rng.chance(self.options.write_failure_percent);
+        let what = self.world.commit_step(i, fail);
+        if what != "idle" {
+            self.note(format!("shard {i}: commit {what}"));
+        }
+    }
+
+    fn crash(&mut self) {
+        let write_begun = self.rng.chance(50);
+        self.note(format!(
+            "CRASH (prepared writes {})",
+            if write_begun { "land" } else { "lost" }
+        ));
+        self.summary.crashes += 1;
+        self.world.crash(write_begun);
+        for d in 0..self.devices.len() {
+            if self.devices[d].link.take().is_some() {
+                self.forget_requests(d);
+            }
+        }
+        self.zombies.clear();
+        self.poll_controls();
+        self.reload_uncertain_groups();
+        // Every acknowledged message survived.
+        self.check_acknowledged_are_stored();
+    }
+
+    // ---- settling and the liveness checks ---------------------------------
+
+    /// Runs everything queued to completion, without faults.
+    fn quiesce(&mut self) {
+        for _ in 0..10_000 {
+            self.world.collect_outgoing();
+            self.drain_all();
+            self.world.collect_outgoing();
+            let mut moved = false;
+            for (from, to) in self.world.busy_inboxes() {
+                self.world.deliver(from, to);
+                moved = true;
+            }
+            for i in 0..self.world.shard_count() {
+                loop {
+                    let what = self.world.commit_step(i, false);
+                    if what == "idle" {
+                        break;
+                    }
+                    moved = true;
+                }
+                while !self.world.position_jobs[i].is_empty() {
+                    self.world.run_position_job(i);
+                }
+            }
+            self.poll_controls();
+            let outboxes_waiting = self
+                .devices
+                .iter()
+                .any(|d| d.link.as_ref().is_some_and(|l| !l.outbox.is_empty()));
+            if !moved && !outboxes_waiting && !self.world.busy() {
+                return;
+            }
+            if self.failed() {
+                return;
+            }
+        }
+        self.violation("the gateway never went quiet".into());
+    }
+
+    fn settle(&mut self) {
+        self.note("SETTLE".into());
+        self.quiesce();
+        // Let every retry fire and every window refill.
+        for _ in 0..8 {
+            self.world
+                .advance(self.world.config.delivery.retry_interval_max_ms);
+            for i in 0..self.world.shard_count() {
+                self.world.retry_tick(i);
+            }
+            self.quiesce();
+        }
+        self.reload_uncertain_groups();
+        // Everyone connects with resume and acknowledges everything, until
+        // nothing more arrives.
+        for d in 0..self.devices.len() {
+            // A device that connected without resume is owed nothing from
+            // before: every device connects again, with resume.
+            if self.devices[d].link.is_some() {
+                let goodbye = Packet::Disconnect(Disconnect {
+                    reason: ReasonCode::Success,
+                    message: String::new(),
+                });
+                self.write(d, &goodbye);
+                self.drain(d);
+                self.drop_link(d);
+            }
+            let shard = self.rng.index(self.world.shard_count());
+            self.connect(d, shard, true);
+        }
+        for _ in 0..50 {
+            self.quiesce();
+            for d in 0..self.devices.len() {
+                self.ack(d, true);
+            }
+            self.quiesce();
+            self.world.advance(self.world.config.delivery.retry_tick_ms);
+            for i in 0..self.world.shard_count() {
+                self.world.retry_tick(i);
+            }
+            self.quiesce();
+            if self.devices.iter().all(|d| d.to_ack.is_empty()) {
+                break;
+            }
+        }
+        if self.failed() {
+            return;
+        }
+        self.check_acknowledged_are_stored();
+        self.check_channels_in_store();
+        self.check_every_device_has_what_it_may_see();
+        self.check_conversations();
+    }
+
+    fn check_acknowledged_are_stored(&mut self) {
+        let acked: Vec<((String, String), Sent)> = self
+            .model
+            .sent
+            .iter()
+            .filter(|(_, s)| s.acked.is_some())
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for ((uid, no), sent) in acked {
+            if self.group_deleted(&sent.channel) {
+                continue;
+            }
+            let (seq, id) = sent.acked.expect("acked");
+            match self
+                .world
+                .reader
+                .message(&sent.channel, ruyi::ids::Seq(seq))
+            {
+                Ok(Some(stored)) if stored.message_id.0 == id && stored.client_msg_no == no => {}
+                other => return self.violation(format!(
+                    "{uid} {no} acknowledged at {:?} seq {seq} id {id}, the store has {other:?}",
+                    sent.channel
+                )),
+            }
+        }
+    }
+
+    /// Every channel's stored seqs run 1, 2, 3... with no gap, and every
+    /// stored message is one a client sent, stored once.
+    fn check_channels_in_store(&mut self) {
+        let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
+        let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+        for key in channels {
+            let stored = match self.world.reader.read_messages(
+                &key,
+                ruyi::ids::Seq(1),
+                100_000,
+                ReadDirection::Up,
+            ) {
+                Ok(stored) => stored,
+                Err(error) => return self.violation(format!("store read failed: {error}")),
+            };
+            let first = stored.first().map_or(1, |m| m.seq.0);
+            let deleted_before = key.kind() == ChannelType::Group && first > 1;
+            for (i, message) in stored.iter().enumerate() {
+                if message.seq.0 != first + i as u64 {
+                    return self.violation(format!(
+                        "{key:?} has a gap: seq {} where {} was due",
+                        message.seq.0,
+                        first + i as u64
+                    ));
+                }
+                let who = (
+                    message.from_uid.as_str().to_owned(),
+                    message.client_msg_no.clone(),
+                );
+                if !seen.insert(who.clone()) {
+                    return self.violation(format!("{who:?} is stored twice"));
+                }
+                match self.model.sent.get(&who) {
+                    None => {
+                        return self.violation(format!(
+                            "{key:?} seq {} was never sent: {who:?}",
+                            message.seq.0
+                        ))
+                    }
+                    Some(sent) => {
+                        if sent.channel != key
+                            || (!message.recalled && sent.payload != message.payload)
+                        {
+                            return self.violation(format!(
+                                "{key:?} seq {} holds {who:?}, which was sent to {:?}",
+                                message.seq.0, sent.channel
+                            ));
+                        }
+                        if let Some((seq, id)) = sent.acked {
+                            if seq != message.seq.0 || id != message.message_id.0 {
+                                return self.violation(format!(
+                                    "{who:?} acknowledged at seq {seq} id {id}, stored at seq {} id {}",
+                                    message.seq.0, message.message_id.0
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            if first != 1 && !deleted_before {
+                return self.violation(format!("{key:?} starts at seq {first}"));
+            }
+        }
+    }
+
+    /// The seq after which `uid` is owed the messages of `key`, or `None`
+    /// when they are owed nothing there (not a member, or the model cannot
+    /// tell).
+    fn owed_floor(&self, uid: &str, key: &ChannelKey) -> Option<u64> {
+        let conv = self
+            .model
+            .conversations
+            .get(&(uid.to_owned(), key.clone()))
+            .copied()
+            .unwrap_or_default();
+        if conv.uncertain {
+            return None;
+        }
+        let mut floor = conv.read_cut.max(conv.delete_cut);
+        match key.person_pair() {
+            Some((low, high)) => {
+                if low != uid && high != uid {
+                    return None;
+                }
+            }
+            None => {
+                let group = self.model.groups.get(key.id())?;
+                if !group.exists || group.uncertain || !group.members.contains(uid) {
+                    return None;
+                }
+                floor = floor.max(*group.joined.get(uid)?);
+            }
+        }
+        Some(floor)
+    }
+
+    fn check_every_device_has_what_it_may_see(&mut self) {
+        let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
+        for key in channels {
+            let stored = self
+                .world
+                .reader
+                .read_messages(&key, ruyi::ids::Seq(1), 100_000, ReadDirection::Up)
+                .unwrap_or_default();
+            for d in 0..self.devices.len() {
+                let uid = self.devices[d].uid.clone();
+                let Some(floor) = self.owed_floor(&uid, &key) else {
+                    continue;
+                };
+                for message in stored.iter().filter(|m| m.seq.0 > floor) {
+                    let own = message.from_uid.as_str() == uid
+                        && *message.from_device == *self.devices[d].device_id;
+                    if own {
+                        continue;
+                    }
+                    let has = self.devices[d]
+                        .received
+                        .get(&key)
+                        .is_some_and(|r| r.contains_key(&message.seq.0));
+                    if !has {
+                        return self.violation(format!(
+                            "{} never got {key:?} seq {} (owed after seq {floor})",
+                            self.name(d),
+                            message.seq.0
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each user's full conversation list, and unread counts, as the model
+    /// has them.
+    fn check_conversations(&mut self) {
+        let users: Vec<String> = (0..self.options.users).map(|u| format!("u{u}")).collect();
+        for uid in users {
+            let Some(d) = (0..self.devices.len()).find(|d| {
+                self.devices[*d].uid == uid
+                    && self.devices[*d].link.as_ref().is_some_and(|l| l.active)
+            }) else {
+                continue;
+            };
+            let request = self.sync_conversations(d, 0);
+            self.quiesce();
+            let Some((list, more)) = self.devices[d].conversation_answers.remove(&request) else {
+                return self.violation(format!("{uid}: no answer to a conversation sync"));
+            };
+            if more {
+                continue;
+            }
+            let got: BTreeMap<ChannelKey, &Conversation> = list
+                .iter()
+                .map(|c| {
+                    let key = match c.channel_type {
+                        ChannelType::Person => {
+                            ChannelKey::person(&Uid::new(&uid), &Uid::new(&c.channel_id))
+                        }
+                        _ => ChannelKey::group(&c.channel_id),
+                    };
+                    (key, c)
+                })
+                .collect();
+            let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
+            for key in channels {
+                let stored = self
+                    .world
+                    .reader
+                    .read_messages(&key, ruyi::ids::Seq(1), 100_000, ReadDirection::Up)
+                    .unwrap_or_default();
+                let last = stored.last().map_or(0, |m| m.seq.0);
+                let Some(floor) = self.owed_floor(&uid, &key) else {
+                    if key.kind() == ChannelType::Group
+                        && self.model.groups.get(key.id()).is_some_and(|g| {
+                            !g.uncertain
+                                && g.in_flight == 0
+                                && (!g.exists || !g.members.contains(&uid))
+                        })
+                        && got.contains_key(&key)
+                    {
+                        return self.violation(format!(
+                            "{uid} lists {key:?}, of which they are not a member"
+                        ));
+                    }
+                    continue;
+                };
+                let conv = self
+                    .model
+                    .conversations
+                    .get(&(uid.clone(), key.clone()))
+                    .copied()
+                    .unwrap_or_default();
+                let hidden_below = match key.kind() {
+                    ChannelType::Group => conv.delete_cut.max(
+                        self.model.groups[key.id()]
+                            .joined
+                            .get(&uid)
+                            .copied()
+                            .unwrap_or(0),
+                    ),
+                    _ => conv.delete_cut,
+                };
+                let visible = last > hidden_below;
+                match (visible, got.get(&key)) {
+                    (true, None) => {
+                        return self.violation(format!(
+                            "{uid}'s conversation list lacks {key:?} (last seq {last}, hidden to {hidden_below})"
+                        ))
+                    }
+                    (false, Some(_)) => {
+                        return self.violation(format!(
+                            "{uid}'s conversation list shows {key:?}, hidden to {hidden_below}, last seq {last}"
+                        ))
+                    }
+                    (true, Some(c)) => {
+                        if c.last_message_seq != last {
+                            return self.violation(format!(
+                                "{uid}'s {key:?} shows last seq {}, the store {last}",
+                                c.last_message_seq
+                            ));
+                        }
+                        let unread = stored
+                            .iter()
+                            .filter(|m| m.seq.0 > floor && m.from_uid.as_str() != uid)
+                            .count() as u64;
+                        if c.unread != unread {
+                            return self.violation(format!(
+                                "{uid}'s {key:?} shows {} unread, the model {unread} (read to {floor})",
+                                c.unread
+                            ));
+                        }
+                    }
+                    (false, None) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs one seed on `store`.
+pub fn run_seed(seed: u64, store: StoreKind) -> Result<(Summary, Vec<String>), Failure> {
+    Sim::new(Options::from_seed(seed, store)).run()
+}
+
+#[allow(dead_code)]
+pub fn describe(summary: &Summary) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{} steps, {} crashes, {} acknowledged sends, {} pushes",
+        summary.steps, summary.crashes, summary.acked_sends, summary.pushes
+    );
+    out
+}
+
+#[allow(dead_code)]
+fn _shard_id(i: usize) -> ShardId {
+    ShardId(i as u16)
+}
