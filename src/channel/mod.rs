@@ -293,7 +293,13 @@ impl Channel {
     /// Records that everything up to `seq` is stored; `message_id` is the
     /// message at `seq`.
     pub fn mark_committed(&mut self, seq: Seq, message_id: MessageId) {
-        assert!(seq <= self.last_seq, "committed beyond what was assigned");
+        assert!(
+            seq <= self.last_seq,
+            "{:?}: seq {} committed beyond the last assigned, {}",
+            self.key,
+            seq.0,
+            self.last_seq.0
+        );
         if seq > self.committed_seq {
             self.committed_seq = seq;
             self.last_message_id = message_id;

@@ -58,6 +58,9 @@ pub struct PendingPushes {
     /// Per connection and channel, the highest seq ever pushed there: a
     /// cumulative ack never counts for more than the device was sent.
     highest: HashMap<ConnId, HashMap<ChannelKey, Seq, ahash::RandomState>, ahash::RandomState>,
+    /// Per connection and channel, what its device had already when it
+    /// resumed (its saved position).
+    had: HashMap<ConnId, HashMap<ChannelKey, Seq, ahash::RandomState>, ahash::RandomState>,
     jitter_state: u64,
     due: Vec<Key>,
 }
@@ -80,6 +83,7 @@ impl PendingPushes {
             by_conn: HashMap::default(),
             conn_bytes: HashMap::default(),
             highest: HashMap::default(),
+            had: HashMap::default(),
             jitter_state: seed | 1,
             due: Vec::new(),
         }
@@ -193,6 +197,32 @@ impl PendingPushes {
         self.highest.get(&conn)?.get(channel).copied()
     }
 
+    /// Records that `conn`'s device has everything of `channel` through
+    /// `seq` already (from its saved position, on resume): a live copy at
+    /// or below it, committed before the resume read it, is not pushed.
+    pub fn mark_had(&mut self, conn: ConnId, channel: &ChannelKey, seq: Seq) {
+        if seq.0 == 0 {
+            return;
+        }
+        let had = self
+            .had
+            .entry(conn)
+            .or_default()
+            .entry(channel.clone())
+            .or_default();
+        *had = (*had).max(seq);
+    }
+
+    /// The highest seq of `channel` that `conn`'s device has, pushed here or
+    /// known from its saved position.
+    pub fn highest_had(&self, conn: ConnId, channel: &ChannelKey) -> Option<Seq> {
+        let had = self.had.get(&conn).and_then(|c| c.get(channel)).copied();
+        match (self.highest_pushed(conn, channel), had) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Every channel pushed to `conn`, with the highest seq pushed there.
     pub fn pushed_channels(&self, conn: ConnId) -> impl Iterator<Item = (&ChannelKey, Seq)> {
         self.highest
@@ -201,10 +231,30 @@ impl PendingPushes {
             .flat_map(|channels| channels.iter().map(|(key, seq)| (key, *seq)))
     }
 
+    /// Forgets every pending push of `channel` up to `through` (a deleted
+    /// group: its messages are gone; a group created again under the same
+    /// id continues after them).
+    pub fn forget_channel(&mut self, channel: &ChannelKey, through: Seq) {
+        // In a fixed order: cancelling reorders the timers in a wheel slot,
+        // and the order they fire in must not depend on a hash seed.
+        let mut conns: Vec<ConnId> = self.by_conn.keys().copied().collect();
+        conns.sort_unstable();
+        for conn in conns {
+            let ids: Vec<MessageId> = self.by_conn[&conn]
+                .range((channel.clone(), Seq(0))..=(channel.clone(), through))
+                .map(|(_, id)| *id)
+                .collect();
+            for id in ids {
+                self.ack(conn, id);
+            }
+        }
+    }
+
     /// Forgets everything pending on a closed connection.
     pub fn forget_conn(&mut self, conn: ConnId) {
         self.conn_bytes.remove(&conn);
         self.highest.remove(&conn);
+        self.had.remove(&conn);
         let Some(index) = self.by_conn.remove(&conn) else {
             return;
         };
@@ -228,6 +278,9 @@ impl PendingPushes {
     ) {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(now_ms, &mut due);
+        // Per connection, in message id order (seq order within a channel):
+        // the order of a wheel slot depends on other connections' timers.
+        due.sort_unstable();
         for key in due.drain(..) {
             let Some(entry) = self.entries.get_mut(&key) else {
                 continue;

@@ -3,7 +3,7 @@
 //! copies nothing.
 
 use crate::channel::ChannelKey;
-use crate::ids::{ConnId, Uid};
+use crate::ids::{ConnId, Seq, Uid};
 use crate::protocol::{Conversation, ConversationOp, Packet, Recall, SendAck, SendPacket};
 use crate::storage::StoredMessage;
 use smallvec::SmallVec;
@@ -61,6 +61,10 @@ pub enum ShardMsg {
     },
     /// A response for one connection.
     Reply { conn: ConnId, packet: Box<Packet> },
+    /// A group was deleted: its messages are gone, so pushes of them that
+    /// wait for acknowledgement (or in a backlog) are dropped. Broadcast by
+    /// the owner when the deletion is committed.
+    ChannelDeleted { channel: ChannelKey, through: Seq },
     /// One of `uid`'s conversations changed: tell their devices on the
     /// target shard, except `skip` (which got the response).
     ConversationUpdated {

@@ -402,6 +402,11 @@ impl ShardState {
         self.ids.continue_from(run);
     }
 
+    /// The first message id of this run (see [`ShardState::start_run`]).
+    pub fn run(&self) -> MessageId {
+        self.run
+    }
+
     /// Webhook events this shard writes with its commits.
     pub fn set_webhooks(&mut self, writer: Option<crate::webhook::WebhookWriter>) {
         self.webhooks = writer;
@@ -450,6 +455,21 @@ impl ShardState {
     /// but for those with work in flight).
     pub fn channels_cached(&self) -> usize {
         self.channels.len()
+    }
+
+    /// Channels held in memory that cannot be dropped now: work for them
+    /// is queued or being committed.
+    pub fn channels_busy(&self) -> usize {
+        let busy: std::collections::HashSet<&ChannelKey, ahash::RandomState> = self
+            .pending
+            .iter()
+            .filter_map(Pending::channel)
+            .chain(self.committing.iter())
+            .collect();
+        self.channels
+            .iter()
+            .filter(|(key, channel)| !channel.uncommitted.is_empty() || busy.contains(key))
+            .count()
     }
 
     // ---- connection lifecycle -------------------------------------------
@@ -920,6 +940,7 @@ impl ShardState {
             }
         };
         let crashed = previous.open_in_run.0 != 0 && previous.open_in_run != self.run;
+        tracing::debug!(conn = conn.0, uid = %uid, device = %device, ?previous, run = self.run.0, crashed, "device session opens");
         let unrecorded_below = if crashed {
             previous.unrecorded_below.max(self.run)
         } else {
@@ -966,6 +987,9 @@ impl ShardState {
                 .device_position(&identity.uid, &identity.device_id, &key)?;
             let acked = position.acked.0;
             let floor = if acked == 0 { record.read_floor } else { acked }.max(record.deleted_seq);
+            // A message the owner has stored but not yet fanned out may be
+            // at or below the floor: its live copy must not come again.
+            self.pushes.mark_had(conn, &key, Seq(floor));
             if channel.last_seq.0 <= floor {
                 continue;
             }
@@ -1255,7 +1279,12 @@ impl ShardState {
     /// soon as someone writes to it; a group must have been created (and
     /// not deleted). A group comes with its allow and deny lists.
     fn channel_mut(&mut self, key: &ChannelKey) -> Result<Option<&mut Channel>, ReasonCode> {
-        if !self.deleting.is_empty() && self.deleting.contains_key(key) {
+        // A group whose deletion is being committed is gone, unless it was
+        // created again since (then it is in memory).
+        if !self.channels.contains_key(key)
+            && !self.deleting.is_empty()
+            && self.deleting.contains_key(key)
+        {
             return Ok(None);
         }
         if !self.channels.contains_key(key) {
@@ -1297,10 +1326,7 @@ impl ShardState {
                     }
                 }
             }
-            self.channels.insert(key.clone(), channel);
-            if self.channels.len() > self.limits.channels_cached_per_shard_max {
-                self.evict_channels(key);
-            }
+            self.cache_channel(key, channel);
         }
         self.channel_clock += 1;
         let clock = self.channel_clock;
@@ -1308,6 +1334,15 @@ impl ShardState {
             channel.last_used = clock;
             channel
         }))
+    }
+
+    /// Holds `channel` in memory, dropping idle ones beyond
+    /// `channels_cached_per_shard_max`.
+    fn cache_channel(&mut self, key: &ChannelKey, channel: Channel) {
+        self.channels.insert(key.clone(), channel);
+        if self.channels.len() > self.limits.channels_cached_per_shard_max {
+            self.evict_channels(key);
+        }
     }
 
     /// Drops the least recently used tenth of the channels held in memory,
@@ -1707,7 +1742,7 @@ impl ShardState {
             let mut channel = Channel::new_group(key.clone(), members.iter().cloned(), last_seq);
             channel.last_message_id = last_message_id;
             channel.assigned_message_id = last_message_id;
-            self.channels.insert(key.clone(), channel);
+            self.cache_channel(&key, channel);
         }
         if let Some(channel) = self.channels.get_mut(&key) {
             let added: Vec<Uid> = members
@@ -1759,26 +1794,32 @@ impl ShardState {
         let mut pending = std::mem::take(&mut self.pending);
         // A group deleted in this batch: its sends and recalls queued before
         // the delete are refused, not written (the delete would erase them
-        // and leave their webhook events describing nothing).
-        let deleted: Vec<ChannelKey> = pending
+        // and leave their webhook events describing nothing). Those queued
+        // after it are for the group created again.
+        if pending
             .iter()
-            .filter_map(|p| match p {
-                Pending::DeleteGroup { key, .. } => Some(key.clone()),
-                _ => None,
-            })
-            .collect();
-        if !deleted.is_empty() {
-            let (doomed, kept): (Vec<Pending>, Vec<Pending>) =
-                pending.into_iter().partition(|p| match p {
+            .any(|p| matches!(p, Pending::DeleteGroup { .. }))
+        {
+            let mut deleted_later: Vec<ChannelKey> = Vec::new();
+            let mut doomed = vec![false; pending.len()];
+            for (i, p) in pending.iter().enumerate().rev() {
+                match p {
+                    Pending::DeleteGroup { key, .. } => deleted_later.push(key.clone()),
                     Pending::Send { message, .. } | Pending::Recall { message, .. } => {
-                        deleted.contains(&message.channel)
+                        doomed[i] = deleted_later.contains(&message.channel);
                     }
-                    _ => false,
-                });
-            pending = kept;
-            for p in doomed {
-                self.refuse_pending(p, ReasonCode::ChannelMissing);
+                    _ => {}
+                }
             }
+            let mut kept = Vec::with_capacity(pending.len());
+            for (p, doomed) in pending.into_iter().zip(doomed) {
+                if doomed {
+                    self.refuse_pending(p, ReasonCode::ChannelMissing);
+                } else {
+                    kept.push(p);
+                }
+            }
+            pending = kept;
             if pending.is_empty() {
                 return None;
             }
@@ -2167,9 +2208,25 @@ impl ShardState {
                 // The list took effect when the change was queued.
                 let _ = reply.try_send(Ok(uids.iter().map(|u| u.as_str().to_owned()).collect()));
             }
-            Pending::DeleteGroup { key, reply, .. } => {
+            Pending::DeleteGroup {
+                key,
+                last_seq,
+                reply,
+                ..
+            } => {
+                // The channel left memory when the delete was queued; what is
+                // there now is a group created again since.
                 self.deleting.remove(&key);
-                self.channels.remove(&key);
+                for shard in 0..self.shards {
+                    if shard != self.id.0 {
+                        let message = ShardMsg::ChannelDeleted {
+                            channel: key.clone(),
+                            through: last_seq,
+                        };
+                        self.push_outgoing(ShardId(shard), message);
+                    }
+                }
+                self.forget_channel(&key, last_seq);
                 let _ = reply.try_send(ApiResponse::Deleted);
             }
             Pending::Recall {
@@ -2304,7 +2361,7 @@ impl ShardState {
                     // order, so nothing at or below the highest is new).
                     if self
                         .pushes
-                        .highest_pushed(*conn, &message.channel)
+                        .highest_had(*conn, &message.channel)
                         .is_some_and(|highest| highest >= message.seq)
                     {
                         continue;
@@ -2674,6 +2731,7 @@ impl ShardState {
                 skip,
                 conversation,
             } => self.update_local_devices(&uid, skip, &conversation),
+            ShardMsg::ChannelDeleted { channel, through } => self.forget_channel(&channel, through),
             ShardMsg::PresenceAck { conn } => {
                 let Some(entry) = self.conns.get_mut(&conn) else {
                     return;
@@ -2686,6 +2744,21 @@ impl ShardState {
                 }
             }
         }
+    }
+
+    /// A deleted group's messages (through `through`) are gone: none of
+    /// them is pushed again.
+    fn forget_channel(&mut self, channel: &ChannelKey, through: Seq) {
+        self.pushes.forget_channel(channel, through);
+        for behind in self.backlog.values_mut() {
+            if let Some(entry) = behind.get_mut(channel) {
+                entry.next = entry.next.max(through.next());
+                if entry.next > entry.last {
+                    behind.remove(channel);
+                }
+            }
+        }
+        self.backlog.retain(|_, behind| !behind.is_empty());
     }
 
     // ---- acknowledgements and retries ------------------------------------
@@ -2731,8 +2804,16 @@ impl ShardState {
 
     /// Remembers that `conn`'s device has acknowledged `key` through `seq`;
     /// saved with the next flush.
+    ///
+    /// Only a connection that resumed moves the saved position: one that
+    /// did not was pushed live messages only, and its acknowledgements say
+    /// nothing of what came before them (a cumulative ack would jump the
+    /// position over messages the device never got).
     fn advance_position(&mut self, conn: ConnId, key: ChannelKey, seq: Seq) {
         if seq.0 == 0 {
+            return;
+        }
+        if !self.conns.get(&conn).is_some_and(|e| e.session.resume) {
             return;
         }
         let position = self
@@ -3651,17 +3732,20 @@ pub struct MessageIdGenerator {
     counter: u64,
 }
 
-/// The first message id of a run of the process that starts at `unix_ms`:
-/// above every id an earlier run recorded (whatever the clock says now), so
-/// that ids never repeat across restarts and "handed out before this run"
-/// is `id < first_id_of_run`.
+/// Begins a run of the process that starts at `unix_ms`, and returns its
+/// first message id: above every id an earlier run recorded and above every
+/// earlier run's first id (recorded here, before anything else), whatever
+/// the clock says. So ids never repeat across restarts, no two runs share a
+/// first id, and "handed out before this run" is `id < first_id_of_run`.
 pub fn first_id_of_run(
     store: &mut dyn ShardStore,
     unix_ms: u64,
 ) -> Result<MessageId, StorageError> {
     let issued_ms = store.ids_issued()?.0 >> 22;
     let now_ms = unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
-    Ok(MessageId(now_ms.max(issued_ms + 1) << 22))
+    let run = MessageId(now_ms.max(issued_ms + 1) << 22);
+    store.commit(&[Mutation::IdsIssued(run)])?;
+    Ok(run)
 }
 
 const ID_EPOCH_UNIX_MS: u64 = 1_704_067_200_000;

@@ -106,23 +106,22 @@ fn replay() {
         return;
     };
     let seed: u64 = seed.parse().expect("RUYI_SIM_SEED is a number");
+    // RUYI_SIM_LOG=debug shows the gateway's own log between the steps.
+    if let Ok(filter) = std::env::var("RUYI_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stdout)
+            .without_time()
+            .try_init();
+    }
     let store = match std::env::var("RUYI_SIM_STORE").as_deref() {
         Ok("memory") => StoreKind::Memory,
         _ => StoreKind::Rocks,
     };
+    sim::ECHO.store(true, std::sync::atomic::Ordering::Relaxed);
     match sim::run_seed(seed, store) {
-        Ok((summary, trace)) => {
-            for line in &trace {
-                println!("{line}");
-            }
-            println!("seed {seed} passed: {}", sim::describe(&summary));
-        }
-        Err(failure) => {
-            for line in &failure.trace {
-                println!("{line}");
-            }
-            panic!("{failure}");
-        }
+        Ok((summary, _)) => println!("seed {seed} passed: {}", sim::describe(&summary)),
+        Err(failure) => panic!("{failure}"),
     }
 }
 

@@ -38,6 +38,11 @@ pub struct GroupModel {
     /// Counts every change and answer: a send whose outcome depended on
     /// the lists is judged only if no change happened around it.
     pub epoch: u64,
+    /// Counts deletions: a message sent before one is gone with it.
+    pub generation: u64,
+    /// Seqs up to here belonged to a deleted incarnation of the group: a
+    /// copy read before the deletion may still arrive.
+    pub deleted_through: u64,
 }
 
 impl GroupModel {

@@ -28,6 +28,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::rc::Rc;
 
+/// Set by `replay`: every step is printed as it happens (so a panic's
+/// steps are seen too).
+pub static ECHO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What a run is made of, all drawn from its seed.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -123,6 +127,8 @@ struct Attempt {
     /// The first attempt of its client_msg_no (a resend may be answered
     /// with what was stored under earlier rules).
     first: bool,
+    /// The group's deletion counter when the send went out.
+    generation: u64,
 }
 
 enum ControlWait {
@@ -192,6 +198,9 @@ pub struct Sim {
     /// Connections abandoned by their device (it connected again): drained
     /// and closed, their packets unread.
     zombies: Vec<Link>,
+    /// Messages given to group members, to judge once the group's changes
+    /// around them are answered: (uid, channel, seq, how it came).
+    membership_checks: Vec<(String, ChannelKey, u64, &'static str)>,
     failure: Option<String>,
 }
 
@@ -270,6 +279,7 @@ impl Sim {
             next_request: 1,
             summary: Summary::default(),
             zombies: Vec::new(),
+            membership_checks: Vec::new(),
             failure: None,
         }
     }
@@ -301,6 +311,9 @@ impl Sim {
     }
 
     fn note(&mut self, line: String) {
+        if ECHO.load(std::sync::atomic::Ordering::Relaxed) {
+            println!("{line}");
+        }
         self.trace.push(line);
     }
 
@@ -398,10 +411,10 @@ impl Sim {
             + limits.sync_response_max_bytes
             + limits.frame_size_max_bytes;
         for (i, shard) in self.world.shards.iter().enumerate() {
-            if shard.channels_cached() > channels_max {
-                let held = shard.channels_cached();
+            let (held, busy) = (shard.channels_cached(), shard.channels_busy());
+            if held > channels_max + busy {
                 return self.violation(format!(
-                    "shard {i} holds {held} channels, over channels_cached_per_shard_max = {channels_max}"
+                    "shard {i} holds {held} channels ({busy} with work in flight), over channels_cached_per_shard_max = {channels_max}"
                 ));
             }
         }
@@ -621,9 +634,13 @@ impl Sim {
 
     /// Records a send attempt of device `d`; returns its client_seq.
     fn attempt(&mut self, d: usize, client_msg_no: &str, key: &ChannelKey, first: bool) -> u32 {
-        let epoch = match key.kind() {
-            ChannelType::Group => self.model.groups.get(key.id()).map_or(0, |g| g.epoch),
-            _ => 0,
+        let (epoch, generation) = match key.kind() {
+            ChannelType::Group => self
+                .model
+                .groups
+                .get(key.id())
+                .map_or((0, 0), |g| (g.epoch, g.generation)),
+            _ => (0, 0),
         };
         let device = &mut self.devices[d];
         device.next_client_seq += 1;
@@ -634,6 +651,7 @@ impl Sim {
                 channel: key.clone(),
                 epoch,
                 first,
+                generation,
             },
         );
         device.next_client_seq
@@ -750,43 +768,17 @@ impl Sim {
                 }
             }
             _ => {
-                // Through the highest seq below which the app has every
-                // message it was pushed (its own sends count as had).
+                // Through the highest seq received in each channel, as the
+                // SDK does: a connection's pushes of a channel come in seq
+                // order, so everything below it was pushed or is not due.
                 let mut channels: BTreeMap<ChannelKey, u64> = BTreeMap::new();
                 for (key, seq, _) in &pending {
                     let entry = channels.entry(key.clone()).or_default();
                     *entry = (*entry).max(*seq);
                 }
-                for (key, _) in channels {
-                    let received = self.devices[d]
-                        .received
-                        .get(&key)
-                        .cloned()
-                        .unwrap_or_default();
-                    let own: BTreeSet<u64> = self
-                        .model
-                        .sent
-                        .iter()
-                        .filter(|((from, _), s)| *from == uid && s.channel == key)
-                        .filter_map(|(_, s)| s.acked.map(|a| a.0))
-                        .collect();
-                    let Some((&first, _)) = received.iter().next() else {
-                        continue;
-                    };
-                    let mut through = first;
-                    while received.contains_key(&(through + 1)) || own.contains(&(through + 1)) {
-                        through += 1;
-                    }
-                    // Anything received above the contiguous part waits.
-                    for (seq, id) in received.range(through + 1..) {
-                        if pending.iter().any(|(k, s, _)| *k == key && s == seq) {
-                            self.devices[d].to_ack.push((key.clone(), *seq, *id));
-                        }
-                    }
+                for (key, through) in channels {
                     let acked = self.devices[d].acked.entry(key.clone()).or_default();
-                    for seq in received.range(..=through).map(|(s, _)| *s) {
-                        acked.insert(seq);
-                    }
+                    acked.extend(1..=through);
                     packets.push(Packet::RecvAck(RecvAck {
                         message_id: 0,
                         message_seq: through,
@@ -1110,6 +1102,20 @@ impl Sim {
                 attempt.channel, sent.channel
             ));
         }
+        if sent.channel.kind() == ChannelType::Group
+            && self
+                .model
+                .groups
+                .get(sent.channel.id())
+                .is_some_and(|g| g.generation != attempt.generation)
+        {
+            // Stored, then deleted with its group before this answer came.
+            if let Some(s) = self.model.sent.get_mut(&(uid, no)) {
+                s.acked = None;
+                s.deleted = true;
+            }
+            return;
+        }
         if let Some(before) = sent.acked {
             if before != (ack.message_seq, ack.message_id) {
                 return self.violation(format!(
@@ -1217,6 +1223,29 @@ impl Sim {
         }
     }
 
+    /// Every message given to a group member was sent while they were a
+    /// member. Judged when no change of the group is waiting for its answer
+    /// (or, with `all`, dropped if it can never be judged).
+    fn check_memberships(&mut self, all: bool) {
+        let checks = std::mem::take(&mut self.membership_checks);
+        for (uid, key, seq, what) in checks {
+            let Some(group) = self.model.groups.get(key.id()) else {
+                continue;
+            };
+            if group.in_flight > 0 {
+                if !all {
+                    self.membership_checks.push((uid, key, seq, what));
+                }
+                continue;
+            }
+            if group.member_at(&uid, seq) == Some(false) {
+                return self.violation(format!(
+                    "{uid} got in {what} {key:?} seq {seq}, sent when they were not a member"
+                ));
+            }
+        }
+    }
+
     fn group_deleted(&self, key: &ChannelKey) -> bool {
         key.kind() == ChannelType::Group
             && self
@@ -1227,7 +1256,12 @@ impl Sim {
     }
 
     /// A message a device was given matches the store.
-    fn check_against_store(&mut self, uid: &str, recv: &Recv, what: &str) -> Option<ChannelKey> {
+    fn check_against_store(
+        &mut self,
+        uid: &str,
+        recv: &Recv,
+        what: &'static str,
+    ) -> Option<ChannelKey> {
         let key = match recv.channel_type {
             ChannelType::Person => ChannelKey::person(&Uid::new(uid), &Uid::new(&recv.channel_id)),
             _ => ChannelKey::group(&recv.channel_id),
@@ -1270,7 +1304,13 @@ impl Sim {
                 }
             }
             Ok(None) => {
-                if !self.group_deleted(&key) {
+                let gone = key.kind() == ChannelType::Group
+                    && self
+                        .model
+                        .groups
+                        .get(key.id())
+                        .is_some_and(|g| recv.message_seq <= g.deleted_through);
+                if !self.group_deleted(&key) && !gone {
                     self.violation(format!(
                         "{uid} got in {what} {key:?} seq {}, which is not stored",
                         recv.message_seq
@@ -1280,14 +1320,10 @@ impl Sim {
             Err(error) => self.violation(format!("store read failed: {error}")),
         }
         if key.kind() == ChannelType::Group {
-            if let Some(group) = self.model.groups.get(key.id()) {
-                if group.member_at(uid, recv.message_seq) == Some(false) {
-                    self.violation(format!(
-                        "{uid} got in {what} {key:?} seq {}, sent when they were not a member",
-                        recv.message_seq
-                    ));
-                }
-            }
+            // Judged once the changes around it have been answered.
+            self.membership_checks
+                .push((uid.to_owned(), key.clone(), recv.message_seq, what));
+            self.check_memberships(false);
         }
         Some(key)
     }
@@ -1320,9 +1356,19 @@ impl Sim {
                 .get(&key)
                 .is_some_and(|a| a.contains(&seq))
             {
+                let session = self
+                    .world
+                    .reader
+                    .device_session(&Uid::new(&uid), &device_id);
+                let position = self
+                    .world
+                    .reader
+                    .device_position(&Uid::new(&uid), &device_id, &key);
                 return self.violation(format!(
-                    "{} was pushed {key:?} seq {seq} again without the redelivered flag after acknowledging it",
-                    self.name(d)
+                    "{} was pushed {key:?} seq {seq} (id {}) again without the redelivered flag after acknowledging it (run {:?}, session {session:?}, position {position:?})",
+                    self.name(d),
+                    recv.message_id,
+                    self.world.shards[0].run()
                 ));
             }
             if let Some(link) = &mut self.devices[d].link {
@@ -1535,6 +1581,9 @@ impl Sim {
                         model.in_flight -= 1;
                         model.epoch += 1;
                         if let Ok(info) = result {
+                            if !model.exists {
+                                model.deleted_through = model.deleted_through.max(info.last_seq);
+                            }
                             let members: BTreeSet<String> = info.members.into_iter().collect();
                             for uid in &members {
                                 if !model.members.contains(uid) || !model.exists {
@@ -1580,6 +1629,7 @@ impl Sim {
                         model.in_flight -= 1;
                         model.epoch += 1;
                         if matches!(response, ApiResponse::Deleted) {
+                            model.generation += 1;
                             model.exists = false;
                             model.members.clear();
                             model.joined.clear();
@@ -1646,12 +1696,22 @@ impl Sim {
             let model = self.model.groups.get_mut(&group).expect("group");
             match record.and_then(|r| r.members.map(|m| (r.last_seq.0, m))) {
                 Some((last, members)) => {
+                    if !model.exists {
+                        model.deleted_through = model.deleted_through.max(last);
+                    }
                     let members: BTreeSet<String> =
                         members.iter().map(|u| u.as_str().to_owned()).collect();
-                    // Whoever joined in the lost change sees from now on.
+                    // Whoever joined in the lost change sees from about now
+                    // on (the change's place is not known: their unread is
+                    // not judged until they next clear it).
                     for uid in &members {
                         if !model.members.contains(uid) || !model.exists {
                             model.joined.insert(uid.clone(), last);
+                            self.model
+                                .conversations
+                                .entry((uid.clone(), key.clone()))
+                                .or_default()
+                                .uncertain = true;
                         }
                     }
                     model.joined.retain(|uid, _| members.contains(uid));
@@ -1664,6 +1724,9 @@ impl Sim {
                     model.history = vec![(last, members)];
                 }
                 None => {
+                    if model.exists {
+                        model.generation += 1;
+                    }
                     model.exists = false;
                     model.members.clear();
                     model.joined.clear();
@@ -1805,7 +1868,11 @@ impl Sim {
             let shard = self.rng.index(self.world.shard_count());
             self.connect(d, shard, true);
         }
-        for _ in 0..50 {
+        // Until nothing new arrives for a few retry ticks in a row (a
+        // refill may scan a device's own messages for a tick or two without
+        // pushing anything).
+        let mut quiet_ticks = 0;
+        for _ in 0..200 {
             self.quiesce();
             for d in 0..self.devices.len() {
                 self.ack(d, true);
@@ -1817,12 +1884,18 @@ impl Sim {
             }
             self.quiesce();
             if self.devices.iter().all(|d| d.to_ack.is_empty()) {
-                break;
+                quiet_ticks += 1;
+                if quiet_ticks == 5 {
+                    break;
+                }
+            } else {
+                quiet_ticks = 0;
             }
         }
         if self.failed() {
             return;
         }
+        self.check_memberships(true);
         self.check_acknowledged_are_stored();
         self.check_channels_in_store();
         self.check_every_device_has_what_it_may_see();
@@ -1848,10 +1921,12 @@ impl Sim {
                 .message(&sent.channel, ruyi::ids::Seq(seq))
             {
                 Ok(Some(stored)) if stored.message_id.0 == id && stored.client_msg_no == no => {}
-                other => return self.violation(format!(
+                other => {
+                    return self.violation(format!(
                     "{uid} {no} acknowledged at {:?} seq {seq} id {id}, the store has {other:?}",
                     sent.channel
-                )),
+                ))
+                }
             }
         }
     }
@@ -1976,10 +2051,18 @@ impl Sim {
                         .get(&key)
                         .is_some_and(|r| r.contains_key(&message.seq.0));
                     if !has {
+                        let uid_ = Uid::new(&uid);
+                        let position = self.world.reader.device_position(
+                            &uid_,
+                            &self.devices[d].device_id,
+                            &key,
+                        );
+                        let row = self.world.reader.conversation(&uid_, &key);
                         return self.violation(format!(
-                            "{} never got {key:?} seq {} (owed after seq {floor})",
+                            "{} never got {key:?} seq {} (owed after seq {floor}; stored position {position:?}, row {row:?}, acked {:?})",
                             self.name(d),
-                            message.seq.0
+                            message.seq.0,
+                            self.devices[d].acked.get(&key)
                         ));
                     }
                 }
@@ -2035,8 +2118,9 @@ impl Sim {
                         })
                         && got.contains_key(&key)
                     {
+                        let row = self.world.reader.conversation(&Uid::new(&uid), &key);
                         return self.violation(format!(
-                            "{uid} lists {key:?}, of which they are not a member"
+                            "{uid} lists {key:?}, of which they are not a member (row {row:?})"
                         ));
                     }
                     continue;
@@ -2094,9 +2178,25 @@ impl Sim {
     }
 }
 
-/// Runs one seed on `store`.
+/// Runs one seed on `store`. A panic in the gateway (an assertion of its
+/// own) is a failure of the seed like any other.
 pub fn run_seed(seed: u64, store: StoreKind) -> Result<(Summary, Vec<String>), Failure> {
-    Sim::new(Options::from_seed(seed, store)).run()
+    let run = std::panic::catch_unwind(|| Sim::new(Options::from_seed(seed, store)).run());
+    match run {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Err(Failure {
+                seed,
+                message: format!("the gateway panicked: {message}"),
+                trace: Vec::new(),
+            })
+        }
+    }
 }
 
 #[allow(dead_code)]
