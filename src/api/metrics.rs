@@ -116,6 +116,34 @@ pub async fn metrics(State(api): State<Shared>) -> Result<Response, ApiError> {
     );
     metric(
         &mut out,
+        "ruyi_outbound_queued_bytes",
+        "gauge",
+        "Bytes queued for connections and not yet written to their sockets (each bounded by limits.outbound_buffer_max_bytes).",
+        stats.outbound_queued_bytes,
+    );
+    metric(
+        &mut out,
+        "ruyi_slow_consumers_total",
+        "counter",
+        "Connections cut off for not reading what was queued for them.",
+        stats.slow_consumers,
+    );
+    metric(
+        &mut out,
+        "ruyi_channels_cached",
+        "gauge",
+        "Channels held in memory by their owner shards (limits.channels_cached_per_shard_max each).",
+        stats.channels_cached,
+    );
+    metric(
+        &mut out,
+        "ruyi_channels_evicted_total",
+        "counter",
+        "Idle channels dropped from memory (read again from storage when next used).",
+        stats.channels_evicted,
+    );
+    metric(
+        &mut out,
         "ruyi_commit_batches_total",
         "counter",
         "Storage group commits.",

@@ -987,4 +987,53 @@ mod tests {
         assert!(back.deleted);
         assert_eq!(back.last_seq, 9);
     }
+
+    /// Finding 8: the periodic position flush runs off the shard's thread
+    /// and can land after the flush at close. Whatever order position writes
+    /// land in, the stored position is the largest (and a value written
+    /// before positions had a pushed half still reads).
+    #[test]
+    fn a_position_write_that_lands_late_never_moves_a_position_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RocksOptions {
+            sync: SyncPolicy::Never,
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            idempotency_ttl_ms: 60_000,
+        };
+        let storage = RocksStorage::open(dir.path(), &options).unwrap();
+        let mut store = storage.open_shard(ShardId(0)).unwrap();
+        let key = ChannelKey::group("g");
+        let uid = Uid::new("alice");
+        let row = |seq: u64, pushed: u64| DeviceAck {
+            uid: uid.clone(),
+            device_id: Arc::from("phone"),
+            channel: key.clone(),
+            seq: Seq(seq),
+            pushed: Seq(pushed),
+        };
+        let late = store.prepare_device_acks(&[row(5, 6)], &[]).unwrap();
+        store.save_device_acks(&[row(9, 12)], &[]).unwrap();
+        late().unwrap();
+        let position = store.device_position(&uid, "phone", &key).unwrap();
+        assert_eq!((position.acked, position.pushed), (Seq(9), Seq(12)));
+
+        // A first-format value: only the acknowledged seq, 8 bytes.
+        let cf = storage.cf(keys::CF_DEVICE_ACKS);
+        let old_key = keys::device_ack("bob", "phone", &key);
+        storage.db.put_cf(cf, &old_key, 4u64.to_be_bytes()).unwrap();
+        let old = store
+            .device_position(&Uid::new("bob"), "phone", &key)
+            .unwrap();
+        assert_eq!((old.acked, old.pushed), (Seq(4), Seq(4)));
+        let newer = DeviceAck {
+            uid: Uid::new("bob"),
+            ..row(3, 7)
+        };
+        store.save_device_acks(&[newer], &[]).unwrap();
+        let merged = store
+            .device_position(&Uid::new("bob"), "phone", &key)
+            .unwrap();
+        assert_eq!((merged.acked, merged.pushed), (Seq(4), Seq(7)));
+    }
 }

@@ -6,7 +6,7 @@
 //! every step; see `sim.rs` for what it checks.
 //!
 //! - `cargo test --release --test simulation` runs the fixed seeds.
-//! - `RUYI_SIM_SEED=N cargo test --release --test simulation replay -- --nocapture`
+//! - `RUYI_SIM_SEED=N cargo test --release --test simulation replay -- --exact --nocapture`
 //!   replays one seed and prints its steps.
 //! - `RUYI_SIM_SEEDS=100000 RUYI_SIM_FROM=0 cargo test --release --test simulation soak -- --ignored --nocapture`
 //!   runs a long soak and prints its figures.

@@ -167,7 +167,7 @@ impl std::fmt::Display for Failure {
         }
         write!(
             f,
-            "replay: RUYI_SIM_SEED={} cargo test --release --test simulation replay -- --nocapture",
+            "replay: RUYI_SIM_SEED={} cargo test --release --test simulation replay -- --exact --nocapture",
             self.seed
         )
     }
