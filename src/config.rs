@@ -121,6 +121,7 @@ pub struct ServerConfig {
     pub inbox_batch_max_messages: usize,
     pub outgoing_backlog_max_messages: usize,
     pub shutdown_drain_ms: u64,
+    pub listener_release_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +283,7 @@ impl Default for ServerConfig {
             inbox_batch_max_messages: 1024,
             outgoing_backlog_max_messages: 65536,
             shutdown_drain_ms: 2000,
+            listener_release_wait_ms: 5000,
         }
     }
 }
@@ -403,6 +405,10 @@ impl Config {
                 .into(),
         );
         check(
+            s.listener_release_wait_ms <= 60_000,
+            "server.listener_release_wait_ms must be at most 60000".into(),
+        );
+        check(
             s.spin_before_park_us <= 10_000,
             "server.spin_before_park_us above 10000 wastes a CPU; use at most 10000".into(),
         );
@@ -441,6 +447,13 @@ impl Config {
                 format!(
                     "api.open = true is only allowed on a loopback address, not {}",
                     a.listen
+                ),
+            );
+            check(
+                a.listen.port() == 0 || !crate::listener::overlaps(a.listen, s.listen),
+                format!(
+                    "api.listen = {} and server.listen = {} are the same address",
+                    a.listen, s.listen
                 ),
             );
             check(
@@ -684,6 +697,18 @@ mod tests {
         config.api.listen = "0.0.0.0:5001".parse().unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("loopback"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_api_and_the_client_listener_need_different_addresses() {
+        let mut config = Config::default();
+        config.auth.secret = "s".into();
+        config.api.token = "t".into();
+        config.api.listen = "127.0.0.1:5100".parse().unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("api.listen"), "{err}");
+        config.api.listen = "127.0.0.1:5101".parse().unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

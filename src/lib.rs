@@ -33,7 +33,9 @@
 //!   a durable outbox in the commit of the message they describe.
 //! - [`client`]: the SDK (a runtime-free protocol core and a tokio adapter)
 //!   and the `ruyi client` command line.
-//! - [`config`]: the one configuration tree; [`server`]: start and stop.
+//! - [`config`]: the one configuration tree; [`server`]: start and stop;
+//!   [`listener`]: one listening socket per address, shared by the shards,
+//!   refused when another process listens there.
 //! - [`ids`] and [`time`]: id newtypes and injected time.
 //! - [`system`]: checks of the machine (`ruyi check-system`).
 
@@ -45,6 +47,7 @@ pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod ids;
+pub mod listener;
 pub mod protocol;
 pub mod server;
 pub mod shard;

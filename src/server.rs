@@ -1,12 +1,15 @@
-//! Starting and stopping a server. [`Server::start`] binds one
-//! `SO_REUSEPORT` listener per shard, builds the inbox mesh, starts one
-//! pinned glommio executor per shard and returns a [`ServerHandle`] once
-//! every shard is up. Tests start servers on port 0 and stop them
-//! deterministically with [`ServerHandle::shutdown`].
+//! Starting and stopping a server. [`Server::start`] binds one listening
+//! socket per address (refused when another process listens there, see
+//! [`crate::listener`]) and hands every shard a descriptor of the client
+//! socket, builds the inbox mesh, starts one pinned glommio executor per
+//! shard and returns a [`ServerHandle`] once every shard is up. Tests start
+//! servers on port 0 and stop them deterministically with
+//! [`ServerHandle::shutdown`].
 
 use crate::channel::ChannelKey;
 use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
+use crate::listener::{self, ListenError, Role};
 use crate::shard::api::{ApiRequest, ApiResponse};
 use crate::shard::mesh;
 use crate::shard::runtime::{self, ControlCmd, ShardSetup};
@@ -14,9 +17,7 @@ use crate::shard::state::{CommitLatency, ControlError, GroupInfo, SetChange};
 use crate::storage::{ListKind, MemoryStorage, RocksStorage, Storage};
 use crate::webhook::WebhookShared;
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
-use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +26,10 @@ use std::time::Duration;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot share the client listener among the shards: {0}")]
+    Share(std::io::Error),
     #[error("cannot open storage in {}: {source}", dir.display())]
     Storage {
         dir: std::path::PathBuf,
@@ -88,18 +88,17 @@ impl Server {
         } else {
             None
         };
-        let (addr, listeners) =
-            bind_listeners(config.server.listen, shards, config.limits.listen_backlog)?;
-        // The API listener is bound first, so a taken port fails the start
-        // before any shard runs.
+        let backlog = config.limits.listen_backlog;
+        let release_wait = Duration::from_millis(config.server.listener_release_wait_ms);
+        let (client, addr) =
+            listener::bind(Role::Client, config.server.listen, backlog, release_wait)?;
+        let listeners = listener::share(client, shards).map_err(StartError::Share)?;
+        // The API listener is bound before any shard runs too, so a taken
+        // address fails the start early.
         let api_listener = if config.api.enabled {
-            let listener = std::net::TcpListener::bind(config.api.listen)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| StartError::Api {
-                    addr: config.api.listen,
-                    source,
-                })?;
-            Some(listener)
+            let (socket, _) =
+                listener::bind(Role::AdminApi, config.api.listen, backlog, release_wait)?;
+            Some(std::net::TcpListener::from(socket))
         } else {
             None
         };
@@ -215,36 +214,6 @@ impl Server {
         tracing::info!(%addr, api = ?handle.api_addr, shards, "ruyi is listening");
         Ok(handle)
     }
-}
-
-/// Binds one listening socket per shard on the same address with
-/// `SO_REUSEPORT`, so the kernel spreads new connections over the shards.
-/// When the port is 0, the first bind picks it and the others reuse it.
-fn bind_listeners(
-    addr: SocketAddr,
-    shards: u16,
-    backlog: u32,
-) -> Result<(SocketAddr, Vec<OwnedFd>), StartError> {
-    let mut bound = addr;
-    let mut fds = Vec::new();
-    for _ in 0..shards {
-        let listen = |at: SocketAddr| -> std::io::Result<(SocketAddr, OwnedFd)> {
-            let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_reuse_port(true)?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&at.into())?;
-            socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-            let local = socket
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| std::io::Error::other("listener has no IP address"))?;
-            Ok((local, socket.into()))
-        };
-        let (local, fd) = listen(bound).map_err(|source| StartError::Listen { addr, source })?;
-        bound = local;
-        fds.push(fd);
-    }
-    Ok((bound, fds))
 }
 
 /// The CPUs this process may run on (its affinity mask, so a systemd

@@ -1,9 +1,10 @@
 //! Connections: from accept to deregistration.
 //!
 //! The lifecycle, with the real names: the shard's accept loop
-//! (`shard::runtime`) takes a socket from its own `SO_REUSEPORT` listener and
-//! registers it with [`ShardState::accept`](crate::shard::state::ShardState::accept)
-//! under `connections_per_shard_max`; `driver::drive` then runs one task
+//! (`shard::runtime`) takes a socket from the listening socket that every
+//! shard shares (see [`crate::listener`]) and registers it with
+//! [`ShardState::accept`](crate::shard::state::ShardState::accept) under
+//! `connections_per_shard_max`; `driver::drive` then runs one task
 //! per connection that reads big chunks, hands every complete frame to the
 //! shard, and writes everything queued in the connection's
 //! [`outbox::Outbox`] with one `send` per wake-up. The protocol phases

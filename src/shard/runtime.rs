@@ -230,8 +230,8 @@ pub async fn run(setup: ShardSetup) {
     glommio::spawn_local(retry_loop(Rc::clone(&runtime))).detach();
     glommio::spawn_local(control_loop(Rc::clone(&runtime), control)).detach();
 
-    // SAFETY: the descriptor is a listening TCP socket this shard owns; it
-    // was bound by `server::bind_listeners` and nothing else refers to it.
+    // SAFETY: the descriptor is this shard's own duplicate of the listening
+    // TCP socket bound by `listener::bind`; nothing else refers to it.
     let listener_fd = listener.into_raw_fd();
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
     let _ = ready.send(Ok(shard));
@@ -239,7 +239,9 @@ pub async fn run(setup: ShardSetup) {
     accept_loop(&runtime, &listener).await;
     // Stop listening now. Closing the descriptor is not enough: the accept
     // that was in flight in io_uring keeps the socket open (and accepting
-    // into its backlog) until it completes.
+    // into its backlog) until it completes. The socket is shared by every
+    // shard, so the first shard to stop stops it for all of them, as a
+    // server-wide shutdown wants.
     // SAFETY: `listener_fd` is the listening socket `listener` still owns.
     unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
     drop(listener);
@@ -272,6 +274,15 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
         let stream = match accepted {
             None => return,
             Some(Ok(stream)) => stream,
+            Some(Err(glommio::GlommioError::IoError(error)))
+                if error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                // The socket no longer listens: another shard has begun the
+                // shutdown and shut it down. This shard's Shutdown is on its
+                // way.
+                runtime.shutdown.wait().await;
+                return;
+            }
             Some(Err(error)) => {
                 // Out of descriptors or memory: back off instead of spinning.
                 tracing::warn!(%error, "accept failed");

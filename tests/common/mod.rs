@@ -107,8 +107,8 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("{uid}/{device} connects: {e}"))
     }
 
-    /// Connects until the kernel places the connection on `shard` (each
-    /// shard has its own SO_REUSEPORT listener; the session id names the
+    /// Connects until the connection lands on `shard` (the shards share one
+    /// listening socket and take turns accepting; the session id names the
     /// shard).
     pub async fn connect_on_shard(
         &self,
