@@ -51,6 +51,90 @@ fn notified(hooks: &[common::Hook], message_id: u64) -> bool {
         .any(|h| notified_ids(h).contains(&message_id))
 }
 
+/// The `webhook-id`s of every attempt to post the `msg.offline` of
+/// `message_id`, refused or accepted. The attempts are picked by what they
+/// carry, not by their id, so that this says whether one event kept one id.
+fn offline_attempt_ids(attempts: &[common::Hook], message_id: u64) -> BTreeSet<String> {
+    attempts
+        .iter()
+        .filter(|h| h.event == "msg.offline" && h.json()["message_id"].as_u64() == Some(message_id))
+        .map(|h| h.id.clone())
+        .collect()
+}
+
+/// Waits until `done` holds for every request the receiver got, refused
+/// ones included (or panics after a generous wait).
+async fn wait_for_attempts(
+    receiver: &WebhookReceiver,
+    what: &str,
+    done: impl Fn(&[common::Hook]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + common::WAIT * 3;
+    while !done(&receiver.attempts.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_event_refused_the_first_time_is_posted_again_with_the_same_webhook_id() {
+    let receiver = WebhookReceiver::start().await;
+    receiver
+        .refuse_first
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let server = TestServer::start_with(with_webhooks(&receiver));
+    // Bob is offline: each message makes its own msg.offline.
+    let (alice, _alice_in) = server.connect("alice").await;
+    let mut sent = Vec::new();
+    for text in ["first", "second"] {
+        let ack = alice.send_text("bob", text).await.unwrap();
+        assert_eq!(ack.reason, ReasonCode::Success);
+        sent.push(ack.message_id);
+    }
+    receiver
+        .wait_for("msg.offline of both messages, accepted", |hooks| {
+            sent.iter().all(|id| !offline_for(hooks, *id).is_empty())
+        })
+        .await;
+
+    let attempts = receiver.attempts.lock().unwrap().clone();
+    let mut event_ids = BTreeSet::new();
+    for message_id in &sent {
+        let tries: Vec<&common::Hook> = attempts
+            .iter()
+            .filter(|h| {
+                h.event == "msg.offline" && h.json()["message_id"].as_u64() == Some(*message_id)
+            })
+            .collect();
+        let answers: Vec<u16> = tries.iter().map(|h| h.answered).collect();
+        assert_eq!(answers, [500, 200], "refused once, then accepted");
+        assert!(!tries[0].id.is_empty());
+        assert_eq!(tries[0].id, tries[1].id, "one event, one webhook-id");
+        assert_eq!(tries[0].body, tries[1].body);
+        // Each attempt is signed afresh, over the same id.
+        for hook in &tries {
+            assert!(hook.signed_with(HOOK_SECRET.as_bytes()), "{hook:?}");
+        }
+        event_ids.insert(tries[0].id.clone());
+    }
+    assert_eq!(event_ids.len(), 2, "two events, two ids: {event_ids:?}");
+    // The same holds for every other event (msg.notify, user.onlinestatus):
+    // an id never carries two different bodies.
+    for hook in &attempts {
+        assert!(
+            attempts
+                .iter()
+                .filter(|other| other.id == hook.id)
+                .all(|other| other.event == hook.event && other.body == hook.body),
+            "{hook:?}"
+        );
+    }
+    server.stop();
+}
+
 #[tokio::test]
 async fn msg_offline_lists_exactly_the_recipient_with_no_device_and_not_once_they_are_online() {
     let receiver = WebhookReceiver::start().await;
@@ -184,11 +268,15 @@ async fn every_event_arrives_signed_after_the_receiver_fails_and_the_gateway_is_
         assert_eq!(status, 200, "{body}");
         sent.push(body["data"]["message_id"].as_u64().unwrap());
     }
-    // Let the dispatcher fail a few times, then kill the gateway.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Let the dispatcher fail on a few events, then kill the gateway.
+    wait_for_attempts(&receiver, "refused msg.offline attempts", |attempts| {
+        attempts.iter().filter(|h| h.event == "msg.offline").count() >= 3
+    })
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(receiver.hooks.lock().unwrap().is_empty());
+    let refused_before_the_kill = receiver.attempts.lock().unwrap().clone();
 
     let (mut child, _, api) =
         common::spawn_gateway_with(&data, "127.0.0.1:0", &["--config", config_arg]);
@@ -215,6 +303,20 @@ async fn every_event_arrives_signed_after_the_receiver_fails_and_the_gateway_is_
     }
     for id in &sent {
         assert_eq!(offline_for(&hooks, *id)[0]["to_uids"], json!(["bob"]));
+    }
+    // An event refused before the kill is delivered after the restart
+    // under the id it had: receivers can drop the repeat.
+    let attempts = receiver.attempts.lock().unwrap().clone();
+    for refused in refused_before_the_kill
+        .iter()
+        .filter(|h| h.event == "msg.offline")
+    {
+        let message_id = refused.json()["message_id"].as_u64().unwrap();
+        assert_eq!(
+            offline_attempt_ids(&attempts, message_id),
+            BTreeSet::from([refused.id.clone()]),
+            "every attempt of message {message_id}'s msg.offline, before and after the kill"
+        );
     }
     // The outbox empties, and its gauges (counted again at the restart)
     // come back to zero.

@@ -2,6 +2,7 @@
 //! connection ([`Conn`]) and per-device accounting ([`DeviceLog`]) the
 //! other ruyi scenarios share.
 
+use crate::classify::{classify, AckLedger, Arrival, Class, Earlier};
 use crate::common::{unix_us, CommonArgs, Gate, Target};
 use crate::live::Live;
 use crate::process::{measure, ServerProcess};
@@ -150,6 +151,8 @@ pub(crate) struct Conn {
     device_id: String,
     /// Connections made so far (1 after `open`).
     pub(crate) epoch: u32,
+    /// Which of the acks queued on this device's connections were written.
+    pub(crate) acks: AckLedger,
 }
 
 impl Conn {
@@ -173,6 +176,7 @@ impl Conn {
             uid: uid.to_owned(),
             device_id: device_id.to_owned(),
             epoch: 1,
+            acks: AckLedger::default(),
         })
     }
 
@@ -185,7 +189,9 @@ impl Conn {
             match handshake(self.server, &self.secret, &self.uid, &self.device_id, true).await {
                 Ok((stream, core)) => {
                     self.stream = stream;
+                    // Acks still queued in the old core never left.
                     self.core = core;
+                    self.acks.connection_ended();
                     self.epoch += 1;
                     return Ok(());
                 }
@@ -204,6 +210,7 @@ impl Conn {
         if !self.core.output().is_empty() {
             self.stream.write_all(self.core.output()).await?;
             self.core.output().clear();
+            self.acks.flushed();
         }
         Ok(())
     }
@@ -426,37 +433,55 @@ impl Sender {
 }
 
 /// What one receiving device got, after the client's dedup, with the
-/// anomalies counted as they arrive.
+/// anomalies counted as they arrive ([`crate::classify`] says how).
 #[derive(Default)]
 pub(crate) struct DeviceLog {
-    /// Seq -> the connection epoch it first came on.
-    seen: HashMap<u64, u32>,
+    /// Seq -> the connection epoch it came on and the [`AckLedger`] mark
+    /// taken when its ack was queued (the first copy whose ack was
+    /// written, else the latest).
+    seen: HashMap<u64, (u32, u64)>,
     highest: Option<u64>,
 }
 
 impl DeviceLog {
     /// A push of `seq` on connection `epoch`, `flagged` when the server
-    /// marked it as a redelivery. A seq seen before is removed by the
-    /// client's dedup: `redelivered` when the server said it was a retry
-    /// (its timer raced the ack) or it came on a newer connection (a
-    /// restart lost the device's last position), else `duplicated`: the
-    /// same connection was pushed the same message twice as if new. True
-    /// when it is new.
-    pub(crate) fn on_push(&mut self, seq: u64, epoch: u32, flagged: bool, part: &mut Part) -> bool {
-        if let Some(&first_epoch) = self.seen.get(&seq) {
-            if flagged || first_epoch != epoch {
-                part.redelivered += 1;
-            } else {
-                part.duplicated += 1;
-            }
-            return false;
+    /// marked it as a redelivery; its ack was queued at `mark` of `acks`.
+    /// A seq seen before is removed by the client's dedup and counted
+    /// `redelivered` or `duplicated` as [`classify`] says. True when it
+    /// is new.
+    pub(crate) fn on_push(
+        &mut self,
+        seq: u64,
+        epoch: u32,
+        flagged: bool,
+        acks: &AckLedger,
+        part: &mut Part,
+    ) -> bool {
+        let earlier = self.seen.get(&seq).map(|&(epoch, mark)| Earlier {
+            epoch,
+            acknowledged: acks.acknowledged(epoch, mark),
+        });
+        let arrival = Arrival {
+            seq,
+            epoch,
+            flagged,
+        };
+        let class = classify(earlier, self.highest, arrival);
+        match class {
+            Class::New => {}
+            Class::OutOfOrder => part.reordered += 1,
+            Class::Redelivered => part.redelivered += 1,
+            Class::Duplicated => part.duplicated += 1,
         }
-        if self.highest.is_some_and(|h| seq < h) {
-            part.reordered += 1;
+        if class.is_new() {
+            self.highest = self.highest.max(Some(seq));
         }
-        self.highest = self.highest.max(Some(seq));
-        self.seen.insert(seq, epoch);
-        true
+        // Until an ack of it is written, what counts is the latest copy,
+        // whose ack was just queued.
+        if earlier.is_none_or(|e| !e.acknowledged) {
+            self.seen.insert(seq, (epoch, acks.mark()));
+        }
+        class.is_new()
     }
 
     pub(crate) fn contains(&self, seq: u64) -> bool {
@@ -544,7 +569,7 @@ pub(crate) fn record_push(
         }
     }
     let flagged = recv.flags & ruyi::protocol::RECV_FLAG_REDELIVERED != 0;
-    if log.on_push(recv.message_seq, conn.epoch, flagged, part) {
+    if log.on_push(recv.message_seq, conn.epoch, flagged, &conn.acks, part) {
         let sent_at_us = read_payload(&recv.payload).map_or(unix_us(), |(at, _)| at);
         part.on_delivery(sent_at_us);
     }
@@ -690,4 +715,38 @@ async fn run_pairs(
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pushes `seq` to `log` the way [`record_push`] does: the ack is
+    /// queued as it arrives.
+    fn push(log: &mut DeviceLog, acks: &AckLedger, part: &mut Part, seq: u64, epoch: u32) {
+        log.on_push(seq, epoch, false, acks, part);
+    }
+
+    #[test]
+    fn after_a_reconnect_an_acknowledged_push_back_unflagged_is_duplicated_an_unacknowledged_one_redelivered(
+    ) {
+        let (mut log, mut acks, mut part) =
+            (DeviceLog::default(), AckLedger::default(), Part::new());
+        push(&mut log, &acks, &mut part, 1, 1);
+        acks.flushed();
+        // 2 arrives; the connection drops before its ack is written.
+        push(&mut log, &acks, &mut part, 2, 1);
+        acks.connection_ended();
+        // Resumed on connection 2: 2 again is allowed, 1 is not.
+        push(&mut log, &acks, &mut part, 2, 2);
+        push(&mut log, &acks, &mut part, 1, 2);
+        assert_eq!((part.redelivered, part.duplicated), (1, 1));
+        // 2's ack goes out on connection 2; from then on it is
+        // acknowledged too.
+        acks.flushed();
+        acks.connection_ended();
+        push(&mut log, &acks, &mut part, 2, 3);
+        assert_eq!((part.redelivered, part.duplicated), (1, 2));
+        assert_eq!(part.reordered, 0);
+    }
 }

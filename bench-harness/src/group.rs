@@ -385,12 +385,13 @@ async fn run_member(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::AckLedger;
 
     fn result(group: usize, member: usize, acked: &[u64], delivered: &[u64]) -> MemberResult {
         let mut part = Part::new();
         let mut log = DeviceLog::default();
         for &seq in delivered {
-            log.on_push(seq, 1, false, &mut part);
+            log.on_push(seq, 1, false, &AckLedger::default(), &mut part);
         }
         MemberResult {
             member: Member {

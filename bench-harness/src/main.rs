@@ -14,6 +14,7 @@
 //! parameters (named as the flags) from a file.
 
 mod chat;
+mod classify;
 mod common;
 mod connect;
 mod group;

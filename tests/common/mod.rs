@@ -338,6 +338,8 @@ pub struct Hook {
     pub timestamp: String,
     pub signature: String,
     pub body: bytes::Bytes,
+    /// The status the receiver answered with.
+    pub answered: u16,
 }
 
 impl Hook {
@@ -361,12 +363,29 @@ impl Hook {
     }
 }
 
-/// A real HTTP webhook receiver on loopback that records every request and
-/// answers with a status the test can change.
+/// What a [`WebhookReceiver`] saw and how it answers, shared with its
+/// handler.
+#[derive(Default)]
+struct ReceiverState {
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+    attempts: std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    refuse_first: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A real HTTP webhook receiver on loopback that records every request
+/// and answers with a status the test can change.
 pub struct WebhookReceiver {
     pub url: String,
+    /// The requests answered with 200, in arrival order.
     pub hooks: std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+    /// Every request, refused ones included, in arrival order.
+    pub attempts: std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+    /// The status to answer with.
     pub status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    /// When set, the first request with a given event and body is
+    /// answered 500 whatever `status` says, so every event is retried.
+    pub refuse_first: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -374,12 +393,9 @@ impl WebhookReceiver {
     pub async fn start() -> WebhookReceiver {
         use axum::extract::{Query, State};
         use std::sync::atomic::Ordering;
-        type Shared = (
-            std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
-            std::sync::Arc<std::sync::atomic::AtomicU16>,
-        );
+        type Shared = std::sync::Arc<ReceiverState>;
         async fn receive(
-            State((hooks, status)): State<Shared>,
+            State(state): State<Shared>,
             Query(query): Query<std::collections::HashMap<String, String>>,
             headers: axum::http::HeaderMap,
             body: bytes::Bytes,
@@ -391,23 +407,35 @@ impl WebhookReceiver {
                     .unwrap_or("")
                     .to_owned()
             };
-            let code = status.load(Ordering::SeqCst);
-            if code == 200 {
-                hooks.lock().unwrap().push(Hook {
-                    event: query.get("event").cloned().unwrap_or_default(),
-                    id: header("webhook-id"),
-                    timestamp: header("webhook-timestamp"),
-                    signature: header("webhook-signature"),
-                    body,
-                });
+            let mut hook = Hook {
+                event: query.get("event").cloned().unwrap_or_default(),
+                id: header("webhook-id"),
+                timestamp: header("webhook-timestamp"),
+                signature: header("webhook-signature"),
+                body,
+                answered: state.status.load(Ordering::SeqCst),
+            };
+            let mut attempts = state.attempts.lock().unwrap();
+            // An event is known by what it carries, not by its id, which
+            // is what tests check.
+            if state.refuse_first.load(Ordering::SeqCst)
+                && !attempts
+                    .iter()
+                    .any(|earlier| earlier.event == hook.event && earlier.body == hook.body)
+            {
+                hook.answered = 500;
             }
-            axum::http::StatusCode::from_u16(code).unwrap()
+            attempts.push(hook.clone());
+            if hook.answered == 200 {
+                state.accepted.lock().unwrap().push(hook.clone());
+            }
+            axum::http::StatusCode::from_u16(hook.answered).unwrap()
         }
-        let hooks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let state = std::sync::Arc::new(ReceiverState::default());
+        state.status.store(200, Ordering::SeqCst);
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(receive))
-            .with_state((hooks.clone(), status.clone()));
+            .with_state(std::sync::Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
@@ -415,8 +443,10 @@ impl WebhookReceiver {
         });
         WebhookReceiver {
             url,
-            hooks,
-            status,
+            hooks: state.accepted.clone(),
+            attempts: state.attempts.clone(),
+            status: state.status.clone(),
+            refuse_first: state.refuse_first.clone(),
             _task: task,
         }
     }

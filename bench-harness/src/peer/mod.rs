@@ -18,6 +18,7 @@ mod mqtt;
 mod nats;
 
 use crate::chat::ChatArgs;
+use crate::classify::{classify, Arrival, Class, Earlier};
 use crate::common::{resident_bytes, CommonArgs, Gate, ServerProbe, Target};
 use crate::connect::ConnectArgs;
 use crate::group::GroupArgs;
@@ -395,11 +396,14 @@ pub(crate) struct DeviceLog {
 impl DeviceLog {
     /// A delivery of `counter` on connection `epoch`; `marked` when the
     /// broker flagged it as a redelivery (MQTT DUP, JetStream delivery
-    /// count above 1). A counter seen before is removed by the dedup: a
-    /// redelivery when the broker said so or it came on another
-    /// connection (a restart lost the device's acknowledged position),
-    /// else a duplicate. A new counter below the sender's highest is
-    /// reordered. True when the delivery is new.
+    /// count above 1). A counter seen before is removed by the dedup and
+    /// counted as [`classify`] says; a new counter below the sender's
+    /// highest is reordered. True when the delivery is new.
+    ///
+    /// The brokers' clients write their acks themselves (rumqttc its
+    /// PUBACKs, async-nats its ack publishes) and do not say when one has
+    /// left, so no delivery here counts as acknowledged: an unflagged
+    /// repeat on a newer connection is `redelivered`.
     pub(crate) fn on_delivery(
         &mut self,
         counter: u64,
@@ -407,21 +411,30 @@ impl DeviceLog {
         marked: bool,
         part: &mut Part,
     ) -> bool {
-        if let Some(&first_epoch) = self.seen.get(&counter) {
-            if first_epoch == epoch && !marked {
-                part.duplicated += 1;
-            } else {
-                part.redelivered += 1;
-            }
-            return false;
+        let earlier = self.seen.get(&counter).map(|&epoch| Earlier {
+            epoch,
+            acknowledged: false,
+        });
+        let highest = self.highest.get(&slot_of(counter)).copied();
+        let arrival = Arrival {
+            seq: counter,
+            epoch,
+            flagged: marked,
+        };
+        let class = classify(earlier, highest, arrival);
+        match class {
+            Class::New => {}
+            Class::OutOfOrder => part.reordered += 1,
+            Class::Redelivered => part.redelivered += 1,
+            Class::Duplicated => part.duplicated += 1,
         }
-        let highest = self.highest.entry(slot_of(counter)).or_insert(counter);
-        if counter < *highest {
-            part.reordered += 1;
+        if class.is_new() {
+            let highest = self.highest.entry(slot_of(counter)).or_insert(counter);
+            *highest = (*highest).max(counter);
         }
-        *highest = (*highest).max(counter);
+        // The latest copy is the one a repeat is judged against.
         self.seen.insert(counter, epoch);
-        true
+        class.is_new()
     }
 
     pub(crate) fn contains(&self, counter: u64) -> bool {
