@@ -554,7 +554,50 @@ async fn health_is_ready_and_metrics_are_prometheus_text() {
     }
     let (status, doc) = api_get(&base, "/openapi.json").await;
     assert_eq!(status, 200);
-    assert_eq!(doc, ruyi::api::OPENAPI_JSON);
+    // The test server has the default limits: the committed document.
+    let served: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(ruyi::api::OPENAPI_JSON).unwrap();
+    assert_eq!(served, committed);
+    server.stop();
+}
+
+#[test]
+fn the_committed_openapi_document_states_the_default_limits() {
+    let committed: serde_json::Value = serde_json::from_str(ruyi::api::OPENAPI_JSON).unwrap();
+    let defaults = ruyi::api::openapi_document(&ruyi::config::Config::default());
+    assert_eq!(defaults, committed);
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_states_the_running_servers_limits() {
+    let server = TestServer::start_with(|c| {
+        c.limits.uid_length_max_bytes = 20;
+        c.limits.channel_id_length_max_bytes = 30;
+        c.limits.client_msg_no_length_max_bytes = 40;
+        c.limits.group_members_max = 50;
+        c.limits.sync_limit_max = 60;
+        c.limits.payload_size_max_bytes = 3001;
+        c.api.user_token_length_max_bytes = 70;
+        c.api.system_uid = "sys".into();
+    });
+    let (status, doc) = api_get(&server.api_url(), "/openapi.json").await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["Uid"]["maxLength"], 20);
+    assert_eq!(schemas["GroupId"]["maxLength"], 30);
+    assert_eq!(schemas["ClientMsgNo"]["maxLength"], 40);
+    let body = |path: &str| {
+        doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            ["properties"]
+            .clone()
+    };
+    assert_eq!(body("/channel")["subscribers"]["maxItems"], 50);
+    assert_eq!(body("/conversations/setUnread")["unread"]["maximum"], 60);
+    // 3001 bytes are 1001 groups of up to 3, 4 characters each.
+    assert_eq!(body("/message/send")["payload"]["maxLength"], 4004);
+    assert_eq!(body("/user/token")["token"]["maxLength"], 70);
+    assert_eq!(body("/user/token")["uid"]["not"]["enum"], json!(["sys"]));
     server.stop();
 }
 
