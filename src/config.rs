@@ -52,6 +52,7 @@ pub struct ApiConfig {
     pub body_max_bytes: usize,
     pub request_timeout_ms: u64,
     pub system_uid: String,
+    pub user_token_length_max_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -64,6 +65,7 @@ impl Default for ApiConfig {
             body_max_bytes: 1024 * 1024,
             request_timeout_ms: 10_000,
             system_uid: "__system".into(),
+            user_token_length_max_bytes: 1024,
         }
     }
 }
@@ -468,6 +470,20 @@ impl Config {
                 crate::channel::valid_uid(&a.system_uid, self.limits.uid_length_max_bytes),
                 "api.system_uid must be a valid uid".into(),
             );
+            // A registered token is sent in a Connect frame, with the uid
+            // and the device id.
+            let connect_room = self.limits.frame_size_max_bytes.saturating_sub(
+                256 + self.limits.uid_length_max_bytes + self.limits.device_id_length_max_bytes,
+            );
+            check(
+                (1..=connect_room).contains(&a.user_token_length_max_bytes),
+                format!(
+                    "api.user_token_length_max_bytes = {} must be between 1 and what a Connect \
+                     frame leaves room for (limits.frame_size_max_bytes - 256 - \
+                     limits.uid_length_max_bytes - limits.device_id_length_max_bytes = {connect_room})",
+                    a.user_token_length_max_bytes
+                ),
+            );
         }
         let w = &self.webhook;
         check(
@@ -738,8 +754,10 @@ mod tests {
         config.auth.mode = AuthMode::Off;
         config.limits.payload_size_max_bytes = config.limits.frame_size_max_bytes;
         config.limits.heartbeat_interval_ms = 60_000;
+        config.api.user_token_length_max_bytes = config.limits.frame_size_max_bytes;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("payload_size_max_bytes"), "{err}");
         assert!(err.contains("heartbeat_interval_ms"), "{err}");
+        assert!(err.contains("user_token_length_max_bytes"), "{err}");
     }
 }

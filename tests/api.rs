@@ -229,6 +229,110 @@ async fn bad_json_missing_fields_and_unknown_channels_get_a_4xx_naming_the_probl
 }
 
 #[tokio::test]
+async fn message_send_to_subscribers_refuses_the_sender_and_an_overlong_number_before_sending_anything(
+) {
+    let server = TestServer::start();
+    let base = server.api_url();
+    let long_uid = "u".repeat(60);
+    // Without a client_msg_no each recipient gets a number of its own, which
+    // fits whatever the uid's length (it used to be `api-<32 hex>/<uid>`).
+    let (status, body) = api_post(
+        &base,
+        "/message/send",
+        json!({"subscribers": [&long_uid, "bob"], "payload": b64("hi")}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let messages = body["data"]["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_ne!(messages[0]["client_msg_no"], messages[1]["client_msg_no"]);
+
+    // The sender among the recipients: a person channel with themselves.
+    let (status, body) = api_post(
+        &base,
+        "/message/send",
+        json!({"from_uid": "alice", "subscribers": ["carol", "alice"], "payload": b64("hi")}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("invalid_channel")),
+        "{body}"
+    );
+
+    // `order-1/<60 bytes>` does not fit in 64 bytes: refused before carol's
+    // message is sent.
+    let (status, body) = api_post(
+        &base,
+        "/message/send",
+        json!({"from_uid": "alice", "client_msg_no": "order-1",
+               "subscribers": ["carol", &long_uid], "payload": b64("hi")}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("invalid_client_msg_no")),
+        "{body}"
+    );
+    for viewer in ["alice", "carol"] {
+        let (status, list) = api_post(&base, "/conversation/sync", json!({"uid": viewer})).await;
+        assert_eq!((status, list), (200, json!([])), "{viewer}");
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn values_outside_the_documented_ranges_get_400_naming_the_limit() {
+    let server = TestServer::start();
+    let base = server.api_url();
+    let cases = [
+        (
+            "/user/device_quit",
+            json!({"uid": "alice", "device_flag": 3}),
+            "device_flag",
+        ),
+        (
+            "/user/token",
+            json!({"uid": "alice", "token": "t".repeat(1025)}),
+            "api.user_token_length_max_bytes",
+        ),
+        (
+            "/conversations/setUnread",
+            json!({"uid": "bob", "channel_id": "alice", "channel_type": 1, "unread": 1001}),
+            "limits.sync_limit_max",
+        ),
+        (
+            "/channel/messagesync",
+            json!({"login_uid": "bob", "channel_id": "bob", "channel_type": 1, "limit": 1}),
+            "themselves",
+        ),
+        // One uid 10,001 times: the request's list is what is bounded.
+        (
+            "/channel/blacklist_add",
+            json!({"channel_id": "bob", "channel_type": 1, "uids": vec!["r"; 10_001]}),
+            "limits.group_members_max",
+        ),
+    ];
+    for (path, request, named) in cases {
+        let (status, body) = api_post(&base, path, request).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["msg"].as_str().unwrap().contains(named),
+            "{path}: {body}"
+        );
+    }
+    let long = "x".repeat(65);
+    let (status, body) = api_get(
+        &base,
+        &format!("/message/byclientmsgno?from_uid=alice&client_msg_no={long}"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("client_msg_no_length_max_bytes"), "{body}");
+    server.stop();
+}
+
+#[tokio::test]
 async fn a_registered_token_lets_a_device_connect_and_device_quit_logs_it_out() {
     let server = TestServer::start();
     let base = server.api_url();
@@ -450,7 +554,50 @@ async fn health_is_ready_and_metrics_are_prometheus_text() {
     }
     let (status, doc) = api_get(&base, "/openapi.json").await;
     assert_eq!(status, 200);
-    assert_eq!(doc, ruyi::api::OPENAPI_JSON);
+    // The test server has the default limits: the committed document.
+    let served: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let committed: serde_json::Value = serde_json::from_str(ruyi::api::OPENAPI_JSON).unwrap();
+    assert_eq!(served, committed);
+    server.stop();
+}
+
+#[test]
+fn the_committed_openapi_document_states_the_default_limits() {
+    let committed: serde_json::Value = serde_json::from_str(ruyi::api::OPENAPI_JSON).unwrap();
+    let defaults = ruyi::api::openapi_document(&ruyi::config::Config::default());
+    assert_eq!(defaults, committed);
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_states_the_running_servers_limits() {
+    let server = TestServer::start_with(|c| {
+        c.limits.uid_length_max_bytes = 20;
+        c.limits.channel_id_length_max_bytes = 30;
+        c.limits.client_msg_no_length_max_bytes = 40;
+        c.limits.group_members_max = 50;
+        c.limits.sync_limit_max = 60;
+        c.limits.payload_size_max_bytes = 3001;
+        c.api.user_token_length_max_bytes = 70;
+        c.api.system_uid = "sys".into();
+    });
+    let (status, doc) = api_get(&server.api_url(), "/openapi.json").await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["Uid"]["maxLength"], 20);
+    assert_eq!(schemas["GroupId"]["maxLength"], 30);
+    assert_eq!(schemas["ClientMsgNo"]["maxLength"], 40);
+    let body = |path: &str| {
+        doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            ["properties"]
+            .clone()
+    };
+    assert_eq!(body("/channel")["subscribers"]["maxItems"], 50);
+    assert_eq!(body("/conversations/setUnread")["unread"]["maximum"], 60);
+    // 3001 bytes are 1001 groups of up to 3, 4 characters each.
+    assert_eq!(body("/message/send")["payload"]["maxLength"], 4004);
+    assert_eq!(body("/user/token")["token"]["maxLength"], 70);
+    assert_eq!(body("/user/token")["uid"]["not"]["enum"], json!(["sys"]));
     server.stop();
 }
 

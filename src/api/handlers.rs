@@ -145,6 +145,20 @@ fn uids(api: &Shared, field: &str, values: &[String]) -> Result<Vec<Uid>, ApiErr
     values.iter().map(|value| uid(api, field, value)).collect()
 }
 
+/// The uids of a member list, a lists' change or a send to `subscribers`:
+/// at most `limits.group_members_max` of them, repeats included (the
+/// shard checks the list that results against the same limit).
+fn uid_list(api: &Shared, field: &str, values: &[String]) -> Result<Vec<Uid>, ApiError> {
+    let max = api.config.limits.group_members_max;
+    if values.len() > max {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` lists {} uids; at most limits.group_members_max = {max}",
+            values.len()
+        )));
+    }
+    uids(api, field, values)
+}
+
 fn channel_type(value: u8) -> Result<ChannelType, ApiError> {
     match ChannelType(value) {
         ChannelType::Person | ChannelType::Group => Ok(ChannelType(value)),
@@ -163,8 +177,38 @@ fn channel_for(
     kind: u8,
 ) -> Result<ChannelKey, ApiError> {
     let kind = channel_type(kind)?;
-    resolve_target(viewer, channel_id, kind, &id_limits(api))
-        .map_err(|_| ApiError::bad_request(format!("invalid channel {channel_id:?}")))
+    if kind == ChannelType::Person && channel_id == viewer.as_str() {
+        return Err(self_channel(viewer));
+    }
+    resolve_target(viewer, channel_id, kind, &id_limits(api)).map_err(|_| {
+        let rule = match kind {
+            ChannelType::Person => format!(
+                "a uid of 1 to {} bytes without '@' or control characters",
+                api.config.limits.uid_length_max_bytes
+            ),
+            _ => format!(
+                "a group id of 1 to {} bytes without control characters",
+                api.config.limits.channel_id_length_max_bytes
+            ),
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            format!("`channel_id` {channel_id:?} must be {rule}"),
+        )
+    })
+}
+
+/// The refusal of a person channel between a user and themselves.
+fn self_channel(uid: &Uid) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_channel",
+        format!(
+            "{:?} cannot have a person channel with themselves",
+            uid.as_str()
+        ),
+    )
 }
 
 fn group(api: &Shared, channel_id: &str, kind: u8) -> Result<ChannelKey, ApiError> {
@@ -201,8 +245,11 @@ pub async fn user_token(State(api): State<Shared>, Body(req): Body<TokenReq>) ->
     if uid.as_str() == api.config.api.system_uid {
         return Err(ApiError::bad_request("the system uid cannot have a token"));
     }
-    if req.token.is_empty() || req.token.len() > 1024 {
-        return Err(ApiError::bad_request("`token` must be 1 to 1024 bytes"));
+    let token_max = api.config.api.user_token_length_max_bytes;
+    if req.token.is_empty() || req.token.len() > token_max {
+        return Err(ApiError::bad_request(format!(
+            "`token` must be 1 to {token_max} bytes (api.user_token_length_max_bytes)"
+        )));
     }
     if req.device_flag > 2 {
         return Err(ApiError::bad_request(
@@ -237,10 +284,11 @@ pub async fn user_device_quit(State(api): State<Shared>, Body(req): Body<DeviceQ
     let uid = uid(&api, "uid", &req.uid)?;
     let flag = match req.device_flag {
         -1 => None,
-        flag @ 0..=255 => Some(flag as u8),
+        // Connect refuses any other device flag, so no other has a token.
+        flag @ 0..=2 => Some(flag as u8),
         other => {
             return Err(ApiError::bad_request(format!(
-                "`device_flag` {other} is not -1 or a device flag"
+                "`device_flag` {other} is not -1 (every device), 0 (app), 1 (web) or 2 (desktop)"
             )))
         }
     };
@@ -313,7 +361,7 @@ fn group_type() -> u8 {
 /// one (replaces them with `reset: 1`).
 pub async fn channel_create(State(api): State<Shared>, Body(req): Body<ChannelReq>) -> Answer {
     let key = group(&api, &req.channel_id, req.channel_type)?;
-    let members = uids(&api, "subscribers", &req.subscribers)?;
+    let members = uid_list(&api, "subscribers", &req.subscribers)?;
     let members: Vec<&str> = members.iter().map(Uid::as_str).collect();
     let control = &api.control;
     let result = if req.reset == 1 {
@@ -371,7 +419,7 @@ async fn change_members(api: Shared, req: ChannelReq, change: SetChange) -> Answ
     if req.subscribers.is_empty() {
         return Err(ApiError::bad_request("`subscribers` must not be empty"));
     }
-    let members = uids(&api, "subscribers", &req.subscribers)?;
+    let members = uid_list(&api, "subscribers", &req.subscribers)?;
     let members: Vec<&str> = members.iter().map(Uid::as_str).collect();
     let control = &api.control;
     let result = match change {
@@ -406,7 +454,7 @@ async fn change_list(api: Shared, req: ListReq, kind: ListKind, change: SetChang
     if req.uids.is_empty() {
         return Err(ApiError::bad_request("`uids` must not be empty"));
     }
-    let listed = uids(&api, "uids", &req.uids)?;
+    let listed = uid_list(&api, "uids", &req.uids)?;
     let listed: Vec<&str> = listed.iter().map(Uid::as_str).collect();
     let target = match channel_type(req.channel_type)? {
         ChannelType::Group => {
@@ -505,11 +553,6 @@ pub async fn message_send(State(api): State<Shared>, Body(req): Body<SendReq>) -
     } else {
         uid(&api, "from_uid", &req.from_uid)?
     };
-    let client_msg_no = if req.client_msg_no.is_empty() {
-        format!("api-{}", crate::client::new_client_msg_no())
-    } else {
-        req.client_msg_no.clone()
-    };
     let payload = bytes::Bytes::from(payload);
     if !req.subscribers.is_empty() {
         if !req.channel_id.is_empty() {
@@ -517,11 +560,26 @@ pub async fn message_send(State(api): State<Shared>, Body(req): Body<SendReq>) -
                 "give either `channel_id` or `subscribers`, not both",
             ));
         }
-        let recipients = uids(&api, "subscribers", &req.subscribers)?;
+        let recipients = uid_list(&api, "subscribers", &req.subscribers)?;
+        if recipients.contains(&from) {
+            return Err(self_channel(&from));
+        }
+        // Every recipient's number is checked before the first is sent, so
+        // a number that does not fit sends nothing.
+        let numbers = recipients
+            .iter()
+            .map(|recipient| {
+                let number = if req.client_msg_no.is_empty() {
+                    generated_client_msg_no(&api)
+                } else {
+                    format!("{}/{recipient}", req.client_msg_no)
+                };
+                checked_client_msg_no(&api, number)
+            })
+            .collect::<Result<Vec<String>, ApiError>>()?;
         let mut results = Vec::with_capacity(recipients.len());
-        for recipient in recipients {
+        for (recipient, number) in recipients.into_iter().zip(numbers) {
             let key = ChannelKey::person(&from, &recipient);
-            let number = format!("{client_msg_no}/{recipient}");
             let sent = send_one(&api, &from, system, key, number, payload.clone()).await?;
             results.push(json!({
                 "uid": recipient.as_str(),
@@ -539,6 +597,11 @@ pub async fn message_send(State(api): State<Shared>, Body(req): Body<SendReq>) -
         ));
     }
     let key = channel_for(&api, &from, &req.channel_id, req.channel_type)?;
+    let client_msg_no = if req.client_msg_no.is_empty() {
+        generated_client_msg_no(&api)
+    } else {
+        checked_client_msg_no(&api, req.client_msg_no)?
+    };
     let (message_id, message_seq, client_msg_no) =
         send_one(&api, &from, system, key, client_msg_no, payload).await?;
     ok_with(json!({
@@ -549,6 +612,36 @@ pub async fn message_send(State(api): State<Shared>, Body(req): Body<SendReq>) -
     }))
 }
 
+/// A `client_msg_no` for a message the caller gave none: random, and
+/// within `limits.client_msg_no_length_max_bytes` whatever it is set to.
+fn generated_client_msg_no(api: &Shared) -> String {
+    let max = api.config.limits.client_msg_no_length_max_bytes;
+    let random = crate::client::new_client_msg_no();
+    let number = format!("api-{random}");
+    if number.len() <= max {
+        number
+    } else {
+        // Hex digits are ASCII, so any length is a character boundary.
+        random[..max.min(random.len())].to_owned()
+    }
+}
+
+fn checked_client_msg_no(api: &Shared, client_msg_no: String) -> Result<String, ApiError> {
+    let max = api.config.limits.client_msg_no_length_max_bytes;
+    if client_msg_no.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_client_msg_no",
+            format!(
+                "the client_msg_no {client_msg_no:?} is {} bytes; \
+                 limits.client_msg_no_length_max_bytes is {max}",
+                client_msg_no.len()
+            ),
+        ));
+    }
+    Ok(client_msg_no)
+}
+
 async fn send_one(
     api: &Shared,
     from: &Uid,
@@ -557,12 +650,6 @@ async fn send_one(
     client_msg_no: String,
     payload: bytes::Bytes,
 ) -> Result<(u64, u64, String), ApiError> {
-    if client_msg_no.len() > api.config.limits.client_msg_no_length_max_bytes {
-        return Err(ApiError::bad_request(format!(
-            "`client_msg_no` is longer than limits.client_msg_no_length_max_bytes = {}",
-            api.config.limits.client_msg_no_length_max_bytes
-        )));
-    }
     let packet = SendPacket {
         client_seq: 0,
         client_msg_no,
@@ -677,10 +764,11 @@ pub async fn message_by_client_msg_no(
     if req.client_msg_no.is_empty() {
         return Err(ApiError::bad_request("`client_msg_no` must not be empty"));
     }
+    let client_msg_no = checked_client_msg_no(&api, req.client_msg_no)?;
     let shard = ChannelKey::group(from.as_str()).shard(api.control.shards());
     let request = ApiRequest::MessageByClientMsgNo {
         from: from.clone(),
-        client_msg_no: req.client_msg_no,
+        client_msg_no,
     };
     match ask(&api, shard, request).await? {
         ApiResponse::Message(Some(message)) => Ok(Json(
@@ -823,6 +911,17 @@ pub struct ConversationReq {
 async fn conversation_op(api: Shared, req: ConversationReq, action: ConversationAction) -> Answer {
     let user = uid(&api, "uid", &req.uid)?;
     let key = channel_for(&api, &user, &req.channel_id, req.channel_type)?;
+    let unread_max = api.config.limits.sync_limit_max;
+    if action == ConversationAction::SetUnread && req.unread > u64::from(unread_max) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_range",
+            format!(
+                "`unread` {} is above limits.sync_limit_max = {unread_max}",
+                req.unread
+            ),
+        ));
+    }
     let request = ApiRequest::ConversationOp {
         uid: user,
         channel: key.clone(),

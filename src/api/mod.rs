@@ -14,7 +14,11 @@
 //! "msg": <what is wrong>}`.
 //!
 //! The routes are listed once, in [`route_table`]; `openapi.json` describes
-//! the same routes and a test checks that the two agree.
+//! the same routes and a test checks that the two agree. The committed
+//! document states the default limits and names the setting behind each
+//! (`x-ruyi-config`); `GET /openapi.json` serves it with the running
+//! server's values ([`openapi_document`]), so a client generated from it, or
+//! a fuzzer, knows what this server accepts.
 
 mod handlers;
 mod metrics;
@@ -34,13 +38,86 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The OpenAPI description of every route, served at `GET /openapi.json`.
+/// The OpenAPI description of every route, with the default limits.
+/// `GET /openapi.json` serves [`openapi_document`] instead.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// The vendor extension that names the setting behind a value of the
+/// document: `{"<JSON Schema keyword>": "<setting>"}`.
+const CONFIG_EXTENSION: &str = "x-ruyi-config";
+
+/// [`OPENAPI_JSON`] as a server with `config` enforces it: every value that
+/// an `x-ruyi-config` ties to a setting is that setting's value in `config`.
+pub fn openapi_document(config: &Config) -> serde_json::Value {
+    let mut document: serde_json::Value =
+        serde_json::from_str(OPENAPI_JSON).expect("the committed OpenAPI document is JSON");
+    apply_config(&mut document, config);
+    document
+}
+
+fn apply_config(node: &mut serde_json::Value, config: &Config) {
+    match node {
+        serde_json::Value::Object(object) => {
+            if let Some(serde_json::Value::Object(settings)) = object.get(CONFIG_EXTENSION) {
+                let values: Vec<(String, serde_json::Value)> = settings
+                    .iter()
+                    .map(|(keyword, setting)| {
+                        let setting = setting.as_str().unwrap_or_default();
+                        let value = documented_setting(setting, config).unwrap_or_else(|| {
+                            panic!("openapi.json: {CONFIG_EXTENSION} names an unknown setting {setting:?}")
+                        });
+                        // An `enum` of one: the document excludes or admits exactly this value.
+                        let value = if keyword == "enum" {
+                            serde_json::Value::Array(vec![value])
+                        } else {
+                            value
+                        };
+                        (keyword.clone(), value)
+                    })
+                    .collect();
+                object.extend(values);
+            }
+            for child in object.values_mut() {
+                apply_config(child, config);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                apply_config(item, config);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The value of a setting the OpenAPI document states, by the name it uses.
+pub fn documented_setting(setting: &str, config: &Config) -> Option<serde_json::Value> {
+    let limits = &config.limits;
+    let value = match setting {
+        "limits.uid_length_max_bytes" => limits.uid_length_max_bytes.into(),
+        "limits.channel_id_length_max_bytes" => limits.channel_id_length_max_bytes.into(),
+        "limits.client_msg_no_length_max_bytes" => limits.client_msg_no_length_max_bytes.into(),
+        "limits.group_members_max" => limits.group_members_max.into(),
+        "limits.sync_limit_max" => limits.sync_limit_max.into(),
+        // Padded base64 takes 4 characters for every 3 bytes begun.
+        "limits.payload_size_max_bytes in base64" => limits
+            .payload_size_max_bytes
+            .div_ceil(3)
+            .saturating_mul(4)
+            .into(),
+        "api.user_token_length_max_bytes" => config.api.user_token_length_max_bytes.into(),
+        "api.system_uid" => config.api.system_uid.clone().into(),
+        _ => return None,
+    };
+    Some(value)
+}
 
 /// What every handler can reach.
 pub struct Api {
     pub(crate) control: Control,
     pub(crate) config: Arc<Config>,
+    /// [`openapi_document`] for this configuration, made once.
+    pub(crate) openapi_json: String,
 }
 
 type Shared = Arc<Api>;
@@ -139,10 +216,10 @@ async fn require_token(State(api): State<Shared>, request: Request, next: Next) 
     next.run(request).await
 }
 
-async fn openapi() -> Response {
+async fn openapi(State(api): State<Shared>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI_JSON,
+        api.openapi_json.clone(),
     )
         .into_response()
 }
@@ -245,6 +322,7 @@ impl ControlPlane {
         let api = Arc::new(Api {
             control: control.clone(),
             config: Arc::clone(config),
+            openapi_json: openapi_document(config).to_string(),
         });
         let dispatcher = webhooks_on.then(|| {
             crate::webhook::Dispatcher::new(
