@@ -352,7 +352,9 @@ async fn a_groups_deny_and_allow_lists_survive_a_restart_and_later_changes_add_t
     let (bob, _b) = server.connect("bob").await;
     let refused = bob.send_group_text("club", "before").await.unwrap();
     assert_eq!(refused.reason, ReasonCode::Denied);
-    drop(bob);
+    // The control handle holds the store open: let go of it before the
+    // restart.
+    drop((bob, control));
     tokio::task::spawn_blocking(move || server.stop())
         .await
         .unwrap();

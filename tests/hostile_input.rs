@@ -724,10 +724,13 @@ async fn a_device_that_never_reads_while_pushed_messages_is_cut_off_at_the_defau
 }
 
 #[tokio::test]
-#[ignore = "reason: server bug: outbound_buffer_max_bytes is checked only when a live Recv is queued (ShardState::deliver_local); replies written by write_packet (sync answers, redeliveries) are never checked, so 16 MiB of sync answers sit queued for a client that does not read until the write-stall timeout"]
-async fn a_client_that_asks_for_more_than_the_outbound_buffer_without_reading_is_cut_off() {
-    // Only the outbound buffer limit may end this connection: the
-    // write-stall and idle timeouts are put out of reach.
+/// Once sync answers were never counted against the outbound buffer: 16
+/// MiB sat queued for a client that did not read. Now the server stops
+/// reading a client that has half its buffer unread, so what it holds stays
+/// bounded, and the client loses nothing once it reads.
+async fn a_client_that_asks_for_more_than_the_outbound_buffer_without_reading_is_paced_within_it() {
+    // Only the buffer may hold this connection back: the write-stall and
+    // idle timeouts are put out of reach.
     let server = TestServer::start_with(|c| {
         c.limits.write_stall_timeout_ms = 3_600_000;
         c.limits.idle_timeout_ms = 3_600_000;
@@ -748,7 +751,10 @@ async fn a_client_that_asks_for_more_than_the_outbound_buffer_without_reading_is
         assert_eq!(ack.reason, ReasonCode::Success);
     }
     let bob = connect_not_reading(&server, "bob").await;
-    let (mut bob_read, mut bob_write) = tokio::io::split(bob);
+    let (bob_read, mut bob_write) = tokio::io::split(bob);
+    let bound = limits.outbound_buffer_max_bytes
+        + limits.sync_response_max_bytes
+        + limits.frame_size_max_bytes;
     // Each answer carries up to sync_response_max_bytes (1 MiB) of that
     // history; 16 of them are four times the outbound buffer limit and
     // far more than the kernel's socket buffers hold.
@@ -769,7 +775,34 @@ async fn a_client_that_asks_for_more_than_the_outbound_buffer_without_reading_is
             &mut out,
         );
     }
-    bob_write.write_all(&out).await.unwrap();
-    until_offline(&server, "bob", WAIT * 3).await;
-    drain_until_closed(&mut bob_read).await;
+    // The writes block once the server stops reading: they run on their
+    // own while the server is watched.
+    let writer = tokio::spawn(async move {
+        bob_write.write_all(&out).await.unwrap();
+        bob_write
+    });
+    for _ in 0..25 {
+        let queued = server
+            .control()
+            .stats()
+            .await
+            .unwrap()
+            .outbound_queued_bytes as usize;
+        assert!(queued <= bound, "{queued} bytes queued, over {bound}");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert!(online(&server, "bob").await, "paced, not cut off");
+    // Bob reads: every answer comes, each a SyncMessagesResp.
+    let mut raw = RawClient::from_stream(bob_read.unsplit(writer.await.unwrap()));
+    for request_id in 0..requests as u32 {
+        match raw.next_packet().await {
+            Some(Packet::SyncMessagesResp(resp)) => {
+                assert_eq!(
+                    (resp.request_id, resp.reason),
+                    (request_id, ReasonCode::Success)
+                );
+            }
+            other => panic!("answer {request_id}: {other:?}"),
+        }
+    }
 }

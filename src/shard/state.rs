@@ -1330,10 +1330,12 @@ impl ShardState {
         }
         self.channel_clock += 1;
         let clock = self.channel_clock;
-        Ok(self.channels.get_mut(key).map(|channel| {
+        let channel = self.channels.get_mut(key);
+        if let Some(channel) = channel {
             channel.last_used = clock;
-            channel
-        }))
+            return Ok(Some(channel));
+        }
+        Ok(None)
     }
 
     /// Holds `channel` in memory, dropping idle ones beyond

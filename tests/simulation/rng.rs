@@ -5,7 +5,7 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5eed_0f_7275_7969)
+        Rng(seed ^ 0x005e_ed0f_7275_7969)
     }
 
     pub fn next_u64(&mut self) -> u64 {

@@ -7,7 +7,7 @@
 //! message it may see, conversation lists and unread counts are the
 //! model's, incremental syncs add up to the full one.
 
-use crate::model::{ConvModel, GroupModel, Model, Sent};
+use crate::model::{GroupModel, Model, Sent};
 use crate::rng::Rng;
 use crate::world::{StoreKind, World};
 use bytes::{Bytes, BytesMut};
@@ -1028,30 +1028,27 @@ impl Sim {
 
     fn on_packet(&mut self, d: usize, packet: Packet) {
         match packet {
-            Packet::ConnAck(ack) => {
-                if ack.reason == ReasonCode::Success {
-                    if let Some(link) = &mut self.devices[d].link {
-                        link.active = true;
-                    }
-                    self.note(format!("{}: connected", self.name(d)));
-                    self.resend_unacked(d);
+            Packet::ConnAck(ack) if ack.reason == ReasonCode::Success => {
+                if let Some(link) = &mut self.devices[d].link {
+                    link.active = true;
                 }
+                self.note(format!("{}: connected", self.name(d)));
+                self.resend_unacked(d);
             }
             Packet::SendAck(ack) => self.on_send_ack(d, ack),
             Packet::Recv(recv) => self.on_recv(d, recv),
             Packet::RecallResp(resp) => self.on_recall_resp(d, resp),
             Packet::ConversationOpResp(resp) => self.on_conversation_op_resp(d, resp),
-            Packet::SyncConversationsResp(resp) => {
+            Packet::SyncConversationsResp(resp)
                 if self.devices[d]
                     .conversation_syncs
                     .remove(&resp.request_id)
                     .is_some()
-                    && resp.reason == ReasonCode::Success
-                {
-                    self.devices[d]
-                        .conversation_answers
-                        .insert(resp.request_id, (resp.conversations, resp.more));
-                }
+                    && resp.reason == ReasonCode::Success =>
+            {
+                self.devices[d]
+                    .conversation_answers
+                    .insert(resp.request_id, (resp.conversations, resp.more));
             }
             Packet::SyncMessagesResp(resp) => {
                 let uid = self.devices[d].uid.clone();
@@ -1343,7 +1340,7 @@ impl Sim {
             if flagged { " (redelivered)" } else { "" }
         ));
         if let Ok(Some(stored)) = self.world.reader.message(&key, ruyi::ids::Seq(seq)) {
-            if stored.from_uid.as_str() == uid && &*stored.from_device == device_id {
+            if stored.from_uid.as_str() == uid && *stored.from_device == *device_id {
                 return self.violation(format!(
                     "{} was pushed its own send {key:?} seq {seq}",
                     self.name(d)
@@ -1476,11 +1473,7 @@ impl Sim {
                 conversation.last_message_seq
             ));
         }
-        let entry = self
-            .model
-            .conversations
-            .entry((uid, key))
-            .or_insert_with(ConvModel::default);
+        let entry = self.model.conversations.entry((uid, key)).or_default();
         entry.uncertain = false;
         match action {
             ConversationAction::ClearUnread => entry.read_cut = cut,

@@ -496,6 +496,8 @@ impl World {
         };
         if flags & setup::SMALL_LIMITS != 0 {
             config.limits = small_limits();
+            // Registered tokens must still fit a Connect frame.
+            config.api.user_token_length_max_bytes = 256;
         }
         if flags & setup::FAST_RETRY != 0 {
             config.delivery = DeliveryConfig {
