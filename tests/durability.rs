@@ -5,27 +5,16 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::{token, TestServer, WAIT};
+use common::{text, token, TestServer, WAIT};
 use ruyi::channel::ChannelKey;
-use ruyi::client::{connect, ConnectOptions, Outgoing};
+use ruyi::client::{connect, ConnectOptions};
 use ruyi::ids::{Seq, ShardId, Uid};
-use ruyi::protocol::{ChannelType, ReasonCode};
+use ruyi::protocol::ReasonCode;
 use ruyi::storage::{RocksStorage, Storage, StoredMessage};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-
-fn text(to: &str, client_msg_no: &str, body: &str) -> Outgoing {
-    Outgoing {
-        channel_id: to.into(),
-        channel_type: ChannelType::Person,
-        client_msg_no: client_msg_no.into(),
-        flags: 0,
-        payload: Bytes::copy_from_slice(body.as_bytes()),
-    }
-}
 
 /// Reads a whole channel straight from a stopped server's data directory.
 fn stored_messages(dir: &Path, key: &ChannelKey) -> Vec<Arc<StoredMessage>> {

@@ -5,20 +5,9 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::TestServer;
-use ruyi::client::{Client, Outgoing};
+use common::{text, TestServer};
+use ruyi::client::Client;
 use ruyi::protocol::{ChannelType, ReasonCode, Recv, SyncDirection, RECV_FLAG_RECALLED};
-
-fn text(to: &str, client_msg_no: &str, body: &str) -> Outgoing {
-    Outgoing {
-        channel_id: to.into(),
-        channel_type: ChannelType::Person,
-        client_msg_no: client_msg_no.into(),
-        flags: 0,
-        payload: Bytes::copy_from_slice(body.as_bytes()),
-    }
-}
 
 /// What `client` reads of its person channel with `other`, from `start`.
 async fn synced(client: &Client, other: &str, start: u64) -> Vec<Recv> {

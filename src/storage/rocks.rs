@@ -70,24 +70,35 @@ struct MessageRecordV1 {
     recalled: bool,
 }
 
-/// Decodes a message record of either format. postcard is not
-/// self-describing: a record without the trailing `from_device` fails to
-/// decode as the current format (it runs out of bytes), and then decodes
-/// as the first one.
-pub fn decode_message_record(bytes: &[u8]) -> Result<MessageRecord, StorageError> {
-    if let Ok(record) = postcard::from_bytes::<MessageRecord>(bytes) {
+/// Decodes a record that gained a trailing field, in either format.
+/// postcard is not self-describing: a record written before the field fails
+/// to decode as the current format (it runs out of bytes), and then decodes
+/// as the first one, which `upgrade` fills in.
+fn decode_either<'a, Current: Deserialize<'a>, First: Deserialize<'a>>(
+    what: &str,
+    bytes: &'a [u8],
+    upgrade: impl FnOnce(First) -> Current,
+) -> Result<Current, StorageError> {
+    if let Ok(record) = postcard::from_bytes::<Current>(bytes) {
         return Ok(record);
     }
-    let v1: MessageRecordV1 = decode("message record", bytes)?;
-    Ok(MessageRecord {
-        message_id: v1.message_id,
-        from_uid: v1.from_uid,
-        client_msg_no: v1.client_msg_no,
-        timestamp_ms: v1.timestamp_ms,
-        send_flags: v1.send_flags,
-        payload: v1.payload,
-        recalled: v1.recalled,
-        from_device: String::new(),
+    decode(what, bytes).map(upgrade)
+}
+
+/// Decodes a message record of either format (one without `from_device`
+/// has an empty device).
+pub fn decode_message_record(bytes: &[u8]) -> Result<MessageRecord, StorageError> {
+    decode_either("message record", bytes, |v1: MessageRecordV1| {
+        MessageRecord {
+            message_id: v1.message_id,
+            from_uid: v1.from_uid,
+            client_msg_no: v1.client_msg_no,
+            timestamp_ms: v1.timestamp_ms,
+            send_flags: v1.send_flags,
+            payload: v1.payload,
+            recalled: v1.recalled,
+            from_device: String::new(),
+        }
     })
 }
 
@@ -115,18 +126,16 @@ struct ChannelMetaRecordV1 {
     is_group: bool,
 }
 
-/// Decodes a channel record of either format (see
-/// [`decode_message_record`] for why this works with postcard).
+/// Decodes a channel record of either format (one without `deleted` is
+/// not a tombstone).
 pub fn decode_channel_meta(bytes: &[u8]) -> Result<ChannelMetaRecord, StorageError> {
-    if let Ok(record) = postcard::from_bytes::<ChannelMetaRecord>(bytes) {
-        return Ok(record);
-    }
-    let v1: ChannelMetaRecordV1 = decode("channel record", bytes)?;
-    Ok(ChannelMetaRecord {
-        last_seq: v1.last_seq,
-        last_message_id: v1.last_message_id,
-        is_group: v1.is_group,
-        deleted: false,
+    decode_either("channel record", bytes, |v1: ChannelMetaRecordV1| {
+        ChannelMetaRecord {
+            last_seq: v1.last_seq,
+            last_message_id: v1.last_message_id,
+            is_group: v1.is_group,
+            deleted: false,
+        }
     })
 }
 

@@ -218,6 +218,17 @@ impl RawClient {
     }
 }
 
+/// A text message to the person `to`, under `client_msg_no`.
+pub fn text(to: &str, client_msg_no: &str, body: &str) -> ruyi::client::Outgoing {
+    ruyi::client::Outgoing {
+        channel_id: to.into(),
+        channel_type: ruyi::protocol::ChannelType::Person,
+        client_msg_no: client_msg_no.into(),
+        flags: 0,
+        payload: bytes::Bytes::copy_from_slice(body.as_bytes()),
+    }
+}
+
 pub fn connect_packet(uid: &str, token: &str) -> Packet {
     Packet::Connect(ruyi::protocol::Connect {
         version: ruyi::protocol::PROTOCOL_VERSION,
