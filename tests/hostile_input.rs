@@ -141,7 +141,9 @@ async fn a_connection_that_never_sends_connect_is_closed_at_the_handshake_timeou
         disconnect_reason(&packets),
         Some(ReasonCode::HandshakeTimeout)
     );
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Not before the timeout (the server counts whole milliseconds from its
+    // own accept: allow it a millisecond of rounding at each end).
+    assert!(started.elapsed() >= Duration::from_millis(300 - 2));
 }
 
 #[tokio::test]
