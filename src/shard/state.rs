@@ -3997,6 +3997,10 @@ mod tests {
 
     /// A single shard (everything local, commits on demand).
     fn lone_shard(storage: &MemoryStorage) -> ShardState {
+        lone_shard_on(storage.open_shard(ShardId(0)).unwrap(), Limits::default())
+    }
+
+    fn lone_shard_on(store: Box<dyn ShardStore>, limits: Limits) -> ShardState {
         let config = crate::config::Config::default();
         let auth = crate::config::AuthConfig {
             mode: crate::config::AuthMode::Off,
@@ -4005,14 +4009,181 @@ mod tests {
         let mut state = ShardState::new(
             ShardId(0),
             1,
-            config.limits.clone(),
+            limits,
             config.storage.idempotency_ttl_s * 1000,
             crate::auth::Authenticator::new(&auth),
-            storage.open_shard(ShardId(0)).unwrap(),
+            store,
             Rc::new(Signals::new(1)),
         );
         state.set_retry_policy(config.delivery.retry_policy(), now());
         state
+    }
+
+    /// A store whose message reads fail while `fail_reads` is set (a disk
+    /// that errs for a moment).
+    struct FlakyReads {
+        inner: Box<dyn ShardStore>,
+        fail_reads: Rc<std::cell::Cell<bool>>,
+    }
+
+    impl ShardStore for FlakyReads {
+        fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
+            self.inner.prepare_commit(batch)
+        }
+        fn find_idempotent(
+            &mut self,
+            from: &Uid,
+            client_msg_no: &str,
+            now_unix_ms: u64,
+            ttl_ms: u64,
+        ) -> Result<Option<crate::storage::IdempotentHit>, StorageError> {
+            self.inner
+                .find_idempotent(from, client_msg_no, now_unix_ms, ttl_ms)
+        }
+        fn load_channel(
+            &mut self,
+            key: &ChannelKey,
+        ) -> Result<Option<crate::storage::ChannelRecord>, StorageError> {
+            self.inner.load_channel(key)
+        }
+        fn channel_head(
+            &mut self,
+            key: &ChannelKey,
+        ) -> Result<Option<crate::storage::ChannelHead>, StorageError> {
+            self.inner.channel_head(key)
+        }
+        fn read_messages(
+            &mut self,
+            key: &ChannelKey,
+            from: Seq,
+            limit: usize,
+            direction: ReadDirection,
+        ) -> Result<Vec<Arc<StoredMessage>>, StorageError> {
+            if self.fail_reads.get() {
+                return Err(StorageError::Io("simulated read failure".into()));
+            }
+            self.inner.read_messages(key, from, limit, direction)
+        }
+        fn find_message_id(
+            &mut self,
+            key: &ChannelKey,
+            id: MessageId,
+        ) -> Result<Option<Seq>, StorageError> {
+            self.inner.find_message_id(key, id)
+        }
+        fn is_member(&mut self, key: &ChannelKey, uid: &Uid) -> Result<bool, StorageError> {
+            self.inner.is_member(key, uid)
+        }
+        fn conversation(
+            &mut self,
+            uid: &Uid,
+            key: &ChannelKey,
+        ) -> Result<Option<ConversationRecord>, StorageError> {
+            self.inner.conversation(uid, key)
+        }
+        fn conversations(
+            &mut self,
+            uid: &Uid,
+        ) -> Result<Vec<(ChannelKey, ConversationRecord)>, StorageError> {
+            self.inner.conversations(uid)
+        }
+        fn list(
+            &mut self,
+            key: &ChannelKey,
+            kind: ListKind,
+            limit: usize,
+        ) -> Result<Vec<Uid>, StorageError> {
+            self.inner.list(key, kind, limit)
+        }
+        fn list_contains(
+            &mut self,
+            key: &ChannelKey,
+            kind: ListKind,
+            uid: &Uid,
+        ) -> Result<bool, StorageError> {
+            self.inner.list_contains(key, kind, uid)
+        }
+        fn prepare_device_acks(
+            &mut self,
+            rows: &[crate::storage::DeviceAck],
+            sessions: &[crate::storage::DeviceSession],
+        ) -> Result<CommitJob, StorageError> {
+            self.inner.prepare_device_acks(rows, sessions)
+        }
+        fn device_position(
+            &mut self,
+            uid: &Uid,
+            device_id: &str,
+            key: &ChannelKey,
+        ) -> Result<crate::storage::DevicePosition, StorageError> {
+            self.inner.device_position(uid, device_id, key)
+        }
+        fn device_session(
+            &mut self,
+            uid: &Uid,
+            device_id: &str,
+        ) -> Result<Option<crate::storage::SessionRecord>, StorageError> {
+            self.inner.device_session(uid, device_id)
+        }
+        fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
+            self.inner.ids_issued()
+        }
+        fn user_token(
+            &mut self,
+            uid: &Uid,
+            device_flag: u8,
+        ) -> Result<Option<String>, StorageError> {
+            self.inner.user_token(uid, device_flag)
+        }
+    }
+
+    /// Finding 11: a storage error while refilling a device's window from
+    /// its backlog dropped the backlog until the device reconnected. Now
+    /// the backlog stays and the next retry tick reads it again.
+    #[test]
+    fn a_backlog_read_that_fails_is_read_again_at_the_next_tick() {
+        let storage = MemoryStorage::default();
+        let fail_reads = Rc::new(std::cell::Cell::new(false));
+        let store = Box::new(FlakyReads {
+            inner: storage.open_shard(ShardId(0)).unwrap(),
+            fail_reads: Rc::clone(&fail_reads),
+        });
+        let limits = Limits {
+            inflight_messages_max: 1,
+            ..Limits::default()
+        };
+        let mut state = lone_shard_on(store, limits);
+        let (alice, _alice_out) = connect(&mut state, "alice", false);
+        let (bob, bob_out) = connect(&mut state, "bob", true);
+        let _ = packets(&bob_out);
+        for no in ["m1", "m2", "m3"] {
+            state.on_frame(alice, &send_frame("bob", ChannelType::Person, no), now());
+        }
+        state.commit(now());
+        let pushed = |out: &Outbox| -> Vec<u64> {
+            packets(out)
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Recv(r) => Some(r.message_seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(pushed(&bob_out), vec![1], "a window of one");
+        // The disk errs just as the ack opens the window.
+        fail_reads.set(true);
+        let ack = Packet::RecvAck(RecvAck {
+            message_id: 0,
+            message_seq: 1,
+            channel_id: "alice".into(),
+            channel_type: ChannelType::Person,
+            through: true,
+        });
+        state.on_frame(bob, &frame(&ack), now());
+        assert!(pushed(&bob_out).is_empty());
+        fail_reads.set(false);
+        state.retry_due(now());
+        assert_eq!(pushed(&bob_out), vec![2], "read again at the next tick");
     }
 
     fn send_frame(to: &str, channel_type: ChannelType, client_msg_no: &str) -> Bytes {
