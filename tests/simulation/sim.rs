@@ -516,6 +516,12 @@ impl Sim {
         }
     }
 
+    /// A device with an active connection, if any.
+    fn random_active(&mut self) -> Option<usize> {
+        let active = self.active_devices();
+        (!active.is_empty()).then(|| *self.rng.pick(&active))
+    }
+
     fn active_devices(&self) -> Vec<usize> {
         (0..self.devices.len())
             .filter(|d| self.devices[*d].link.as_ref().is_some_and(|l| l.active))
@@ -658,11 +664,9 @@ impl Sim {
     }
 
     fn recall_random(&mut self) {
-        let active = self.active_devices();
-        if active.is_empty() {
+        let Some(d) = self.random_active() else {
             return;
-        }
-        let d = *self.rng.pick(&active);
+        };
         let uid = self.devices[d].uid.clone();
         let mine: Vec<(String, Sent)> = self
             .model
@@ -723,11 +727,9 @@ impl Sim {
     }
 
     fn ack_random(&mut self) {
-        let active = self.active_devices();
-        if active.is_empty() {
+        let Some(d) = self.random_active() else {
             return;
-        }
-        let d = *self.rng.pick(&active);
+        };
         let everything = self.rng.chance(30);
         self.ack(d, everything);
     }
@@ -796,11 +798,9 @@ impl Sim {
     }
 
     fn conversation_op_random(&mut self) {
-        let active = self.active_devices();
-        if active.is_empty() {
+        let Some(d) = self.random_active() else {
             return;
-        }
-        let d = *self.rng.pick(&active);
+        };
         let channels: Vec<ChannelKey> = self.devices[d].received.keys().cloned().collect();
         if channels.is_empty() {
             return;
@@ -846,11 +846,9 @@ impl Sim {
     }
 
     fn sync_conversations_random(&mut self) {
-        let active = self.active_devices();
-        if active.is_empty() {
+        let Some(d) = self.random_active() else {
             return;
-        }
-        let d = *self.rng.pick(&active);
+        };
         self.sync_conversations(d, 0);
     }
 
@@ -870,11 +868,9 @@ impl Sim {
     }
 
     fn sync_messages_random(&mut self) {
-        let active = self.active_devices();
-        if active.is_empty() {
+        let Some(d) = self.random_active() else {
             return;
-        }
-        let d = *self.rng.pick(&active);
+        };
         let (channel_id, channel_type, key) = self.random_target(d);
         let up = self.rng.chance(50);
         let start = self.rng.below(6);
