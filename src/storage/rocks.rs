@@ -426,6 +426,15 @@ impl RocksShardStore {
             .cf_handle(name)
             .expect("every column family is created at open")
     }
+
+    /// `key`'s record in `channels` (a tombstone included), if any.
+    fn channel_meta(&self, key: &ChannelKey) -> Result<Option<ChannelMetaRecord>, StorageError> {
+        self.db
+            .get_pinned_cf(self.cf(keys::CF_CHANNELS), keys::channel(key))
+            .map_err(io_error)?
+            .map(|bytes| decode_channel_meta(&bytes))
+            .transpose()
+    }
 }
 
 impl ShardStore for RocksShardStore {
@@ -596,14 +605,9 @@ impl ShardStore for RocksShardStore {
     }
 
     fn load_channel(&mut self, key: &ChannelKey) -> Result<Option<ChannelRecord>, StorageError> {
-        let Some(bytes) = self
-            .db
-            .get_pinned_cf(self.cf(keys::CF_CHANNELS), keys::channel(key))
-            .map_err(io_error)?
-        else {
+        let Some(meta) = self.channel_meta(key)? else {
             return Ok(None);
         };
-        let meta = decode_channel_meta(&bytes)?;
         let members = if meta.is_group && !meta.deleted {
             let prefix = keys::channel(key);
             let mut uids = Vec::new();
@@ -633,15 +637,7 @@ impl ShardStore for RocksShardStore {
     }
 
     fn channel_head(&mut self, key: &ChannelKey) -> Result<Option<ChannelHead>, StorageError> {
-        let Some(bytes) = self
-            .db
-            .get_pinned_cf(self.cf(keys::CF_CHANNELS), keys::channel(key))
-            .map_err(io_error)?
-        else {
-            return Ok(None);
-        };
-        let meta = decode_channel_meta(&bytes)?;
-        Ok(Some(ChannelHead {
+        Ok(self.channel_meta(key)?.map(|meta| ChannelHead {
             last_seq: Seq(meta.last_seq),
             last_message_id: MessageId(meta.last_message_id),
             deleted: meta.deleted,

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use ruyi::channel::ChannelKey;
 use ruyi::config::Config;
 use ruyi::conn::outbox::Outbox;
-use ruyi::ids::{ConnId, Millis, ShardId, Uid};
+use ruyi::ids::{ConnId, Millis, Uid};
 use ruyi::protocol::{
     ChannelType, Connect, Conversation, ConversationAction, ConversationOp, DeviceFlag, Disconnect,
     Encoder, FrameDecoder, Packet, ReasonCode, Recall, Recv, RecvAck, SendPacket,
@@ -2188,7 +2188,6 @@ pub fn run_seed(seed: u64, store: StoreKind) -> Result<(Summary, Vec<String>), F
     }
 }
 
-#[allow(dead_code)]
 pub fn describe(summary: &Summary) -> String {
     let mut out = String::new();
     let _ = write!(
@@ -2197,9 +2196,4 @@ pub fn describe(summary: &Summary) -> String {
         summary.steps, summary.crashes, summary.acked_sends, summary.pushes
     );
     out
-}
-
-#[allow(dead_code)]
-fn _shard_id(i: usize) -> ShardId {
-    ShardId(i as u16)
 }
