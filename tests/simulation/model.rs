@@ -43,6 +43,9 @@ pub struct GroupModel {
     /// Seqs up to here belonged to a deleted incarnation of the group: a
     /// copy read before the deletion may still arrive.
     pub deleted_through: u64,
+    /// A delete's answer was lost in a crash: when the group is read back,
+    /// whether the delete landed is judged by its messages.
+    pub delete_lost: bool,
 }
 
 impl GroupModel {

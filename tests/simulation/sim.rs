@@ -1618,35 +1618,21 @@ impl Sim {
                         model.in_flight -= 1;
                         model.epoch += 1;
                         if matches!(response, ApiResponse::Deleted) {
-                            model.generation += 1;
-                            model.exists = false;
-                            model.members.clear();
-                            model.joined.clear();
-                            model.deny.clear();
-                            model.allow.clear();
-                            model.history.clear();
-                            let key = ChannelKey::group(&group);
-                            self.model.places.retain(|(k, _), _| *k != key);
-                            // Its messages are gone with it.
-                            for sent in self.model.sent.values_mut() {
-                                if sent.channel == key {
-                                    sent.acked = None;
-                                    sent.deleted = true;
-                                }
-                            }
-                            for device in &mut self.devices {
-                                device.received.remove(&key);
-                                device.acked.remove(&key);
-                                device.to_ack.retain(|(k, _, _)| *k != key);
-                            }
-                            self.model.conversations.retain(|(_, k), _| *k != key);
+                            self.forget_deleted_group(&group);
                             self.trace.push(format!("operator: group {group} deleted"));
                         }
                     }
                     Err(async_channel::TryRecvError::Empty) => {
                         self.controls.push(ControlWait::Delete { group, rx })
                     }
-                    Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
+                    Err(async_channel::TryRecvError::Closed) => {
+                        self.model
+                            .groups
+                            .get_mut(&group)
+                            .expect("group")
+                            .delete_lost = true;
+                        self.uncertain(&group)
+                    }
                 },
             }
         }
@@ -1682,68 +1668,114 @@ impl Sim {
                 .reader
                 .list(&key, ListKind::Allow, 1000)
                 .unwrap_or_default();
-            let model = self.model.groups.get_mut(&group).expect("group");
-            match record.and_then(|r| r.members.map(|m| (r.last_seq.0, m))) {
-                Some((last, members)) => {
-                    if !model.exists {
-                        model.deleted_through = model.deleted_through.max(last);
-                    }
-                    let members: BTreeSet<String> =
-                        members.iter().map(|u| u.as_str().to_owned()).collect();
-                    // Whoever joined in the lost change sees from about now
-                    // on (the change's place is not known: their unread is
-                    // not judged until they next clear it).
-                    for uid in &members {
-                        if !model.members.contains(uid) || !model.exists {
-                            model.joined.insert(uid.clone(), last);
-                            self.model
-                                .conversations
-                                .entry((uid.clone(), key.clone()))
-                                .or_default()
-                                .uncertain = true;
-                        }
-                    }
-                    model.joined.retain(|uid, _| members.contains(uid));
-                    model.exists = true;
-                    model.members = members.clone();
-                    model.deny = deny.iter().map(|u| u.as_str().to_owned()).collect();
-                    model.allow = allow.iter().map(|u| u.as_str().to_owned()).collect();
-                    // Membership at seqs up to the last stored one is
-                    // unknown: only later messages are judged by it.
-                    model.history = vec![(last, members)];
-                }
-                None => {
-                    if model.exists {
-                        model.generation += 1;
-                    }
-                    model.exists = false;
-                    model.members.clear();
-                    model.joined.clear();
-                    model.history.clear();
-                    model.deny.clear();
-                    model.allow.clear();
-                    // Deleted in the change whose answer was lost: its
-                    // messages are gone with it.
-                    for sent in self.model.sent.values_mut() {
-                        if sent.channel == key {
-                            sent.acked = None;
-                            sent.deleted = true;
-                        }
-                    }
-                    self.model.places.retain(|(k, _), _| *k != key);
-                    self.model.conversations.retain(|(_, k), _| *k != key);
-                    for device in &mut self.devices {
-                        device.received.remove(&key);
-                        device.acked.remove(&key);
-                        device.to_ack.retain(|(k, _, _)| *k != key);
-                    }
-                }
+            let delete_lost = std::mem::take(
+                &mut self
+                    .model
+                    .groups
+                    .get_mut(&group)
+                    .expect("group")
+                    .delete_lost,
+            );
+            let tombstone = record.as_ref().map_or(0, |r| r.last_seq.0);
+            let current = record.and_then(|r| r.members.map(|m| (r.last_seq.0, m)));
+            let exists = self.model.groups[&group].exists;
+            if exists && (current.is_none() || (delete_lost && self.known_message_gone(&key))) {
+                // Deleted in the change whose answer was lost (and maybe
+                // created again after it): its messages are gone with it,
+                // and every seq below the first one stored now belonged to
+                // the deleted incarnation.
+                let first_stored = self
+                    .world
+                    .reader
+                    .read_messages(&key, ruyi::ids::Seq(1), 1, ReadDirection::Up)
+                    .ok()
+                    .and_then(|m| m.first().map(|m| m.seq.0 - 1));
+                self.forget_deleted_group(&group);
+                let model = self.model.groups.get_mut(&group).expect("group");
+                model.deleted_through =
+                    model.deleted_through.max(first_stored.unwrap_or(tombstone));
             }
+            let model = self.model.groups.get_mut(&group).expect("group");
+            if let Some((last, members)) = current {
+                if !model.exists {
+                    model.deleted_through = model.deleted_through.max(last);
+                }
+                let members: BTreeSet<String> =
+                    members.iter().map(|u| u.as_str().to_owned()).collect();
+                // Whoever joined in the lost change sees from about now on
+                // (the change's place is not known: their unread is not
+                // judged until they next clear it).
+                for uid in &members {
+                    if !model.members.contains(uid) || !model.exists {
+                        model.joined.insert(uid.clone(), last);
+                        self.model
+                            .conversations
+                            .entry((uid.clone(), key.clone()))
+                            .or_default()
+                            .uncertain = true;
+                    }
+                }
+                model.joined.retain(|uid, _| members.contains(uid));
+                model.exists = true;
+                model.members = members.clone();
+                model.deny = deny.iter().map(|u| u.as_str().to_owned()).collect();
+                model.allow = allow.iter().map(|u| u.as_str().to_owned()).collect();
+                // Membership at seqs up to the last stored one is unknown:
+                // only later messages are judged by it.
+                model.history = vec![(last, members)];
+            }
+            let model = self.model.groups.get_mut(&group).expect("group");
             // History before the last known seq is unknown: messages at or
             // below it are not judged by membership.
             model.uncertain = false;
             model.epoch += 1;
         }
+    }
+
+    /// A group was deleted: its messages, conversations and what devices
+    /// hold of it are gone.
+    fn forget_deleted_group(&mut self, group: &str) {
+        let model = self.model.groups.get_mut(group).expect("group");
+        model.generation += 1;
+        model.exists = false;
+        model.members.clear();
+        model.joined.clear();
+        model.deny.clear();
+        model.allow.clear();
+        model.history.clear();
+        let key = ChannelKey::group(group);
+        self.model.places.retain(|(k, _), _| *k != key);
+        for sent in self.model.sent.values_mut() {
+            if sent.channel == key {
+                sent.acked = None;
+                sent.deleted = true;
+            }
+        }
+        for device in &mut self.devices {
+            device.received.remove(&key);
+            device.acked.remove(&key);
+            device.to_ack.retain(|(k, _, _)| *k != key);
+        }
+        self.model.conversations.retain(|(_, k), _| *k != key);
+    }
+
+    /// Whether a message the model knows was stored in `key` is gone from
+    /// the store: the evidence that a delete whose answer was lost landed.
+    /// With no message known, nothing could be lost and the group is taken
+    /// as not deleted.
+    fn known_message_gone(&mut self, key: &ChannelKey) -> bool {
+        let known = self
+            .model
+            .places
+            .range((key.clone(), 0)..=(key.clone(), u64::MAX))
+            .next()
+            .map(|((_, seq), (id, _, _))| (*seq, *id));
+        known.is_some_and(|(seq, id)| {
+            !matches!(
+                self.world.reader.message(key, ruyi::ids::Seq(seq)),
+                Ok(Some(stored)) if stored.message_id.0 == id
+            )
+        })
     }
 
     // ---- faults -------------------------------------------------------------
