@@ -45,6 +45,15 @@ struct Entry {
     redeliveries: u32,
 }
 
+/// What a device is known to have of a channel, from its saved position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Known {
+    /// Acknowledged through here: never pushed again.
+    pub had: Seq,
+    /// Pushed through here before (maybe seen): pushed again flagged.
+    pub flag_through: Seq,
+}
+
 /// One shard's pending pushes.
 pub struct PendingPushes {
     policy: RetryPolicy,
@@ -58,9 +67,9 @@ pub struct PendingPushes {
     /// Per connection and channel, the highest seq ever pushed there: a
     /// cumulative ack never counts for more than the device was sent.
     highest: HashMap<ConnId, HashMap<ChannelKey, Seq, ahash::RandomState>, ahash::RandomState>,
-    /// Per connection and channel, what its device had already when it
-    /// resumed (its saved position).
-    had: HashMap<ConnId, HashMap<ChannelKey, Seq, ahash::RandomState>, ahash::RandomState>,
+    /// Per connection and channel, what its device is known to have from
+    /// its saved position (read on resume, or at the first live push).
+    known: HashMap<ConnId, HashMap<ChannelKey, Known, ahash::RandomState>, ahash::RandomState>,
     jitter_state: u64,
     due: Vec<Key>,
 }
@@ -83,7 +92,7 @@ impl PendingPushes {
             by_conn: HashMap::default(),
             conn_bytes: HashMap::default(),
             highest: HashMap::default(),
-            had: HashMap::default(),
+            known: HashMap::default(),
             jitter_state: seed | 1,
             due: Vec::new(),
         }
@@ -197,26 +206,31 @@ impl PendingPushes {
         self.highest.get(&conn)?.get(channel).copied()
     }
 
-    /// Records that `conn`'s device has everything of `channel` through
-    /// `seq` already (from its saved position, on resume): a live copy at
-    /// or below it, committed before the resume read it, is not pushed.
-    pub fn mark_had(&mut self, conn: ConnId, channel: &ChannelKey, seq: Seq) {
-        if seq.0 == 0 {
-            return;
-        }
-        let had = self
-            .had
+    /// Records what `conn`'s device is known to have of `channel` from its
+    /// saved position: a live copy at or below `known.had`, committed
+    /// before the position was read, is not pushed; one at or below
+    /// `known.flag_through` was pushed to the device before and goes out
+    /// flagged as redelivered.
+    pub fn learn(&mut self, conn: ConnId, channel: &ChannelKey, known: Known) {
+        let entry = self
+            .known
             .entry(conn)
             .or_default()
             .entry(channel.clone())
             .or_default();
-        *had = (*had).max(seq);
+        entry.had = entry.had.max(known.had);
+        entry.flag_through = entry.flag_through.max(known.flag_through);
+    }
+
+    /// What [`PendingPushes::learn`] recorded for `conn` and `channel`.
+    pub fn known(&self, conn: ConnId, channel: &ChannelKey) -> Option<Known> {
+        self.known.get(&conn)?.get(channel).copied()
     }
 
     /// The highest seq of `channel` that `conn`'s device has, pushed here or
     /// known from its saved position.
     pub fn highest_had(&self, conn: ConnId, channel: &ChannelKey) -> Option<Seq> {
-        let had = self.had.get(&conn).and_then(|c| c.get(channel)).copied();
+        let had = self.known(conn, channel).map(|k| k.had);
         match (self.highest_pushed(conn, channel), had) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -254,7 +268,7 @@ impl PendingPushes {
     pub fn forget_conn(&mut self, conn: ConnId) {
         self.conn_bytes.remove(&conn);
         self.highest.remove(&conn);
-        self.had.remove(&conn);
+        self.known.remove(&conn);
         let Some(index) = self.by_conn.remove(&conn) else {
             return;
         };

@@ -13,6 +13,7 @@ use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, M
 use crate::config::Limits;
 use crate::conn::outbox::Outbox;
 use crate::conn::session::{step, Identity, Phase, Session, Step};
+use crate::delivery::Known;
 use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
 use crate::protocol::{
     encode_recv, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
@@ -988,8 +989,16 @@ impl ShardState {
             let acked = position.acked.0;
             let floor = if acked == 0 { record.read_floor } else { acked }.max(record.deleted_seq);
             // A message the owner has stored but not yet fanned out may be
-            // at or below the floor: its live copy must not come again.
-            self.pushes.mark_had(conn, &key, Seq(floor));
+            // at or below the floor: its live copy must not come again (and
+            // one pushed before comes flagged).
+            self.pushes.learn(
+                conn,
+                &key,
+                Known {
+                    had: Seq(floor),
+                    flag_through: position.pushed,
+                },
+            );
             if channel.last_seq.0 <= floor {
                 continue;
             }
@@ -2314,16 +2323,16 @@ impl ShardState {
         skip: Option<ConnId>,
         now: Now,
     ) {
-        let mut frames: [Option<(usize, usize)>; 2] = [None, None];
+        // One encoding per view: (from self, flagged as redelivered).
+        let mut frames: [Option<(usize, usize)>; 4] = [None; 4];
         let mut slow: SmallVec<[ConnId; 2]> = SmallVec::new();
         self.frame_scratch.clear();
         for uid in recipients {
-            let Some(conns) = self.local_users.get(uid) else {
+            let Some(conns) = self.local_users.get(uid).cloned() else {
                 continue;
             };
             let from_self = *uid == message.from_uid;
-            let view = usize::from(from_self);
-            for conn in conns {
+            for conn in &conns {
                 if Some(*conn) == skip {
                     continue;
                 }
@@ -2333,6 +2342,27 @@ impl ShardState {
                 if entry.session.phase != Phase::Active {
                     continue;
                 }
+                let unrecorded_below = entry.unrecorded_below;
+                // What the device had of the channel before this connection
+                // pushed any of it: a live copy of a message it acknowledged
+                // on an earlier connection is not pushed, one it was pushed
+                // there comes flagged (a resend after a crash pushes a stored
+                // message live again; the device may have got it from a
+                // resume that read it from storage first).
+                let known = if message.recalled {
+                    Known::default()
+                } else {
+                    match self.pushes.known(*conn, &message.channel) {
+                        Some(known) => known,
+                        None => self.learn_position(*conn, &message.channel),
+                    }
+                };
+                let flagged =
+                    message.seq <= known.flag_through || message.message_id < unrecorded_below;
+                let view = usize::from(from_self) | (usize::from(flagged) << 1);
+                let Some(entry) = self.conns.get(conn) else {
+                    continue;
+                };
                 // The sending device on a newer connection (it reconnected
                 // while its send was being committed) has it already.
                 if from_self
@@ -2406,7 +2436,8 @@ impl ShardState {
                         channel_id: message.channel.id_seen_by(uid.as_str()),
                         channel_type: message.channel.kind(),
                         timestamp_ms: message.timestamp_ms,
-                        flags: if from_self { RECV_FLAG_FROM_SELF } else { 0 },
+                        flags: if from_self { RECV_FLAG_FROM_SELF } else { 0 }
+                            | if flagged { RECV_FLAG_REDELIVERED } else { 0 },
                         send_flags: message.send_flags,
                         payload: &message.payload,
                     };
@@ -2424,6 +2455,31 @@ impl ShardState {
         for conn in slow {
             self.cut_off_slow_consumer(conn);
         }
+    }
+
+    /// Reads what `conn`'s device has of `channel` from its saved position,
+    /// once per connection and channel (at its first live push there), and
+    /// remembers it. A failed read assumes everything may have been pushed
+    /// before: nothing is skipped, everything comes flagged.
+    fn learn_position(&mut self, conn: ConnId, channel: &ChannelKey) -> Known {
+        let Some((uid, device)) = self.identity_device(conn) else {
+            return Known::default();
+        };
+        let known = match self.store.device_position(&uid, &device, channel) {
+            Ok(position) => Known {
+                had: position.acked,
+                flag_through: position.pushed,
+            },
+            Err(error) => {
+                tracing::warn!(%error, "reading a device's position failed; its pushes come flagged");
+                Known {
+                    had: Seq(0),
+                    flag_through: Seq(u64::MAX),
+                }
+            }
+        };
+        self.pushes.learn(conn, channel, known);
+        known
     }
 
     // ---- the admin API ----------------------------------------------------
