@@ -2701,9 +2701,6 @@ impl ShardState {
         let fail = |reply: ApiReply, reason| {
             let _ = reply.try_send(ApiResponse::Failed(reason));
         };
-        if self.deleting.contains_key(&key) {
-            return fail(reply, ReasonCode::ChannelMissing);
-        }
         let seq = if message_seq != 0 {
             Ok(Some(Seq(message_seq)))
         } else {
@@ -2720,6 +2717,9 @@ impl ShardState {
             Ok(Some(message)) => message,
         };
         if message_id != 0 && message.message_id.0 != message_id {
+            return fail(reply, ReasonCode::MessageMissing);
+        }
+        if self.deleted_with_group(&key, message.seq) {
             return fail(reply, ReasonCode::MessageMissing);
         }
         let conn = self.api_conn(reply);
@@ -3537,6 +3537,9 @@ impl ShardState {
             }
             Ok(Some(message)) => message,
         };
+        if self.deleted_with_group(&key, message.seq) {
+            return self.reply_to(origin, recall_failed(&recall, ReasonCode::MessageMissing));
+        }
         if message.from_uid != uid {
             return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotSender));
         }
@@ -3566,6 +3569,16 @@ impl ShardState {
             message: Arc::new(message.recalled()),
         });
         self.signals.commit.notify();
+    }
+
+    /// Whether the message at `seq` of `key` goes with a group deletion
+    /// being committed (the group may have been created again since: its
+    /// new messages stay). A recall of it must not write it back after
+    /// the deletion removed it.
+    fn deleted_with_group(&self, key: &ChannelKey, seq: Seq) -> bool {
+        self.deleting
+            .get(key)
+            .is_some_and(|(through, _)| seq <= *through)
     }
 
     fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {

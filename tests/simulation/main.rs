@@ -35,6 +35,10 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (7240, "as 7298, in a person channel after 47 messages"),
     (8356, "as 7298, in a group"),
     (9857, "as 7298, to a device whose last session a crash left open"),
+    (
+        1627,
+        "a recall of a message queued while its group's deletion was being committed wrote the message back after the deletion removed it: a gap in the re-created group's seqs",
+    ),
 ];
 
 fn run_range(from: u64, count: u64, store: StoreKind) -> (sim::Summary, Vec<sim::Failure>) {

@@ -1971,10 +1971,19 @@ impl Sim {
             let deleted_before = key.kind() == ChannelType::Group && first > 1;
             for (i, message) in stored.iter().enumerate() {
                 if message.seq.0 != first + i as u64 {
+                    let before = &stored[i - 1];
                     return self.violation(format!(
-                        "{key:?} has a gap: seq {} where {} was due",
+                        "{key:?} has a gap: seq {} where {} was due (seq {} is {}'s {}{}, seq {} is {}'s {}{})",
                         message.seq.0,
-                        first + i as u64
+                        first + i as u64,
+                        before.seq.0,
+                        before.from_uid.as_str(),
+                        before.client_msg_no,
+                        if before.recalled { " recalled" } else { "" },
+                        message.seq.0,
+                        message.from_uid.as_str(),
+                        message.client_msg_no,
+                        if message.recalled { " recalled" } else { "" },
                     ));
                 }
                 let who = (
