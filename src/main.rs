@@ -171,22 +171,8 @@ fn token(args: TokenArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// A panic anywhere in the gateway (a broken invariant: no client or API
-/// input may reach one) takes the whole process down, after the panic is
-/// printed, so that its supervisor restarts it. Left alone, a shard thread
-/// that panicked would leave a process that accepts connections and never
-/// answers them (their logins wait for that shard's presence ack).
-fn abort_on_panic() {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        eprintln!("ruyi: a thread panicked; stopping the process so it can be restarted");
-        std::process::abort();
-    }));
-}
-
 fn serve(args: ServeArgs) -> ExitCode {
-    abort_on_panic();
+    ruyi::server::abort_on_panic();
     let mut config = match load_config(args.config.as_ref()) {
         Ok(config) => config,
         Err(error) => {

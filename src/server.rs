@@ -511,3 +511,18 @@ impl Control {
         Ok(total)
     }
 }
+
+/// A panic anywhere in the gateway (a broken invariant: no client or API
+/// input may reach one) takes the whole process down, after the panic is
+/// printed, so that its supervisor restarts it. Left alone, a shard thread
+/// that panicked would leave a process that accepts connections and never
+/// answers them (their logins wait for that shard's presence ack).
+/// `ruyi serve` installs it first thing.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("ruyi: a thread panicked; stopping the process so it can be restarted");
+        std::process::abort();
+    }));
+}
