@@ -46,6 +46,11 @@ pub struct GroupModel {
     /// A delete's answer was lost in a crash: when the group is read back,
     /// whether the delete landed is judged by its messages.
     pub delete_lost: bool,
+    /// Members a change whose answer was lost would have taken out: a
+    /// later change may have put them back, and a member put back joins
+    /// anew (sees only what comes after), so while the group is read back
+    /// they count as newcomers.
+    pub maybe_left: BTreeSet<String>,
 }
 
 impl GroupModel {

@@ -134,6 +134,8 @@ struct Attempt {
 enum ControlWait {
     Group {
         group: String,
+        /// Whom the change takes out of the group, if it lands.
+        removes: Vec<String>,
         rx: async_channel::Receiver<Result<GroupInfo, ControlError>>,
     },
     List {
@@ -1515,11 +1517,20 @@ impl Sim {
                 uids
             };
             self.note(format!("operator: group {group} {change:?} {uids:?}"));
+            let removes: Vec<String> = match change {
+                SetChange::Add => Vec::new(),
+                SetChange::Remove => uids.clone(),
+                SetChange::Replace => (0..self.options.users)
+                    .map(|u| format!("u{u}"))
+                    .filter(|u| !uids.contains(u))
+                    .collect(),
+            };
             let (tx, rx) = async_channel::bounded(1);
             let now = self.world.now;
             self.world.shards[owner].change_group(&group, uids, change, tx, now);
             self.controls.push(ControlWait::Group {
                 group: group.clone(),
+                removes,
                 rx,
             });
         } else if roll < 8 {
@@ -1564,7 +1575,7 @@ impl Sim {
         let waits = std::mem::take(&mut self.controls);
         for wait in waits {
             match wait {
-                ControlWait::Group { group, rx } => match rx.try_recv() {
+                ControlWait::Group { group, removes, rx } => match rx.try_recv() {
                     Ok(result) => {
                         let model = self.model.groups.get_mut(&group).expect("group");
                         model.in_flight -= 1;
@@ -1575,8 +1586,20 @@ impl Sim {
                             }
                             let members: BTreeSet<String> = info.members.into_iter().collect();
                             for uid in &members {
-                                if !model.members.contains(uid) || !model.exists {
+                                if !model.members.contains(uid)
+                                    || !model.exists
+                                    || model.maybe_left.contains(uid)
+                                {
                                     model.joined.insert(uid.clone(), info.last_seq);
+                                }
+                                if model.maybe_left.contains(uid) {
+                                    // Whether they left in the lost change
+                                    // (and their row is new) is not known.
+                                    self.model
+                                        .conversations
+                                        .entry((uid.clone(), ChannelKey::group(&group)))
+                                        .or_default()
+                                        .uncertain = true;
                                 }
                             }
                             model.joined.retain(|uid, _| members.contains(uid));
@@ -1589,10 +1612,21 @@ impl Sim {
                             ));
                         }
                     }
-                    Err(async_channel::TryRecvError::Empty) => {
-                        self.controls.push(ControlWait::Group { group, rx })
+                    Err(async_channel::TryRecvError::Empty) => self
+                        .controls
+                        .push(ControlWait::Group { group, removes, rx }),
+                    Err(async_channel::TryRecvError::Closed) => {
+                        // Whom the lost change took out may have been put
+                        // back by a later one: they are members again, but
+                        // joined anew (they see only what comes after).
+                        self.model
+                            .groups
+                            .get_mut(&group)
+                            .expect("group")
+                            .maybe_left
+                            .extend(removes);
+                        self.uncertain(&group)
                     }
-                    Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
                 },
                 ControlWait::List { group, kind, rx } => match rx.try_recv() {
                     Ok(result) => {
@@ -1706,7 +1740,10 @@ impl Sim {
                 // (the change's place is not known: their unread is not
                 // judged until they next clear it).
                 for uid in &members {
-                    if !model.members.contains(uid) || !model.exists {
+                    if !model.members.contains(uid)
+                        || !model.exists
+                        || model.maybe_left.contains(uid)
+                    {
                         model.joined.insert(uid.clone(), last);
                         self.model
                             .conversations
@@ -1728,6 +1765,7 @@ impl Sim {
             // History before the last known seq is unknown: messages at or
             // below it are not judged by membership.
             model.uncertain = false;
+            model.maybe_left.clear();
             model.epoch += 1;
         }
     }
