@@ -79,6 +79,14 @@ pub struct ConvModel {
     pub delete_cut: u64,
     /// An operation's answer was lost: no unread check until the next one.
     pub uncertain: bool,
+    /// Operations sent by any of the user's devices, numbered in the order
+    /// they were sent.
+    pub issued: u64,
+    /// Operations sent and not answered (nor lost).
+    pub in_flight: u32,
+    /// An operation's answer was lost and it may still land (the shards
+    /// have not been drained since).
+    pub lost: bool,
 }
 
 #[derive(Default)]
