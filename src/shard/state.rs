@@ -1026,6 +1026,18 @@ impl ShardState {
             self.backlog.remove(&conn);
             return;
         };
+        // A closing connection gets nothing more. Its position was saved as
+        // it closed, and the pushes it was cut off for (given up after every
+        // redelivery) are no longer pending: moving past its own sends above
+        // them would jump its position over messages it never acknowledged.
+        if !self
+            .conns
+            .get(&conn)
+            .is_some_and(|e| e.session.phase == Phase::Active)
+        {
+            self.backlog.remove(&conn);
+            return;
+        }
         let unrecorded_below = self
             .conns
             .get(&conn)
@@ -4253,6 +4265,58 @@ mod tests {
         fail_reads.set(false);
         state.retry_due(now());
         assert_eq!(pushed(&bob_out), vec![2], "read again at the next tick");
+    }
+
+    /// A connection cut off for not acknowledging a push (given up after
+    /// every redelivery) went on being refilled from its backlog: the
+    /// device's own sends above the push, no longer pending, moved its saved
+    /// position past it, and its next resume skipped the message it never
+    /// acknowledged. Now a closing connection is not refilled.
+    #[test]
+    fn a_connection_given_up_on_does_not_move_its_position_past_the_push_it_never_acknowledged() {
+        let storage = MemoryStorage::default();
+        let limits = Limits {
+            inflight_messages_max: 1,
+            ..Limits::default()
+        };
+        let mut state = lone_shard_on(storage.open_shard(ShardId(0)).unwrap(), limits);
+        let (bob, _bob_out) = connect(&mut state, "bob", false);
+        state.on_frame(bob, &send_frame("alice", ChannelType::Person, "b1"), now());
+        state.commit(now());
+        // Alice's phone sends seqs 2 and 3 (it has them), then goes away.
+        let (alice, _alice_out) = connect(&mut state, "alice", false);
+        for no in ["a1", "a2"] {
+            state.on_frame(alice, &send_frame("bob", ChannelType::Person, no), now());
+        }
+        state.commit(now());
+        state.on_closed(alice);
+        // It resumes: seq 1 fills its window of one, its own sends wait.
+        let (alice, alice_out) = connect(&mut state, "alice", true);
+        let recv_seqs = |out: &Outbox| -> Vec<u64> {
+            packets(out)
+                .into_iter()
+                .filter_map(|p| match p {
+                    Packet::Recv(r) => Some(r.message_seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(recv_seqs(&alice_out), vec![1]);
+        // It never acknowledges: redelivered until the shard gives up.
+        let mut at = now();
+        for _ in 0..20 {
+            at.monotonic = Millis(at.monotonic.0 + 60_000);
+            state.retry_due(at);
+        }
+        state.on_closed(alice);
+        let key = ChannelKey::person(&Uid::new("alice"), &Uid::new("bob"));
+        let position = state
+            .store
+            .device_position(&Uid::new("alice"), "phone", &key)
+            .unwrap();
+        assert_eq!(position.acked, Seq(0), "seq 1 was never acknowledged");
+        let (_alice, alice_out) = connect(&mut state, "alice", true);
+        assert_eq!(recv_seqs(&alice_out), vec![1], "it comes again on resume");
     }
 
     fn send_frame(to: &str, channel_type: ChannelType, client_msg_no: &str) -> Bytes {

@@ -46,6 +46,11 @@ pub struct GroupModel {
     /// A delete's answer was lost in a crash: when the group is read back,
     /// whether the delete landed is judged by its messages.
     pub delete_lost: bool,
+    /// Members a change whose answer was lost would have taken out: a
+    /// later change may have put them back, and a member put back joins
+    /// anew (sees only what comes after), so while the group is read back
+    /// they count as newcomers.
+    pub maybe_left: BTreeSet<String>,
 }
 
 impl GroupModel {
@@ -74,6 +79,14 @@ pub struct ConvModel {
     pub delete_cut: u64,
     /// An operation's answer was lost: no unread check until the next one.
     pub uncertain: bool,
+    /// Operations sent by any of the user's devices, numbered in the order
+    /// they were sent.
+    pub issued: u64,
+    /// Operations sent and not answered (nor lost).
+    pub in_flight: u32,
+    /// An operation's answer was lost and it may still land (the shards
+    /// have not been drained since).
+    pub lost: bool,
 }
 
 #[derive(Default)]

@@ -7,7 +7,7 @@
 //! message it may see, conversation lists and unread counts are the
 //! model's, incremental syncs add up to the full one.
 
-use crate::model::{GroupModel, Model, Sent};
+use crate::model::{ConvModel, GroupModel, Model, Sent};
 use crate::rng::Rng;
 use crate::world::{StoreKind, World};
 use bytes::{Bytes, BytesMut};
@@ -110,8 +110,10 @@ struct Device {
     /// send had been acknowledged when the recall went out).
     recalls: BTreeMap<u32, (ChannelKey, String)>,
     /// Conversation operations in flight: request id → (channel, action,
-    /// unread asked for, the highest seq from others the device had).
-    conversation_ops: BTreeMap<u32, (ChannelKey, ConversationAction, u64, u64)>,
+    /// unread asked for, the highest seq from others the device had, the
+    /// operation's number, whether another operation of the user there was
+    /// unsettled when it was sent).
+    conversation_ops: BTreeMap<u32, (ChannelKey, ConversationAction, u64, u64, u64, bool)>,
     /// Conversation syncs in flight: request id → since version.
     conversation_syncs: BTreeMap<u32, u64>,
     /// Responses to conversation syncs, by request id (for settle checks).
@@ -134,6 +136,8 @@ struct Attempt {
 enum ControlWait {
     Group {
         group: String,
+        /// Whom the change takes out of the group, if it lands.
+        removes: Vec<String>,
         rx: async_channel::Receiver<Result<GroupInfo, ControlError>>,
     },
     List {
@@ -828,9 +832,19 @@ impl Sim {
                     .copied()
             })
             .unwrap_or(0);
-        self.devices[d]
-            .conversation_ops
-            .insert(request_id, (key.clone(), action, unread, seen));
+        let conv = self
+            .model
+            .conversations
+            .entry((uid.clone(), key.clone()))
+            .or_default();
+        let tangled = conv.in_flight > 0 || conv.lost;
+        conv.issued += 1;
+        conv.in_flight += 1;
+        let number = conv.issued;
+        self.devices[d].conversation_ops.insert(
+            request_id,
+            (key.clone(), action, unread, seen, number, tangled),
+        );
         self.note(format!(
             "{}: conversation {action:?} {unread} on {key:?}",
             self.name(d)
@@ -946,12 +960,18 @@ impl Sim {
         device.to_ack.clear();
         device.recalls.clear();
         device.conversation_syncs.clear();
-        for (_, (key, _, _, _)) in std::mem::take(&mut device.conversation_ops) {
-            self.model
+        for (_, (key, ..)) in std::mem::take(&mut device.conversation_ops) {
+            // It may have landed, now or later (it may still wait in an
+            // inbox): uncertain until the shards are drained and a later
+            // operation is answered.
+            let conv = self
+                .model
                 .conversations
                 .entry((uid.clone(), key))
-                .or_default()
-                .uncertain = true;
+                .or_default();
+            conv.uncertain = true;
+            conv.in_flight = conv.in_flight.saturating_sub(1);
+            conv.lost = true;
         }
     }
 
@@ -1439,12 +1459,25 @@ impl Sim {
     }
 
     fn on_conversation_op_resp(&mut self, d: usize, resp: ruyi::protocol::ConversationOpResp) {
-        let Some((key, action, _unread, seen)) =
+        let Some((key, action, _unread, seen, number, tangled)) =
             self.devices[d].conversation_ops.remove(&resp.request_id)
         else {
             return;
         };
         let uid = self.devices[d].uid.clone();
+        // Operations of the user's devices on one conversation are applied
+        // in the order the owner gets them, which is not the order they were
+        // sent in (one may wait in an inbox), and their answers come over
+        // different connections. An answer says where the row is only when
+        // its operation was the only one unsettled from its sending to its
+        // answer.
+        let conv = self
+            .model
+            .conversations
+            .entry((uid.clone(), key.clone()))
+            .or_default();
+        conv.in_flight = conv.in_flight.saturating_sub(1);
+        let alone = !tangled && number == conv.issued;
         self.note(format!(
             "{}: ConversationOpResp {action:?} on {key:?}: {:?}",
             self.name(d),
@@ -1470,6 +1503,10 @@ impl Sim {
             ));
         }
         let entry = self.model.conversations.entry((uid, key)).or_default();
+        if !alone {
+            entry.uncertain = true;
+            return;
+        }
         entry.uncertain = false;
         match action {
             ConversationAction::ClearUnread => entry.read_cut = cut,
@@ -1515,11 +1552,20 @@ impl Sim {
                 uids
             };
             self.note(format!("operator: group {group} {change:?} {uids:?}"));
+            let removes: Vec<String> = match change {
+                SetChange::Add => Vec::new(),
+                SetChange::Remove => uids.clone(),
+                SetChange::Replace => (0..self.options.users)
+                    .map(|u| format!("u{u}"))
+                    .filter(|u| !uids.contains(u))
+                    .collect(),
+            };
             let (tx, rx) = async_channel::bounded(1);
             let now = self.world.now;
             self.world.shards[owner].change_group(&group, uids, change, tx, now);
             self.controls.push(ControlWait::Group {
                 group: group.clone(),
+                removes,
                 rx,
             });
         } else if roll < 8 {
@@ -1564,7 +1610,7 @@ impl Sim {
         let waits = std::mem::take(&mut self.controls);
         for wait in waits {
             match wait {
-                ControlWait::Group { group, rx } => match rx.try_recv() {
+                ControlWait::Group { group, removes, rx } => match rx.try_recv() {
                     Ok(result) => {
                         let model = self.model.groups.get_mut(&group).expect("group");
                         model.in_flight -= 1;
@@ -1575,8 +1621,20 @@ impl Sim {
                             }
                             let members: BTreeSet<String> = info.members.into_iter().collect();
                             for uid in &members {
-                                if !model.members.contains(uid) || !model.exists {
+                                if !model.members.contains(uid)
+                                    || !model.exists
+                                    || model.maybe_left.contains(uid)
+                                {
                                     model.joined.insert(uid.clone(), info.last_seq);
+                                }
+                                if model.maybe_left.contains(uid) {
+                                    // Whether they left in the lost change
+                                    // (and their row is new) is not known.
+                                    self.model
+                                        .conversations
+                                        .entry((uid.clone(), ChannelKey::group(&group)))
+                                        .or_default()
+                                        .uncertain = true;
                                 }
                             }
                             model.joined.retain(|uid, _| members.contains(uid));
@@ -1589,10 +1647,21 @@ impl Sim {
                             ));
                         }
                     }
-                    Err(async_channel::TryRecvError::Empty) => {
-                        self.controls.push(ControlWait::Group { group, rx })
+                    Err(async_channel::TryRecvError::Empty) => self
+                        .controls
+                        .push(ControlWait::Group { group, removes, rx }),
+                    Err(async_channel::TryRecvError::Closed) => {
+                        // Whom the lost change took out may have been put
+                        // back by a later one: they are members again, but
+                        // joined anew (they see only what comes after).
+                        self.model
+                            .groups
+                            .get_mut(&group)
+                            .expect("group")
+                            .maybe_left
+                            .extend(removes);
+                        self.uncertain(&group)
                     }
-                    Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
                 },
                 ControlWait::List { group, kind, rx } => match rx.try_recv() {
                     Ok(result) => {
@@ -1706,7 +1775,10 @@ impl Sim {
                 // (the change's place is not known: their unread is not
                 // judged until they next clear it).
                 for uid in &members {
-                    if !model.members.contains(uid) || !model.exists {
+                    if !model.members.contains(uid)
+                        || !model.exists
+                        || model.maybe_left.contains(uid)
+                    {
                         model.joined.insert(uid.clone(), last);
                         self.model
                             .conversations
@@ -1728,6 +1800,7 @@ impl Sim {
             // History before the last known seq is unknown: messages at or
             // below it are not judged by membership.
             model.uncertain = false;
+            model.maybe_left.clear();
             model.epoch += 1;
         }
     }
@@ -1756,7 +1829,23 @@ impl Sim {
             device.acked.remove(&key);
             device.to_ack.retain(|(k, _, _)| *k != key);
         }
-        self.model.conversations.retain(|(_, k), _| *k != key);
+        // The rows go with the group. An operation on one still unanswered,
+        // or whose answer was lost, may land on the group created again:
+        // that conversation is uncertain until a later one is answered (the
+        // deletion counts as an operation in between).
+        self.model.conversations.retain(|(_, k), conv| {
+            if *k != key {
+                return true;
+            }
+            *conv = ConvModel {
+                uncertain: conv.in_flight > 0 || conv.lost,
+                issued: conv.issued + 1,
+                in_flight: conv.in_flight,
+                lost: conv.lost,
+                ..ConvModel::default()
+            };
+            conv.uncertain
+        });
     }
 
     /// Whether a message the model knows was stored in `key` is gone from
@@ -1850,6 +1939,11 @@ impl Sim {
                 .iter()
                 .any(|d| d.link.as_ref().is_some_and(|l| !l.outbox.is_empty()));
             if !moved && !outboxes_waiting && !self.world.busy() {
+                // Every operation whose answer was lost has landed or is
+                // gone by now.
+                for conv in self.model.conversations.values_mut() {
+                    conv.lost = false;
+                }
                 return;
             }
             if self.failed() {
