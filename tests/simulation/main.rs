@@ -39,6 +39,22 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         1627,
         "a recall of a message queued while its group's deletion was being committed wrote the message back after the deletion removed it: a gap in the re-created group's seqs",
     ),
+    (
+        7468,
+        "a connection cut off as a slow consumer was refilled from its backlog in the same tick, which moved its saved position past the push it never acknowledged",
+    ),
+    (
+        9484,
+        "the model: a member removed and added again by group changes whose answers were lost joins anew",
+    ),
+    (
+        8391,
+        "the model: a lost conversation Delete landed on the group created again after a deletion",
+    ),
+    (
+        9061,
+        "the model: an older conversation operation's answer is not final while a later one is unsettled",
+    ),
 ];
 
 fn run_range(from: u64, count: u64, store: StoreKind) -> (sim::Summary, Vec<sim::Failure>) {
