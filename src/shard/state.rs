@@ -3313,23 +3313,25 @@ impl ShardState {
         // The user's own messages still being committed count as read: a
         // clear (or delete) right behind one's own send must not leave it
         // unread (or bring the conversation back).
-        let (last, own_in_flight, point, own_above) = match self.channel_mut(&key) {
+        let (last, own_in_flight) = match self.channel_mut(&key) {
             Err(reason) => return fail(self, reason),
             Ok(None) => return fail(self, ReasonCode::ChannelMissing),
-            Ok(Some(channel)) => {
-                let (point, own_above) = channel.read_point(&uid);
-                (
-                    channel.committed_seq.0,
-                    channel.own_uncommitted(&uid),
-                    point.0,
-                    own_above,
-                )
-            }
+            Ok(Some(channel)) => (channel.committed_seq.0, channel.own_uncommitted(&uid)),
         };
         let mut record = match self.owned_row(&key, &uid) {
             Err(reason) => return fail(self, reason),
             Ok(None) => return fail(self, ReasonCode::ConversationMissing),
             Ok(Some(record)) => record,
+        };
+        // Never below the row's deletion point: a member who joined behind
+        // messages not stored yet has a row read and deleted up to the join,
+        // above everything stored.
+        let (point, own_above) = match self.channels.get(&key) {
+            Some(channel) => {
+                let (point, own_above) = channel.read_point(&uid, Seq(record.deleted_seq));
+                (point.0, own_above)
+            }
+            None => return fail(self, ReasonCode::StorageError),
         };
         match op.action {
             ConversationAction::ClearUnread => {
@@ -3381,7 +3383,7 @@ impl ShardState {
         deleted: u64,
     ) -> Result<(u64, u64), ReasonCode> {
         if unread == 0 {
-            return Ok((last, 0));
+            return Ok((last.max(deleted), 0));
         }
         let mut counted = 0;
         let mut own = 0;
@@ -4295,6 +4297,55 @@ mod tests {
             let key = ChannelKey::person(&Uid::new("alice"), &Uid::new("bob"));
             let row = state.store.conversation(&Uid::new("alice"), &key).unwrap();
             assert_eq!(row.unwrap().unread(2), 0, "{action:?}");
+        }
+    }
+
+    /// The seqs of the `Recv`s among `packets`.
+    fn recv_seqs(packets: Vec<Packet>) -> Vec<u64> {
+        packets
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Recv(r) => Some(r.message_seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A member added behind a message not stored yet gets a row read and
+    /// deleted up to the join; clearing or deleting the conversation before
+    /// the join is stored must not move it below, or the device is pushed
+    /// what was sent before it joined (seeds 9273, 7658, 7393).
+    #[test]
+    fn a_conversation_op_before_ones_join_is_stored_keeps_the_join_floor() {
+        for action in [ConversationAction::ClearUnread, ConversationAction::Delete] {
+            let storage = MemoryStorage::default();
+            let mut state = lone_shard(&storage);
+            group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+            state.commit(now());
+            let (alice, _alice_out) = connect(&mut state, "alice", false);
+            let (carol, _carol_out) = connect(&mut state, "carol", false);
+            state.on_frame(alice, &send_frame("club", ChannelType::Group, "m1"), now());
+            state.commit(now());
+            // Seq 2 is handed out, not stored; carol joins after it.
+            state.on_frame(alice, &send_frame("club", ChannelType::Group, "m2"), now());
+            group_change(&mut state, "club", &["carol"], SetChange::Add);
+            let op = Packet::ConversationOp(ConversationOp {
+                request_id: 7,
+                channel_id: "club".into(),
+                channel_type: ChannelType::Group,
+                action,
+                unread: 0,
+            });
+            state.on_frame(carol, &frame(&op), now());
+            state.commit(now());
+            let key = ChannelKey::group("club");
+            let row = state.store.conversation(&Uid::new("carol"), &key).unwrap();
+            let row = row.expect("carol has a row");
+            assert_eq!((row.read_floor, row.deleted_seq), (2, 2), "{action:?}");
+            assert_eq!(row.unread(2), 0, "{action:?}");
+            // Her device resumes: nothing from before she joined.
+            let (_again, out) = connect(&mut state, "carol", true);
+            assert_eq!(recv_seqs(packets(&out)), Vec::<u64>::new(), "{action:?}");
         }
     }
 
