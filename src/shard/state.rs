@@ -2177,9 +2177,26 @@ impl ShardState {
                 key,
                 members,
                 last_seq,
+                removed,
                 reply,
                 ..
             } => {
+                // A removed member's connections stop reading the group's
+                // backlog: it could span seqs sent while they were out, if
+                // they are added again before it drains (a backlog is read
+                // from storage by seq, whoever the messages were for).
+                if !removed.is_empty() {
+                    for shard in 0..self.shards {
+                        if shard != self.id.0 {
+                            let message = ShardMsg::MembersRemoved {
+                                channel: key.clone(),
+                                uids: removed.clone(),
+                            };
+                            self.push_outgoing(ShardId(shard), message);
+                        }
+                    }
+                    self.forget_members_backlog(&key, &removed);
+                }
                 // The members took effect when the change was queued.
                 let info = GroupInfo {
                     group_id: key.id().to_owned(),
@@ -2734,6 +2751,9 @@ impl ShardState {
                 conversation,
             } => self.update_local_devices(&uid, skip, &conversation),
             ShardMsg::ChannelDeleted { channel, through } => self.forget_channel(&channel, through),
+            ShardMsg::MembersRemoved { channel, uids } => {
+                self.forget_members_backlog(&channel, &uids)
+            }
             ShardMsg::PresenceAck { conn } => {
                 let Some(entry) = self.conns.get_mut(&conn) else {
                     return;
@@ -2758,6 +2778,26 @@ impl ShardState {
                 if entry.next > entry.last {
                     behind.remove(channel);
                 }
+            }
+        }
+        self.backlog.retain(|_, behind| !behind.is_empty());
+    }
+
+    /// Members removed from `channel`: their connections' backlogs there are
+    /// dropped. Everything in them was sent while they were members, but a
+    /// backlog is a range of seqs read from storage, and a member added
+    /// again before it drains would extend it over what was sent while
+    /// they were out. Nothing at or below the removal is owed to a removed
+    /// member, nor to one added again (they see what follows the join).
+    fn forget_members_backlog(&mut self, channel: &ChannelKey, uids: &[Uid]) {
+        for (conn, behind) in self.backlog.iter_mut() {
+            let removed = self
+                .conns
+                .get(conn)
+                .and_then(|e| e.session.identity.as_ref())
+                .is_some_and(|i| uids.contains(&i.uid));
+            if removed {
+                behind.remove(channel);
             }
         }
         self.backlog.retain(|_, behind| !behind.is_empty());
@@ -4347,6 +4387,62 @@ mod tests {
             let (_again, out) = connect(&mut state, "carol", true);
             assert_eq!(recv_seqs(packets(&out)), Vec::<u64>::new(), "{action:?}");
         }
+    }
+
+    /// A device behind in a group (its window full, the rest waiting in
+    /// storage) is removed, then added again before its backlog drains:
+    /// the backlog must not stretch over what was sent while it was out
+    /// (seed 7808).
+    #[test]
+    fn a_backlog_does_not_span_the_seqs_sent_while_its_member_was_out() {
+        let storage = MemoryStorage::default();
+        let limits = Limits {
+            inflight_messages_max: 1,
+            ..Limits::default()
+        };
+        let mut state = lone_shard_on(storage.open_shard(ShardId(0)).unwrap(), limits);
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        state.commit(now());
+        let (alice, _alice_out) = connect(&mut state, "alice", false);
+        let (bob, bob_out) = connect(&mut state, "bob", false);
+        let _ = packets(&bob_out);
+        for no in ["m1", "m2"] {
+            state.on_frame(alice, &send_frame("club", ChannelType::Group, no), now());
+        }
+        state.commit(now());
+        let mut pushed = recv_seqs(packets(&bob_out));
+        assert_eq!(pushed, vec![1], "a window of one: seq 2 waits in storage");
+        group_change(&mut state, "club", &["bob"], SetChange::Remove);
+        state.commit(now());
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m3"), now());
+        state.commit(now());
+        group_change(&mut state, "club", &["bob"], SetChange::Add);
+        state.commit(now());
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m4"), now());
+        state.commit(now());
+        // Bob acknowledges everything he gets, until nothing more comes.
+        for _ in 0..8 {
+            let through = *pushed.last().unwrap();
+            let ack = Packet::RecvAck(RecvAck {
+                message_id: 0,
+                message_seq: through,
+                channel_id: "club".into(),
+                channel_type: ChannelType::Group,
+                through: true,
+            });
+            state.on_frame(bob, &frame(&ack), now());
+            state.retry_due(now());
+            let more = recv_seqs(packets(&bob_out));
+            if more.is_empty() {
+                break;
+            }
+            pushed.extend(more);
+        }
+        assert!(
+            !pushed.contains(&3),
+            "seq 3 was sent while bob was out: {pushed:?}"
+        );
+        assert!(pushed.contains(&4), "{pushed:?}");
     }
 
     #[test]
