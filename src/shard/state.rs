@@ -2234,8 +2234,17 @@ impl ShardState {
                 ..
             } => {
                 // The channel left memory when the delete was queued; what is
-                // there now is a group created again since.
-                self.deleting.remove(&key);
+                // there now is a group created again since. If that one's
+                // delete is queued too, its entry stays: without it the
+                // group would be read back from storage, where it still
+                // exists, and take sends and changes until that delete lands.
+                let deleted_again = self
+                    .pending
+                    .iter()
+                    .any(|p| matches!(p, Pending::DeleteGroup { key: k, .. } if *k == key));
+                if !deleted_again {
+                    self.deleting.remove(&key);
+                }
                 for shard in 0..self.shards {
                     if shard != self.id.0 {
                         let message = ShardMsg::ChannelDeleted {
@@ -4443,6 +4452,72 @@ mod tests {
             "seq 3 was sent while bob was out: {pushed:?}"
         );
         assert!(pushed.contains(&4), "{pushed:?}");
+    }
+
+    /// A group deleted, created again and deleted again before the first
+    /// delete is stored: when the first lands, the second is still being
+    /// committed and the group must stay gone, not be read back from
+    /// storage (where the second incarnation still exists) and take sends
+    /// and changes (seeds 7406, 8016, 8619, 7335).
+    #[test]
+    fn a_group_deleted_twice_stays_gone_while_the_second_delete_is_committed() {
+        let storage = MemoryStorage::default();
+        let mut state = lone_shard(&storage);
+        let key = ChannelKey::group("club");
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        state.commit(now());
+        let (alice, alice_out) = connect(&mut state, "alice", false);
+        let _ = packets(&alice_out);
+        let (tx, _first) = async_channel::bounded(1);
+        state.api(
+            ApiRequest::DeleteGroup {
+                channel: key.clone(),
+            },
+            tx,
+            now(),
+        );
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        let (job, in_flight) = state.begin_commit(now()).expect("a batch");
+        // While the first delete and the re-creation are written, the group
+        // is deleted again.
+        let (tx, second) = async_channel::bounded(1);
+        state.api(
+            ApiRequest::DeleteGroup {
+                channel: key.clone(),
+            },
+            tx,
+            now(),
+        );
+        let result = job();
+        state.finish_commit(in_flight, result, now());
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m1"), now());
+        let (tx, list) = async_channel::bounded(1);
+        state.change_list(
+            key.clone(),
+            ListKind::Allow,
+            vec!["alice".into()],
+            SetChange::Add,
+            tx,
+        );
+        state.commit(now());
+        assert!(matches!(second.try_recv(), Ok(ApiResponse::Deleted)));
+        let acks: Vec<ReasonCode> = packets(&alice_out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::SendAck(ack) => Some(ack.reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, vec![ReasonCode::ChannelMissing]);
+        assert!(
+            list.try_recv().unwrap().is_err(),
+            "a list of a deleted group"
+        );
+        assert!(state
+            .store
+            .list(&key, ListKind::Allow, 10)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
