@@ -350,12 +350,15 @@ impl Channel {
     /// Where `uid` has read (or deleted) up to when they clear (or delete)
     /// now: everything stored, and their own messages right after it that
     /// are still being stored; with the number of their own messages above
-    /// that (behind someone else's that they have not seen).
-    pub fn read_point(&self, uid: &Uid) -> (Seq, u64) {
-        let mut point = self.committed_seq;
+    /// that (behind someone else's that they have not seen). Never below
+    /// `floor`, the row's deletion point: a member who joined behind
+    /// messages still being stored sees nothing at or below the join, and a
+    /// clear must not bring those messages back.
+    pub fn read_point(&self, uid: &Uid, floor: Seq) -> (Seq, u64) {
+        let mut point = self.committed_seq.max(floor);
         let mut own_above = 0;
         for (seq, sender) in &self.uncommitted {
-            if sender != uid {
+            if sender != uid || *seq <= point {
                 continue;
             }
             if *seq == point.next() && own_above == 0 {

@@ -65,6 +65,12 @@ pub enum ShardMsg {
     /// wait for acknowledgement (or in a backlog) are dropped. Broadcast by
     /// the owner when the deletion is committed.
     ChannelDeleted { channel: ChannelKey, through: Seq },
+    /// Members were removed from a group: what waits in storage for their
+    /// connections there (a backlog) is dropped, so that a member added
+    /// again is not pushed from it what was sent while they were out.
+    /// Broadcast by the owner when the change is committed, after the
+    /// messages before it were fanned out.
+    MembersRemoved { channel: ChannelKey, uids: Vec<Uid> },
     /// One of `uid`'s conversations changed: tell their devices on the
     /// target shard, except `skip` (which got the response).
     ConversationUpdated {

@@ -2198,9 +2198,26 @@ impl ShardState {
                 key,
                 members,
                 last_seq,
+                removed,
                 reply,
                 ..
             } => {
+                // A removed member's connections stop reading the group's
+                // backlog: it could span seqs sent while they were out, if
+                // they are added again before it drains (a backlog is read
+                // from storage by seq, whoever the messages were for).
+                if !removed.is_empty() {
+                    for shard in 0..self.shards {
+                        if shard != self.id.0 {
+                            let message = ShardMsg::MembersRemoved {
+                                channel: key.clone(),
+                                uids: removed.clone(),
+                            };
+                            self.push_outgoing(ShardId(shard), message);
+                        }
+                    }
+                    self.forget_members_backlog(&key, &removed);
+                }
                 // The members took effect when the change was queued.
                 let info = GroupInfo {
                     group_id: key.id().to_owned(),
@@ -2238,8 +2255,17 @@ impl ShardState {
                 ..
             } => {
                 // The channel left memory when the delete was queued; what is
-                // there now is a group created again since.
-                self.deleting.remove(&key);
+                // there now is a group created again since. If that one's
+                // delete is queued too, its entry stays: without it the
+                // group would be read back from storage, where it still
+                // exists, and take sends and changes until that delete lands.
+                let deleted_again = self
+                    .pending
+                    .iter()
+                    .any(|p| matches!(p, Pending::DeleteGroup { key: k, .. } if *k == key));
+                if !deleted_again {
+                    self.deleting.remove(&key);
+                }
                 for shard in 0..self.shards {
                     if shard != self.id.0 {
                         let message = ShardMsg::ChannelDeleted {
@@ -2802,6 +2828,9 @@ impl ShardState {
                 conversation,
             } => self.update_local_devices(&uid, skip, &conversation),
             ShardMsg::ChannelDeleted { channel, through } => self.forget_channel(&channel, through),
+            ShardMsg::MembersRemoved { channel, uids } => {
+                self.forget_members_backlog(&channel, &uids)
+            }
             ShardMsg::PresenceAck { conn } => {
                 let Some(entry) = self.conns.get_mut(&conn) else {
                     return;
@@ -2826,6 +2855,26 @@ impl ShardState {
                 if entry.next > entry.last {
                     behind.remove(channel);
                 }
+            }
+        }
+        self.backlog.retain(|_, behind| !behind.is_empty());
+    }
+
+    /// Members removed from `channel`: their connections' backlogs there are
+    /// dropped. Everything in them was sent while they were members, but a
+    /// backlog is a range of seqs read from storage, and a member added
+    /// again before it drains would extend it over what was sent while
+    /// they were out. Nothing at or below the removal is owed to a removed
+    /// member, nor to one added again (they see what follows the join).
+    fn forget_members_backlog(&mut self, channel: &ChannelKey, uids: &[Uid]) {
+        for (conn, behind) in self.backlog.iter_mut() {
+            let removed = self
+                .conns
+                .get(conn)
+                .and_then(|e| e.session.identity.as_ref())
+                .is_some_and(|i| uids.contains(&i.uid));
+            if removed {
+                behind.remove(channel);
             }
         }
         self.backlog.retain(|_, behind| !behind.is_empty());
@@ -3381,23 +3430,25 @@ impl ShardState {
         // The user's own messages still being committed count as read: a
         // clear (or delete) right behind one's own send must not leave it
         // unread (or bring the conversation back).
-        let (last, own_in_flight, point, own_above) = match self.channel_mut(&key) {
+        let (last, own_in_flight) = match self.channel_mut(&key) {
             Err(reason) => return fail(self, reason),
             Ok(None) => return fail(self, ReasonCode::ChannelMissing),
-            Ok(Some(channel)) => {
-                let (point, own_above) = channel.read_point(&uid);
-                (
-                    channel.committed_seq.0,
-                    channel.own_uncommitted(&uid),
-                    point.0,
-                    own_above,
-                )
-            }
+            Ok(Some(channel)) => (channel.committed_seq.0, channel.own_uncommitted(&uid)),
         };
         let mut record = match self.owned_row(&key, &uid) {
             Err(reason) => return fail(self, reason),
             Ok(None) => return fail(self, ReasonCode::ConversationMissing),
             Ok(Some(record)) => record,
+        };
+        // Never below the row's deletion point: a member who joined behind
+        // messages not stored yet has a row read and deleted up to the join,
+        // above everything stored.
+        let (point, own_above) = match self.channels.get(&key) {
+            Some(channel) => {
+                let (point, own_above) = channel.read_point(&uid, Seq(record.deleted_seq));
+                (point.0, own_above)
+            }
+            None => return fail(self, ReasonCode::StorageError),
         };
         match op.action {
             ConversationAction::ClearUnread => {
@@ -3449,7 +3500,7 @@ impl ShardState {
         deleted: u64,
     ) -> Result<(u64, u64), ReasonCode> {
         if unread == 0 {
-            return Ok((last, 0));
+            return Ok((last.max(deleted), 0));
         }
         let mut counted = 0;
         let mut own = 0;
@@ -4429,6 +4480,177 @@ mod tests {
             let row = state.store.conversation(&Uid::new("alice"), &key).unwrap();
             assert_eq!(row.unwrap().unread(2), 0, "{action:?}");
         }
+    }
+
+    /// The seqs of the `Recv`s among `packets`.
+    fn recv_seqs(packets: Vec<Packet>) -> Vec<u64> {
+        packets
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Recv(r) => Some(r.message_seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A member added behind a message not stored yet gets a row read and
+    /// deleted up to the join; clearing or deleting the conversation before
+    /// the join is stored must not move it below, or the device is pushed
+    /// what was sent before it joined (seeds 9273, 7658, 7393).
+    #[test]
+    fn a_conversation_op_before_ones_join_is_stored_keeps_the_join_floor() {
+        for action in [ConversationAction::ClearUnread, ConversationAction::Delete] {
+            let storage = MemoryStorage::default();
+            let mut state = lone_shard(&storage);
+            group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+            state.commit(now());
+            let (alice, _alice_out) = connect(&mut state, "alice", false);
+            let (carol, _carol_out) = connect(&mut state, "carol", false);
+            state.on_frame(alice, &send_frame("club", ChannelType::Group, "m1"), now());
+            state.commit(now());
+            // Seq 2 is handed out, not stored; carol joins after it.
+            state.on_frame(alice, &send_frame("club", ChannelType::Group, "m2"), now());
+            group_change(&mut state, "club", &["carol"], SetChange::Add);
+            let op = Packet::ConversationOp(ConversationOp {
+                request_id: 7,
+                channel_id: "club".into(),
+                channel_type: ChannelType::Group,
+                action,
+                unread: 0,
+            });
+            state.on_frame(carol, &frame(&op), now());
+            state.commit(now());
+            let key = ChannelKey::group("club");
+            let row = state.store.conversation(&Uid::new("carol"), &key).unwrap();
+            let row = row.expect("carol has a row");
+            assert_eq!((row.read_floor, row.deleted_seq), (2, 2), "{action:?}");
+            assert_eq!(row.unread(2), 0, "{action:?}");
+            // Her device resumes: nothing from before she joined.
+            let (_again, out) = connect(&mut state, "carol", true);
+            assert_eq!(recv_seqs(packets(&out)), Vec::<u64>::new(), "{action:?}");
+        }
+    }
+
+    /// A device behind in a group (its window full, the rest waiting in
+    /// storage) is removed, then added again before its backlog drains:
+    /// the backlog must not stretch over what was sent while it was out
+    /// (seed 7808).
+    #[test]
+    fn a_backlog_does_not_span_the_seqs_sent_while_its_member_was_out() {
+        let storage = MemoryStorage::default();
+        let limits = Limits {
+            inflight_messages_max: 1,
+            ..Limits::default()
+        };
+        let mut state = lone_shard_on(storage.open_shard(ShardId(0)).unwrap(), limits);
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        state.commit(now());
+        let (alice, _alice_out) = connect(&mut state, "alice", false);
+        let (bob, bob_out) = connect(&mut state, "bob", false);
+        let _ = packets(&bob_out);
+        for no in ["m1", "m2"] {
+            state.on_frame(alice, &send_frame("club", ChannelType::Group, no), now());
+        }
+        state.commit(now());
+        let mut pushed = recv_seqs(packets(&bob_out));
+        assert_eq!(pushed, vec![1], "a window of one: seq 2 waits in storage");
+        group_change(&mut state, "club", &["bob"], SetChange::Remove);
+        state.commit(now());
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m3"), now());
+        state.commit(now());
+        group_change(&mut state, "club", &["bob"], SetChange::Add);
+        state.commit(now());
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m4"), now());
+        state.commit(now());
+        // Bob acknowledges everything he gets, until nothing more comes.
+        for _ in 0..8 {
+            let through = *pushed.last().unwrap();
+            let ack = Packet::RecvAck(RecvAck {
+                message_id: 0,
+                message_seq: through,
+                channel_id: "club".into(),
+                channel_type: ChannelType::Group,
+                through: true,
+            });
+            state.on_frame(bob, &frame(&ack), now());
+            state.retry_due(now());
+            let more = recv_seqs(packets(&bob_out));
+            if more.is_empty() {
+                break;
+            }
+            pushed.extend(more);
+        }
+        assert!(
+            !pushed.contains(&3),
+            "seq 3 was sent while bob was out: {pushed:?}"
+        );
+        assert!(pushed.contains(&4), "{pushed:?}");
+    }
+
+    /// A group deleted, created again and deleted again before the first
+    /// delete is stored: when the first lands, the second is still being
+    /// committed and the group must stay gone, not be read back from
+    /// storage (where the second incarnation still exists) and take sends
+    /// and changes (seeds 7406, 8016, 8619, 7335).
+    #[test]
+    fn a_group_deleted_twice_stays_gone_while_the_second_delete_is_committed() {
+        let storage = MemoryStorage::default();
+        let mut state = lone_shard(&storage);
+        let key = ChannelKey::group("club");
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        state.commit(now());
+        let (alice, alice_out) = connect(&mut state, "alice", false);
+        let _ = packets(&alice_out);
+        let (tx, _first) = async_channel::bounded(1);
+        state.api(
+            ApiRequest::DeleteGroup {
+                channel: key.clone(),
+            },
+            tx,
+            now(),
+        );
+        group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+        let (job, in_flight) = state.begin_commit(now()).expect("a batch");
+        // While the first delete and the re-creation are written, the group
+        // is deleted again.
+        let (tx, second) = async_channel::bounded(1);
+        state.api(
+            ApiRequest::DeleteGroup {
+                channel: key.clone(),
+            },
+            tx,
+            now(),
+        );
+        let result = job();
+        state.finish_commit(in_flight, result, now());
+        state.on_frame(alice, &send_frame("club", ChannelType::Group, "m1"), now());
+        let (tx, list) = async_channel::bounded(1);
+        state.change_list(
+            key.clone(),
+            ListKind::Allow,
+            vec!["alice".into()],
+            SetChange::Add,
+            tx,
+        );
+        state.commit(now());
+        assert!(matches!(second.try_recv(), Ok(ApiResponse::Deleted)));
+        let acks: Vec<ReasonCode> = packets(&alice_out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::SendAck(ack) => Some(ack.reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, vec![ReasonCode::ChannelMissing]);
+        assert!(
+            list.try_recv().unwrap().is_err(),
+            "a list of a deleted group"
+        );
+        assert!(state
+            .store
+            .list(&key, ListKind::Allow, 10)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
