@@ -52,6 +52,18 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         "the model: a lost conversation Delete landed on the group created again after a deletion",
     ),
     (
+        9273,
+        "a conversation Delete reached the owner before the member's join was stored and lowered the row below the join: resume pushed messages from before it",
+    ),
+    (
+        7808,
+        "a device's backlog range stretched over seqs sent while its user was out of the group",
+    ),
+    (
+        8016,
+        "delete, re-create, delete: committing the first delete forgot the second, and the group came back",
+    ),
+    (
         9061,
         "the model: an older conversation operation's answer is not final while a later one is unsettled",
     ),
