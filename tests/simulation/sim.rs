@@ -151,6 +151,14 @@ enum ControlWait {
     },
 }
 
+/// Adds `line` to `trace`, printed at once when replaying.
+fn echo(trace: &mut Vec<String>, line: String) {
+    if ECHO.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("{line}");
+    }
+    trace.push(line);
+}
+
 /// A violated invariant, with the seed and the steps that led to it.
 #[derive(Debug)]
 pub struct Failure {
@@ -1479,9 +1487,17 @@ impl Sim {
         conv.in_flight = conv.in_flight.saturating_sub(1);
         let alone = !tangled && number == conv.issued;
         self.note(format!(
-            "{}: ConversationOpResp {action:?} on {key:?}: {:?}",
+            "{}: ConversationOpResp {action:?} on {key:?}: {:?}{}",
             self.name(d),
-            resp.reason
+            resp.reason,
+            resp.conversation
+                .as_ref()
+                .map_or(String::new(), |c| format!(
+                    " (read to {}, last seq {}{})",
+                    c.read_seq,
+                    c.last_message_seq,
+                    if c.deleted { ", deleted" } else { "" }
+                ))
         ));
         if resp.reason != ReasonCode::Success {
             return;
@@ -1506,6 +1522,13 @@ impl Sim {
         if !alone {
             entry.uncertain = true;
             return;
+        }
+        if entry.uncertain && conversation.deleted {
+            // An earlier operation's answer was lost, and it was a delete
+            // that landed: the conversation is hidden. A delete hides at
+            // most what was committed when it ran, and the answer shows the
+            // last seq committed now, so the delete hid exactly up to it.
+            entry.delete_cut = entry.delete_cut.max(conversation.last_message_seq);
         }
         entry.uncertain = false;
         match action {
@@ -1641,10 +1664,13 @@ impl Sim {
                             model.exists = true;
                             model.members = members.clone();
                             model.history.push((info.last_seq, members));
-                            self.trace.push(format!(
-                                "operator: group {group} now {:?} after seq {}",
-                                model.members, info.last_seq
-                            ));
+                            echo(
+                                &mut self.trace,
+                                format!(
+                                    "operator: group {group} now {:?} after seq {}",
+                                    model.members, info.last_seq
+                                ),
+                            );
                         }
                     }
                     Err(async_channel::TryRecvError::Empty) => self
@@ -1688,7 +1714,7 @@ impl Sim {
                         model.epoch += 1;
                         if matches!(response, ApiResponse::Deleted) {
                             self.forget_deleted_group(&group);
-                            self.trace.push(format!("operator: group {group} deleted"));
+                            echo(&mut self.trace, format!("operator: group {group} deleted"));
                         }
                     }
                     Err(async_channel::TryRecvError::Empty) => {
@@ -1747,6 +1773,10 @@ impl Sim {
             );
             let tombstone = record.as_ref().map_or(0, |r| r.last_seq.0);
             let current = record.and_then(|r| r.members.map(|m| (r.last_seq.0, m)));
+            self.note(format!(
+                "group {group} read back: members {:?}, last seq {tombstone}",
+                current.as_ref().map(|(_, m)| m.len())
+            ));
             let exists = self.model.groups[&group].exists;
             if exists && (current.is_none() || (delete_lost && self.known_message_gone(&key))) {
                 // Deleted in the change whose answer was lost (and maybe
@@ -2268,9 +2298,10 @@ impl Sim {
                 let visible = last > hidden_below;
                 match (visible, got.get(&key)) {
                     (true, None) => {
+                        let row = self.world.reader.conversation(&Uid::new(&uid), &key);
                         return self.violation(format!(
-                            "{uid}'s conversation list lacks {key:?} (last seq {last}, hidden to {hidden_below})"
-                        ))
+                            "{uid}'s conversation list lacks {key:?} (last seq {last}, hidden to {hidden_below}; row {row:?})"
+                        ));
                     }
                     (false, Some(_)) => {
                         return self.violation(format!(
