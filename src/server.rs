@@ -139,6 +139,7 @@ impl Server {
                 source,
             })?;
         let meshes = mesh::build(shards, config.server.inbox_capacity_batches);
+        let versions = crate::shard::versions::VersionFrontier::new(shards);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut controls = Vec::new();
         let mut threads = Vec::new();
@@ -162,6 +163,7 @@ impl Server {
                 webhooks: Arc::clone(&webhooks),
                 tls: tls.clone(),
                 run,
+                versions: Arc::clone(&versions),
             };
             let thread = LocalExecutorBuilder::new(placement)
                 .name(&format!("ruyi-shard-{index}"))

@@ -409,7 +409,7 @@ pub async fn channel_delete(State(api): State<Shared>, Body(req): Body<ChannelId
         channel: key.clone(),
     };
     match ask(&api, owner(&api, &key), request).await? {
-        ApiResponse::Deleted => ok(),
+        ApiResponse::Deleted { .. } => ok(),
         _ => Err(unexpected()),
     }
 }

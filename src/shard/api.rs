@@ -4,7 +4,7 @@
 //! request's own reply channel.
 
 use crate::channel::ChannelKey;
-use crate::ids::Uid;
+use crate::ids::{Seq, Uid};
 use crate::protocol::{Conversation, ConversationOp, Packet, ReasonCode, Recv, SendPacket};
 use crate::storage::StoredMessage;
 use std::sync::Arc;
@@ -77,7 +77,11 @@ pub enum ApiResponse {
     },
     Message(Option<Arc<StoredMessage>>),
     Channel(ChannelDetails),
-    Deleted,
+    /// A group was deleted: its messages through `through` are gone (a
+    /// group created again under its id continues after it).
+    Deleted {
+        through: Seq,
+    },
     Kicked(usize),
     /// Per uid, the device flags online (each once).
     Online(Vec<(Uid, Vec<u8>)>),

@@ -17,3 +17,4 @@ pub mod message;
 pub mod notify;
 pub mod runtime;
 pub mod state;
+pub mod versions;

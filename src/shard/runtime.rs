@@ -69,6 +69,8 @@ pub struct ShardSetup {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The first message id of this run (`state::first_id_of_run`).
     pub run: crate::ids::MessageId,
+    /// Every shard's closed conversation version (`super::versions`).
+    pub versions: Arc<super::versions::VersionFrontier>,
 }
 
 /// The shard's shared, single-threaded runtime state.
@@ -142,6 +144,7 @@ pub async fn run(setup: ShardSetup) {
         webhooks,
         tls,
         run,
+        versions,
     } = setup;
     let shard = mesh.shard;
     let store = match storage.open_shard(shard) {
@@ -166,6 +169,7 @@ pub async fn run(setup: ShardSetup) {
     );
     let mut state = state;
     state.start_run(run);
+    state.share_versions(versions);
     state.set_allowlist_for_person(config.policy.allowlist_for_person);
     state.set_webhooks(crate::webhook::WebhookWriter::new(
         &config.webhook,

@@ -8,6 +8,7 @@
 use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
 use super::message::ShardMsg;
 use super::notify::Notify;
+use super::versions::{VersionFrontier, VersionSlot, ID_MS_SHIFT};
 use crate::auth::Authenticator;
 use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, Members};
 use crate::config::Limits;
@@ -153,6 +154,22 @@ impl Pending {
             | Pending::DeleteGroup { key, .. } => Some(key),
         }
     }
+
+    /// The conversation version the work stamps on what it makes visible
+    /// (a message's id is its channel's newest version), if any.
+    fn version(&self) -> Option<u64> {
+        match self {
+            Pending::Send { message, .. } => Some(message.message_id.0),
+            Pending::Conversation { record, .. } => Some(record.version),
+            Pending::Group { rows, .. } => rows.iter().map(|(_, r)| r.version).min(),
+            Pending::Recall { .. } | Pending::List { .. } | Pending::DeleteGroup { .. } => None,
+        }
+    }
+}
+
+/// The lowest conversation version among `pending`.
+fn lowest_version<'a>(pending: impl IntoIterator<Item = &'a Pending>) -> Option<u64> {
+    pending.into_iter().filter_map(Pending::version).min()
 }
 
 /// A batch handed to storage whose durable write has not finished yet.
@@ -323,6 +340,13 @@ pub struct ShardState {
     channel_clock: u64,
     /// Channels of the batch being committed: not evicted meanwhile.
     committing: Vec<ChannelKey>,
+    /// A batch is being written; the lowest conversation version in it.
+    commit_in_flight: bool,
+    in_flight_lowest: Option<u64>,
+    /// Ids through these milliseconds are recorded as issued (a sync's
+    /// closed version raised every shard's id floor to about now; a restart
+    /// must start above it even if the clock went back).
+    ids_recorded_ms: u64,
     /// Groups deleted in a commit that is not finished: they take no sends.
     /// Their last seq and message id, where a group created again starts.
     deleting: FastMap<ChannelKey, (Seq, MessageId)>,
@@ -387,6 +411,9 @@ impl ShardState {
             deleting: FastMap::default(),
             channel_clock: 0,
             committing: Vec::new(),
+            commit_in_flight: false,
+            in_flight_lowest: None,
+            ids_recorded_ms: 0,
             run: MessageId(0),
             device_presence: FastMap::default(),
             webhooks: None,
@@ -414,6 +441,43 @@ impl ShardState {
     }
 
     /// The uid system messages come from; clients may not log in as it.
+    /// Shares the shards' closed conversation versions (see
+    /// [`super::versions`]); without it a shard counts only itself.
+    pub fn share_versions(&mut self, versions: Arc<VersionFrontier>) {
+        self.ids.share_versions(versions);
+        self.publish_versions();
+    }
+
+    /// Publishes this shard's closed conversation version.
+    fn publish_versions(&mut self) {
+        let idle = self.pending.is_empty() && !self.commit_in_flight;
+        let lowest = match (self.in_flight_lowest, lowest_version(&self.pending)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.ids.publish(idle, lowest);
+    }
+
+    /// The version through which every conversation change of every shard
+    /// is visible: a sync answers nothing above it, so a client that syncs
+    /// next from the highest version it got misses nothing committed later.
+    fn closed_version(&mut self, now: Now) -> Result<u64, StorageError> {
+        self.publish_versions();
+        let now_ms = now.unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
+        let closed = self.ids.versions.closed_through(now_ms);
+        // Idle shards' id floors were raised to about now: a restart must
+        // issue above that too, whatever its clock says. Recorded a second
+        // ahead, so at most one write a second.
+        let closed_ms = closed >> ID_MS_SHIFT;
+        if closed != u64::MAX && closed_ms >= self.ids_recorded_ms {
+            let ahead = closed_ms + 1000;
+            self.store
+                .commit(&[Mutation::IdsIssued(MessageId(ahead << ID_MS_SHIFT))])?;
+            self.ids_recorded_ms = ahead;
+        }
+        Ok(closed)
+    }
+
     pub fn set_system_uid(&mut self, uid: &str) {
         self.system_uid = Some(Uid::new(uid));
     }
@@ -608,6 +672,9 @@ impl ShardState {
     /// Closes connections past their handshake or idle timeout, and cuts off
     /// those that did not finish closing in time.
     pub fn sweep(&mut self, now: Now) {
+        // Ids issued with nothing queued since (a refused send's) leave the
+        // shard marked busy until it publishes again.
+        self.publish_versions();
         let mut expired: SmallVec<[(ConnId, ReasonCode); 8]> = SmallVec::new();
         let mut stalled: SmallVec<[ConnId; 8]> = SmallVec::new();
         for (conn, entry) in &self.conns {
@@ -690,7 +757,7 @@ impl ShardState {
             Step::Authenticate(connect) => self.authenticate(conn, connect, now),
             Step::Send(send) => self.client_send(conn, send, now),
             Step::SyncMessages(request) => self.client_sync_messages(conn, &request),
-            Step::SyncConversations(request) => self.client_sync_conversations(conn, &request),
+            Step::SyncConversations(request) => self.client_sync_conversations(conn, &request, now),
             Step::ConversationOp(op) => self.client_conversation_op(conn, op, now),
             Step::Recall(recall) => self.client_recall(conn, recall),
             Step::RecvAck(ack) => self.client_ack(conn, &ack, now),
@@ -1817,29 +1884,48 @@ impl ShardState {
         let mut pending = std::mem::take(&mut self.pending);
         // A group deleted in this batch: its sends and recalls queued before
         // the delete are refused, not written (the delete would erase them
-        // and leave their webhook events describing nothing). Those queued
-        // after it are for the group created again.
+        // and leave their webhook events describing nothing). Sends queued
+        // after it are for the group created again; a recall queued after
+        // it of a message it erases is refused too (writing it would bring
+        // the message back).
         if pending
             .iter()
             .any(|p| matches!(p, Pending::DeleteGroup { .. }))
         {
+            let mut doomed: Vec<Option<ReasonCode>> = vec![None; pending.len()];
             let mut deleted_later: Vec<ChannelKey> = Vec::new();
-            let mut doomed = vec![false; pending.len()];
             for (i, p) in pending.iter().enumerate().rev() {
                 match p {
                     Pending::DeleteGroup { key, .. } => deleted_later.push(key.clone()),
-                    Pending::Send { message, .. } | Pending::Recall { message, .. } => {
-                        doomed[i] = deleted_later.contains(&message.channel);
+                    Pending::Send { message, .. } | Pending::Recall { message, .. }
+                        if deleted_later.contains(&message.channel) =>
+                    {
+                        doomed[i] = Some(ReasonCode::ChannelMissing);
+                    }
+                    _ => {}
+                }
+            }
+            let mut deleted_before: Vec<(&ChannelKey, Seq)> = Vec::new();
+            for (i, p) in pending.iter().enumerate() {
+                match p {
+                    Pending::DeleteGroup { key, last_seq, .. } => {
+                        deleted_before.push((key, *last_seq))
+                    }
+                    Pending::Recall { message, .. }
+                        if deleted_before.iter().any(|(k, through)| {
+                            **k == message.channel && message.seq <= *through
+                        }) =>
+                    {
+                        doomed[i] = Some(ReasonCode::MessageMissing);
                     }
                     _ => {}
                 }
             }
             let mut kept = Vec::with_capacity(pending.len());
             for (p, doomed) in pending.into_iter().zip(doomed) {
-                if doomed {
-                    self.refuse_pending(p, ReasonCode::ChannelMissing);
-                } else {
-                    kept.push(p);
+                match doomed {
+                    Some(reason) => self.refuse_pending(p, reason),
+                    None => kept.push(p),
                 }
             }
             pending = kept;
@@ -1924,6 +2010,8 @@ impl ShardState {
         // is recorded with the batch that uses it: a restart starts above.
         mutations.push(Mutation::IdsIssued(self.ids.last_issued()));
         self.stats.commit_batches += 1;
+        self.commit_in_flight = true;
+        self.in_flight_lowest = lowest_version(&in_flight.pending);
         match self.store.prepare_commit(&mutations) {
             Ok(job) => Some((job, in_flight)),
             Err(error) => {
@@ -2093,6 +2181,8 @@ impl ShardState {
         self.committing.clear();
         match result {
             Ok(()) => {
+                self.commit_in_flight = false;
+                self.in_flight_lowest = None;
                 if in_flight.webhook_events > 0 {
                     if let Some(writer) = &self.webhooks {
                         writer.committed();
@@ -2101,6 +2191,7 @@ impl ShardState {
                 for p in in_flight.pending {
                     self.committed(p, now);
                 }
+                self.publish_versions();
             }
             Err(error) => self.fail_commit(in_flight, &error, now),
         }
@@ -2116,6 +2207,8 @@ impl ShardState {
 
     fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
         self.committing.clear();
+        self.commit_in_flight = false;
+        self.in_flight_lowest = None;
         if let Some(writer) = self.webhooks.as_mut() {
             writer.release(in_flight.webhook_events, in_flight.webhook_bytes);
             // Presence transitions are not lost with the batch: the next
@@ -2157,6 +2250,7 @@ impl ShardState {
                 }
             }
         }
+        self.publish_versions();
     }
 
     fn committed(&mut self, pending: Pending, now: Now) {
@@ -2276,7 +2370,20 @@ impl ShardState {
                     }
                 }
                 self.forget_channel(&key, last_seq);
-                let _ = reply.try_send(ApiResponse::Deleted);
+                // Recalls queued while it was being committed were of
+                // messages it erased: writing them would bring them back.
+                let (erased, kept): (Vec<Pending>, Vec<Pending>) =
+                    std::mem::take(&mut self.pending)
+                        .into_iter()
+                        .partition(|p| {
+                            matches!(p, Pending::Recall { message, .. }
+                            if message.channel == key && message.seq <= last_seq)
+                        });
+                self.pending = kept;
+                for recall in erased {
+                    self.refuse_pending(recall, ReasonCode::MessageMissing);
+                }
+                let _ = reply.try_send(ApiResponse::Deleted { through: last_seq });
             }
             Pending::Recall {
                 origin,
@@ -2573,12 +2680,16 @@ impl ShardState {
                 answer(&reply, response);
             }
             ApiRequest::SyncConversations { uid, request } => {
-                let response = match list_conversations(
-                    &mut *self.store,
-                    &uid,
-                    &request,
-                    self.limits.sync_response_max_bytes,
-                ) {
+                let listed = self.closed_version(now).and_then(|closed| {
+                    list_conversations(
+                        &mut *self.store,
+                        &uid,
+                        &request,
+                        closed,
+                        self.limits.sync_response_max_bytes,
+                    )
+                });
+                let response = match listed {
                     Ok((conversations, more)) => ApiResponse::Conversations {
                         conversations,
                         more,
@@ -2755,9 +2866,6 @@ impl ShardState {
             Ok(Some(message)) => message,
         };
         if message_id != 0 && message.message_id.0 != message_id {
-            return fail(reply, ReasonCode::MessageMissing);
-        }
-        if self.deleted_with_group(&key, message.seq) {
             return fail(reply, ReasonCode::MessageMissing);
         }
         let conn = self.api_conn(reply);
@@ -3339,7 +3447,7 @@ impl ShardState {
 
     /// Serves `SyncConversations` from committed data, on the connection's
     /// shard.
-    fn client_sync_conversations(&mut self, conn: ConnId, request: &SyncConversations) {
+    fn client_sync_conversations(&mut self, conn: ConnId, request: &SyncConversations, now: Now) {
         let Some(uid) = self.identity_uid(conn) else {
             return;
         };
@@ -3352,12 +3460,15 @@ impl ShardState {
                 more: false,
             }
         } else {
-            match list_conversations(
-                &mut *self.store,
-                &uid,
-                request,
-                self.limits.sync_response_max_bytes,
-            ) {
+            match self.closed_version(now).and_then(|closed| {
+                list_conversations(
+                    &mut *self.store,
+                    &uid,
+                    request,
+                    closed,
+                    self.limits.sync_response_max_bytes,
+                )
+            }) {
                 Ok((conversations, more)) => SyncConversationsResp {
                     request_id: request.request_id,
                     reason: ReasonCode::Success,
@@ -3600,9 +3711,6 @@ impl ShardState {
             }
             Ok(Some(message)) => message,
         };
-        if self.deleted_with_group(&key, message.seq) {
-            return self.reply_to(origin, recall_failed(&recall, ReasonCode::MessageMissing));
-        }
         if message.from_uid != uid {
             return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotSender));
         }
@@ -3632,16 +3740,6 @@ impl ShardState {
             message: Arc::new(message.recalled()),
         });
         self.signals.commit.notify();
-    }
-
-    /// Whether the message at `seq` of `key` goes with a group deletion
-    /// being committed (the group may have been created again since: its
-    /// new messages stay). A recall of it must not write it back after
-    /// the deletion removed it.
-    fn deleted_with_group(&self, key: &ChannelKey, seq: Seq) -> bool {
-        self.deleting
-            .get(key)
-            .is_some_and(|(through, _)| seq <= *through)
     }
 
     fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {
@@ -3788,13 +3886,16 @@ fn build_conversation(
     })
 }
 
-/// The conversations of `uid` changed since the request's version, oldest
-/// change first. A full sync (version 0) lists visible conversations only;
-/// an incremental one also reports deletions.
+/// The conversations of `uid` changed since the request's version and at
+/// or below `closed` (changes above it come with a later sync: one below it
+/// may still be committing), oldest change first. A full sync (version 0)
+/// lists visible conversations only; an incremental one also reports
+/// deletions.
 fn list_conversations(
     store: &mut dyn ShardStore,
     uid: &Uid,
     request: &SyncConversations,
+    closed: u64,
     budget_bytes: usize,
 ) -> Result<(Vec<Conversation>, bool), StorageError> {
     let mut candidates = Vec::new();
@@ -3804,7 +3905,7 @@ fn list_conversations(
         };
         let version = record.version.max(channel.last_message_id.0);
         let visible = record.visible(channel.last_seq.0);
-        if version <= request.since_version {
+        if version <= request.since_version || version > closed {
             continue;
         }
         if !visible && request.since_version == 0 {
@@ -3859,11 +3960,17 @@ fn failed_ack(send: &SendPacket, reason: ReasonCode) -> SendAck {
 /// since 2024-01-01 in the top 42 bits, the shard in the next 10, a counter
 /// in the low 12. Within a shard ids only grow; a burst of more than 4096
 /// messages in one millisecond borrows from the next millisecond.
+///
+/// It also keeps the shard's [`VersionSlot`] (ids are conversation
+/// versions): issuing marks the shard busy and honours the id floor a
+/// conversation sync may have raised.
 #[derive(Debug)]
 pub struct MessageIdGenerator {
     shard: u64,
     last_ms: u64,
     counter: u64,
+    versions: Arc<VersionFrontier>,
+    busy: bool,
 }
 
 /// Begins a run of the process that starts at `unix_ms`, and returns its
@@ -3875,9 +3982,9 @@ pub fn first_id_of_run(
     store: &mut dyn ShardStore,
     unix_ms: u64,
 ) -> Result<MessageId, StorageError> {
-    let issued_ms = store.ids_issued()?.0 >> 22;
+    let issued_ms = store.ids_issued()?.0 >> ID_MS_SHIFT;
     let now_ms = unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
-    let run = MessageId(now_ms.max(issued_ms + 1) << 22);
+    let run = MessageId(now_ms.max(issued_ms + 1) << ID_MS_SHIFT);
     store.commit(&[Mutation::IdsIssued(run)])?;
     Ok(run)
 }
@@ -3891,17 +3998,43 @@ impl MessageIdGenerator {
             shard: u64::from(shard.0),
             last_ms: 0,
             counter: 0,
+            versions: VersionFrontier::new(shard.0 + 1),
+            busy: false,
+        }
+    }
+
+    /// Publishes this shard's closed version in `versions` (shared by all
+    /// shards) from now on.
+    pub fn share_versions(&mut self, versions: Arc<VersionFrontier>) {
+        self.versions = versions;
+        self.busy = false;
+    }
+
+    fn slot(&self) -> &VersionSlot {
+        self.versions.slot(self.shard as usize)
+    }
+
+    /// Publishes what this shard may still make visible: nothing when
+    /// `idle`, else nothing below `lowest` (the lowest version queued or
+    /// being committed).
+    fn publish(&mut self, idle: bool, lowest: Option<u64>) {
+        let last = self.last_issued().0;
+        if idle {
+            self.slot().publish_idle(last);
+            self.busy = false;
+        } else {
+            self.slot().publish_busy(lowest, last);
         }
     }
 
     /// The largest id handed out so far (0 before the first).
     pub fn last_issued(&self) -> MessageId {
-        MessageId((self.last_ms << 22) | (self.shard << 12) | self.counter)
+        MessageId((self.last_ms << ID_MS_SHIFT) | (self.shard << 12) | self.counter)
     }
 
     /// Hands out ids at or above `first` from now on.
     pub fn continue_from(&mut self, first: MessageId) {
-        let ms = first.0 >> 22;
+        let ms = first.0 >> ID_MS_SHIFT;
         if ms > self.last_ms {
             self.last_ms = ms;
             self.counter = 0;
@@ -3909,7 +4042,9 @@ impl MessageIdGenerator {
     }
 
     pub fn next(&mut self, unix_ms: u64) -> MessageId {
-        let ms = unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
+        let floor_ms = self.slot().issuing(self.busy);
+        self.busy = true;
+        let ms = unix_ms.saturating_sub(ID_EPOCH_UNIX_MS).max(floor_ms);
         if ms > self.last_ms {
             self.last_ms = ms;
             self.counter = 0;
@@ -3920,7 +4055,7 @@ impl MessageIdGenerator {
                 self.counter = 0;
             }
         }
-        MessageId((self.last_ms << 22) | (self.shard << 12) | self.counter)
+        MessageId((self.last_ms << ID_MS_SHIFT) | (self.shard << 12) | self.counter)
     }
 }
 
@@ -4633,7 +4768,7 @@ mod tests {
             tx,
         );
         state.commit(now());
-        assert!(matches!(second.try_recv(), Ok(ApiResponse::Deleted)));
+        assert!(matches!(second.try_recv(), Ok(ApiResponse::Deleted { .. })));
         let acks: Vec<ReasonCode> = packets(&alice_out)
             .into_iter()
             .filter_map(|p| match p {
@@ -4651,6 +4786,95 @@ mod tests {
             .list(&key, ListKind::Allow, 10)
             .unwrap()
             .is_empty());
+    }
+
+    /// Finding 3: a conversation change stamped with a version is visible
+    /// only once its batch commits. A sync that answered a later version
+    /// (committed first, on another shard) while an earlier one was still
+    /// being committed moved the client past it for good.
+    #[test]
+    fn an_incremental_conversation_sync_misses_no_change_committed_after_it() {
+        let storage = MemoryStorage::default();
+        let on_shard = |shard: u16| {
+            let group = (0..)
+                .map(|i| format!("g{i}"))
+                .find(|id| ChannelKey::group(id).shard(2) == ShardId(shard))
+                .unwrap();
+            storage
+                .open_shard(ShardId(shard))
+                .unwrap()
+                .commit(&[Mutation::PutGroup {
+                    key: ChannelKey::group(&group),
+                    members: vec![Uid::new("alice"), Uid::new("bob")],
+                    last_seq: Seq(0),
+                    last_message_id: MessageId(0),
+                }])
+                .unwrap();
+            group
+        };
+        let (first, second) = (on_shard(0), on_shard(1));
+        let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+        let versions = VersionFrontier::new(2);
+        for state in shards.iter_mut() {
+            state.share_versions(Arc::clone(&versions));
+        }
+        let (alice, _alice_out) = connect(&mut shards[0], "alice", false);
+        let (bob, bob_out) = connect(&mut shards[1], "bob", false);
+        pump(&mut shards);
+        packets(&bob_out);
+
+        // Alice writes to the group shard 0 owns (queued there, not
+        // committed yet), then to the one shard 1 owns, which commits first.
+        let send = |group: &str, no: &str| {
+            frame(&Packet::Send(SendPacket {
+                client_seq: 1,
+                client_msg_no: no.into(),
+                channel_id: group.to_owned(),
+                channel_type: ChannelType::Group,
+                flags: 0,
+                payload: Bytes::from_static(b"hi"),
+            }))
+        };
+        shards[0].on_frame(alice, &send(&first, "m1"), now());
+        shards[0].on_frame(alice, &send(&second, "m2"), now());
+        for message in shards[0].take_outgoing(ShardId(1), usize::MAX) {
+            shards[1].on_remote(message, now());
+        }
+        shards[1].commit(now());
+
+        let sync = |since_version: u64| {
+            frame(&Packet::SyncConversations(SyncConversations {
+                request_id: 1,
+                since_version,
+                limit: 100,
+                unread_only: false,
+            }))
+        };
+        let synced = |out: &Outbox| -> Vec<Conversation> {
+            packets(out)
+                .into_iter()
+                .find_map(|p| match p {
+                    Packet::SyncConversationsResp(r) => Some(r.conversations),
+                    _ => None,
+                })
+                .expect("a sync answer")
+        };
+        shards[1].on_frame(bob, &sync(0), now());
+        let early = synced(&bob_out);
+        let cursor = early.iter().map(|c| c.version).max().unwrap_or(0);
+
+        pump(&mut shards);
+        shards[1].on_frame(bob, &sync(cursor), now());
+        let mut seen: Vec<String> = early
+            .into_iter()
+            .chain(synced(&bob_out))
+            .map(|c| c.channel_id)
+            .collect();
+        seen.sort();
+        seen.dedup();
+        let mut both = vec![first, second];
+        both.sort();
+        assert_eq!(seen, both, "a sync from version {cursor} missed a change");
     }
 
     #[test]

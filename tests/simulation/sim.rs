@@ -118,6 +118,10 @@ struct Device {
     conversation_syncs: BTreeMap<u32, u64>,
     /// Responses to conversation syncs, by request id (for settle checks).
     conversation_answers: BTreeMap<u32, (Vec<Conversation>, bool)>,
+    /// The app's conversation list, kept by syncs (full, then incremental
+    /// from the highest version it got), by channel type and id as seen.
+    conversation_view: BTreeMap<(u8, String), Conversation>,
+    conversation_cursor: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -270,6 +274,8 @@ impl Sim {
                     conversation_ops: BTreeMap::new(),
                     conversation_syncs: BTreeMap::new(),
                     conversation_answers: BTreeMap::new(),
+                    conversation_view: BTreeMap::new(),
+                    conversation_cursor: 0,
                 });
             }
         }
@@ -871,7 +877,12 @@ impl Sim {
         let Some(d) = self.random_active() else {
             return;
         };
-        self.sync_conversations(d, 0);
+        let since = if self.rng.chance(30) {
+            0
+        } else {
+            self.devices[d].conversation_cursor
+        };
+        self.sync_conversations(d, since);
     }
 
     fn sync_conversations(&mut self, d: usize, since_version: u64) -> u32 {
@@ -946,6 +957,8 @@ impl Sim {
                     seqs.retain(|seq, _| acked.is_some_and(|a| a.contains(seq)));
                 }
                 device.to_ack.clear();
+                device.conversation_view.clear();
+                device.conversation_cursor = 0;
             }
         }
     }
@@ -1063,14 +1076,29 @@ impl Sim {
             Packet::Recv(recv) => self.on_recv(d, recv),
             Packet::RecallResp(resp) => self.on_recall_resp(d, resp),
             Packet::ConversationOpResp(resp) => self.on_conversation_op_resp(d, resp),
-            Packet::SyncConversationsResp(resp)
-                if self.devices[d]
-                    .conversation_syncs
-                    .remove(&resp.request_id)
-                    .is_some()
-                    && resp.reason == ReasonCode::Success =>
-            {
-                self.devices[d]
+            Packet::SyncConversationsResp(resp) => {
+                let Some(since) = self.devices[d].conversation_syncs.remove(&resp.request_id)
+                else {
+                    return;
+                };
+                if resp.reason != ReasonCode::Success {
+                    return;
+                }
+                let device = &mut self.devices[d];
+                if since == 0 {
+                    device.conversation_view.clear();
+                }
+                for c in &resp.conversations {
+                    device.conversation_cursor = device.conversation_cursor.max(c.version);
+                    device.conversation_view.insert(
+                        (
+                            u8::from(c.channel_type == ChannelType::Person),
+                            c.channel_id.clone(),
+                        ),
+                        c.clone(),
+                    );
+                }
+                device
                     .conversation_answers
                     .insert(resp.request_id, (resp.conversations, resp.more));
             }
@@ -1712,8 +1740,8 @@ impl Sim {
                         let model = self.model.groups.get_mut(&group).expect("group");
                         model.in_flight -= 1;
                         model.epoch += 1;
-                        if matches!(response, ApiResponse::Deleted) {
-                            self.forget_deleted_group(&group);
+                        if let ApiResponse::Deleted { through } = response {
+                            self.forget_deleted_group(&group, through.0);
                             echo(&mut self.trace, format!("operator: group {group} deleted"));
                         }
                     }
@@ -1789,10 +1817,10 @@ impl Sim {
                     .read_messages(&key, ruyi::ids::Seq(1), 1, ReadDirection::Up)
                     .ok()
                     .and_then(|m| m.first().map(|m| m.seq.0 - 1));
-                self.forget_deleted_group(&group);
+                let through = first_stored.unwrap_or(tombstone);
+                self.forget_deleted_group(&group, through);
                 let model = self.model.groups.get_mut(&group).expect("group");
-                model.deleted_through =
-                    model.deleted_through.max(first_stored.unwrap_or(tombstone));
+                model.deleted_through = model.deleted_through.max(through);
             }
             let model = self.model.groups.get_mut(&group).expect("group");
             if let Some((last, members)) = current {
@@ -1837,7 +1865,9 @@ impl Sim {
 
     /// A group was deleted: its messages, conversations and what devices
     /// hold of it are gone.
-    fn forget_deleted_group(&mut self, group: &str) {
+    /// `through`: the deleted group's last seq; later seqs belong to the
+    /// group created again since (a device may have them already).
+    fn forget_deleted_group(&mut self, group: &str, through: u64) {
         let model = self.model.groups.get_mut(group).expect("group");
         model.generation += 1;
         model.exists = false;
@@ -1847,17 +1877,25 @@ impl Sim {
         model.allow.clear();
         model.history.clear();
         let key = ChannelKey::group(group);
-        self.model.places.retain(|(k, _), _| *k != key);
+        self.model
+            .places
+            .retain(|(k, seq), _| *k != key || *seq > through);
         for sent in self.model.sent.values_mut() {
-            if sent.channel == key {
+            if sent.channel == key && sent.acked.is_none_or(|(seq, _)| seq <= through) {
                 sent.acked = None;
                 sent.deleted = true;
             }
         }
         for device in &mut self.devices {
-            device.received.remove(&key);
-            device.acked.remove(&key);
-            device.to_ack.retain(|(k, _, _)| *k != key);
+            if let Some(received) = device.received.get_mut(&key) {
+                received.retain(|seq, _| *seq > through);
+            }
+            if let Some(acked) = device.acked.get_mut(&key) {
+                acked.retain(|seq| *seq > through);
+            }
+            device
+                .to_ack
+                .retain(|(k, seq, _)| *k != key || *seq > through);
         }
         // The rows go with the group. An operation on one still unanswered,
         // or whose answer was lost, may land on the group created again:
@@ -2226,6 +2264,74 @@ impl Sim {
 
     /// Each user's full conversation list, and unread counts, as the model
     /// has them.
+    /// The device's list kept by incremental syncs (from the highest
+    /// version it got, never again from 0) agrees with a full sync: no
+    /// change that committed after an earlier sync was skipped. (Rows that
+    /// are gone, a former member's or a deleted group's, are not reported
+    /// by an incremental sync: those are not judged.)
+    fn check_incremental_view(&mut self, d: usize, uid: &str, full: &[Conversation]) {
+        for _ in 0..100 {
+            let since = self.devices[d].conversation_cursor;
+            let request = self.sync_conversations(d, since);
+            self.quiesce();
+            let Some((_, more)) = self.devices[d].conversation_answers.remove(&request) else {
+                return self.violation(format!("{uid}: no answer to a conversation sync"));
+            };
+            if !more {
+                break;
+            }
+        }
+        let full: BTreeMap<(u8, String), &Conversation> = full
+            .iter()
+            .map(|c| {
+                (
+                    (
+                        u8::from(c.channel_type == ChannelType::Person),
+                        c.channel_id.clone(),
+                    ),
+                    c,
+                )
+            })
+            .collect();
+        let view = self.devices[d].conversation_view.clone();
+        for (key, c) in &full {
+            match view.get(key) {
+                Some(v) if v.version == c.version && !v.deleted => {}
+                other => {
+                    return self.violation(format!(
+                        "{} kept {key:?} as {:?} by incremental syncs (cursor {}); a full sync shows version {} (last seq {}, unread {})",
+                        self.name(d),
+                        other.map(|v| (v.version, v.last_message_seq, v.unread, v.deleted)),
+                        self.devices[d].conversation_cursor,
+                        c.version,
+                        c.last_message_seq,
+                        c.unread
+                    ))
+                }
+            }
+        }
+        for (key, v) in &view {
+            if v.deleted || full.contains_key(key) {
+                continue;
+            }
+            let channel = if key.0 == 1 {
+                ChannelKey::person(&Uid::new(uid), &Uid::new(&key.1))
+            } else {
+                ChannelKey::group(&key.1)
+            };
+            if matches!(
+                self.world.reader.conversation(&Uid::new(uid), &channel),
+                Ok(Some(_))
+            ) {
+                return self.violation(format!(
+                    "{} kept {key:?} visible (version {}) by incremental syncs; a full sync does not list it",
+                    self.name(d),
+                    v.version
+                ));
+            }
+        }
+    }
+
     fn check_conversations(&mut self) {
         let users: Vec<String> = (0..self.options.users).map(|u| format!("u{u}")).collect();
         for uid in users {
@@ -2242,6 +2348,10 @@ impl Sim {
             };
             if more {
                 continue;
+            }
+            self.check_incremental_view(d, &uid, &list);
+            if self.failed() {
+                return;
             }
             let got: BTreeMap<ChannelKey, &Conversation> = list
                 .iter()

@@ -102,6 +102,7 @@ impl World {
             mode: AuthMode::Off,
             ..AuthConfig::default()
         };
+        let versions = ruyi::shard::versions::VersionFrontier::new(shards);
         self.shards = (0..shards)
             .map(|id| {
                 let store = self.storage.open_shard(ShardId(id)).expect("open shard");
@@ -116,6 +117,7 @@ impl World {
                 );
                 state.set_retry_policy(self.config.delivery.retry_policy(), self.now);
                 state.start_run(run);
+                state.share_versions(std::sync::Arc::clone(&versions));
                 state.set_allowlist_for_person(self.config.policy.allowlist_for_person);
                 state
             })
