@@ -1431,18 +1431,20 @@ impl ShardState {
     fn cache_channel(&mut self, key: &ChannelKey, channel: Channel) {
         self.channels.insert(key.clone(), channel);
         if self.channels.len() > self.limits.channels_cached_per_shard_max {
-            self.evict_channels(key);
+            self.evict_channels(Some(key));
         }
     }
 
     /// Drops the least recently used tenth of the channels held in memory,
     /// of those with nothing queued or being committed (their state is all
-    /// in storage, read again when next used). Never `keep`.
-    fn evict_channels(&mut self, keep: &ChannelKey) {
+    /// in storage, read again when next used). Never `keep`. Also run when a
+    /// commit finishes: channels that were busy when the cache filled up
+    /// are idle now.
+    fn evict_channels(&mut self, keep: Option<&ChannelKey>) {
         let mut busy: std::collections::HashSet<&ChannelKey, ahash::RandomState> =
             self.pending.iter().filter_map(Pending::channel).collect();
         busy.extend(self.committing.iter());
-        busy.insert(keep);
+        busy.extend(keep);
         let mut idle: Vec<(u64, ChannelKey)> = self
             .channels
             .iter()
@@ -2190,6 +2192,9 @@ impl ShardState {
                 }
                 for p in in_flight.pending {
                     self.committed(p, now);
+                }
+                if self.channels.len() > self.limits.channels_cached_per_shard_max {
+                    self.evict_channels(None);
                 }
                 self.publish_versions();
             }

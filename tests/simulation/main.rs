@@ -64,6 +64,14 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         "delete, re-create, delete: committing the first delete forgot the second, and the group came back",
     ),
     (
+        13592,
+        "channels busy when the cache filled up stayed cached after their commits: the shard held more than channels_cached_per_shard_max",
+    ),
+    (
+        292,
+        "a recall queued while a group's deletion was committing was refused though the deletion failed",
+    ),
+    (
         9061,
         "the model: an older conversation operation's answer is not final while a later one is unsettled",
     ),
