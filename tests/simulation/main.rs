@@ -72,6 +72,10 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         "a recall queued while a group's deletion was committing was refused though the deletion failed",
     ),
     (
+        18950,
+        "the model: a member's join point guessed after a crash lost the change that added them decided visibility",
+    ),
+    (
         9061,
         "the model: an older conversation operation's answer is not final while a later one is unsettled",
     ),

@@ -27,6 +27,9 @@ pub struct GroupModel {
     pub members: BTreeSet<String>,
     /// For each current member, the seq after which they see messages.
     pub joined: BTreeMap<String, u64>,
+    /// Members whose `joined` is a guess (a change that added them was lost
+    /// in a crash and read back): the real join may lie below it.
+    pub join_guessed: BTreeSet<String>,
     pub history: Vec<(u64, BTreeSet<String>)>,
     pub deny: BTreeSet<String>,
     pub allow: BTreeSet<String>,

@@ -1685,6 +1685,7 @@ impl Sim {
                                     || model.maybe_left.contains(uid)
                                 {
                                     model.joined.insert(uid.clone(), info.last_seq);
+                                    model.join_guessed.remove(uid);
                                 }
                                 if model.maybe_left.contains(uid) {
                                     // Whether they left in the lost change
@@ -1697,6 +1698,7 @@ impl Sim {
                                 }
                             }
                             model.joined.retain(|uid, _| members.contains(uid));
+                            model.join_guessed.retain(|uid| members.contains(uid));
                             model.exists = true;
                             model.members = members.clone();
                             model.history.push((info.last_seq, members));
@@ -1846,6 +1848,7 @@ impl Sim {
                         || model.maybe_left.contains(uid)
                     {
                         model.joined.insert(uid.clone(), last);
+                        model.join_guessed.insert(uid.clone());
                         self.model
                             .conversations
                             .entry((uid.clone(), key.clone()))
@@ -1854,6 +1857,7 @@ impl Sim {
                     }
                 }
                 model.joined.retain(|uid, _| members.contains(uid));
+                model.join_guessed.retain(|uid| members.contains(uid));
                 model.exists = true;
                 model.members = members.clone();
                 model.deny = deny.iter().map(|u| u.as_str().to_owned()).collect();
@@ -1881,6 +1885,7 @@ impl Sim {
         model.exists = false;
         model.members.clear();
         model.joined.clear();
+        model.join_guessed.clear();
         model.deny.clear();
         model.allow.clear();
         model.history.clear();
@@ -2414,6 +2419,16 @@ impl Sim {
                     _ => conv.delete_cut,
                 };
                 let visible = last > hidden_below;
+                // A join point guessed after a crash (the change's place
+                // was lost) does not decide visibility: the real one may
+                // lie below it.
+                if !visible
+                    && last > conv.delete_cut
+                    && key.kind() == ChannelType::Group
+                    && self.model.groups[key.id()].join_guessed.contains(&uid)
+                {
+                    continue;
+                }
                 match (visible, got.get(&key)) {
                     (true, None) => {
                         let row = self.world.reader.conversation(&Uid::new(&uid), &key);
@@ -2422,9 +2437,10 @@ impl Sim {
                         ));
                     }
                     (false, Some(_)) => {
+                        let row = self.world.reader.conversation(&Uid::new(&uid), &key);
                         return self.violation(format!(
-                            "{uid}'s conversation list shows {key:?}, hidden to {hidden_below}, last seq {last}"
-                        ))
+                            "{uid}'s conversation list shows {key:?}, hidden to {hidden_below}, last seq {last} (row {row:?})"
+                        ));
                     }
                     (true, Some(c)) => {
                         if c.last_message_seq != last {
