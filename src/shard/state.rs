@@ -2419,6 +2419,12 @@ impl ShardState {
 
     /// Sends a committed message to every shard where a member is online.
     fn fan_out(&mut self, message: Arc<StoredMessage>, skip: Option<ConnId>, now: Now) {
+        // A group deletion being committed erases it: nobody gets it (the
+        // channel in memory may be the group created again since, whose
+        // members are not the ones it was sent to).
+        if self.being_deleted(&message.channel, message.seq) {
+            return;
+        }
         let Some(channel) = self.channels.get(&message.channel) else {
             return;
         };
@@ -2874,7 +2880,7 @@ impl ShardState {
             return fail(reply, ReasonCode::MessageMissing);
         }
         let conn = self.api_conn(reply);
-        if message.recalled {
+        if message.recalled && !self.being_deleted(&key, message.seq) {
             let response = Packet::RecallResp(RecallResp {
                 request_id: 0,
                 reason: ReasonCode::Success,
@@ -3730,7 +3736,9 @@ impl ShardState {
                 return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotMember));
             }
         }
-        if message.recalled {
+        // Already recalled: answered at once, unless a group deletion being
+        // committed erases it (then the answer waits for that deletion).
+        if message.recalled && !self.being_deleted(&key, message.seq) {
             let response = Packet::RecallResp(RecallResp {
                 request_id: recall.request_id,
                 reason: ReasonCode::Success,
@@ -3745,6 +3753,14 @@ impl ShardState {
             message: Arc::new(message.recalled()),
         });
         self.signals.commit.notify();
+    }
+
+    /// Whether a group deletion being committed erases the message at
+    /// `seq` of `key` (a group created again since keeps its new ones).
+    fn being_deleted(&self, key: &ChannelKey, seq: Seq) -> bool {
+        self.deleting
+            .get(key)
+            .is_some_and(|(through, _)| seq <= *through)
     }
 
     fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {

@@ -76,6 +76,14 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         "the model: a member's join point guessed after a crash lost the change that added them decided visibility",
     ),
     (
+        21722,
+        "a message committed just before its group's deletion was fanned out to the members of the group created again since",
+    ),
+    (
+        24923,
+        "a recall of an already recalled message that a group deletion being committed erases was answered at once",
+    ),
+    (
         9061,
         "the model: an older conversation operation's answer is not final while a later one is unsettled",
     ),
