@@ -4448,16 +4448,7 @@ mod tests {
             state.on_frame(alice, &send_frame("bob", ChannelType::Person, no), now());
         }
         state.commit(now());
-        let pushed = |out: &Outbox| -> Vec<u64> {
-            packets(out)
-                .into_iter()
-                .filter_map(|p| match p {
-                    Packet::Recv(r) => Some(r.message_seq),
-                    _ => None,
-                })
-                .collect()
-        };
-        assert_eq!(pushed(&bob_out), vec![1], "a window of one");
+        assert_eq!(recv_seqs(packets(&bob_out)), vec![1], "a window of one");
         // The disk errs just as the ack opens the window.
         fail_reads.set(true);
         let ack = Packet::RecvAck(RecvAck {
@@ -4468,10 +4459,14 @@ mod tests {
             through: true,
         });
         state.on_frame(bob, &frame(&ack), now());
-        assert!(pushed(&bob_out).is_empty());
+        assert!(recv_seqs(packets(&bob_out)).is_empty());
         fail_reads.set(false);
         state.retry_due(now());
-        assert_eq!(pushed(&bob_out), vec![2], "read again at the next tick");
+        assert_eq!(
+            recv_seqs(packets(&bob_out)),
+            vec![2],
+            "read again at the next tick"
+        );
     }
 
     /// A connection cut off for not acknowledging a push (given up after
@@ -4499,16 +4494,7 @@ mod tests {
         state.on_closed(alice);
         // It resumes: seq 1 fills its window of one, its own sends wait.
         let (alice, alice_out) = connect(&mut state, "alice", true);
-        let recv_seqs = |out: &Outbox| -> Vec<u64> {
-            packets(out)
-                .into_iter()
-                .filter_map(|p| match p {
-                    Packet::Recv(r) => Some(r.message_seq),
-                    _ => None,
-                })
-                .collect()
-        };
-        assert_eq!(recv_seqs(&alice_out), vec![1]);
+        assert_eq!(recv_seqs(packets(&alice_out)), vec![1]);
         // It never acknowledges: redelivered until the shard gives up.
         let mut at = now();
         for _ in 0..20 {
@@ -4523,7 +4509,11 @@ mod tests {
             .unwrap();
         assert_eq!(position.acked, Seq(0), "seq 1 was never acknowledged");
         let (_alice, alice_out) = connect(&mut state, "alice", true);
-        assert_eq!(recv_seqs(&alice_out), vec![1], "it comes again on resume");
+        assert_eq!(
+            recv_seqs(packets(&alice_out)),
+            vec![1],
+            "it comes again on resume"
+        );
     }
 
     fn send_frame(to: &str, channel_type: ChannelType, client_msg_no: &str) -> Bytes {
@@ -4846,18 +4836,8 @@ mod tests {
 
         // Alice writes to the group shard 0 owns (queued there, not
         // committed yet), then to the one shard 1 owns, which commits first.
-        let send = |group: &str, no: &str| {
-            frame(&Packet::Send(SendPacket {
-                client_seq: 1,
-                client_msg_no: no.into(),
-                channel_id: group.to_owned(),
-                channel_type: ChannelType::Group,
-                flags: 0,
-                payload: Bytes::from_static(b"hi"),
-            }))
-        };
-        shards[0].on_frame(alice, &send(&first, "m1"), now());
-        shards[0].on_frame(alice, &send(&second, "m2"), now());
+        shards[0].on_frame(alice, &send_frame(&first, ChannelType::Group, "m1"), now());
+        shards[0].on_frame(alice, &send_frame(&second, ChannelType::Group, "m2"), now());
         for message in shards[0].take_outgoing(ShardId(1), usize::MAX) {
             shards[1].on_remote(message, now());
         }
