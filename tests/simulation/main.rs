@@ -87,6 +87,10 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
         9061,
         "the model: an older conversation operation's answer is not final while a later one is unsettled",
     ),
+    (
+        30159,
+        "the checks: a recall committed before its group's deletion finds nothing stored once the group is created again",
+    ),
 ];
 
 fn run_range(from: u64, count: u64, store: StoreKind) -> (sim::Summary, Vec<sim::Failure>) {

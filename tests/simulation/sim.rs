@@ -1312,6 +1312,19 @@ impl Sim {
                 .is_none_or(|g| !g.exists || g.uncertain || g.in_flight > 0)
     }
 
+    /// The message at `seq` is gone with a deletion of its group: the group
+    /// is deleted (or its fate unknown), or `seq` belonged to an incarnation
+    /// deleted since.
+    fn erased_with_group(&self, key: &ChannelKey, seq: u64) -> bool {
+        self.group_deleted(key)
+            || (key.kind() == ChannelType::Group
+                && self
+                    .model
+                    .groups
+                    .get(key.id())
+                    .is_some_and(|g| seq <= g.deleted_through))
+    }
+
     /// A message a device was given matches the store.
     fn check_against_store(
         &mut self,
@@ -1361,13 +1374,7 @@ impl Sim {
                 }
             }
             Ok(None) => {
-                let gone = key.kind() == ChannelType::Group
-                    && self
-                        .model
-                        .groups
-                        .get(key.id())
-                        .is_some_and(|g| recv.message_seq <= g.deleted_through);
-                if !self.group_deleted(&key) && !gone {
+                if !self.erased_with_group(&key, recv.message_seq) {
                     self.violation(format!(
                         "{uid} got in {what} {key:?} seq {}, which is not stored",
                         recv.message_seq
@@ -1479,7 +1486,9 @@ impl Sim {
                     .message(&key, ruyi::ids::Seq(resp.message_seq))
                 {
                     Ok(Some(stored)) if stored.recalled && stored.client_msg_no == no => {}
-                    Ok(None) if self.group_deleted(&key) => {}
+                    // Recalled, then erased with its group (which may have
+                    // been created again since).
+                    Ok(None) if self.erased_with_group(&key, resp.message_seq) => {}
                     other => self.violation(format!(
                         "recall of {no} succeeded at seq {}, the store has {other:?}",
                         resp.message_seq
@@ -1490,7 +1499,10 @@ impl Sim {
                 // Allowed only when the send was not stored: refused, or
                 // not acknowledged (and so perhaps never stored).
                 if let Some(sent) = sent {
-                    if sent.acked.is_some() && sent.channel == key && !self.group_deleted(&key) {
+                    let erased = sent
+                        .acked
+                        .is_some_and(|(seq, _)| self.erased_with_group(&key, seq));
+                    if sent.acked.is_some() && sent.channel == key && !erased {
                         self.violation(format!(
                             "{uid}'s recall of {no}, acknowledged at {:?}, answered MessageMissing",
                             sent.acked
