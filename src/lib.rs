@@ -18,8 +18,9 @@
 //!   only through bounded SPSC inboxes that carry batches of one typed
 //!   message enum. Presence (which user is online on which shard) is
 //!   broadcast, so the send path never waits on another shard.
-//! - [`channel`]: channel identity and routing (`shard = hash(channel) %
-//!   shards`), sequencing with no gaps, membership.
+//! - [`key`]: a channel's identity and routing (`shard = hash(channel) %
+//!   shards`), below both the channel logic and storage; [`channel`]:
+//!   sequencing with no gaps, membership.
 //! - [`delivery`]: what a shard pushed to its connections and not yet had
 //!   acknowledged: one entry and one timer per (connection, message) on a
 //!   hashed timer wheel, retried with backoff until acknowledged.
@@ -47,6 +48,7 @@ pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod ids;
+pub mod key;
 pub mod listener;
 pub mod protocol;
 pub mod server;

@@ -7,101 +7,12 @@
 //! log whichever of them sends: its key is the two uids in sorted order, and
 //! each of them sees the other's uid as the channel id.
 
-use crate::ids::{MessageId, Seq, ShardId, Uid};
+pub use crate::key::{ChannelKey, PERSON_KEY_SEPARATOR};
+
+use crate::ids::{MessageId, Seq, Uid};
 use crate::protocol::{ChannelType, ReasonCode};
 use crate::storage::ConversationRecord;
 use std::collections::HashSet;
-use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::Arc;
-
-/// The character that separates the two uids of a person channel's key. It
-/// is not allowed in uids.
-pub const PERSON_KEY_SEPARATOR: char = '@';
-
-/// Identifies a channel on the server.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelKey {
-    kind: ChannelType,
-    id: Arc<str>,
-}
-
-impl fmt::Debug for ChannelKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind.0, self.id)
-    }
-}
-
-impl ChannelKey {
-    /// The person channel between `a` and `b` (the same for either order).
-    pub fn person(a: &Uid, b: &Uid) -> ChannelKey {
-        let (low, high) = if a <= b { (a, b) } else { (b, a) };
-        let id = format!("{low}{PERSON_KEY_SEPARATOR}{high}");
-        ChannelKey {
-            kind: ChannelType::Person,
-            id: Arc::from(id),
-        }
-    }
-
-    pub fn group(id: &str) -> ChannelKey {
-        ChannelKey {
-            kind: ChannelType::Group,
-            id: Arc::from(id),
-        }
-    }
-
-    /// Rebuilds a key from its stored parts.
-    pub fn from_parts(kind: ChannelType, id: &str) -> ChannelKey {
-        ChannelKey {
-            kind,
-            id: Arc::from(id),
-        }
-    }
-
-    pub fn kind(&self) -> ChannelType {
-        self.kind
-    }
-
-    /// The server-side id: the group id, or `low@high` for a person channel.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The two people of a person channel.
-    pub fn person_pair(&self) -> Option<(&str, &str)> {
-        if self.kind != ChannelType::Person {
-            return None;
-        }
-        self.id.split_once(PERSON_KEY_SEPARATOR)
-    }
-
-    /// The channel id as `viewer` sees it: for a person channel, the other
-    /// person's uid; for a group, the group id.
-    pub fn id_seen_by<'a>(&'a self, viewer: &str) -> &'a str {
-        match self.person_pair() {
-            Some((low, high)) if low == viewer => high,
-            Some((low, _)) => low,
-            None => &self.id,
-        }
-    }
-
-    /// The shard that owns this channel. The hash uses fixed seeds so every
-    /// shard, every process and every restart agree.
-    pub fn shard(&self, shards: u16) -> ShardId {
-        debug_assert!(shards > 0);
-        let mut hasher = ROUTING_HASH.build_hasher();
-        self.kind.0.hash(&mut hasher);
-        self.id.hash(&mut hasher);
-        ShardId((hasher.finish() % u64::from(shards)) as u16)
-    }
-}
-
-static ROUTING_HASH: ahash::RandomState = ahash::RandomState::with_seeds(
-    0x7275_7969_5f73_6861,
-    0x7264_5f72_6f75_7465,
-    0x0123_4567_89ab_cdef,
-    0xfedc_ba98_7654_3210,
-);
 
 /// Limits that ids are checked against.
 #[derive(Debug, Clone, Copy)]

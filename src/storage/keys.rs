@@ -31,7 +31,7 @@
 //! [`WebhookRecord`]: super::WebhookRecord
 //! [`SessionRecord`]: super::SessionRecord
 
-use crate::channel::ChannelKey;
+use crate::key::ChannelKey;
 use crate::ids::Seq;
 use crate::protocol::ChannelType;
 

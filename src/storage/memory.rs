@@ -8,7 +8,7 @@ use super::{
     DeviceSession, IdempotentHit, ListKind, Mutation, ReadDirection, SessionRecord, ShardStore,
     Storage, StorageError, StoredMessage, WebhookRecord,
 };
-use crate::channel::ChannelKey;
+use crate::key::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

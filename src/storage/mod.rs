@@ -18,7 +18,7 @@ pub mod rocks;
 pub use memory::MemoryStorage;
 pub use rocks::{RocksStorage, SyncPolicy};
 
-use crate::channel::ChannelKey;
+use crate::key::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
 use bytes::Bytes;
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use super::{
     DeviceSession, IdempotentHit, ListKind, Mutation, ReadDirection, SessionRecord, ShardStore,
     Storage, StorageError, StoredMessage, WebhookRecord,
 };
-use crate::channel::ChannelKey;
+use crate::key::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
 use bytes::Bytes;
 use rocksdb::{
