@@ -14,7 +14,9 @@
 pub mod api;
 pub mod mesh;
 pub mod message;
+pub mod message_ids;
 pub mod notify;
+mod reads;
 pub mod runtime;
 pub mod state;
 pub mod versions;

@@ -31,8 +31,8 @@
 //! [`WebhookRecord`]: super::WebhookRecord
 //! [`SessionRecord`]: super::SessionRecord
 
-use crate::key::ChannelKey;
 use crate::ids::Seq;
+use crate::key::ChannelKey;
 use crate::protocol::ChannelType;
 
 pub const CF_MESSAGES: &str = "messages";

@@ -8,8 +8,8 @@ use super::{
     DeviceSession, IdempotentHit, ListKind, Mutation, ReadDirection, SessionRecord, ShardStore,
     Storage, StorageError, StoredMessage, WebhookRecord,
 };
-use crate::key::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
+use crate::key::ChannelKey;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 

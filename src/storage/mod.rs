@@ -18,8 +18,8 @@ pub mod rocks;
 pub use memory::MemoryStorage;
 pub use rocks::{RocksStorage, SyncPolicy};
 
-use crate::key::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
+use crate::key::ChannelKey;
 use bytes::Bytes;
 use std::sync::Arc;
 

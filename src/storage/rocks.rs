@@ -14,8 +14,8 @@ use super::{
     DeviceSession, IdempotentHit, ListKind, Mutation, ReadDirection, SessionRecord, ShardStore,
     Storage, StorageError, StoredMessage, WebhookRecord,
 };
-use crate::key::ChannelKey;
 use crate::ids::{MessageId, Seq, ShardId, Uid};
+use crate::key::ChannelKey;
 use bytes::Bytes;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
