@@ -9,6 +9,8 @@ use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
 use super::message::ShardMsg;
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
+use super::presence::Presence;
+use super::sessions::{Sessions, Written};
 
 use super::message_ids::ID_EPOCH_UNIX_MS;
 use super::reads::{build_conversation, list_conversations, recv_view};
@@ -17,14 +19,14 @@ use crate::auth::Authenticator;
 use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, Members};
 use crate::config::Limits;
 use crate::conn::outbox::Outbox;
-use crate::conn::session::{step, Identity, Phase, Session, Step};
+use crate::conn::session::{step, Identity, Phase, Step};
 use crate::delivery::Known;
 use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
 use crate::protocol::{
     encode_recv, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
-    Disconnect, Encoder, Packet, ReasonCode, Recall, RecallEvent, RecallResp, Recv, RecvFields,
-    SendAck, SendPacket, SyncConversations, SyncConversationsResp, SyncDirection, SyncMessages,
-    SyncMessagesResp, VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_REDELIVERED,
+    Packet, ReasonCode, Recall, RecallEvent, RecallResp, Recv, RecvFields, SendAck, SendPacket,
+    SyncConversations, SyncConversationsResp, SyncDirection, SyncMessages, SyncMessagesResp,
+    VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_REDELIVERED,
 };
 use crate::storage::{
     user_list_key, CommitJob, ConversationRecord, ListKind, Mutation, ReadDirection, ShardStore,
@@ -220,10 +222,6 @@ impl CommitLatency {
     }
 }
 
-/// Admin API requests get connection ids from here up: no real connection
-/// reaches it (the counter would need 2^47 accepts).
-const API_CONN_BASE: u64 = 1 << 47;
-
 /// A send's `(from_uid, client_msg_no)`.
 type IdempotencyKey = (Uid, String);
 
@@ -234,23 +232,6 @@ struct Uncommitted {
     channel: ChannelKey,
     waiters: SmallVec<[(ConnId, u32); 1]>,
     recalls: SmallVec<[(ConnId, Recall); 1]>,
-}
-
-struct ConnEntry {
-    session: Session,
-    outbox: Rc<Outbox>,
-    /// Counted in `handshaking` until it authenticates or closes.
-    unauthenticated: bool,
-    /// Sends, recalls and conversation changes read from it and not
-    /// answered yet (`pending_requests_per_connection_max`).
-    awaiting: usize,
-    /// Its device's session record says it is open (written when the
-    /// connection became active, cleared when it closes cleanly).
-    session_open: bool,
-    /// Messages with ids below it may have reached this device on a
-    /// connection whose pushes a crash kept from being recorded: pushed
-    /// again from storage, they are flagged as redelivered.
-    unrecorded_below: MessageId,
 }
 
 /// What waits in storage for one connection in one channel.
@@ -300,12 +281,8 @@ pub struct ShardState {
     verify: VerifyLimits,
     auth: Authenticator,
     signals: Rc<Signals>,
-    conns: FastMap<ConnId, ConnEntry>,
-    next_conn: u64,
-    /// Connections of each user on this shard.
-    local_users: FastMap<Uid, SmallVec<[ConnId; 2]>>,
-    /// Every shard's online connections, per user, as counts per shard.
-    presence: FastMap<Uid, SmallVec<[(ShardId, u32); 2]>>,
+    sessions: Sessions,
+    presence: Presence,
     channels: FastMap<ChannelKey, Channel>,
     store: Box<dyn ShardStore>,
     ids: MessageIdGenerator,
@@ -325,17 +302,7 @@ pub struct ShardState {
     backlog: FastMap<ConnId, std::collections::BTreeMap<ChannelKey, Behind>>,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
-    encoder: Encoder,
     frame_scratch: BytesMut,
-    shutting_down: bool,
-    /// Connections that have not authenticated yet.
-    handshaking: usize,
-    /// Accept rate per source address (this shard's share).
-    ip_buckets: FastMap<std::net::IpAddr, crate::conn::limit::TokenBucket>,
-    /// Admin API requests waiting for the packet a client would get, under
-    /// connection ids no real connection has.
-    api_waiters: FastMap<ConnId, ApiReply>,
-    next_api_conn: u64,
     /// The first message id of this run of the process: every id below it
     /// was handed out by an earlier run.
     run: MessageId,
@@ -353,8 +320,6 @@ pub struct ShardState {
     /// Groups deleted in a commit that is not finished: they take no sends.
     /// Their last seq and message id, where a group created again starts.
     deleting: FastMap<ChannelKey, (Seq, MessageId)>,
-    /// Every shard's online devices per user, as counts per device flag.
-    device_presence: FastMap<Uid, SmallVec<[(u8, u32); 2]>>,
     webhooks: Option<crate::webhook::WebhookWriter>,
     /// The sender of system messages; no client may log in as it.
     system_uid: Option<Uid>,
@@ -384,10 +349,8 @@ impl ShardState {
             limits,
             auth,
             signals,
-            conns: FastMap::default(),
-            next_conn: 1,
-            local_users: FastMap::default(),
-            presence: FastMap::default(),
+            sessions: Sessions::new(id),
+            presence: Presence::default(),
             channels: FastMap::default(),
             store,
             ids: MessageIdGenerator::new(id),
@@ -404,13 +367,7 @@ impl ShardState {
             backlog: FastMap::default(),
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
-            encoder: Encoder::new(),
             frame_scratch: BytesMut::new(),
-            shutting_down: false,
-            handshaking: 0,
-            ip_buckets: FastMap::default(),
-            api_waiters: FastMap::default(),
-            next_api_conn: API_CONN_BASE,
             deleting: FastMap::default(),
             channel_clock: 0,
             committing: Vec::new(),
@@ -418,7 +375,6 @@ impl ShardState {
             in_flight_lowest: None,
             ids_recorded_ms: 0,
             run: MessageId(0),
-            device_presence: FastMap::default(),
             webhooks: None,
             system_uid: None,
             stats: ShardStats::default(),
@@ -503,17 +459,13 @@ impl ShardState {
     }
 
     pub fn connection_count(&self) -> usize {
-        self.conns.len()
+        self.sessions.len()
     }
 
     /// The counters, with the gauges read now.
     pub fn current_stats(&self) -> ShardStats {
         ShardStats {
-            outbound_queued_bytes: self
-                .conns
-                .values()
-                .map(|c| c.outbox.unwritten() as u64)
-                .sum(),
+            outbound_queued_bytes: self.sessions.outbound_queued_bytes(),
             channels_cached: self.channels.len(),
             ..self.stats
         }
@@ -550,10 +502,7 @@ impl ShardState {
             return true;
         }
         let share = rate.div_ceil(u64::from(self.shards));
-        let bucket = self.ip_buckets.entry(ip).or_insert_with(|| {
-            crate::conn::limit::TokenBucket::new(share, share * 2, now.monotonic.0)
-        });
-        if bucket.try_take_one(now.monotonic.0) {
+        if self.sessions.admit_ip(ip, share, now.monotonic.0) {
             return true;
         }
         self.stats.connections_rate_limited += 1;
@@ -564,36 +513,16 @@ impl ShardState {
     /// reason to tell the client) when the shard is full, has too many
     /// connections that have not authenticated, or is shutting down.
     pub fn accept(&mut self, now: Now) -> Result<(ConnId, Rc<Outbox>), ReasonCode> {
-        let refusal = if self.shutting_down {
-            Some(ReasonCode::ServerShutdown)
-        } else if self.conns.len() >= self.limits.connections_per_shard_max {
-            Some(ReasonCode::TooManyConnections)
-        } else if self.handshaking >= self.limits.unauthenticated_connections_per_shard_max {
-            Some(ReasonCode::ServerBusy)
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            self.stats.connections_refused += 1;
-            return Err(reason);
+        match self.sessions.accept(&self.limits, now.monotonic) {
+            Ok(accepted) => {
+                self.stats.connections_accepted += 1;
+                Ok(accepted)
+            }
+            Err(reason) => {
+                self.stats.connections_refused += 1;
+                Err(reason)
+            }
         }
-        self.handshaking += 1;
-        let conn = ConnId::new(self.id, self.next_conn);
-        self.next_conn += 1;
-        let outbox = Rc::new(Outbox::default());
-        self.conns.insert(
-            conn,
-            ConnEntry {
-                session: Session::new(now.monotonic),
-                outbox: Rc::clone(&outbox),
-                unauthenticated: true,
-                awaiting: 0,
-                session_open: false,
-                unrecorded_below: MessageId(0),
-            },
-        );
-        self.stats.connections_accepted += 1;
-        Ok((conn, outbox))
     }
 
     /// Whether `conn` should have frames read from it now: not while it
@@ -601,11 +530,7 @@ impl ShardState {
     /// requests is paced by how fast it reads the answers), nor while it has
     /// its maximum of requests waiting for an answer.
     pub fn reads_frames(&self, conn: ConnId) -> bool {
-        self.conns.get(&conn).is_some_and(|c| {
-            c.session.reads_frames()
-                && c.outbox.unwritten() <= self.limits.outbound_buffer_max_bytes / 2
-                && c.awaiting < self.limits.pending_requests_per_connection_max
-        })
+        self.sessions.reads_frames(conn, &self.limits)
     }
 
     /// Whether cross-shard batches waiting to be sent are under the limit;
@@ -619,23 +544,14 @@ impl ShardState {
         // Before the device can reconnect (anywhere), what it acknowledged
         // here is saved.
         self.flush_positions(Some(conn));
-        let Some(entry) = self.conns.remove(&conn) else {
+        let Some(entry) = self.sessions.remove(conn) else {
             return;
         };
-        if entry.unauthenticated {
-            self.handshaking -= 1;
-        }
         self.pushes.forget_conn(conn);
         self.backlog.remove(&conn);
         let Some(identity) = entry.session.identity else {
             return;
         };
-        if let Some(list) = self.local_users.get_mut(&identity.uid) {
-            list.retain(|c| *c != conn);
-            if list.is_empty() {
-                self.local_users.remove(&identity.uid);
-            }
-        }
         if matches!(entry.session.phase, Phase::Handshake) {
             return;
         }
@@ -654,22 +570,8 @@ impl ShardState {
         // Save what it acknowledged now: the same device may be connecting
         // elsewhere (a kick arrives exactly then) and resume from it.
         self.flush_positions(Some(conn));
-        let Some(entry) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if entry.session.phase == Phase::Closing {
-            return;
-        }
-        tracing::debug!(conn = conn.0, reason = %crate::protocol::reason_name(reason), detail, "closing connection");
-        entry.session.phase = Phase::Closing;
-        entry.session.closing_since = Some(now.monotonic);
-        let packet = Packet::Disconnect(Disconnect {
-            reason,
-            message: detail.to_owned(),
-        });
-        let encoder = &mut self.encoder;
-        entry.outbox.append(|buf| encoder.encode(&packet, buf));
-        entry.outbox.start_closing(reason);
+        self.sessions
+            .start_closing(conn, reason, detail, now.monotonic);
     }
 
     /// Closes connections past their handshake or idle timeout, and cuts off
@@ -678,59 +580,19 @@ impl ShardState {
         // Ids issued with nothing queued since (a refused send's) leave the
         // shard marked busy until it publishes again.
         self.publish_versions();
-        let mut expired: SmallVec<[(ConnId, ReasonCode); 8]> = SmallVec::new();
-        let mut stalled: SmallVec<[ConnId; 8]> = SmallVec::new();
-        for (conn, entry) in &self.conns {
-            let s = &entry.session;
-            if !entry.outbox.is_aborted()
-                && entry.outbox.stalled_since().is_some_and(|since| {
-                    now.monotonic.saturating_sub(since) >= self.limits.write_stall_timeout_ms
-                })
-            {
-                // It has not caught up for the whole timeout: nothing, not
-                // even a Disconnect, would get through.
-                stalled.push(*conn);
-                continue;
-            }
-            match s.phase {
-                Phase::Closing => {
-                    let since = s.closing_since.unwrap_or(now.monotonic);
-                    if now.monotonic.saturating_sub(since) >= self.limits.close_flush_timeout_ms {
-                        entry.outbox.abort();
-                    }
-                }
-                Phase::Handshake | Phase::Joining { .. }
-                    if now.monotonic.saturating_sub(s.accepted_at)
-                        >= self.limits.handshake_timeout_ms =>
-                {
-                    expired.push((*conn, ReasonCode::HandshakeTimeout));
-                }
-                Phase::Active
-                    if now.monotonic.saturating_sub(s.last_read_at)
-                        >= self.limits.idle_timeout_ms =>
-                {
-                    expired.push((*conn, ReasonCode::IdleTimeout));
-                }
-                _ => entry.outbox.shrink_if_idle(16 * 1024),
-            }
-        }
-        for (conn, reason) in expired {
+        let swept = self.sessions.sweep(&self.limits, now.monotonic);
+        for (conn, reason) in swept.expired {
             self.close(conn, reason, "timed out", now);
         }
-        for conn in stalled {
+        for conn in swept.stalled {
             self.cut_off_slow_consumer(conn);
         }
-        // Forget sources whose accept budget is whole again.
-        self.ip_buckets
-            .retain(|_, bucket| !bucket.is_full(now.monotonic.0));
     }
 
     /// Starts a graceful shutdown: refuse new connections, close every open
     /// one with `ServerShutdown`.
     pub fn begin_shutdown(&mut self, now: Now) {
-        self.shutting_down = true;
-        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-        for conn in conns {
+        for conn in self.sessions.shut_down() {
             self.close(
                 conn,
                 ReasonCode::ServerShutdown,
@@ -744,7 +606,7 @@ impl ShardState {
 
     /// Handles one frame read from `conn`.
     pub fn on_frame(&mut self, conn: ConnId, frame: &Bytes, now: Now) {
-        let Some(entry) = self.conns.get_mut(&conn) else {
+        let Some(entry) = self.sessions.get_mut(conn) else {
             return;
         };
         entry.session.last_read_at = now.monotonic;
@@ -768,11 +630,7 @@ impl ShardState {
             Step::Pong => self.write_packet(conn, &Packet::Pong),
             Step::ClientClosed => {
                 self.flush_positions(Some(conn));
-                if let Some(entry) = self.conns.get_mut(&conn) {
-                    entry.session.phase = Phase::Closing;
-                    entry.session.closing_since = Some(now.monotonic);
-                    entry.outbox.start_closing(ReasonCode::Success);
-                }
+                self.sessions.client_closed(conn, now.monotonic);
             }
             Step::Refuse(reason, name) => {
                 let detail = format!("{name} not allowed here");
@@ -791,24 +649,8 @@ impl ShardState {
     }
 
     fn write_packet(&mut self, conn: ConnId, packet: &Packet) {
-        if !self.api_waiters.is_empty() {
-            if let Some(reply) = self.api_waiters.remove(&conn) {
-                let _ = reply.try_send(ApiResponse::Packet(Box::new(packet.clone())));
-                return;
-            }
-        }
-        let Some(entry) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if matches!(
-            packet,
-            Packet::SendAck(_) | Packet::RecallResp(_) | Packet::ConversationOpResp(_)
-        ) {
-            entry.awaiting = entry.awaiting.saturating_sub(1);
-        }
-        let encoder = &mut self.encoder;
-        entry.outbox.append(|buf| encoder.encode(packet, buf));
-        if entry.outbox.unwritten() > self.limits.outbound_buffer_max_bytes {
+        let max = self.limits.outbound_buffer_max_bytes;
+        if self.sessions.write(conn, packet, max) == Written::OverLimit {
             self.cut_off_slow_consumer(conn);
         }
     }
@@ -816,9 +658,7 @@ impl ShardState {
     /// A request that will be answered with one packet was read from
     /// `conn`.
     fn awaiting_answer(&mut self, conn: ConnId) {
-        if let Some(entry) = self.conns.get_mut(&conn) {
-            entry.awaiting += 1;
-        }
+        self.sessions.awaiting_answer(conn);
     }
 
     /// `conn` has more unread than `outbound_buffer_max_bytes`: it cannot
@@ -826,21 +666,9 @@ impl ShardState {
     /// resumes from there), so its queue stops growing.
     fn cut_off_slow_consumer(&mut self, conn: ConnId) {
         self.flush_positions(Some(conn));
-        let Some(entry) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if entry.outbox.is_aborted() {
-            return;
+        if self.sessions.cut_off(conn) {
+            self.stats.slow_consumers += 1;
         }
-        tracing::debug!(
-            conn = conn.0,
-            unwritten = entry.outbox.unwritten(),
-            "outbound buffer limit exceeded: cut off as a slow consumer"
-        );
-        entry.session.phase = Phase::Closing;
-        entry.outbox.start_closing(ReasonCode::SlowConsumer);
-        entry.outbox.abort();
-        self.stats.slow_consumers += 1;
     }
 
     fn refuse_connect(&mut self, conn: ConnId, reason: ReasonCode, detail: &str, now: Now) {
@@ -937,22 +765,12 @@ impl ShardState {
         };
         // Another connection of the same device on this shard is replaced.
         self.kick_device(&identity.uid, &identity.device_id, conn, now);
-        let Some(entry) = self.conns.get_mut(&conn) else {
+        if !self
+            .sessions
+            .authenticated(conn, identity.clone(), connect.resume, self.shards - 1)
+        {
             return;
-        };
-        if entry.unauthenticated {
-            entry.unauthenticated = false;
-            self.handshaking -= 1;
         }
-        entry.session.identity = Some(identity.clone());
-        entry.session.resume = connect.resume;
-        entry.session.phase = Phase::Joining {
-            acks_missing: self.shards - 1,
-        };
-        self.local_users
-            .entry(identity.uid.clone())
-            .or_default()
-            .push(conn);
         self.broadcast_presence(
             identity.uid,
             identity.device_id,
@@ -967,7 +785,7 @@ impl ShardState {
 
     fn activate(&mut self, conn: ConnId, now: Now) {
         let heartbeat_interval_ms = self.limits.heartbeat_interval_ms;
-        let Some(entry) = self.conns.get_mut(&conn) else {
+        let Some(entry) = self.sessions.get_mut(conn) else {
             return;
         };
         entry.session.phase = Phase::Active;
@@ -1028,7 +846,7 @@ impl ShardState {
         if let Err(error) = self.store.save_device_acks(&[], &[session]) {
             tracing::warn!(%error, "saving a device's session failed");
         }
-        if let Some(entry) = self.conns.get_mut(&conn) {
+        if let Some(entry) = self.sessions.get_mut(conn) {
             entry.session_open = true;
             entry.unrecorded_below = unrecorded_below;
         }
@@ -1042,11 +860,7 @@ impl ShardState {
     /// What it was pushed before, on an earlier connection, comes flagged as
     /// redelivered.
     fn resume(&mut self, conn: ConnId, now: Now) -> Result<(), StorageError> {
-        let Some(identity) = self
-            .conns
-            .get(&conn)
-            .and_then(|e| e.session.identity.clone())
-        else {
+        let Some(identity) = self.sessions.identity(conn).cloned() else {
             return Ok(());
         };
         for (key, record) in self.store.conversations(&identity.uid)? {
@@ -1100,17 +914,13 @@ impl ShardState {
         // it closed, and the pushes it was cut off for (given up after every
         // redelivery) are no longer pending: moving past its own sends above
         // them would jump its position over messages it never acknowledged.
-        if !self
-            .conns
-            .get(&conn)
-            .is_some_and(|e| e.session.phase == Phase::Active)
-        {
+        if !self.sessions.is_active(conn) {
             self.backlog.remove(&conn);
             return;
         }
         let unrecorded_below = self
-            .conns
-            .get(&conn)
+            .sessions
+            .get(conn)
             .map_or(MessageId(0), |e| e.unrecorded_below);
         let scan_max = 4 * self.limits.inflight_messages_max.max(1);
         let mut scanned = 0;
@@ -1208,23 +1018,10 @@ impl ShardState {
     }
 
     fn kick_device(&mut self, uid: &Uid, device_id: &str, except: ConnId, now: Now) {
-        let Some(list) = self.local_users.get(uid) else {
-            return;
-        };
-        let victims: SmallVec<[ConnId; 2]> = list
-            .iter()
-            .copied()
-            .filter(|c| *c != except)
-            .filter(|c| {
-                self.conns.get(c).is_some_and(|e| {
-                    e.session
-                        .identity
-                        .as_ref()
-                        .is_some_and(|i| &*i.device_id == device_id)
-                })
-            })
-            .collect();
-        for victim in victims {
+        let victims = self
+            .sessions
+            .conns_where(uid, |i| &*i.device_id == device_id);
+        for victim in victims.into_iter().filter(|c| *c != except) {
             self.close(
                 victim,
                 ReasonCode::Kicked,
@@ -1242,7 +1039,7 @@ impl ShardState {
         conn: ConnId,
         online: bool,
     ) {
-        self.apply_presence(&uid, conn.shard(), device_flag, online);
+        self.presence.apply(&uid, conn.shard(), device_flag, online);
         for shard in 0..self.shards {
             if shard != self.id.0 {
                 self.push_outgoing(
@@ -1270,55 +1067,13 @@ impl ShardState {
         if !writer.online_status {
             return;
         }
-        let devices = self.device_presence.get(uid);
-        let device_count = devices
-            .and_then(|d| d.iter().find(|(flag, _)| *flag == device_flag))
-            .map_or(0, |(_, count)| *count);
-        let total: u32 = devices.map_or(0, |d| d.iter().map(|(_, count)| *count).sum());
+        let (device_count, total) = self.presence.device_counts(uid, device_flag);
         writer.presence_lines.push(format!(
             "{uid}-{device_flag}-{}-{}-{device_count}-{total}",
             u8::from(online),
             conn.0
         ));
         self.signals.commit.notify();
-    }
-
-    fn apply_presence(&mut self, uid: &Uid, shard: ShardId, device_flag: u8, online: bool) {
-        let devices = self.device_presence.entry(uid.clone()).or_default();
-        match devices.iter().position(|(flag, _)| *flag == device_flag) {
-            Some(index) if online => devices[index].1 += 1,
-            None if online => devices.push((device_flag, 1)),
-            Some(index) => {
-                devices[index].1 -= 1;
-                if devices[index].1 == 0 {
-                    devices.swap_remove(index);
-                }
-            }
-            None => {}
-        }
-        if devices.is_empty() {
-            self.device_presence.remove(uid);
-        }
-        if online {
-            let entry = self.presence.entry(uid.clone()).or_default();
-            match entry.iter_mut().find(|(s, _)| *s == shard) {
-                Some((_, count)) => *count += 1,
-                None => entry.push((shard, 1)),
-            }
-            return;
-        }
-        let Some(entry) = self.presence.get_mut(uid) else {
-            return;
-        };
-        if let Some(position) = entry.iter().position(|(s, _)| *s == shard) {
-            entry[position].1 -= 1;
-            if entry[position].1 == 0 {
-                entry.swap_remove(position);
-            }
-        }
-        if entry.is_empty() {
-            self.presence.remove(uid);
-        }
     }
 
     /// Checks a client's `Send` and routes it to the channel's owner.
@@ -1532,7 +1287,7 @@ impl ShardState {
         let fail = |reply: ListReply, error: ControlError| {
             let _ = reply.try_send(Err(error));
         };
-        if self.shutting_down {
+        if self.sessions.is_shutting_down() {
             return fail(reply, ControlError::ShuttingDown);
         }
         assert_eq!(
@@ -1745,7 +1500,7 @@ impl ShardState {
         let fail = |reply: GroupReply, error: ControlError| {
             let _ = reply.try_send(Err(error));
         };
-        if self.shutting_down {
+        if self.sessions.is_shutting_down() {
             return fail(reply, ControlError::ShuttingDown);
         }
         let key = match resolve_target(
@@ -2116,7 +1871,7 @@ impl ShardState {
         };
         let mut offline: Vec<Uid> = members
             .into_iter()
-            .filter(|uid| *uid != message.from_uid && !self.presence.contains_key(uid))
+            .filter(|uid| *uid != message.from_uid && !self.presence.is_online(uid))
             .collect();
         offline.sort();
         offline.dedup();
@@ -2434,10 +2189,8 @@ impl ShardState {
         let mut per_shard: SmallVec<[SmallVec<[Uid; 4]>; 8]> =
             (0..self.shards).map(|_| SmallVec::new()).collect();
         let mut add = |uid: &Uid| {
-            if let Some(shards) = self.presence.get(uid) {
-                for (shard, _) in shards {
-                    per_shard[shard.index()].push(uid.clone());
-                }
+            for shard in self.presence.shards(uid) {
+                per_shard[shard.index()].push(uid.clone());
             }
         };
         // The members it was sent to: a membership change queued after it
@@ -2487,15 +2240,13 @@ impl ShardState {
         let mut slow: SmallVec<[ConnId; 2]> = SmallVec::new();
         self.frame_scratch.clear();
         for uid in recipients {
-            let Some(conns) = self.local_users.get(uid).cloned() else {
-                continue;
-            };
+            let conns = self.sessions.local_conns(uid);
             let from_self = *uid == message.from_uid;
             for conn in &conns {
                 if Some(*conn) == skip {
                     continue;
                 }
-                let Some(entry) = self.conns.get(conn) else {
+                let Some(entry) = self.sessions.get(*conn) else {
                     continue;
                 };
                 if entry.session.phase != Phase::Active {
@@ -2519,7 +2270,7 @@ impl ShardState {
                 let flagged =
                     message.seq <= known.flag_through || message.message_id < unrecorded_below;
                 let view = usize::from(from_self) | (usize::from(flagged) << 1);
-                let Some(entry) = self.conns.get(conn) else {
+                let Some(entry) = self.sessions.get(*conn) else {
                     continue;
                 };
                 // The sending device on a newer connection (it reconnected
@@ -2584,7 +2335,9 @@ impl ShardState {
                             message_seq: message.seq.0,
                             from_uid: message.from_uid.as_str().to_owned(),
                         });
-                        self.encoder.encode(&event, &mut self.frame_scratch);
+                        self.sessions
+                            .encoder()
+                            .encode(&event, &mut self.frame_scratch);
                         return (start, self.frame_scratch.len());
                     }
                     let fields = RecvFields {
@@ -2600,13 +2353,13 @@ impl ShardState {
                         send_flags: message.send_flags,
                         payload: &message.payload,
                     };
-                    encode_recv(&mut self.encoder, &fields, &mut self.frame_scratch);
+                    encode_recv(self.sessions.encoder(), &fields, &mut self.frame_scratch);
                     (start, self.frame_scratch.len())
                 });
                 let frame = &self.frame_scratch[start..end];
-                entry.outbox.append(|buf| buf.extend_from_slice(frame));
+                let max = self.limits.outbound_buffer_max_bytes;
                 self.stats.recvs_written += 1;
-                if entry.outbox.unwritten() > self.limits.outbound_buffer_max_bytes {
+                if self.sessions.write_frame(*conn, frame, max) == Written::OverLimit {
                     slow.push(*conn);
                 }
             }
@@ -2646,10 +2399,7 @@ impl ShardState {
     /// A connection id for an API request whose answer is the packet a
     /// client would get: [`ShardState::write_packet`] hands it to `reply`.
     fn api_conn(&mut self, reply: ApiReply) -> ConnId {
-        let conn = ConnId::new(self.id, self.next_api_conn);
-        self.next_api_conn += 1;
-        self.api_waiters.insert(conn, reply);
-        conn
+        self.sessions.api_conn(reply)
     }
 
     /// Serves one admin API request; the answer goes to `reply`, now or
@@ -2658,7 +2408,7 @@ impl ShardState {
         let answer = |reply: &ApiReply, response: ApiResponse| {
             let _ = reply.try_send(response);
         };
-        if self.shutting_down {
+        if self.sessions.is_shutting_down() {
             return answer(&reply, ApiResponse::Failed(ReasonCode::ServerShutdown));
         }
         // The API checks what it is given; this is the shard's own check of
@@ -2779,23 +2529,9 @@ impl ShardState {
                 self.signals.commit.notify();
             }
             ApiRequest::Kick { uid, device_flag } => {
-                let victims: SmallVec<[ConnId; 4]> = self
-                    .local_users
-                    .get(&uid)
-                    .map(|conns| {
-                        conns
-                            .iter()
-                            .copied()
-                            .filter(|conn| {
-                                self.conns.get(conn).is_some_and(|e| {
-                                    e.session.identity.as_ref().is_some_and(|i| {
-                                        device_flag.is_none_or(|flag| i.device_flag.0 == flag)
-                                    })
-                                })
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let victims = self.sessions.conns_where(&uid, |i| {
+                    device_flag.is_none_or(|flag| i.device_flag.0 == flag)
+                });
                 for conn in &victims {
                     self.close(
                         *conn,
@@ -2810,12 +2546,7 @@ impl ShardState {
                 let online = uids
                     .into_iter()
                     .filter_map(|uid| {
-                        let flags: Vec<u8> = self
-                            .device_presence
-                            .get(&uid)?
-                            .iter()
-                            .map(|(flag, _)| *flag)
-                            .collect();
+                        let flags = self.presence.device_flags(&uid)?;
                         Some((uid, flags))
                     })
                     .collect();
@@ -2925,7 +2656,7 @@ impl ShardState {
                 conn,
                 online,
             } => {
-                self.apply_presence(&uid, conn.shard(), device_flag, online);
+                self.presence.apply(&uid, conn.shard(), device_flag, online);
                 if online {
                     self.kick_device(&uid, &device_id, conn, now);
                     self.push_outgoing(conn.shard(), ShardMsg::PresenceAck { conn });
@@ -2954,14 +2685,8 @@ impl ShardState {
                 self.forget_members_backlog(&channel, &uids)
             }
             ShardMsg::PresenceAck { conn } => {
-                let Some(entry) = self.conns.get_mut(&conn) else {
-                    return;
-                };
-                if let Phase::Joining { acks_missing } = &mut entry.session.phase {
-                    *acks_missing -= 1;
-                    if *acks_missing == 0 {
-                        self.activate(conn, now);
-                    }
+                if self.sessions.presence_acked(conn) {
+                    self.activate(conn, now);
                 }
             }
         }
@@ -2991,9 +2716,8 @@ impl ShardState {
     fn forget_members_backlog(&mut self, channel: &ChannelKey, uids: &[Uid]) {
         for (conn, behind) in self.backlog.iter_mut() {
             let removed = self
-                .conns
-                .get(conn)
-                .and_then(|e| e.session.identity.as_ref())
+                .sessions
+                .identity(*conn)
                 .is_some_and(|i| uids.contains(&i.uid));
             if removed {
                 behind.remove(channel);
@@ -3054,7 +2778,7 @@ impl ShardState {
         if seq.0 == 0 {
             return;
         }
-        if !self.conns.get(&conn).is_some_and(|e| e.session.resume) {
+        if !self.sessions.resumed(conn) {
             return;
         }
         let position = self
@@ -3074,7 +2798,7 @@ impl ShardState {
         // (a later flush must not clear the session of a newer connection
         // of the same device).
         let mut sessions = Vec::new();
-        if let Some(entry) = only.and_then(|conn| self.conns.get_mut(&conn)) {
+        if let Some(entry) = only.and_then(|conn| self.sessions.get_mut(conn)) {
             if entry.session_open {
                 entry.session_open = false;
                 if let Some(identity) = &entry.session.identity {
@@ -3131,11 +2855,7 @@ impl ShardState {
                     channels.entry(channel.clone()).or_insert(Seq(0));
                 }
             }
-            let Some(identity) = self
-                .conns
-                .get(&conn)
-                .and_then(|e| e.session.identity.as_ref())
-            else {
+            let Some(identity) = self.sessions.identity(conn) else {
                 continue;
             };
             for (channel, seq) in channels {
@@ -3171,13 +2891,10 @@ impl ShardState {
             );
         }
         for (conn, message) in due {
-            let Some(entry) = self.conns.get(&conn) else {
-                continue;
-            };
-            if entry.session.phase != Phase::Active {
+            if !self.sessions.is_active(conn) {
                 continue;
             }
-            let Some(uid) = entry.session.identity.as_ref().map(|i| i.uid.clone()) else {
+            let Some(uid) = self.sessions.identity_uid(conn) else {
                 continue;
             };
             let mut recv = recv_view(&message, &uid);
@@ -3210,17 +2927,11 @@ impl ShardState {
 
     /// The uid and device id of an identified connection.
     fn identity_device(&self, conn: ConnId) -> Option<(Uid, Arc<str>)> {
-        self.conns
-            .get(&conn)
-            .and_then(|e| e.session.identity.as_ref())
-            .map(|i| (i.uid.clone(), Arc::clone(&i.device_id)))
+        self.sessions.identity_device(conn)
     }
 
     fn identity_uid(&self, conn: ConnId) -> Option<Uid> {
-        self.conns
-            .get(&conn)
-            .and_then(|e| e.session.identity.as_ref())
-            .map(|i| i.uid.clone())
+        self.sessions.identity_uid(conn)
     }
 
     /// The row of `uid` in the owned channel `key`, from the owner's copy or
@@ -3321,11 +3032,7 @@ impl ShardState {
 
     /// Tells every other device of `uid` that a conversation changed.
     fn tell_devices(&mut self, uid: &Uid, skip: ConnId, conversation: &Conversation) {
-        let shards: SmallVec<[ShardId; 4]> = self
-            .presence
-            .get(uid)
-            .map(|s| s.iter().map(|(shard, _)| *shard).collect())
-            .unwrap_or_default();
+        let shards: SmallVec<[ShardId; 4]> = self.presence.shards(uid).collect();
         for shard in shards {
             if shard == self.id {
                 self.update_local_devices(uid, skip, conversation);
@@ -3343,13 +3050,9 @@ impl ShardState {
     }
 
     fn update_local_devices(&mut self, uid: &Uid, skip: ConnId, conversation: &Conversation) {
-        let conns: SmallVec<[ConnId; 2]> = self
-            .local_users
-            .get(uid)
-            .map(|c| c.iter().copied().filter(|c| *c != skip).collect())
-            .unwrap_or_default();
+        let conns = self.sessions.local_conns(uid);
         let packet = Packet::ConversationUpdate(conversation.clone());
-        for conn in conns {
+        for conn in conns.into_iter().filter(|c| *c != skip) {
             self.write_packet(conn, &packet);
         }
     }

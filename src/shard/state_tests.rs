@@ -1,6 +1,7 @@
 //! Tests of the shard's logic, driven directly (no sockets, no executor).
 
 use super::*;
+use crate::protocol::Encoder;
 use crate::protocol::{ChannelType, Connect, DeviceFlag, RecvAck, LENGTH_PREFIX_BYTES};
 use crate::protocol::{ConversationAction, ConversationOp};
 use crate::storage::{MemoryStorage, Mutation, Storage};
