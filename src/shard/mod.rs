@@ -17,6 +17,7 @@ pub mod message;
 pub mod message_ids;
 pub mod notify;
 mod presence;
+mod pushes;
 mod reads;
 pub mod runtime;
 mod sessions;

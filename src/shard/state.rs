@@ -10,6 +10,7 @@ use super::message::ShardMsg;
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
 use super::presence::Presence;
+use super::pushes::{Ack, Device, Live, Pushes};
 use super::sessions::{Sessions, Written};
 
 use super::message_ids::ID_EPOCH_UNIX_MS;
@@ -20,7 +21,6 @@ use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, M
 use crate::config::Limits;
 use crate::conn::outbox::Outbox;
 use crate::conn::session::{step, Identity, Phase, Step};
-use crate::delivery::Known;
 use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
 use crate::protocol::{
     encode_recv, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
@@ -234,18 +234,6 @@ struct Uncommitted {
     recalls: SmallVec<[(ConnId, Recall); 1]>,
 }
 
-/// What waits in storage for one connection in one channel.
-#[derive(Debug, Clone, Copy)]
-struct Behind {
-    /// The next seq to push.
-    next: Seq,
-    /// The last seq known to be due.
-    last: Seq,
-    /// Seqs up to here may have reached the device before (on an earlier
-    /// connection): they go out flagged as redelivered.
-    flag_through: Seq,
-}
-
 /// Counters exported for observability and checked by tests.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShardStats {
@@ -290,16 +278,8 @@ pub struct ShardState {
     uncommitted_keys: FastMap<IdempotencyKey, Uncommitted>,
     idempotency_ttl_ms: u64,
     allowlist_for_person: bool,
-    /// Pushes to this shard's connections not acknowledged yet.
-    pushes: crate::delivery::PendingPushes,
-    /// Acknowledged positions per connection and channel, not saved yet.
-    positions: FastMap<ConnId, FastMap<ChannelKey, Seq>>,
-    /// Per connection, channels with committed messages it should get but
-    /// that did not fit its in-flight window (or came with a resume): the
-    /// next seq to push and the last known. Read from storage as
-    /// acknowledgements open the window, so memory stays bounded by the
-    /// window, not by how far behind a device is.
-    backlog: FastMap<ConnId, std::collections::BTreeMap<ChannelKey, Behind>>,
+    /// Pushes not acknowledged, backlogs and positions not saved yet.
+    pushes: Pushes,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     frame_scratch: BytesMut,
@@ -338,6 +318,12 @@ impl ShardState {
     ) -> ShardState {
         assert!(id.0 < shards);
         assert_eq!(signals.flush.len(), usize::from(shards));
+        let pushes = Pushes::new(
+            &limits,
+            crate::config::DeliveryConfig::default().retry_policy(),
+            u64::from(id.0) + 1,
+            0,
+        );
         ShardState {
             id,
             shards,
@@ -358,13 +344,7 @@ impl ShardState {
             uncommitted_keys: FastMap::default(),
             idempotency_ttl_ms,
             allowlist_for_person: false,
-            pushes: crate::delivery::PendingPushes::new(
-                crate::config::DeliveryConfig::default().retry_policy(),
-                u64::from(id.0) + 1,
-                0,
-            ),
-            positions: FastMap::default(),
-            backlog: FastMap::default(),
+            pushes,
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             frame_scratch: BytesMut::new(),
@@ -454,8 +434,8 @@ impl ShardState {
 
     /// How unacknowledged pushes are retried; `now` starts the timers' clock.
     pub fn set_retry_policy(&mut self, policy: crate::delivery::RetryPolicy, now: Now) {
-        self.pushes =
-            crate::delivery::PendingPushes::new(policy, u64::from(self.id.0) + 1, now.monotonic.0);
+        self.pushes
+            .set_retry_policy(policy, u64::from(self.id.0) + 1, now.monotonic.0);
     }
 
     pub fn connection_count(&self) -> usize {
@@ -548,7 +528,6 @@ impl ShardState {
             return;
         };
         self.pushes.forget_conn(conn);
-        self.backlog.remove(&conn);
         let Some(identity) = entry.session.identity else {
             return;
         };
@@ -872,148 +851,43 @@ impl ShardState {
                 .device_position(&identity.uid, &identity.device_id, &key)?;
             let acked = position.acked.0;
             let floor = if acked == 0 { record.read_floor } else { acked }.max(record.deleted_seq);
-            // A message the owner has stored but not yet fanned out may be
-            // at or below the floor: its live copy must not come again (and
-            // one pushed before comes flagged).
-            self.pushes.learn(
-                conn,
-                &key,
-                Known {
-                    had: Seq(floor),
-                    flag_through: position.pushed,
-                },
-            );
-            if channel.last_seq.0 <= floor {
-                continue;
-            }
-            let behind = self.backlog.entry(conn).or_default();
-            let entry = behind.entry(key).or_insert(Behind {
-                next: Seq(floor + 1),
-                last: channel.last_seq,
-                flag_through: position.pushed,
-            });
-            entry.next = entry.next.min(Seq(floor + 1));
-            entry.last = entry.last.max(channel.last_seq);
-            entry.flag_through = entry.flag_through.max(position.pushed);
+            self.pushes
+                .resume_channel(conn, key, Seq(floor), channel.last_seq, position.pushed);
         }
         self.refill(conn, now);
         Ok(())
     }
 
-    /// Pushes what waits in `conn`'s backlog, channel by channel in seq
-    /// order, while its in-flight window has room. The device's own sends
-    /// are skipped (and its position moved past them when nothing below is
-    /// outstanding); at most 4 windows' worth of records are read per call,
-    /// the retry tick goes on from there.
+    /// Pushes what waits in `conn`'s backlog while its in-flight window has
+    /// room (see [`Pushes::refill`]).
     fn refill(&mut self, conn: ConnId, now: Now) {
-        let Some((uid, device)) = self.identity_device(conn) else {
-            self.backlog.remove(&conn);
-            return;
-        };
         // A closing connection gets nothing more. Its position was saved as
         // it closed, and the pushes it was cut off for (given up after every
         // redelivery) are no longer pending: moving past its own sends above
         // them would jump its position over messages it never acknowledged.
-        if !self.sessions.is_active(conn) {
-            self.backlog.remove(&conn);
-            return;
-        }
-        let unrecorded_below = self
-            .sessions
-            .get(conn)
-            .map_or(MessageId(0), |e| e.unrecorded_below);
-        let scan_max = 4 * self.limits.inflight_messages_max.max(1);
-        let mut scanned = 0;
-        loop {
-            let (used, _) = self.pushes.in_flight(conn);
-            let room = self.limits.inflight_messages_max.saturating_sub(used);
-            if room == 0 {
-                return;
-            }
-            let Some((key, behind)) = self
-                .backlog
-                .get(&conn)
-                .and_then(|b| b.iter().next())
-                .map(|(k, v)| (k.clone(), *v))
-            else {
-                self.backlog.remove(&conn);
-                return;
-            };
-            let Behind {
-                next,
-                last,
-                flag_through,
-            } = behind;
-            let want = room.min((last.0 - next.0 + 1) as usize);
-            let page = match self
-                .store
-                .read_messages(&key, next, want, ReadDirection::Up)
-            {
-                Ok(page) => page,
-                Err(error) => {
-                    // The backlog stays: the next retry tick reads it again.
-                    tracing::warn!(%error, "reading a backlog failed; retrying at the next tick");
+        let recvs = match self.sessions.get(conn) {
+            Some(entry) if entry.session.phase == Phase::Active => {
+                let Some(identity) = entry.session.identity.as_ref() else {
+                    self.pushes.drop_backlog(conn);
                     return;
-                }
-            };
-            let mut pushed_through = None;
-            for message in &page {
-                // This device's own send: it has it, and the live fan-out
-                // skipped it too.
-                let own = message.from_uid == uid
-                    && !message.from_device.is_empty()
-                    && message.from_device == device;
-                if own {
-                    pushed_through = Some(message.seq);
-                    if self
-                        .pushes
-                        .lowest_pending(conn, &key)
-                        .is_none_or(|pending| pending > message.seq)
-                    {
-                        self.advance_position(conn, key.clone(), message.seq);
-                    }
-                    continue;
-                }
-                if !window_has_room(&self.pushes, &self.limits, conn, message.payload.len()) {
-                    break;
-                }
-                if self.pushes.track(conn, message, now.monotonic.0) {
-                    let mut recv = recv_view(message, &uid);
-                    if message.seq <= flag_through || message.message_id < unrecorded_below {
-                        recv.flags |= RECV_FLAG_REDELIVERED;
-                    }
-                    self.write_packet(conn, &Packet::Recv(recv));
-                    self.stats.recvs_written += 1;
-                }
-                pushed_through = Some(message.seq);
+                };
+                let device = Device {
+                    uid: &identity.uid,
+                    device_id: &identity.device_id,
+                    resumed: entry.session.resume,
+                    unrecorded_below: entry.unrecorded_below,
+                };
+                self.pushes
+                    .refill(conn, &device, &mut *self.store, now.monotonic.0)
             }
-            let Some(backlog) = self.backlog.get_mut(&conn) else {
-                return;
-            };
-            match pushed_through {
-                Some(seq) if seq < last => {
-                    backlog.insert(
-                        key,
-                        Behind {
-                            next: seq.next(),
-                            ..behind
-                        },
-                    );
-                }
-                // Done with this channel, or nothing left to read there.
-                Some(_) => {
-                    backlog.remove(&key);
-                }
-                None if page.is_empty() => {
-                    backlog.remove(&key);
-                }
-                // The window is full by bytes.
-                None => return,
-            }
-            scanned += page.len();
-            if scanned >= scan_max {
+            _ => {
+                self.pushes.drop_backlog(conn);
                 return;
             }
+        };
+        for recv in recvs {
+            self.write_packet(conn, &Packet::Recv(recv));
+            self.stats.recvs_written += 1;
         }
     }
 
@@ -2252,79 +2126,27 @@ impl ShardState {
                 if entry.session.phase != Phase::Active {
                     continue;
                 }
-                let unrecorded_below = entry.unrecorded_below;
-                // What the device had of the channel before this connection
-                // pushed any of it: a live copy of a message it acknowledged
-                // on an earlier connection is not pushed, one it was pushed
-                // there comes flagged (a resend after a crash pushes a stored
-                // message live again; the device may have got it from a
-                // resume that read it from storage first).
-                let known = if message.recalled {
-                    Known::default()
-                } else {
-                    match self.pushes.known(*conn, &message.channel) {
-                        Some(known) => known,
-                        None => self.learn_position(*conn, &message.channel),
-                    }
+                let Some(identity) = entry.session.identity.as_ref() else {
+                    continue;
                 };
-                let flagged =
-                    message.seq <= known.flag_through || message.message_id < unrecorded_below;
+                let device = Device {
+                    uid: &identity.uid,
+                    device_id: &identity.device_id,
+                    resumed: entry.session.resume,
+                    unrecorded_below: entry.unrecorded_below,
+                };
+                let live = self.pushes.live(
+                    *conn,
+                    &device,
+                    message,
+                    from_self,
+                    &mut *self.store,
+                    now.monotonic.0,
+                );
+                let Live::Push { flagged } = live else {
+                    continue;
+                };
                 let view = usize::from(from_self) | (usize::from(flagged) << 1);
-                let Some(entry) = self.sessions.get(*conn) else {
-                    continue;
-                };
-                // The sending device on a newer connection (it reconnected
-                // while its send was being committed) has it already.
-                if from_self
-                    && !message.recalled
-                    && !message.from_device.is_empty()
-                    && entry
-                        .session
-                        .identity
-                        .as_ref()
-                        .is_some_and(|i| i.device_id == message.from_device)
-                {
-                    continue;
-                }
-                if !message.recalled {
-                    // Behind in this channel, or the window is full: it
-                    // waits in storage, after what is already waiting.
-                    if let Some(behind) = self
-                        .backlog
-                        .get_mut(conn)
-                        .and_then(|b| b.get_mut(&message.channel))
-                    {
-                        behind.last = behind.last.max(message.seq);
-                        continue;
-                    }
-                    // Already pushed from storage: a resume or refill read
-                    // it there before this live copy arrived from the
-                    // owner's shard (pushes of a channel go out in seq
-                    // order, so nothing at or below the highest is new).
-                    if self
-                        .pushes
-                        .highest_had(*conn, &message.channel)
-                        .is_some_and(|highest| highest >= message.seq)
-                    {
-                        continue;
-                    }
-                    if !window_has_room(&self.pushes, &self.limits, *conn, message.payload.len()) {
-                        self.backlog.entry(*conn).or_default().insert(
-                            message.channel.clone(),
-                            Behind {
-                                next: message.seq,
-                                last: message.seq,
-                                flag_through: Seq(0),
-                            },
-                        );
-                        continue;
-                    }
-                    // A message already waiting for this device's ack is not
-                    // written again: its timer will.
-                    if !self.pushes.track(*conn, message, now.monotonic.0) {
-                        continue;
-                    }
-                }
                 let (start, end) = *frames[view].get_or_insert_with(|| {
                     let start = self.frame_scratch.len();
                     if message.recalled {
@@ -2367,31 +2189,6 @@ impl ShardState {
         for conn in slow {
             self.cut_off_slow_consumer(conn);
         }
-    }
-
-    /// Reads what `conn`'s device has of `channel` from its saved position,
-    /// once per connection and channel (at its first live push there), and
-    /// remembers it. A failed read assumes everything may have been pushed
-    /// before: nothing is skipped, everything comes flagged.
-    fn learn_position(&mut self, conn: ConnId, channel: &ChannelKey) -> Known {
-        let Some((uid, device)) = self.identity_device(conn) else {
-            return Known::default();
-        };
-        let known = match self.store.device_position(&uid, &device, channel) {
-            Ok(position) => Known {
-                had: position.acked,
-                flag_through: position.pushed,
-            },
-            Err(error) => {
-                tracing::warn!(%error, "reading a device's position failed; its pushes come flagged");
-                Known {
-                    had: Seq(0),
-                    flag_through: Seq(u64::MAX),
-                }
-            }
-        };
-        self.pushes.learn(conn, channel, known);
-        known
     }
 
     // ---- the admin API ----------------------------------------------------
@@ -2696,34 +2493,17 @@ impl ShardState {
     /// them is pushed again.
     fn forget_channel(&mut self, channel: &ChannelKey, through: Seq) {
         self.pushes.forget_channel(channel, through);
-        for behind in self.backlog.values_mut() {
-            if let Some(entry) = behind.get_mut(channel) {
-                entry.next = entry.next.max(through.next());
-                if entry.next > entry.last {
-                    behind.remove(channel);
-                }
-            }
-        }
-        self.backlog.retain(|_, behind| !behind.is_empty());
     }
 
     /// Members removed from `channel`: their connections' backlogs there are
-    /// dropped. Everything in them was sent while they were members, but a
-    /// backlog is a range of seqs read from storage, and a member added
-    /// again before it drains would extend it over what was sent while
-    /// they were out. Nothing at or below the removal is owed to a removed
-    /// member, nor to one added again (they see what follows the join).
+    /// dropped (see [`Pushes::forget_members_backlog`]).
     fn forget_members_backlog(&mut self, channel: &ChannelKey, uids: &[Uid]) {
-        for (conn, behind) in self.backlog.iter_mut() {
-            let removed = self
-                .sessions
-                .identity(*conn)
-                .is_some_and(|i| uids.contains(&i.uid));
-            if removed {
-                behind.remove(channel);
-            }
-        }
-        self.backlog.retain(|_, behind| !behind.is_empty());
+        let sessions = &self.sessions;
+        self.pushes.forget_members_backlog(channel, |conn| {
+            sessions
+                .identity(conn)
+                .is_some_and(|i| uids.contains(&i.uid))
+        });
     }
 
     // ---- acknowledgements and retries ------------------------------------
@@ -2731,63 +2511,27 @@ impl ShardState {
     fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck, now: Now) {
         self.stats.acks_received += 1;
         self.record_ack(conn, ack);
-        if self.backlog.contains_key(&conn) {
+        if self.pushes.has_backlog(conn) {
             self.refill(conn, now);
         }
     }
 
     fn record_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck) {
-        if !ack.through {
-            if let Some((key, seq)) = self.pushes.complete(conn, MessageId(ack.message_id)) {
-                // The device has everything of the channel below the lowest
-                // push still pending there.
-                let through = match self.pushes.lowest_pending(conn, &key) {
-                    Some(lowest) if lowest <= seq => Seq(lowest.0 - 1),
-                    _ => seq,
-                };
-                self.advance_position(conn, key, through);
-            }
-            return;
-        }
-        let Some(uid) = self.identity_uid(conn) else {
-            return;
-        };
-        // A bad channel in an ack completes nothing; it is not worth a
-        // disconnect.
-        if let Ok(key) = self.resolve_for(&uid, &ack.channel_id, ack.channel_type) {
-            // Only what was pushed to this connection counts: an ack for a
-            // channel it was never sent (not a member) or beyond what it got
-            // must not hide later messages on resume.
-            let Some(highest) = self.pushes.highest_pushed(conn, &key) else {
+        let resumed = self.sessions.resumed(conn);
+        let ack = if ack.through {
+            let Some(uid) = self.identity_uid(conn) else {
                 return;
             };
-            let through = Seq(ack.message_seq.min(highest.0));
-            self.pushes.ack_through(conn, &key, through);
-            self.advance_position(conn, key, through);
-        }
-    }
-
-    /// Remembers that `conn`'s device has acknowledged `key` through `seq`;
-    /// saved with the next flush.
-    ///
-    /// Only a connection that resumed moves the saved position: one that
-    /// did not was pushed live messages only, and its acknowledgements say
-    /// nothing of what came before them (a cumulative ack would jump the
-    /// position over messages the device never got).
-    fn advance_position(&mut self, conn: ConnId, key: ChannelKey, seq: Seq) {
-        if seq.0 == 0 {
-            return;
-        }
-        if !self.sessions.resumed(conn) {
-            return;
-        }
-        let position = self
-            .positions
-            .entry(conn)
-            .or_default()
-            .entry(key)
-            .or_default();
-        *position = (*position).max(seq);
+            // A bad channel in an ack completes nothing; it is not worth a
+            // disconnect.
+            let key = self
+                .resolve_for(&uid, &ack.channel_id, ack.channel_type)
+                .ok();
+            Ack::Through(key, Seq(ack.message_seq))
+        } else {
+            Ack::Message(MessageId(ack.message_id))
+        };
+        self.pushes.ack(conn, resumed, ack);
     }
 
     /// Saves the acknowledged positions gathered since the last flush (all
@@ -2838,42 +2582,11 @@ impl ShardState {
         }
     }
 
-    /// The positions to save: of every channel acknowledged since the last
-    /// flush, with what was pushed there; for one closing connection
-    /// (`only`), of every channel it was pushed, so that whatever it got
-    /// and did not acknowledge comes flagged on its next resume.
+    /// The positions to save (see [`Pushes::take_positions`]).
     fn take_positions(&mut self, only: Option<ConnId>) -> Vec<crate::storage::DeviceAck> {
-        let conns: SmallVec<[ConnId; 8]> = match only {
-            Some(conn) => std::iter::once(conn).collect(),
-            None => self.positions.keys().copied().collect(),
-        };
-        let mut rows = Vec::new();
-        for conn in conns {
-            let mut channels = self.positions.remove(&conn).unwrap_or_default();
-            if only.is_some() {
-                for (channel, _) in self.pushes.pushed_channels(conn) {
-                    channels.entry(channel.clone()).or_insert(Seq(0));
-                }
-            }
-            let Some(identity) = self.sessions.identity(conn) else {
-                continue;
-            };
-            for (channel, seq) in channels {
-                let pushed = self
-                    .pushes
-                    .highest_pushed(conn, &channel)
-                    .unwrap_or(Seq(0))
-                    .max(seq);
-                rows.push(crate::storage::DeviceAck {
-                    uid: identity.uid.clone(),
-                    device_id: Arc::clone(&identity.device_id),
-                    channel,
-                    seq,
-                    pushed,
-                });
-            }
-        }
-        rows
+        let sessions = &self.sessions;
+        self.pushes
+            .take_positions(only, |conn| sessions.identity_device(conn))
     }
 
     /// Pushes again every message whose retry timer fired, flagged as
@@ -2902,8 +2615,7 @@ impl ShardState {
             self.write_packet(conn, &Packet::Recv(recv));
             self.stats.redeliveries += 1;
         }
-        let behind: SmallVec<[ConnId; 8]> = self.backlog.keys().copied().collect();
-        for conn in behind {
+        for conn in self.pushes.backlogged() {
             self.refill(conn, now);
         }
     }
@@ -3520,20 +3232,6 @@ fn apply_set_change(
             current
         }
     }
-}
-
-/// Whether one more push of `payload_bytes` fits `conn`'s in-flight window.
-/// An empty window always takes one message, however large.
-fn window_has_room(
-    pushes: &crate::delivery::PendingPushes,
-    limits: &Limits,
-    conn: ConnId,
-    payload_bytes: usize,
-) -> bool {
-    let (messages, bytes) = pushes.in_flight(conn);
-    messages == 0
-        || (messages < limits.inflight_messages_max
-            && bytes + payload_bytes <= limits.inflight_bytes_max)
 }
 
 fn push_rows(mutations: &mut Vec<Mutation>, key: &ChannelKey, rows: &[(Uid, ConversationRecord)]) {
