@@ -12,6 +12,7 @@
 //!   for timeouts.
 
 pub mod api;
+mod channels;
 pub mod mesh;
 pub mod message;
 pub mod message_ids;

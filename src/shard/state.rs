@@ -6,6 +6,7 @@
 //! directly.
 
 use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
+use super::channels::{apply_set_change, person_policy, Busy, OwnedChannels};
 use super::message::ShardMsg;
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
@@ -29,8 +30,8 @@ use crate::protocol::{
     VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_REDELIVERED,
 };
 use crate::storage::{
-    user_list_key, CommitJob, ConversationRecord, ListKind, Mutation, ReadDirection, ShardStore,
-    StorageError, StoredMessage,
+    CommitJob, ConversationRecord, ListKind, Mutation, ReadDirection, ShardStore, StorageError,
+    StoredMessage,
 };
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -65,15 +66,7 @@ impl Signals {
     }
 }
 
-/// A change to a set of uids (a group's members, an allow or deny list),
-/// from the control plane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetChange {
-    /// Create the group, or replace its members.
-    Replace,
-    Add,
-    Remove,
-}
+pub use super::channels::SetChange;
 
 /// The result of a group change, after it is committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,7 +264,7 @@ pub struct ShardState {
     signals: Rc<Signals>,
     sessions: Sessions,
     presence: Presence,
-    channels: FastMap<ChannelKey, Channel>,
+    channels: OwnedChannels,
     store: Box<dyn ShardStore>,
     ids: MessageIdGenerator,
     pending: Vec<Pending>,
@@ -286,8 +279,6 @@ pub struct ShardState {
     /// The first message id of this run of the process: every id below it
     /// was handed out by an earlier run.
     run: MessageId,
-    /// Counts uses of channels, for evicting the least recently used.
-    channel_clock: u64,
     /// Channels of the batch being committed: not evicted meanwhile.
     committing: Vec<ChannelKey>,
     /// A batch is being written; the lowest conversation version in it.
@@ -297,9 +288,6 @@ pub struct ShardState {
     /// closed version raised every shard's id floor to about now; a restart
     /// must start above it even if the clock went back).
     ids_recorded_ms: u64,
-    /// Groups deleted in a commit that is not finished: they take no sends.
-    /// Their last seq and message id, where a group created again starts.
-    deleting: FastMap<ChannelKey, (Seq, MessageId)>,
     webhooks: Option<crate::webhook::WebhookWriter>,
     /// The sender of system messages; no client may log in as it.
     system_uid: Option<Uid>,
@@ -324,6 +312,10 @@ impl ShardState {
             u64::from(id.0) + 1,
             0,
         );
+        let channels = OwnedChannels::new(
+            limits.channels_cached_per_shard_max,
+            limits.group_members_max,
+        );
         ShardState {
             id,
             shards,
@@ -337,7 +329,7 @@ impl ShardState {
             signals,
             sessions: Sessions::new(id),
             presence: Presence::default(),
-            channels: FastMap::default(),
+            channels,
             store,
             ids: MessageIdGenerator::new(id),
             pending: Vec::new(),
@@ -348,8 +340,6 @@ impl ShardState {
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             frame_scratch: BytesMut::new(),
-            deleting: FastMap::default(),
-            channel_clock: 0,
             committing: Vec::new(),
             commit_in_flight: false,
             in_flight_lowest: None,
@@ -447,6 +437,7 @@ impl ShardState {
         ShardStats {
             outbound_queued_bytes: self.sessions.outbound_queued_bytes(),
             channels_cached: self.channels.len(),
+            channels_evicted: self.channels.evicted,
             ..self.stats
         }
     }
@@ -460,16 +451,8 @@ impl ShardState {
     /// Channels held in memory that cannot be dropped now: work for them
     /// is queued or being committed.
     pub fn channels_busy(&self) -> usize {
-        let busy: std::collections::HashSet<&ChannelKey, ahash::RandomState> = self
-            .pending
-            .iter()
-            .filter_map(Pending::channel)
-            .chain(self.committing.iter())
-            .collect();
         self.channels
-            .iter()
-            .filter(|(key, channel)| !channel.uncommitted.is_empty() || busy.contains(key))
-            .count()
+            .busy_count(&busy_set(&self.pending, &self.committing))
     }
 
     // ---- connection lifecycle -------------------------------------------
@@ -995,156 +978,12 @@ impl ShardState {
 
     // ---- channel ownership ----------------------------------------------
 
-    /// Finds or loads a channel this shard owns. A person channel exists as
-    /// soon as someone writes to it; a group must have been created (and
-    /// not deleted). A group comes with its allow and deny lists.
+    /// Finds or loads a channel this shard owns (see
+    /// [`OwnedChannels::load`]).
     fn channel_mut(&mut self, key: &ChannelKey) -> Result<Option<&mut Channel>, ReasonCode> {
-        // A group whose deletion is being committed is gone, unless it was
-        // created again since (then it is in memory).
-        if !self.channels.contains_key(key)
-            && !self.deleting.is_empty()
-            && self.deleting.contains_key(key)
-        {
-            return Ok(None);
-        }
-        if !self.channels.contains_key(key) {
-            let storage = |error: StorageError| {
-                tracing::warn!(channel = ?key, %error, "loading channel failed");
-                ReasonCode::StorageError
-            };
-            let record = self.store.load_channel(key).map_err(storage)?;
-            let mut channel = match (key.kind(), record) {
-                (crate::protocol::ChannelType::Person, record) => {
-                    let mut channel = Channel::new_person(key.clone());
-                    if let Some(record) = record {
-                        channel.last_seq = record.last_seq;
-                        channel.committed_seq = record.last_seq;
-                        channel.last_message_id = record.last_message_id;
-                        channel.assigned_message_id = record.last_message_id;
-                    }
-                    channel
-                }
-                (_, Some(record)) => match record.members {
-                    Some(members) if !record.deleted => {
-                        let mut channel = Channel::new_group(key.clone(), members, record.last_seq);
-                        channel.last_message_id = record.last_message_id;
-                        channel.assigned_message_id = record.last_message_id;
-                        channel
-                    }
-                    _ => return Ok(None),
-                },
-                (_, None) => return Ok(None),
-            };
-            if key.kind() == crate::protocol::ChannelType::Group {
-                let max = self.limits.group_members_max;
-                for kind in [ListKind::Allow, ListKind::Deny] {
-                    let uids = self.store.list(key, kind, max).map_err(storage)?;
-                    let set = uids.into_iter().collect();
-                    match kind {
-                        ListKind::Allow => channel.allow = set,
-                        ListKind::Deny => channel.deny = set,
-                    }
-                }
-            }
-            self.cache_channel(key, channel);
-        }
-        self.channel_clock += 1;
-        let clock = self.channel_clock;
-        let channel = self.channels.get_mut(key);
-        if let Some(channel) = channel {
-            channel.last_used = clock;
-            return Ok(Some(channel));
-        }
-        Ok(None)
-    }
-
-    /// Holds `channel` in memory, dropping idle ones beyond
-    /// `channels_cached_per_shard_max`.
-    fn cache_channel(&mut self, key: &ChannelKey, channel: Channel) {
-        self.channels.insert(key.clone(), channel);
-        if self.channels.len() > self.limits.channels_cached_per_shard_max {
-            self.evict_channels(Some(key));
-        }
-    }
-
-    /// Drops the least recently used tenth of the channels held in memory,
-    /// of those with nothing queued or being committed (their state is all
-    /// in storage, read again when next used). Never `keep`. Also run when a
-    /// commit finishes: channels that were busy when the cache filled up
-    /// are idle now.
-    fn evict_channels(&mut self, keep: Option<&ChannelKey>) {
-        let mut busy: std::collections::HashSet<&ChannelKey, ahash::RandomState> =
-            self.pending.iter().filter_map(Pending::channel).collect();
-        busy.extend(self.committing.iter());
-        busy.extend(keep);
-        let mut idle: Vec<(u64, ChannelKey)> = self
-            .channels
-            .iter()
-            .filter(|(key, channel)| channel.uncommitted.is_empty() && !busy.contains(key))
-            .map(|(key, channel)| (channel.last_used, key.clone()))
-            .collect();
-        let max = self.limits.channels_cached_per_shard_max;
-        let excess = (self.channels.len() - max * 9 / 10).min(idle.len());
-        if excess == 0 {
-            return;
-        }
-        idle.select_nth_unstable_by_key(excess - 1, |(used, _)| *used);
-        for (_, key) in idle.into_iter().take(excess) {
-            self.channels.remove(&key);
-        }
-        self.stats.channels_evicted += excess as u64;
-    }
-
-    /// Where a group created under `key` starts: after the last seq of a
-    /// deleted group of the same id (its tombstone, or a delete still being
-    /// committed), else at 0. Seqs are never reused.
-    fn group_base(&mut self, key: &ChannelKey) -> Result<(Seq, MessageId), StorageError> {
-        if let Some(base) = self.deleting.get(key) {
-            return Ok(*base);
-        }
-        Ok(self
-            .store
-            .channel_head(key)?
-            .map_or((Seq(0), MessageId(0)), |head| {
-                (head.last_seq, head.last_message_id)
-            }))
-    }
-
-    /// For a person channel: the recipient's deny list always blocks; their
-    /// allow list applies when `allowlist_for_person` is on and it is not
-    /// empty. Read from storage: a user's lists live with the user, not with
-    /// any one channel.
-    fn person_policy(&mut self, key: &ChannelKey, from: &Uid) -> Result<(), ReasonCode> {
-        let Some((low, high)) = key.person_pair() else {
-            return Ok(());
-        };
-        let recipient = Uid::new(if low == from.as_str() { high } else { low });
-        let lists = user_list_key(&recipient);
-        let storage = |error: StorageError| {
-            tracing::warn!(%error, "reading a user's lists failed");
-            ReasonCode::StorageError
-        };
-        if self
-            .store
-            .list_contains(&lists, ListKind::Deny, from)
-            .map_err(storage)?
-        {
-            return Err(ReasonCode::Denied);
-        }
-        if self.allowlist_for_person
-            && !self
-                .store
-                .list(&lists, ListKind::Allow, 1)
-                .map_err(storage)?
-                .is_empty()
-            && !self
-                .store
-                .list_contains(&lists, ListKind::Allow, from)
-                .map_err(storage)?
-        {
-            return Err(ReasonCode::NotAllowed);
-        }
-        Ok(())
+        let (pending, committing) = (&self.pending, &self.committing);
+        self.channels
+            .load(key, &mut *self.store, || busy_keys(pending, committing))
     }
 
     /// Queues a change to an allow or deny list: a group's (`key` is the
@@ -1280,7 +1119,9 @@ impl ShardState {
             Ok(Some(channel)) if !channel.allow.is_empty() && !channel.allow.contains(&from) => {
                 Some(ReasonCode::NotAllowed)
             }
-            Ok(Some(_)) => self.person_policy(&key, &from).err(),
+            Ok(Some(_)) => {
+                person_policy(&mut *self.store, &key, &from, self.allowlist_for_person).err()
+            }
         };
         if let Some(reason) = refusal {
             return self.reply_send_ack(origin, failed_ack(&send, reason));
@@ -1291,15 +1132,19 @@ impl ShardState {
             .get_mut(&key)
             .expect("the channel was just loaded")
             .assign_seq(&from, message_id);
-        let rows = match self.rows_for_message(&key, &from, seq, message_id) {
-            Ok(rows) => rows,
-            Err(reason) => {
-                if let Some(channel) = self.channels.get_mut(&key) {
-                    channel.unassign_last();
+        let rows =
+            match self
+                .channels
+                .rows_for_message(&key, &from, seq, message_id, &mut *self.store)
+            {
+                Ok(rows) => rows,
+                Err(reason) => {
+                    if let Some(channel) = self.channels.get_mut(&key) {
+                        channel.unassign_last();
+                    }
+                    return self.reply_send_ack(origin, failed_ack(&send, reason));
                 }
-                return self.reply_send_ack(origin, failed_ack(&send, reason));
-            }
-        };
+            };
         let message = Arc::new(StoredMessage {
             message_id,
             seq,
@@ -1412,7 +1257,7 @@ impl ShardState {
             },
         };
         let (previous, last_seq, last_message_id) = match (change, current) {
-            (SetChange::Replace, None) => match self.group_base(&key) {
+            (SetChange::Replace, None) => match self.channels.group_base(&key, &mut *self.store) {
                 Ok((seq, id)) => (None, seq, id),
                 Err(error) => return fail(reply, ControlError::Storage(error.to_string())),
             },
@@ -1466,7 +1311,9 @@ impl ShardState {
             let mut channel = Channel::new_group(key.clone(), members.iter().cloned(), last_seq);
             channel.last_message_id = last_message_id;
             channel.assigned_message_id = last_message_id;
-            self.cache_channel(&key, channel);
+            let (pending, committing) = (&self.pending, &self.committing);
+            self.channels
+                .insert(&key, channel, || busy_keys(pending, committing));
         }
         if let Some(channel) = self.channels.get_mut(&key) {
             let added: Vec<Uid> = members
@@ -1735,18 +1582,12 @@ impl ShardState {
     /// The recipients of `message` with no device online anywhere (as this
     /// shard's presence knows it), sender excluded, each once, sorted.
     fn offline_recipients(&self, message: &StoredMessage) -> Vec<Uid> {
-        let Some(channel) = self.channels.get(&message.channel) else {
-            return Vec::new();
-        };
-        let members: Vec<Uid> = if channel.changed_after(message.seq) {
-            channel.members_at(message.seq)
-        } else {
-            channel.members.iter().cloned().collect()
-        };
-        let mut offline: Vec<Uid> = members
-            .into_iter()
-            .filter(|uid| *uid != message.from_uid && !self.presence.is_online(uid))
-            .collect();
+        let mut offline: Vec<Uid> = Vec::new();
+        self.channels.for_each_recipient(message, |uid| {
+            if *uid != message.from_uid && !self.presence.is_online(uid) {
+                offline.push(uid.clone());
+            }
+        });
         offline.sort();
         offline.dedup();
         offline
@@ -1825,8 +1666,9 @@ impl ShardState {
                 for p in in_flight.pending {
                     self.committed(p, now);
                 }
-                if self.channels.len() > self.limits.channels_cached_per_shard_max {
-                    self.evict_channels(None);
+                if self.channels.over_limit() {
+                    let busy = busy_set(&self.pending, &self.committing);
+                    self.channels.evict(&busy);
                 }
                 self.publish_versions();
             }
@@ -1872,7 +1714,7 @@ impl ShardState {
                     let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
                 }
                 Pending::DeleteGroup { key, reply, .. } => {
-                    self.deleting.remove(&key);
+                    self.channels.deletion_done(&key, false);
                     let _ = reply.try_send(ApiResponse::Failed(ReasonCode::StorageError));
                 }
                 Pending::Conversation {
@@ -1994,9 +1836,7 @@ impl ShardState {
                     .pending
                     .iter()
                     .any(|p| matches!(p, Pending::DeleteGroup { key: k, .. } if *k == key));
-                if !deleted_again {
-                    self.deleting.remove(&key);
-                }
+                self.channels.deletion_done(&key, deleted_again);
                 for shard in 0..self.shards {
                     if shard != self.id.0 {
                         let message = ShardMsg::ChannelDeleted {
@@ -2054,30 +1894,17 @@ impl ShardState {
         // A group deletion being committed erases it: nobody gets it (the
         // channel in memory may be the group created again since, whose
         // members are not the ones it was sent to).
-        if self.being_deleted(&message.channel, message.seq) {
+        if self.channels.being_deleted(&message.channel, message.seq) {
             return;
         }
-        let Some(channel) = self.channels.get(&message.channel) else {
-            return;
-        };
         let mut per_shard: SmallVec<[SmallVec<[Uid; 4]>; 8]> =
             (0..self.shards).map(|_| SmallVec::new()).collect();
-        let mut add = |uid: &Uid| {
-            for shard in self.presence.shards(uid) {
+        let presence = &self.presence;
+        self.channels.for_each_recipient(&message, |uid| {
+            for shard in presence.shards(uid) {
                 per_shard[shard.index()].push(uid.clone());
             }
-        };
-        // The members it was sent to: a membership change queued after it
-        // (and committed with or before it) does not apply.
-        if channel.changed_after(message.seq) {
-            for uid in &channel.members_at(message.seq) {
-                add(uid);
-            }
-        } else {
-            for uid in channel.members.iter() {
-                add(uid);
-            }
-        }
+        });
         for (index, recipients) in per_shard.into_iter().enumerate() {
             if recipients.is_empty() {
                 continue;
@@ -2302,25 +2129,24 @@ impl ShardState {
                 answer(&reply, response);
             }
             ApiRequest::DeleteGroup { channel } => {
-                let (members, last_seq, last_message_id) = match self.channel_mut(&channel) {
+                let (pending, committing) = (&self.pending, &self.committing);
+                let deleted = self
+                    .channels
+                    .start_deleting(&channel, &mut *self.store, || {
+                        busy_keys(pending, committing)
+                    });
+                let deleted = match deleted {
                     Err(reason) => return answer(&reply, ApiResponse::Failed(reason)),
                     Ok(None) => {
                         return answer(&reply, ApiResponse::Failed(ReasonCode::ChannelMissing))
                     }
-                    Ok(Some(group)) => (
-                        group.members.iter().cloned().collect(),
-                        group.last_seq,
-                        group.assigned_message_id,
-                    ),
+                    Ok(Some(deleted)) => deleted,
                 };
-                self.channels.remove(&channel);
-                self.deleting
-                    .insert(channel.clone(), (last_seq, last_message_id));
                 self.pending.push(Pending::DeleteGroup {
                     key: channel,
-                    members,
-                    last_seq,
-                    last_message_id,
+                    members: deleted.members,
+                    last_seq: deleted.last_seq,
+                    last_message_id: deleted.last_message_id,
                     reply,
                 });
                 self.signals.commit.notify();
@@ -2411,7 +2237,7 @@ impl ShardState {
             return fail(reply, ReasonCode::MessageMissing);
         }
         let conn = self.api_conn(reply);
-        if message.recalled && !self.being_deleted(&key, message.seq) {
+        if message.recalled && !self.channels.being_deleted(&key, message.seq) {
             let response = Packet::RecallResp(RecallResp {
                 request_id: 0,
                 reason: ReasonCode::Success,
@@ -2653,69 +2479,7 @@ impl ShardState {
         key: &ChannelKey,
         uid: &Uid,
     ) -> Result<Option<ConversationRecord>, ReasonCode> {
-        // A member removed from a group has no row, even before the removal
-        // is stored (what storage still holds must not be written back).
-        if self
-            .channels
-            .get(key)
-            .is_some_and(|c| !c.members.contains(uid))
-        {
-            return Ok(None);
-        }
-        if let Some(record) = self
-            .channels
-            .get(key)
-            .and_then(|c| c.conversations.get(uid))
-        {
-            return Ok(Some(*record));
-        }
-        let record = self.store.conversation(uid, key).map_err(|error| {
-            tracing::warn!(%error, "loading a conversation failed");
-            ReasonCode::StorageError
-        })?;
-        if let (Some(record), Some(channel)) = (record, self.channels.get_mut(key)) {
-            channel.conversations.insert(uid.clone(), record);
-        }
-        Ok(record)
-    }
-
-    /// The conversation rows a new message at `seq` writes: the sender's own
-    /// count, and for a channel's first message a row for every member.
-    fn rows_for_message(
-        &mut self,
-        key: &ChannelKey,
-        from: &Uid,
-        seq: Seq,
-        message_id: MessageId,
-    ) -> Result<Vec<(Uid, ConversationRecord)>, ReasonCode> {
-        let mut rows = Vec::new();
-        if seq == Seq(1) {
-            let members: Vec<Uid> = self
-                .channels
-                .get(key)
-                .map(|c| c.members.iter().filter(|u| *u != from).cloned().collect())
-                .unwrap_or_default();
-            for uid in members {
-                let record = ConversationRecord {
-                    version: message_id.0,
-                    ..ConversationRecord::default()
-                };
-                rows.push((uid, record));
-            }
-        }
-        let mut own = self.owned_row(key, from)?.unwrap_or(ConversationRecord {
-            read_floor: seq.0 - 1,
-            ..ConversationRecord::default()
-        });
-        own.own_above_floor += 1;
-        own.version = message_id.0;
-        rows.push((from.clone(), own));
-        if let Some(channel) = self.channels.get_mut(key) {
-            for (uid, record) in &rows {
-                channel.conversations.insert(uid.clone(), *record);
-            }
-        }
-        Ok(rows)
+        self.channels.row(key, uid, &mut *self.store)
     }
 
     /// A conversation as `uid` sees it, from committed data.
@@ -3156,7 +2920,7 @@ impl ShardState {
         }
         // Already recalled: answered at once, unless a group deletion being
         // committed erases it (then the answer waits for that deletion).
-        if message.recalled && !self.being_deleted(&key, message.seq) {
+        if message.recalled && !self.channels.being_deleted(&key, message.seq) {
             let response = Packet::RecallResp(RecallResp {
                 request_id: recall.request_id,
                 reason: ReasonCode::Success,
@@ -3171,14 +2935,6 @@ impl ShardState {
             message: Arc::new(message.recalled()),
         });
         self.signals.commit.notify();
-    }
-
-    /// Whether a group deletion being committed erases the message at
-    /// `seq` of `key` (a group created again since keeps its new ones).
-    fn being_deleted(&self, key: &ChannelKey, seq: Seq) -> bool {
-        self.deleting
-            .get(key)
-            .is_some_and(|(through, _)| seq <= *through)
     }
 
     fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {
@@ -3213,25 +2969,18 @@ fn checked_uids(uids: &[String], max_bytes: usize) -> Result<Vec<Uid>, ControlEr
     }
 }
 
-/// `current` changed by `change` with `uids`.
-fn apply_set_change(
-    mut current: crate::channel::MemberSet,
-    uids: Vec<Uid>,
-    change: SetChange,
-) -> crate::channel::MemberSet {
-    match change {
-        SetChange::Replace => uids.into_iter().collect(),
-        SetChange::Add => {
-            current.extend(uids);
-            current
-        }
-        SetChange::Remove => {
-            for uid in &uids {
-                current.remove(uid);
-            }
-            current
-        }
-    }
+/// The channels with work queued or being committed.
+fn busy_set<'a>(pending: &'a [Pending], committing: &'a [ChannelKey]) -> Busy<'a> {
+    pending
+        .iter()
+        .filter_map(Pending::channel)
+        .chain(committing.iter())
+        .collect()
+}
+
+/// [`busy_set`], owned (asked for only when channels are evicted).
+fn busy_keys(pending: &[Pending], committing: &[ChannelKey]) -> Vec<ChannelKey> {
+    busy_set(pending, committing).into_iter().cloned().collect()
 }
 
 fn push_rows(mutations: &mut Vec<Mutation>, key: &ChannelKey, rows: &[(Uid, ConversationRecord)]) {
