@@ -88,3 +88,27 @@ pub enum ApiResponse {
 }
 
 pub type ApiReply = async_channel::Sender<ApiResponse>;
+
+/// The result of a group change, after it is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group_id: String,
+    pub members: Vec<String>,
+    pub last_seq: u64,
+}
+
+/// Why a control request failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("group {0} does not exist")]
+    NoSuchGroup(String),
+    #[error("storage failed: {0}")]
+    Storage(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+pub type GroupReply = async_channel::Sender<Result<GroupInfo, ControlError>>;
+pub type ListReply = async_channel::Sender<Result<Vec<String>, ControlError>>;

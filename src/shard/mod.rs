@@ -13,6 +13,7 @@
 
 pub mod api;
 mod channels;
+mod commit;
 pub mod mesh;
 pub mod message;
 pub mod message_ids;

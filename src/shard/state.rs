@@ -6,7 +6,9 @@
 //! directly.
 
 use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
-use super::channels::{apply_set_change, person_policy, Busy, OwnedChannels};
+use super::channels::{apply_set_change, person_policy, OwnedChannels};
+pub use super::commit::InFlight;
+use super::commit::{CommitPipeline, Pending, Resend, Waiters};
 use super::message::ShardMsg;
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
@@ -14,9 +16,8 @@ use super::presence::Presence;
 use super::pushes::{Ack, Device, Live, Pushes};
 use super::sessions::{Sessions, Written};
 
-use super::message_ids::ID_EPOCH_UNIX_MS;
 use super::reads::{build_conversation, list_conversations, recv_view};
-use super::versions::{VersionFrontier, ID_MS_SHIFT};
+use super::versions::VersionFrontier;
 use crate::auth::Authenticator;
 use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, Members};
 use crate::config::Limits;
@@ -35,11 +36,8 @@ use crate::storage::{
 };
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-
-type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 /// The current time, as the runtime read it.
 #[derive(Debug, Clone, Copy)]
@@ -68,117 +66,7 @@ impl Signals {
 
 pub use super::channels::SetChange;
 
-/// The result of a group change, after it is committed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupInfo {
-    pub group_id: String,
-    pub members: Vec<String>,
-    pub last_seq: u64,
-}
-
-/// Why a control request failed.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum ControlError {
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error("group {0} does not exist")]
-    NoSuchGroup(String),
-    #[error("storage failed: {0}")]
-    Storage(String),
-    #[error("the server is shutting down")]
-    ShuttingDown,
-}
-
-pub type GroupReply = async_channel::Sender<Result<GroupInfo, ControlError>>;
-pub type ListReply = async_channel::Sender<Result<Vec<String>, ControlError>>;
-
-/// Work assigned a place in a channel and waiting for the next commit.
-enum Pending {
-    Send {
-        origin: ConnId,
-        client_seq: u32,
-        message: Arc<StoredMessage>,
-        /// Conversation rows written in the same batch as the message.
-        rows: Vec<(Uid, ConversationRecord)>,
-    },
-    Group {
-        key: ChannelKey,
-        members: Vec<Uid>,
-        last_seq: Seq,
-        last_message_id: MessageId,
-        rows: Vec<(Uid, ConversationRecord)>,
-        /// Members removed by this change: their conversation rows go.
-        removed: Vec<Uid>,
-        reply: GroupReply,
-    },
-    Conversation {
-        origin: ConnId,
-        request_id: u32,
-        uid: Uid,
-        key: ChannelKey,
-        record: ConversationRecord,
-    },
-    Recall {
-        origin: ConnId,
-        request_id: u32,
-        message: Arc<StoredMessage>,
-    },
-    List {
-        key: ChannelKey,
-        kind: ListKind,
-        uids: Vec<Uid>,
-        reply: ListReply,
-    },
-    DeleteGroup {
-        key: ChannelKey,
-        members: Vec<Uid>,
-        /// The group's last seq and message id, kept in its tombstone.
-        last_seq: Seq,
-        last_message_id: MessageId,
-        reply: ApiReply,
-    },
-}
-
-impl Pending {
-    /// The channel the work is for.
-    fn channel(&self) -> Option<&ChannelKey> {
-        match self {
-            Pending::Send { message, .. } | Pending::Recall { message, .. } => {
-                Some(&message.channel)
-            }
-            Pending::Group { key, .. }
-            | Pending::Conversation { key, .. }
-            | Pending::List { key, .. }
-            | Pending::DeleteGroup { key, .. } => Some(key),
-        }
-    }
-
-    /// The conversation version the work stamps on what it makes visible
-    /// (a message's id is its channel's newest version), if any.
-    fn version(&self) -> Option<u64> {
-        match self {
-            Pending::Send { message, .. } => Some(message.message_id.0),
-            Pending::Conversation { record, .. } => Some(record.version),
-            Pending::Group { rows, .. } => rows.iter().map(|(_, r)| r.version).min(),
-            Pending::Recall { .. } | Pending::List { .. } | Pending::DeleteGroup { .. } => None,
-        }
-    }
-}
-
-/// The lowest conversation version among `pending`.
-fn lowest_version<'a>(pending: impl IntoIterator<Item = &'a Pending>) -> Option<u64> {
-    pending.into_iter().filter_map(Pending::version).min()
-}
-
-/// A batch handed to storage whose durable write has not finished yet.
-pub struct InFlight {
-    pending: Vec<Pending>,
-    /// Webhook events written with the batch, and their bytes.
-    webhook_events: u64,
-    webhook_bytes: u64,
-    /// `user.onlinestatus` lines in the batch: queued again if it fails.
-    presence_lines: Vec<String>,
-}
+pub use super::api::{ControlError, GroupInfo, GroupReply, ListReply};
 
 /// Buckets (upper bounds, microseconds) of the commit latency histogram.
 pub const COMMIT_BUCKETS_US: [u64; 10] = [
@@ -213,18 +101,6 @@ impl CommitLatency {
         self.sum_us += other.sum_us;
         self.count += other.count;
     }
-}
-
-/// A send's `(from_uid, client_msg_no)`.
-type IdempotencyKey = (Uid, String);
-
-/// A send that is not committed yet, and who waits for it: resends of the
-/// same `(from_uid, client_msg_no)` get the same answer when it commits, and
-/// recalls by that client_msg_no are served once it is stored.
-struct Uncommitted {
-    channel: ChannelKey,
-    waiters: SmallVec<[(ConnId, u32); 1]>,
-    recalls: SmallVec<[(ConnId, Recall); 1]>,
 }
 
 /// Counters exported for observability and checked by tests.
@@ -266,28 +142,13 @@ pub struct ShardState {
     presence: Presence,
     channels: OwnedChannels,
     store: Box<dyn ShardStore>,
-    ids: MessageIdGenerator,
-    pending: Vec<Pending>,
-    uncommitted_keys: FastMap<IdempotencyKey, Uncommitted>,
-    idempotency_ttl_ms: u64,
+    pipeline: CommitPipeline,
     allowlist_for_person: bool,
     /// Pushes not acknowledged, backlogs and positions not saved yet.
     pushes: Pushes,
     outgoing: Vec<Vec<ShardMsg>>,
     outgoing_total: usize,
     frame_scratch: BytesMut,
-    /// The first message id of this run of the process: every id below it
-    /// was handed out by an earlier run.
-    run: MessageId,
-    /// Channels of the batch being committed: not evicted meanwhile.
-    committing: Vec<ChannelKey>,
-    /// A batch is being written; the lowest conversation version in it.
-    commit_in_flight: bool,
-    in_flight_lowest: Option<u64>,
-    /// Ids through these milliseconds are recorded as issued (a sync's
-    /// closed version raised every shard's id floor to about now; a restart
-    /// must start above it even if the clock went back).
-    ids_recorded_ms: u64,
     webhooks: Option<crate::webhook::WebhookWriter>,
     /// The sender of system messages; no client may log in as it.
     system_uid: Option<Uid>,
@@ -331,20 +192,12 @@ impl ShardState {
             presence: Presence::default(),
             channels,
             store,
-            ids: MessageIdGenerator::new(id),
-            pending: Vec::new(),
-            uncommitted_keys: FastMap::default(),
-            idempotency_ttl_ms,
+            pipeline: CommitPipeline::new(id, idempotency_ttl_ms),
             allowlist_for_person: false,
             pushes,
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             outgoing_total: 0,
             frame_scratch: BytesMut::new(),
-            committing: Vec::new(),
-            commit_in_flight: false,
-            in_flight_lowest: None,
-            ids_recorded_ms: 0,
-            run: MessageId(0),
             webhooks: None,
             system_uid: None,
             stats: ShardStats::default(),
@@ -355,13 +208,12 @@ impl ShardState {
     /// an earlier run recorded and above `run`, the first id of this run
     /// (from [`first_id_of_run`], the same for every shard of the process).
     pub fn start_run(&mut self, run: MessageId) {
-        self.run = run;
-        self.ids.continue_from(run);
+        self.pipeline.start_run(run);
     }
 
     /// The first message id of this run (see [`ShardState::start_run`]).
     pub fn run(&self) -> MessageId {
-        self.run
+        self.pipeline.run()
     }
 
     /// Webhook events this shard writes with its commits.
@@ -369,44 +221,30 @@ impl ShardState {
         self.webhooks = writer;
     }
 
-    /// The uid system messages come from; clients may not log in as it.
     /// Shares the shards' closed conversation versions (see
     /// [`super::versions`]); without it a shard counts only itself.
     pub fn share_versions(&mut self, versions: Arc<VersionFrontier>) {
-        self.ids.share_versions(versions);
-        self.publish_versions();
+        self.pipeline.share_versions(versions);
     }
 
     /// Publishes this shard's closed conversation version.
     fn publish_versions(&mut self) {
-        let idle = self.pending.is_empty() && !self.commit_in_flight;
-        let lowest = match (self.in_flight_lowest, lowest_version(&self.pending)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        self.ids.publish(idle, lowest);
+        self.pipeline.publish_versions();
     }
 
     /// The version through which every conversation change of every shard
-    /// is visible: a sync answers nothing above it, so a client that syncs
-    /// next from the highest version it got misses nothing committed later.
+    /// is visible (see [`CommitPipeline::closed_version`]).
     fn closed_version(&mut self, now: Now) -> Result<u64, StorageError> {
-        self.publish_versions();
-        let now_ms = now.unix_ms.saturating_sub(ID_EPOCH_UNIX_MS);
-        let closed = self.ids.versions.closed_through(now_ms);
-        // Idle shards' id floors were raised to about now: a restart must
-        // issue above that too, whatever its clock says. Recorded a second
-        // ahead, so at most one write a second.
-        let closed_ms = closed >> ID_MS_SHIFT;
-        if closed != u64::MAX && closed_ms >= self.ids_recorded_ms {
-            let ahead = closed_ms + 1000;
-            self.store
-                .commit(&[Mutation::IdsIssued(MessageId(ahead << ID_MS_SHIFT))])?;
-            self.ids_recorded_ms = ahead;
-        }
-        Ok(closed)
+        self.pipeline.closed_version(now.unix_ms, &mut *self.store)
     }
 
+    /// Queues work for the next commit and wakes the committer.
+    fn queue(&mut self, pending: Pending) {
+        self.pipeline.queue(pending);
+        self.signals.commit.notify();
+    }
+
+    /// The uid system messages come from; clients may not log in as it.
     pub fn set_system_uid(&mut self, uid: &str) {
         self.system_uid = Some(Uid::new(uid));
     }
@@ -451,8 +289,7 @@ impl ShardState {
     /// Channels held in memory that cannot be dropped now: work for them
     /// is queued or being committed.
     pub fn channels_busy(&self) -> usize {
-        self.channels
-            .busy_count(&busy_set(&self.pending, &self.committing))
+        self.channels.busy_count(&self.pipeline.busy())
     }
 
     // ---- connection lifecycle -------------------------------------------
@@ -786,14 +623,14 @@ impl ShardState {
                 tracing::warn!(%error, "reading a device's session failed");
                 crate::storage::SessionRecord {
                     open_in_run: MessageId(1),
-                    unrecorded_below: self.run,
+                    unrecorded_below: self.pipeline.run(),
                 }
             }
         };
-        let crashed = previous.open_in_run.0 != 0 && previous.open_in_run != self.run;
-        tracing::debug!(conn = conn.0, uid = %uid, device = %device, ?previous, run = self.run.0, crashed, "device session opens");
+        let crashed = previous.open_in_run.0 != 0 && previous.open_in_run != self.pipeline.run();
+        tracing::debug!(conn = conn.0, uid = %uid, device = %device, ?previous, run = self.pipeline.run().0, crashed, "device session opens");
         let unrecorded_below = if crashed {
-            previous.unrecorded_below.max(self.run)
+            previous.unrecorded_below.max(self.pipeline.run())
         } else {
             previous.unrecorded_below
         };
@@ -801,7 +638,7 @@ impl ShardState {
             uid,
             device_id: device,
             record: crate::storage::SessionRecord {
-                open_in_run: self.run,
+                open_in_run: self.pipeline.run(),
                 unrecorded_below,
             },
         };
@@ -981,9 +818,9 @@ impl ShardState {
     /// Finds or loads a channel this shard owns (see
     /// [`OwnedChannels::load`]).
     fn channel_mut(&mut self, key: &ChannelKey) -> Result<Option<&mut Channel>, ReasonCode> {
-        let (pending, committing) = (&self.pending, &self.committing);
+        let pipeline = &self.pipeline;
         self.channels
-            .load(key, &mut *self.store, || busy_keys(pending, committing))
+            .load(key, &mut *self.store, || pipeline.busy_keys())
     }
 
     /// Queues a change to an allow or deny list: a group's (`key` is the
@@ -1050,13 +887,12 @@ impl ShardState {
         }
         let mut uids: Vec<Uid> = next.into_iter().collect();
         uids.sort();
-        self.pending.push(Pending::List {
+        self.queue(Pending::List {
             key,
             kind,
             uids,
             reply,
         });
-        self.signals.commit.notify();
     }
 
     /// The owner's half of a send: check membership (unless `checked` is
@@ -1081,15 +917,21 @@ impl ShardState {
         // message's place would tell the client a message was stored that
         // was not.
         let idempotency_key = (from.clone(), send.client_msg_no.clone());
-        if let Some(waiting) = self.uncommitted_keys.get_mut(&idempotency_key) {
-            if waiting.channel != key {
+        match self
+            .pipeline
+            .resend(&idempotency_key, &key, origin, send.client_seq)
+        {
+            Resend::NotWaiting => {}
+            Resend::Joined => return,
+            Resend::OtherChannel => {
                 let ack = failed_ack(&send, ReasonCode::ClientMsgNoReused);
                 return self.reply_send_ack(origin, ack);
             }
-            waiting.waiters.push((origin, send.client_seq));
-            return;
         }
-        match self.idempotent_hit(&from, &send.client_msg_no, now) {
+        let hit =
+            self.pipeline
+                .idempotent_hit(&from, &send.client_msg_no, now.unix_ms, &mut *self.store);
+        match hit {
             Ok(None) => {}
             Ok(Some(hit)) if hit.channel != key => {
                 let ack = failed_ack(&send, ReasonCode::ClientMsgNoReused);
@@ -1126,7 +968,7 @@ impl ShardState {
         if let Some(reason) = refusal {
             return self.reply_send_ack(origin, failed_ack(&send, reason));
         }
-        let message_id = self.ids.next(now.unix_ms);
+        let message_id = self.pipeline.next_id(now.unix_ms);
         let seq = self
             .channels
             .get_mut(&key)
@@ -1159,46 +1001,13 @@ impl ShardState {
             payload: Bytes::copy_from_slice(&send.payload),
             recalled: false,
         });
-        self.uncommitted_keys.insert(
-            idempotency_key,
-            Uncommitted {
-                channel: key,
-                waiters: SmallVec::new(),
-                recalls: SmallVec::new(),
-            },
-        );
-        self.pending.push(Pending::Send {
+        self.pipeline.expect(idempotency_key, key);
+        self.queue(Pending::Send {
             origin,
             client_seq: send.client_seq,
             message,
             rows,
         });
-        self.signals.commit.notify();
-    }
-
-    /// The stored message `(from, client_msg_no)` names, if it was
-    /// committed within the idempotency window and is still stored (a
-    /// deleted group's messages are gone, though their keys linger until
-    /// they expire).
-    fn idempotent_hit(
-        &mut self,
-        from: &Uid,
-        client_msg_no: &str,
-        now: Now,
-    ) -> Result<Option<crate::storage::IdempotentHit>, StorageError> {
-        let Some(hit) = self.store.find_idempotent(
-            from,
-            client_msg_no,
-            now.unix_ms,
-            self.idempotency_ttl_ms,
-        )?
-        else {
-            return Ok(None);
-        };
-        let stored = self.store.message(&hit.channel, hit.seq)?;
-        Ok(stored
-            .is_some_and(|m| m.message_id == hit.message_id)
-            .then_some(hit))
     }
 
     /// Queues a group change for the next commit; `reply` hears the result.
@@ -1280,7 +1089,7 @@ impl ShardState {
         // conversation that is hidden and read up to now: it appears with
         // the next message. (Before the first message there is no row: the
         // first message writes one for every member.)
-        let version = self.ids.next(now.unix_ms).0;
+        let version = self.pipeline.next_id(now.unix_ms).0;
         let rows: Vec<(Uid, ConversationRecord)> = if last_seq.0 == 0 {
             Vec::new()
         } else {
@@ -1311,9 +1120,8 @@ impl ShardState {
             let mut channel = Channel::new_group(key.clone(), members.iter().cloned(), last_seq);
             channel.last_message_id = last_message_id;
             channel.assigned_message_id = last_message_id;
-            let (pending, committing) = (&self.pending, &self.committing);
-            self.channels
-                .insert(&key, channel, || busy_keys(pending, committing));
+            let pipeline = &self.pipeline;
+            self.channels.insert(&key, channel, || pipeline.busy_keys());
         }
         if let Some(channel) = self.channels.get_mut(&key) {
             let added: Vec<Uid> = members
@@ -1332,7 +1140,7 @@ impl ShardState {
         }
         let mut members: Vec<Uid> = members.into_iter().collect();
         members.sort();
-        self.pending.push(Pending::Group {
+        self.queue(Pending::Group {
             key,
             members,
             last_seq,
@@ -1341,7 +1149,6 @@ impl ShardState {
             removed,
             reply,
         });
-        self.signals.commit.notify();
     }
 
     /// Releases the storage handle at the end of a shutdown, after the last
@@ -1359,140 +1166,22 @@ impl ShardState {
             .webhooks
             .as_ref()
             .is_some_and(|w| !w.presence_lines.is_empty());
-        if self.pending.is_empty() && !presence_waiting {
+        if self.pipeline.is_empty() && !presence_waiting {
             return None;
         }
-        let mut pending = std::mem::take(&mut self.pending);
-        // A group deleted in this batch: its sends and recalls queued before
-        // the delete are refused, not written (the delete would erase them
-        // and leave their webhook events describing nothing). Sends queued
-        // after it are for the group created again; a recall queued after
-        // it of a message it erases is refused too (writing it would bring
-        // the message back).
-        if pending
-            .iter()
-            .any(|p| matches!(p, Pending::DeleteGroup { .. }))
-        {
-            let mut doomed: Vec<Option<ReasonCode>> = vec![None; pending.len()];
-            let mut deleted_later: Vec<ChannelKey> = Vec::new();
-            for (i, p) in pending.iter().enumerate().rev() {
-                match p {
-                    Pending::DeleteGroup { key, .. } => deleted_later.push(key.clone()),
-                    Pending::Send { message, .. } | Pending::Recall { message, .. }
-                        if deleted_later.contains(&message.channel) =>
-                    {
-                        doomed[i] = Some(ReasonCode::ChannelMissing);
-                    }
-                    _ => {}
-                }
+        let (pending, refused) = self.pipeline.take_batch();
+        if !refused.is_empty() {
+            for (p, reason) in refused {
+                self.refuse_pending(p, reason);
             }
-            let mut deleted_before: Vec<(&ChannelKey, Seq)> = Vec::new();
-            for (i, p) in pending.iter().enumerate() {
-                match p {
-                    Pending::DeleteGroup { key, last_seq, .. } => {
-                        deleted_before.push((key, *last_seq))
-                    }
-                    Pending::Recall { message, .. }
-                        if deleted_before.iter().any(|(k, through)| {
-                            **k == message.channel && message.seq <= *through
-                        }) =>
-                    {
-                        doomed[i] = Some(ReasonCode::MessageMissing);
-                    }
-                    _ => {}
-                }
-            }
-            let mut kept = Vec::with_capacity(pending.len());
-            for (p, doomed) in pending.into_iter().zip(doomed) {
-                match doomed {
-                    Some(reason) => self.refuse_pending(p, reason),
-                    None => kept.push(p),
-                }
-            }
-            pending = kept;
             if pending.is_empty() {
                 return None;
             }
         }
-        let mut mutations: Vec<Mutation> = Vec::with_capacity(pending.len() * 2);
-        for p in &pending {
-            match p {
-                Pending::Send { message, rows, .. } => {
-                    mutations.push(Mutation::Message(Arc::clone(message)));
-                    push_rows(&mut mutations, &message.channel, rows);
-                }
-                Pending::Group {
-                    key,
-                    members,
-                    last_seq,
-                    last_message_id,
-                    rows,
-                    removed,
-                    ..
-                } => {
-                    mutations.push(Mutation::PutGroup {
-                        key: key.clone(),
-                        members: members.clone(),
-                        last_seq: *last_seq,
-                        last_message_id: *last_message_id,
-                    });
-                    push_rows(&mut mutations, key, rows);
-                    for uid in removed {
-                        mutations.push(Mutation::DeleteConversation {
-                            uid: uid.clone(),
-                            key: key.clone(),
-                        });
-                    }
-                }
-                Pending::Conversation {
-                    uid, key, record, ..
-                } => mutations.push(Mutation::Conversation {
-                    uid: uid.clone(),
-                    key: key.clone(),
-                    record: *record,
-                }),
-                Pending::Recall { message, .. } => {
-                    mutations.push(Mutation::Recall(Arc::clone(message)))
-                }
-                Pending::List {
-                    key, kind, uids, ..
-                } => mutations.push(Mutation::PutList {
-                    key: key.clone(),
-                    kind: *kind,
-                    uids: uids.clone(),
-                }),
-                Pending::DeleteGroup {
-                    key,
-                    members,
-                    last_seq,
-                    last_message_id,
-                    ..
-                } => mutations.push(Mutation::DeleteGroup {
-                    key: key.clone(),
-                    members: members.clone(),
-                    last_seq: *last_seq,
-                    last_message_id: *last_message_id,
-                }),
-            }
-        }
-        self.committing = pending
-            .iter()
-            .filter_map(Pending::channel)
-            .cloned()
-            .collect();
-        let mut in_flight = InFlight {
-            pending,
-            webhook_events: 0,
-            webhook_bytes: 0,
-            presence_lines: Vec::new(),
-        };
+        let (mut in_flight, mut mutations) = self.pipeline.begin(pending);
         self.webhook_mutations(&mut in_flight, &mut mutations, now);
-        // Every id handed out so far (messages, versions, webhook events)
-        // is recorded with the batch that uses it: a restart starts above.
-        mutations.push(Mutation::IdsIssued(self.ids.last_issued()));
+        self.pipeline.seal(&mut mutations);
         self.stats.commit_batches += 1;
-        self.commit_in_flight = true;
-        self.in_flight_lowest = lowest_version(&in_flight.pending);
         match self.store.prepare_commit(&mutations) {
             Ok(job) => Some((job, in_flight)),
             Err(error) => {
@@ -1570,7 +1259,7 @@ impl ShardState {
             }
             in_flight.webhook_events += 1;
             in_flight.webhook_bytes += record.size();
-            let id = self.ids.next(now.unix_ms).0;
+            let id = self.pipeline.next_id(now.unix_ms).0;
             mutations.push(Mutation::Webhook {
                 shard: self.id,
                 id,
@@ -1603,10 +1292,10 @@ impl ShardState {
                 ..
             } => {
                 let key = (message.from_uid.clone(), message.client_msg_no.clone());
-                let (waiters, recalls) = match self.uncommitted_keys.remove(&key) {
-                    Some(waiting) => (waiting.waiters, waiting.recalls),
-                    None => Default::default(),
-                };
+                let Waiters {
+                    sends: waiters,
+                    recalls,
+                } = self.pipeline.take_waiters(&key);
                 for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
                     let ack = SendAck {
                         client_seq: seq,
@@ -1653,11 +1342,9 @@ impl ShardState {
         result: Result<(), StorageError>,
         now: Now,
     ) {
-        self.committing.clear();
         match result {
             Ok(()) => {
-                self.commit_in_flight = false;
-                self.in_flight_lowest = None;
+                self.pipeline.finished();
                 if in_flight.webhook_events > 0 {
                     if let Some(writer) = &self.webhooks {
                         writer.committed();
@@ -1667,8 +1354,7 @@ impl ShardState {
                     self.committed(p, now);
                 }
                 if self.channels.over_limit() {
-                    let busy = busy_set(&self.pending, &self.committing);
-                    self.channels.evict(&busy);
+                    self.channels.evict(&self.pipeline.busy());
                 }
                 self.publish_versions();
             }
@@ -1685,9 +1371,7 @@ impl ShardState {
     }
 
     fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
-        self.committing.clear();
-        self.commit_in_flight = false;
-        self.in_flight_lowest = None;
+        let queued = self.pipeline.failed();
         if let Some(writer) = self.webhooks.as_mut() {
             writer.release(in_flight.webhook_events, in_flight.webhook_bytes);
             // Presence transitions are not lost with the batch: the next
@@ -1696,7 +1380,6 @@ impl ShardState {
             lines.append(&mut writer.presence_lines);
             writer.presence_lines = lines;
         }
-        let queued = std::mem::take(&mut self.pending);
         tracing::warn!(%error, batch = in_flight.pending.len(), queued = queued.len(), "commit failed");
         // Channels hold what was queued (seqs handed out, members and lists
         // changed, rows): forget them all and read them again from what
@@ -1745,10 +1428,10 @@ impl ShardState {
                     channel.mark_committed(message.seq, message.message_id);
                 }
                 let key = (message.from_uid.clone(), message.client_msg_no.clone());
-                let (waiters, recalls) = match self.uncommitted_keys.remove(&key) {
-                    Some(waiting) => (waiting.waiters, waiting.recalls),
-                    None => Default::default(),
-                };
+                let Waiters {
+                    sends: waiters,
+                    recalls,
+                } = self.pipeline.take_waiters(&key);
                 for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
                     let ack = SendAck {
                         client_seq: seq,
@@ -1832,10 +1515,7 @@ impl ShardState {
                 // delete is queued too, its entry stays: without it the
                 // group would be read back from storage, where it still
                 // exists, and take sends and changes until that delete lands.
-                let deleted_again = self
-                    .pending
-                    .iter()
-                    .any(|p| matches!(p, Pending::DeleteGroup { key: k, .. } if *k == key));
+                let deleted_again = self.pipeline.deletion_queued(&key);
                 self.channels.deletion_done(&key, deleted_again);
                 for shard in 0..self.shards {
                     if shard != self.id.0 {
@@ -1849,15 +1529,7 @@ impl ShardState {
                 self.forget_channel(&key, last_seq);
                 // Recalls queued while it was being committed were of
                 // messages it erased: writing them would bring them back.
-                let (erased, kept): (Vec<Pending>, Vec<Pending>) =
-                    std::mem::take(&mut self.pending)
-                        .into_iter()
-                        .partition(|p| {
-                            matches!(p, Pending::Recall { message, .. }
-                            if message.channel == key && message.seq <= last_seq)
-                        });
-                self.pending = kept;
-                for recall in erased {
+                for recall in self.pipeline.take_erased_recalls(&key, last_seq) {
                     self.refuse_pending(recall, ReasonCode::MessageMissing);
                 }
                 let _ = reply.try_send(ApiResponse::Deleted { through: last_seq });
@@ -2129,12 +1801,10 @@ impl ShardState {
                 answer(&reply, response);
             }
             ApiRequest::DeleteGroup { channel } => {
-                let (pending, committing) = (&self.pending, &self.committing);
+                let pipeline = &self.pipeline;
                 let deleted = self
                     .channels
-                    .start_deleting(&channel, &mut *self.store, || {
-                        busy_keys(pending, committing)
-                    });
+                    .start_deleting(&channel, &mut *self.store, || pipeline.busy_keys());
                 let deleted = match deleted {
                     Err(reason) => return answer(&reply, ApiResponse::Failed(reason)),
                     Ok(None) => {
@@ -2142,14 +1812,13 @@ impl ShardState {
                     }
                     Ok(Some(deleted)) => deleted,
                 };
-                self.pending.push(Pending::DeleteGroup {
+                self.queue(Pending::DeleteGroup {
                     key: channel,
                     members: deleted.members,
                     last_seq: deleted.last_seq,
                     last_message_id: deleted.last_message_id,
                     reply,
                 });
-                self.signals.commit.notify();
             }
             ApiRequest::Kick { uid, device_flag } => {
                 let victims = self.sessions.conns_where(&uid, |i| {
@@ -2246,12 +1915,11 @@ impl ShardState {
             });
             return self.write_packet(conn, &response);
         }
-        self.pending.push(Pending::Recall {
+        self.queue(Pending::Recall {
             origin: conn,
             request_id: 0,
             message: Arc::new(message.recalled()),
         });
-        self.signals.commit.notify();
     }
 
     // ---- inboxes --------------------------------------------------------
@@ -2778,18 +2446,17 @@ impl ShardState {
             }
             _ => return fail(self, ReasonCode::InvalidRange),
         }
-        record.version = self.ids.next(now.unix_ms).0;
+        record.version = self.pipeline.next_id(now.unix_ms).0;
         if let Some(channel) = self.channels.get_mut(&key) {
             channel.conversations.insert(uid.clone(), record);
         }
-        self.pending.push(Pending::Conversation {
+        self.queue(Pending::Conversation {
             origin,
             request_id: op.request_id,
             uid,
             key,
             record,
         });
-        self.signals.commit.notify();
     }
 
     /// The read position that leaves exactly `unread` messages from others
@@ -2873,15 +2540,18 @@ impl ShardState {
     /// by client_msg_no of a send that is not committed yet (pipelined right
     /// behind it) waits for the commit.
     fn owner_recall(&mut self, origin: ConnId, uid: Uid, key: ChannelKey, recall: Recall) {
-        if recall.message_id == 0 {
+        let recall = if recall.message_id == 0 {
             let waiting_key = (uid.clone(), recall.client_msg_no.clone());
-            if let Some(waiting) = self.uncommitted_keys.get_mut(&waiting_key) {
-                if waiting.channel == key {
-                    waiting.recalls.push((origin, recall));
-                    return;
-                }
+            match self
+                .pipeline
+                .wait_recall(&waiting_key, &key, origin, recall)
+            {
+                None => return,
+                Some(recall) => recall,
             }
-        }
+        } else {
+            recall
+        };
         let seq = if recall.message_id != 0 {
             self.store
                 .find_message_id(&key, MessageId(recall.message_id))
@@ -2929,12 +2599,11 @@ impl ShardState {
             });
             return self.reply_to(origin, response);
         }
-        self.pending.push(Pending::Recall {
+        self.queue(Pending::Recall {
             origin,
             request_id: recall.request_id,
             message: Arc::new(message.recalled()),
         });
-        self.signals.commit.notify();
     }
 
     fn push_outgoing(&mut self, shard: ShardId, message: ShardMsg) {
@@ -2966,30 +2635,6 @@ fn checked_uids(uids: &[String], max_bytes: usize) -> Result<Vec<Uid>, ControlEr
     match uids.iter().find(|u| !valid_uid(u, max_bytes)) {
         Some(bad) => Err(ControlError::Invalid(format!("bad uid {bad:?}"))),
         None => Ok(uids.iter().map(|u| Uid::new(u)).collect()),
-    }
-}
-
-/// The channels with work queued or being committed.
-fn busy_set<'a>(pending: &'a [Pending], committing: &'a [ChannelKey]) -> Busy<'a> {
-    pending
-        .iter()
-        .filter_map(Pending::channel)
-        .chain(committing.iter())
-        .collect()
-}
-
-/// [`busy_set`], owned (asked for only when channels are evicted).
-fn busy_keys(pending: &[Pending], committing: &[ChannelKey]) -> Vec<ChannelKey> {
-    busy_set(pending, committing).into_iter().cloned().collect()
-}
-
-fn push_rows(mutations: &mut Vec<Mutation>, key: &ChannelKey, rows: &[(Uid, ConversationRecord)]) {
-    for (uid, record) in rows {
-        mutations.push(Mutation::Conversation {
-            uid: uid.clone(),
-            key: key.clone(),
-            record: *record,
-        });
     }
 }
 

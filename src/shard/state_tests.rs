@@ -4,6 +4,7 @@ use super::*;
 use crate::protocol::Encoder;
 use crate::protocol::{ChannelType, Connect, DeviceFlag, RecvAck, LENGTH_PREFIX_BYTES};
 use crate::protocol::{ConversationAction, ConversationOp};
+use crate::shard::message_ids::ID_EPOCH_UNIX_MS;
 use crate::storage::{MemoryStorage, Mutation, Storage};
 
 fn now() -> Now {
