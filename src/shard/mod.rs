@@ -14,6 +14,7 @@
 pub mod api;
 mod channels;
 mod commit;
+mod login;
 pub mod mesh;
 pub mod message;
 pub mod message_ids;
@@ -25,3 +26,4 @@ pub mod runtime;
 mod sessions;
 pub mod state;
 pub mod versions;
+mod webhooks;

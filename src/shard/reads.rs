@@ -1,12 +1,15 @@
 //! Answers from committed data: a stored message as a device receives it,
-//! a conversation as its user sees it, and conversation lists.
+//! a conversation as its user sees it, conversation lists, message sync,
+//! and the read position an unread count asks for.
 
 use crate::channel::ChannelKey;
+use crate::config::Limits;
 use crate::ids::{MessageId, Seq, Uid};
 use crate::protocol::{
-    Conversation, Recv, SyncConversations, RECV_FLAG_FROM_SELF, RECV_FLAG_RECALLED,
+    Conversation, ReasonCode, Recv, SyncConversations, SyncDirection, SyncMessages,
+    RECV_FLAG_FROM_SELF, RECV_FLAG_RECALLED,
 };
-use crate::storage::{ConversationRecord, ShardStore, StorageError, StoredMessage};
+use crate::storage::{ConversationRecord, ReadDirection, ShardStore, StorageError, StoredMessage};
 
 /// A stored message as `viewer` receives it in a sync.
 pub(super) fn recv_view(message: &StoredMessage, viewer: &Uid) -> Recv {
@@ -124,4 +127,124 @@ pub(super) fn list_conversations(
         }
     }
     Ok((out, more))
+}
+
+/// Messages of `key` as `uid` sees them, for a `SyncMessages` request
+/// (checked here: range, limit, membership, the user's deletion point).
+pub(super) fn sync_messages(
+    store: &mut dyn ShardStore,
+    limits: &Limits,
+    uid: &Uid,
+    key: &ChannelKey,
+    request: &SyncMessages,
+) -> Result<Vec<Recv>, ReasonCode> {
+    let limit = request.limit;
+    if limit == 0 || limit > limits.sync_limit_max {
+        return Err(ReasonCode::InvalidRange);
+    }
+    let direction = match request.direction {
+        SyncDirection::Up => {
+            if request.start_seq == 0
+                || (request.end_seq != 0 && request.end_seq <= request.start_seq)
+            {
+                return Err(ReasonCode::InvalidRange);
+            }
+            ReadDirection::Up
+        }
+        SyncDirection::Down => {
+            if request.start_seq != 0 && request.end_seq >= request.start_seq {
+                return Err(ReasonCode::InvalidRange);
+            }
+            ReadDirection::Down
+        }
+        _ => return Err(ReasonCode::InvalidRange),
+    };
+    let storage = |e: StorageError| {
+        tracing::warn!(error = %e, "sync failed");
+        ReasonCode::StorageError
+    };
+    if key.kind() == crate::protocol::ChannelType::Group {
+        let record = store.channel_head(key).map_err(storage)?;
+        if record.is_none_or(|r| r.deleted) {
+            return Err(ReasonCode::ChannelMissing);
+        }
+        if !store.is_member(key, uid).map_err(storage)? {
+            return Err(ReasonCode::NotMember);
+        }
+    }
+    // A user who deleted the conversation sees only what came after.
+    let floor = store
+        .conversation(uid, key)
+        .map_err(storage)?
+        .map_or(0, |r| r.deleted_seq);
+    let start = match (direction, request.start_seq) {
+        (ReadDirection::Up, start) => Seq(start.max(floor + 1)),
+        (ReadDirection::Down, 0) => Seq(u64::MAX),
+        (ReadDirection::Down, start) => Seq(start),
+    };
+    let stored = store
+        .read_messages(key, start, limit as usize, direction)
+        .map_err(storage)?;
+    let mut budget = limits.sync_response_max_bytes;
+    let mut out = Vec::with_capacity(stored.len());
+    for message in stored {
+        let seq = message.seq.0;
+        let past_end = request.end_seq != 0
+            && match direction {
+                ReadDirection::Up => seq >= request.end_seq,
+                ReadDirection::Down => seq <= request.end_seq,
+            };
+        if past_end || seq <= floor {
+            break;
+        }
+        let cost = message.payload.len() + 256;
+        if cost > budget && !out.is_empty() {
+            break;
+        }
+        budget = budget.saturating_sub(cost);
+        out.push(recv_view(&message, uid));
+    }
+    Ok(out)
+}
+
+/// The read position that leaves exactly `unread` messages from others
+/// above it (fewer if the conversation has fewer), and the user's own
+/// messages above it.
+pub(super) fn floor_for_unread(
+    store: &mut dyn ShardStore,
+    key: &ChannelKey,
+    uid: &Uid,
+    last: u64,
+    unread: u64,
+    deleted: u64,
+) -> Result<(u64, u64), ReasonCode> {
+    if unread == 0 {
+        return Ok((last.max(deleted), 0));
+    }
+    let mut counted = 0;
+    let mut own = 0;
+    let mut next = last;
+    while next > deleted {
+        let page = store
+            .read_messages(key, Seq(next), 256, ReadDirection::Down)
+            .map_err(|_| ReasonCode::StorageError)?;
+        if page.is_empty() {
+            break;
+        }
+        for message in page {
+            if message.seq.0 <= deleted {
+                return Ok((deleted, own));
+            }
+            if message.from_uid == *uid {
+                own += 1;
+            } else {
+                counted += 1;
+                if counted == unread {
+                    return Ok((message.seq.0 - 1, own));
+                }
+            }
+            next = message.seq.0 - 1;
+        }
+    }
+    Ok((deleted, own))
 }

@@ -9,6 +9,7 @@ use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
 use super::channels::{apply_set_change, person_policy, OwnedChannels};
 pub use super::commit::InFlight;
 use super::commit::{CommitPipeline, Pending, Resend, Waiters};
+use super::login::{check_connect, Refused};
 use super::message::ShardMsg;
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
@@ -16,23 +17,25 @@ use super::presence::Presence;
 use super::pushes::{Ack, Device, Live, Pushes};
 use super::sessions::{Sessions, Written};
 
-use super::reads::{build_conversation, list_conversations, recv_view};
+use super::reads::{
+    build_conversation, floor_for_unread, list_conversations, recv_view, sync_messages,
+};
 use super::versions::VersionFrontier;
+use super::webhooks;
 use crate::auth::Authenticator;
 use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, Members};
 use crate::config::Limits;
 use crate::conn::outbox::Outbox;
-use crate::conn::session::{step, Identity, Phase, Step};
+use crate::conn::session::{step, Phase, Step};
 use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
 use crate::protocol::{
     encode_recv, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
-    Packet, ReasonCode, Recall, RecallEvent, RecallResp, Recv, RecvFields, SendAck, SendPacket,
-    SyncConversations, SyncConversationsResp, SyncDirection, SyncMessages, SyncMessagesResp,
-    VerifyLimits, PROTOCOL_VERSION, RECV_FLAG_FROM_SELF, RECV_FLAG_REDELIVERED,
+    Packet, ReasonCode, Recall, RecallEvent, RecallResp, RecvFields, SendAck, SendPacket,
+    SyncConversations, SyncConversationsResp, SyncMessages, SyncMessagesResp, VerifyLimits,
+    RECV_FLAG_FROM_SELF, RECV_FLAG_REDELIVERED,
 };
 use crate::storage::{
-    CommitJob, ConversationRecord, ListKind, Mutation, ReadDirection, ShardStore, StorageError,
-    StoredMessage,
+    CommitJob, ConversationRecord, ListKind, Mutation, ShardStore, StorageError, StoredMessage,
 };
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -484,83 +487,18 @@ impl ShardState {
     }
 
     fn authenticate(&mut self, conn: ConnId, connect: crate::protocol::Connect, now: Now) {
-        if connect.version != PROTOCOL_VERSION {
-            let detail = format!(
-                "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
-                connect.version
-            );
-            return self.refuse_connect(conn, ReasonCode::UnsupportedVersion, &detail, now);
-        }
-        if !valid_uid(&connect.uid, self.limits.uid_length_max_bytes)
-            || !valid_uid(&connect.device_id, self.limits.device_id_length_max_bytes)
-        {
-            return self.refuse_connect(
-                conn,
-                ReasonCode::InvalidUid,
-                "uid and device_id must be 1 to the configured maximum bytes, without '@' or control characters",
-                now,
-            );
-        }
-        if connect.device_flag.0 > crate::protocol::DeviceFlag::ENUM_MAX {
-            return self.refuse_connect(
-                conn,
-                ReasonCode::MalformedFrame,
-                "device_flag must be 0 (app), 1 (web) or 2 (desktop)",
-                now,
-            );
-        }
-        if self
-            .system_uid
-            .as_ref()
-            .is_some_and(|system| system.as_str() == connect.uid)
-        {
-            tracing::info!(conn = conn.0, uid = %connect.uid, "refused: the system uid cannot log in");
-            return self.refuse_connect(conn, ReasonCode::AuthFailed, "authentication failed", now);
-        }
-        if let Err(error) = self.auth.check(&connect.uid, &connect.token) {
-            // A token registered through the admin API (`POST /user/token`)
-            // for this uid and device flag is the other way in.
-            let registered = if connect.token.is_empty() {
-                Ok(false)
-            } else {
-                self.store
-                    .user_token(&Uid::new(&connect.uid), connect.device_flag.0)
-                    .map(|stored| {
-                        stored.is_some_and(|stored| {
-                            !stored.is_empty()
-                                && crate::auth::constant_time_eq(
-                                    stored.as_bytes(),
-                                    connect.token.as_bytes(),
-                                )
-                        })
-                    })
-            };
-            match registered {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!(conn = conn.0, uid = %connect.uid, %error, "authentication failed");
-                    return self.refuse_connect(
-                        conn,
-                        ReasonCode::AuthFailed,
-                        "authentication failed",
-                        now,
-                    );
-                }
-                Err(storage) => {
-                    tracing::warn!(conn = conn.0, %storage, "reading a registered token failed");
-                    return self.refuse_connect(
-                        conn,
-                        ReasonCode::StorageError,
-                        "cannot check the token now",
-                        now,
-                    );
-                }
+        let identity = match check_connect(
+            &connect,
+            &self.limits,
+            self.system_uid.as_ref(),
+            &self.auth,
+            &mut *self.store,
+        ) {
+            Ok(identity) => identity,
+            Err(Refused(reason, detail)) => {
+                tracing::debug!(conn = conn.0, uid = %connect.uid, reason = %crate::protocol::reason_name(reason), detail = %detail, "login refused");
+                return self.refuse_connect(conn, reason, &detail, now);
             }
-        }
-        let identity = Identity {
-            uid: Uid::new(&connect.uid),
-            device_id: Arc::from(connect.device_id.as_str()),
-            device_flag: connect.device_flag,
         };
         // Another connection of the same device on this shard is replaced.
         self.kick_device(&identity.uid, &identity.device_id, conn, now);
@@ -1191,95 +1129,27 @@ impl ShardState {
         }
     }
 
-    /// The webhook events of a batch, written with it: one `msg.notify` per
-    /// `notify_batch_max_messages` messages and recalls, one `msg.offline`
-    /// per message with offline recipients, one `user.onlinestatus` with the
-    /// transitions since the last commit.
+    /// The webhook events of a batch, written with it (see
+    /// [`webhooks::batch_events`]).
     fn webhook_mutations(
         &mut self,
         in_flight: &mut InFlight,
         mutations: &mut Vec<Mutation>,
         now: Now,
     ) {
-        use crate::webhook::{EVENT_NOTIFY, EVENT_OFFLINE, EVENT_ONLINE_STATUS};
         let Some(writer) = self.webhooks.as_mut() else {
             return;
         };
-        in_flight.presence_lines = std::mem::take(&mut writer.presence_lines);
-        let (offline, notify, batch_max) = (writer.offline, writer.notify, writer.batch_max);
-        let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
-        if notify {
-            let messages: Vec<&StoredMessage> = in_flight
-                .pending
-                .iter()
-                .filter_map(|p| match p {
-                    Pending::Send { message, .. } | Pending::Recall { message, .. } => {
-                        Some(&**message)
-                    }
-                    _ => None,
-                })
-                .collect();
-            for chunk in messages.chunks(batch_max) {
-                events.push((
-                    EVENT_NOTIFY,
-                    crate::webhook::notify_body(chunk.iter().copied()),
-                ));
-            }
-        }
-        if offline {
-            for p in &in_flight.pending {
-                if let Pending::Send { message, .. } = p {
-                    let to_uids = self.offline_recipients(message);
-                    if !to_uids.is_empty() {
-                        events.push((
-                            EVENT_OFFLINE,
-                            crate::webhook::offline_body(message, &to_uids),
-                        ));
-                    }
-                }
-            }
-        }
-        if !in_flight.presence_lines.is_empty() {
-            events.push((
-                EVENT_ONLINE_STATUS,
-                crate::webhook::online_status_body(&in_flight.presence_lines),
-            ));
-        }
-        for (event, body) in events {
-            let record = crate::storage::WebhookRecord {
-                event: event.to_owned(),
-                body,
-                created_ms: now.unix_ms,
-            };
-            let Some(writer) = self.webhooks.as_mut() else {
-                return;
-            };
-            if !writer.admit(&record) {
-                continue;
-            }
-            in_flight.webhook_events += 1;
-            in_flight.webhook_bytes += record.size();
-            let id = self.pipeline.next_id(now.unix_ms).0;
-            mutations.push(Mutation::Webhook {
-                shard: self.id,
-                id,
-                record: Arc::new(record),
-            });
-        }
-    }
-
-    /// The recipients of `message` with no device online anywhere (as this
-    /// shard's presence knows it), sender excluded, each once, sorted.
-    fn offline_recipients(&self, message: &StoredMessage) -> Vec<Uid> {
-        let mut offline: Vec<Uid> = Vec::new();
-        self.channels.for_each_recipient(message, |uid| {
-            if *uid != message.from_uid && !self.presence.is_online(uid) {
-                offline.push(uid.clone());
-            }
-        });
-        offline.sort();
-        offline.dedup();
-        offline
+        let (channels, presence, pipeline) = (&self.channels, &self.presence, &mut self.pipeline);
+        webhooks::batch_events(
+            writer,
+            in_flight,
+            |message| offline_recipients(channels, presence, message),
+            || pipeline.next_id(now.unix_ms).0,
+            self.id,
+            now.unix_ms,
+            mutations,
+        );
     }
 
     /// Answers a queued send or recall that will not be written.
@@ -1345,10 +1215,8 @@ impl ShardState {
         match result {
             Ok(()) => {
                 self.pipeline.finished();
-                if in_flight.webhook_events > 0 {
-                    if let Some(writer) = &self.webhooks {
-                        writer.committed();
-                    }
+                if let Some(writer) = &self.webhooks {
+                    webhooks::committed(writer, &in_flight);
                 }
                 for p in in_flight.pending {
                     self.committed(p, now);
@@ -1370,15 +1238,10 @@ impl ShardState {
         }
     }
 
-    fn fail_commit(&mut self, in_flight: InFlight, error: &StorageError, _now: Now) {
+    fn fail_commit(&mut self, mut in_flight: InFlight, error: &StorageError, _now: Now) {
         let queued = self.pipeline.failed();
         if let Some(writer) = self.webhooks.as_mut() {
-            writer.release(in_flight.webhook_events, in_flight.webhook_bytes);
-            // Presence transitions are not lost with the batch: the next
-            // commit carries them.
-            let mut lines = in_flight.presence_lines;
-            lines.append(&mut writer.presence_lines);
-            writer.presence_lines = lines;
+            webhooks::failed(writer, &mut in_flight);
         }
         tracing::warn!(%error, batch = in_flight.pending.len(), queued = queued.len(), "commit failed");
         // Channels hold what was queued (seqs handed out, members and lists
@@ -1733,7 +1596,12 @@ impl ShardState {
                 message_seq,
             } => self.api_recall(channel, message_id, message_seq, reply),
             ApiRequest::SyncMessages { uid, request } => {
-                let response = match self.sync_messages(&uid, &request) {
+                let synced = self
+                    .resolve_for(&uid, &request.channel_id, request.channel_type)
+                    .and_then(|key| {
+                        sync_messages(&mut *self.store, &self.limits, &uid, &key, &request)
+                    });
+                let response = match synced {
                     Ok(messages) => ApiResponse::Messages(messages),
                     Err(reason) => ApiResponse::Failed(reason),
                 };
@@ -2216,7 +2084,9 @@ impl ShardState {
         let Some(uid) = self.identity_uid(conn) else {
             return;
         };
-        let result = self.sync_messages(&uid, request);
+        let result = self
+            .resolve_for(&uid, &request.channel_id, request.channel_type)
+            .and_then(|key| sync_messages(&mut *self.store, &self.limits, &uid, &key, request));
         let (reason, messages) = match result {
             Ok(messages) => (ReasonCode::Success, messages),
             Err(reason) => (reason, Vec::new()),
@@ -2227,83 +2097,6 @@ impl ShardState {
             messages,
         });
         self.write_packet(conn, &response);
-    }
-
-    fn sync_messages(
-        &mut self,
-        uid: &Uid,
-        request: &SyncMessages,
-    ) -> Result<Vec<Recv>, ReasonCode> {
-        let key = self.resolve_for(uid, &request.channel_id, request.channel_type)?;
-        let limit = request.limit;
-        if limit == 0 || limit > self.limits.sync_limit_max {
-            return Err(ReasonCode::InvalidRange);
-        }
-        let direction = match request.direction {
-            SyncDirection::Up => {
-                if request.start_seq == 0
-                    || (request.end_seq != 0 && request.end_seq <= request.start_seq)
-                {
-                    return Err(ReasonCode::InvalidRange);
-                }
-                ReadDirection::Up
-            }
-            SyncDirection::Down => {
-                if request.start_seq != 0 && request.end_seq >= request.start_seq {
-                    return Err(ReasonCode::InvalidRange);
-                }
-                ReadDirection::Down
-            }
-            _ => return Err(ReasonCode::InvalidRange),
-        };
-        let storage = |e: StorageError| {
-            tracing::warn!(error = %e, "sync failed");
-            ReasonCode::StorageError
-        };
-        if key.kind() == crate::protocol::ChannelType::Group {
-            let record = self.store.channel_head(&key).map_err(storage)?;
-            if record.is_none_or(|r| r.deleted) {
-                return Err(ReasonCode::ChannelMissing);
-            }
-            if !self.store.is_member(&key, uid).map_err(storage)? {
-                return Err(ReasonCode::NotMember);
-            }
-        }
-        // A user who deleted the conversation sees only what came after.
-        let floor = self
-            .store
-            .conversation(uid, &key)
-            .map_err(storage)?
-            .map_or(0, |r| r.deleted_seq);
-        let start = match (direction, request.start_seq) {
-            (ReadDirection::Up, start) => Seq(start.max(floor + 1)),
-            (ReadDirection::Down, 0) => Seq(u64::MAX),
-            (ReadDirection::Down, start) => Seq(start),
-        };
-        let stored = self
-            .store
-            .read_messages(&key, start, limit as usize, direction)
-            .map_err(storage)?;
-        let mut budget = self.limits.sync_response_max_bytes;
-        let mut out = Vec::with_capacity(stored.len());
-        for message in stored {
-            let seq = message.seq.0;
-            let past_end = request.end_seq != 0
-                && match direction {
-                    ReadDirection::Up => seq >= request.end_seq,
-                    ReadDirection::Down => seq <= request.end_seq,
-                };
-            if past_end || seq <= floor {
-                break;
-            }
-            let cost = message.payload.len() + 256;
-            if cost > budget && !out.is_empty() {
-                break;
-            }
-            budget = budget.saturating_sub(cost);
-            out.push(recv_view(&message, uid));
-        }
-        Ok(out)
     }
 
     /// Serves `SyncConversations` from committed data, on the connection's
@@ -2436,7 +2229,14 @@ impl ShardState {
                 if op.unread > u64::from(self.limits.sync_limit_max) {
                     return fail(self, ReasonCode::InvalidRange);
                 }
-                match self.floor_for_unread(&key, &uid, last, op.unread, record.deleted_seq) {
+                match floor_for_unread(
+                    &mut *self.store,
+                    &key,
+                    &uid,
+                    last,
+                    op.unread,
+                    record.deleted_seq,
+                ) {
                     Ok((floor, own)) => {
                         record.read_floor = floor;
                         record.own_above_floor = own + own_in_flight;
@@ -2457,49 +2257,6 @@ impl ShardState {
             key,
             record,
         });
-    }
-
-    /// The read position that leaves exactly `unread` messages from others
-    /// above it (fewer if the conversation has fewer), and the user's own
-    /// messages above it.
-    fn floor_for_unread(
-        &mut self,
-        key: &ChannelKey,
-        uid: &Uid,
-        last: u64,
-        unread: u64,
-        deleted: u64,
-    ) -> Result<(u64, u64), ReasonCode> {
-        if unread == 0 {
-            return Ok((last.max(deleted), 0));
-        }
-        let mut counted = 0;
-        let mut own = 0;
-        let mut next = last;
-        while next > deleted {
-            let page = self
-                .store
-                .read_messages(key, Seq(next), 256, ReadDirection::Down)
-                .map_err(|_| ReasonCode::StorageError)?;
-            if page.is_empty() {
-                break;
-            }
-            for message in page {
-                if message.seq.0 <= deleted {
-                    return Ok((deleted, own));
-                }
-                if message.from_uid == *uid {
-                    own += 1;
-                } else {
-                    counted += 1;
-                    if counted == unread {
-                        return Ok((message.seq.0 - 1, own));
-                    }
-                }
-                next = message.seq.0 - 1;
-            }
-        }
-        Ok((deleted, own))
     }
 
     fn client_recall(&mut self, conn: ConnId, recall: Recall) {
@@ -2628,6 +2385,24 @@ impl ShardState {
         self.outgoing_total -= batch.len();
         batch
     }
+}
+
+/// The recipients of `message` with no device online anywhere (as this
+/// shard's presence knows it), sender excluded, each once, sorted.
+fn offline_recipients(
+    channels: &OwnedChannels,
+    presence: &Presence,
+    message: &StoredMessage,
+) -> Vec<Uid> {
+    let mut offline: Vec<Uid> = Vec::new();
+    channels.for_each_recipient(message, |uid| {
+        if *uid != message.from_uid && !presence.is_online(uid) {
+            offline.push(uid.clone());
+        }
+    });
+    offline.sort();
+    offline.dedup();
+    offline
 }
 
 /// The uids of a control request, checked.

@@ -1,10 +1,11 @@
 //! Tests of the shard's logic, driven directly (no sockets, no executor).
 
 use super::*;
-use crate::protocol::Encoder;
 use crate::protocol::{ChannelType, Connect, DeviceFlag, RecvAck, LENGTH_PREFIX_BYTES};
 use crate::protocol::{ConversationAction, ConversationOp};
+use crate::protocol::{Encoder, PROTOCOL_VERSION};
 use crate::shard::message_ids::ID_EPOCH_UNIX_MS;
+use crate::storage::ReadDirection;
 use crate::storage::{MemoryStorage, Mutation, Storage};
 
 fn now() -> Now {

@@ -1,0 +1,94 @@
+//! The webhook events a commit batch writes with it (so an event exists
+//! exactly when what it describes does): one `msg.notify` per
+//! `notify_batch_max_messages` messages and recalls, one `msg.offline` per
+//! message with offline recipients, one `user.onlinestatus` with the
+//! presence transitions since the last commit.
+
+use super::commit::{InFlight, Pending};
+use crate::ids::{ShardId, Uid};
+use crate::storage::{Mutation, StoredMessage, WebhookRecord};
+use crate::webhook::{
+    notify_body, offline_body, online_status_body, WebhookWriter, EVENT_NOTIFY, EVENT_OFFLINE,
+    EVENT_ONLINE_STATUS,
+};
+use std::sync::Arc;
+
+/// Adds the events of `in_flight` to `mutations`, within the outbox's
+/// limit (an event that does not fit is dropped and counted by the
+/// writer). `offline_recipients` names a message's recipients with no
+/// device online; `next_id` hands out event ids.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn batch_events(
+    writer: &mut WebhookWriter,
+    in_flight: &mut InFlight,
+    offline_recipients: impl Fn(&StoredMessage) -> Vec<Uid>,
+    mut next_id: impl FnMut() -> u64,
+    shard: ShardId,
+    unix_ms: u64,
+    mutations: &mut Vec<Mutation>,
+) {
+    in_flight.presence_lines = std::mem::take(&mut writer.presence_lines);
+    let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    if writer.notify {
+        let messages: Vec<&StoredMessage> = in_flight
+            .pending
+            .iter()
+            .filter_map(|p| match p {
+                Pending::Send { message, .. } | Pending::Recall { message, .. } => Some(&**message),
+                _ => None,
+            })
+            .collect();
+        for chunk in messages.chunks(writer.batch_max) {
+            events.push((EVENT_NOTIFY, notify_body(chunk.iter().copied())));
+        }
+    }
+    if writer.offline {
+        for p in &in_flight.pending {
+            if let Pending::Send { message, .. } = p {
+                let to_uids = offline_recipients(message);
+                if !to_uids.is_empty() {
+                    events.push((EVENT_OFFLINE, offline_body(message, &to_uids)));
+                }
+            }
+        }
+    }
+    if !in_flight.presence_lines.is_empty() {
+        events.push((
+            EVENT_ONLINE_STATUS,
+            online_status_body(&in_flight.presence_lines),
+        ));
+    }
+    for (event, body) in events {
+        let record = WebhookRecord {
+            event: event.to_owned(),
+            body,
+            created_ms: unix_ms,
+        };
+        if !writer.admit(&record) {
+            continue;
+        }
+        in_flight.webhook_events += 1;
+        in_flight.webhook_bytes += record.size();
+        mutations.push(Mutation::Webhook {
+            shard,
+            id: next_id(),
+            record: Arc::new(record),
+        });
+    }
+}
+
+/// The batch was written: its events may be posted.
+pub(super) fn committed(writer: &WebhookWriter, in_flight: &InFlight) {
+    if in_flight.webhook_events > 0 {
+        writer.committed();
+    }
+}
+
+/// The batch failed: its events' room in the outbox is given back, and its
+/// presence transitions go with the next commit.
+pub(super) fn failed(writer: &mut WebhookWriter, in_flight: &mut InFlight) {
+    writer.release(in_flight.webhook_events, in_flight.webhook_bytes);
+    let mut lines = std::mem::take(&mut in_flight.presence_lines);
+    lines.append(&mut writer.presence_lines);
+    writer.presence_lines = lines;
+}
