@@ -7,7 +7,8 @@
 //! It reads storage (the dispatcher hands it the store) and never writes
 //! it: what it decides is queued for the commit by the dispatcher.
 
-use crate::channel::{Channel, ChannelKey, MemberSet};
+use super::api::ControlError;
+use crate::channel::{Channel, ChannelKey, MemberSet, Members};
 use crate::ids::{MessageId, Seq, Uid};
 use crate::protocol::{ChannelType, ReasonCode};
 use crate::storage::{
@@ -349,6 +350,173 @@ impl OwnedChannels {
     }
 }
 
+/// A group change, applied in memory and ready to be queued.
+pub(super) struct GroupChange {
+    /// The members after it, sorted.
+    pub members: Vec<Uid>,
+    /// The place it falls after (members who join see what comes after it).
+    pub last_seq: Seq,
+    pub last_message_id: MessageId,
+    /// Rows for members who join a group that has messages.
+    pub rows: Vec<(Uid, ConversationRecord)>,
+    /// Members it takes out, sorted: their rows go.
+    pub removed: Vec<Uid>,
+}
+
+impl OwnedChannels {
+    /// Applies a change of `key`'s members now, at its place in the group's
+    /// order: sends that reach the owner after it are checked against the
+    /// new members. `Replace` creates a group that does not exist (after
+    /// the last seq of a deleted one of the same id). `version` stamps the
+    /// rows of members who join a group that already has messages.
+    pub fn change_group(
+        &mut self,
+        key: &ChannelKey,
+        uids: Vec<Uid>,
+        change: SetChange,
+        version: impl FnOnce() -> u64,
+        store: &mut dyn ShardStore,
+        busy: impl Fn() -> Vec<ChannelKey>,
+    ) -> Result<GroupChange, ControlError> {
+        let current = match self.load(key, store, &busy) {
+            Err(_) => return Err(ControlError::Storage("loading group failed".into())),
+            Ok(None) => None,
+            Ok(Some(channel)) => match &channel.members {
+                Members::Group(set) => {
+                    Some((set.clone(), channel.last_seq, channel.assigned_message_id))
+                }
+                Members::Person(_) => unreachable!("group keys never load person channels"),
+            },
+        };
+        let (previous, last_seq, last_message_id) = match (change, current) {
+            (SetChange::Replace, None) => match self.group_base(key, store) {
+                Ok((seq, id)) => (None, seq, id),
+                Err(error) => return Err(ControlError::Storage(error.to_string())),
+            },
+            (_, None) => return Err(ControlError::NoSuchGroup(key.id().to_owned())),
+            (_, Some((set, seq, id))) => (Some(set), seq, id),
+        };
+        let created = previous.is_none();
+        let previous = previous.unwrap_or_default();
+        let members = apply_set_change(previous.clone(), uids, change);
+        if members.len() > self.group_members_max {
+            return Err(ControlError::Invalid(format!(
+                "{} members exceeds limits.group_members_max = {}",
+                members.len(),
+                self.group_members_max
+            )));
+        }
+        // A member who joins a channel that already has messages gets a
+        // conversation that is hidden and read up to now: it appears with
+        // the next message. (Before the first message there is no row: the
+        // first message writes one for every member.)
+        let version = version();
+        let rows: Vec<(Uid, ConversationRecord)> = if last_seq.0 == 0 {
+            Vec::new()
+        } else {
+            members
+                .iter()
+                .filter(|uid| !previous.contains(*uid))
+                .map(|uid| {
+                    let record = ConversationRecord {
+                        read_floor: last_seq.0,
+                        deleted_seq: last_seq.0,
+                        own_above_floor: 0,
+                        version,
+                    };
+                    (uid.clone(), record)
+                })
+                .collect()
+        };
+        // A member who leaves loses the conversation: nothing committed
+        // after the removal may show in their list, their resume, or an
+        // answer to a change of it.
+        let mut removed: Vec<Uid> = previous
+            .iter()
+            .filter(|uid| !members.contains(*uid))
+            .cloned()
+            .collect();
+        removed.sort();
+        if created {
+            let mut channel = Channel::new_group(key.clone(), members.iter().cloned(), last_seq);
+            channel.last_message_id = last_message_id;
+            channel.assigned_message_id = last_message_id;
+            self.insert(key, channel, &busy);
+        }
+        if let Some(channel) = self.channels.get_mut(key) {
+            let added: Vec<Uid> = members
+                .iter()
+                .filter(|uid| !previous.contains(*uid))
+                .cloned()
+                .collect();
+            channel.record_change(added, removed.clone());
+            channel.members = Members::Group(members.clone());
+            for (uid, record) in &rows {
+                channel.conversations.insert(uid.clone(), *record);
+            }
+            for uid in &removed {
+                channel.conversations.remove(uid);
+            }
+        }
+        let mut members: Vec<Uid> = members.into_iter().collect();
+        members.sort();
+        Ok(GroupChange {
+            members,
+            last_seq,
+            last_message_id,
+            rows,
+            removed,
+        })
+    }
+
+    /// Applies a change to an allow or deny list now: a group's (`key` is
+    /// the group; sends checked after it see the new list) or a user's own,
+    /// for person channels (`key` is [`user_list_key`], read from storage).
+    /// Returns the list after it, sorted.
+    pub fn change_list(
+        &mut self,
+        key: &ChannelKey,
+        kind: ListKind,
+        uids: Vec<Uid>,
+        change: SetChange,
+        store: &mut dyn ShardStore,
+        busy: impl FnOnce() -> Vec<ChannelKey>,
+    ) -> Result<Vec<Uid>, ControlError> {
+        let max = self.group_members_max;
+        let current: MemberSet = if key.kind() == ChannelType::Group {
+            match self.load(key, store, busy) {
+                Err(_) => return Err(ControlError::Storage("loading group failed".into())),
+                Ok(None) => return Err(ControlError::NoSuchGroup(key.id().to_owned())),
+                Ok(Some(channel)) => match kind {
+                    ListKind::Allow => channel.allow.clone(),
+                    ListKind::Deny => channel.deny.clone(),
+                },
+            }
+        } else {
+            match store.list(key, kind, max) {
+                Ok(list) => list.into_iter().collect(),
+                Err(error) => return Err(ControlError::Storage(error.to_string())),
+            }
+        };
+        let next = apply_set_change(current, uids, change);
+        if next.len() > max {
+            return Err(ControlError::Invalid(format!(
+                "{} uids exceeds limits.group_members_max = {max}",
+                next.len()
+            )));
+        }
+        if let Some(channel) = self.channels.get_mut(key) {
+            match kind {
+                ListKind::Allow => channel.allow = next.clone(),
+                ListKind::Deny => channel.deny = next.clone(),
+            }
+        }
+        let mut uids: Vec<Uid> = next.into_iter().collect();
+        uids.sort();
+        Ok(uids)
+    }
+}
+
 /// For a person channel: the recipient's deny list always blocks; their
 /// allow list applies when `allowlist_for_person` is on and it is not
 /// empty. Read from storage: a user's lists live with the user, not with
@@ -399,11 +567,7 @@ pub enum SetChange {
 }
 
 /// `current` changed by `change` with `uids`.
-pub(super) fn apply_set_change(
-    mut current: MemberSet,
-    uids: Vec<Uid>,
-    change: SetChange,
-) -> MemberSet {
+fn apply_set_change(mut current: MemberSet, uids: Vec<Uid>, change: SetChange) -> MemberSet {
     match change {
         SetChange::Replace => uids.into_iter().collect(),
         SetChange::Add => {

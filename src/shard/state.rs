@@ -6,7 +6,7 @@
 //! directly.
 
 use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
-use super::channels::{apply_set_change, person_policy, OwnedChannels};
+use super::channels::{person_policy, GroupChange, OwnedChannels};
 pub use super::commit::InFlight;
 use super::commit::{CommitPipeline, Pending, Resend, Waiters};
 use super::login::{check_connect, Refused};
@@ -23,7 +23,7 @@ use super::reads::{
 use super::versions::VersionFrontier;
 use super::webhooks;
 use crate::auth::Authenticator;
-use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits, Members};
+use crate::channel::{resolve_target, valid_uid, Channel, ChannelKey, IdLimits};
 use crate::config::Limits;
 use crate::conn::outbox::Outbox;
 use crate::conn::session::{step, Phase, Step};
@@ -787,44 +787,16 @@ impl ShardState {
             Ok(uids) => uids,
             Err(error) => return fail(reply, error),
         };
-        let max = self.limits.group_members_max;
-        let current: crate::channel::MemberSet = if key.kind()
-            == crate::protocol::ChannelType::Group
-        {
-            match self.channel_mut(&key) {
-                Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
-                Ok(None) => return fail(reply, ControlError::NoSuchGroup(key.id().to_owned())),
-                Ok(Some(channel)) => match kind {
-                    ListKind::Allow => channel.allow.clone(),
-                    ListKind::Deny => channel.deny.clone(),
-                },
-            }
-        } else {
-            match self.store.list(&key, kind, max) {
-                Ok(list) => list.into_iter().collect(),
-                Err(error) => return fail(reply, ControlError::Storage(error.to_string())),
-            }
+        let pipeline = &self.pipeline;
+        let changed = self
+            .channels
+            .change_list(&key, kind, uids, change, &mut *self.store, || {
+                pipeline.busy_keys()
+            });
+        let uids = match changed {
+            Ok(uids) => uids,
+            Err(error) => return fail(reply, error),
         };
-        let next = apply_set_change(current, uids, change);
-        if next.len() > max {
-            return fail(
-                reply,
-                ControlError::Invalid(format!(
-                    "{} uids exceeds limits.group_members_max = {max}",
-                    next.len()
-                )),
-            );
-        }
-        // Like a membership change, it takes effect at its place in the
-        // channel's order: sends checked after it see the new list.
-        if let Some(channel) = self.channels.get_mut(&key) {
-            match kind {
-                ListKind::Allow => channel.allow = next.clone(),
-                ListKind::Deny => channel.deny = next.clone(),
-            }
-        }
-        let mut uids: Vec<Uid> = next.into_iter().collect();
-        uids.sort();
         self.queue(Pending::List {
             key,
             kind,
@@ -992,92 +964,26 @@ impl ShardState {
             Ok(uids) => uids,
             Err(error) => return fail(reply, error),
         };
-        let members_max = self.limits.group_members_max;
-        let current = match self.channel_mut(&key) {
-            Err(_) => return fail(reply, ControlError::Storage("loading group failed".into())),
-            Ok(None) => None,
-            Ok(Some(channel)) => match &channel.members {
-                Members::Group(set) => {
-                    Some((set.clone(), channel.last_seq, channel.assigned_message_id))
-                }
-                Members::Person(_) => unreachable!("group keys never load person channels"),
-            },
+        let pipeline = &mut self.pipeline;
+        let busy = pipeline.busy_keys();
+        let changed = self.channels.change_group(
+            &key,
+            uids,
+            change,
+            || pipeline.next_id(now.unix_ms).0,
+            &mut *self.store,
+            || busy.clone(),
+        );
+        let GroupChange {
+            members,
+            last_seq,
+            last_message_id,
+            rows,
+            removed,
+        } = match changed {
+            Ok(changed) => changed,
+            Err(error) => return fail(reply, error),
         };
-        let (previous, last_seq, last_message_id) = match (change, current) {
-            (SetChange::Replace, None) => match self.channels.group_base(&key, &mut *self.store) {
-                Ok((seq, id)) => (None, seq, id),
-                Err(error) => return fail(reply, ControlError::Storage(error.to_string())),
-            },
-            (_, None) => return fail(reply, ControlError::NoSuchGroup(group_id.to_owned())),
-            (_, Some((set, seq, id))) => (Some(set), seq, id),
-        };
-        let created = previous.is_none();
-        let previous = previous.unwrap_or_default();
-        let members = apply_set_change(previous.clone(), uids, change);
-        if members.len() > members_max {
-            return fail(
-                reply,
-                ControlError::Invalid(format!(
-                    "{} members exceeds limits.group_members_max = {members_max}",
-                    members.len()
-                )),
-            );
-        }
-        // A member who joins a channel that already has messages gets a
-        // conversation that is hidden and read up to now: it appears with
-        // the next message. (Before the first message there is no row: the
-        // first message writes one for every member.)
-        let version = self.pipeline.next_id(now.unix_ms).0;
-        let rows: Vec<(Uid, ConversationRecord)> = if last_seq.0 == 0 {
-            Vec::new()
-        } else {
-            members
-                .iter()
-                .filter(|uid| !previous.contains(*uid))
-                .map(|uid| {
-                    let record = ConversationRecord {
-                        read_floor: last_seq.0,
-                        deleted_seq: last_seq.0,
-                        own_above_floor: 0,
-                        version,
-                    };
-                    (uid.clone(), record)
-                })
-                .collect()
-        };
-        // A member who leaves loses the conversation: nothing committed
-        // after the removal may show in their list, their resume, or an
-        // answer to a change of it.
-        let mut removed: Vec<Uid> = previous
-            .iter()
-            .filter(|uid| !members.contains(*uid))
-            .cloned()
-            .collect();
-        removed.sort();
-        if created {
-            let mut channel = Channel::new_group(key.clone(), members.iter().cloned(), last_seq);
-            channel.last_message_id = last_message_id;
-            channel.assigned_message_id = last_message_id;
-            let pipeline = &self.pipeline;
-            self.channels.insert(&key, channel, || pipeline.busy_keys());
-        }
-        if let Some(channel) = self.channels.get_mut(&key) {
-            let added: Vec<Uid> = members
-                .iter()
-                .filter(|uid| !previous.contains(*uid))
-                .cloned()
-                .collect();
-            channel.record_change(added, removed.clone());
-            channel.members = Members::Group(members.clone());
-            for (uid, record) in &rows {
-                channel.conversations.insert(uid.clone(), *record);
-            }
-            for uid in &removed {
-                channel.conversations.remove(uid);
-            }
-        }
-        let mut members: Vec<Uid> = members.into_iter().collect();
-        members.sort();
         self.queue(Pending::Group {
             key,
             members,
