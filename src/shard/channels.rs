@@ -245,6 +245,14 @@ impl OwnedChannels {
         }
     }
 
+    /// Whether `key` is a group whose deletion is being committed (and not
+    /// created again since): what asks for it waits for the deletion.
+    pub fn waits_for_deletion(&self, key: &ChannelKey) -> bool {
+        !self.deleting.is_empty()
+            && self.deleting.contains_key(key)
+            && !self.channels.contains_key(key)
+    }
+
     /// Whether a group deletion being committed erases the message at
     /// `seq` of `key` (a group created again since keeps its new ones).
     pub fn being_deleted(&self, key: &ChannelKey, seq: Seq) -> bool {

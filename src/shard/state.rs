@@ -39,6 +39,7 @@ use crate::storage::{
 };
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -133,6 +134,38 @@ pub struct ShardStats {
     pub commit_latency: CommitLatency,
 }
 
+/// A request that waits for a group's deletion to land or fail.
+enum Parked {
+    Send {
+        origin: ConnId,
+        from: Uid,
+        from_device: Arc<str>,
+        packet: SendPacket,
+        checked: bool,
+    },
+    ConversationOp {
+        origin: ConnId,
+        uid: Uid,
+        op: ConversationOp,
+    },
+    Recall {
+        origin: ConnId,
+        uid: Uid,
+        recall: Recall,
+    },
+    Group {
+        uids: Vec<String>,
+        change: SetChange,
+        reply: GroupReply,
+    },
+    List {
+        kind: ListKind,
+        uids: Vec<String>,
+        change: SetChange,
+        reply: ListReply,
+    },
+}
+
 pub struct ShardState {
     pub id: ShardId,
     shards: u16,
@@ -153,6 +186,10 @@ pub struct ShardState {
     outgoing_total: usize,
     frame_scratch: BytesMut,
     webhooks: Option<crate::webhook::WebhookWriter>,
+    /// Requests for a group whose deletion is being committed, in arrival
+    /// order: served when the deletion lands (the group is gone) or fails
+    /// (it is not), never answered by a guess before.
+    parked: HashMap<ChannelKey, Vec<Parked>, ahash::RandomState>,
     /// The sender of system messages; no client may log in as it.
     system_uid: Option<Uid>,
     pub stats: ShardStats,
@@ -202,6 +239,7 @@ impl ShardState {
             outgoing_total: 0,
             frame_scratch: BytesMut::new(),
             webhooks: None,
+            parked: HashMap::default(),
             system_uid: None,
             stats: ShardStats::default(),
         }
@@ -783,6 +821,15 @@ impl ShardState {
             self.id,
             "list change sent to the wrong shard"
         );
+        if self.channels.waits_for_deletion(&key) {
+            let parked = Parked::List {
+                kind,
+                uids,
+                change,
+                reply,
+            };
+            return self.park(key, parked);
+        }
         let uids = match checked_uids(&uids, self.limits.uid_length_max_bytes) {
             Ok(uids) => uids,
             Err(error) => return fail(reply, error),
@@ -820,6 +867,16 @@ impl ShardState {
         now: Now,
     ) {
         debug_assert_eq!(key.shard(self.shards), self.id);
+        if self.channels.waits_for_deletion(&key) {
+            let parked = Parked::Send {
+                origin,
+                from,
+                from_device,
+                packet: send,
+                checked,
+            };
+            return self.park(key, parked);
+        }
         self.stats.sends_received += 1;
         // The same (from_uid, client_msg_no) again: answer with the original,
         // store and deliver nothing. The same client_msg_no for a message
@@ -960,6 +1017,18 @@ impl ShardState {
             self.id,
             "group change sent to the wrong shard"
         );
+        // Creating it again does not wait: the new group starts after the
+        // deleted one's last seq either way.
+        if change != SetChange::Replace && self.channels.waits_for_deletion(&key) {
+            return self.park(
+                key,
+                Parked::Group {
+                    uids,
+                    change,
+                    reply,
+                },
+            );
+        }
         let uids = match checked_uids(&uids, self.limits.uid_length_max_bytes) {
             Ok(uids) => uids,
             Err(error) => return fail(reply, error),
@@ -1144,7 +1213,7 @@ impl ShardState {
         }
     }
 
-    fn fail_commit(&mut self, mut in_flight: InFlight, error: &StorageError, _now: Now) {
+    fn fail_commit(&mut self, mut in_flight: InFlight, error: &StorageError, now: Now) {
         let queued = self.pipeline.failed();
         if let Some(writer) = self.webhooks.as_mut() {
             webhooks::failed(writer, &mut in_flight);
@@ -1168,6 +1237,7 @@ impl ShardState {
                 Pending::DeleteGroup { key, reply, .. } => {
                     self.channels.deletion_done(&key, false);
                     let _ = reply.try_send(ApiResponse::Failed(ReasonCode::StorageError));
+                    self.serve_parked(&key, now);
                 }
                 Pending::Conversation {
                     origin, request_id, ..
@@ -1302,6 +1372,7 @@ impl ShardState {
                     self.refuse_pending(recall, ReasonCode::MessageMissing);
                 }
                 let _ = reply.try_send(ApiResponse::Deleted { through: last_seq });
+                self.serve_parked(&key, now);
             }
             Pending::Recall {
                 origin,
@@ -1318,6 +1389,51 @@ impl ShardState {
                 // Every online member's devices hear of it, the recalling
                 // connection included (it may show the message too).
                 self.fan_out(message, None, now);
+            }
+        }
+    }
+
+    /// Holds `request` until the deletion of `key` being committed lands
+    /// or fails.
+    fn park(&mut self, key: ChannelKey, request: Parked) {
+        self.parked.entry(key).or_default().push(request);
+    }
+
+    /// A deletion of `key` landed or failed: the requests that waited for
+    /// it are served now, in the order they came (they wait again if
+    /// another deletion of it is queued).
+    fn serve_parked(&mut self, key: &ChannelKey, now: Now) {
+        let Some(parked) = self.parked.remove(key) else {
+            return;
+        };
+        for request in parked {
+            match request {
+                Parked::Send {
+                    origin,
+                    from,
+                    from_device,
+                    packet,
+                    checked,
+                } => self.owner_send(origin, from, from_device, key.clone(), packet, checked, now),
+                Parked::ConversationOp { origin, uid, op } => {
+                    self.owner_conversation_op(origin, uid, key.clone(), op, now)
+                }
+                Parked::Recall {
+                    origin,
+                    uid,
+                    recall,
+                } => self.owner_recall(origin, uid, key.clone(), recall),
+                Parked::Group {
+                    uids,
+                    change,
+                    reply,
+                } => self.change_group(key.id(), uids, change, reply, now),
+                Parked::List {
+                    kind,
+                    uids,
+                    change,
+                    reply,
+                } => self.change_list(key.clone(), kind, uids, change, reply),
             }
         }
     }
@@ -2090,6 +2206,9 @@ impl ShardState {
         op: ConversationOp,
         now: Now,
     ) {
+        if self.channels.waits_for_deletion(&key) {
+            return self.park(key, Parked::ConversationOp { origin, uid, op });
+        }
         let fail = |state: &mut ShardState, reason: ReasonCode| {
             let response = Packet::ConversationOpResp(ConversationOpResp {
                 request_id: op.request_id,
@@ -2203,6 +2322,16 @@ impl ShardState {
     /// by client_msg_no of a send that is not committed yet (pipelined right
     /// behind it) waits for the commit.
     fn owner_recall(&mut self, origin: ConnId, uid: Uid, key: ChannelKey, recall: Recall) {
+        if self.channels.waits_for_deletion(&key) {
+            return self.park(
+                key,
+                Parked::Recall {
+                    origin,
+                    uid,
+                    recall,
+                },
+            );
+        }
         let recall = if recall.message_id == 0 {
             let waiting_key = (uid.clone(), recall.client_msg_no.clone());
             match self

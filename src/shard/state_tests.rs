@@ -811,3 +811,82 @@ fn message_ids_grow_and_never_collide_across_shards() {
         assert!(seen.insert(b.next(now).0));
     }
 }
+
+/// A send, a conversation change, a recall and a list change that reach
+/// the owner while a group's deletion is being committed wait for it: the
+/// deletion failed here (a storage error), so the group is still there and
+/// they are served as if it had never been asked for (they were refused
+/// `channel_missing` at once, though the group went on existing).
+#[test]
+fn requests_during_a_group_deletion_that_fails_are_served_by_the_group() {
+    let storage = MemoryStorage::default();
+    let mut state = lone_shard(&storage);
+    let key = ChannelKey::group("club");
+    group_change(&mut state, "club", &["alice", "bob"], SetChange::Replace);
+    let (alice, alice_out) = connect(&mut state, "alice", true);
+    state.on_frame(alice, &send_frame("club", ChannelType::Group, "m1"), now());
+    state.commit(now());
+    let _ = packets(&alice_out);
+    let (tx, deleted) = async_channel::bounded(1);
+    state.api(
+        ApiRequest::DeleteGroup {
+            channel: key.clone(),
+        },
+        tx,
+        now(),
+    );
+    let (job, in_flight) = state.begin_commit(now()).expect("the deletion");
+    drop(job);
+    // While it is written:
+    state.on_frame(alice, &send_frame("club", ChannelType::Group, "m2"), now());
+    let op = Packet::ConversationOp(ConversationOp {
+        request_id: 7,
+        channel_id: "club".into(),
+        channel_type: ChannelType::Group,
+        action: ConversationAction::ClearUnread,
+        unread: 0,
+    });
+    state.on_frame(alice, &frame(&op), now());
+    let recall = Packet::Recall(Recall {
+        request_id: 8,
+        channel_id: "club".into(),
+        channel_type: ChannelType::Group,
+        message_id: 0,
+        client_msg_no: "m1".into(),
+    });
+    state.on_frame(alice, &frame(&recall), now());
+    let (tx, list) = async_channel::bounded(1);
+    state.change_list(
+        key.clone(),
+        ListKind::Deny,
+        vec!["carol".into()],
+        SetChange::Add,
+        tx,
+    );
+    assert!(
+        packets(&alice_out).is_empty(),
+        "nothing is answered before the deletion lands or fails"
+    );
+    state.finish_commit(in_flight, Err(StorageError::Io("disk".into())), now());
+    state.commit(now());
+    assert!(matches!(
+        deleted.try_recv(),
+        Ok(ApiResponse::Failed(ReasonCode::StorageError))
+    ));
+    let mut acks = Vec::new();
+    let mut ops = Vec::new();
+    let mut recalls = Vec::new();
+    for packet in packets(&alice_out) {
+        match packet {
+            Packet::SendAck(ack) => acks.push((ack.reason, ack.message_seq)),
+            Packet::ConversationOpResp(resp) => ops.push(resp.reason),
+            Packet::RecallResp(resp) => recalls.push(resp.reason),
+            _ => {}
+        }
+    }
+    assert_eq!(acks, vec![(ReasonCode::Success, 2)]);
+    assert_eq!(ops, vec![ReasonCode::Success]);
+    assert_eq!(recalls, vec![ReasonCode::Success]);
+    assert_eq!(list.try_recv().unwrap().unwrap(), vec!["carol".to_owned()]);
+    assert!(state.store.message(&key, Seq(2)).unwrap().is_some());
+}
