@@ -83,6 +83,7 @@ pub struct WebhookConfig {
     pub concurrency: usize,
     pub notify_batch_max_messages: usize,
     pub outbox_max_bytes: u64,
+    pub late_offline_messages_max: usize,
 }
 
 /// Every event ruyi can post.
@@ -100,6 +101,7 @@ impl Default for WebhookConfig {
             concurrency: 8,
             notify_batch_max_messages: 100,
             outbox_max_bytes: 4 * 1024 * 1024 * 1024,
+            late_offline_messages_max: 100,
         }
     }
 }
@@ -522,6 +524,10 @@ impl Config {
         check(
             (1..=10_000).contains(&w.notify_batch_max_messages),
             "webhook.notify_batch_max_messages must be between 1 and 10000".into(),
+        );
+        check(
+            w.late_offline_messages_max <= 10_000,
+            "webhook.late_offline_messages_max must be at most 10000".into(),
         );
         check(
             w.outbox_max_bytes >= 1024 * 1024,

@@ -47,7 +47,8 @@ pub struct WebhookShared {
 }
 
 /// A shard's side of webhooks: which events it writes, the outbox bound,
-/// and the `user.onlinestatus` lines waiting for the next commit.
+/// and the `user.onlinestatus` lines and late `msg.offline` events waiting
+/// for the next commit.
 #[derive(Debug)]
 pub struct WebhookWriter {
     pub offline: bool,
@@ -57,6 +58,11 @@ pub struct WebhookWriter {
     max_bytes: u64,
     shared: Arc<WebhookShared>,
     pub presence_lines: Vec<String>,
+    /// Late `msg.offline` events per connection at most (see
+    /// `late_offline_messages_max`).
+    pub late_max: usize,
+    /// Bodies of late `msg.offline` events waiting for the next commit.
+    pub late_offline: Vec<Vec<u8>>,
 }
 
 impl WebhookWriter {
@@ -73,6 +79,8 @@ impl WebhookWriter {
             max_bytes: config.outbox_max_bytes,
             shared,
             presence_lines: Vec::new(),
+            late_max: config.late_offline_messages_max,
+            late_offline: Vec::new(),
         })
     }
 

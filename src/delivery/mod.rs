@@ -43,6 +43,9 @@ type Key = (ConnId, MessageId);
 struct Entry {
     message: Arc<StoredMessage>,
     redeliveries: u32,
+    /// Pushed live: its owner counted the device's user online when it
+    /// committed it (so no `msg.offline` named them for it).
+    live: bool,
 }
 
 /// What a device is known to have of a channel, from its saved position.
@@ -70,6 +73,9 @@ pub struct PendingPushes {
     /// Per connection and channel, what its device is known to have from
     /// its saved position (read on resume, or at the first live push).
     known: HashMap<ConnId, HashMap<ChannelKey, Known, ahash::RandomState>, ahash::RandomState>,
+    /// Per connection, live pushes given up on after every redelivery:
+    /// never acknowledged (see [`PendingPushes::undelivered`]).
+    given_up: HashMap<ConnId, Vec<Arc<StoredMessage>>, ahash::RandomState>,
     jitter_state: u64,
     due: Vec<Key>,
 }
@@ -93,6 +99,7 @@ impl PendingPushes {
             conn_bytes: HashMap::default(),
             highest: HashMap::default(),
             known: HashMap::default(),
+            given_up: HashMap::default(),
             jitter_state: seed | 1,
             due: Vec::new(),
         }
@@ -115,10 +122,23 @@ impl PendingPushes {
         self.entries.contains_key(&(conn, message_id))
     }
 
-    /// Records a push of `message` to `conn`. Returns false, and changes
-    /// nothing, when it is already pending there: the caller must not write
-    /// it again.
+    /// Records a live push of `message` to `conn` (see
+    /// [`PendingPushes::track_as`]).
     pub fn track(&mut self, conn: ConnId, message: &Arc<StoredMessage>, now_ms: u64) -> bool {
+        self.track_as(conn, message, now_ms, true)
+    }
+
+    /// Records a push of `message` to `conn`, `live` (its owner counted the
+    /// user online at its commit) or read from storage. Returns false, and
+    /// changes nothing, when it is already pending there: the caller must
+    /// not write it again.
+    pub fn track_as(
+        &mut self,
+        conn: ConnId,
+        message: &Arc<StoredMessage>,
+        now_ms: u64,
+        live: bool,
+    ) -> bool {
         let key = (conn, message.message_id);
         if self.entries.contains_key(&key) {
             return false;
@@ -142,6 +162,7 @@ impl PendingPushes {
             Entry {
                 message: Arc::clone(message),
                 redeliveries: 0,
+                live,
             },
         );
         true
@@ -262,10 +283,32 @@ impl PendingPushes {
                 self.ack(conn, id);
             }
         }
+        for list in self.given_up.values_mut() {
+            list.retain(|m| m.channel != *channel || m.seq > through);
+        }
+    }
+
+    /// The live pushes to `conn` it never acknowledged: pending now, or
+    /// given up on after every redelivery. In seq order per channel, given
+    /// up first.
+    pub fn undelivered(&self, conn: ConnId) -> Vec<Arc<StoredMessage>> {
+        let mut out: Vec<Arc<StoredMessage>> =
+            self.given_up.get(&conn).cloned().unwrap_or_default();
+        if let Some(index) = self.by_conn.get(&conn) {
+            for id in index.values() {
+                if let Some(entry) = self.entries.get(&(conn, *id)) {
+                    if entry.live {
+                        out.push(Arc::clone(&entry.message));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Forgets everything pending on a closed connection.
     pub fn forget_conn(&mut self, conn: ConnId) {
+        self.given_up.remove(&conn);
         self.conn_bytes.remove(&conn);
         self.highest.remove(&conn);
         self.known.remove(&conn);
@@ -301,6 +344,10 @@ impl PendingPushes {
             };
             if entry.redeliveries >= self.policy.attempts_max {
                 let id = key.1;
+                if entry.live {
+                    let message = Arc::clone(&entry.message);
+                    self.given_up.entry(key.0).or_default().push(message);
+                }
                 self.ack(key.0, id);
                 if !given_up.contains(&key.0) {
                     given_up.push(key.0);

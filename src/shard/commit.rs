@@ -177,8 +177,10 @@ pub struct InFlight {
     /// Webhook events written with the batch, and their bytes.
     pub(super) webhook_events: u64,
     pub(super) webhook_bytes: u64,
-    /// `user.onlinestatus` lines in the batch: queued again if it fails.
+    /// `user.onlinestatus` lines and late `msg.offline` bodies in the
+    /// batch: queued again if it fails.
     pub(super) presence_lines: Vec<String>,
+    pub(super) late_offline: Vec<Vec<u8>>,
 }
 
 /// A send's `(from_uid, client_msg_no)`.
@@ -478,6 +480,7 @@ impl CommitPipeline {
             webhook_events: 0,
             webhook_bytes: 0,
             presence_lines: Vec::new(),
+            late_offline: Vec::new(),
         };
         (in_flight, mutations)
     }

@@ -42,7 +42,13 @@ struct Behind {
     /// Seqs up to here may have reached the device before (on an earlier
     /// connection): they go out flagged as redelivered.
     flag_through: Seq,
+    /// Seqs from here came live (their owner counted the user online at
+    /// commit) and did not fit the window; `Seq(u64::MAX)`: none did.
+    live_from: Seq,
 }
+
+/// No seq of a backlog came live.
+const NONE_LIVE: Seq = Seq(u64::MAX);
 
 /// What to do with a live message for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +152,7 @@ impl Pushes {
             next: floor.next(),
             last,
             flag_through: pushed,
+            live_from: NONE_LIVE,
         });
         entry.next = entry.next.min(floor.next());
         entry.last = entry.last.max(last);
@@ -187,6 +194,7 @@ impl Pushes {
                 next,
                 last,
                 flag_through,
+                live_from,
             } = behind;
             let want = room.min((last.0 - next.0 + 1) as usize);
             let page = match store.read_messages(&key, next, want, ReadDirection::Up) {
@@ -218,7 +226,8 @@ impl Pushes {
                 if !self.window_has_room(conn, message.payload.len()) {
                     break;
                 }
-                if self.pending.track(conn, message, now_ms) {
+                let live = message.seq >= live_from;
+                if self.pending.track_as(conn, message, now_ms, live) {
                     let mut recv = recv_view(message, device.uid);
                     if message.seq <= flag_through || message.message_id < device.unrecorded_below {
                         recv.flags |= RECV_FLAG_REDELIVERED;
@@ -304,6 +313,7 @@ impl Pushes {
             .and_then(|b| b.get_mut(&message.channel))
         {
             behind.last = behind.last.max(message.seq);
+            behind.live_from = behind.live_from.min(message.seq);
             return Live::Skip;
         }
         // Already pushed from storage: a resume or refill read it there
@@ -324,6 +334,7 @@ impl Pushes {
                     next: message.seq,
                     last: message.seq,
                     flag_through: Seq(0),
+                    live_from: message.seq,
                 },
             );
             return Live::Skip;
@@ -362,6 +373,46 @@ impl Pushes {
         };
         self.pending.learn(conn, channel, known);
         known
+    }
+
+    /// What `conn` (closing) was owed live and never acknowledged: its
+    /// pushes pending or given up on, then what came live and waits behind
+    /// its window (read from storage), at most `max` messages. Its user was
+    /// counted online when these were committed, so no `msg.offline` named
+    /// them.
+    pub fn undelivered(
+        &self,
+        conn: ConnId,
+        store: &mut dyn ShardStore,
+        max: usize,
+    ) -> Vec<Arc<StoredMessage>> {
+        let mut out = self.pending.undelivered(conn);
+        out.truncate(max);
+        let Some(behind) = self.backlog.get(&conn) else {
+            return out;
+        };
+        for (key, behind) in behind {
+            if behind.live_from == NONE_LIVE {
+                continue;
+            }
+            let mut next = behind.next.max(behind.live_from);
+            while next <= behind.last && out.len() < max {
+                let want = (max - out.len()).min((behind.last.0 - next.0 + 1) as usize);
+                let page = match store.read_messages(key, next, want, ReadDirection::Up) {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::warn!(%error, "reading a closing connection's backlog failed");
+                        break;
+                    }
+                };
+                let Some(last) = page.last().map(|m| m.seq) else {
+                    break;
+                };
+                out.extend(page.into_iter().filter(|m| m.seq <= behind.last));
+                next = last.next();
+            }
+        }
+        out
     }
 
     /// Whether one more push of `payload_bytes` fits `conn`'s in-flight

@@ -388,6 +388,18 @@ impl ShardState {
         let Some(entry) = self.sessions.remove(conn) else {
             return;
         };
+        // What it was pushed live and never acknowledged: if it was its
+        // user's last connection, they get a late msg.offline for it.
+        let late_max = self
+            .webhooks
+            .as_ref()
+            .filter(|w| w.offline)
+            .map_or(0, |w| w.late_max);
+        let undelivered = if late_max > 0 && entry.session.identity.is_some() {
+            self.pushes.undelivered(conn, &mut *self.store, late_max)
+        } else {
+            Vec::new()
+        };
         self.pushes.forget_conn(conn);
         let Some(identity) = entry.session.identity else {
             return;
@@ -395,6 +407,7 @@ impl ShardState {
         if matches!(entry.session.phase, Phase::Handshake) {
             return;
         }
+        let uid = identity.uid.clone();
         self.broadcast_presence(
             identity.uid,
             identity.device_id,
@@ -402,6 +415,13 @@ impl ShardState {
             conn,
             false,
         );
+        if !undelivered.is_empty() && !self.presence.is_online(&uid) {
+            if let Some(writer) = self.webhooks.as_mut() {
+                if webhooks::queue_late_offline(writer, &uid, &undelivered) {
+                    self.signals.commit.notify();
+                }
+            }
+        }
     }
 
     /// Closes `conn` with `reason`: queues a `Disconnect`, stops reading, and
@@ -662,6 +682,9 @@ impl ShardState {
         // redelivery) are no longer pending: moving past its own sends above
         // them would jump its position over messages it never acknowledged.
         let recvs = match self.sessions.get(conn) {
+            // What waits for it stays until it is gone: its user may be owed
+            // a late msg.offline for it.
+            Some(entry) if entry.session.phase == Phase::Closing => return,
             Some(entry) if entry.session.phase == Phase::Active => {
                 let Some(identity) = entry.session.identity.as_ref() else {
                     self.pushes.drop_backlog(conn);
@@ -1075,11 +1098,8 @@ impl ShardState {
     /// it syncs) and then calls [`ShardState::finish_commit`]. Sends that
     /// arrive meanwhile wait for the next batch.
     pub fn begin_commit(&mut self, now: Now) -> Option<(CommitJob, InFlight)> {
-        let presence_waiting = self
-            .webhooks
-            .as_ref()
-            .is_some_and(|w| !w.presence_lines.is_empty());
-        if self.pipeline.is_empty() && !presence_waiting {
+        let events_waiting = self.webhooks.as_ref().is_some_and(webhooks::waiting);
+        if self.pipeline.is_empty() && !events_waiting {
             return None;
         }
         let (pending, refused) = self.pipeline.take_batch();
@@ -1087,7 +1107,7 @@ impl ShardState {
             for (p, reason) in refused {
                 self.refuse_pending(p, reason);
             }
-            if pending.is_empty() {
+            if pending.is_empty() && !events_waiting {
                 return None;
             }
         }

@@ -75,12 +75,21 @@ fn packets(outbox: &Outbox) -> Vec<Packet> {
 }
 
 fn connect(state: &mut ShardState, uid: &str, resume: bool) -> (ConnId, Rc<Outbox>) {
+    connect_device(state, uid, "phone", resume)
+}
+
+fn connect_device(
+    state: &mut ShardState,
+    uid: &str,
+    device: &str,
+    resume: bool,
+) -> (ConnId, Rc<Outbox>) {
     let (conn, outbox) = state.accept(now()).unwrap();
     let packet = Packet::Connect(Connect {
         version: PROTOCOL_VERSION,
         uid: uid.to_owned(),
         token: String::new(),
-        device_id: "phone".to_owned(),
+        device_id: device.to_owned(),
         device_flag: DeviceFlag::App,
         client_timestamp_ms: 0,
         resume,
@@ -889,4 +898,123 @@ fn requests_during_a_group_deletion_that_fails_are_served_by_the_group() {
     assert_eq!(recalls, vec![ReasonCode::Success]);
     assert_eq!(list.try_recv().unwrap().unwrap(), vec!["carol".to_owned()]);
     assert!(state.store.message(&key, Seq(2)).unwrap().is_some());
+}
+
+/// `msg.offline` events in the outbox, as (message's client_msg_no, to_uids).
+fn offline_events(storage: &MemoryStorage) -> Vec<(String, Vec<String>)> {
+    storage
+        .webhook_events(ShardId(0), 0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, record)| record.event == crate::webhook::EVENT_OFFLINE)
+        .map(|(_, record)| {
+            let body: serde_json::Value = serde_json::from_slice(&record.body).unwrap();
+            let no = body["client_msg_no"].as_str().unwrap().to_owned();
+            let to = body["to_uids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_str().unwrap().to_owned())
+                .collect();
+            (no, to)
+        })
+        .collect()
+}
+
+/// Finding 5: a user counted online when a message was committed got no
+/// `msg.offline` for it, and if their only connection was half-open or
+/// stalled it never reached them: nothing caught up. Now, when a user's
+/// last connection closes owing them live messages (pushed and not
+/// acknowledged), each gets a late `msg.offline` naming them; a message a
+/// device acknowledged gets none, and neither does one while another of
+/// the user's devices is online.
+#[test]
+fn a_user_whose_last_connection_closes_owing_messages_gets_a_late_offline_event() {
+    let storage = MemoryStorage::default();
+    let mut state = lone_shard(&storage);
+    let config = crate::config::WebhookConfig {
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "s".into(),
+        ..crate::config::WebhookConfig::default()
+    };
+    state.set_webhooks(crate::webhook::WebhookWriter::new(
+        &config,
+        Arc::new(crate::webhook::WebhookShared::default()),
+    ));
+    let (alice_phone, phone_out) = connect_device(&mut state, "alice", "phone", true);
+    let (alice_web, web_out) = connect_device(&mut state, "alice", "web", true);
+    let (bob, _bob_out) = connect(&mut state, "bob", true);
+    for no in ["m1", "m2"] {
+        state.on_frame(bob, &send_frame("alice", ChannelType::Person, no), now());
+    }
+    state.commit(now());
+    assert!(offline_events(&storage).is_empty(), "alice was online");
+    // The phone acknowledges m1 only; the web tab acknowledges nothing.
+    let m1 = packets(&phone_out)
+        .into_iter()
+        .find_map(|p| match p {
+            Packet::Recv(recv) if recv.client_msg_no == "m1" => Some(recv),
+            _ => None,
+        })
+        .expect("m1 pushed to the phone");
+    let ack = Packet::RecvAck(RecvAck {
+        message_id: m1.message_id,
+        channel_id: "bob".into(),
+        channel_type: ChannelType::Person,
+        message_seq: m1.message_seq,
+        through: false,
+    });
+    state.on_frame(alice_phone, &frame(&ack), now());
+    assert_eq!(recv_seqs(packets(&web_out)), vec![1, 2]);
+    // The web tab goes while the phone is online: nothing.
+    state.on_closed(alice_web);
+    state.commit(now());
+    assert!(offline_events(&storage).is_empty(), "the phone is online");
+    // The phone goes owing m2.
+    state.on_closed(alice_phone);
+    state.commit(now());
+    assert_eq!(
+        offline_events(&storage),
+        vec![("m2".to_owned(), vec!["alice".to_owned()])]
+    );
+}
+
+/// Finding 5, a write-stalled connection: what came live and waits behind
+/// its full window (not pushed yet) is owed too.
+#[test]
+fn messages_waiting_behind_a_closing_connections_window_get_a_late_offline_event() {
+    let storage = MemoryStorage::default();
+    let limits = Limits {
+        inflight_messages_max: 1,
+        ..Limits::default()
+    };
+    let mut state = lone_shard_on(storage.open_shard(ShardId(0)).unwrap(), limits);
+    let config = crate::config::WebhookConfig {
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "s".into(),
+        ..crate::config::WebhookConfig::default()
+    };
+    state.set_webhooks(crate::webhook::WebhookWriter::new(
+        &config,
+        Arc::new(crate::webhook::WebhookShared::default()),
+    ));
+    let (alice, alice_out) = connect(&mut state, "alice", true);
+    let (bob, _bob_out) = connect(&mut state, "bob", true);
+    for no in ["m1", "m2", "m3"] {
+        state.on_frame(bob, &send_frame("alice", ChannelType::Person, no), now());
+    }
+    state.commit(now());
+    assert_eq!(recv_seqs(packets(&alice_out)), vec![1], "a window of one");
+    state.close(alice, ReasonCode::SlowConsumer, "stalled", now());
+    state.retry_due(now());
+    state.on_closed(alice);
+    state.commit(now());
+    let owed: Vec<String> = offline_events(&storage)
+        .into_iter()
+        .map(|(no, to)| {
+            assert_eq!(to, vec!["alice".to_owned()]);
+            no
+        })
+        .collect();
+    assert_eq!(owed, vec!["m1", "m2", "m3"]);
 }

@@ -2,7 +2,8 @@
 //! exactly when what it describes does): one `msg.notify` per
 //! `notify_batch_max_messages` messages and recalls, one `msg.offline` per
 //! message with offline recipients, one `user.onlinestatus` with the
-//! presence transitions since the last commit.
+//! presence transitions since the last commit, and the late `msg.offline`
+//! events of users whose last connection closed owing them messages.
 
 use super::commit::{InFlight, Pending};
 use crate::ids::{ShardId, Uid};
@@ -28,6 +29,7 @@ pub(super) fn batch_events(
     mutations: &mut Vec<Mutation>,
 ) {
     in_flight.presence_lines = std::mem::take(&mut writer.presence_lines);
+    in_flight.late_offline = std::mem::take(&mut writer.late_offline);
     let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
     if writer.notify {
         let messages: Vec<&StoredMessage> = in_flight
@@ -51,6 +53,9 @@ pub(super) fn batch_events(
                 }
             }
         }
+    }
+    for body in &in_flight.late_offline {
+        events.push((EVENT_OFFLINE, body.clone()));
     }
     if !in_flight.presence_lines.is_empty() {
         events.push((
@@ -91,4 +96,33 @@ pub(super) fn failed(writer: &mut WebhookWriter, in_flight: &mut InFlight) {
     let mut lines = std::mem::take(&mut in_flight.presence_lines);
     lines.append(&mut writer.presence_lines);
     writer.presence_lines = lines;
+    let mut late = std::mem::take(&mut in_flight.late_offline);
+    late.append(&mut writer.late_offline);
+    writer.late_offline = late;
+}
+
+/// Whether events wait for a commit of their own (no other work needs
+/// one).
+pub(super) fn waiting(writer: &WebhookWriter) -> bool {
+    !writer.presence_lines.is_empty() || !writer.late_offline.is_empty()
+}
+
+/// Queues a late `msg.offline` naming `uid` for each of `undelivered`
+/// (their own messages and recalls left out). Returns whether any was
+/// queued.
+pub(super) fn queue_late_offline(
+    writer: &mut WebhookWriter,
+    uid: &Uid,
+    undelivered: &[Arc<StoredMessage>],
+) -> bool {
+    let before = writer.late_offline.len();
+    for message in undelivered {
+        if message.from_uid == *uid || message.recalled {
+            continue;
+        }
+        writer
+            .late_offline
+            .push(offline_body(message, std::slice::from_ref(uid)));
+    }
+    writer.late_offline.len() > before
 }
