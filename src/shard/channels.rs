@@ -8,9 +8,10 @@
 //! it: what it decides is queued for the commit by the dispatcher.
 
 use super::api::ControlError;
+use super::reads::floor_for_unread;
 use crate::channel::{Channel, ChannelKey, MemberSet, Members};
 use crate::ids::{MessageId, Seq, Uid};
-use crate::protocol::{ChannelType, ReasonCode};
+use crate::protocol::{ChannelType, ConversationAction, ConversationOp, ReasonCode};
 use crate::storage::{
     user_list_key, ConversationRecord, ListKind, ShardStore, StorageError, StoredMessage,
 };
@@ -522,6 +523,69 @@ impl OwnedChannels {
         let mut uids: Vec<Uid> = next.into_iter().collect();
         uids.sort();
         Ok(uids)
+    }
+}
+
+impl OwnedChannels {
+    /// Applies a user's change to their conversation row in `key` (clear
+    /// unread, delete, set an unread count) and returns the row to queue,
+    /// stamped with `version`. The user's own messages still being
+    /// committed count as read: a clear (or delete) right behind one's own
+    /// send must not leave it unread (or bring the conversation back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn change_conversation(
+        &mut self,
+        key: &ChannelKey,
+        uid: &Uid,
+        op: &ConversationOp,
+        unread_max: u32,
+        version: impl FnOnce() -> u64,
+        store: &mut dyn ShardStore,
+        busy: impl FnOnce() -> Vec<ChannelKey>,
+    ) -> Result<ConversationRecord, ReasonCode> {
+        let (last, own_in_flight) = match self.load(key, store, busy)? {
+            None => return Err(ReasonCode::ChannelMissing),
+            Some(channel) => (channel.committed_seq.0, channel.own_uncommitted(uid)),
+        };
+        let Some(mut record) = self.row(key, uid, store)? else {
+            return Err(ReasonCode::ConversationMissing);
+        };
+        // Never below the row's deletion point: a member who joined behind
+        // messages not stored yet has a row read and deleted up to the join,
+        // above everything stored.
+        let (point, own_above) = match self.channels.get(key) {
+            Some(channel) => {
+                let (point, own_above) = channel.read_point(uid, Seq(record.deleted_seq));
+                (point.0, own_above)
+            }
+            None => return Err(ReasonCode::StorageError),
+        };
+        match op.action {
+            ConversationAction::ClearUnread => {
+                record.read_floor = point;
+                record.own_above_floor = own_above;
+            }
+            ConversationAction::Delete => {
+                record.deleted_seq = point;
+                record.read_floor = point;
+                record.own_above_floor = own_above;
+            }
+            ConversationAction::SetUnread => {
+                if op.unread > u64::from(unread_max) {
+                    return Err(ReasonCode::InvalidRange);
+                }
+                let (floor, own) =
+                    floor_for_unread(store, key, uid, last, op.unread, record.deleted_seq)?;
+                record.read_floor = floor;
+                record.own_above_floor = own + own_in_flight;
+            }
+            _ => return Err(ReasonCode::InvalidRange),
+        }
+        record.version = version();
+        if let Some(channel) = self.channels.get_mut(key) {
+            channel.conversations.insert(uid.clone(), record);
+        }
+        Ok(record)
     }
 }
 

@@ -17,9 +17,7 @@ use super::presence::Presence;
 use super::pushes::{Ack, Device, Live, Pushes};
 use super::sessions::{Sessions, Written};
 
-use super::reads::{
-    build_conversation, floor_for_unread, list_conversations, recv_view, sync_messages,
-};
+use super::reads::{build_conversation, list_conversations, recv_view, sync_messages};
 use super::versions::VersionFrontier;
 use super::webhooks;
 use crate::auth::Authenticator;
@@ -29,10 +27,10 @@ use crate::conn::outbox::Outbox;
 use crate::conn::session::{step, Phase, Step};
 use crate::ids::{ConnId, MessageId, Millis, Seq, ShardId, Uid};
 use crate::protocol::{
-    encode_recv, ConnAck, Conversation, ConversationAction, ConversationOp, ConversationOpResp,
-    Packet, ReasonCode, Recall, RecallEvent, RecallResp, RecvFields, SendAck, SendPacket,
-    SyncConversations, SyncConversationsResp, SyncMessages, SyncMessagesResp, VerifyLimits,
-    RECV_FLAG_FROM_SELF, RECV_FLAG_REDELIVERED,
+    encode_recv, ConnAck, Conversation, ConversationOp, ConversationOpResp, Packet, ReasonCode,
+    Recall, RecallEvent, RecallResp, RecvFields, SendAck, SendPacket, SyncConversations,
+    SyncConversationsResp, SyncMessages, SyncMessagesResp, VerifyLimits, RECV_FLAG_FROM_SELF,
+    RECV_FLAG_REDELIVERED,
 };
 use crate::storage::{
     CommitJob, ConversationRecord, ListKind, Mutation, ShardStore, StorageError, StoredMessage,
@@ -2050,16 +2048,6 @@ impl ShardState {
         self.sessions.identity_uid(conn)
     }
 
-    /// The row of `uid` in the owned channel `key`, from the owner's copy or
-    /// storage.
-    fn owned_row(
-        &mut self,
-        key: &ChannelKey,
-        uid: &Uid,
-    ) -> Result<Option<ConversationRecord>, ReasonCode> {
-        self.channels.row(key, uid, &mut *self.store)
-    }
-
     /// A conversation as `uid` sees it, from committed data.
     fn conversation_view(
         &mut self,
@@ -2229,72 +2217,28 @@ impl ShardState {
         if self.channels.waits_for_deletion(&key) {
             return self.park(key, Parked::ConversationOp { origin, uid, op });
         }
-        let fail = |state: &mut ShardState, reason: ReasonCode| {
-            let response = Packet::ConversationOpResp(ConversationOpResp {
-                request_id: op.request_id,
-                reason,
-                conversation: None,
-            });
-            state.reply_to(origin, response);
-        };
-        // The user's own messages still being committed count as read: a
-        // clear (or delete) right behind one's own send must not leave it
-        // unread (or bring the conversation back).
-        let (last, own_in_flight) = match self.channel_mut(&key) {
-            Err(reason) => return fail(self, reason),
-            Ok(None) => return fail(self, ReasonCode::ChannelMissing),
-            Ok(Some(channel)) => (channel.committed_seq.0, channel.own_uncommitted(&uid)),
-        };
-        let mut record = match self.owned_row(&key, &uid) {
-            Err(reason) => return fail(self, reason),
-            Ok(None) => return fail(self, ReasonCode::ConversationMissing),
-            Ok(Some(record)) => record,
-        };
-        // Never below the row's deletion point: a member who joined behind
-        // messages not stored yet has a row read and deleted up to the join,
-        // above everything stored.
-        let (point, own_above) = match self.channels.get(&key) {
-            Some(channel) => {
-                let (point, own_above) = channel.read_point(&uid, Seq(record.deleted_seq));
-                (point.0, own_above)
+        let pipeline = &mut self.pipeline;
+        let busy = pipeline.busy_keys();
+        let changed = self.channels.change_conversation(
+            &key,
+            &uid,
+            &op,
+            self.limits.sync_limit_max,
+            || pipeline.next_id(now.unix_ms).0,
+            &mut *self.store,
+            || busy.clone(),
+        );
+        let record = match changed {
+            Ok(record) => record,
+            Err(reason) => {
+                let response = Packet::ConversationOpResp(ConversationOpResp {
+                    request_id: op.request_id,
+                    reason,
+                    conversation: None,
+                });
+                return self.reply_to(origin, response);
             }
-            None => return fail(self, ReasonCode::StorageError),
         };
-        match op.action {
-            ConversationAction::ClearUnread => {
-                record.read_floor = point;
-                record.own_above_floor = own_above;
-            }
-            ConversationAction::Delete => {
-                record.deleted_seq = point;
-                record.read_floor = point;
-                record.own_above_floor = own_above;
-            }
-            ConversationAction::SetUnread => {
-                if op.unread > u64::from(self.limits.sync_limit_max) {
-                    return fail(self, ReasonCode::InvalidRange);
-                }
-                match floor_for_unread(
-                    &mut *self.store,
-                    &key,
-                    &uid,
-                    last,
-                    op.unread,
-                    record.deleted_seq,
-                ) {
-                    Ok((floor, own)) => {
-                        record.read_floor = floor;
-                        record.own_above_floor = own + own_in_flight;
-                    }
-                    Err(reason) => return fail(self, reason),
-                }
-            }
-            _ => return fail(self, ReasonCode::InvalidRange),
-        }
-        record.version = self.pipeline.next_id(now.unix_ms).0;
-        if let Some(channel) = self.channels.get_mut(&key) {
-            channel.conversations.insert(uid.clone(), record);
-        }
         self.queue(Pending::Conversation {
             origin,
             request_id: op.request_id,
