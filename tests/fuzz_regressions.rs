@@ -9,6 +9,21 @@
 #[path = "fuzz/src/harness.rs"]
 mod harness;
 
+// The simulator the `session` harness drives, at the crate root under the
+// names its files use for each other (as in `tests/fuzz/src/lib.rs`).
+#[allow(dead_code)]
+#[path = "simulation/model.rs"]
+mod model;
+#[allow(dead_code)]
+#[path = "simulation/rng.rs"]
+mod rng;
+#[allow(dead_code)]
+#[path = "simulation/sim.rs"]
+mod sim;
+#[allow(dead_code)]
+#[path = "simulation/world.rs"]
+mod world;
+
 use std::path::{Path, PathBuf};
 
 fn inputs(target: &str) -> Vec<PathBuf> {

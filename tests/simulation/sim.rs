@@ -2509,3 +2509,8 @@ pub fn describe(summary: &Summary) -> String {
     );
     out
 }
+
+// The simulator under the fuzzer: its choices read from an input.
+#[path = "input.rs"]
+mod input;
+pub use input::run_input;

@@ -5,8 +5,12 @@
 //!
 //! Only ruyi's public API is used, plus `bytes` and `async-channel` (both
 //! dependencies of ruyi, so an integration test of the root crate can use
-//! them too). No `arbitrary`: inputs are read with the small [`Input`]
-//! reader, which returns zeros once the data runs out.
+//! them too), `tempfile` (a dev-dependency of the root crate) and the
+//! deterministic simulator of `tests/simulation`, which the including crate
+//! declares at its root as `model`, `rng`, `sim` and `world` (`#[path]`
+//! modules, see `src/lib.rs`). No `arbitrary`: inputs are read with the
+//! small [`Input`] reader, which returns zeros once the data runs out, or by
+//! the simulator's `Rng::from_bytes`.
 //!
 //! Every function here must not panic on any input; a panic is a bug (in
 //! ruyi, or in an invariant asserted here).
@@ -27,9 +31,13 @@ use ruyi::protocol::{
     VerifyLimits, LENGTH_PREFIX_BYTES, PROTOCOL_VERSION, RECV_FLAG_REDELIVERED,
 };
 use ruyi::shard::state::{Now, SetChange, ShardState, Signals};
-use ruyi::storage::{user_list_key, ListKind, MemoryStorage, Storage, StorageError};
+use ruyi::storage::rocks::RocksOptions;
+use ruyi::storage::{
+    user_list_key, ListKind, MemoryStorage, RocksStorage, Storage, StorageError, SyncPolicy,
+};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------
 // Input reader
@@ -343,6 +351,20 @@ fn reasons_of(packet: &Packet) -> Vec<ReasonCode> {
 // ---------------------------------------------------------------------------
 // Target 3: session
 // ---------------------------------------------------------------------------
+//
+// Two paths, chosen by byte 0 (see [`session`]):
+//
+// - the simulator (bit 7 clear): `tests/simulation`'s world of real
+//   `ShardState`s with its reference model, every choice read from the
+//   input; every invariant the seeded soak checks is checked. On the
+//   memory store, or with [`setup::ROCKS`] on RocksDB and on the memory
+//   store, which must agree step for step;
+// - the raw program (bit 7 set, [`setup::RAW`]): hostile bytes, frame
+//   errors, token auth, shutdown, stalls and closes that the simulator's
+//   well-behaved clients never produce, with every server frame read back
+//   by the SDK. Its clients may impersonate anyone, so no model could judge
+//   them: its checks are the ones below (no panic, frames the SDK reads,
+//   in-order pushes, connection counts).
 
 /// The auth secret used when the input turns token auth on.
 pub const SECRET: &str = "fuzz-secret";
@@ -404,7 +426,11 @@ pub mod op {
     pub const COUNT: u8 = 20;
 }
 
-/// Setup flags, the first byte of a session input.
+/// Setup flags, the first byte of a `session` input. [`RAW`] picks the path
+/// and [`ROCKS`] the store; the others only apply to a raw program.
+///
+/// [`RAW`]: setup::RAW
+/// [`ROCKS`]: setup::ROCKS
 pub mod setup {
     /// Two shards instead of one.
     pub const TWO_SHARDS: u8 = 1 << 0;
@@ -416,6 +442,11 @@ pub mod setup {
     pub const SMALL_LIMITS: u8 = 1 << 3;
     /// Fast redelivery.
     pub const FAST_RETRY: u8 = 1 << 4;
+    /// RocksDB in a temporary directory instead of `MemoryStorage` (the
+    /// simulator runs on both and compares).
+    pub const ROCKS: u8 = 1 << 5;
+    /// The raw program rather than the simulator: set in every raw input.
+    pub const RAW: u8 = 1 << 7;
 }
 
 fn small_limits() -> Limits {
@@ -476,6 +507,9 @@ struct World {
         >,
     >,
     list_rx: Vec<async_channel::Receiver<Result<Vec<String>, ruyi::shard::state::ControlError>>>,
+    /// The RocksDB directory ([`setup::ROCKS`]); removed after the shards
+    /// (declared last, so dropped last).
+    dir: Option<tempfile::TempDir>,
 }
 
 impl World {
@@ -523,16 +557,29 @@ impl World {
                 relevant.join("; ")
             );
         }
-        let storage = MemoryStorage::default();
+        let (storage, dir): (Arc<dyn Storage>, _) = if flags & setup::ROCKS != 0 {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let rocks = RocksStorage::open(
+                dir.path(),
+                &RocksOptions {
+                    sync: SyncPolicy::Never,
+                    block_cache_bytes: 1 << 20,
+                    write_buffer_bytes: 1 << 20,
+                    idempotency_ttl_ms: config.storage.idempotency_ttl_s.saturating_mul(1000),
+                },
+            )
+            .expect("open RocksDB");
+            (Arc::new(rocks), Some(dir))
+        } else {
+            (Arc::new(MemoryStorage::default()), None)
+        };
         let now = Now {
             monotonic: Millis(0),
             unix_ms: UNIX_BASE_MS,
         };
         let shards = (0..shard_count)
             .map(|i| {
-                let store = storage
-                    .open_shard(ShardId(i))
-                    .expect("memory storage opens");
+                let store = storage.open_shard(ShardId(i)).expect("the store opens");
                 let mut state = ShardState::new(
                     ShardId(i),
                     shard_count,
@@ -560,6 +607,7 @@ impl World {
             t: 0,
             group_rx: Vec::new(),
             list_rx: Vec::new(),
+            dir,
         }
     }
 
@@ -1104,12 +1152,78 @@ fn check_event(conn: &mut Conn, event: Event) {
     }
 }
 
-/// Input layout: byte 0 is a set of [`setup`] flags; then a program of
-/// [`op`]s. Drives one or two `ShardState`s over `MemoryStorage` with the
-/// program, then ends every connection and shuts the shards down.
+/// Input layout: byte 0 is a set of [`setup`] flags. With [`setup::RAW`]
+/// (bit 7) set, the rest is a raw program ([`raw_session`]); with bit 7
+/// clear, the rest is the simulator's choices ([`simulated_session`]).
+/// [`setup::ROCKS`] (bit 5) adds RocksDB in either. The empty input runs the
+/// simulator with no choices.
 pub fn session(data: &[u8]) {
-    let mut input = Input::new(data);
-    let flags = input.byte();
+    let (flags, rest) = data.split_first().map_or((0, data), |(f, r)| (*f, r));
+    if flags & setup::RAW != 0 {
+        raw_session(flags, rest);
+    } else {
+        simulated_session(flags & setup::ROCKS != 0, rest);
+    }
+}
+
+/// `tests/simulation` driven by `choices` (`sim::run_input`, whose module
+/// documentation tells how the bytes map to the run's shape and steps):
+/// steps until the choices are read, then a settle and every liveness
+/// check. On the memory store; with `rocks` also on RocksDB in a temporary
+/// directory, and the two runs' steps (every step's line, the answers and
+/// pushes the clients saw included) must be the same. A violated invariant
+/// panics with the last steps; `RUYI_FUZZ_TRACE` prints every step as it
+/// runs.
+///
+/// Why not RocksDB alone: opening a RocksDB (twelve column families) costs
+/// tens of milliseconds, and every simulated crash opens it again, while a
+/// simulated step on the memory store costs a few microseconds; under the
+/// fuzzer an input with [`setup::ROCKS`] takes about 25 times as long as
+/// one without (`tests/fuzz/README.md` has the figures).
+pub fn simulated_session(rocks: bool, choices: &[u8]) {
+    use crate::world::StoreKind;
+    if std::env::var_os("RUYI_FUZZ_TRACE").is_some() {
+        crate::sim::ECHO.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let memory = simulate(choices, StoreKind::Memory);
+    if rocks {
+        let on_rocks = simulate(choices, StoreKind::Rocks);
+        if let Some(i) = (0..memory.len().min(on_rocks.len())).find(|i| memory[*i] != on_rocks[*i])
+        {
+            panic!(
+                "the stores part at step line {i}:\n  rocks:  {}\n  memory: {}",
+                on_rocks[i], memory[i]
+            );
+        }
+        assert_eq!(
+            memory.len(),
+            on_rocks.len(),
+            "the runs on the two stores differ in length"
+        );
+    }
+}
+
+/// One simulated run on `store`; its trace, or a panic with the violation.
+fn simulate(choices: &[u8], store: crate::world::StoreKind) -> Vec<String> {
+    match crate::sim::run_input(choices, store) {
+        Ok((_, trace)) => trace,
+        Err(failure) => {
+            let skip = failure.trace.len().saturating_sub(60);
+            panic!(
+                "the simulation on {store:?} broke an invariant: {}\n  ... {skip} earlier steps\n  {}\n(RUYI_FUZZ_TRACE=1 prints every step)",
+                failure.message,
+                failure.trace[skip..].join("\n  ")
+            );
+        }
+    }
+}
+
+/// The raw program: `flags` is a set of [`setup`] flags, `program` a
+/// sequence of [`op`]s. Drives one or two `ShardState`s (over
+/// `MemoryStorage`, or RocksDB with [`setup::ROCKS`]) with the program,
+/// then ends every connection and shuts the shards down.
+pub fn raw_session(flags: u8, program: &[u8]) {
+    let mut input = Input::new(program);
     let mut world = World::new(flags);
     let mut steps = 0;
     while !input.is_empty() && steps < 4096 {

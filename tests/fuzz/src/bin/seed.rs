@@ -167,12 +167,18 @@ fn every_packet() -> Vec<Packet> {
     ]
 }
 
-/// A session program under construction.
+/// A raw session program under construction.
 struct Program(Vec<u8>);
 
 impl Program {
     fn new(flags: u8) -> Program {
-        Program(vec![flags])
+        Program(vec![setup::RAW | flags])
+    }
+    /// The same program on RocksDB.
+    fn on_rocks(&self) -> Vec<u8> {
+        let mut data = self.0.clone();
+        data[0] |= setup::ROCKS;
+        data
     }
     fn op(mut self, code: u8, args: &[u8]) -> Program {
         self.0.push(code);
@@ -313,6 +319,7 @@ fn main() {
         .op(op::SWEEP, &[])
         .drain_all(2);
     write(&dir, "person-chat", &p.0);
+    write(&dir, "person-chat-rocks", &p.on_rocks());
 
     // Token auth with a real token (valid for ten years), two shards.
     let p = Program::new(setup::TWO_SHARDS | setup::TOKEN_AUTH)
@@ -442,6 +449,7 @@ fn main() {
         .op(op::SHUTDOWN, &[0])
         .drain_all(3);
     write(&dir, "fail-recall-kick", &p.0);
+    write(&dir, "fail-recall-kick-rocks", &p.on_rocks());
 
     // Garbage after the handshake, and a handshake timeout.
     let p = Program::new(0)
@@ -454,5 +462,30 @@ fn main() {
         .drain_all(2);
     write(&dir, "garbage-timeout", &p.0);
 
+    // session, the simulator: its choices are the bytes after the flags.
+    // Random bytes make a random run (as a seed of the soak does); a few
+    // lengths, on the memory store and on both stores.
+    for (name, flags, seed, len) in [
+        ("sim-short", 0, 1, 64),
+        ("sim-medium", 0, 2, 400),
+        ("sim-long", 0, 3, 1500),
+        ("sim-long-2", 0, 4, 1500),
+        ("sim-rocks", setup::ROCKS, 5, 400),
+    ] {
+        let mut state: u64 = seed;
+        let mut data = vec![flags];
+        data.extend((0..len).map(|_| splitmix(&mut state) as u8));
+        write(&dir, name, &data);
+    }
+
     println!("seeds written under {}", root.display());
+}
+
+/// splitmix64: the seed inputs' random bytes.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
