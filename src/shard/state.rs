@@ -162,6 +162,7 @@ enum Parked {
         change: SetChange,
         reply: ListReply,
     },
+    Api(ApiRequest, ApiReply),
 }
 
 pub struct ShardState {
@@ -842,7 +843,7 @@ impl ShardState {
             self.id,
             "list change sent to the wrong shard"
         );
-        if self.channels.waits_for_deletion(&key) {
+        if self.must_wait(&key) {
             let parked = Parked::List {
                 kind,
                 uids,
@@ -888,7 +889,7 @@ impl ShardState {
         now: Now,
     ) {
         debug_assert_eq!(key.shard(self.shards), self.id);
-        if self.channels.waits_for_deletion(&key) {
+        if self.must_wait(&key) {
             let parked = Parked::Send {
                 origin,
                 from,
@@ -1038,9 +1039,7 @@ impl ShardState {
             self.id,
             "group change sent to the wrong shard"
         );
-        // Creating it again does not wait: the new group starts after the
-        // deleted one's last seq either way.
-        if change != SetChange::Replace && self.channels.waits_for_deletion(&key) {
+        if self.must_wait(&key) {
             return self.park(
                 key,
                 Parked::Group {
@@ -1411,6 +1410,14 @@ impl ShardState {
         }
     }
 
+    /// Whether what names `key` must wait: a deletion of it is being
+    /// committed, or requests that came earlier wait for one (they are
+    /// served first, in order).
+    fn must_wait(&self, key: &ChannelKey) -> bool {
+        self.channels.waits_for_deletion(key)
+            || (!self.parked.is_empty() && self.parked.contains_key(key))
+    }
+
     /// Holds `request` until the deletion of `key` being committed lands
     /// or fails.
     fn park(&mut self, key: ChannelKey, request: Parked) {
@@ -1452,6 +1459,7 @@ impl ShardState {
                     change,
                     reply,
                 } => self.change_list(key.clone(), kind, uids, change, reply),
+                Parked::Api(request, reply) => self.api(request, reply, now),
             }
         }
     }
@@ -1615,6 +1623,17 @@ impl ShardState {
         // 64 KiB or more, whatever the API accepted).
         if let Err(reason) = self.check_api_ids(&request) {
             return answer(&reply, ApiResponse::Failed(reason));
+        }
+        // What names a group waiting for its deletion waits too (sends and
+        // conversation changes wait where a client's do).
+        if let ApiRequest::ChannelInfo { channel }
+        | ApiRequest::DeleteGroup { channel }
+        | ApiRequest::Recall { channel, .. } = &request
+        {
+            if self.must_wait(channel) {
+                let key = channel.clone();
+                return self.park(key, Parked::Api(request, reply));
+            }
         }
         match request {
             ApiRequest::Send {
@@ -2214,7 +2233,7 @@ impl ShardState {
         op: ConversationOp,
         now: Now,
     ) {
-        if self.channels.waits_for_deletion(&key) {
+        if self.must_wait(&key) {
             return self.park(key, Parked::ConversationOp { origin, uid, op });
         }
         let pipeline = &mut self.pipeline;
@@ -2286,7 +2305,7 @@ impl ShardState {
     /// by client_msg_no of a send that is not committed yet (pipelined right
     /// behind it) waits for the commit.
     fn owner_recall(&mut self, origin: ConnId, uid: Uid, key: ChannelKey, recall: Recall) {
-        if self.channels.waits_for_deletion(&key) {
+        if self.must_wait(&key) {
             return self.park(
                 key,
                 Parked::Recall {

@@ -193,6 +193,35 @@ fn a_seed_replays_exactly() {
     }
 }
 
+/// Replays a fuzz input (`RUYI_SIM_INPUT=path`, for instance one of
+/// `tests/fuzz/regressions/session/`) with every step printed, like
+/// `replay` does a seed; `RUYI_SIM_LOG` and `RUYI_SIM_STORE` as there.
+#[test]
+fn replay_input() {
+    let Ok(path) = std::env::var("RUYI_SIM_INPUT") else {
+        return;
+    };
+    let data = std::fs::read(&path).expect("RUYI_SIM_INPUT is a readable file");
+    // A fuzz input's first byte picks its kind (see tests/fuzz/src/harness.rs).
+    let choices = &data[1.min(data.len())..];
+    if let Ok(filter) = std::env::var("RUYI_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stdout)
+            .without_time()
+            .try_init();
+    }
+    let store = match std::env::var("RUYI_SIM_STORE").as_deref() {
+        Ok("rocks") => StoreKind::Rocks,
+        _ => StoreKind::Memory,
+    };
+    sim::ECHO.store(true, std::sync::atomic::Ordering::Relaxed);
+    match sim::run_input(choices, store) {
+        Ok((summary, _)) => println!("{path} passed: {}", sim::describe(&summary)),
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
 #[test]
 fn replay() {
     let Ok(seed) = std::env::var("RUYI_SIM_SEED") else {
