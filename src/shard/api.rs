@@ -112,3 +112,42 @@ pub enum ControlError {
 
 pub type GroupReply = async_channel::Sender<Result<GroupInfo, ControlError>>;
 pub type ListReply = async_channel::Sender<Result<Vec<String>, ControlError>>;
+
+impl ApiRequest {
+    /// The shard's own check of everything in the request that becomes a
+    /// storage key (a key cannot hold an id of 64 KiB or more, whatever the
+    /// API accepted).
+    pub fn check_ids(&self, limits: &crate::config::Limits) -> Result<(), ReasonCode> {
+        let uid = |uid: &Uid| {
+            if crate::channel::valid_uid(uid.as_str(), limits.uid_length_max_bytes) {
+                Ok(())
+            } else {
+                Err(ReasonCode::InvalidUid)
+            }
+        };
+        let client_msg_no = |no: &str| {
+            if no.len() <= limits.client_msg_no_length_max_bytes {
+                Ok(())
+            } else {
+                Err(ReasonCode::InvalidClientMsgNo)
+            }
+        };
+        match self {
+            ApiRequest::Send { from, packet, .. } => {
+                uid(from)?;
+                client_msg_no(&packet.client_msg_no)
+            }
+            ApiRequest::ConversationOp { uid: u, .. }
+            | ApiRequest::SyncMessages { uid: u, .. }
+            | ApiRequest::SyncConversations { uid: u, .. } => uid(u),
+            ApiRequest::MessageByClientMsgNo {
+                from,
+                client_msg_no: no,
+            } => {
+                uid(from)?;
+                client_msg_no(no)
+            }
+            _ => Ok(()),
+        }
+    }
+}

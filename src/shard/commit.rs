@@ -527,3 +527,38 @@ impl CommitPipeline {
         erased
     }
 }
+
+/// Buckets (upper bounds, microseconds) of the commit latency histogram.
+pub const COMMIT_BUCKETS_US: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
+/// How long durable writes took: a cumulative-style histogram for
+/// Prometheus (`counts[i]` = commits within `COMMIT_BUCKETS_US[i]`, not
+/// cumulative; the last slot counts the rest).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommitLatency {
+    pub counts: [u64; COMMIT_BUCKETS_US.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl CommitLatency {
+    pub fn record(&mut self, micros: u64) {
+        let slot = COMMIT_BUCKETS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(COMMIT_BUCKETS_US.len());
+        self.counts[slot] += 1;
+        self.sum_us += micros;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &CommitLatency) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+        self.sum_us += other.sum_us;
+        self.count += other.count;
+    }
+}

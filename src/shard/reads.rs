@@ -248,3 +248,37 @@ pub(super) fn floor_for_unread(
     }
     Ok((deleted, own))
 }
+
+/// How a recall names its message.
+pub(super) enum RecallBy<'a> {
+    Id(MessageId),
+    Seq(Seq),
+    /// The sender's client_msg_no (found only in its channel).
+    ClientMsgNo(&'a Uid, &'a str),
+}
+
+/// The stored message a recall of `key` names, or why not
+/// (`message_missing`, `storage_error`).
+pub(super) fn message_to_recall(
+    store: &mut dyn ShardStore,
+    key: &ChannelKey,
+    by: RecallBy<'_>,
+) -> Result<std::sync::Arc<StoredMessage>, ReasonCode> {
+    let seq = match by {
+        RecallBy::Seq(seq) => Ok(Some(seq)),
+        RecallBy::Id(id) => store.find_message_id(key, id),
+        RecallBy::ClientMsgNo(from, no) => store
+            .find_idempotent(from, no, 0, u64::MAX)
+            .map(|hit| hit.filter(|h| h.channel == *key).map(|h| h.seq)),
+    };
+    let message = match seq {
+        Ok(Some(seq)) => store.message(key, seq),
+        Ok(None) => Ok(None),
+        Err(error) => Err(error),
+    };
+    match message {
+        Err(_) => Err(ReasonCode::StorageError),
+        Ok(None) => Err(ReasonCode::MessageMissing),
+        Ok(Some(message)) => Ok(message),
+    }
+}

@@ -7,7 +7,7 @@
 
 use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
 use super::channels::{person_policy, GroupChange, OwnedChannels};
-pub use super::commit::InFlight;
+pub use super::commit::{CommitLatency, InFlight, COMMIT_BUCKETS_US};
 use super::commit::{CommitPipeline, Pending, Resend, Waiters};
 use super::login::{check_connect, Refused};
 use super::message::ShardMsg;
@@ -17,7 +17,9 @@ use super::presence::Presence;
 use super::pushes::{Ack, Device, Live, Pushes};
 use super::sessions::{Sessions, Written};
 
-use super::reads::{build_conversation, list_conversations, recv_view, sync_messages};
+use super::reads::{
+    build_conversation, list_conversations, message_to_recall, recv_view, sync_messages, RecallBy,
+};
 use super::versions::VersionFrontier;
 use super::webhooks;
 use crate::auth::Authenticator;
@@ -69,41 +71,6 @@ impl Signals {
 pub use super::channels::SetChange;
 
 pub use super::api::{ControlError, GroupInfo, GroupReply, ListReply};
-
-/// Buckets (upper bounds, microseconds) of the commit latency histogram.
-pub const COMMIT_BUCKETS_US: [u64; 10] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
-];
-
-/// How long durable writes took: a cumulative-style histogram for
-/// Prometheus (`counts[i]` = commits within `COMMIT_BUCKETS_US[i]`, not
-/// cumulative; the last slot counts the rest).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CommitLatency {
-    pub counts: [u64; COMMIT_BUCKETS_US.len() + 1],
-    pub sum_us: u64,
-    pub count: u64,
-}
-
-impl CommitLatency {
-    pub fn record(&mut self, micros: u64) {
-        let slot = COMMIT_BUCKETS_US
-            .iter()
-            .position(|bound| micros <= *bound)
-            .unwrap_or(COMMIT_BUCKETS_US.len());
-        self.counts[slot] += 1;
-        self.sum_us += micros;
-        self.count += 1;
-    }
-
-    pub fn merge(&mut self, other: &CommitLatency) {
-        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
-            *mine += theirs;
-        }
-        self.sum_us += other.sum_us;
-        self.count += other.count;
-    }
-}
 
 /// Counters exported for observability and checked by tests.
 #[derive(Debug, Default, Clone, Copy)]
@@ -1621,7 +1588,7 @@ impl ShardState {
         // The API checks what it is given; this is the shard's own check of
         // everything that becomes a storage key (a key cannot hold an id of
         // 64 KiB or more, whatever the API accepted).
-        if let Err(reason) = self.check_api_ids(&request) {
+        if let Err(reason) = request.check_ids(&self.limits) {
             return answer(&reply, ApiResponse::Failed(reason));
         }
         // What names a group waiting for its deletion waits too (sends and
@@ -1774,60 +1741,20 @@ impl ShardState {
         }
     }
 
-    fn check_api_ids(&self, request: &ApiRequest) -> Result<(), ReasonCode> {
-        let uid = |uid: &Uid| {
-            if valid_uid(uid.as_str(), self.limits.uid_length_max_bytes) {
-                Ok(())
-            } else {
-                Err(ReasonCode::InvalidUid)
-            }
-        };
-        let client_msg_no = |no: &str| {
-            if no.len() <= self.limits.client_msg_no_length_max_bytes {
-                Ok(())
-            } else {
-                Err(ReasonCode::InvalidClientMsgNo)
-            }
-        };
-        match request {
-            ApiRequest::Send { from, packet, .. } => {
-                uid(from)?;
-                client_msg_no(&packet.client_msg_no)
-            }
-            ApiRequest::ConversationOp { uid: u, .. }
-            | ApiRequest::SyncMessages { uid: u, .. }
-            | ApiRequest::SyncConversations { uid: u, .. } => uid(u),
-            ApiRequest::MessageByClientMsgNo {
-                from,
-                client_msg_no: no,
-            } => {
-                uid(from)?;
-                client_msg_no(no)
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// An administrator recalls a message of a channel this shard owns, by
     /// seq or by id, whoever sent it.
     fn api_recall(&mut self, key: ChannelKey, message_id: u64, message_seq: u64, reply: ApiReply) {
         let fail = |reply: ApiReply, reason| {
             let _ = reply.try_send(ApiResponse::Failed(reason));
         };
-        let seq = if message_seq != 0 {
-            Ok(Some(Seq(message_seq)))
+        let by = if message_seq != 0 {
+            RecallBy::Seq(Seq(message_seq))
         } else {
-            self.store.find_message_id(&key, MessageId(message_id))
+            RecallBy::Id(MessageId(message_id))
         };
-        let message = match seq {
-            Ok(Some(seq)) => self.store.message(&key, seq),
-            Ok(None) => Ok(None),
-            Err(error) => Err(error),
-        };
-        let message = match message {
-            Err(_) => return fail(reply, ReasonCode::StorageError),
-            Ok(None) => return fail(reply, ReasonCode::MessageMissing),
-            Ok(Some(message)) => message,
+        let message = match message_to_recall(&mut *self.store, &key, by) {
+            Err(reason) => return fail(reply, reason),
+            Ok(message) => message,
         };
         if message_id != 0 && message.message_id.0 != message_id {
             return fail(reply, ReasonCode::MessageMissing);
@@ -2327,27 +2254,14 @@ impl ShardState {
         } else {
             recall
         };
-        let seq = if recall.message_id != 0 {
-            self.store
-                .find_message_id(&key, MessageId(recall.message_id))
+        let by = if recall.message_id != 0 {
+            RecallBy::Id(MessageId(recall.message_id))
         } else {
-            self.store
-                .find_idempotent(&uid, &recall.client_msg_no, 0, u64::MAX)
-                .map(|hit| hit.filter(|h| h.channel == key).map(|h| h.seq))
+            RecallBy::ClientMsgNo(&uid, &recall.client_msg_no)
         };
-        let message = match seq {
-            Ok(Some(seq)) => self.store.message(&key, seq),
-            Ok(None) => Ok(None),
-            Err(error) => Err(error),
-        };
-        let message = match message {
-            Err(_) => {
-                return self.reply_to(origin, recall_failed(&recall, ReasonCode::StorageError))
-            }
-            Ok(None) => {
-                return self.reply_to(origin, recall_failed(&recall, ReasonCode::MessageMissing))
-            }
-            Ok(Some(message)) => message,
+        let message = match message_to_recall(&mut *self.store, &key, by) {
+            Err(reason) => return self.reply_to(origin, recall_failed(&recall, reason)),
+            Ok(message) => message,
         };
         if message.from_uid != uid {
             return self.reply_to(origin, recall_failed(&recall, ReasonCode::NotSender));
