@@ -1,7 +1,10 @@
 //! Shards: one glommio executor pinned to one CPU each, owning the
 //! connections it accepted and the channels that hash to it.
 //!
-//! - [`state::ShardState`] is the shard's logic without I/O.
+//! - [`state::ShardState`] is the shard's logic without I/O: a dispatcher
+//!   over components that each own their data (`sessions`, `presence`,
+//!   `channels`, `commit`, `pushes`, with `reads`, `login` and `webhooks`);
+//!   it calls them, they never call each other.
 //! - [`message::ShardMsg`] is the one enum of cross-shard messages.
 //! - [`mesh`] builds the inboxes: one bounded single-producer
 //!   single-consumer queue (glommio `shared_channel`) per ordered pair of
