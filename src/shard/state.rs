@@ -354,40 +354,38 @@ impl ShardState {
         let Some(entry) = self.sessions.remove(conn) else {
             return;
         };
-        // What it was pushed live and never acknowledged: if it was its
-        // user's last connection, they get a late msg.offline for it.
-        let late_max = self
-            .webhooks
-            .as_ref()
-            .filter(|w| w.offline)
-            .map_or(0, |w| w.late_max);
-        let undelivered = if late_max > 0 && entry.session.identity.is_some() {
-            self.pushes.undelivered(conn, &mut *self.store, late_max)
-        } else {
-            Vec::new()
+        let went_offline = match entry.session.identity {
+            Some(identity) if !matches!(entry.session.phase, Phase::Handshake) => {
+                let uid = identity.uid.clone();
+                self.broadcast_presence(
+                    identity.uid,
+                    identity.device_id,
+                    identity.device_flag.0,
+                    conn,
+                    false,
+                );
+                Some(uid).filter(|uid| !self.presence.is_online(uid))
+            }
+            _ => None,
         };
-        self.pushes.forget_conn(conn);
-        let Some(identity) = entry.session.identity else {
-            return;
-        };
-        if matches!(entry.session.phase, Phase::Handshake) {
-            return;
-        }
-        let uid = identity.uid.clone();
-        self.broadcast_presence(
-            identity.uid,
-            identity.device_id,
-            identity.device_flag.0,
-            conn,
-            false,
-        );
-        if !undelivered.is_empty() && !self.presence.is_online(&uid) {
-            if let Some(writer) = self.webhooks.as_mut() {
-                if webhooks::queue_late_offline(writer, &uid, &undelivered) {
-                    self.signals.commit.notify();
+        // It was its user's last connection: what it was pushed live and
+        // never acknowledged gets a late msg.offline naming them.
+        if let Some(uid) = went_offline {
+            let late_max = self
+                .webhooks
+                .as_ref()
+                .filter(|w| w.offline)
+                .map_or(0, |w| w.late_max);
+            if late_max > 0 {
+                let undelivered = self.pushes.undelivered(conn, &mut *self.store, late_max);
+                if let Some(writer) = self.webhooks.as_mut() {
+                    if webhooks::queue_late_offline(writer, &uid, &undelivered) {
+                        self.signals.commit.notify();
+                    }
                 }
             }
         }
+        self.pushes.forget_conn(conn);
     }
 
     /// Closes `conn` with `reason`: queues a `Disconnect`, stops reading, and
