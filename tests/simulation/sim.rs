@@ -221,6 +221,10 @@ pub struct Sim {
     /// around them are answered: (uid, channel, seq, how it came).
     membership_checks: Vec<(String, ChannelKey, u64, &'static str)>,
     failure: Option<String>,
+    /// Per shard, the last webhook event read from the outbox.
+    webhooks_read: Vec<u64>,
+    /// Messages a `msg.notify` event named: (channel, seq, id).
+    notified: BTreeSet<(ChannelKey, u64, u64)>,
 }
 
 /// Small limits, so that every bound is reached in a short run.
@@ -301,6 +305,8 @@ impl Sim {
             next_request: 1,
             summary: Summary::default(),
             zombies: Vec::new(),
+            webhooks_read: Vec::new(),
+            notified: BTreeSet::new(),
             membership_checks: Vec::new(),
             failure: None,
         }
@@ -2103,11 +2109,132 @@ impl Sim {
         if self.failed() {
             return;
         }
+        self.check_webhooks();
         self.check_memberships(true);
         self.check_acknowledged_are_stored();
         self.check_channels_in_store();
         self.check_every_device_has_what_it_may_see();
         self.check_conversations();
+    }
+
+    /// The webhook events written since the last check describe what is
+    /// stored: a `msg.notify` names a stored message (or one a group
+    /// deletion erased since), a `msg.offline` too, and its `to_uids` are
+    /// members at the message's seq, sorted, each once, never the sender.
+    /// Every acknowledged send was named by a `msg.notify` (its event is
+    /// written in the commit that stores it).
+    fn check_webhooks(&mut self) {
+        let shards = self.world.shard_count();
+        self.webhooks_read.resize(shards, 0);
+        for shard in 0..shards {
+            loop {
+                let after = self.webhooks_read[shard];
+                let events = match self.world.storage.webhook_events(
+                    ruyi::ids::ShardId(shard as u16),
+                    after,
+                    1000,
+                ) {
+                    Ok(events) => events,
+                    Err(error) => return self.violation(format!("outbox read failed: {error}")),
+                };
+                let Some((last, _)) = events.last() else {
+                    break;
+                };
+                self.webhooks_read[shard] = *last;
+                for (_, record) in events {
+                    self.check_webhook_event(&record.event, &record.body);
+                    if self.failed() {
+                        return;
+                    }
+                }
+            }
+        }
+        let acked: Vec<(String, Sent)> = self
+            .model
+            .sent
+            .iter()
+            .filter(|(_, s)| s.acked.is_some() && !s.deleted)
+            .map(|((_, no), s)| (no.clone(), s.clone()))
+            .collect();
+        for (no, sent) in acked {
+            let (seq, id) = sent.acked.expect("acked");
+            if self.erased_with_group(&sent.channel, seq) {
+                continue;
+            }
+            if !self.notified.contains(&(sent.channel.clone(), seq, id)) {
+                return self.violation(format!(
+                    "{no}, acknowledged at {:?} seq {seq}, was named by no msg.notify",
+                    sent.channel
+                ));
+            }
+        }
+    }
+
+    fn check_webhook_event(&mut self, event: &str, body: &[u8]) {
+        let json: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(json) => json,
+            Err(error) => return self.violation(format!("{event} body is not JSON: {error}")),
+        };
+        let messages: Vec<serde_json::Value> = match (event, json) {
+            ("msg.notify", serde_json::Value::Array(messages)) => messages,
+            ("msg.offline", message @ serde_json::Value::Object(_)) => vec![message],
+            (event, other) => {
+                return self.violation(format!("unexpected webhook event {event}: {other}"))
+            }
+        };
+        for message in messages {
+            let from = message["from_uid"].as_str().unwrap_or_default().to_owned();
+            let channel_id = message["channel_id"].as_str().unwrap_or_default();
+            let key = match message["channel_type"].as_u64() {
+                Some(1) => ChannelKey::person(&Uid::new(&from), &Uid::new(channel_id)),
+                _ => ChannelKey::group(channel_id),
+            };
+            let seq = message["message_seq"].as_u64().unwrap_or_default();
+            let id = message["message_id"].as_u64().unwrap_or_default();
+            let revoked = message["revoke"].as_u64() == Some(1);
+            let stored = self.world.reader.message(&key, ruyi::ids::Seq(seq));
+            match stored {
+                Ok(Some(stored)) if stored.message_id.0 == id => {}
+                Ok(None) if self.erased_with_group(&key, seq) => {}
+                other => {
+                    return self.violation(format!(
+                        "{event} names {key:?} seq {seq} id {id}, the store has {other:?}"
+                    ))
+                }
+            }
+            if event == "msg.notify" && !revoked {
+                self.notified.insert((key.clone(), seq, id));
+            }
+            if event == "msg.offline" {
+                let to: Vec<String> = message["to_uids"]
+                    .as_array()
+                    .map(|uids| {
+                        uids.iter()
+                            .map(|u| u.as_str().unwrap_or_default().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let mut sorted = to.clone();
+                sorted.sort();
+                sorted.dedup();
+                if to.is_empty() || sorted != to || to.contains(&from) {
+                    return self.violation(format!(
+                        "msg.offline for {key:?} seq {seq} from {from} names {to:?}"
+                    ));
+                }
+                if key.kind() == ChannelType::Group {
+                    for uid in to {
+                        self.membership_checks
+                            .push((uid, key.clone(), seq, "msg.offline"));
+                    }
+                } else if let Some((low, high)) = key.person_pair() {
+                    if to.iter().any(|u| u != low && u != high) {
+                        return self
+                            .violation(format!("msg.offline for {key:?} seq {seq} names {to:?}"));
+                    }
+                }
+            }
+        }
     }
 
     fn check_acknowledged_are_stored(&mut self) {

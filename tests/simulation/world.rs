@@ -119,6 +119,10 @@ impl World {
                 state.start_run(run);
                 state.share_versions(std::sync::Arc::clone(&versions));
                 state.set_allowlist_for_person(self.config.policy.allowlist_for_person);
+                state.set_webhooks(ruyi::webhook::WebhookWriter::new(
+                    &webhook_config(),
+                    Arc::new(ruyi::webhook::WebhookShared::default()),
+                ));
                 state
             })
             .collect();
@@ -274,4 +278,19 @@ fn open_rocks(dir: &std::path::Path, config: &Config) -> RocksStorage {
         },
     )
     .expect("open RocksDB")
+}
+
+/// Webhooks as the simulation writes them: every message's `msg.notify` and
+/// `msg.offline` at commit, checked against the store and the model. (Late
+/// `msg.offline` events and `user.onlinestatus` are left out: they add
+/// commits of their own, which would change the runs of the seeds kept as
+/// regressions.)
+fn webhook_config() -> ruyi::config::WebhookConfig {
+    ruyi::config::WebhookConfig {
+        url: "http://simulation.invalid/hook".into(),
+        secret: "simulation".into(),
+        events: vec!["msg.notify".into(), "msg.offline".into()],
+        late_offline_messages_max: 0,
+        ..ruyi::config::WebhookConfig::default()
+    }
 }
