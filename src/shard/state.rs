@@ -2161,17 +2161,23 @@ impl ShardState {
         if self.must_wait(&key) {
             return self.park(key, Parked::ConversationOp { origin, uid, op });
         }
+        // Loaded here (what may be evicted to make room is asked for only
+        // then), so the change below finds it in memory.
+        let loaded = self.channel_mut(&key).map(|channel| channel.is_some());
         let pipeline = &mut self.pipeline;
-        let busy = pipeline.busy_keys();
-        let changed = self.channels.change_conversation(
-            &key,
-            &uid,
-            &op,
-            self.limits.sync_limit_max,
-            || pipeline.next_id(now.unix_ms).0,
-            &mut *self.store,
-            || busy.clone(),
-        );
+        let changed = match loaded {
+            Err(reason) => Err(reason),
+            Ok(false) => Err(ReasonCode::ChannelMissing),
+            Ok(true) => self.channels.change_conversation(
+                &key,
+                &uid,
+                &op,
+                self.limits.sync_limit_max,
+                || pipeline.next_id(now.unix_ms).0,
+                &mut *self.store,
+                Vec::new,
+            ),
+        };
         let record = match changed {
             Ok(record) => record,
             Err(reason) => {

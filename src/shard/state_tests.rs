@@ -900,6 +900,20 @@ fn requests_during_a_group_deletion_that_fails_are_served_by_the_group() {
     assert!(state.store.message(&key, Seq(2)).unwrap().is_some());
 }
 
+/// Webhooks on, with every event (nothing posts them: they stay in the
+/// outbox, where the test reads them).
+fn with_webhooks(state: &mut ShardState) {
+    let config = crate::config::WebhookConfig {
+        url: "http://127.0.0.1:9/hook".into(),
+        secret: "s".into(),
+        ..crate::config::WebhookConfig::default()
+    };
+    state.set_webhooks(crate::webhook::WebhookWriter::new(
+        &config,
+        Arc::new(crate::webhook::WebhookShared::default()),
+    ));
+}
+
 /// `msg.offline` events in the outbox, as (message's client_msg_no, to_uids).
 fn offline_events(storage: &MemoryStorage) -> Vec<(String, Vec<String>)> {
     storage
@@ -932,15 +946,7 @@ fn offline_events(storage: &MemoryStorage) -> Vec<(String, Vec<String>)> {
 fn a_user_whose_last_connection_closes_owing_messages_gets_a_late_offline_event() {
     let storage = MemoryStorage::default();
     let mut state = lone_shard(&storage);
-    let config = crate::config::WebhookConfig {
-        url: "http://127.0.0.1:9/hook".into(),
-        secret: "s".into(),
-        ..crate::config::WebhookConfig::default()
-    };
-    state.set_webhooks(crate::webhook::WebhookWriter::new(
-        &config,
-        Arc::new(crate::webhook::WebhookShared::default()),
-    ));
+    with_webhooks(&mut state);
     let (alice_phone, phone_out) = connect_device(&mut state, "alice", "phone", true);
     let (alice_web, web_out) = connect_device(&mut state, "alice", "web", true);
     let (bob, _bob_out) = connect(&mut state, "bob", true);
@@ -989,15 +995,7 @@ fn messages_waiting_behind_a_closing_connections_window_get_a_late_offline_event
         ..Limits::default()
     };
     let mut state = lone_shard_on(storage.open_shard(ShardId(0)).unwrap(), limits);
-    let config = crate::config::WebhookConfig {
-        url: "http://127.0.0.1:9/hook".into(),
-        secret: "s".into(),
-        ..crate::config::WebhookConfig::default()
-    };
-    state.set_webhooks(crate::webhook::WebhookWriter::new(
-        &config,
-        Arc::new(crate::webhook::WebhookShared::default()),
-    ));
+    with_webhooks(&mut state);
     let (alice, alice_out) = connect(&mut state, "alice", true);
     let (bob, _bob_out) = connect(&mut state, "bob", true);
     for no in ["m1", "m2", "m3"] {

@@ -193,6 +193,17 @@ fn a_seed_replays_exactly() {
     }
 }
 
+/// `RUYI_SIM_LOG=debug` shows the gateway's own log between the steps.
+fn init_sim_log() {
+    if let Ok(filter) = std::env::var("RUYI_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stdout)
+            .without_time()
+            .try_init();
+    }
+}
+
 /// Replays a fuzz input (`RUYI_SIM_INPUT=path`, for instance one of
 /// `tests/fuzz/regressions/session/`) with every step printed, like
 /// `replay` does a seed; `RUYI_SIM_LOG` and `RUYI_SIM_STORE` as there.
@@ -204,13 +215,7 @@ fn replay_input() {
     let data = std::fs::read(&path).expect("RUYI_SIM_INPUT is a readable file");
     // A fuzz input's first byte picks its kind (see tests/fuzz/src/harness.rs).
     let choices = &data[1.min(data.len())..];
-    if let Ok(filter) = std::env::var("RUYI_SIM_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stdout)
-            .without_time()
-            .try_init();
-    }
+    init_sim_log();
     let store = match std::env::var("RUYI_SIM_STORE").as_deref() {
         Ok("rocks") => StoreKind::Rocks,
         _ => StoreKind::Memory,
@@ -228,14 +233,7 @@ fn replay() {
         return;
     };
     let seed: u64 = seed.parse().expect("RUYI_SIM_SEED is a number");
-    // RUYI_SIM_LOG=debug shows the gateway's own log between the steps.
-    if let Ok(filter) = std::env::var("RUYI_SIM_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stdout)
-            .without_time()
-            .try_init();
-    }
+    init_sim_log();
     let store = match std::env::var("RUYI_SIM_STORE").as_deref() {
         Ok("memory") => StoreKind::Memory,
         _ => StoreKind::Rocks,
