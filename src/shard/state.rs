@@ -277,6 +277,17 @@ impl ShardState {
         self.sessions.len()
     }
 
+    /// `uid`'s logged-in connections on this shard: how many there are, and
+    /// how many of them are active (every shard has applied their presence).
+    pub fn user_connections(&self, uid: &Uid) -> (usize, usize) {
+        let conns = self.sessions.local_conns(uid);
+        let active = conns
+            .iter()
+            .filter(|c| self.sessions.is_active(**c))
+            .count();
+        (conns.len(), active)
+    }
+
     /// The counters, with the gauges read now.
     pub fn current_stats(&self) -> ShardStats {
         ShardStats {

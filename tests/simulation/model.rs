@@ -17,6 +17,26 @@ pub struct Sent {
     pub acked: Option<(u64, u64)>,
     /// Its group was deleted (with its messages) after it was sent.
     pub deleted: bool,
+    /// The step its first attempt went out at.
+    pub first_step: u64,
+    /// When it was acknowledged: users the gateway certainly knew to be
+    /// offline from before the send to the answer (its `msg.offline` must
+    /// name those who are recipients), and users with a connection active
+    /// throughout (it must not name them).
+    pub offline_must: BTreeSet<String>,
+    pub online_must: BTreeSet<String>,
+}
+
+/// Where a user's connections stood, as the gateway saw them, at the end
+/// of each step so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PresenceTrack {
+    /// The step since which no shard has held a logged-in connection of
+    /// the user and every shard has heard so (the inboxes were empty).
+    pub offline_since: Option<u64>,
+    /// The step since which the user has had an active connection (one
+    /// whose presence every shard applied) without a break.
+    pub active_since: Option<u64>,
 }
 
 /// A group's membership over its seqs: `history[i]` holds from the seq
@@ -103,4 +123,6 @@ pub struct Model {
     pub conversations: BTreeMap<(String, ChannelKey), ConvModel>,
     /// Channels anyone wrote to.
     pub channels: BTreeSet<ChannelKey>,
+    /// Per uid.
+    pub presence: BTreeMap<String, PresenceTrack>,
 }

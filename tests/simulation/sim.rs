@@ -225,6 +225,10 @@ pub struct Sim {
     webhooks_read: Vec<u64>,
     /// Messages a `msg.notify` event named: (channel, seq, id).
     notified: BTreeSet<(ChannelKey, u64, u64)>,
+    /// The uids each `msg.offline` event named, by (channel, seq).
+    offline_named: BTreeMap<(ChannelKey, u64), BTreeSet<String>>,
+    /// Steps taken so far.
+    step_no: u64,
 }
 
 /// Small limits, so that every bound is reached in a short run.
@@ -307,6 +311,8 @@ impl Sim {
             zombies: Vec::new(),
             webhooks_read: Vec::new(),
             notified: BTreeSet::new(),
+            offline_named: BTreeMap::new(),
+            step_no: 0,
             membership_checks: Vec::new(),
             failure: None,
         }
@@ -428,6 +434,36 @@ impl Sim {
         self.world.collect_outgoing();
         self.poll_controls();
         self.check_memory_bounds();
+        self.track_presence();
+    }
+
+    /// Notes, per user, since when the gateway has certainly known them
+    /// offline, or had them online without a break (see `PresenceTrack`).
+    fn track_presence(&mut self) {
+        self.step_no += 1;
+        self.observe_presence();
+    }
+
+    /// Updates the `PresenceTrack`s to what the gateway holds now (at the
+    /// end of every step, and before every commit begins, since that is
+    /// when `msg.offline` is decided).
+    fn observe_presence(&mut self) {
+        let quiet = self.world.busy_inboxes().is_empty();
+        for u in 0..self.options.users {
+            let uid = format!("u{u}");
+            let (held, active) = self.world.user_connections(&uid);
+            let track = self.model.presence.entry(uid).or_default();
+            if held > 0 {
+                track.offline_since = None;
+            } else if quiet && track.offline_since.is_none() {
+                track.offline_since = Some(self.step_no);
+            }
+            if active == 0 {
+                track.active_since = None;
+            } else if track.active_since.is_none() {
+                track.active_since = Some(self.step_no);
+            }
+        }
     }
 
     /// What a client can make the gateway hold stays within the limits.
@@ -614,6 +650,9 @@ impl Sim {
                     payload: payload.clone(),
                     acked: None,
                     deleted: false,
+                    first_step: self.step_no,
+                    offline_must: BTreeSet::new(),
+                    online_must: BTreeSet::new(),
                 },
             );
             self.model.channels.insert(key.clone());
@@ -1231,9 +1270,26 @@ impl Sim {
             }
         }
         self.model.places.insert(place, this);
+        let since = |step: Option<u64>| step.is_some_and(|s| s <= sent.first_step);
+        let offline_must: BTreeSet<String> = self
+            .model
+            .presence
+            .iter()
+            .filter(|(_, t)| since(t.offline_since))
+            .map(|(u, _)| u.clone())
+            .collect();
+        let online_must: BTreeSet<String> = self
+            .model
+            .presence
+            .iter()
+            .filter(|(_, t)| since(t.active_since))
+            .map(|(u, _)| u.clone())
+            .collect();
         if let Some(s) = self.model.sent.get_mut(&(uid, no)) {
             if s.acked.is_none() {
                 self.summary.acked_sends += 1;
+                s.offline_must = offline_must;
+                s.online_must = online_must;
             }
             s.acked = Some((ack.message_seq, ack.message_id));
             s.deleted = false;
@@ -1981,6 +2037,7 @@ impl Sim {
     fn commit_random(&mut self) {
         let i = self.rng.index(self.world.shard_count());
         let fail = self.rng.chance(self.options.write_failure_percent);
+        self.observe_presence();
         let what = self.world.commit_step(i, fail);
         if what != "idle" {
             self.note(format!("shard {i}: commit {what}"));
@@ -2022,6 +2079,7 @@ impl Sim {
             }
             for i in 0..self.world.shard_count() {
                 loop {
+                    self.observe_presence();
                     let what = self.world.commit_step(i, false);
                     if what == "idle" {
                         break;
@@ -2149,14 +2207,14 @@ impl Sim {
                 }
             }
         }
-        let acked: Vec<(String, Sent)> = self
+        let acked: Vec<(String, String, Sent)> = self
             .model
             .sent
             .iter()
             .filter(|(_, s)| s.acked.is_some() && !s.deleted)
-            .map(|((_, no), s)| (no.clone(), s.clone()))
+            .map(|((from, no), s)| (from.clone(), no.clone(), s.clone()))
             .collect();
-        for (no, sent) in acked {
+        for (from, no, sent) in acked {
             let (seq, id) = sent.acked.expect("acked");
             if self.erased_with_group(&sent.channel, seq) {
                 continue;
@@ -2164,6 +2222,50 @@ impl Sim {
             if !self.notified.contains(&(sent.channel.clone(), seq, id)) {
                 return self.violation(format!(
                     "{no}, acknowledged at {:?} seq {seq}, was named by no msg.notify",
+                    sent.channel
+                ));
+            }
+            self.check_offline_recipients(&from, &no, &sent, seq);
+            if self.failed() {
+                return;
+            }
+        }
+    }
+
+    /// `msg.offline` names exactly the recipients with no device that can
+    /// take the message: every recipient the gateway knew to be offline
+    /// from the send to its answer, and nobody with a connection active
+    /// throughout.
+    fn check_offline_recipients(&mut self, from: &str, no: &str, sent: &Sent, seq: u64) {
+        let empty = BTreeSet::new();
+        let named = self
+            .offline_named
+            .get(&(sent.channel.clone(), seq))
+            .unwrap_or(&empty);
+        if let Some(online) = named.intersection(&sent.online_must).next() {
+            return self.violation(format!(
+                "msg.offline for {no} ({:?} seq {seq}) names {online}, online throughout",
+                sent.channel
+            ));
+        }
+        if self.world.webhooks_dropped() > 0 {
+            return;
+        }
+        for uid in &sent.offline_must {
+            if named.contains(uid) || uid == from {
+                continue;
+            }
+            let recipient = match sent.channel.person_pair() {
+                Some((low, high)) => Some(uid == low || uid == high),
+                None => self
+                    .model
+                    .groups
+                    .get(sent.channel.id())
+                    .and_then(|g| g.member_at(uid, seq)),
+            };
+            if recipient == Some(true) {
+                return self.violation(format!(
+                    "msg.offline for {no} ({:?} seq {seq}) leaves out {uid}, offline throughout (it names {named:?})",
                     sent.channel
                 ));
             }
@@ -2222,6 +2324,10 @@ impl Sim {
                         "msg.offline for {key:?} seq {seq} from {from} names {to:?}"
                     ));
                 }
+                self.offline_named
+                    .entry((key.clone(), seq))
+                    .or_default()
+                    .extend(to.iter().cloned());
                 if key.kind() == ChannelType::Group {
                     for uid in to {
                         self.membership_checks

@@ -51,6 +51,10 @@ pub struct World {
     /// Incremented by every crash: connections of an earlier generation
     /// are gone.
     pub generation: u64,
+    /// The webhook counters of the running process, and the events earlier
+    /// processes dropped (outbox full).
+    webhooks: Arc<ruyi::webhook::WebhookShared>,
+    webhooks_dropped_before: u64,
 }
 
 impl World {
@@ -83,6 +87,8 @@ impl World {
             config,
             now,
             generation: 0,
+            webhooks: Arc::new(ruyi::webhook::WebhookShared::default()),
+            webhooks_dropped_before: 0,
         };
         world.start(shards);
         world
@@ -103,6 +109,8 @@ impl World {
             ..AuthConfig::default()
         };
         let versions = ruyi::shard::versions::VersionFrontier::new(shards);
+        self.webhooks_dropped_before = self.webhooks_dropped();
+        self.webhooks = Arc::new(ruyi::webhook::WebhookShared::default());
         self.shards = (0..shards)
             .map(|id| {
                 let store = self.storage.open_shard(ShardId(id)).expect("open shard");
@@ -121,7 +129,7 @@ impl World {
                 state.set_allowlist_for_person(self.config.policy.allowlist_for_person);
                 state.set_webhooks(ruyi::webhook::WebhookWriter::new(
                     &webhook_config(),
-                    Arc::new(ruyi::webhook::WebhookShared::default()),
+                    Arc::clone(&self.webhooks),
                 ));
                 state
             })
@@ -162,6 +170,26 @@ impl World {
         self.reader = self.storage.open_shard(ShardId(0)).expect("reader");
         self.generation += 1;
         self.start(shards);
+    }
+
+    /// Webhook events dropped because the outbox was full, in every process
+    /// so far.
+    pub fn webhooks_dropped(&self) -> u64 {
+        self.webhooks_dropped_before
+            + self
+                .webhooks
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `uid`'s logged-in connections on every shard: how many, and how many
+    /// are active.
+    pub fn user_connections(&self, uid: &str) -> (usize, usize) {
+        let uid = ruyi::ids::Uid::new(uid);
+        self.shards.iter().fold((0, 0), |(held, active), shard| {
+            let (h, a) = shard.user_connections(&uid);
+            (held + h, active + a)
+        })
     }
 
     pub fn advance(&mut self, by_ms: u64) {
