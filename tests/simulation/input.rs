@@ -28,11 +28,16 @@ pub const STEPS_MAX: usize = 4_000;
 /// Runs the simulation with its choices read from `data`, on `store`. A
 /// violated invariant is an `Err`; a panic in the gateway is not caught (the
 /// fuzzer records it as a crash with its stack).
-pub fn run_input(data: &[u8], store: StoreKind) -> Result<(Summary, Vec<String>), Failure> {
+pub fn run_input(
+    data: &[u8],
+    store: StoreKind,
+    extras: bool,
+) -> Result<(Summary, Vec<String>), Failure> {
     let mut rng = Rng::from_bytes(data);
-    // Seed 0's options, then every one the input sets (an option added to
-    // `Options` later keeps seed 0's value until it is read here too).
-    let mut options = Options::from_seed(0, store);
+    // Seed 0's options as it ran before `extras`, then every one the input
+    // sets (an option added to `Options` later keeps that value until it
+    // is read here too, so saved inputs replay as they were found).
+    let mut options = Options::from_seed(0, store).classic();
     options.shards = 1 + rng.below(4) as u16;
     options.users = 2 + rng.index(6);
     options.devices_per_user = 1 + rng.index(2);
@@ -40,10 +45,14 @@ pub fn run_input(data: &[u8], store: StoreKind) -> Result<(Summary, Vec<String>)
     options.crash_percent = rng.below(13);
     options.write_failure_percent = rng.below(101);
     let settle_every = 25 + rng.index(256);
+    if extras {
+        options.extras = true;
+        options.allowlist_for_person = rng.chance(50);
+    }
     let mut sim = Sim::new(options);
     sim.rng = rng;
     sim.note(format!(
-        "input of {} bytes: {} shards, {} users with {} devices each, {} groups, crash {}%, write failure {}%, settle every {settle_every} steps",
+        "input of {} bytes: {} shards, {} users with {} devices each, {} groups, crash {}%, write failure {}%, settle every {settle_every} steps{}",
         data.len(),
         sim.options.shards,
         sim.options.users,
@@ -51,6 +60,14 @@ pub fn run_input(data: &[u8], store: StoreKind) -> Result<(Summary, Vec<String>)
         sim.options.groups,
         sim.options.crash_percent * 8,
         sim.options.write_failure_percent,
+        if extras {
+            format!(
+                ", extras (allowlist_for_person {})",
+                sim.options.allowlist_for_person
+            )
+        } else {
+            String::new()
+        },
     ));
     let mut steps = 0;
     while !sim.rng.exhausted() && steps < STEPS_MAX && !sim.failed() {

@@ -94,17 +94,14 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
 ];
 
 fn run_range(from: u64, count: u64, store: StoreKind) -> (sim::Summary, Vec<sim::Failure>) {
-    run_seeds(from..from + count, store)
+    run_seeds((from..from + count).map(|seed| sim::Options::from_seed(seed, store)))
 }
 
-fn run_seeds(
-    seeds: impl IntoIterator<Item = u64>,
-    store: StoreKind,
-) -> (sim::Summary, Vec<sim::Failure>) {
+fn run_seeds(runs: impl IntoIterator<Item = sim::Options>) -> (sim::Summary, Vec<sim::Failure>) {
     let mut total = sim::Summary::default();
     let mut failures = Vec::new();
-    for seed in seeds {
-        match sim::run_seed(seed, store) {
+    for options in runs {
+        match sim::run_options(options) {
             Ok((summary, _)) => {
                 total.steps += summary.steps;
                 total.crashes += summary.crashes;
@@ -137,13 +134,19 @@ fn fixed_seeds_keep_every_invariant_on_rocksdb() {
     eprintln!("{FIXED_SEEDS} seeds: {}", sim::describe(&summary));
 }
 
+/// Each as it ran when it was found (`Options::classic`; replay one with
+/// `RUYI_SIM_CLASSIC=1`), and with the later operations too.
 #[test]
 fn seeds_that_once_failed_keep_every_invariant() {
-    let (summary, failures) = run_seeds(
-        REGRESSION_SEEDS.iter().map(|(seed, _)| *seed),
-        StoreKind::Rocks,
+    let (summary, failures) = run_seeds(REGRESSION_SEEDS.iter().flat_map(|(seed, _)| {
+        let options = sim::Options::from_seed(*seed, StoreKind::Rocks);
+        [options.clone().classic(), options]
+    }));
+    assert!(
+        failures.is_empty(),
+        "{} (the classic runs replay with RUYI_SIM_CLASSIC=1)",
+        report(&failures)
     );
-    assert!(failures.is_empty(), "{}", report(&failures));
     eprintln!(
         "{} seeds: {}",
         REGRESSION_SEEDS.len(),
@@ -213,7 +216,9 @@ fn replay_input() {
         return;
     };
     let data = std::fs::read(&path).expect("RUYI_SIM_INPUT is a readable file");
-    // A fuzz input's first byte picks its kind (see tests/fuzz/src/harness.rs).
+    // A fuzz input's first byte picks its kind (see tests/fuzz/src/harness.rs;
+    // bit 6 turns on the simulator's extras).
+    let extras = data.first().is_some_and(|flags| flags & (1 << 6) != 0);
     let choices = &data[1.min(data.len())..];
     init_sim_log();
     let store = match std::env::var("RUYI_SIM_STORE").as_deref() {
@@ -221,7 +226,7 @@ fn replay_input() {
         _ => StoreKind::Memory,
     };
     sim::ECHO.store(true, std::sync::atomic::Ordering::Relaxed);
-    match sim::run_input(choices, store) {
+    match sim::run_input(choices, store, extras) {
         Ok((summary, _)) => println!("{path} passed: {}", sim::describe(&summary)),
         Err(failure) => panic!("{failure}"),
     }
@@ -239,7 +244,11 @@ fn replay() {
         _ => StoreKind::Rocks,
     };
     sim::ECHO.store(true, std::sync::atomic::Ordering::Relaxed);
-    match sim::run_seed(seed, store) {
+    let mut options = sim::Options::from_seed(seed, store);
+    if std::env::var_os("RUYI_SIM_CLASSIC").is_some() {
+        options = options.classic();
+    }
+    match sim::run_options(options) {
         Ok((summary, _)) => println!("seed {seed} passed: {}", sim::describe(&summary)),
         Err(failure) => panic!("{failure}"),
     }
@@ -292,8 +301,9 @@ fn a_fuzz_input_replays_exactly() {
     for (seed, len) in [(1, 0), (2, 40), (3, 700)] {
         let mut rng = rng::Rng::new(seed);
         let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-        let first = sim::run_input(&data, StoreKind::Rocks).map_err(|f| f.to_string());
-        let second = sim::run_input(&data, StoreKind::Rocks).map_err(|f| f.to_string());
+        let extras = seed != 1;
+        let first = sim::run_input(&data, StoreKind::Rocks, extras).map_err(|f| f.to_string());
+        let second = sim::run_input(&data, StoreKind::Rocks, extras).map_err(|f| f.to_string());
         assert!(first.is_ok(), "input {seed}: {}", first.unwrap_err());
         assert_eq!(
             first.map(|(_, t)| t),

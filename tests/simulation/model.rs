@@ -27,6 +27,19 @@ pub struct Sent {
     pub online_must: BTreeSet<String>,
 }
 
+/// A user's own allow and deny lists (who may write to them in person).
+#[derive(Debug, Clone, Default)]
+pub struct ListsModel {
+    pub deny: BTreeSet<String>,
+    pub allow: BTreeSet<String>,
+    /// Changes sent and not answered.
+    pub in_flight: usize,
+    /// Counts every change and answer (as `GroupModel::epoch`).
+    pub epoch: u64,
+    /// A change's answer was lost in a crash: read back from the store.
+    pub uncertain: bool,
+}
+
 /// Where a user's connections stood, as the gateway saw them, at the end
 /// of each step so far.
 #[derive(Debug, Clone, Copy, Default)]
@@ -125,4 +138,6 @@ pub struct Model {
     pub channels: BTreeSet<ChannelKey>,
     /// Per uid.
     pub presence: BTreeMap<String, PresenceTrack>,
+    /// Per uid: their own lists.
+    pub person_lists: BTreeMap<String, ListsModel>,
 }

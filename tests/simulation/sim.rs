@@ -7,7 +7,7 @@
 //! message it may see, conversation lists and unread counts are the
 //! model's, incremental syncs add up to the full one.
 
-use crate::model::{ConvModel, GroupModel, Model, Sent};
+use crate::model::{ConvModel, GroupModel, ListsModel, Model, Sent};
 use crate::rng::Rng;
 use crate::world::{StoreKind, World};
 use bytes::{Bytes, BytesMut};
@@ -45,6 +45,11 @@ pub struct Options {
     /// Percent chances per step.
     pub crash_percent: u64,
     pub write_failure_percent: u64,
+    /// The operations added after the seeds kept as regressions were found
+    /// (`extras.rs`): off, a seed replays as it did then.
+    pub extras: bool,
+    /// `policy.allowlist_for_person` (with `extras`).
+    pub allowlist_for_person: bool,
 }
 
 impl Options {
@@ -60,7 +65,16 @@ impl Options {
             groups: 1 + rng.index(3),
             crash_percent: [0, 1, 2][rng.index(3)],
             write_failure_percent: [0, 1, 5][rng.index(3)],
+            extras: true,
+            allowlist_for_person: rng.chance(50),
         }
+    }
+
+    /// As the seed ran before `extras` existed.
+    pub fn classic(mut self) -> Options {
+        self.extras = false;
+        self.allowlist_for_person = false;
+        self
     }
 }
 
@@ -153,6 +167,35 @@ enum ControlWait {
         group: String,
         rx: async_channel::Receiver<ApiResponse>,
     },
+    // The waits of `extras.rs`.
+    PersonList {
+        uid: String,
+        kind: ListKind,
+        rx: async_channel::Receiver<Result<Vec<String>, ControlError>>,
+    },
+    ApiSend {
+        from: String,
+        attempt: Attempt,
+        rx: async_channel::Receiver<ApiResponse>,
+    },
+    ApiRecall {
+        key: ChannelKey,
+        seq: u64,
+        /// The group's deletion counter when the recall went out.
+        generation: u64,
+        rx: async_channel::Receiver<ApiResponse>,
+    },
+    ApiConversationOp {
+        /// The device whose conversation operations it joins.
+        d: usize,
+        request_id: u32,
+        rx: async_channel::Receiver<ApiResponse>,
+    },
+    ApiChannelInfo {
+        group: String,
+        epoch: u64,
+        rx: async_channel::Receiver<ApiResponse>,
+    },
 }
 
 /// Adds `line` to `trace`, printed at once when replaying.
@@ -229,11 +272,14 @@ pub struct Sim {
     offline_named: BTreeMap<(ChannelKey, u64), BTreeSet<String>>,
     /// Steps taken so far.
     step_no: u64,
+    /// Sends made through the API so far (their client_msg_nos).
+    next_api_send: u64,
 }
 
 /// Small limits, so that every bound is reached in a short run.
-fn simulation_config() -> Config {
+fn simulation_config(options: &Options) -> Config {
     let mut config = Config::default();
+    config.policy.allowlist_for_person = options.allowlist_for_person;
     config.limits.frame_size_max_bytes = 4096;
     config.limits.payload_size_max_bytes = 1024;
     config.limits.sync_response_max_bytes = 4096;
@@ -260,7 +306,7 @@ fn simulation_config() -> Config {
 
 impl Sim {
     pub fn new(options: Options) -> Sim {
-        let config = simulation_config();
+        let config = simulation_config(&options);
         let now = Now {
             monotonic: Millis(1_000),
             unix_ms: 1_764_000_000_000,
@@ -294,6 +340,11 @@ impl Sim {
         for g in 0..options.groups {
             model.groups.insert(format!("g{g}"), GroupModel::default());
         }
+        for u in 0..options.users {
+            model
+                .person_lists
+                .insert(format!("u{u}"), ListsModel::default());
+        }
         Sim {
             rng: Rng::new(options.seed),
             full_syncs: 0,
@@ -313,6 +364,7 @@ impl Sim {
             notified: BTreeSet::new(),
             offline_named: BTreeMap::new(),
             step_no: 0,
+            next_api_send: 0,
             membership_checks: Vec::new(),
             failure: None,
         }
@@ -370,6 +422,10 @@ impl Sim {
     // ---- one random step --------------------------------------------------
 
     fn step(&mut self) {
+        if self.options.extras && self.rng.chance(5) {
+            self.extra_random();
+            return self.after_step();
+        }
         let roll = self.rng.below(100);
         let now = self.world.now;
         match roll {
@@ -713,7 +769,7 @@ impl Sim {
                 .groups
                 .get(key.id())
                 .map_or((0, 0), |g| (g.epoch, g.generation)),
-            _ => (0, 0),
+            _ => (self.person_epoch(&self.devices[d].uid, key), 0),
         };
         let device = &mut self.devices[d];
         device.next_client_seq += 1;
@@ -879,6 +935,32 @@ impl Sim {
             _ => (ConversationAction::SetUnread, self.rng.below(4)),
         };
         let request_id = self.request_id();
+        self.register_conversation_op(d, request_id, key.clone(), action, unread);
+        self.note(format!(
+            "{}: conversation {action:?} {unread} on {key:?}",
+            self.name(d)
+        ));
+        let uid = self.devices[d].uid.clone();
+        let packet = Packet::ConversationOp(ConversationOp {
+            request_id,
+            channel_id: key.id_seen_by(&uid).to_owned(),
+            channel_type: key.kind(),
+            action,
+            unread,
+        });
+        self.write(d, &packet);
+    }
+
+    /// Notes a conversation operation of device `d`'s user (sent by the
+    /// device, or through the API on its behalf) before it goes out.
+    pub(super) fn register_conversation_op(
+        &mut self,
+        d: usize,
+        request_id: u32,
+        key: ChannelKey,
+        action: ConversationAction,
+        unread: u64,
+    ) {
         let uid = self.devices[d].uid.clone();
         let seen = self.devices[d]
             .received
@@ -904,22 +986,27 @@ impl Sim {
         conv.issued += 1;
         conv.in_flight += 1;
         let number = conv.issued;
-        self.devices[d].conversation_ops.insert(
-            request_id,
-            (key.clone(), action, unread, seen, number, tangled),
-        );
-        self.note(format!(
-            "{}: conversation {action:?} {unread} on {key:?}",
-            self.name(d)
-        ));
-        let packet = Packet::ConversationOp(ConversationOp {
-            request_id,
-            channel_id: key.id_seen_by(&uid).to_owned(),
-            channel_type: key.kind(),
-            action,
-            unread,
-        });
-        self.write(d, &packet);
+        self.devices[d]
+            .conversation_ops
+            .insert(request_id, (key, action, unread, seen, number, tangled));
+    }
+
+    /// The answer to device `d`'s conversation operation `request_id` was
+    /// lost: it may have landed, now or later.
+    pub(super) fn lose_conversation_op(&mut self, d: usize, request_id: u32) {
+        let uid = self.devices[d].uid.clone();
+        if let Some((key, ..)) = self.devices[d].conversation_ops.remove(&request_id) {
+            Self::lost_op(&mut self.model, uid, key);
+        }
+    }
+
+    fn lost_op(model: &mut Model, uid: String, key: ChannelKey) {
+        // It may still wait in an inbox: uncertain until the shards are
+        // drained and a later operation is answered.
+        let conv = model.conversations.entry((uid, key)).or_default();
+        conv.uncertain = true;
+        conv.in_flight = conv.in_flight.saturating_sub(1);
+        conv.lost = true;
     }
 
     fn sync_conversations_random(&mut self) {
@@ -1035,17 +1122,7 @@ impl Sim {
         device.recalls.clear();
         device.conversation_syncs.clear();
         for (_, (key, ..)) in std::mem::take(&mut device.conversation_ops) {
-            // It may have landed, now or later (it may still wait in an
-            // inbox): uncertain until the shards are drained and a later
-            // operation is answered.
-            let conv = self
-                .model
-                .conversations
-                .entry((uid.clone(), key))
-                .or_default();
-            conv.uncertain = true;
-            conv.in_flight = conv.in_flight.saturating_sub(1);
-            conv.lost = true;
+            Self::lost_op(&mut self.model, uid.clone(), key);
         }
     }
 
@@ -1191,7 +1268,21 @@ impl Sim {
                 ack.client_seq
             ));
         };
-        self.judge_send_policy(d, &attempt, ack.reason);
+        let who = self.name(d);
+        self.on_answered_send(&who, uid, attempt, ack);
+    }
+
+    /// A send of `uid`'s (from `who`, a device or the API) was answered:
+    /// judged, and if stored, recorded.
+    fn on_answered_send(
+        &mut self,
+        who: &str,
+        uid: String,
+        attempt: Attempt,
+        ack: ruyi::protocol::SendAck,
+    ) {
+        let no = ack.client_msg_no.clone();
+        self.judge_send_policy(who, &uid, &attempt, ack.reason);
         if ack.reason != ReasonCode::Success {
             return;
         }
@@ -1298,9 +1389,12 @@ impl Sim {
 
     /// A send to a group whose members and lists did not change around it
     /// was accepted or refused exactly as they say.
-    fn judge_send_policy(&mut self, d: usize, attempt: &Attempt, reason: ReasonCode) {
-        if attempt.channel.kind() != ChannelType::Group || !attempt.first {
+    fn judge_send_policy(&mut self, who: &str, uid: &str, attempt: &Attempt, reason: ReasonCode) {
+        if !attempt.first {
             return;
+        }
+        if attempt.channel.kind() == ChannelType::Person {
+            return self.judge_person_policy(who, uid, attempt, reason);
         }
         let Some(group) = self.model.groups.get(attempt.channel.id()) else {
             return;
@@ -1308,7 +1402,6 @@ impl Sim {
         if group.uncertain || group.in_flight > 0 || group.epoch != attempt.epoch {
             return;
         }
-        let uid = &self.devices[d].uid;
         let expected = if !group.exists {
             ReasonCode::ChannelMissing
         } else if !group.members.contains(uid) {
@@ -1330,8 +1423,7 @@ impl Sim {
         );
         if judged && reason != expected {
             let message = format!(
-                "{}'s send {} to {:?} was answered {reason:?}; members {:?}, deny {:?}, allow {:?} say {expected:?}",
-                self.name(d),
+                "{who}'s send {} to {:?} was answered {reason:?}; members {:?}, deny {:?}, allow {:?} say {expected:?}",
                 attempt.client_msg_no,
                 attempt.channel,
                 group.members,
@@ -1819,6 +1911,15 @@ impl Sim {
                     }
                     Err(async_channel::TryRecvError::Closed) => self.uncertain(&group),
                 },
+                wait @ (ControlWait::PersonList { .. }
+                | ControlWait::ApiSend { .. }
+                | ControlWait::ApiRecall { .. }
+                | ControlWait::ApiConversationOp { .. }
+                | ControlWait::ApiChannelInfo { .. }) => {
+                    if let Some(wait) = self.poll_extra(wait) {
+                        self.controls.push(wait);
+                    }
+                }
                 ControlWait::Delete { group, rx } => match rx.try_recv() {
                     Ok(response) => {
                         let model = self.model.groups.get_mut(&group).expect("group");
@@ -2060,6 +2161,7 @@ impl Sim {
         self.zombies.clear();
         self.poll_controls();
         self.reload_uncertain_groups();
+        self.reload_uncertain_lists();
         // Every acknowledged message survived.
         self.check_acknowledged_are_stored();
     }
@@ -2123,6 +2225,7 @@ impl Sim {
             self.quiesce();
         }
         self.reload_uncertain_groups();
+        self.reload_uncertain_lists();
         // Everyone connects with resume and acknowledges everything, until
         // nothing more arrives.
         for d in 0..self.devices.len() {
@@ -2715,7 +2818,13 @@ impl Sim {
 /// Runs one seed on `store`. A panic in the gateway (an assertion of its
 /// own) is a failure of the seed like any other.
 pub fn run_seed(seed: u64, store: StoreKind) -> Result<(Summary, Vec<String>), Failure> {
-    let run = std::panic::catch_unwind(|| Sim::new(Options::from_seed(seed, store)).run());
+    run_options(Options::from_seed(seed, store))
+}
+
+/// Runs one seed with `options` (for instance `Options::classic`).
+pub fn run_options(options: Options) -> Result<(Summary, Vec<String>), Failure> {
+    let seed = options.seed;
+    let run = std::panic::catch_unwind(|| Sim::new(options).run());
     match run {
         Ok(result) => result,
         Err(panic) => {
@@ -2746,4 +2855,7 @@ pub fn describe(summary: &Summary) -> String {
 // The simulator under the fuzzer: its choices read from an input.
 #[path = "input.rs"]
 mod input;
+// The operations `Options::extras` turns on.
+#[path = "extras.rs"]
+mod extras;
 pub use input::run_input;

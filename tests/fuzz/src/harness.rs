@@ -445,6 +445,9 @@ pub mod setup {
     /// RocksDB in a temporary directory instead of `MemoryStorage` (the
     /// simulator runs on both and compares).
     pub const ROCKS: u8 = 1 << 5;
+    /// The simulator's later operations (`Options::extras`: users' own
+    /// lists, the API's requests); simulator inputs only.
+    pub const EXTRAS: u8 = 1 << 6;
     /// The raw program rather than the simulator: set in every raw input.
     pub const RAW: u8 = 1 << 7;
 }
@@ -1155,14 +1158,15 @@ fn check_event(conn: &mut Conn, event: Event) {
 /// Input layout: byte 0 is a set of [`setup`] flags. With [`setup::RAW`]
 /// (bit 7) set, the rest is a raw program ([`raw_session`]); with bit 7
 /// clear, the rest is the simulator's choices ([`simulated_session`]).
-/// [`setup::ROCKS`] (bit 5) adds RocksDB in either. The empty input runs the
-/// simulator with no choices.
+/// [`setup::ROCKS`] (bit 5) adds RocksDB in either; [`setup::EXTRAS`]
+/// (bit 6) turns on the simulator's later operations. The empty input runs
+/// the simulator with no choices.
 pub fn session(data: &[u8]) {
     let (flags, rest) = data.split_first().map_or((0, data), |(f, r)| (*f, r));
     if flags & setup::RAW != 0 {
         raw_session(flags, rest);
     } else {
-        simulated_session(flags & setup::ROCKS != 0, rest);
+        simulated_session(flags & setup::ROCKS != 0, flags & setup::EXTRAS != 0, rest);
     }
 }
 
@@ -1180,14 +1184,14 @@ pub fn session(data: &[u8]) {
 /// simulated step on the memory store costs a few microseconds; under the
 /// fuzzer an input with [`setup::ROCKS`] takes about 25 times as long as
 /// one without (`tests/fuzz/README.md` has the figures).
-pub fn simulated_session(rocks: bool, choices: &[u8]) {
+pub fn simulated_session(rocks: bool, extras: bool, choices: &[u8]) {
     use crate::world::StoreKind;
     if std::env::var_os("RUYI_FUZZ_TRACE").is_some() {
         crate::sim::ECHO.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let memory = simulate(choices, StoreKind::Memory);
+    let memory = simulate(choices, StoreKind::Memory, extras);
     if rocks {
-        let on_rocks = simulate(choices, StoreKind::Rocks);
+        let on_rocks = simulate(choices, StoreKind::Rocks, extras);
         if let Some(i) = (0..memory.len().min(on_rocks.len())).find(|i| memory[*i] != on_rocks[*i])
         {
             panic!(
@@ -1204,8 +1208,8 @@ pub fn simulated_session(rocks: bool, choices: &[u8]) {
 }
 
 /// One simulated run on `store`; its trace, or a panic with the violation.
-fn simulate(choices: &[u8], store: crate::world::StoreKind) -> Vec<String> {
-    match crate::sim::run_input(choices, store) {
+fn simulate(choices: &[u8], store: crate::world::StoreKind, extras: bool) -> Vec<String> {
+    match crate::sim::run_input(choices, store, extras) {
         Ok((_, trace)) => trace,
         Err(failure) => {
             let skip = failure.trace.len().saturating_sub(60);
