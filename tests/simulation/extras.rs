@@ -2,8 +2,9 @@
 //! run without them, so they replay as they were found): users' own allow
 //! and deny lists, and the HTTP API's requests to the shards (sends on a
 //! user's behalf, system sends, an administrator's recall, conversation
-//! changes, group details, who is online, kicks). Each is checked against
-//! the model like its client counterpart.
+//! changes, group details, who is online, kicks), and a full disk (every
+//! write fails for a stretch of steps). Each is checked against the model
+//! like its client counterpart.
 
 use super::{Attempt, ControlWait, Sim};
 use crate::model::ListsModel;
@@ -20,8 +21,9 @@ use std::collections::BTreeSet;
 
 impl Sim {
     pub(super) fn extra_random(&mut self) {
-        match self.rng.below(10) {
+        match self.rng.below(11) {
             0..=2 => self.person_list_random(),
+            10 => self.disk_fills(),
             3 | 4 => self.api_send_random(),
             5 => self.api_recall_random(),
             6 => self.api_conversation_op_random(),
@@ -29,6 +31,14 @@ impl Sim {
             8 => self.api_online_random(),
             _ => self.api_kick_random(),
         }
+    }
+
+    /// The disk fills up: every write fails for a while (each answered as
+    /// a failed write is), then space returns.
+    fn disk_fills(&mut self) {
+        let steps = 20 + self.rng.below(200);
+        self.disk_full_until = self.step_no + steps;
+        self.note(format!("the disk is full for {steps} steps"));
     }
 
     fn random_uid(&mut self) -> String {

@@ -274,6 +274,8 @@ pub struct Sim {
     step_no: u64,
     /// Sends made through the API so far (their client_msg_nos).
     next_api_send: u64,
+    /// Until this step every write fails, as on a full disk (extras).
+    disk_full_until: u64,
 }
 
 /// Small limits, so that every bound is reached in a short run.
@@ -365,6 +367,7 @@ impl Sim {
             offline_named: BTreeMap::new(),
             step_no: 0,
             next_api_send: 0,
+            disk_full_until: 0,
             membership_checks: Vec::new(),
             failure: None,
         }
@@ -2137,7 +2140,8 @@ impl Sim {
 
     fn commit_random(&mut self) {
         let i = self.rng.index(self.world.shard_count());
-        let fail = self.rng.chance(self.options.write_failure_percent);
+        let fail = self.rng.chance(self.options.write_failure_percent)
+            || self.step_no < self.disk_full_until;
         self.observe_presence();
         let what = self.world.commit_step(i, fail);
         if what != "idle" {
