@@ -286,6 +286,8 @@ pub struct ServerStats {
     /// Messages queued for other shards' inboxes, not yet handed over.
     pub inbox_depth: usize,
     pub commit_latency: CommitLatency,
+    /// The latency budget, summed over shards.
+    pub budget: crate::shard::budget::StageLatency,
     /// Bytes queued for connections and not yet written to their sockets.
     pub outbound_queued_bytes: u64,
     /// Connections cut off because they did not read what was sent to them.
@@ -499,6 +501,7 @@ impl Control {
             total.acks_received += stats.acks_received;
             total.connections_rate_limited += stats.connections_rate_limited;
             total.commit_latency.merge(&stats.commit_latency);
+            total.budget.merge(&stats.budget);
             total.connections_accepted += stats.connections_accepted;
             total.connections_refused += stats.connections_refused;
             total.messages_committed += stats.messages_committed;

@@ -622,6 +622,47 @@ async fn without_an_auth_secret_only_tokens_registered_through_the_api_log_in() 
     server.stop();
 }
 
+/// `ruyi_message_stage_seconds` times every stage of a message that was
+/// stored, acknowledged and pushed live (the latency budget).
+#[tokio::test]
+async fn the_latency_budget_in_metrics_times_every_stage_of_a_delivered_message() {
+    let server = TestServer::start();
+    let base = server.api_url();
+    let (alice, _) = server.connect("alice").await;
+    let (_bob, mut bob_in) = server.connect("bob").await;
+    let ack = alice.send_text("bob", "hello").await.unwrap();
+    assert_eq!(ack.reason, ruyi::protocol::ReasonCode::Success);
+    bob_in.next_message(WAIT).await.unwrap();
+    let (_, text) = api_get(&base, "/metrics").await;
+    let count = |stage: &str| -> u64 {
+        let prefix = format!("ruyi_message_stage_seconds_count{{stage=\"{stage}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+    };
+    for stage in [
+        "route",
+        "queue",
+        "write",
+        "ack_return",
+        "send_ack",
+        "delivered",
+    ] {
+        assert_eq!(count(stage), 1, "stage {stage}");
+    }
+    // One sample per shard the message goes to (the sender's own for her
+    // other devices, when it is not the owner).
+    assert!(
+        (1..=2).contains(&count("fanout")),
+        "fanout {}",
+        count("fanout")
+    );
+    // The ConnAcks, the SendAck and the push were written to sockets.
+    assert!(count("flush") >= 3, "flush {}", count("flush"));
+    server.stop();
+}
+
 #[tokio::test]
 async fn messages_delivered_total_counts_pushes_on_resume_as_well_as_live_ones() {
     let server = TestServer::start();

@@ -92,6 +92,8 @@ fn deliver_batch(message: &Arc<StoredMessage>, recipient: &Uid) -> Batch {
         message: Arc::clone(message),
         recipients: std::iter::once(recipient.clone()).collect(),
         skip: None,
+        read_us: 0,
+        durable_us: 0,
     }]
 }
 
@@ -512,6 +514,7 @@ fn now() -> Now {
     Now {
         monotonic: Millis(1),
         unix_ms: ruyi::time::unix_now_ms(),
+        micros: 1_000,
     }
 }
 

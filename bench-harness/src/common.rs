@@ -102,6 +102,7 @@ impl Gate {
 pub(crate) struct ServerProbe {
     pid: Option<u32>,
     ticks: Option<u64>,
+    own_ticks: Option<u64>,
     at: Instant,
 }
 
@@ -142,6 +143,9 @@ pub(crate) struct ServerUsage {
     /// 100 = one core busy for the whole interval.
     pub(crate) cpu_percent: Option<f64>,
     pub(crate) rss_bytes: Option<u64>,
+    /// This load generator's own CPU over the same interval (100 = one
+    /// core): when it nears the cores it has, it is the limit.
+    pub(crate) generator_cpu_percent: Option<f64>,
 }
 
 impl ServerProbe {
@@ -154,30 +158,47 @@ impl ServerProbe {
         ServerProbe {
             pid,
             ticks: pid.and_then(cpu_ticks),
+            own_ticks: cpu_ticks(std::process::id()),
             at: Instant::now(),
         }
     }
 
     pub(crate) fn finish(&self) -> ServerUsage {
-        let Some(pid) = self.pid else {
-            return ServerUsage::default();
-        };
         let elapsed = self.at.elapsed().as_secs_f64();
-        let cpu_percent = match (self.ticks, cpu_ticks(pid), clock_ticks_per_second()) {
+        let percent = |before: Option<u64>, after: Option<u64>| match (
+            before,
+            after,
+            clock_ticks_per_second(),
+        ) {
             (Some(before), Some(after), Some(hz)) if elapsed > 0.0 => {
                 Some(after.saturating_sub(before) as f64 / hz as f64 / elapsed * 100.0)
             }
             _ => None,
         };
+        let generator_cpu_percent = percent(self.own_ticks, cpu_ticks(std::process::id()));
+        let Some(pid) = self.pid else {
+            return ServerUsage {
+                generator_cpu_percent,
+                ..ServerUsage::default()
+            };
+        };
         ServerUsage {
-            cpu_percent,
+            cpu_percent: percent(self.ticks, cpu_ticks(pid)),
             rss_bytes: resident_bytes(pid),
+            generator_cpu_percent,
         }
     }
 }
 
 impl ServerUsage {
     pub(crate) fn print(&self) {
+        if let Some(cpu) = self.generator_cpu_percent {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            println!(
+                "  load generator: CPU {cpu:.0}% of {cores} cores' {}%",
+                cores * 100
+            );
+        }
         if self.cpu_percent.is_none() && self.rss_bytes.is_none() {
             return;
         }
@@ -194,6 +215,21 @@ impl ServerUsage {
 /// A blocking HTTP/1.1 POST of a JSON body to `api` (`http://host:port`,
 /// optionally with a base path) + `path`; the status code and body.
 pub(crate) fn http_post(
+    api: &str,
+    token: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    http_request("POST", api, token, path, body)
+}
+
+/// A blocking HTTP/1.1 GET of `api` + `path`; the status code and body.
+pub(crate) fn http_get(api: &str, token: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request("GET", api, token, path, "")
+}
+
+fn http_request(
+    method: &str,
     api: &str,
     token: &str,
     path: &str,
@@ -216,7 +252,7 @@ pub(crate) fn http_post(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     let request = format!(
-        "POST {base}{path} HTTP/1.1\r\nHost: {authority}\r\ntoken: {token}\r\n\
+        "{method} {base}{path} HTTP/1.1\r\nHost: {authority}\r\ntoken: {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -370,6 +406,14 @@ pub struct CommonArgs {
     /// Draw the latency distributions and throughput over time here (SVG).
     #[arg(long)]
     pub(crate) plot: Option<PathBuf>,
+    /// The gateway's admin API (`http://host:port`): its latency budget
+    /// (`ruyi_message_stage_seconds` in `/metrics`) over the measured
+    /// window goes into the report.
+    #[arg(long)]
+    pub(crate) metrics: Option<String>,
+    /// The admin API's token, for `--metrics`.
+    #[arg(long, env = "RUYI_API_TOKEN", default_value = "")]
+    pub(crate) metrics_token: String,
 }
 
 impl CommonArgs {

@@ -13,6 +13,7 @@
 //! runtime-free `ClientCore`. `run FILE.toml` reads a scenario and its
 //! parameters (named as the flags) from a file.
 
+mod budget;
 mod chat;
 mod classify;
 mod common;

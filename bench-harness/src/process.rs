@@ -141,6 +141,8 @@ pub(crate) struct Measured {
     pub(crate) samples: Vec<Sample>,
     pub(crate) kills: u64,
     pub(crate) longest_restart: Duration,
+    /// The gateway's latency budget over the measured window (`--metrics`).
+    pub(crate) budget: Option<Vec<crate::budget::StageFigures>>,
 }
 
 /// Opens the gate once every executor is connected, runs the warm-up and
@@ -167,6 +169,7 @@ pub(crate) fn measure<T: Send + 'static>(
     let mut probe = None;
     let mut next_kill = common.chaos.map(|c| (started + c.kill_every, c.kill_every));
     let mut chaos_error = None;
+    let mut budget_before = None;
     while !gate.aborted() {
         let now = Instant::now();
         if now >= end {
@@ -179,6 +182,7 @@ pub(crate) fn measure<T: Send + 'static>(
             } else {
                 pid
             }));
+            budget_before = scrape_budget(common);
         }
         if let (Some((at, every)), Some(server)) = (next_kill, server.as_deref_mut()) {
             if now >= at {
@@ -230,6 +234,9 @@ pub(crate) fn measure<T: Send + 'static>(
     if let Some(error) = first_error {
         return Err(error);
     }
+    let budget = budget_before
+        .zip(scrape_budget(common))
+        .map(|(before, after)| crate::budget::between(&before, &after));
     Ok((
         results,
         Measured {
@@ -240,6 +247,23 @@ pub(crate) fn measure<T: Send + 'static>(
             longest_restart: server
                 .as_ref()
                 .map_or(Duration::ZERO, |s| s.longest_restart),
+            budget,
         },
     ))
+}
+
+/// The gateway's stage histograms now, when `--metrics` names its API (and
+/// no chaos restarts it, which would reset them).
+fn scrape_budget(common: &CommonArgs) -> Option<crate::budget::Scrape> {
+    let api = common.metrics.as_deref()?;
+    if common.chaos.is_some() {
+        return None;
+    }
+    match crate::budget::scrape(api, &common.metrics_token) {
+        Ok(scrape) => Some(scrape),
+        Err(error) => {
+            eprintln!("ruyi-bench: reading the latency budget failed: {error:#}");
+            None
+        }
+    }
 }

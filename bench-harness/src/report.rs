@@ -201,6 +201,7 @@ pub struct Report {
     pub(crate) total: Part,
     pub(crate) server: ServerUsage,
     pub(crate) samples: Vec<Sample>,
+    pub(crate) budget: Option<Vec<crate::budget::StageFigures>>,
     /// Scenario-specific figures, printed and put in the JSON as they are.
     pub(crate) extra: Vec<(String, serde_json::Value)>,
 }
@@ -236,6 +237,7 @@ impl Report {
             total,
             server: measured.server,
             samples: measured.samples,
+            budget: measured.budget,
             extra,
         }
     }
@@ -280,6 +282,8 @@ impl Report {
             "delivery_latency_us": percentiles(&t.delivery_latency_us),
             "server_rss_bytes": self.server.rss_bytes,
             "server_cpu_percent": self.server.cpu_percent,
+            "generator_cpu_percent": self.server.generator_cpu_percent,
+            "latency_budget": self.budget,
             "per_second": self.samples,
         });
         for (key, value) in &self.extra {
@@ -309,6 +313,9 @@ impl Report {
         print_latency("send->SendAck", &t.ack_latency_us);
         print_latency("send->delivery", &t.delivery_latency_us);
         self.server.print();
+        if let Some(budget) = &self.budget {
+            crate::budget::print(budget);
+        }
         println!(
             "  correctness: lost {} duplicated {} reordered {} unexpected {} -> {}",
             t.lost,

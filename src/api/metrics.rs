@@ -6,6 +6,7 @@
 //! format is written here directly.
 
 use super::{shard_timeout, ApiError, Shared};
+use crate::shard::budget::{Stage, StageLatency, STAGE_BUCKETS_US};
 use crate::shard::state::COMMIT_BUCKETS_US;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -165,6 +166,7 @@ pub async fn metrics(State(api): State<Shared>) -> Result<Response, ApiError> {
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", latency.count);
     let _ = writeln!(out, "{name}_sum {}", latency.sum_us as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {}", latency.count);
+    stage_histograms(&mut out, &stats.budget);
     let hooks = api.control.webhooks();
     metric(
         &mut out,
@@ -209,4 +211,39 @@ pub async fn metrics(State(api): State<Shared>) -> Result<Response, ApiError> {
         out,
     )
         .into_response())
+}
+
+/// The latency budget: one histogram per stage of a message's path (see
+/// `shard::budget`), labelled `stage`.
+fn stage_histograms(out: &mut String, budget: &StageLatency) {
+    let name = "ruyi_message_stage_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time each stage of a message's path took (route, queue, write, ack_return, fanout; send_ack and delivered from the frame read; flush per socket write)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for stage in Stage::ALL {
+        let i = stage as usize;
+        let label = stage.name();
+        let mut cumulative = 0;
+        for (bound, count) in STAGE_BUCKETS_US.iter().zip(budget.counts[i]) {
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{stage=\"{label}\",le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{stage=\"{label}\",le=\"+Inf\"}} {}",
+            budget.count[i]
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{stage=\"{label}\"}} {}",
+            budget.sum_us[i] as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{stage=\"{label}\"}} {}", budget.count[i]);
+    }
 }

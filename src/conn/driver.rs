@@ -79,6 +79,15 @@ pub(crate) async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         writing.advance(n);
                         outbox.wrote(n);
                         if writing.is_empty() {
+                            let since = outbox.taken_since_us();
+                            if since != 0 {
+                                let now = runtime.now().micros;
+                                runtime.state.borrow_mut().stats.budget.record(
+                                    crate::shard::budget::Stage::Flush,
+                                    since,
+                                    now,
+                                );
+                            }
                             // Caught up: only that resets the stall clock,
                             // not a trickle of bytes.
                             outbox.mark_flowing();

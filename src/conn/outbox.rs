@@ -24,12 +24,22 @@ pub struct Outbox {
     /// Bytes the connection's task took out of `buf` and has not written
     /// yet: they still count against the connection's outbound limit.
     in_writer: Cell<usize>,
+    /// When the bytes in `buf`, and those the task took, started waiting
+    /// (the event clock, [`crate::time::event_micros`]; 0: not known), for
+    /// the latency budget's `flush` stage.
+    queued_since_us: Cell<u64>,
+    taken_since_us: Cell<u64>,
 }
 
 impl Outbox {
     /// Appends through `write`, then wakes the connection's task.
     pub fn append(&self, write: impl FnOnce(&mut BytesMut)) {
-        write(&mut self.buf.borrow_mut());
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            self.queued_since_us.set(crate::time::event_micros());
+        }
+        write(&mut buf);
+        drop(buf);
         self.wake();
     }
 
@@ -59,6 +69,15 @@ impl Outbox {
         debug_assert!(dst.is_empty());
         std::mem::swap(&mut *self.buf.borrow_mut(), dst);
         self.in_writer.set(self.in_writer.get() + dst.len());
+        if !dst.is_empty() {
+            self.taken_since_us.set(self.queued_since_us.replace(0));
+        }
+    }
+
+    /// When the bytes last taken by [`Outbox::take_into`] started waiting
+    /// (0: not known); asked once they are written.
+    pub fn taken_since_us(&self) -> u64 {
+        self.taken_since_us.replace(0)
     }
 
     /// Drops the allocation of a connection that has gone quiet, so idle

@@ -31,6 +31,10 @@ pub(super) enum Pending {
         message: Arc<StoredMessage>,
         /// Conversation rows written in the same batch as the message.
         rows: Vec<(Uid, ConversationRecord)>,
+        /// When its frame was read, and when it was queued here (the
+        /// latency budget's clock).
+        read_us: u64,
+        queued_us: u64,
     },
     Group {
         key: ChannelKey,
@@ -181,6 +185,8 @@ pub struct InFlight {
     /// batch: queued again if it fails.
     pub(super) presence_lines: Vec<String>,
     pub(super) late_offline: Vec<Vec<u8>>,
+    /// When the batch was begun (the latency budget's clock).
+    pub(super) begun_us: u64,
 }
 
 /// A send's `(from_uid, client_msg_no)`.
@@ -481,6 +487,7 @@ impl CommitPipeline {
             webhook_bytes: 0,
             presence_lines: Vec::new(),
             late_offline: Vec::new(),
+            begun_us: 0,
         };
         (in_flight, mutations)
     }

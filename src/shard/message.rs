@@ -24,15 +24,28 @@ pub enum ShardMsg {
         from_device: std::sync::Arc<str>,
         channel: ChannelKey,
         packet: SendPacket,
+        /// When its frame was read (the latency budget's clock).
+        read_us: u64,
     },
-    /// The owner's answer, back to the shard of the sending connection.
-    SendAck { conn: ConnId, ack: SendAck },
+    /// The owner's answer, back to the shard of the sending connection;
+    /// for a stored message, when its frame was read and when it became
+    /// durable (0: not timed).
+    SendAck {
+        conn: ConnId,
+        ack: SendAck,
+        read_us: u64,
+        durable_us: u64,
+    },
     /// A committed message for the listed members, who are online on the
     /// target shard. `skip` is the connection that sent it.
     Deliver {
         message: Arc<StoredMessage>,
         recipients: SmallVec<[Uid; 4]>,
         skip: Option<ConnId>,
+        /// When the sender's frame was read and when the message became
+        /// durable, on the budget's clock (0: not timed).
+        read_us: u64,
+        durable_us: u64,
     },
     /// A device of `uid` came online (or went offline) on `conn.shard()`.
     /// Broadcast to every shard.

@@ -15,6 +15,7 @@
 //!   for timeouts.
 
 pub mod api;
+pub mod budget;
 mod channels;
 mod commit;
 mod login;

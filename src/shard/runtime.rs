@@ -97,9 +97,12 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     pub(crate) fn now(&self) -> Now {
+        let micros = self.clock.micros();
+        crate::time::set_event_micros(micros);
         Now {
-            monotonic: self.clock.monotonic(),
+            monotonic: crate::ids::Millis(micros / 1000),
             unix_ms: self.clock.unix_ms(),
+            micros,
         }
     }
 
@@ -182,6 +185,7 @@ pub async fn run(setup: ShardSetup) {
         Now {
             monotonic: clock.monotonic(),
             unix_ms: clock.unix_ms(),
+            micros: clock.micros(),
         },
     );
     let runtime = Rc::new(Runtime {

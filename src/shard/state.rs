@@ -6,6 +6,7 @@
 //! directly.
 
 use super::api::{ApiReply, ApiRequest, ApiResponse, ChannelDetails};
+use super::budget::{Stage, StageLatency};
 use super::channels::{person_policy, GroupChange, OwnedChannels};
 pub use super::commit::{CommitLatency, InFlight, COMMIT_BUCKETS_US};
 use super::commit::{CommitPipeline, Pending, Resend, Waiters};
@@ -48,6 +49,9 @@ use std::sync::Arc;
 pub struct Now {
     pub monotonic: Millis,
     pub unix_ms: u64,
+    /// Monotonic microseconds on a clock every shard shares (the runtime's
+    /// [`crate::time::SystemClock::micros`]), for the latency budget.
+    pub micros: u64,
 }
 
 /// Wake-ups the state gives its runtime when it queues work.
@@ -97,6 +101,8 @@ pub struct ShardStats {
     pub outbound_queued_bytes: u64,
     pub channels_cached: usize,
     pub commit_latency: CommitLatency,
+    /// The latency budget (see [`super::budget`]).
+    pub budget: StageLatency,
 }
 
 /// A request that waits for a group's deletion to land or fail.
@@ -107,6 +113,7 @@ enum Parked {
         from_device: Arc<str>,
         packet: SendPacket,
         checked: bool,
+        read_us: u64,
     },
     ConversationOp {
         origin: ConnId,
@@ -772,7 +779,7 @@ impl ShardState {
         };
         let owner = channel.shard(self.shards);
         if owner == self.id {
-            self.owner_send(conn, uid, device, channel, send, true, now);
+            self.owner_send(conn, uid, device, channel, send, true, now.micros, now);
         } else {
             self.push_outgoing(
                 owner,
@@ -782,6 +789,7 @@ impl ShardState {
                     from_device: device,
                     channel,
                     packet: send,
+                    read_us: now.micros,
                 },
             );
         }
@@ -862,6 +870,7 @@ impl ShardState {
         key: ChannelKey,
         send: SendPacket,
         checked: bool,
+        read_us: u64,
         now: Now,
     ) {
         debug_assert_eq!(key.shard(self.shards), self.id);
@@ -872,6 +881,7 @@ impl ShardState {
                 from_device,
                 packet: send,
                 checked,
+                read_us,
             };
             return self.park(key, parked);
         }
@@ -967,11 +977,14 @@ impl ShardState {
             recalled: false,
         });
         self.pipeline.expect(idempotency_key, key);
+        self.stats.budget.record(Stage::Route, read_us, now.micros);
         self.queue(Pending::Send {
             origin,
             client_seq: send.client_seq,
             message,
             rows,
+            read_us,
+            queued_us: now.micros,
         });
     }
 
@@ -1085,6 +1098,14 @@ impl ShardState {
             }
         }
         let (mut in_flight, mut mutations) = self.pipeline.begin(pending);
+        in_flight.begun_us = now.micros;
+        for p in &in_flight.pending {
+            if let Pending::Send { queued_us, .. } = p {
+                self.stats
+                    .budget
+                    .record(Stage::Queue, *queued_us, now.micros);
+            }
+        }
         self.webhook_mutations(&mut in_flight, &mut mutations, now);
         self.pipeline.seal(&mut mutations);
         self.stats.commit_batches += 1;
@@ -1187,6 +1208,11 @@ impl ShardState {
                     webhooks::committed(writer, &in_flight);
                 }
                 for p in in_flight.pending {
+                    if let Pending::Send { .. } = p {
+                        self.stats
+                            .budget
+                            .record(Stage::Write, in_flight.begun_us, now.micros);
+                    }
                     self.committed(p, now);
                 }
                 if self.channels.over_limit() {
@@ -1253,6 +1279,7 @@ impl ShardState {
                 origin,
                 client_seq,
                 message,
+                read_us,
                 ..
             } => {
                 self.stats.messages_committed += 1;
@@ -1264,7 +1291,10 @@ impl ShardState {
                     sends: waiters,
                     recalls,
                 } = self.pipeline.take_waiters(&key);
-                for (conn, seq) in std::iter::once((origin, client_seq)).chain(waiters) {
+                for (i, (conn, seq)) in std::iter::once((origin, client_seq))
+                    .chain(waiters)
+                    .enumerate()
+                {
                     let ack = SendAck {
                         client_seq: seq,
                         client_msg_no: message.client_msg_no.clone(),
@@ -1272,10 +1302,12 @@ impl ShardState {
                         message_seq: message.seq.0,
                         reason: ReasonCode::Success,
                     };
-                    self.reply_send_ack(conn, ack);
+                    // Only the first send's read time is known.
+                    let read_us = if i == 0 { read_us } else { 0 };
+                    self.reply_send_ack_timed(conn, ack, read_us, now.micros);
                 }
                 let (from, channel) = (message.from_uid.clone(), message.channel.clone());
-                self.fan_out(message, Some(origin), now);
+                self.fan_out(message, Some(origin), read_us, now);
                 // Recalls by client_msg_no that arrived before the commit:
                 // now there is something to recall.
                 for (conn, recall) in recalls {
@@ -1381,7 +1413,7 @@ impl ShardState {
                 self.reply_to(origin, response);
                 // Every online member's devices hear of it, the recalling
                 // connection included (it may show the message too).
-                self.fan_out(message, None, now);
+                self.fan_out(message, None, 0, now);
             }
         }
     }
@@ -1415,7 +1447,17 @@ impl ShardState {
                     from_device,
                     packet,
                     checked,
-                } => self.owner_send(origin, from, from_device, key.clone(), packet, checked, now),
+                    read_us,
+                } => self.owner_send(
+                    origin,
+                    from,
+                    from_device,
+                    key.clone(),
+                    packet,
+                    checked,
+                    read_us,
+                    now,
+                ),
                 Parked::ConversationOp { origin, uid, op } => {
                     self.owner_conversation_op(origin, uid, key.clone(), op, now)
                 }
@@ -1441,15 +1483,49 @@ impl ShardState {
     }
 
     fn reply_send_ack(&mut self, origin: ConnId, ack: SendAck) {
+        self.reply_send_ack_timed(origin, ack, 0, 0);
+    }
+
+    /// [`ShardState::reply_send_ack`] for a stored message: its frame was
+    /// read at `read_us`, it became durable at `durable_us` (now, here).
+    fn reply_send_ack_timed(
+        &mut self,
+        origin: ConnId,
+        ack: SendAck,
+        read_us: u64,
+        durable_us: u64,
+    ) {
         if origin.shard() == self.id {
+            if read_us != 0 {
+                self.stats
+                    .budget
+                    .record(Stage::AckReturn, durable_us, durable_us);
+                self.stats
+                    .budget
+                    .record(Stage::SendAck, read_us, durable_us);
+            }
             self.write_packet(origin, &Packet::SendAck(ack));
         } else {
-            self.push_outgoing(origin.shard(), ShardMsg::SendAck { conn: origin, ack });
+            self.push_outgoing(
+                origin.shard(),
+                ShardMsg::SendAck {
+                    conn: origin,
+                    ack,
+                    read_us,
+                    durable_us,
+                },
+            );
         }
     }
 
     /// Sends a committed message to every shard where a member is online.
-    fn fan_out(&mut self, message: Arc<StoredMessage>, skip: Option<ConnId>, now: Now) {
+    fn fan_out(
+        &mut self,
+        message: Arc<StoredMessage>,
+        skip: Option<ConnId>,
+        read_us: u64,
+        now: Now,
+    ) {
         // A group deletion being committed erases it: nobody gets it (the
         // channel in memory may be the group created again since, whose
         // members are not the ones it was sent to).
@@ -1470,7 +1546,12 @@ impl ShardState {
             }
             let shard = ShardId(index as u16);
             if shard == self.id {
-                self.deliver_local(&message, &recipients, skip, now);
+                if read_us != 0 {
+                    self.stats
+                        .budget
+                        .record(Stage::Fanout, now.micros, now.micros);
+                }
+                self.deliver_local(&message, &recipients, skip, read_us, now);
             } else {
                 self.push_outgoing(
                     shard,
@@ -1478,6 +1559,8 @@ impl ShardState {
                         message: Arc::clone(&message),
                         recipients,
                         skip,
+                        read_us,
+                        durable_us: now.micros,
                     },
                 );
             }
@@ -1493,6 +1576,7 @@ impl ShardState {
         message: &Arc<StoredMessage>,
         recipients: &[Uid],
         skip: Option<ConnId>,
+        read_us: u64,
         now: Now,
     ) {
         // One encoding per view: (from self, flagged as redelivered).
@@ -1567,6 +1651,11 @@ impl ShardState {
                 let frame = &self.frame_scratch[start..end];
                 let max = self.limits.outbound_buffer_max_bytes;
                 self.stats.recvs_written += 1;
+                if read_us != 0 {
+                    self.stats
+                        .budget
+                        .record(Stage::Delivered, read_us, now.micros);
+                }
                 if self.sessions.write_frame(*conn, frame, max) == Written::OverLimit {
                     slow.push(*conn);
                 }
@@ -1619,7 +1708,16 @@ impl ShardState {
                 packet,
             } => {
                 let conn = self.api_conn(reply);
-                self.owner_send(conn, from, Arc::from(""), channel, packet, !system, now);
+                self.owner_send(
+                    conn,
+                    from,
+                    Arc::from(""),
+                    channel,
+                    packet,
+                    !system,
+                    now.micros,
+                    now,
+                );
             }
             ApiRequest::ConversationOp { uid, channel, op } => {
                 let conn = self.api_conn(reply);
@@ -1796,13 +1894,47 @@ impl ShardState {
                 from_device,
                 channel,
                 packet,
-            } => self.owner_send(origin, from, from_device, channel, packet, true, now),
-            ShardMsg::SendAck { conn, ack } => self.write_packet(conn, &Packet::SendAck(ack)),
+                read_us,
+            } => self.owner_send(
+                origin,
+                from,
+                from_device,
+                channel,
+                packet,
+                true,
+                read_us,
+                now,
+            ),
+            ShardMsg::SendAck {
+                conn,
+                ack,
+                read_us,
+                durable_us,
+            } => {
+                if read_us != 0 {
+                    self.stats
+                        .budget
+                        .record(Stage::AckReturn, durable_us, now.micros);
+                    self.stats
+                        .budget
+                        .record(Stage::SendAck, read_us, now.micros);
+                }
+                self.write_packet(conn, &Packet::SendAck(ack))
+            }
             ShardMsg::Deliver {
                 message,
                 recipients,
                 skip,
-            } => self.deliver_local(&message, &recipients, skip, now),
+                read_us,
+                durable_us,
+            } => {
+                if read_us != 0 {
+                    self.stats
+                        .budget
+                        .record(Stage::Fanout, durable_us, now.micros);
+                }
+                self.deliver_local(&message, &recipients, skip, read_us, now)
+            }
             ShardMsg::Presence {
                 uid,
                 device_id,

@@ -12,6 +12,7 @@ fn now() -> Now {
     Now {
         monotonic: Millis(1),
         unix_ms: crate::time::unix_now_ms(),
+        micros: 1_000,
     }
 }
 
@@ -180,6 +181,8 @@ fn a_live_copy_of_a_message_already_pushed_from_storage_is_not_written_again() {
             message,
             recipients: std::iter::once(Uid::new("bob")).collect(),
             skip: None,
+            read_us: 0,
+            durable_us: 0,
         },
         now(),
     );
@@ -1015,4 +1018,62 @@ fn messages_waiting_behind_a_closing_connections_window_get_a_late_offline_event
         })
         .collect();
     assert_eq!(owed, vec!["m1", "m2", "m3"]);
+}
+
+/// A moment on the budget's clock (the other fields as `now()`).
+fn at_micros(micros: u64) -> Now {
+    Now { micros, ..now() }
+}
+
+/// The latency budget follows a send across shards: each stage is the
+/// time between the events that bound it, on the clock the shards share.
+#[test]
+fn the_latency_budget_times_each_stage_of_a_send_across_shards() {
+    let storage = MemoryStorage::default();
+    let group = group_of_alice_and_bob(&storage);
+    let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+    let (alice, alice_out) = connect(&mut shards[1], "alice", false);
+    let (_bob, bob_out) = connect(&mut shards[0], "bob", false);
+    pump(&mut shards);
+    packets(&alice_out);
+    packets(&bob_out);
+    shards[1].on_frame(alice, &first_send(&group), at_micros(10_000));
+    for message in shards[1].take_outgoing(ShardId(0), usize::MAX) {
+        shards[0].on_remote(message, at_micros(10_100));
+    }
+    let (job, in_flight) = shards[0].begin_commit(at_micros(10_300)).unwrap();
+    let result = job();
+    shards[0].finish_commit(in_flight, result, at_micros(10_600));
+    for message in shards[0].take_outgoing(ShardId(1), usize::MAX) {
+        shards[1].on_remote(message, at_micros(10_700));
+    }
+    assert!(matches!(packets(&alice_out)[..], [Packet::SendAck(_)]));
+    assert!(matches!(packets(&bob_out)[..], [Packet::Recv(_)]));
+    let mut budget = shards[0].current_stats().budget;
+    budget.merge(&shards[1].current_stats().budget);
+    let timed: Vec<(&str, u64, u64)> = Stage::ALL
+        .iter()
+        .filter(|s| **s != Stage::Flush)
+        .map(|s| {
+            (
+                s.name(),
+                budget.count[*s as usize],
+                budget.sum_us[*s as usize],
+            )
+        })
+        .collect();
+    assert_eq!(
+        timed,
+        vec![
+            ("route", 1, 100),
+            ("queue", 1, 200),
+            ("write", 1, 300),
+            ("ack_return", 1, 100),
+            // Bob's shard is the owner (0); the sender's own shard hears of
+            // it too (for her other devices), 100 µs later.
+            ("fanout", 2, 100),
+            ("send_ack", 1, 700),
+            ("delivered", 1, 600),
+        ]
+    );
 }

@@ -312,6 +312,7 @@ impl Sim {
         let now = Now {
             monotonic: Millis(1_000),
             unix_ms: 1_764_000_000_000,
+            micros: 1_000_000,
         };
         let world = World::new(options.store, options.shards, config.clone(), now);
         let mut devices = Vec::new();

@@ -194,6 +194,7 @@ impl World {
 
     pub fn advance(&mut self, by_ms: u64) {
         self.now.monotonic = Millis(self.now.monotonic.0 + by_ms);
+        self.now.micros += by_ms * 1000;
         self.now.unix_ms += by_ms;
     }
 

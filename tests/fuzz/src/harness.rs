@@ -579,6 +579,7 @@ impl World {
         let now = Now {
             monotonic: Millis(0),
             unix_ms: UNIX_BASE_MS,
+            micros: 0,
         };
         let shards = (0..shard_count)
             .map(|i| {
@@ -618,6 +619,7 @@ impl World {
         Now {
             monotonic: Millis(self.t),
             unix_ms: UNIX_BASE_MS + self.t,
+            micros: self.t * 1000,
         }
     }
 
