@@ -33,6 +33,8 @@ serve() { # data directory name
   echo "$ruyi serve --config $out/durable.toml --listen 127.0.0.1:5100 --auth-secret s --data-dir $out/data-$1"
 }
 common=(--secret s --duration-s "$secs" --warmup-s "$warm" --payload-bytes 64)
+# ruyi's own latency budget (its /metrics), for the ruyi runs.
+budget=(--metrics http://127.0.0.1:5001 --metrics-token t)
 chat_load=(--pairs 100 --window 16)
 group_load=(--groups 10 --members 100 --online-percent 50 --senders-per-group 1 --window 4)
 mixed_load=(--pairs 50 --chat-window 4 --groups 5 --members 100 --group-window 2)
@@ -47,14 +49,14 @@ kill "$sink"
 wait "$sink" 2>/dev/null || true
 
 echo "== ruyi" >&2
-$bench chat --server-cmd "$(serve chat)" "${common[@]}" "${chat_load[@]}" \
+$bench chat --server-cmd "$(serve chat)" "${common[@]}" "${budget[@]}" "${chat_load[@]}" \
   --json "$out/ruyi-chat.json" --plot "$out/ruyi-chat.svg" >&2
 half=$(python3 -c "import json; print(round(json.load(open('$out/ruyi-chat.json'))['sends_per_s'] / 2))")
-$bench chat --server-cmd "$(serve chat-half)" "${common[@]}" "${chat_load[@]}" --rate "$half" \
+$bench chat --server-cmd "$(serve chat-half)" "${common[@]}" "${budget[@]}" "${chat_load[@]}" --rate "$half" \
   --json "$out/ruyi-chat-half.json" >&2
-$bench group --server-cmd "$(serve group)" --api-token t "${common[@]}" "${group_load[@]}" \
+$bench group --server-cmd "$(serve group)" --api-token t "${common[@]}" "${budget[@]}" "${group_load[@]}" \
   --json "$out/ruyi-group.json" --plot "$out/ruyi-group.svg" >&2
-$bench mixed --server-cmd "$(serve mixed)" --api-token t "${common[@]}" "${mixed_load[@]}" \
+$bench mixed --server-cmd "$(serve mixed)" --api-token t "${common[@]}" "${budget[@]}" "${mixed_load[@]}" \
   --idle 1000 --json "$out/ruyi-mixed.json" >&2
 $bench chat --server-cmd "$(serve chaos-chat)" --chaos kill:5 --secret s --duration-s 30 \
   --pairs 50 --window 4 --json "$out/ruyi-chaos-chat.json" --plot "$out/ruyi-chaos-chat.svg" >&2
