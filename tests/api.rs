@@ -660,6 +660,18 @@ async fn the_latency_budget_in_metrics_times_every_stage_of_a_delivered_message(
     );
     // The ConnAcks, the SendAck and the push were written to sockets.
     assert!(count("flush") >= 3, "flush {}", count("flush"));
+    // The SDK acknowledges what it got: the budget hears of it.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, text) = api_get(&base, "/metrics").await;
+        let prefix = "ruyi_message_stage_seconds_count{stage=\"recv_ack\"} ";
+        let acked = text.lines().find_map(|l| l.strip_prefix(prefix));
+        if acked == Some("1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "recv_ack {acked:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     server.stop();
 }
 

@@ -219,7 +219,7 @@ fn stage_histograms(out: &mut String, budget: &StageLatency) {
     let name = "ruyi_message_stage_seconds";
     let _ = writeln!(
         out,
-        "# HELP {name} Time each stage of a message's path took (route, queue, write, ack_return, fanout; send_ack and delivered from the frame read; flush per socket write)."
+        "# HELP {name} Time each stage of a message's path took (route, queue, write, ack_return, fanout; send_ack and delivered from the frame read; flush per socket write; recv_ack from a push to its acknowledgement)."
     );
     let _ = writeln!(out, "# TYPE {name} histogram");
     for stage in Stage::ALL {

@@ -46,6 +46,8 @@ struct Entry {
     /// Pushed live: its owner counted the device's user online when it
     /// committed it (so no `msg.offline` named them for it).
     live: bool,
+    /// When it was first pushed (the latency budget's clock, microseconds).
+    pushed_us: u64,
 }
 
 /// What a device is known to have of a channel, from its saved position.
@@ -76,6 +78,9 @@ pub struct PendingPushes {
     /// Per connection, live pushes given up on after every redelivery:
     /// never acknowledged (see [`PendingPushes::undelivered`]).
     given_up: HashMap<ConnId, Vec<Arc<StoredMessage>>, ahash::RandomState>,
+    /// When each push acknowledged since the last
+    /// [`PendingPushes::take_acked_push_times`] was first pushed.
+    acked_push_times: Vec<u64>,
     jitter_state: u64,
     due: Vec<Key>,
 }
@@ -100,6 +105,7 @@ impl PendingPushes {
             highest: HashMap::default(),
             known: HashMap::default(),
             given_up: HashMap::default(),
+            acked_push_times: Vec::new(),
             jitter_state: seed | 1,
             due: Vec::new(),
         }
@@ -125,7 +131,7 @@ impl PendingPushes {
     /// Records a live push of `message` to `conn` (see
     /// [`PendingPushes::track_as`]).
     pub fn track(&mut self, conn: ConnId, message: &Arc<StoredMessage>, now_ms: u64) -> bool {
-        self.track_as(conn, message, now_ms, true)
+        self.track_as(conn, message, now_ms, now_ms * 1000, true)
     }
 
     /// Records a push of `message` to `conn`, `live` (its owner counted the
@@ -137,6 +143,7 @@ impl PendingPushes {
         conn: ConnId,
         message: &Arc<StoredMessage>,
         now_ms: u64,
+        now_us: u64,
         live: bool,
     ) -> bool {
         let key = (conn, message.message_id);
@@ -163,6 +170,7 @@ impl PendingPushes {
                 message: Arc::clone(message),
                 redeliveries: 0,
                 live,
+                pushed_us: now_us,
             },
         );
         true
@@ -177,6 +185,7 @@ impl PendingPushes {
     pub fn complete(&mut self, conn: ConnId, message_id: MessageId) -> Option<(ChannelKey, Seq)> {
         let entry = self.entries.remove(&(conn, message_id))?;
         self.wheel.cancel(&(conn, message_id));
+        self.acked_push_times.push(entry.pushed_us);
         if let Some(index) = self.by_conn.get_mut(&conn) {
             index.remove(&(entry.message.channel.clone(), entry.message.seq));
             if index.is_empty() {
@@ -190,6 +199,12 @@ impl PendingPushes {
             }
         }
         Some((entry.message.channel.clone(), entry.message.seq))
+    }
+
+    /// When each push acknowledged since the last call was first pushed
+    /// (for the latency budget's `recv_ack` stage); emptied.
+    pub fn take_acked_push_times(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.acked_push_times)
     }
 
     /// The lowest seq of `channel` still pending on `conn`.

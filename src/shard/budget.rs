@@ -15,7 +15,9 @@
 //! arrival on a recipient's shard). `send_ack` and `delivered` are the
 //! totals from the frame read to the `SendAck`, and to a live push, queued
 //! on their connections; `flush` is how long queued bytes waited for their
-//! connection's socket (one sample per write).
+//! connection's socket (one sample per write); `recv_ack` is from a push
+//! queued on a device's connection to the device's acknowledgement of it
+//! (the device's round trip, the flush included).
 
 /// One stage of a message's path (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +30,11 @@ pub enum Stage {
     SendAck,
     Delivered,
     Flush,
+    RecvAck,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::Route,
         Stage::Queue,
         Stage::Write,
@@ -40,6 +43,7 @@ impl Stage {
         Stage::SendAck,
         Stage::Delivered,
         Stage::Flush,
+        Stage::RecvAck,
     ];
 
     /// Its label in `/metrics`.
@@ -53,6 +57,7 @@ impl Stage {
             Stage::SendAck => "send_ack",
             Stage::Delivered => "delivered",
             Stage::Flush => "flush",
+            Stage::RecvAck => "recv_ack",
         }
     }
 }

@@ -170,8 +170,9 @@ impl Pushes {
         conn: ConnId,
         device: &Device<'_>,
         store: &mut dyn ShardStore,
-        now_ms: u64,
+        now_us: u64,
     ) -> Vec<Recv> {
+        let now_ms = now_us / 1000;
         let mut out = Vec::new();
         let scan_max = 4 * self.inflight_messages_max.max(1);
         let mut scanned = 0;
@@ -227,7 +228,7 @@ impl Pushes {
                     break;
                 }
                 let live = message.seq >= live_from;
-                if self.pending.track_as(conn, message, now_ms, live) {
+                if self.pending.track_as(conn, message, now_ms, now_us, live) {
                     let mut recv = recv_view(message, device.uid);
                     if message.seq <= flag_through || message.message_id < device.unrecorded_below {
                         recv.flags |= RECV_FLAG_REDELIVERED;
@@ -281,8 +282,9 @@ impl Pushes {
         message: &Arc<StoredMessage>,
         from_self: bool,
         store: &mut dyn ShardStore,
-        now_ms: u64,
+        now_us: u64,
     ) -> Live {
+        let now_ms = now_us / 1000;
         let known = if message.recalled {
             Known::default()
         } else {
@@ -341,7 +343,7 @@ impl Pushes {
         }
         // A message already waiting for this device's ack is not written
         // again: its timer will.
-        if !self.pending.track(conn, message, now_ms) {
+        if !self.pending.track_as(conn, message, now_ms, now_us, true) {
             return Live::Skip;
         }
         Live::Push { flagged }
@@ -422,6 +424,11 @@ impl Pushes {
         messages == 0
             || (messages < self.inflight_messages_max
                 && bytes + payload_bytes <= self.inflight_bytes_max)
+    }
+
+    /// When each push acknowledged since the last call was first pushed.
+    pub fn take_acked_push_times(&mut self) -> Vec<u64> {
+        self.pending.take_acked_push_times()
     }
 
     /// Records an acknowledgement from `conn` (`resumed`: see [`Device`]).

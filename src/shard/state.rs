@@ -50,7 +50,9 @@ pub struct Now {
     pub monotonic: Millis,
     pub unix_ms: u64,
     /// Monotonic microseconds on a clock every shard shares (the runtime's
-    /// [`crate::time::SystemClock::micros`]), for the latency budget.
+    /// [`crate::time::SystemClock::micros`]): `monotonic` in finer steps
+    /// (`monotonic` is this divided by 1000), for the latency budget and
+    /// the push timers.
     pub micros: u64,
 }
 
@@ -679,7 +681,7 @@ impl ShardState {
                     unrecorded_below: entry.unrecorded_below,
                 };
                 self.pushes
-                    .refill(conn, &device, &mut *self.store, now.monotonic.0)
+                    .refill(conn, &device, &mut *self.store, now.micros)
             }
             _ => {
                 self.pushes.drop_backlog(conn);
@@ -1611,7 +1613,7 @@ impl ShardState {
                     message,
                     from_self,
                     &mut *self.store,
-                    now.monotonic.0,
+                    now.micros,
                 );
                 let Live::Push { flagged } = live else {
                     continue;
@@ -1999,13 +2001,13 @@ impl ShardState {
 
     fn client_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck, now: Now) {
         self.stats.acks_received += 1;
-        self.record_ack(conn, ack);
+        self.record_ack(conn, ack, now);
         if self.pushes.has_backlog(conn) {
             self.refill(conn, now);
         }
     }
 
-    fn record_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck) {
+    fn record_ack(&mut self, conn: ConnId, ack: &crate::protocol::RecvAck, now: Now) {
         let resumed = self.sessions.resumed(conn);
         let ack = if ack.through {
             let Some(uid) = self.identity_uid(conn) else {
@@ -2021,6 +2023,11 @@ impl ShardState {
             Ack::Message(MessageId(ack.message_id))
         };
         self.pushes.ack(conn, resumed, ack);
+        for pushed_us in self.pushes.take_acked_push_times() {
+            self.stats
+                .budget
+                .record(Stage::RecvAck, pushed_us, now.micros);
+        }
     }
 
     /// Saves the acknowledged positions gathered since the last flush (all
