@@ -22,9 +22,55 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
+    pub ws: WsConfig,
     pub api: ApiConfig,
     pub webhook: WebhookConfig,
     pub limits: Limits,
+}
+
+/// The WebSocket listener (`[ws]`): the binary protocol in WebSocket
+/// binary messages, for browsers. Off while `listen` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    pub listen: String,
+    pub path: String,
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            listen: String::new(),
+            path: "/".into(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl WsConfig {
+    /// Where the listener binds, when it is on (checked by
+    /// [`Config::validate`]).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        if self.listen.is_empty() {
+            return None;
+        }
+        self.listen.parse().ok()
+    }
+
+    /// Whether an upgrade request from a page of `origin` (its `Origin`
+    /// header; `None` when it sent none, as non-browser clients do) is
+    /// let in.
+    pub fn allows_origin(&self, origin: Option<&str>) -> bool {
+        if self.allowed_origins.is_empty() {
+            return true;
+        }
+        origin.is_some_and(|origin| {
+            self.allowed_origins
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+        })
+    }
 }
 
 /// TLS on the client listener (`[tls]`): on when both paths are set.
@@ -391,6 +437,24 @@ impl Config {
         };
         let s = &self.server;
         let l = &self.limits;
+        let ws = &self.ws;
+        check(
+            ws.listen.is_empty() || ws.listen.parse::<SocketAddr>().is_ok(),
+            format!(
+                "ws.listen = {:?} is not an address (host:port), nor empty (off)",
+                ws.listen
+            ),
+        );
+        check(
+            ws.path.starts_with('/') && !ws.path.contains(['?', '#', ' ']),
+            format!("ws.path = {:?} must be a path starting with /", ws.path),
+        );
+        check(
+            ws.allowed_origins
+                .iter()
+                .all(|o| (o.starts_with("http://") || o.starts_with("https://")) && !o.ends_with('/')),
+            "ws.allowed_origins must be origins like \"https://chat.example.com\" (scheme, host, optional port; no path)".into(),
+        );
         check(
             s.shards <= 1024,
             format!("server.shards = {} exceeds 1024", s.shards),

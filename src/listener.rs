@@ -38,6 +38,8 @@ pub enum Role {
     Client,
     /// The admin HTTP API (`api.listen`).
     AdminApi,
+    /// The WebSocket listener (`ws.listen`).
+    WebSocket,
 }
 
 impl std::fmt::Display for Role {
@@ -45,6 +47,7 @@ impl std::fmt::Display for Role {
         f.write_str(match self {
             Role::Client => "client listener",
             Role::AdminApi => "admin API",
+            Role::WebSocket => "WebSocket listener",
         })
     }
 }

@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Overrides api.listen (the admin HTTP API).
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Overrides ws.listen (the WebSocket listener; off unless set).
+    #[arg(long, value_name = "ADDR")]
+    ws: Option<SocketAddr>,
     /// Overrides api.token.
     #[arg(long, env = "RUYI_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -198,6 +201,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(http) = args.http {
         config.api.listen = http;
     }
+    if let Some(ws) = args.ws {
+        config.ws.listen = ws.to_string();
+    }
     if let Some(token) = args.api_token {
         config.api.token = token;
     }
@@ -242,6 +248,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         handle.local_addr(),
         handle.shards()
     );
+    if let Some(ws) = handle.ws_addr() {
+        println!("ruyi websocket on ws://{ws}{}", handle.ws_path());
+    }
     if let Some(api) = handle.api_addr() {
         println!("ruyi admin api on http://{api}");
     }

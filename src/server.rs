@@ -93,6 +93,17 @@ impl Server {
         let (client, addr) =
             listener::bind(Role::Client, config.server.listen, backlog, release_wait)?;
         let listeners = listener::share(client, shards).map_err(StartError::Share)?;
+        // The WebSocket listener, when on: one SO_REUSEPORT socket shared
+        // by every shard like the client listener.
+        let (ws_listeners, ws_addr) = match config.ws.listen_addr() {
+            Some(ws_addr) => {
+                let (socket, bound) =
+                    listener::bind(Role::WebSocket, ws_addr, backlog, release_wait)?;
+                let shared = listener::share(socket, shards).map_err(StartError::Share)?;
+                (shared.into_iter().map(Some).collect(), Some(bound))
+            }
+            None => ((0..shards).map(|_| None).collect::<Vec<_>>(), None),
+        };
         // The API listener is bound before any shard runs too, so a taken
         // address fails the start early.
         let api_listener = if config.api.enabled {
@@ -143,7 +154,7 @@ impl Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut controls = Vec::new();
         let mut threads = Vec::new();
-        for (ends, listener) in meshes.into_iter().zip(listeners) {
+        for ((ends, listener), ws_listener) in meshes.into_iter().zip(listeners).zip(ws_listeners) {
             let index = ends.shard.index();
             let (control_tx, control_rx) = async_channel::bounded(1024);
             controls.push(control_tx);
@@ -157,6 +168,7 @@ impl Server {
                 shards,
                 mesh: ends,
                 listener,
+                ws_listener,
                 storage: Arc::clone(&storage),
                 control: control_rx,
                 ready: ready_tx.clone(),
@@ -182,6 +194,8 @@ impl Server {
             controls,
             threads,
             api_addr: None,
+            ws_addr,
+            ws_path: config.ws.path.clone(),
             control_plane: None,
         };
         for _ in 0..shards {
@@ -248,6 +262,9 @@ pub struct ServerHandle {
     controls: Vec<async_channel::Sender<ControlCmd>>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     api_addr: Option<SocketAddr>,
+    /// The WebSocket listener's address and upgrade path, when it is on.
+    ws_addr: Option<SocketAddr>,
+    ws_path: String,
     /// The admin API and the webhook dispatcher, on their own thread.
     control_plane: Option<crate::api::ControlPlane>,
 }
@@ -310,6 +327,17 @@ impl ServerHandle {
     /// The admin HTTP API's address, when it is enabled.
     pub fn api_addr(&self) -> Option<SocketAddr> {
         self.api_addr
+    }
+
+    /// The WebSocket listener's address (with the real port when bound to
+    /// 0), when it is on.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// The path WebSocket clients upgrade on.
+    pub fn ws_path(&self) -> &str {
+        &self.ws_path
     }
 
     /// A handle for control requests that can be moved to other threads.

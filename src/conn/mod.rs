@@ -16,3 +16,4 @@ pub mod driver;
 pub mod limit;
 pub mod outbox;
 pub mod session;
+pub mod ws;

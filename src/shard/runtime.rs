@@ -61,6 +61,8 @@ pub struct ShardSetup {
     pub shards: u16,
     pub mesh: MeshEnds,
     pub listener: OwnedFd,
+    /// This shard's copy of the WebSocket listener, when `ws.listen` is set.
+    pub ws_listener: Option<OwnedFd>,
     pub storage: Arc<dyn Storage>,
     pub control: async_channel::Receiver<ControlCmd>,
     pub ready: std::sync::mpsc::Sender<Result<ShardId, String>>,
@@ -88,6 +90,9 @@ pub(crate) struct Runtime {
     paused: RefCell<Vec<Rc<Outbox>>>,
     pub(crate) shutting_down: Cell<bool>,
     shutdown: Notify,
+    /// The same for the WebSocket listener's accept loop (a [`Notify`]
+    /// wakes one waiter).
+    ws_shutdown: Notify,
     live_connections: Cell<usize>,
     all_closed: Notify,
     /// A commit's durable write is running.
@@ -141,6 +146,7 @@ pub async fn run(setup: ShardSetup) {
         shards,
         mesh,
         listener,
+        ws_listener,
         storage,
         control,
         ready,
@@ -197,6 +203,7 @@ pub async fn run(setup: ShardSetup) {
         paused: RefCell::new(Vec::new()),
         shutting_down: Cell::new(false),
         shutdown: Notify::default(),
+        ws_shutdown: Notify::default(),
         live_connections: Cell::new(0),
         all_closed: Notify::default(),
         committing: Cell::new(false),
@@ -242,9 +249,22 @@ pub async fn run(setup: ShardSetup) {
     // TCP socket bound by `listener::bind`; nothing else refers to it.
     let listener_fd = listener.into_raw_fd();
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
+    if let Some(ws_listener) = ws_listener {
+        let ws_fd = ws_listener.into_raw_fd();
+        // SAFETY: as above, this shard's own duplicate of the WebSocket
+        // listening socket.
+        let ws_listener = unsafe { TcpListener::from_raw_fd(ws_fd) };
+        let runtime = Rc::clone(&runtime);
+        glommio::spawn_local(async move {
+            accept_loop(&runtime, &ws_listener, Transport::WebSocket).await;
+            // SAFETY: `ws_fd` is the listening socket `ws_listener` owns.
+            unsafe { libc::shutdown(ws_fd, libc::SHUT_RDWR) };
+        })
+        .detach();
+    }
     let _ = ready.send(Ok(shard));
     tracing::info!(shard = shard.0, cpu = ?current_cpu(), "shard started");
-    accept_loop(&runtime, &listener).await;
+    accept_loop(&runtime, &listener, Transport::Tcp).await;
     // Stop listening now. Closing the descriptor is not enough: the accept
     // that was in flight in io_uring keeps the socket open (and accepting
     // into its backlog) until it completes. The socket is shared by every
@@ -272,10 +292,26 @@ pub async fn run(setup: ShardSetup) {
     tracing::info!(shard = shard.0, "shard stopped");
 }
 
-async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
+/// What a listener's connections speak: the binary protocol on the socket,
+/// or in WebSocket binary messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    WebSocket,
+}
+
+/// What tells `transport`'s accept loop to stop.
+fn shutdown_of(runtime: &Runtime, transport: Transport) -> &Notify {
+    match transport {
+        Transport::Tcp => &runtime.shutdown,
+        Transport::WebSocket => &runtime.ws_shutdown,
+    }
+}
+
+async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener, transport: Transport) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            runtime.shutdown.wait().await;
+            shutdown_of(runtime, transport).wait().await;
             None
         })
         .await;
@@ -288,7 +324,7 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
                 // The socket no longer listens: another shard has begun the
                 // shutdown and shut it down. This shard's Shutdown is on its
                 // way.
-                runtime.shutdown.wait().await;
+                shutdown_of(runtime, transport).wait().await;
                 return;
             }
             Some(Err(error)) => {
@@ -312,7 +348,7 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
             Ok(accepted) => accepted,
             Err(reason) => {
                 tracing::debug!(reason = %crate::protocol::reason_name(reason), "connection refused");
-                glommio::spawn_local(refuse(stream, reason)).detach();
+                glommio::spawn_local(refuse(stream, reason, transport)).detach();
                 continue;
             }
         };
@@ -320,6 +356,17 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener) {
         runtime
             .live_connections
             .set(runtime.live_connections.get() + 1);
+        if transport == Transport::WebSocket {
+            glommio::spawn_local(ws_then_drive(
+                Rc::clone(runtime),
+                runtime.tls.clone(),
+                stream,
+                conn,
+                outbox,
+            ))
+            .detach();
+            continue;
+        }
         match runtime.tls.clone() {
             None => {
                 glommio::spawn_local(conn::driver::drive(
@@ -372,18 +419,121 @@ async fn tls_then_drive(
     }
 }
 
+/// A WebSocket connection: TLS when configured, then the upgrade (path and
+/// origin checked), both within the handshake timeout, then the
+/// connection.
+async fn ws_then_drive(
+    runtime: Rc<Runtime>,
+    acceptor: Option<futures_rustls::TlsAcceptor>,
+    stream: glommio::net::TcpStream,
+    conn: crate::ids::ConnId,
+    outbox: Rc<Outbox>,
+) {
+    let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
+    let Some(acceptor) = acceptor else {
+        return upgrade_then_drive(runtime, stream, conn, outbox, timeout).await;
+    };
+    let started = std::time::Instant::now();
+    let handshake =
+        futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+            glommio::timer::sleep(timeout).await;
+            None
+        })
+        .await;
+    match handshake {
+        Some(Ok(tls)) => {
+            let left = timeout.saturating_sub(started.elapsed());
+            upgrade_then_drive(runtime, tls, conn, outbox, left).await
+        }
+        failed => {
+            match failed {
+                Some(Err(error)) => tracing::debug!(conn = conn.0, %error, "TLS handshake failed"),
+                _ => tracing::debug!(conn = conn.0, "TLS handshake timed out"),
+            }
+            runtime.state.borrow_mut().on_closed(conn);
+            runtime.connection_ended();
+        }
+    }
+}
+
+/// The WebSocket upgrade within `timeout`, then the connection driven over
+/// it as over a socket (see [`conn::ws::WsIo`]).
+async fn upgrade_then_drive<S>(
+    runtime: Rc<Runtime>,
+    stream: S,
+    conn: crate::ids::ConnId,
+    outbox: Rc<Outbox>,
+    timeout: Duration,
+) where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+{
+    let refused = Cell::new(None);
+    let limits = &runtime.config.limits;
+    let config = conn::ws::config(
+        limits.frame_size_max_bytes,
+        limits.outbound_buffer_max_bytes,
+    );
+    let check = conn::ws::UpgradeCheck {
+        ws: &runtime.config.ws,
+        refused: &refused,
+    };
+    let upgrade = async_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let upgraded = futures_lite::future::or(async { Some(upgrade.await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await;
+    match upgraded {
+        Some(Ok(ws)) => {
+            conn::driver::drive(Rc::clone(&runtime), conn::ws::WsIo::new(ws), conn, outbox).await
+        }
+        failed => {
+            match (failed, refused.get()) {
+                (_, Some(refusal)) => {
+                    tracing::debug!(conn = conn.0, ?refusal, "WebSocket upgrade refused")
+                }
+                (Some(Err(error)), None) => {
+                    tracing::debug!(conn = conn.0, %error, "WebSocket upgrade failed")
+                }
+                _ => tracing::debug!(conn = conn.0, "WebSocket upgrade timed out"),
+            }
+            runtime.state.borrow_mut().on_closed(conn);
+            runtime.connection_ended();
+        }
+    }
+}
+
 /// Tells a refused connection why (one `Disconnect` frame, if the socket
 /// takes it within a second) and closes it.
-async fn refuse(mut stream: glommio::net::TcpStream, reason: ReasonCode) {
+/// A WebSocket client, which has not upgraded yet, is answered in HTTP:
+/// 503 with the reason (429 for the accept rate).
+async fn refuse(mut stream: glommio::net::TcpStream, reason: ReasonCode, transport: Transport) {
     use futures_lite::AsyncWriteExt;
     let mut frame = BytesMut::new();
-    crate::protocol::Encoder::new().encode(
-        &crate::protocol::Packet::Disconnect(crate::protocol::Disconnect {
-            reason,
-            message: crate::protocol::reason_name(reason),
-        }),
-        &mut frame,
-    );
+    match transport {
+        Transport::Tcp => crate::protocol::Encoder::new().encode(
+            &crate::protocol::Packet::Disconnect(crate::protocol::Disconnect {
+                reason,
+                message: crate::protocol::reason_name(reason),
+            }),
+            &mut frame,
+        ),
+        Transport::WebSocket => {
+            let status = if reason == ReasonCode::RateLimited {
+                "429 Too Many Requests"
+            } else {
+                "503 Service Unavailable"
+            };
+            let body = crate::protocol::reason_name(reason);
+            frame.extend_from_slice(
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    }
     let write = async {
         let _ = stream.write_all(&frame).await;
         let _ = stream.close().await;
@@ -564,6 +714,7 @@ async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<Con
                 let now = runtime.now();
                 runtime.state.borrow_mut().begin_shutdown(now);
                 runtime.shutdown.notify();
+                runtime.ws_shutdown.notify();
             }
         }
     }
