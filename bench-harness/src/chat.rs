@@ -41,7 +41,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
     if args.pairs == 0 || args.devices_per_user == 0 {
         bail!("--pairs and --devices-per-user must be at least 1");
     }
-    let Target::Ruyi(server_addr) = args.common.target else {
+    let Some((server_addr, _)) = args.common.target.ruyi() else {
         return crate::peer::chat(args);
     };
     let mut server = ServerProcess::maybe_start(&args.common)?;
@@ -98,6 +98,8 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
 #[derive(Clone)]
 pub(crate) struct PairConfig {
     pub(crate) server: SocketAddr,
+    /// Over the WebSocket listener (`ws://`) rather than TCP.
+    pub(crate) websocket: bool,
     pub(crate) secret: String,
     pub(crate) window: usize,
     pub(crate) payload_bytes: usize,
@@ -121,6 +123,7 @@ impl PairConfig {
     ) -> PairConfig {
         PairConfig {
             server,
+            websocket: matches!(common.target, Target::Ws(_)),
             secret: common.secret.clone(),
             window: window.max(1),
             payload_bytes: common.payload_bytes,
@@ -142,10 +145,11 @@ impl PairConfig {
 /// One connection driven by the runtime-free core; reconnects with
 /// `resume` when the run allows it.
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: BenchStream,
     pub(crate) core: ClientCore,
     buf: Vec<u8>,
     server: SocketAddr,
+    websocket: bool,
     secret: String,
     uid: String,
     device_id: String,
@@ -165,13 +169,21 @@ impl Conn {
         uid: &str,
         device_id: &str,
     ) -> anyhow::Result<Conn> {
-        let (stream, core) =
-            handshake(config.server, &config.secret, uid, device_id, false).await?;
+        let (stream, core) = handshake(
+            config.server,
+            config.websocket,
+            &config.secret,
+            uid,
+            device_id,
+            false,
+        )
+        .await?;
         Ok(Conn {
             stream,
             core,
             buf: vec![0u8; 64 * 1024],
             server: config.server,
+            websocket: config.websocket,
             secret: config.secret.clone(),
             uid: uid.to_owned(),
             device_id: device_id.to_owned(),
@@ -186,7 +198,16 @@ impl Conn {
         let give_up = Instant::now() + patience;
         let mut backoff = Duration::from_millis(20);
         loop {
-            match handshake(self.server, &self.secret, &self.uid, &self.device_id, true).await {
+            let reconnected = handshake(
+                self.server,
+                self.websocket,
+                &self.secret,
+                &self.uid,
+                &self.device_id,
+                true,
+            )
+            .await;
+            match reconnected {
                 Ok((stream, core)) => {
                     self.stream = stream;
                     // Acks still queued in the old core never left.
@@ -209,6 +230,7 @@ impl Conn {
     pub(crate) async fn flush(&mut self) -> anyhow::Result<()> {
         if !self.core.output().is_empty() {
             self.stream.write_all(self.core.output()).await?;
+            self.stream.flush().await?;
             self.core.output().clear();
             self.acks.flushed();
         }
@@ -246,19 +268,86 @@ impl Conn {
     }
 }
 
+/// A connection to the gateway: a socket, or a WebSocket over one.
+pub(crate) enum BenchStream {
+    Tcp(TcpStream),
+    Ws(Box<ruyi::conn::ws::WsIo<TcpStream>>),
+}
+
+impl futures_lite::AsyncRead for BenchStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl futures_lite::AsyncWrite for BenchStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_close(cx),
+            BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
 async fn handshake(
     server: SocketAddr,
+    websocket: bool,
     secret: &str,
     uid: &str,
     device_id: &str,
     resume: bool,
-) -> anyhow::Result<(TcpStream, ClientCore)> {
-    let mut stream = TcpStream::connect(server)
+) -> anyhow::Result<(BenchStream, ClientCore)> {
+    let tcp = TcpStream::connect(server)
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {server}: {e}"))?;
-    stream
-        .set_nodelay(true)
+    tcp.set_nodelay(true)
         .map_err(|e| anyhow::anyhow!("setting TCP_NODELAY: {e}"))?;
+    let mut stream = if websocket {
+        let config = async_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(64 * 1024)
+            .write_buffer_size(0);
+        let (ws, _) = async_tungstenite::client_async_with_config(
+            format!("ws://{server}/"),
+            tcp,
+            Some(config),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("WebSocket upgrade at {server}: {e}"))?;
+        BenchStream::Ws(Box::new(ruyi::conn::ws::WsIo::new(ws)))
+    } else {
+        BenchStream::Tcp(tcp)
+    };
     let token = if secret.is_empty() {
         String::new()
     } else {
@@ -277,6 +366,7 @@ async fn handshake(
         0,
     );
     stream.write_all(core.output()).await?;
+    stream.flush().await?;
     core.output().clear();
     let mut buf = [0u8; 4096];
     loop {

@@ -278,6 +278,9 @@ fn http_request(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
     Ruyi(SocketAddr),
+    /// ruyi's WebSocket listener (`ws.listen`, path `/`): the same load
+    /// and accounting as `ruyi://`, over WebSocket binary messages.
+    Ws(SocketAddr),
     Mqtt(SocketAddr),
     Nats(SocketAddr),
 }
@@ -285,7 +288,17 @@ pub(crate) enum Target {
 impl Target {
     pub(crate) fn addr(&self) -> SocketAddr {
         match *self {
-            Target::Ruyi(a) | Target::Mqtt(a) | Target::Nats(a) => a,
+            Target::Ruyi(a) | Target::Ws(a) | Target::Mqtt(a) | Target::Nats(a) => a,
+        }
+    }
+
+    /// The gateway's address and whether to speak WebSocket, for ruyi's
+    /// own listeners.
+    pub(crate) fn ruyi(&self) -> Option<(SocketAddr, bool)> {
+        match *self {
+            Target::Ruyi(a) => Some((a, false)),
+            Target::Ws(a) => Some((a, true)),
+            _ => None,
         }
     }
 }
@@ -294,6 +307,7 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Ruyi(a) => write!(f, "ruyi://{a}"),
+            Target::Ws(a) => write!(f, "ws://{a}"),
             Target::Mqtt(a) => write!(f, "mqtt://{a}"),
             Target::Nats(a) => write!(f, "nats://{a}"),
         }
@@ -313,10 +327,11 @@ impl std::str::FromStr for Target {
             .ok_or_else(|| format!("{rest} resolves to nothing"))?;
         match scheme {
             "ruyi" => Ok(Target::Ruyi(addr)),
+            "ws" => Ok(Target::Ws(addr)),
             "mqtt" => Ok(Target::Mqtt(addr)),
             "nats" => Ok(Target::Nats(addr)),
             other => Err(format!(
-                "unknown scheme {other}://; targets are ruyi://, mqtt:// and nats://"
+                "unknown scheme {other}://; targets are ruyi://, ws://, mqtt:// and nats://"
             )),
         }
     }

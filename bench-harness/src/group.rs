@@ -10,7 +10,7 @@
 use crate::chat::{
     receive, record_push, Conn, DeviceLog, PairConfig, Sender, SendingGuard, Verdict,
 };
-use crate::common::{http_post, ApiArgs, CommonArgs, Gate, Target};
+use crate::common::{http_post, ApiArgs, CommonArgs, Gate};
 use crate::live::Live;
 use crate::process::{measure, ServerProcess};
 use crate::report::{Part, Report};
@@ -166,7 +166,7 @@ pub(crate) fn describe(args: &GroupArgs) -> String {
 
 pub fn run(args: &GroupArgs) -> anyhow::Result<Report> {
     check(args)?;
-    let Target::Ruyi(server_addr) = args.common.target else {
+    let Some((server_addr, _)) = args.common.target.ruyi() else {
         return crate::peer::group(args);
     };
     let common: &CommonArgs = &args.common;
