@@ -116,10 +116,11 @@ impl Part {
         }
     }
 
-    /// Hands what the progress line has not seen yet to it (when idle).
+    /// Hands what the progress line has not seen yet to it, when idle (at
+    /// most every 100 ms).
     pub(crate) fn flush_meter(&mut self) {
         if let Some(meter) = &mut self.meter {
-            meter.flush();
+            meter.idle();
         }
     }
 
