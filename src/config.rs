@@ -36,6 +36,7 @@ pub struct WsConfig {
     pub listen: String,
     pub path: String,
     pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for WsConfig {
@@ -44,6 +45,7 @@ impl Default for WsConfig {
             listen: String::new(),
             path: "/".into(),
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -56,6 +58,13 @@ impl WsConfig {
             return None;
         }
         self.listen.parse().ok()
+    }
+
+    /// Whether `ip` is a reverse proxy whose `X-Forwarded-For` is believed.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies
+            .iter()
+            .any(|p| p.parse::<std::net::IpAddr>() == Ok(ip))
     }
 
     /// Whether an upgrade request from a page of `origin` (its `Origin`
@@ -444,6 +453,12 @@ impl Config {
                 "ws.listen = {:?} is not an address (host:port), nor empty (off)",
                 ws.listen
             ),
+        );
+        check(
+            ws.trusted_proxies
+                .iter()
+                .all(|p| p.parse::<std::net::IpAddr>().is_ok()),
+            "ws.trusted_proxies must be IP addresses".into(),
         );
         check(
             ws.path.starts_with('/') && !ws.path.contains(['?', '#', ' ']),

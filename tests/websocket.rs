@@ -46,14 +46,26 @@ fn upgrade(
     path: &str,
     origin: Option<&str>,
 ) -> Result<WsClient, tungstenite::Error> {
+    let headers: Vec<(&str, String)> = origin
+        .map(|o| ("origin", o.to_owned()))
+        .into_iter()
+        .collect();
+    upgrade_with(addr, path, &headers)
+}
+
+/// Upgrades on `path` with these extra request headers.
+fn upgrade_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+) -> Result<WsClient, tungstenite::Error> {
     let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let mut request =
         tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}{path}"))?;
-    if let Some(origin) = origin {
-        request
-            .headers_mut()
-            .insert("origin", origin.parse().unwrap());
+    for (name, value) in headers {
+        let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().insert(name, value.parse().unwrap());
     }
     match tungstenite::client::client(request, stream) {
         Ok((ws, _)) => Ok(WsClient {
@@ -387,5 +399,52 @@ fn upgrades_over_the_per_ip_accept_rate_are_answered_429_in_http() {
         statuses.iter().all(|s| *s == 101 || *s == 429),
         "{statuses:?}"
     );
+    server.stop();
+}
+
+/// Upgrade statuses for `count` attempts, the `i`th with these headers.
+fn statuses(
+    addr: SocketAddr,
+    count: usize,
+    headers: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> Vec<u16> {
+    (0..count)
+        .map(|i| match upgrade_with(addr, "/chat", &headers(i)) {
+            Ok(_) => 101,
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            Err(other) => panic!("{other}"),
+        })
+        .collect()
+}
+
+#[test]
+fn behind_a_trusted_proxy_the_per_ip_rate_counts_the_forwarded_client() {
+    let server = TestServer::start_with(|c| {
+        with_ws(c);
+        c.limits.accepts_per_ip_per_second = 4;
+        c.ws.trusted_proxies = vec!["127.0.0.1".into()];
+    });
+    let addr = ws_addr(&server);
+    let many = statuses(addr, 40, |i| {
+        vec![("x-forwarded-for", format!("203.0.113.{}", i + 1))]
+    });
+    assert!(many.iter().all(|s| *s == 101), "40 clients: {many:?}");
+    let one = statuses(addr, 40, |_| {
+        vec![("x-forwarded-for", "198.51.100.9".to_owned())]
+    });
+    assert!(one.contains(&429), "one client 40 times: {one:?}");
+    server.stop();
+}
+
+#[test]
+fn without_trusted_proxies_a_forwarded_header_changes_nothing() {
+    let server = TestServer::start_with(|c| {
+        with_ws(c);
+        c.limits.accepts_per_ip_per_second = 4;
+    });
+    let many = statuses(ws_addr(&server), 40, |i| {
+        vec![("x-forwarded-for", format!("203.0.113.{}", i + 1))]
+    });
+    assert!(many.contains(&429), "{many:?}");
     server.stop();
 }

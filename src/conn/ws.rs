@@ -42,6 +42,9 @@ pub enum Refusal {
     WrongPath,
     /// An `Origin` not in `ws.allowed_origins`: 403.
     Origin,
+    /// The client a trusted proxy forwards for is over the per-IP accept
+    /// rate: 429.
+    RateLimited,
 }
 
 /// Checks an upgrade request against `ws.path` and `ws.allowed_origins`.
@@ -64,6 +67,7 @@ pub fn refusal_response(refusal: Refusal) -> ErrorResponse {
     let (status, body) = match refusal {
         Refusal::WrongPath => (404, "no WebSocket endpoint here"),
         Refusal::Origin => (403, "origin not allowed"),
+        Refusal::RateLimited => (429, "rate_limited"),
     };
     let mut response = ErrorResponse::new(Some(body.to_owned()));
     *response.status_mut() =
@@ -71,16 +75,55 @@ pub fn refusal_response(refusal: Refusal) -> ErrorResponse {
     response
 }
 
+/// The client a request from the trusted proxy `peer` is for: the nearest
+/// address in its `X-Forwarded-For` that is not itself a trusted proxy (the
+/// proxy's own when it names none).
+pub fn forwarded_client(
+    ws: &crate::config::WsConfig,
+    request: &Request,
+    peer: std::net::IpAddr,
+) -> std::net::IpAddr {
+    let mut client = peer;
+    let hops = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<std::net::IpAddr>() else {
+            break;
+        };
+        client = ip;
+        if !ws.trusts(ip) {
+            break;
+        }
+    }
+    client
+}
+
 /// The upgrade's header check, for `accept_hdr_async_with_config`.
 pub struct UpgradeCheck<'a> {
     pub ws: &'a crate::config::WsConfig,
     /// Why the request was refused, if it was.
     pub refused: &'a std::cell::Cell<Option<Refusal>>,
+    /// For a connection from a trusted proxy: its address, and the per-IP
+    /// admission to run on the client it forwards for (the accept skipped
+    /// it).
+    pub forwarded_by: Option<(std::net::IpAddr, &'a dyn Fn(std::net::IpAddr) -> bool)>,
 }
 
 impl async_tungstenite::tungstenite::handshake::server::Callback for UpgradeCheck<'_> {
     fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
-        match check_upgrade(self.ws, request) {
+        let checked = check_upgrade(self.ws, request).and_then(|()| match self.forwarded_by {
+            Some((proxy, admit)) if !admit(forwarded_client(self.ws, request, proxy)) => {
+                Err(Refusal::RateLimited)
+            }
+            _ => Ok(()),
+        });
+        match checked {
             Ok(()) => Ok(response),
             Err(refusal) => {
                 self.refused.set(Some(refusal));
@@ -260,6 +303,29 @@ mod tests {
             builder = builder.header("origin", origin);
         }
         builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_nearest_hop_that_is_not_a_trusted_proxy() {
+        let ws = WsConfig {
+            trusted_proxies: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            ..WsConfig::default()
+        };
+        let proxy: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let with = |xff: &str| {
+            let request = Request::builder()
+                .uri("/")
+                .header("x-forwarded-for", xff)
+                .body(())
+                .unwrap();
+            forwarded_client(&ws, &request, proxy).to_string()
+        };
+        assert_eq!(with("203.0.113.7"), "203.0.113.7");
+        // A spoofed first entry is skipped: the nearest untrusted hop counts.
+        assert_eq!(with("198.51.100.1, 203.0.113.7, 10.0.0.2"), "203.0.113.7");
+        assert_eq!(with("garbage"), "10.0.0.1");
+        let none = Request::builder().uri("/").body(()).unwrap();
+        assert_eq!(forwarded_client(&ws, &none, proxy), proxy);
     }
 
     #[test]

@@ -335,9 +335,14 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener, transport: T
             }
         };
         let now = runtime.now();
-        let admitted = match stream.peer_addr() {
-            Ok(peer) => runtime.state.borrow_mut().admit_ip(peer.ip(), now),
-            Err(_) => true,
+        let peer = stream.peer_addr().ok().map(|peer| peer.ip());
+        // A trusted reverse proxy in front of the WebSocket listener: the
+        // client it forwards for is admitted at the upgrade instead.
+        let proxy =
+            peer.filter(|ip| transport == Transport::WebSocket && runtime.config.ws.trusts(*ip));
+        let admitted = match (peer, proxy) {
+            (_, Some(_)) | (None, _) => true,
+            (Some(ip), None) => runtime.state.borrow_mut().admit_ip(ip, now),
         };
         let accepted = if admitted {
             runtime.state.borrow_mut().accept(now)
@@ -361,6 +366,7 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener, transport: T
                 Rc::clone(runtime),
                 runtime.tls.clone(),
                 stream,
+                proxy,
                 conn,
                 outbox,
             ))
@@ -426,12 +432,13 @@ async fn ws_then_drive(
     runtime: Rc<Runtime>,
     acceptor: Option<futures_rustls::TlsAcceptor>,
     stream: glommio::net::TcpStream,
+    proxy: Option<std::net::IpAddr>,
     conn: crate::ids::ConnId,
     outbox: Rc<Outbox>,
 ) {
     let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
     let Some(acceptor) = acceptor else {
-        return upgrade_then_drive(runtime, stream, conn, outbox, timeout).await;
+        return upgrade_then_drive(runtime, stream, proxy, conn, outbox, timeout).await;
     };
     let started = std::time::Instant::now();
     let handshake =
@@ -443,7 +450,7 @@ async fn ws_then_drive(
     match handshake {
         Some(Ok(tls)) => {
             let left = timeout.saturating_sub(started.elapsed());
-            upgrade_then_drive(runtime, tls, conn, outbox, left).await
+            upgrade_then_drive(runtime, tls, proxy, conn, outbox, left).await
         }
         failed => {
             match failed {
@@ -457,10 +464,13 @@ async fn ws_then_drive(
 }
 
 /// The WebSocket upgrade within `timeout`, then the connection driven over
-/// it as over a socket (see [`conn::ws::WsIo`]).
+/// it as over a socket (see [`conn::ws::WsIo`]). `proxy`: the trusted
+/// reverse proxy it came through, whose forwarded client is admitted by
+/// the per-IP rate at the upgrade.
 async fn upgrade_then_drive<S>(
     runtime: Rc<Runtime>,
     stream: S,
+    proxy: Option<std::net::IpAddr>,
     conn: crate::ids::ConnId,
     outbox: Rc<Outbox>,
     timeout: Duration,
@@ -473,9 +483,14 @@ async fn upgrade_then_drive<S>(
         limits.frame_size_max_bytes,
         limits.outbound_buffer_max_bytes,
     );
+    let admit = |ip: std::net::IpAddr| {
+        let now = runtime.now();
+        runtime.state.borrow_mut().admit_ip(ip, now)
+    };
     let check = conn::ws::UpgradeCheck {
         ws: &runtime.config.ws,
         refused: &refused,
+        forwarded_by: proxy.map(|ip| (ip, &admit as &dyn Fn(std::net::IpAddr) -> bool)),
     };
     let upgrade = async_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
     let upgraded = futures_lite::future::or(async { Some(upgrade.await) }, async {
