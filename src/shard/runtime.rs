@@ -406,13 +406,7 @@ async fn tls_then_drive(
     outbox: Rc<Outbox>,
 ) {
     let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
-    let handshake =
-        futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
-            glommio::timer::sleep(timeout).await;
-            None
-        })
-        .await;
-    match handshake {
+    match tls_within(&acceptor, stream, timeout).await {
         Some(Ok(tls)) => conn::driver::drive(runtime, tls, conn, outbox).await,
         failed => {
             match failed {
@@ -423,6 +417,20 @@ async fn tls_then_drive(
             runtime.connection_ended();
         }
     }
+}
+
+/// The TLS handshake of `stream`; `None` when it takes longer than
+/// `timeout`.
+async fn tls_within(
+    acceptor: &futures_rustls::TlsAcceptor,
+    stream: glommio::net::TcpStream,
+    timeout: Duration,
+) -> Option<std::io::Result<futures_rustls::server::TlsStream<glommio::net::TcpStream>>> {
+    futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await
 }
 
 /// A WebSocket connection: TLS when configured, then the upgrade (path and
@@ -441,13 +449,7 @@ async fn ws_then_drive(
         return upgrade_then_drive(runtime, stream, proxy, conn, outbox, timeout).await;
     };
     let started = std::time::Instant::now();
-    let handshake =
-        futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
-            glommio::timer::sleep(timeout).await;
-            None
-        })
-        .await;
-    match handshake {
+    match tls_within(&acceptor, stream, timeout).await {
         Some(Ok(tls)) => {
             let left = timeout.saturating_sub(started.elapsed());
             upgrade_then_drive(runtime, tls, proxy, conn, outbox, left).await

@@ -1488,6 +1488,17 @@ impl ShardState {
         self.reply_send_ack_timed(origin, ack, 0, 0);
     }
 
+    /// A stored message's `SendAck` is being queued on its sender's
+    /// connection at `now_us` (`read_us` 0: not timed).
+    fn record_send_ack_stages(&mut self, read_us: u64, durable_us: u64, now_us: u64) {
+        if read_us != 0 {
+            self.stats
+                .budget
+                .record(Stage::AckReturn, durable_us, now_us);
+            self.stats.budget.record(Stage::SendAck, read_us, now_us);
+        }
+    }
+
     /// [`ShardState::reply_send_ack`] for a stored message: its frame was
     /// read at `read_us`, it became durable at `durable_us` (now, here).
     fn reply_send_ack_timed(
@@ -1498,14 +1509,7 @@ impl ShardState {
         durable_us: u64,
     ) {
         if origin.shard() == self.id {
-            if read_us != 0 {
-                self.stats
-                    .budget
-                    .record(Stage::AckReturn, durable_us, durable_us);
-                self.stats
-                    .budget
-                    .record(Stage::SendAck, read_us, durable_us);
-            }
+            self.record_send_ack_stages(read_us, durable_us, durable_us);
             self.write_packet(origin, &Packet::SendAck(ack));
         } else {
             self.push_outgoing(
@@ -1913,14 +1917,7 @@ impl ShardState {
                 read_us,
                 durable_us,
             } => {
-                if read_us != 0 {
-                    self.stats
-                        .budget
-                        .record(Stage::AckReturn, durable_us, now.micros);
-                    self.stats
-                        .budget
-                        .record(Stage::SendAck, read_us, now.micros);
-                }
+                self.record_send_ack_stages(read_us, durable_us, now.micros);
                 self.write_packet(conn, &Packet::SendAck(ack))
             }
             ShardMsg::Deliver {
