@@ -238,8 +238,8 @@ impl Conn {
     }
 
     /// Every event in what one read brings (waits for at least one read,
-    /// at most `timeout`).
-    pub(crate) async fn read_events(&mut self, timeout: Duration) -> anyhow::Result<Vec<Event>> {
+    /// until `until` at most).
+    pub(crate) async fn read_events(&mut self, until: Instant) -> anyhow::Result<Vec<Event>> {
         let mut events = Vec::new();
         while let Some(event) = self.core.next_event()? {
             events.push(event);
@@ -247,15 +247,13 @@ impl Conn {
         if !events.is_empty() {
             return Ok(events);
         }
-        let read = glommio::timer::timeout(timeout, async {
-            Ok(self.stream.read(&mut self.buf).await?)
-        })
-        .await;
+        // The deadline is the executor's pacer, not a timer per read.
+        let read = crate::pacer::until(until, self.stream.read(&mut self.buf)).await;
         let n = match read {
-            Ok(0) => bail!("the server closed the connection"),
-            Ok(n) => n,
-            Err(glommio::GlommioError::TimedOut(_)) => return Ok(events),
-            Err(error) => bail!("reading: {error}"),
+            Some(Ok(0)) => bail!("the server closed the connection"),
+            Some(Ok(n)) => n,
+            None => return Ok(events),
+            Some(Err(error)) => bail!("reading: {error}"),
         };
         self.core.feed(&self.buf[..n]);
         while let Some(event) = self.core.next_event()? {
@@ -470,10 +468,8 @@ impl Sender {
             let wait = if self.interval.is_some() && pending.len() < config.window && now < deadline
             {
                 next_due
-                    .saturating_duration_since(now)
-                    .max(Duration::from_micros(50))
             } else {
-                Duration::from_millis(200)
+                now + Duration::from_millis(200)
             };
             let events = match conn.flush().await {
                 Ok(()) => conn.read_events(wait).await,
@@ -597,7 +593,10 @@ pub(crate) async fn receive(
     let grace = Duration::from_secs(3);
     let mut last_event = Instant::now();
     loop {
-        let events = match conn.read_events(Duration::from_millis(200)).await {
+        let events = match conn
+            .read_events(Instant::now() + Duration::from_millis(200))
+            .await
+        {
             Ok(events) => events,
             Err(_) if config.reconnect => {
                 conn.reconnect(config.patience()).await?;

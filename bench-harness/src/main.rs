@@ -21,6 +21,7 @@ mod connect;
 mod group;
 mod live;
 mod mixed;
+mod pacer;
 mod peer;
 mod plot;
 mod process;
