@@ -58,6 +58,7 @@ pub mod system;
 pub mod time;
 pub mod tls;
 pub mod webhook;
+pub mod wkproto;
 
 pub use config::Config;
 pub use server::{Control, Server, ServerHandle};
