@@ -176,6 +176,41 @@ mod tests {
         assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
     }
 
+    /// The vector was computed with WuKongIM's JS SDK 1.0.4 code and
+    /// checked against Node's own X25519 and AES.
+    #[test]
+    fn the_sdks_vector_gives_the_same_key_payload_and_msg_key() {
+        let client = Handshake::from_secret(*b"0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            client.server_key(),
+            "hlF7wMOf6Ha3ZGy1407gPa9xzLrWdFDBapcK2MvAPn4="
+        );
+        let server = Handshake::from_secret(std::array::from_fn(|i| i as u8 + 1));
+        assert_eq!(
+            server.server_key(),
+            "B6N8vBQgk8i3VdwbEOhstCY3StFqqFPtC9/AsrhtHHw="
+        );
+        let cipher = server
+            .agree(&client.server_key(), *b"abcdef1234567890")
+            .unwrap();
+        assert_eq!(&cipher.key, b"4989ad64ccaf943d");
+        let payload = cipher.seal(br#"{"content":"hello","type":1}"#);
+        assert_eq!(payload, b"tgAZMD20uUdoHwMWD1ribc5ZCeh+RmrAMFHHDXbkq4E=");
+        let sign = [b"1cmn0001u21".as_slice(), &payload].concat();
+        assert_eq!(cipher.msg_key(&sign), "fe5deeeb6cd77367b899be26c6284bb4");
+        let recv_payload = b"qEjs4VIhNtY3hrFMxPnMYeixsO/sLEZF73YR+Jb54AA=";
+        assert_eq!(
+            cipher.open(recv_payload).unwrap(),
+            br#"{"content":"hi","type":1}"#
+        );
+        let sign = [
+            b"12345678901234567897cmn00021700000000u2u21".as_slice(),
+            recv_payload,
+        ]
+        .concat();
+        assert_eq!(cipher.msg_key(&sign), "ef7077312d29f1279740e86f99c7e701");
+    }
+
     #[test]
     fn both_sides_derive_the_same_cipher() {
         let server = Handshake::from_secret([7; 32]);
