@@ -23,6 +23,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub ws: WsConfig,
+    pub wkproto: WkprotoConfig,
     pub api: ApiConfig,
     pub webhook: WebhookConfig,
     pub limits: Limits,
@@ -46,6 +47,53 @@ impl Default for WsConfig {
             path: "/".into(),
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// WuKongIM's binary protocol (`[wkproto]`), so WuKongIM apps connect
+/// unchanged: a TCP listener and a WebSocket one, each off while empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WkprotoConfig {
+    pub listen: String,
+    pub ws_listen: String,
+    /// The path WebSocket clients upgrade on; empty: any path (as
+    /// WuKongIM does).
+    pub ws_path: String,
+    /// The node id CONNACK reports to clients of version 4 and later.
+    pub node_id: u64,
+}
+
+impl Default for WkprotoConfig {
+    fn default() -> Self {
+        WkprotoConfig {
+            listen: String::new(),
+            ws_listen: String::new(),
+            ws_path: String::new(),
+            node_id: 1,
+        }
+    }
+}
+
+impl WkprotoConfig {
+    /// Where the TCP listener binds, when it is on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    /// Where the WebSocket listener binds, when it is on.
+    pub fn ws_listen_addr(&self) -> Option<SocketAddr> {
+        self.ws_listen.parse().ok()
+    }
+
+    /// The WebSocket settings of its listener: `[ws]`'s origins and
+    /// proxies, its own path.
+    pub fn ws_config(&self, ws: &WsConfig) -> WsConfig {
+        WsConfig {
+            listen: self.ws_listen.clone(),
+            path: self.ws_path.clone(),
+            ..ws.clone()
         }
     }
 }
@@ -447,6 +495,23 @@ impl Config {
         let s = &self.server;
         let l = &self.limits;
         let ws = &self.ws;
+        let wk = &self.wkproto;
+        for (name, value) in [("listen", &wk.listen), ("ws_listen", &wk.ws_listen)] {
+            check(
+                value.is_empty() || value.parse::<SocketAddr>().is_ok(),
+                format!(
+                    "wkproto.{name} = {value:?} is not an address (host:port), nor empty (off)"
+                ),
+            );
+        }
+        check(
+            wk.ws_path.is_empty()
+                || (wk.ws_path.starts_with('/') && !wk.ws_path.contains(['?', '#', ' '])),
+            format!(
+                "wkproto.ws_path = {:?} must be empty (any path) or a path starting with /",
+                wk.ws_path
+            ),
+        );
         check(
             ws.listen.is_empty() || ws.listen.parse::<SocketAddr>().is_ok(),
             format!(

@@ -40,6 +40,10 @@ pub enum Role {
     AdminApi,
     /// The WebSocket listener (`ws.listen`).
     WebSocket,
+    /// WuKongIM's protocol over TCP (`wkproto.listen`).
+    Wkproto,
+    /// WuKongIM's protocol over WebSocket (`wkproto.ws_listen`).
+    WkprotoWebSocket,
 }
 
 impl std::fmt::Display for Role {
@@ -48,6 +52,8 @@ impl std::fmt::Display for Role {
             Role::Client => "client listener",
             Role::AdminApi => "admin API",
             Role::WebSocket => "WebSocket listener",
+            Role::Wkproto => "WKProto listener",
+            Role::WkprotoWebSocket => "WKProto WebSocket listener",
         })
     }
 }

@@ -64,6 +64,14 @@ struct ServeArgs {
     /// Overrides ws.listen (the WebSocket listener; off unless set).
     #[arg(long, value_name = "ADDR")]
     ws: Option<SocketAddr>,
+    /// Overrides wkproto.listen (WuKongIM's protocol over TCP; off unless
+    /// set).
+    #[arg(long, value_name = "ADDR")]
+    wkproto: Option<SocketAddr>,
+    /// Overrides wkproto.ws_listen (WuKongIM's protocol over WebSocket;
+    /// off unless set).
+    #[arg(long, value_name = "ADDR")]
+    wkproto_ws: Option<SocketAddr>,
     /// Overrides api.token.
     #[arg(long, env = "RUYI_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -204,6 +212,12 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(ws) = args.ws {
         config.ws.listen = ws.to_string();
     }
+    if let Some(addr) = args.wkproto {
+        config.wkproto.listen = addr.to_string();
+    }
+    if let Some(addr) = args.wkproto_ws {
+        config.wkproto.ws_listen = addr.to_string();
+    }
     if let Some(token) = args.api_token {
         config.api.token = token;
     }
@@ -250,6 +264,15 @@ fn serve(args: ServeArgs) -> ExitCode {
     );
     if let Some(ws) = handle.ws_addr() {
         println!("ruyi websocket on ws://{ws}{}", handle.ws_path());
+    }
+    if let Some(addr) = handle.wkproto_addr() {
+        println!("ruyi wkproto on {addr}");
+    }
+    if let Some(addr) = handle.wkproto_ws_addr() {
+        println!(
+            "ruyi wkproto websocket on ws://{addr}{}",
+            handle.wkproto_ws_path()
+        );
     }
     if let Some(api) = handle.api_addr() {
         println!("ruyi admin api on http://{api}");

@@ -12,7 +12,7 @@ use crate::ids::ShardId;
 use crate::listener::{self, ListenError, Role};
 use crate::shard::api::{ApiRequest, ApiResponse};
 use crate::shard::mesh;
-use crate::shard::runtime::{self, ControlCmd, ShardSetup};
+use crate::shard::runtime::{self, ControlCmd, ShardSetup, Transport};
 use crate::shard::state::{CommitLatency, ControlError, GroupInfo, SetChange};
 use crate::storage::{ListKind, MemoryStorage, RocksStorage, Storage};
 use crate::webhook::WebhookShared;
@@ -93,17 +93,36 @@ impl Server {
         let (client, addr) =
             listener::bind(Role::Client, config.server.listen, backlog, release_wait)?;
         let listeners = listener::share(client, shards).map_err(StartError::Share)?;
-        // The WebSocket listener, when on: one SO_REUSEPORT socket shared
+        // The other listeners, when on: each one SO_REUSEPORT socket shared
         // by every shard like the client listener.
-        let (ws_listeners, ws_addr) = match config.ws.listen_addr() {
-            Some(ws_addr) => {
-                let (socket, bound) =
-                    listener::bind(Role::WebSocket, ws_addr, backlog, release_wait)?;
-                let shared = listener::share(socket, shards).map_err(StartError::Share)?;
-                (shared.into_iter().map(Some).collect(), Some(bound))
+        let mut more_listeners: Vec<Vec<(Transport, std::os::fd::OwnedFd)>> =
+            (0..shards).map(|_| Vec::new()).collect();
+        let mut bound_addr = |role: Role, transport: Transport, at: Option<SocketAddr>| {
+            let Some(at) = at else {
+                return Ok(None);
+            };
+            let (socket, bound) = listener::bind(role, at, backlog, release_wait)?;
+            let shared = listener::share(socket, shards).map_err(StartError::Share)?;
+            for (list, fd) in more_listeners.iter_mut().zip(shared) {
+                list.push((transport, fd));
             }
-            None => ((0..shards).map(|_| None).collect::<Vec<_>>(), None),
+            Ok::<_, StartError>(Some(bound))
         };
+        let ws_addr = bound_addr(
+            Role::WebSocket,
+            Transport::WebSocket,
+            config.ws.listen_addr(),
+        )?;
+        let wkproto_addr = bound_addr(
+            Role::Wkproto,
+            Transport::WkTcp,
+            config.wkproto.listen_addr(),
+        )?;
+        let wkproto_ws_addr = bound_addr(
+            Role::WkprotoWebSocket,
+            Transport::WkWebSocket,
+            config.wkproto.ws_listen_addr(),
+        )?;
         // The API listener is bound before any shard runs too, so a taken
         // address fails the start early.
         let api_listener = if config.api.enabled {
@@ -154,7 +173,9 @@ impl Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut controls = Vec::new();
         let mut threads = Vec::new();
-        for ((ends, listener), ws_listener) in meshes.into_iter().zip(listeners).zip(ws_listeners) {
+        for ((ends, listener), more_listeners) in
+            meshes.into_iter().zip(listeners).zip(more_listeners)
+        {
             let index = ends.shard.index();
             let (control_tx, control_rx) = async_channel::bounded(1024);
             controls.push(control_tx);
@@ -168,7 +189,7 @@ impl Server {
                 shards,
                 mesh: ends,
                 listener,
-                ws_listener,
+                more_listeners,
                 storage: Arc::clone(&storage),
                 control: control_rx,
                 ready: ready_tx.clone(),
@@ -196,6 +217,9 @@ impl Server {
             api_addr: None,
             ws_addr,
             ws_path: config.ws.path.clone(),
+            wkproto_addr,
+            wkproto_ws_addr,
+            wkproto_ws_path: config.wkproto.ws_path.clone(),
             control_plane: None,
         };
         for _ in 0..shards {
@@ -265,6 +289,11 @@ pub struct ServerHandle {
     /// The WebSocket listener's address and upgrade path, when it is on.
     ws_addr: Option<SocketAddr>,
     ws_path: String,
+    /// WuKongIM's protocol's listeners, when on, and the WebSocket one's
+    /// path (empty: any).
+    wkproto_addr: Option<SocketAddr>,
+    wkproto_ws_addr: Option<SocketAddr>,
+    wkproto_ws_path: String,
     /// The admin API and the webhook dispatcher, on their own thread.
     control_plane: Option<crate::api::ControlPlane>,
 }
@@ -338,6 +367,21 @@ impl ServerHandle {
     /// The path WebSocket clients upgrade on.
     pub fn ws_path(&self) -> &str {
         &self.ws_path
+    }
+
+    /// WuKongIM's protocol's TCP listener address, when it is on.
+    pub fn wkproto_addr(&self) -> Option<SocketAddr> {
+        self.wkproto_addr
+    }
+
+    /// WuKongIM's protocol's WebSocket listener address, when it is on.
+    pub fn wkproto_ws_addr(&self) -> Option<SocketAddr> {
+        self.wkproto_ws_addr
+    }
+
+    /// The path of the WKProto WebSocket listener (empty: any).
+    pub fn wkproto_ws_path(&self) -> &str {
+        &self.wkproto_ws_path
     }
 
     /// A handle for control requests that can be moved to other threads.

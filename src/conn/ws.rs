@@ -49,7 +49,7 @@ pub enum Refusal {
 
 /// Checks an upgrade request against `ws.path` and `ws.allowed_origins`.
 pub fn check_upgrade(ws: &crate::config::WsConfig, request: &Request) -> Result<(), Refusal> {
-    if request.uri().path() != ws.path {
+    if !ws.path.is_empty() && request.uri().path() != ws.path {
         return Err(Refusal::WrongPath);
     }
     let origin = request

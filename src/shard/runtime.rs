@@ -61,8 +61,9 @@ pub struct ShardSetup {
     pub shards: u16,
     pub mesh: MeshEnds,
     pub listener: OwnedFd,
-    /// This shard's copy of the WebSocket listener, when `ws.listen` is set.
-    pub ws_listener: Option<OwnedFd>,
+    /// This shard's copies of the other listeners that are on (WebSocket,
+    /// WKProto), with what their connections speak.
+    pub more_listeners: Vec<(Transport, OwnedFd)>,
     pub storage: Arc<dyn Storage>,
     pub control: async_channel::Receiver<ControlCmd>,
     pub ready: std::sync::mpsc::Sender<Result<ShardId, String>>,
@@ -89,10 +90,9 @@ pub(crate) struct Runtime {
     /// full; woken when it drains.
     paused: RefCell<Vec<Rc<Outbox>>>,
     pub(crate) shutting_down: Cell<bool>,
-    shutdown: Notify,
-    /// The same for the WebSocket listener's accept loop (a [`Notify`]
-    /// wakes one waiter).
-    ws_shutdown: Notify,
+    /// Tells each listener's accept loop to stop (by [`Transport`]; a
+    /// [`Notify`] wakes one waiter).
+    shutdown: [Notify; 4],
     live_connections: Cell<usize>,
     all_closed: Notify,
     /// A commit's durable write is running.
@@ -146,7 +146,7 @@ pub async fn run(setup: ShardSetup) {
         shards,
         mesh,
         listener,
-        ws_listener,
+        more_listeners,
         storage,
         control,
         ready,
@@ -202,8 +202,7 @@ pub async fn run(setup: ShardSetup) {
         clock,
         paused: RefCell::new(Vec::new()),
         shutting_down: Cell::new(false),
-        shutdown: Notify::default(),
-        ws_shutdown: Notify::default(),
+        shutdown: Default::default(),
         live_connections: Cell::new(0),
         all_closed: Notify::default(),
         committing: Cell::new(false),
@@ -249,16 +248,16 @@ pub async fn run(setup: ShardSetup) {
     // TCP socket bound by `listener::bind`; nothing else refers to it.
     let listener_fd = listener.into_raw_fd();
     let listener = unsafe { TcpListener::from_raw_fd(listener_fd) };
-    if let Some(ws_listener) = ws_listener {
-        let ws_fd = ws_listener.into_raw_fd();
-        // SAFETY: as above, this shard's own duplicate of the WebSocket
-        // listening socket.
-        let ws_listener = unsafe { TcpListener::from_raw_fd(ws_fd) };
+    for (transport, fd) in more_listeners {
+        let raw = fd.into_raw_fd();
+        // SAFETY: this shard's own duplicate of the listening socket bound
+        // for `transport`; nothing else refers to it.
+        let listener = unsafe { TcpListener::from_raw_fd(raw) };
         let runtime = Rc::clone(&runtime);
         glommio::spawn_local(async move {
-            accept_loop(&runtime, &ws_listener, Transport::WebSocket).await;
-            // SAFETY: `ws_fd` is the listening socket `ws_listener` owns.
-            unsafe { libc::shutdown(ws_fd, libc::SHUT_RDWR) };
+            accept_loop(&runtime, &listener, transport).await;
+            // SAFETY: `raw` is the listening socket `listener` owns.
+            unsafe { libc::shutdown(raw, libc::SHUT_RDWR) };
         })
         .detach();
     }
@@ -292,20 +291,27 @@ pub async fn run(setup: ShardSetup) {
     tracing::info!(shard = shard.0, "shard stopped");
 }
 
-/// What a listener's connections speak: the binary protocol on the socket,
-/// or in WebSocket binary messages.
+/// What a listener's connections speak: the binary protocol on the socket
+/// or in WebSocket binary messages, or WuKongIM's (WKProto) the same two
+/// ways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
+pub enum Transport {
     Tcp,
     WebSocket,
+    WkTcp,
+    WkWebSocket,
+}
+
+impl Transport {
+    /// Whether it upgrades from HTTP first.
+    fn is_websocket(self) -> bool {
+        matches!(self, Transport::WebSocket | Transport::WkWebSocket)
+    }
 }
 
 /// What tells `transport`'s accept loop to stop.
 fn shutdown_of(runtime: &Runtime, transport: Transport) -> &Notify {
-    match transport {
-        Transport::Tcp => &runtime.shutdown,
-        Transport::WebSocket => &runtime.ws_shutdown,
-    }
+    &runtime.shutdown[transport as usize]
 }
 
 async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener, transport: Transport) {
@@ -338,8 +344,7 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener, transport: T
         let peer = stream.peer_addr().ok().map(|peer| peer.ip());
         // A trusted reverse proxy in front of the WebSocket listener: the
         // client it forwards for is admitted at the upgrade instead.
-        let proxy =
-            peer.filter(|ip| transport == Transport::WebSocket && runtime.config.ws.trusts(*ip));
+        let proxy = peer.filter(|ip| transport.is_websocket() && runtime.config.ws.trusts(*ip));
         let admitted = match (peer, proxy) {
             (_, Some(_)) | (None, _) => true,
             (Some(ip), None) => runtime.state.borrow_mut().admit_ip(ip, now),
@@ -361,12 +366,24 @@ async fn accept_loop(runtime: &Rc<Runtime>, listener: &TcpListener, transport: T
         runtime
             .live_connections
             .set(runtime.live_connections.get() + 1);
-        if transport == Transport::WebSocket {
+        if transport.is_websocket() {
             glommio::spawn_local(ws_then_drive(
                 Rc::clone(runtime),
                 runtime.tls.clone(),
                 stream,
                 proxy,
+                conn,
+                outbox,
+                transport,
+            ))
+            .detach();
+            continue;
+        }
+        if transport == Transport::WkTcp {
+            glommio::spawn_local(wk_tcp_then_drive(
+                Rc::clone(runtime),
+                runtime.tls.clone(),
+                stream,
                 conn,
                 outbox,
             ))
@@ -443,16 +460,17 @@ async fn ws_then_drive(
     proxy: Option<std::net::IpAddr>,
     conn: crate::ids::ConnId,
     outbox: Rc<Outbox>,
+    transport: Transport,
 ) {
     let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
     let Some(acceptor) = acceptor else {
-        return upgrade_then_drive(runtime, stream, proxy, conn, outbox, timeout).await;
+        return upgrade_then_drive(runtime, stream, proxy, conn, outbox, timeout, transport).await;
     };
     let started = std::time::Instant::now();
     match tls_within(&acceptor, stream, timeout).await {
         Some(Ok(tls)) => {
             let left = timeout.saturating_sub(started.elapsed());
-            upgrade_then_drive(runtime, tls, proxy, conn, outbox, left).await
+            upgrade_then_drive(runtime, tls, proxy, conn, outbox, left, transport).await
         }
         failed => {
             match failed {
@@ -476,10 +494,12 @@ async fn upgrade_then_drive<S>(
     conn: crate::ids::ConnId,
     outbox: Rc<Outbox>,
     timeout: Duration,
+    transport: Transport,
 ) where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
 {
     let refused = Cell::new(None);
+    let wk_ws = runtime.config.wkproto.ws_config(&runtime.config.ws);
     let limits = &runtime.config.limits;
     let config = conn::ws::config(
         limits.frame_size_max_bytes,
@@ -490,7 +510,11 @@ async fn upgrade_then_drive<S>(
         runtime.state.borrow_mut().admit_ip(ip, now)
     };
     let check = conn::ws::UpgradeCheck {
-        ws: &runtime.config.ws,
+        ws: if transport == Transport::WkWebSocket {
+            &wk_ws
+        } else {
+            &runtime.config.ws
+        },
         refused: &refused,
         forwarded_by: proxy.map(|ip| (ip, &admit as &dyn Fn(std::net::IpAddr) -> bool)),
     };
@@ -501,6 +525,16 @@ async fn upgrade_then_drive<S>(
     })
     .await;
     match upgraded {
+        Some(Ok(ws)) if transport == Transport::WkWebSocket => {
+            // One WKProto packet per WebSocket message: WuKongIM's JS SDK
+            // 1.0.4 mishandles messages holding several.
+            let io = crate::wkproto::io::WkIo::new(
+                conn::ws::WsIo::new(ws),
+                wk_translator_config(&runtime),
+                true,
+            );
+            conn::driver::drive(Rc::clone(&runtime), io, conn, outbox).await
+        }
         Some(Ok(ws)) => {
             conn::driver::drive(Rc::clone(&runtime), conn::ws::WsIo::new(ws), conn, outbox).await
         }
@@ -520,6 +554,45 @@ async fn upgrade_then_drive<S>(
     }
 }
 
+/// The translator settings of this server's WKProto connections.
+fn wk_translator_config(runtime: &Runtime) -> crate::wkproto::translate::TranslatorConfig {
+    crate::wkproto::translate::TranslatorConfig {
+        frame_size_max_bytes: runtime.config.limits.frame_size_max_bytes,
+        node_id: runtime.config.wkproto.node_id,
+    }
+}
+
+/// A WKProto connection over TCP (TLS first when configured): the
+/// connection driver runs over the translator.
+async fn wk_tcp_then_drive(
+    runtime: Rc<Runtime>,
+    acceptor: Option<futures_rustls::TlsAcceptor>,
+    stream: glommio::net::TcpStream,
+    conn: crate::ids::ConnId,
+    outbox: Rc<Outbox>,
+) {
+    let config = wk_translator_config(&runtime);
+    let Some(acceptor) = acceptor else {
+        let io = crate::wkproto::io::WkIo::new(stream, config, false);
+        return conn::driver::drive(runtime, io, conn, outbox).await;
+    };
+    let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
+    match tls_within(&acceptor, stream, timeout).await {
+        Some(Ok(tls)) => {
+            let io = crate::wkproto::io::WkIo::new(tls, config, false);
+            conn::driver::drive(runtime, io, conn, outbox).await
+        }
+        failed => {
+            match failed {
+                Some(Err(error)) => tracing::debug!(conn = conn.0, %error, "TLS handshake failed"),
+                _ => tracing::debug!(conn = conn.0, "TLS handshake timed out"),
+            }
+            runtime.state.borrow_mut().on_closed(conn);
+            runtime.connection_ended();
+        }
+    }
+}
+
 /// Tells a refused connection why (one `Disconnect` frame, if the socket
 /// takes it within a second) and closes it.
 /// A WebSocket client, which has not upgraded yet, is answered in HTTP:
@@ -528,6 +601,22 @@ async fn refuse(mut stream: glommio::net::TcpStream, reason: ReasonCode, transpo
     use futures_lite::AsyncWriteExt;
     let mut frame = BytesMut::new();
     match transport {
+        Transport::WkTcp => {
+            // A CONNACK with the reason, in the oldest layout every version
+            // reads (no version byte, no node id).
+            let _ = crate::wkproto::codec::encode(
+                &crate::wkproto::codec::Packet::ConnAck(crate::wkproto::codec::ConnAck {
+                    server_version: None,
+                    time_diff_ms: 0,
+                    reason: crate::wkproto::translate::wk_reason(reason),
+                    server_key: String::new(),
+                    salt: String::new(),
+                    node_id: 0,
+                }),
+                crate::wkproto::codec::VERSION_MIN,
+                &mut frame,
+            );
+        }
         Transport::Tcp => crate::protocol::Encoder::new().encode(
             &crate::protocol::Packet::Disconnect(crate::protocol::Disconnect {
                 reason,
@@ -535,7 +624,7 @@ async fn refuse(mut stream: glommio::net::TcpStream, reason: ReasonCode, transpo
             }),
             &mut frame,
         ),
-        Transport::WebSocket => {
+        Transport::WebSocket | Transport::WkWebSocket => {
             let status = if reason == ReasonCode::RateLimited {
                 "429 Too Many Requests"
             } else {
@@ -730,8 +819,9 @@ async fn control_loop(runtime: Rc<Runtime>, control: async_channel::Receiver<Con
                 }
                 let now = runtime.now();
                 runtime.state.borrow_mut().begin_shutdown(now);
-                runtime.shutdown.notify();
-                runtime.ws_shutdown.notify();
+                for notify in &runtime.shutdown {
+                    notify.notify();
+                }
             }
         }
     }
