@@ -88,6 +88,11 @@ fn session_corpus_and_regressions() {
     replay("session", harness::session);
 }
 
+#[test]
+fn wkproto_corpus_and_regressions() {
+    replay("wkproto", harness::wkproto);
+}
+
 /// The harness itself: the empty input and a few trivial ones run clean.
 #[test]
 fn trivial_inputs() {
@@ -95,5 +100,6 @@ fn trivial_inputs() {
         harness::frame_splitter(data);
         harness::packet_decode(data);
         harness::session(data);
+        harness::wkproto(data);
     }
 }

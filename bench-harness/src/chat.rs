@@ -3,7 +3,7 @@
 //! other ruyi scenarios share.
 
 use crate::classify::{classify, AckLedger, Arrival, Class, Earlier};
-use crate::common::{unix_us, CommonArgs, Gate, Target};
+use crate::common::{unix_us, CommonArgs, Gate};
 use crate::live::Live;
 use crate::process::{measure, ServerProcess};
 use crate::report::{payload, read_payload, Part, Report};
@@ -99,7 +99,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<Report> {
 pub(crate) struct PairConfig {
     pub(crate) server: SocketAddr,
     /// Over the WebSocket listener (`ws://`) rather than TCP.
-    pub(crate) websocket: bool,
+    pub(crate) wire: crate::common::Wire,
     pub(crate) secret: String,
     pub(crate) window: usize,
     pub(crate) payload_bytes: usize,
@@ -123,7 +123,10 @@ impl PairConfig {
     ) -> PairConfig {
         PairConfig {
             server,
-            websocket: matches!(common.target, Target::Ws(_)),
+            wire: common
+                .target
+                .ruyi()
+                .map_or(crate::common::Wire::Native, |(_, wire)| wire),
             secret: common.secret.clone(),
             window: window.max(1),
             payload_bytes: common.payload_bytes,
@@ -149,7 +152,7 @@ pub(crate) struct Conn {
     pub(crate) core: ClientCore,
     buf: Vec<u8>,
     server: SocketAddr,
-    websocket: bool,
+    wire: crate::common::Wire,
     secret: String,
     uid: String,
     device_id: String,
@@ -171,7 +174,7 @@ impl Conn {
     ) -> anyhow::Result<Conn> {
         let (stream, core) = handshake(
             config.server,
-            config.websocket,
+            config.wire,
             &config.secret,
             uid,
             device_id,
@@ -183,7 +186,7 @@ impl Conn {
             core,
             buf: vec![0u8; 64 * 1024],
             server: config.server,
-            websocket: config.websocket,
+            wire: config.wire,
             secret: config.secret.clone(),
             uid: uid.to_owned(),
             device_id: device_id.to_owned(),
@@ -200,7 +203,7 @@ impl Conn {
         loop {
             let reconnected = handshake(
                 self.server,
-                self.websocket,
+                self.wire,
                 &self.secret,
                 &self.uid,
                 &self.device_id,
@@ -270,6 +273,7 @@ impl Conn {
 pub(crate) enum BenchStream {
     Tcp(TcpStream),
     Ws(Box<ruyi::conn::ws::WsIo<TcpStream>>),
+    Wk(Box<crate::wk::WkClientIo<TcpStream>>),
 }
 
 impl futures_lite::AsyncRead for BenchStream {
@@ -281,6 +285,7 @@ impl futures_lite::AsyncRead for BenchStream {
         match self.get_mut() {
             BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            BenchStream::Wk(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -294,6 +299,7 @@ impl futures_lite::AsyncWrite for BenchStream {
         match self.get_mut() {
             BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            BenchStream::Wk(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -304,6 +310,7 @@ impl futures_lite::AsyncWrite for BenchStream {
         match self.get_mut() {
             BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
             BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            BenchStream::Wk(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -314,13 +321,14 @@ impl futures_lite::AsyncWrite for BenchStream {
         match self.get_mut() {
             BenchStream::Tcp(s) => std::pin::Pin::new(s).poll_close(cx),
             BenchStream::Ws(s) => std::pin::Pin::new(s.as_mut()).poll_close(cx),
+            BenchStream::Wk(s) => std::pin::Pin::new(s.as_mut()).poll_close(cx),
         }
     }
 }
 
 async fn handshake(
     server: SocketAddr,
-    websocket: bool,
+    wire: crate::common::Wire,
     secret: &str,
     uid: &str,
     device_id: &str,
@@ -331,7 +339,9 @@ async fn handshake(
         .map_err(|e| anyhow::anyhow!("connecting to {server}: {e}"))?;
     tcp.set_nodelay(true)
         .map_err(|e| anyhow::anyhow!("setting TCP_NODELAY: {e}"))?;
-    let mut stream = if websocket {
+    let mut stream = if wire == crate::common::Wire::Wkproto {
+        BenchStream::Wk(Box::new(crate::wk::WkClientIo::new(tcp)?))
+    } else if wire == crate::common::Wire::WebSocket {
         let config = async_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(64 * 1024)
             .write_buffer_size(0);

@@ -273,31 +273,48 @@ fn http_request(
     Ok((status, body))
 }
 
-/// Where the load goes: `ruyi://ADDR` (the default scheme), `mqtt://ADDR`
-/// or `nats://ADDR`.
+/// Where the load goes: `ruyi://ADDR` (the default scheme), `ws://ADDR`,
+/// `wk://ADDR`, `mqtt://ADDR` or `nats://ADDR`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
     Ruyi(SocketAddr),
     /// ruyi's WebSocket listener (`ws.listen`, path `/`): the same load
     /// and accounting as `ruyi://`, over WebSocket binary messages.
     Ws(SocketAddr),
+    /// ruyi's WKProto listener (`wkproto.listen`): the same load and
+    /// accounting in WuKongIM's protocol, through the gateway's translator.
+    Wk(SocketAddr),
     Mqtt(SocketAddr),
     Nats(SocketAddr),
+}
+
+/// How a harness connection to ruyi carries its frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// ruyi's protocol on the socket.
+    Native,
+    /// ruyi's protocol in WebSocket binary messages.
+    WebSocket,
+    /// WuKongIM's protocol, translated by the gateway.
+    Wkproto,
 }
 
 impl Target {
     pub(crate) fn addr(&self) -> SocketAddr {
         match *self {
-            Target::Ruyi(a) | Target::Ws(a) | Target::Mqtt(a) | Target::Nats(a) => a,
+            Target::Ruyi(a) | Target::Ws(a) | Target::Wk(a) | Target::Mqtt(a) | Target::Nats(a) => {
+                a
+            }
         }
     }
 
-    /// The gateway's address and whether to speak WebSocket, for ruyi's
-    /// own listeners.
-    pub(crate) fn ruyi(&self) -> Option<(SocketAddr, bool)> {
+    /// The gateway's address and how to speak to it, for ruyi's own
+    /// listeners.
+    pub(crate) fn ruyi(&self) -> Option<(SocketAddr, Wire)> {
         match *self {
-            Target::Ruyi(a) => Some((a, false)),
-            Target::Ws(a) => Some((a, true)),
+            Target::Ruyi(a) => Some((a, Wire::Native)),
+            Target::Ws(a) => Some((a, Wire::WebSocket)),
+            Target::Wk(a) => Some((a, Wire::Wkproto)),
             _ => None,
         }
     }
@@ -308,6 +325,7 @@ impl std::fmt::Display for Target {
         match self {
             Target::Ruyi(a) => write!(f, "ruyi://{a}"),
             Target::Ws(a) => write!(f, "ws://{a}"),
+            Target::Wk(a) => write!(f, "wk://{a}"),
             Target::Mqtt(a) => write!(f, "mqtt://{a}"),
             Target::Nats(a) => write!(f, "nats://{a}"),
         }
@@ -328,10 +346,11 @@ impl std::str::FromStr for Target {
         match scheme {
             "ruyi" => Ok(Target::Ruyi(addr)),
             "ws" => Ok(Target::Ws(addr)),
+            "wk" => Ok(Target::Wk(addr)),
             "mqtt" => Ok(Target::Mqtt(addr)),
             "nats" => Ok(Target::Nats(addr)),
             other => Err(format!(
-                "unknown scheme {other}://; targets are ruyi://, ws://, mqtt:// and nats://"
+                "unknown scheme {other}://; targets are ruyi://, ws://, wk://, mqtt:// and nats://"
             )),
         }
     }

@@ -57,7 +57,7 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
     for thread in 0..threads {
         let ids: Vec<usize> = (thread..args.connections).step_by(threads).collect();
         let config = PairConfig {
-            websocket: false,
+            wire: crate::common::Wire::Native,
             server: server_addr,
             secret: args.secret.clone(),
             window: 1,

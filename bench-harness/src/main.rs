@@ -27,6 +27,7 @@ mod plot;
 mod process;
 mod report;
 mod sink;
+mod wk;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};

@@ -127,7 +127,7 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<bool> {
             args.idle,
             Arc::clone(&release),
         )?),
-        Target::Ruyi(_) | Target::Ws(_) => None,
+        Target::Ruyi(_) | Target::Ws(_) | Target::Wk(_) => None,
         _ if args.idle > 0 => {
             bail!("--idle is for ruyi targets (use the connect scenario for peers)")
         }

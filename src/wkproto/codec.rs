@@ -90,14 +90,14 @@ pub struct Flags {
 }
 
 impl Flags {
-    fn bits(self) -> u8 {
+    pub fn bits(self) -> u8 {
         u8::from(self.dup) << 3
             | u8::from(self.sync_once) << 2
             | u8::from(self.red_dot) << 1
             | u8::from(self.no_persist)
     }
 
-    fn from_bits(bits: u8) -> Flags {
+    pub fn from_bits(bits: u8) -> Flags {
         Flags {
             dup: bits & 0x08 != 0,
             sync_once: bits & 0x04 != 0,

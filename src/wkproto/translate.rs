@@ -87,12 +87,23 @@ pub struct Translator {
     frames: FrameDecoder,
     verify: VerifyLimits,
     encoder: Encoder,
+    fixed_keys: Option<([u8; 32], [u8; crypto::SALT_LEN])>,
     pub stats: TranslatorStats,
 }
 
 impl Translator {
     pub fn new(config: TranslatorConfig) -> Translator {
+        Translator::with_keys(config, None)
+    }
+
+    /// A translator whose server key and salt are these instead of random
+    /// ones, so a test or a fuzz input replays exactly.
+    pub fn with_keys(
+        config: TranslatorConfig,
+        keys: Option<([u8; 32], [u8; crypto::SALT_LEN])>,
+    ) -> Translator {
         Translator {
+            fixed_keys: keys,
             frames: FrameDecoder::new(config.frame_size_max_bytes),
             verify: VerifyLimits::for_frame_size(config.frame_size_max_bytes),
             config,
@@ -279,17 +290,14 @@ impl Translator {
         if connect.client_key.is_empty() {
             return self.refuse_connect(reason::CLIENT_KEY_IS_EMPTY);
         }
-        let handshake = match Handshake::new() {
-            Ok(handshake) => handshake,
+        let keys = match self.fixed_keys {
+            Some((secret, salt)) => Ok((Handshake::from_secret(secret), salt)),
+            None => Handshake::new().and_then(|h| Ok((h, crypto::new_salt()?))),
+        };
+        let (handshake, salt) = match keys {
+            Ok(keys) => keys,
             Err(error) => {
                 tracing::error!(%error, "no randomness for a WKProto key");
-                return self.refuse_connect(reason::SYSTEM_ERROR);
-            }
-        };
-        let salt = match crypto::new_salt() {
-            Ok(salt) => salt,
-            Err(error) => {
-                tracing::error!(%error, "no randomness for a WKProto salt");
                 return self.refuse_connect(reason::SYSTEM_ERROR);
             }
         };

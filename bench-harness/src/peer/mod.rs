@@ -65,7 +65,9 @@ pub(crate) fn connect(args: &ConnectArgs) -> anyhow::Result<serde_json::Value> {
     match args.target {
         Target::Mqtt(addr) => run_connect(args, Arc::new(mqtt::Mqtt::new(addr))),
         Target::Nats(addr) => run_connect(args, Arc::new(nats::Nats::new(addr, "connect"))),
-        Target::Ruyi(_) | Target::Ws(_) => bail!("{} is not a peer target", args.target),
+        Target::Ruyi(_) | Target::Ws(_) | Target::Wk(_) => {
+            bail!("{} is not a peer target", args.target)
+        }
     }
 }
 
@@ -581,7 +583,9 @@ fn run_scenario(
             let backend = Arc::new(nats::Nats::new(addr, &plan.prefix));
             run_with(common, plan, window, describe, backend)
         }
-        Target::Ruyi(_) | Target::Ws(_) => bail!("{} is not a peer target", common.target),
+        Target::Ruyi(_) | Target::Ws(_) | Target::Wk(_) => {
+            bail!("{} is not a peer target", common.target)
+        }
     }
 }
 

@@ -1238,3 +1238,221 @@ pub fn raw_session(flags: u8, program: &[u8]) {
     }
     world.finish();
 }
+
+// ---------------------------------------------------------------------------
+// wkproto: WuKongIM's protocol, its codec and the per-connection translator
+// ---------------------------------------------------------------------------
+
+/// A program of client and server events run through one WKProto
+/// translator (with fixed keys, so an input replays exactly), checking what
+/// it emits: every packet for the client decodes at the negotiated version,
+/// one per element; every RECV's msgKey checks out and its payload decrypts;
+/// every frame for the shard is a valid ruyi packet. The raw bytes of each
+/// program step also go through the codec alone, whose decoded packets must
+/// encode back to what decodes to them again.
+///
+/// Ops (byte % 7): 0 raw client bytes; 1 a CONNECT (version byte); 2 a SEND
+/// made with the session's key (channel type, payload, tamper flag); 3 a
+/// RECVACK or PING; 4 a ruyi frame from the shard (ConnAck, Recv, SendAck,
+/// Pong, Disconnect, RecallEvent); 5 raw shard bytes; 6 codec round trips
+/// of raw bytes at a version.
+pub fn wkproto(data: &[u8]) {
+    use ruyi::wkproto::codec::{self, Flags, Packet as Wk};
+    use ruyi::wkproto::crypto::{Cipher, Handshake};
+    use ruyi::wkproto::translate::{recv_sign, send_sign, Translator, TranslatorConfig};
+    let mut input = Input::new(data);
+    let frame_max = 64 + usize::from(input.byte()) * 64;
+    let config = TranslatorConfig {
+        frame_size_max_bytes: frame_max,
+        node_id: 3,
+    };
+    let mut t = Translator::with_keys(config, Some(([7; 32], *b"0123456789abcdef")));
+    let client = Handshake::from_secret([9; 32]);
+    let mut cipher: Option<Cipher> = None;
+    let mut client_version = 2u8;
+    let mut encoder = Encoder::new();
+    let verify = VerifyLimits::for_frame_size(frame_max);
+    let mut steps = 0;
+    while !input.is_empty() && steps < 64 {
+        steps += 1;
+        let op = input.byte() % 7;
+        let version = t.version();
+        let mut client_bytes = BytesMut::new();
+        match op {
+            0 => {
+                let n = usize::from(input.byte());
+                client_bytes.extend_from_slice(input.take(n));
+            }
+            1 => {
+                client_version = input.byte() % 9;
+                let _ = codec::encode(
+                    &Wk::Connect(codec::Connect {
+                        version: client_version,
+                        device_flag: input.byte() % 4,
+                        device_id: format!("d{}", input.byte()),
+                        uid: format!("u{}", input.byte() % 3),
+                        token: "t".into(),
+                        client_timestamp_ms: 5,
+                        client_key: if input.byte() % 8 == 0 {
+                            String::new()
+                        } else {
+                            client.server_key()
+                        },
+                    }),
+                    2,
+                    &mut client_bytes,
+                );
+            }
+            2 => {
+                let channel_type = input.byte() % 4;
+                let tamper = input.byte() % 5 == 0;
+                let n = usize::from(input.byte());
+                let plain = input.take(n).to_vec();
+                let payload = match &cipher {
+                    Some(c) if !tamper => c.seal(&plain),
+                    _ => plain.clone(),
+                };
+                let mut send = codec::Send {
+                    flags: Flags::from_bits(input.byte()),
+                    setting: input.byte() & 0x1a,
+                    client_seq: u32::from(input.u16()),
+                    client_msg_no: format!("m{}", input.byte()),
+                    stream_no: Some("s".into()),
+                    channel_id: format!("u{}", input.byte() % 3),
+                    channel_type,
+                    expire: 0,
+                    msg_key: String::new(),
+                    topic: Some("t".into()),
+                    payload: Bytes::from(payload),
+                };
+                if let Some(c) = &cipher {
+                    send.msg_key = c.msg_key(&send_sign(&send));
+                }
+                let _ = codec::encode(&Wk::Send(send), version, &mut client_bytes);
+            }
+            3 => {
+                let packet = if input.byte() % 2 == 0 {
+                    Wk::Ping
+                } else {
+                    Wk::RecvAck(codec::RecvAck {
+                        flags: Flags::default(),
+                        message_id: i64::from(input.u16()),
+                        message_seq: u64::from(input.u16()),
+                    })
+                };
+                let _ = codec::encode(&packet, version, &mut client_bytes);
+            }
+            4 => {
+                let packet = match input.byte() % 6 {
+                    0 => Packet::ConnAck(ruyi::protocol::ConnAck {
+                        reason: if input.byte() % 4 == 0 {
+                            ReasonCode::AuthFailed
+                        } else {
+                            ReasonCode::Success
+                        },
+                        server_time_ms: 9,
+                        heartbeat_interval_ms: 1000,
+                        session_id: 1,
+                    }),
+                    1 => {
+                        let n = usize::from(input.byte());
+                        Packet::Recv(Recv {
+                            message_id: u64::from(input.u16()) << 40,
+                            message_seq: u64::from(input.u16()) << (input.byte() % 40),
+                            client_msg_no: "c".into(),
+                            from_uid: "u1".into(),
+                            channel_id: "g".into(),
+                            channel_type: ChannelType::Group,
+                            timestamp_ms: i64::from(input.u16()) * 1_000_000,
+                            flags: input.byte() & 3,
+                            send_flags: input.byte() & 7,
+                            payload: Bytes::copy_from_slice(input.take(n)),
+                        })
+                    }
+                    2 => Packet::SendAck(ruyi::protocol::SendAck {
+                        client_seq: u32::from(input.u16()),
+                        client_msg_no: "m".into(),
+                        message_id: 1,
+                        message_seq: 1,
+                        reason: ReasonCode::Success,
+                    }),
+                    3 => Packet::Pong,
+                    4 => Packet::Disconnect(Disconnect {
+                        reason: ReasonCode::Kicked,
+                        message: "bye".into(),
+                    }),
+                    _ => Packet::RecallEvent(ruyi::protocol::RecallEvent {
+                        channel_id: "g".into(),
+                        channel_type: ChannelType::Group,
+                        message_id: 1,
+                        message_seq: 1,
+                        from_uid: "u1".into(),
+                    }),
+                };
+                let mut out = BytesMut::new();
+                encoder.encode(&packet, &mut out);
+                t.server_bytes(&out);
+            }
+            5 => {
+                let n = usize::from(input.byte());
+                t.server_bytes(input.take(n));
+            }
+            _ => {
+                let v = 2 + input.byte() % 5;
+                let n = usize::from(input.byte());
+                wkproto_round_trips(input.take(n), v, frame_max);
+            }
+        }
+        if !client_bytes.is_empty() {
+            wkproto_round_trips(&client_bytes, version, frame_max);
+            // Split where the input says: the translator must not care.
+            let split = usize::from(input.byte()).min(client_bytes.len());
+            t.client_bytes(&client_bytes[..split]);
+            t.client_bytes(&client_bytes[split..]);
+        }
+        // What the client gets: valid packets, one per element.
+        let negotiated = t.version();
+        for bytes in t.for_client().drain(..).collect::<Vec<_>>() {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let packet = codec::decode(&mut buf, negotiated, usize::MAX)
+                .expect("the translator's packets decode")
+                .expect("whole packets");
+            assert!(buf.is_empty(), "one packet per element");
+            match packet {
+                Wk::ConnAck(ack) if ack.reason == codec::reason::SUCCESS => {
+                    assert_eq!(ack.server_version.is_some(), client_version > 3);
+                    let salt: [u8; 16] = ack.salt.as_bytes().try_into().expect("16-byte salt");
+                    cipher = Some(client.agree(&ack.server_key, salt).expect("a valid key"));
+                }
+                Wk::Recv(recv) => {
+                    let c = cipher.as_ref().expect("RECV only after the key agreement");
+                    assert_eq!(c.msg_key(&recv_sign(&recv)), recv.msg_key, "RECV msgKey");
+                    c.open(&recv.payload).expect("RECV payload decrypts");
+                }
+                _ => {}
+            }
+        }
+        // What the shard gets: valid ruyi frames.
+        let mut to_server = std::mem::take(t.for_server());
+        let frames = FrameDecoder::new(usize::MAX >> 1);
+        while let Some(frame) = frames.next_frame(&mut to_server).expect("frames split") {
+            Packet::decode(&frame, &verify).expect("the translator's frames decode");
+        }
+        assert!(to_server.is_empty(), "whole frames only");
+    }
+}
+
+/// Decodes `bytes` as a WKProto stream at `version`; every packet decoded
+/// must encode to bytes that decode to the same packet.
+fn wkproto_round_trips(bytes: &[u8], version: u8, max: usize) {
+    use ruyi::wkproto::codec;
+    let mut buf = BytesMut::from(bytes);
+    while let Ok(Some(packet)) = codec::decode(&mut buf, version, max) {
+        let mut out = BytesMut::new();
+        codec::encode(&packet, version, &mut out).expect("a decoded packet encodes");
+        let again = codec::decode(&mut out, version, usize::MAX)
+            .expect("re-encoded decodes")
+            .expect("whole");
+        assert_eq!(again, packet, "round trip at version {version}");
+    }
+}
