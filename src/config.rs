@@ -246,11 +246,26 @@ pub enum SyncMode {
     Never,
 }
 
+/// Which thread makes a commit durable when that blocks on the disk
+/// (`sync = "always"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommitOn {
+    /// The shard's blocking-thread pool: the shard keeps serving its
+    /// connections during the sync, at the cost of two thread hand-offs per
+    /// commit.
+    Pool,
+    /// The shard's own thread: no hand-off, and what arrives during the
+    /// sync waits for it and joins the next commit.
+    Shard,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub engine: StorageEngine,
     pub sync: SyncMode,
+    pub commit_on: CommitOn,
     pub sync_interval_ms: u64,
     pub idempotency_ttl_s: u64,
     pub block_cache_bytes: usize,
@@ -262,6 +277,7 @@ impl Default for StorageConfig {
         StorageConfig {
             engine: StorageEngine::Rocksdb,
             sync: SyncMode::Always,
+            commit_on: CommitOn::Pool,
             sync_interval_ms: 100,
             idempotency_ttl_s: 86_400,
             block_cache_bytes: 256 * 1024 * 1024,

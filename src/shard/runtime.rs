@@ -231,7 +231,9 @@ pub async fn run(setup: ShardSetup) {
         let receiver = task.await;
         glommio::spawn_local(receive_from(Rc::clone(&runtime), receiver)).detach();
     }
-    glommio::spawn_local(commit_loop(Rc::clone(&runtime), storage.commits_block())).detach();
+    let offload =
+        storage.commits_block() && config.storage.commit_on == crate::config::CommitOn::Pool;
+    glommio::spawn_local(commit_loop(Rc::clone(&runtime), offload)).detach();
     if let (0, Some(interval_ms)) = (shard.0, storage.sync_interval_ms()) {
         glommio::spawn_local(sync_loop(
             Rc::clone(&runtime),
@@ -684,9 +686,10 @@ async fn flush_to(runtime: Rc<Runtime>, peer: ShardId, sender: ConnectedSender<B
 }
 
 /// Group commit: everything that arrived while the previous batch was being
-/// written is stored in the next batch, with one sync. A write that blocks on
-/// the disk runs on the executor's blocking thread, so the shard keeps
-/// serving meanwhile.
+/// written is stored in the next batch, with one sync. With `offload` a
+/// write that blocks on the disk runs on the executor's blocking thread, so
+/// the shard keeps serving meanwhile (`storage.commit_on = "pool"`);
+/// without, on the shard's thread.
 async fn commit_loop(runtime: Rc<Runtime>, offload: bool) {
     loop {
         runtime.signals.commit.wait().await;
