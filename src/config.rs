@@ -63,6 +63,11 @@ pub struct WkprotoConfig {
     pub ws_path: String,
     /// The node id CONNACK reports to clients of version 4 and later.
     pub node_id: u64,
+    /// What `GET /route` answers (`host:port`, `ws://…`, `wss://…`);
+    /// empty: the listener's own address.
+    pub route_tcp_addr: String,
+    pub route_ws_addr: String,
+    pub route_wss_addr: String,
 }
 
 impl Default for WkprotoConfig {
@@ -72,6 +77,9 @@ impl Default for WkprotoConfig {
             ws_listen: String::new(),
             ws_path: String::new(),
             node_id: 1,
+            route_tcp_addr: String::new(),
+            route_ws_addr: String::new(),
+            route_wss_addr: String::new(),
         }
     }
 }
@@ -518,6 +526,15 @@ impl Config {
                 format!(
                     "wkproto.{name} = {value:?} is not an address (host:port), nor empty (off)"
                 ),
+            );
+        }
+        for (name, value, scheme) in [
+            ("route_ws_addr", &wk.route_ws_addr, "ws://"),
+            ("route_wss_addr", &wk.route_wss_addr, "wss://"),
+        ] {
+            check(
+                value.is_empty() || value.starts_with(scheme),
+                format!("wkproto.{name} = {value:?} must start with {scheme} (or be empty)"),
             );
         }
         check(

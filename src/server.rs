@@ -238,7 +238,15 @@ impl Server {
             }
         }
         let control = handle.control_with(Arc::clone(&webhooks), Arc::clone(&storage));
-        match crate::api::ControlPlane::start(&config, control, storage, webhooks, api_listener) {
+        let wk_routes = wk_routes(&config, wkproto_addr, wkproto_ws_addr);
+        match crate::api::ControlPlane::start(
+            &config,
+            control,
+            storage,
+            webhooks,
+            api_listener,
+            wk_routes,
+        ) {
             Ok(plane) => {
                 handle.api_addr = plane.api_addr();
                 handle.control_plane = Some(plane);
@@ -277,6 +285,37 @@ fn online_cpus() -> Vec<usize> {
     cpus.sort_unstable();
     cpus.dedup();
     cpus
+}
+
+/// What `GET /route` answers: the configured public addresses, or else
+/// the WKProto listeners' own (`wss://` for the WebSocket one under TLS).
+fn wk_routes(
+    config: &Config,
+    tcp: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
+) -> crate::api::WkRoutes {
+    let wk = &config.wkproto;
+    let tls = config.tls.enabled();
+    let or = |public: &str, bound: Option<String>| {
+        if public.is_empty() {
+            bound.unwrap_or_default()
+        } else {
+            public.to_owned()
+        }
+    };
+    crate::api::WkRoutes {
+        tcp_addr: or(&wk.route_tcp_addr, tcp.map(|a| a.to_string())),
+        ws_addr: or(
+            &wk.route_ws_addr,
+            ws.filter(|_| !tls)
+                .map(|a| format!("ws://{a}{}", wk.ws_path)),
+        ),
+        wss_addr: or(
+            &wk.route_wss_addr,
+            ws.filter(|_| tls)
+                .map(|a| format!("wss://{a}{}", wk.ws_path)),
+        ),
+    }
 }
 
 /// A running server: its address, its control plane, and its threads.

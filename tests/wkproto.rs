@@ -531,3 +531,36 @@ async fn the_websocket_listener_takes_any_path_and_sends_one_packet_per_message(
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn route_answers_where_wukongim_apps_connect() {
+    let server = TestServer::start_with(with_wkproto);
+    let tcp = server.handle().wkproto_addr().unwrap();
+    let ws = server.handle().wkproto_ws_addr().unwrap();
+    let base = server.api_url();
+    let (status, body) = common::api_get(&base, "/route?uid=alice").await;
+    assert_eq!(status, 200, "{body}");
+    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        route,
+        serde_json::json!({"tcp_addr": tcp.to_string(), "ws_addr": format!("ws://{ws}"), "wss_addr": ""})
+    );
+    let (_, body) = common::api_get(&base, "/route?uid=alice&intranet=1").await;
+    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(route["ws_addr"], "");
+    let (status, batch) =
+        common::api_post(&base, "/route/batch", serde_json::json!(["alice", "bob"])).await;
+    assert_eq!(status, 200);
+    assert_eq!(batch[0]["uids"], serde_json::json!(["alice", "bob"]));
+    assert_eq!(batch[0]["tcp_addr"], tcp.to_string());
+    // Configured public addresses win.
+    let server = TestServer::start_with(|c| {
+        with_wkproto(c);
+        c.wkproto.route_tcp_addr = "im.example.com:5100".into();
+        c.wkproto.route_wss_addr = "wss://im.example.com/ws".into();
+    });
+    let (_, body) = common::api_get(&server.api_url(), "/route").await;
+    let route: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(route["tcp_addr"], "im.example.com:5100");
+    assert_eq!(route["wss_addr"], "wss://im.example.com/ws");
+}

@@ -987,3 +987,53 @@ pub async fn health(State(api): State<Shared>) -> Result<Json<Value>, ApiError> 
         )),
     }
 }
+
+#[derive(Deserialize)]
+pub struct RouteQuery {
+    /// Accepted as WuKongIM's clients send it; every user connects to the
+    /// same addresses here.
+    #[serde(default)]
+    #[allow(dead_code)]
+    uid: String,
+    /// 1: only the TCP address (WuKongIM's intranet form).
+    #[serde(default)]
+    intranet: u8,
+}
+
+fn route_json(routes: &super::WkRoutes, intranet: bool) -> Value {
+    json!({
+        "tcp_addr": routes.tcp_addr,
+        "ws_addr": if intranet { "" } else { routes.ws_addr.as_str() },
+        "wss_addr": if intranet { "" } else { routes.wss_addr.as_str() },
+    })
+}
+
+/// Where WuKongIM apps connect (the WKProto listeners), as WuKongIM's
+/// `GET /route` answers it.
+pub async fn route(
+    State(api): State<Shared>,
+    query: Result<Query<RouteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    if query.intranet > 1 {
+        return Err(ApiError::bad_request("`intranet` is 0 or 1"));
+    }
+    Ok(Json(route_json(&api.wk_routes, query.intranet == 1)))
+}
+
+/// [`route`] for many users at once: one entry with every uid, since all
+/// connect to the same addresses.
+pub async fn route_batch(State(api): State<Shared>, Body(uids): Body<Vec<String>>) -> Answer {
+    let max = api.config.limits.group_members_max;
+    if uids.len() > max {
+        return Err(ApiError::bad_request(format!(
+            "at most limits.group_members_max = {max} uids"
+        )));
+    }
+    for each in &uids {
+        uid(&api, "uids", each)?;
+    }
+    let mut entry = route_json(&api.wk_routes, false);
+    entry["uids"] = json!(uids);
+    Ok(Json(json!([entry])))
+}

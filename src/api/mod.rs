@@ -112,10 +112,20 @@ pub fn documented_setting(setting: &str, config: &Config) -> Option<serde_json::
     Some(value)
 }
 
+/// Where WuKongIM apps connect: what `GET /route` answers (empty strings
+/// for listeners that are off).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WkRoutes {
+    pub tcp_addr: String,
+    pub ws_addr: String,
+    pub wss_addr: String,
+}
+
 /// What every handler can reach.
 pub struct Api {
     pub(crate) control: Control,
     pub(crate) config: Arc<Config>,
+    pub(crate) wk_routes: WkRoutes,
     /// [`openapi_document`] for this configuration, made once.
     pub(crate) openapi_json: String,
 }
@@ -163,6 +173,8 @@ pub fn route_table() -> Vec<(&'static str, &'static str, MethodRouter<Shared>)> 
             post(conversation_set_unread),
         ),
         ("POST", "/conversations/delete", post(conversation_delete)),
+        ("GET", "/route", get(route)),
+        ("POST", "/route/batch", post(route_batch)),
         ("GET", "/health", get(health)),
         ("GET", "/metrics", get(metrics::metrics)),
         ("GET", "/openapi.json", get(openapi)),
@@ -301,6 +313,7 @@ impl ControlPlane {
         storage: Arc<dyn Storage>,
         webhooks: Arc<WebhookShared>,
         api_listener: Option<std::net::TcpListener>,
+        wk_routes: WkRoutes,
     ) -> std::io::Result<ControlPlane> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let api_addr = match &api_listener {
@@ -322,6 +335,7 @@ impl ControlPlane {
         let api = Arc::new(Api {
             control: control.clone(),
             config: Arc::clone(config),
+            wk_routes,
             openapi_json: openapi_document(config).to_string(),
         });
         let dispatcher = webhooks_on.then(|| {
