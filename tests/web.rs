@@ -134,3 +134,138 @@ fn node_sdk_syncs_history_and_conversations_changes_unread_and_recalls() {
     let server = web_server(|_| {});
     run_node_tests(&server, "conversations");
 }
+
+// ---- The chat demo at /demo/ ----
+
+fn demo_server() -> TestServer {
+    web_server(|config| config.api.demo = true)
+}
+
+async fn get(url: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+#[tokio::test]
+async fn the_demo_is_off_by_default() {
+    let server = web_server(|_| {});
+    let base = server.api_url();
+    let response = get(&format!("{base}/demo/")).await;
+    assert_eq!(
+        response.status(),
+        401,
+        "without the setting, /demo/ is an admin route that does not exist"
+    );
+    let response = reqwest::Client::new()
+        .get(format!("{base}/demo/"))
+        .header("token", API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn the_demo_serves_its_page_the_sdk_bundle_and_the_websocket_path_without_the_admin_token() {
+    let server = demo_server();
+    let base = server.api_url();
+
+    let page = get(&format!("{base}/demo/")).await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+    let html = page.text().await.unwrap();
+    assert_eq!(html, ruyi::api::demo::INDEX_HTML);
+    assert!(html.contains("<script src=\"ruyi-sdk.js\"></script>"));
+
+    let sdk = get(&format!("{base}/demo/ruyi-sdk.js")).await;
+    assert_eq!(sdk.status(), 200);
+    assert_eq!(
+        sdk.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert_eq!(sdk.text().await.unwrap(), ruyi::api::demo::SDK_JS);
+
+    // The test server's WebSocket port is chosen at start-up, so the page
+    // is told to take it from its fragment.
+    let config: serde_json::Value = get(&format!("{base}/demo/config.json"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        config,
+        serde_json::json!({"ws_port": null, "ws_path": "/chat", "ws_tls": false})
+    );
+
+    let redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{base}/demo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.status(), 308);
+    assert_eq!(redirect.headers()["location"], "/demo/");
+
+    // The admin routes still want the admin token.
+    let admin = get(&format!("{base}/health")).await;
+    assert_eq!(admin.status(), 401);
+}
+
+#[test]
+fn the_demo_config_names_the_configured_websocket_port() {
+    let mut config = Config::default();
+    config.ws.listen = "0.0.0.0:5200".into();
+    config.ws.path = "/ws".into();
+    config.api.demo = true;
+    config.api.token = "t".into();
+    config.auth.secret = "s".into();
+    config.validate().expect("valid");
+    let page = ruyi::api::demo::page_config(&config);
+    assert_eq!(
+        page,
+        serde_json::json!({"ws_port": 5200, "ws_path": "/ws", "ws_tls": false})
+    );
+}
+
+#[test]
+fn the_demo_without_a_websocket_listener_is_refused_at_start_up() {
+    let mut config = Config::default();
+    config.api.demo = true;
+    config.api.token = "t".into();
+    config.auth.secret = "s".into();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("api.demo = true needs"), "{error}");
+    assert!(error.contains("ws.listen"), "{error}");
+}
+
+#[test]
+fn the_committed_demo_bundle_is_a_fresh_esbuild_of_the_sdk() {
+    if let Err(message) = built() {
+        panic!("{message}");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let fresh = out.path().join("ruyi-sdk.js");
+    let output = Command::new("node")
+        .arg("bundle.mjs")
+        .arg(&fresh)
+        .current_dir(package_dir())
+        .output()
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "node bundle.mjs failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let fresh = std::fs::read_to_string(&fresh).unwrap();
+    assert!(
+        fresh == ruyi::api::demo::SDK_JS,
+        "src/api/demo/ruyi-sdk.js is stale: run `node bundle.mjs` in src/client/ts"
+    );
+}

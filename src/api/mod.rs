@@ -20,6 +20,7 @@
 //! server's values ([`openapi_document`]), so a client generated from it, or
 //! a fuzzer, knows what this server accepts.
 
+pub mod demo;
 mod handlers;
 mod metrics;
 
@@ -185,7 +186,8 @@ pub fn router(api: Shared) -> Router {
         router = router.route(path, handler);
     }
     let body_max = api.config.api.body_max_bytes;
-    router
+    let demo = api.config.api.demo.then(|| demo::router(&api.config));
+    let router = router
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
         })
@@ -194,7 +196,13 @@ pub fn router(api: Shared) -> Router {
             require_token,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body_max))
-        .with_state(api)
+        .with_state(api);
+    // Merged after the token check's layer, which therefore does not cover
+    // the demo: its users have user tokens, not the admin token.
+    match demo {
+        Some(demo) => router.merge(demo),
+        None => router,
+    }
 }
 
 async fn require_token(State(api): State<Shared>, request: Request, next: Next) -> Response {
