@@ -71,6 +71,11 @@ fn web_server(adjust: impl FnOnce(&mut Config)) -> TestServer {
 /// Runs `node --test dist/test/{file}.test.js` against `server`; panics
 /// with node's report when a test failed or none ran.
 fn run_node_tests(server: &TestServer, file: &str) {
+    run_node_tests_with(server, file, &[]);
+}
+
+/// [`run_node_tests`] with more environment variables.
+fn run_node_tests_with(server: &TestServer, file: &str, extra_env: &[(&str, String)]) {
     if let Err(message) = built() {
         panic!("{message}");
     }
@@ -89,6 +94,7 @@ fn run_node_tests(server: &TestServer, file: &str) {
         .env("RUYI_API_TOKEN", API_TOKEN)
         .env("RUYI_AUTH_SECRET", SECRET)
         .env("RUYI_BIN", env!("CARGO_BIN_EXE_ruyi"))
+        .envs(extra_env.iter().map(|(name, value)| (*name, value)))
         .output()
         .expect("node runs");
     let report = format!(
@@ -268,4 +274,47 @@ fn the_committed_demo_bundle_is_a_fresh_esbuild_of_the_sdk() {
         fresh == ruyi::api::demo::SDK_JS,
         "src/api/demo/ruyi-sdk.js is stale: run `node bundle.mjs` in src/client/ts"
     );
+}
+
+// ---- The demo in a real browser ----
+
+/// Debian's Chromium (`apt-get install chromium`), or `RUYI_CHROMIUM`.
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("RUYI_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.exists(),
+        "{} is missing: install Debian's Chromium with `apt-get install chromium` \
+         (the README's test command does), or set RUYI_CHROMIUM",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn the_chat_demo_works_in_chromium_between_alice_and_bob_and_with_node_and_rust_clients() {
+    let chromium = chromium();
+    let server = demo_server();
+    let output = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-browser");
+    let _ = std::fs::remove_dir_all(&output);
+    run_node_tests_with(
+        &server,
+        "browser",
+        &[
+            ("RUYI_DEMO_URL", format!("{}/demo/", server.api_url())),
+            ("RUYI_OUTPUT_DIR", output.display().to_string()),
+            ("RUYI_CHROMIUM", chromium.display().to_string()),
+        ],
+    );
+    for name in [
+        "bob-unread",
+        "bob-recalled",
+        "alice-recalled",
+        "carol-three-clients",
+    ] {
+        let png = std::fs::read(output.join(format!("{name}.png")))
+            .unwrap_or_else(|e| panic!("{name}.png: {e}"));
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}.png is a PNG");
+    }
 }
