@@ -161,6 +161,16 @@ test('a browser page, a Node program and a Rust client talk through one gateway'
   await page.close();
 });
 
+test('a refused token shows the reason and the login form', async () => {
+  const page = await context.newPage();
+  const fragment = new URLSearchParams({ uid: 'mallory', token: token('mallory', 'not-the-secret'), ws: env.wsUrl });
+  await page.goto(`${demoUrl}#${fragment}`);
+  await page.waitForSelector('#login:not([hidden])');
+  assert.equal(await page.textContent('[data-testid="status"]'), 'cannot connect: the server refused the connection: AuthFailed');
+  assert.equal(await page.inputValue('#login-uid'), 'mallory');
+  await page.close();
+});
+
 test('no page reported an error', () => {
   assert.deepEqual(pageErrors, []);
 });
