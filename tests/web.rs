@@ -71,32 +71,38 @@ fn web_server(adjust: impl FnOnce(&mut Config)) -> TestServer {
 /// Runs `node --test dist/test/{file}.test.js` against `server`; panics
 /// with node's report when a test failed or none ran.
 fn run_node_tests(server: &TestServer, file: &str) {
-    run_node_tests_with(server, file, &[]);
+    run_node(Some(server), file, &[]);
 }
 
 /// [`run_node_tests`] with more environment variables.
 fn run_node_tests_with(server: &TestServer, file: &str, extra_env: &[(&str, String)]) {
+    run_node(Some(server), file, extra_env);
+}
+
+/// Runs one file of Node tests, against `server` when there is one.
+fn run_node(server: Option<&TestServer>, file: &str, extra_env: &[(&str, String)]) {
     if let Err(message) = built() {
         panic!("{message}");
     }
-    let ws = server
-        .handle()
-        .ws_addr()
-        .expect("the WebSocket listener is on");
-    let output = Command::new("node")
-        .arg("--test")
+    let mut node = Command::new("node");
+    node.arg("--test")
         .arg("--test-reporter=tap")
         .arg(format!("dist/test/{file}.test.js"))
         .current_dir(package_dir())
-        .env("RUYI_WS_URL", format!("ws://{ws}/chat"))
-        .env("RUYI_TCP_ADDR", server.addr.to_string())
-        .env("RUYI_API_URL", server.api_url())
-        .env("RUYI_API_TOKEN", API_TOKEN)
-        .env("RUYI_AUTH_SECRET", SECRET)
-        .env("RUYI_BIN", env!("CARGO_BIN_EXE_ruyi"))
-        .envs(extra_env.iter().map(|(name, value)| (*name, value)))
-        .output()
-        .expect("node runs");
+        .envs(extra_env.iter().map(|(name, value)| (*name, value)));
+    if let Some(server) = server {
+        let ws = server
+            .handle()
+            .ws_addr()
+            .expect("the WebSocket listener is on");
+        node.env("RUYI_WS_URL", format!("ws://{ws}/chat"))
+            .env("RUYI_TCP_ADDR", server.addr.to_string())
+            .env("RUYI_API_URL", server.api_url())
+            .env("RUYI_API_TOKEN", API_TOKEN)
+            .env("RUYI_AUTH_SECRET", SECRET)
+            .env("RUYI_BIN", env!("CARGO_BIN_EXE_ruyi"));
+    }
+    let output = node.output().expect("node runs");
     let report = format!(
         "{}\n{}",
         String::from_utf8_lossy(&output.stdout),
@@ -117,6 +123,12 @@ fn run_node_tests_with(server: &TestServer, file: &str, extra_env: &[(&str, Stri
         count("# pass ") > 0,
         "node --test {file} ran no test:\n{report}"
     );
+}
+
+#[test]
+fn node_sdk_codec_splits_frames_refuses_hostile_lengths_and_keeps_64_bit_ids_exact() {
+    // The wire format alone: no gateway.
+    run_node(None, "codec", &[]);
 }
 
 #[test]

@@ -3132,7 +3132,10 @@ var Ruyi = (() => {
           if (!accepted) {
             const first = packets.shift();
             if (!first) return;
-            if (first.type === "connAck" && first.reason === 1 /* Success */) {
+            if (first.type === "connAck" && first.reason === 1 /* Success */ && this.currentState === "closed") {
+              fail(new ConnectionClosedError(this.closeInfo?.reason ?? null, this.closeInfo?.detail ?? ""));
+              return;
+            } else if (first.type === "connAck" && first.reason === 1 /* Success */) {
               accepted = true;
               clearTimeout(timer);
               this.adopt(socket, first.info);

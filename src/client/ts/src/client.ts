@@ -735,7 +735,11 @@ export class Client implements AsyncIterable<Delivery> {
         if (!accepted) {
           const first = packets.shift();
           if (!first) return;
-          if (first.type === 'connAck' && first.reason === ReasonCode.Success) {
+          if (first.type === 'connAck' && first.reason === ReasonCode.Success && this.currentState === 'closed') {
+            // close() was called while this reconnect was under way.
+            fail(new ConnectionClosedError(this.closeInfo?.reason ?? null, this.closeInfo?.detail ?? ''));
+            return;
+          } else if (first.type === 'connAck' && first.reason === ReasonCode.Success) {
             accepted = true;
             clearTimeout(timer);
             this.adopt(socket, first.info);

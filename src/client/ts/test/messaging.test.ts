@@ -5,9 +5,9 @@
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import WebSocket from 'ws';
-import { ChannelType, ConnectRefusedError, SendRefusedError, connect } from '../src/index.js';
+import { ChannelType, ConnectRefusedError, ConnectionClosedError, IncomingOverflowError, SendRefusedError, connect } from '../src/index.js';
 import { type Client } from '../src/index.js';
-import { connectAs, drain, env, ruyiClient, rustListener, takeMessages, token, uniqueUid } from './helpers.js';
+import { Proxy, connectAs, drain, env, ruyiClient, rustListener, sleep, takeMessages, token, uniqueUid, until } from './helpers.js';
 
 const clients: Client[] = [];
 async function open(uid: string, options: Parameters<typeof connectAs>[1] = {}): Promise<Client> {
@@ -166,4 +166,42 @@ test('a token for another uid is refused with AuthFailed', async () => {
     assert.equal(error.reason, 'AuthFailed');
     return true;
   });
+});
+
+test('an iterator nobody reads ends with IncomingOverflowError past incomingBufferMax; callbacks go on', async () => {
+  const aliceUid = uniqueUid('alice');
+  const bobUid = uniqueUid('bob');
+  const alice = await open(aliceUid);
+  const bob = await open(bobUid, { incomingBufferMax: 3 });
+  const unread = bob.deliveries();
+  const seen: string[] = [];
+  bob.onMessage((m) => seen.push(m.text));
+  for (const text of ['1', '2', '3', '4', '5']) await alice.sendText(bobUid, text);
+  await until('the callback saw all five', () => seen.length === 5);
+  await assert.rejects(unread.next(), IncomingOverflowError);
+  assert.deepEqual(await unread.next(), { value: undefined, done: true });
+  assert.equal(bob.state, 'open');
+});
+
+test('close() while reconnecting stops for good: pending sends reject and no reconnect follows', async () => {
+  const proxy = await Proxy.start();
+  try {
+    const client = await open(uniqueUid('leaving'), { url: proxy.url, reconnectDelayInitialMs: 50 });
+    const closedEvents: Array<string | null> = [];
+    client.on('closed', (info) => closedEvents.push(info.reason));
+    const disconnected = new Promise<void>((resolve) => client.on('disconnected', () => resolve()));
+    proxy.cutAll();
+    await disconnected;
+    assert.equal(client.state, 'reconnecting');
+    const pending = client.sendText(uniqueUid('peer'), 'queued while reconnecting');
+    await client.close();
+    await assert.rejects(pending, ConnectionClosedError);
+    const connections = proxy.connections;
+    await sleep(500);
+    assert.equal(client.state, 'closed');
+    assert.equal(proxy.connections, connections, 'no reconnect after close()');
+    assert.deepEqual(closedEvents, [null]);
+  } finally {
+    await proxy.stop();
+  }
 });
