@@ -9,8 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { type BrowserContext, type Page, chromium } from 'playwright-core';
-import { type Client } from '../src/index.js';
-import { connectAs, env, ruyiClient, takeMessages, token } from './helpers.js';
+import { ClientPool, env, ruyiClient, takeMessages, token } from './helpers.js';
 
 const demoUrl = process.env['RUYI_DEMO_URL'];
 const outputDir = process.env['RUYI_OUTPUT_DIR'];
@@ -34,7 +33,7 @@ const VIEWPORT = { width: 1000, height: 640 };
 let userDataDir: string;
 let context: BrowserContext;
 const pageErrors: string[] = [];
-const clients: Client[] = [];
+const pool = new ClientPool();
 
 before(async () => {
   mkdirSync(outputDir, { recursive: true });
@@ -48,7 +47,7 @@ before(async () => {
 });
 
 after(async () => {
-  for (const client of clients) await client.close();
+  await pool.closeAll();
   await context?.close();
   rmSync(userDataDir, { recursive: true, force: true });
 });
@@ -107,8 +106,7 @@ test('alice sends from her page; bob sees it with an unread badge, opening the c
   const received = bob.locator('#messages .message', { hasText: 'Hello Bob, from a browser' });
   await received.waitFor();
   await fromAlice.locator('[data-testid="unread"]').waitFor({ state: 'detached' });
-  const bobsPhone = await connectAs('bob', { deviceId: 'phone', resume: false });
-  clients.push(bobsPhone);
+  const bobsPhone = await pool.open('bob', { deviceId: 'phone', resume: false });
   for (let i = 0; ; i++) {
     const conversation = (await bobsPhone.conversations()).find((c) => c.channelId === 'alice');
     if (conversation?.unread === 0) break;
@@ -134,8 +132,7 @@ test('alice sends from her page; bob sees it with an unread badge, opening the c
 
 test('a browser page, a Node program and a Rust client talk through one gateway', async () => {
   const page = await openDemo('carol');
-  const node = await connectAs('dave', { deviceId: 'node' });
-  clients.push(node);
+  const node = await pool.open('dave', { deviceId: 'node' });
   const inbox = node.deliveries();
 
   // Node -> browser.

@@ -2,18 +2,12 @@
 
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
-import { ChannelType, type Client, type Conversation, RequestFailedError } from '../src/index.js';
-import { adminPost, connectAs, take, takeMessages, uniqueUid } from './helpers.js';
+import { ChannelType, type Conversation, RequestFailedError } from '../src/index.js';
+import { ClientPool, adminPost, take, takeMessages, uniqueUid } from './helpers.js';
 
-const clients: Client[] = [];
-async function open(uid: string, options: Parameters<typeof connectAs>[1] = {}): Promise<Client> {
-  const client = await connectAs(uid, options);
-  clients.push(client);
-  return client;
-}
-after(async () => {
-  for (const client of clients) await client.close();
-});
+const pool = new ClientPool();
+const open = pool.open.bind(pool);
+after(() => pool.closeAll());
 
 function find(conversations: Conversation[], channelId: string): Conversation {
   const found = conversations.find((c) => c.channelId === channelId);

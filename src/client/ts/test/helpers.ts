@@ -64,6 +64,21 @@ export function connectAs(uid: string, options: Partial<ConnectOptions> = {}): P
   });
 }
 
+/** Clients a test file opens, closed together when it is done with them. */
+export class ClientPool {
+  private readonly clients: Client[] = [];
+
+  async open(uid: string, options: Partial<ConnectOptions> = {}): Promise<Client> {
+    const client = await connectAs(uid, options);
+    this.clients.push(client);
+    return client;
+  }
+
+  async closeAll(): Promise<void> {
+    for (const client of this.clients.splice(0)) await client.close();
+  }
+}
+
 /** The next `count` deliveries of `kind` from an iterator, within `timeoutMs`. */
 export async function take(iterator: AsyncIterator<Delivery>, count: number, timeoutMs = 10_000, kind: Delivery['kind'] = 'message'): Promise<Delivery[]> {
   const got: Delivery[] = [];

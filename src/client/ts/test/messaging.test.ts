@@ -6,18 +6,11 @@ import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import WebSocket from 'ws';
 import { ChannelType, ConnectRefusedError, ConnectionClosedError, IncomingOverflowError, SendRefusedError, connect } from '../src/index.js';
-import { type Client } from '../src/index.js';
-import { Proxy, connectAs, drain, env, ruyiClient, rustListener, sleep, takeMessages, token, uniqueUid, until } from './helpers.js';
+import { ClientPool, Proxy, drain, env, ruyiClient, rustListener, sleep, takeMessages, token, uniqueUid, until } from './helpers.js';
 
-const clients: Client[] = [];
-async function open(uid: string, options: Parameters<typeof connectAs>[1] = {}): Promise<Client> {
-  const client = await connectAs(uid, options);
-  clients.push(client);
-  return client;
-}
-after(async () => {
-  for (const client of clients) await client.close();
-});
+const pool = new ClientPool();
+const open = pool.open.bind(pool);
+after(() => pool.closeAll());
 
 test('connect resolves on ConnAck with the session id as a string and the heartbeat interval', async () => {
   const client = await open(uniqueUid('alice'));

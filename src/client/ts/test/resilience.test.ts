@@ -6,24 +6,18 @@
 
 import assert from 'node:assert/strict';
 import { after, afterEach, before, test } from 'node:test';
-import { type Client, ConnectRefusedError, ConnectionClosedError } from '../src/index.js';
-import { Proxy, adminPost, connectAs, drain, env, sleep, takeMessages, token, uniqueUid, until } from './helpers.js';
+import { ConnectRefusedError, ConnectionClosedError } from '../src/index.js';
+import { ClientPool, Proxy, adminPost, connectAs, drain, env, sleep, takeMessages, token, uniqueUid, until } from './helpers.js';
 
 let proxy: Proxy;
-const clients: Client[] = [];
-async function open(uid: string, options: Parameters<typeof connectAs>[1] = {}): Promise<Client> {
-  const client = await connectAs(uid, options);
-  clients.push(client);
-  return client;
-}
+const pool = new ClientPool();
+const open = pool.open.bind(pool);
 before(async () => {
   proxy = await Proxy.start();
 });
 // Each test's clients close when it ends: a client left behind would
 // reconnect through the proxy and be counted by a later test.
-afterEach(async () => {
-  for (const client of clients.splice(0)) await client.close();
-});
+afterEach(() => pool.closeAll());
 after(async () => {
   await proxy.stop();
 });
