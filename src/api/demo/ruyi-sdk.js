@@ -31,6 +31,7 @@ var Ruyi = (() => {
     DeviceFlag: () => DeviceFlag,
     IncomingOverflowError: () => IncomingOverflowError,
     PROTOCOL_VERSION: () => PROTOCOL_VERSION,
+    PendingSendsFullError: () => PendingSendsFullError,
     ProtocolError: () => ProtocolError,
     RECV_FLAG_FROM_SELF: () => RECV_FLAG_FROM_SELF,
     RECV_FLAG_RECALLED: () => RECV_FLAG_RECALLED,
@@ -2397,6 +2398,12 @@ var Ruyi = (() => {
       __publicField(this, "incomingBufferMax", incomingBufferMax);
     }
   };
+  var PendingSendsFullError = class extends RuyiError {
+    constructor(pendingSendsMax) {
+      super(`${pendingSendsMax} sends already wait for their SendAck (pendingSendsMax)`);
+      __publicField(this, "pendingSendsMax", pendingSendsMax);
+    }
+  };
 
   // src/codec.ts
   var PROTOCOL_VERSION = 1;
@@ -2710,6 +2717,7 @@ var Ruyi = (() => {
       requestTimeoutMs: options.requestTimeoutMs ?? 1e4,
       frameSizeMaxBytes: options.frameSizeMaxBytes ?? 4 * 1024 * 1024,
       incomingBufferMax: options.incomingBufferMax ?? 1e4,
+      pendingSendsMax: options.pendingSendsMax ?? 1e4,
       WebSocket: WebSocketClass,
       onCallbackError: options.onCallbackError ?? ((error) => console.error("ruyi: a callback threw", error))
     };
@@ -2721,7 +2729,8 @@ var Ruyi = (() => {
       "connectTimeoutMs",
       "requestTimeoutMs",
       "frameSizeMaxBytes",
-      "incomingBufferMax"
+      "incomingBufferMax",
+      "pendingSendsMax"
     ];
     for (const name of positive) {
       const value = s[name];
@@ -2934,6 +2943,9 @@ var Ruyi = (() => {
       }
       if (this.currentState === "closed") {
         return Promise.reject(new ConnectionClosedError(this.closeInfo?.reason ?? null, this.closeInfo?.detail ?? ""));
+      }
+      if (this.pendingSends.length >= this.settings.pendingSendsMax) {
+        return Promise.reject(new PendingSendsFullError(this.settings.pendingSendsMax));
       }
       return new Promise((resolve, reject) => {
         const pending = {

@@ -41,6 +41,7 @@ import {
   ConnectRefusedError,
   ConnectionClosedError,
   IncomingOverflowError,
+  PendingSendsFullError,
   ProtocolError,
   RequestFailedError,
   RuyiError,
@@ -124,6 +125,9 @@ export interface ConnectOptions {
   /** Deliveries an iterator from `deliveries()` holds before it ends with
    * `IncomingOverflowError`. Default 10000. */
   incomingBufferMax?: number;
+  /** Sends waiting for their SendAck (also while reconnecting) before
+   * `send()` rejects with `PendingSendsFullError`. Default 10000. */
+  pendingSendsMax?: number;
   /** The WebSocket class; default `globalThis.WebSocket`. In Node 20, pass
    * `ws`'s: `import WebSocket from 'ws'`. */
   WebSocket?: WebSocketConstructor;
@@ -262,6 +266,7 @@ function settings(options: ConnectOptions): Settings {
     requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
     frameSizeMaxBytes: options.frameSizeMaxBytes ?? 4 * 1024 * 1024,
     incomingBufferMax: options.incomingBufferMax ?? 10_000,
+    pendingSendsMax: options.pendingSendsMax ?? 10_000,
     WebSocket: WebSocketClass,
     onCallbackError: options.onCallbackError ?? ((error) => console.error('ruyi: a callback threw', error)),
   };
@@ -274,6 +279,7 @@ function settings(options: ConnectOptions): Settings {
     'requestTimeoutMs',
     'frameSizeMaxBytes',
     'incomingBufferMax',
+    'pendingSendsMax',
   ];
   for (const name of positive) {
     const value = s[name] as number;
@@ -520,6 +526,9 @@ export class Client implements AsyncIterable<Delivery> {
     }
     if (this.currentState === 'closed') {
       return Promise.reject(new ConnectionClosedError(this.closeInfo?.reason ?? null, this.closeInfo?.detail ?? ''));
+    }
+    if (this.pendingSends.length >= this.settings.pendingSendsMax) {
+      return Promise.reject(new PendingSendsFullError(this.settings.pendingSendsMax));
     }
     return new Promise<SendAck>((resolve, reject) => {
       const pending: PendingSend = {

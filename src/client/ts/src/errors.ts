@@ -78,3 +78,11 @@ export class IncomingOverflowError extends RuyiError {
     super(`more than ${incomingBufferMax} deliveries waited for the iterator (incomingBufferMax)`);
   }
 }
+
+/** `pendingSendsMax` sends are already waiting for their SendAck (the
+ * connection is slow or down); this one was not queued. Retry later. */
+export class PendingSendsFullError extends RuyiError {
+  constructor(readonly pendingSendsMax: number) {
+    super(`${pendingSendsMax} sends already wait for their SendAck (pendingSendsMax)`);
+  }
+}

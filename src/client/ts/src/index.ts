@@ -37,6 +37,7 @@ export {
   ConnectRefusedError,
   ConnectionClosedError,
   IncomingOverflowError,
+  PendingSendsFullError,
   ProtocolError,
   RequestFailedError,
   RuyiError,

@@ -6,7 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { after, afterEach, before, test } from 'node:test';
-import { ConnectRefusedError, ConnectionClosedError } from '../src/index.js';
+import { ConnectRefusedError, ConnectionClosedError, PendingSendsFullError } from '../src/index.js';
 import { ClientPool, Proxy, adminPost, connectAs, drain, env, sleep, takeMessages, token, uniqueUid, until } from './helpers.js';
 
 let proxy: Proxy;
@@ -127,6 +127,21 @@ test('sends made while reconnecting are written once the new connection is up', 
   assert.deepEqual(
     got.map((m) => m.text),
     ['a', 'b', 'c'],
+  );
+});
+
+test('sends beyond pendingSendsMax while the connection is down reject with PendingSendsFullError', async () => {
+  const client = await open(uniqueUid('busy'), { url: proxy.url, heartbeat: false, pendingSendsMax: 2, reconnectDelayInitialMs: 300 });
+  const disconnected = new Promise<void>((resolve) => client.on('disconnected', () => resolve()));
+  proxy.cutAll();
+  await disconnected;
+  const peer = uniqueUid('peer');
+  const queued = [client.sendText(peer, 'one'), client.sendText(peer, 'two')];
+  await assert.rejects(client.sendText(peer, 'three'), PendingSendsFullError);
+  const acks = await Promise.all(queued);
+  assert.deepEqual(
+    acks.map((a) => a.messageSeq),
+    ['1', '2'],
   );
 });
 
