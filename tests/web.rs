@@ -139,10 +139,10 @@ fn node_sdk_connects_sends_and_receives_in_order_with_node_and_rust_clients() {
 
 #[test]
 fn node_sdk_dedups_resumes_resends_once_and_stops_after_kick_or_auth_failure() {
-    // A short heartbeat, so the heartbeat tests take a second.
+    // A short heartbeat, so the heartbeat tests take a few seconds.
     let server = web_server(|config| {
-        config.limits.heartbeat_interval_ms = 200;
-        config.limits.idle_timeout_ms = 1000;
+        config.limits.heartbeat_interval_ms = 300;
+        config.limits.idle_timeout_ms = 1500;
     });
     run_node_tests(&server, "resilience");
 }

@@ -11,7 +11,9 @@
 //! Every route needs the admin token in a `token` header (compared in
 //! constant time) unless `api.open` is set, which is allowed on loopback
 //! only. Errors are JSON: `{"status": <HTTP status>, "error": <code>,
-//! "msg": <what is wrong>}`.
+//! "msg": <what is wrong>}`. The one exception to the token is the chat demo
+//! ([`demo`], `api.demo`): fixed static files under `/demo/` for people who
+//! log in with user tokens over the WebSocket listener.
 //!
 //! The routes are listed once, in [`route_table`]; `openapi.json` describes
 //! the same routes and a test checks that the two agree. The committed
