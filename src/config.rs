@@ -164,6 +164,10 @@ pub struct ApiConfig {
     pub request_timeout_ms: u64,
     pub system_uid: String,
     pub user_token_length_max_bytes: usize,
+    /// Serve the chat demo at `/demo/` on this listener (no admin token
+    /// needed for it; users log in with their own token). Needs the
+    /// WebSocket listener (`ws.listen`).
+    pub demo: bool,
 }
 
 impl Default for ApiConfig {
@@ -177,6 +181,7 @@ impl Default for ApiConfig {
             request_timeout_ms: 10_000,
             system_uid: "__system".into(),
             user_token_length_max_bytes: 1024,
+            demo: false,
         }
     }
 }
@@ -664,6 +669,12 @@ impl Config {
                 ),
             );
         }
+        check(
+            !a.demo || (a.enabled && !ws.listen.is_empty()),
+            "api.demo = true needs the admin API (api.enabled) to serve the page and the \
+             WebSocket listener (ws.listen) for it to connect to"
+                .into(),
+        );
         let w = &self.webhook;
         check(
             w.url.is_empty() || w.url.starts_with("http://") || w.url.starts_with("https://"),

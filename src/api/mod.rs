@@ -11,7 +11,9 @@
 //! Every route needs the admin token in a `token` header (compared in
 //! constant time) unless `api.open` is set, which is allowed on loopback
 //! only. Errors are JSON: `{"status": <HTTP status>, "error": <code>,
-//! "msg": <what is wrong>}`.
+//! "msg": <what is wrong>}`. The one exception to the token is the chat demo
+//! ([`demo`], `api.demo`): fixed static files under `/demo/` for people who
+//! log in with user tokens over the WebSocket listener.
 //!
 //! The routes are listed once, in [`route_table`]; `openapi.json` describes
 //! the same routes and a test checks that the two agree. The committed
@@ -20,6 +22,7 @@
 //! server's values ([`openapi_document`]), so a client generated from it, or
 //! a fuzzer, knows what this server accepts.
 
+pub mod demo;
 mod handlers;
 mod metrics;
 
@@ -197,7 +200,8 @@ pub fn router(api: Shared) -> Router {
         router = router.route(path, handler);
     }
     let body_max = api.config.api.body_max_bytes;
-    router
+    let demo = api.config.api.demo.then(|| demo::router(&api.config));
+    let router = router
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
         })
@@ -206,7 +210,13 @@ pub fn router(api: Shared) -> Router {
             require_token,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body_max))
-        .with_state(api)
+        .with_state(api);
+    // Merged after the token check's layer, which therefore does not cover
+    // the demo: its users have user tokens, not the admin token.
+    match demo {
+        Some(demo) => router.merge(demo),
+        None => router,
+    }
 }
 
 async fn require_token(State(api): State<Shared>, request: Request, next: Next) -> Response {

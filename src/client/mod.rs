@@ -7,6 +7,10 @@
 //! messages. Received messages are acknowledged automatically unless
 //! [`ConnectOptions::auto_ack`] is off. Heartbeats follow the interval the
 //! server gives in `ConnAck`.
+//!
+//! The TypeScript SDK, for browsers and Node over the WebSocket listener,
+//! is the npm package in `ts/` beside this module; it keeps the same
+//! guarantees, and tests/web.rs runs its tests against a real gateway.
 
 pub mod cli;
 pub mod core;
