@@ -290,7 +290,7 @@ impl Default for StorageConfig {
         StorageConfig {
             engine: StorageEngine::Rocksdb,
             sync: SyncMode::Always,
-            commit_on: CommitOn::Pool,
+            commit_on: CommitOn::Shard,
             sync_interval_ms: 100,
             idempotency_ttl_s: 86_400,
             block_cache_bytes: 256 * 1024 * 1024,
@@ -414,7 +414,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             shards: 0,
             pin_shards: true,
-            spin_before_park_us: 50,
+            spin_before_park_us: 0,
             inbox_capacity_batches: 256,
             inbox_batch_max_messages: 1024,
             outgoing_backlog_max_messages: 65536,

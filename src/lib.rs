@@ -32,6 +32,9 @@
 //! - [`api`]: the admin HTTP API (axum) and the control-plane thread that
 //!   runs it with the [`webhook`] dispatcher; webhook events are written to
 //!   a durable outbox in the commit of the message they describe.
+//! - [`wkproto`]: WuKongIM's binary protocol (codec, the encryption its SDKs
+//!   require, and a per-connection translator to and from ruyi's frames), so
+//!   WuKongIM apps connect to the same shards unchanged.
 //! - [`client`]: the SDK (a runtime-free protocol core and a tokio adapter)
 //!   and the `ruyi client` command line.
 //! - [`config`]: the one configuration tree; [`server`]: start and stop;
