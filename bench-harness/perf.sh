@@ -14,8 +14,9 @@ out=${1:-/tmp/ruyi-perf}
 rm -rf "$out"
 mkdir -p "$out"
 cargo build --release -p ruyi -p bench-harness >&2
-bench=target/release/ruyi-bench
-ruyi=target/release/ruyi
+bin=${CARGO_TARGET_DIR:-target}/release
+bench=$bin/ruyi-bench
+ruyi=$bin/ruyi
 secs=${PERF_SECONDS:-10}
 warm=${PERF_WARMUP:-2}
 
@@ -49,11 +50,24 @@ kill "$sink"
 wait "$sink" 2>/dev/null || true
 
 echo "== ruyi" >&2
-$bench chat --server-cmd "$(serve chat)" "${common[@]}" "${budget[@]}" "${chat_load[@]}" \
-  --json "$out/ruyi-chat.json" --plot "$out/ruyi-chat.svg" >&2
-half=$(python3 -c "import json; print(round(json.load(open('$out/ruyi-chat.json'))['sends_per_s'] / 2))")
-$bench chat --server-cmd "$(serve chat-half)" "${common[@]}" "${budget[@]}" "${chat_load[@]}" --rate "$half" \
-  --json "$out/ruyi-chat-half.json" >&2
+# The same chat load flat out, paced at 25,000 and 5,000 sends/s, and flat
+# out pinned (the server on CPU 0 with one shard, the generator on CPU 1
+# with one executor): issue 13's rows.
+chat_runs() { # target-name server-cmd-maker [target args...]
+  local name=$1 make=$2
+  shift 2
+  $bench chat --server-cmd "$($make chat)" "$@" "${common[@]}" "${chat_load[@]}" \
+    --json "$out/$name-chat.json" --plot "$out/$name-chat.svg" >&2 || true
+  for rate in 25000 5000; do
+    $bench chat --server-cmd "$($make chat-$rate)" "$@" "${common[@]}" "${chat_load[@]}" --rate $rate \
+      --json "$out/$name-chat-$rate.json" >&2 || true
+  done
+  taskset -c 1 $bench chat --server-cmd "taskset -c 0 $($make chat-pinned) $pin_args" "$@" "${common[@]}" \
+    "${chat_load[@]}" --threads 1 --json "$out/$name-chat-pinned.json" >&2 || true
+}
+pin_args="--shards 1"
+chat_runs ruyi serve "${budget[@]}"
+pin_args=""
 $bench group --server-cmd "$(serve group)" --api-token t "${common[@]}" "${budget[@]}" "${group_load[@]}" \
   --json "$out/ruyi-group.json" --plot "$out/ruyi-group.svg" >&2
 $bench mixed --server-cmd "$(serve mixed)" --api-token t "${common[@]}" "${budget[@]}" "${mixed_load[@]}" \
@@ -90,9 +104,8 @@ EOF
     rm -rf "$out/mosquitto" && mkdir -p "$out/mosquitto"
     if id mosquitto >/dev/null 2>&1; then chown mosquitto: "$out/mosquitto"; fi
   }
-  fresh
-  $bench chat --target mqtt://127.0.0.1:1883 --server-cmd "$broker" "${common[@]}" "${chat_load[@]}" \
-    --json "$out/mqtt-chat.json" >&2 || true
+  fresh_broker() { fresh; echo "$broker"; }
+  chat_runs mqtt fresh_broker --target mqtt://127.0.0.1:1883
   fresh
   $bench group --target mqtt://127.0.0.1:1883 --server-cmd "$broker" "${common[@]}" "${group_load[@]}" \
     --json "$out/mqtt-group.json" >&2 || true
@@ -112,8 +125,7 @@ fi
 if command -v nats-server >/dev/null; then
   echo "== nats-server" >&2
   nats() { echo "nats-server -a 127.0.0.1 -p 4222 -js -sd $out/nats-$1"; }
-  $bench chat --target nats://127.0.0.1:4222 --server-cmd "$(nats chat)" "${common[@]}" "${chat_load[@]}" \
-    --json "$out/nats-chat.json" >&2 || true
+  chat_runs nats nats --target nats://127.0.0.1:4222
   $bench group --target nats://127.0.0.1:4222 --server-cmd "$(nats group)" "${common[@]}" "${group_load[@]}" \
     --json "$out/nats-group.json" >&2 || true
   $bench mixed --target nats://127.0.0.1:4222 --server-cmd "$(nats mixed)" "${common[@]}" "${mixed_load[@]}" \
@@ -140,20 +152,29 @@ def row(name, label):
         v = v.get("chat", v)  # mixed: the chat part's
         return "-" if p not in v else f"{v[p] / 1000:.1f}"
     cpu = j.get("server_cpu_percent")
+    gen = j.get("generator_cpu_percent")
     rss = j.get("server_rss_bytes")
     checks = "/".join(str(j.get(k, 0)) for k in ("lost", "duplicated", "reordered", "unexpected"))
     return (f"| {label} | {j.get('sends_per_s', 0):,.0f} | {j.get('deliveries_per_s', 0):,.0f} | "
             f"{lat('ack_latency_us', 'p50')} / {lat('ack_latency_us', 'p99')} | "
             f"{lat('delivery_latency_us', 'p99')} | "
-            f"{'-' if cpu is None else f'{cpu:.0f}%'} | {'-' if rss is None else f'{rss / 1048576:.0f} MiB'} | {checks} |")
-print("| run | acked sends/s | deliveries/s | SendAck p50 / p99 ms | delivery p99 ms | server CPU | server RSS | lost/dup/reord/unexp |")
-print("|---|---:|---:|---:|---:|---:|---:|---|")
+            f"{'-' if cpu is None else f'{cpu:.0f}%'} | {'-' if gen is None else f'{gen:.0f}%'} | {'-' if rss is None else f'{rss / 1048576:.0f} MiB'} | {checks} |")
+print("| run | acked sends/s | deliveries/s | SendAck p50 / p99 ms | delivery p99 ms | server CPU | generator CPU | server RSS | lost/dup/reord/unexp |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for name, label in [
     ("ceiling", "harness ceiling: chat vs null sink"),
-    ("ruyi-chat", "ruyi chat (durable)"),
-    ("ruyi-chat-half", "ruyi chat at half that rate"),
-    ("mqtt-chat", "mosquitto chat (QoS 1, persistent)"),
-    ("nats-chat", "nats chat (JetStream file)"),
+    ("ruyi-chat", "ruyi chat (durable), flat out"),
+    ("mqtt-chat", "mosquitto chat (QoS 1, persistent), flat out"),
+    ("nats-chat", "nats chat (JetStream file), flat out"),
+    ("ruyi-chat-25000", "ruyi chat at 25,000/s"),
+    ("mqtt-chat-25000", "mosquitto chat at 25,000/s"),
+    ("nats-chat-25000", "nats chat at 25,000/s"),
+    ("ruyi-chat-5000", "ruyi chat at 5,000/s"),
+    ("mqtt-chat-5000", "mosquitto chat at 5,000/s"),
+    ("nats-chat-5000", "nats chat at 5,000/s"),
+    ("ruyi-chat-pinned", "ruyi chat pinned (1 shard on CPU 0, generator on CPU 1)"),
+    ("mqtt-chat-pinned", "mosquitto chat pinned"),
+    ("nats-chat-pinned", "nats chat pinned"),
     ("ruyi-group", "ruyi group 10x100 (durable)"),
     ("mqtt-group", "mosquitto group"),
     ("nats-group", "nats group"),
@@ -164,6 +185,14 @@ for name, label in [
     ("ruyi-chaos-group", "ruyi group, kill -9 every 5 s"),
 ]:
     print(row(name, label))
+print()
+print("Latency budget of the ruyi chat runs (stage: p50 / p99 ms):")
+for name in ("ruyi-chat", "ruyi-chat-25000", "ruyi-chat-5000", "ruyi-chat-pinned", "ruyi-group"):
+    p = os.path.join(out, name + ".json")
+    if os.path.exists(p):
+        stages = json.load(open(p)).get("latency_budget") or []
+        print(f"- {name}: " + ", ".join(
+            f"{s['stage']} {s['p50_us'] / 1000:.2f} / {s['p99_us'] / 1000:.2f}" for s in stages))
 print()
 print("| connect (10,000 held) | set-up/s | set-up p99 ms | server RSS per connection | server CPU, storm + hold | server CPU, hold only |")
 print("|---|---:|---:|---:|---:|---:|")
