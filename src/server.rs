@@ -238,14 +238,17 @@ impl Server {
             }
         }
         let control = handle.control_with(Arc::clone(&webhooks), Arc::clone(&storage));
-        let wk_routes = wk_routes(&config, wkproto_addr, wkproto_ws_addr);
+        let bound = crate::api::Bound {
+            ws_addr,
+            wk_routes: wk_routes(&config, wkproto_addr, wkproto_ws_addr),
+        };
         match crate::api::ControlPlane::start(
             &config,
             control,
             storage,
             webhooks,
             api_listener,
-            wk_routes,
+            bound,
         ) {
             Ok(plane) => {
                 handle.api_addr = plane.api_addr();

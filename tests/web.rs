@@ -208,16 +208,17 @@ async fn the_demo_serves_its_page_the_sdk_bundle_and_the_websocket_path_without_
     );
     assert_eq!(sdk.text().await.unwrap(), ruyi::api::demo::SDK_JS);
 
-    // The test server's WebSocket port is chosen at start-up, so the page
-    // is told to take it from its fragment.
+    // The test server's WebSocket port is chosen at start-up: the page is
+    // told the one it got.
     let config: serde_json::Value = get(&format!("{base}/demo/config.json"))
         .await
         .json()
         .await
         .unwrap();
+    let ws_port = server.handle().ws_addr().unwrap().port();
     assert_eq!(
         config,
-        serde_json::json!({"ws_port": null, "ws_path": "/chat", "ws_tls": false})
+        serde_json::json!({"ws_port": ws_port, "ws_path": "/chat", "ws_tls": false})
     );
 
     let redirect = reqwest::Client::builder()
@@ -237,7 +238,7 @@ async fn the_demo_serves_its_page_the_sdk_bundle_and_the_websocket_path_without_
 }
 
 #[test]
-fn the_demo_config_names_the_configured_websocket_port() {
+fn the_demo_config_names_the_websocket_port_configured_or_bound() {
     let mut config = Config::default();
     config.ws.listen = "0.0.0.0:5200".into();
     config.ws.path = "/ws".into();
@@ -245,10 +246,21 @@ fn the_demo_config_names_the_configured_websocket_port() {
     config.api.token = "t".into();
     config.auth.secret = "s".into();
     config.validate().expect("valid");
-    let page = ruyi::api::demo::page_config(&config);
+    let page = ruyi::api::demo::page_config(&config, None);
     assert_eq!(
         page,
         serde_json::json!({"ws_port": 5200, "ws_path": "/ws", "ws_tls": false})
+    );
+    // A port chosen at start-up: the one the listener got; unknown: null.
+    config.ws.listen = "127.0.0.1:0".into();
+    let bound = "127.0.0.1:40123".parse().ok();
+    assert_eq!(
+        ruyi::api::demo::page_config(&config, bound)["ws_port"],
+        40123
+    );
+    assert_eq!(
+        ruyi::api::demo::page_config(&config, None)["ws_port"],
+        serde_json::Value::Null
     );
 }
 

@@ -36,13 +36,13 @@ fn fixed(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// What the page needs to find the WebSocket listener: its port as
-/// configured (`null` when it is 0, chosen at start-up: then the page needs
-/// `ws=` in its fragment), its path, and whether it speaks TLS.
-pub fn page_config(config: &Config) -> serde_json::Value {
-    let port = config
-        .ws
-        .listen_addr()
+/// What the page needs to find the WebSocket listener: its port (the one
+/// it bound to, `bound`, when known: a configured port 0 is chosen at
+/// start-up; `null` when neither says), its path, and whether it speaks
+/// TLS. The page connects to that port on the host it was loaded from.
+pub fn page_config(config: &Config, bound: Option<std::net::SocketAddr>) -> serde_json::Value {
+    let port = bound
+        .or_else(|| config.ws.listen_addr())
         .map(|addr| addr.port())
         .filter(|port| *port != 0);
     serde_json::json!({
@@ -53,8 +53,8 @@ pub fn page_config(config: &Config) -> serde_json::Value {
 }
 
 /// The demo's routes (without state: everything is fixed at start-up).
-pub fn router(config: &Config) -> Router {
-    let page_config = page_config(config).to_string();
+pub fn router(config: &Config, bound_ws: Option<std::net::SocketAddr>) -> Router {
+    let page_config = page_config(config, bound_ws).to_string();
     Router::new()
         .route("/demo", get(|| async { Redirect::permanent("/demo/") }))
         .route(

@@ -1018,7 +1018,7 @@ pub async fn route(
     if query.intranet > 1 {
         return Err(ApiError::bad_request("`intranet` is 0 or 1"));
     }
-    Ok(Json(route_json(&api.wk_routes, query.intranet == 1)))
+    Ok(Json(route_json(&api.bound.wk_routes, query.intranet == 1)))
 }
 
 /// [`route`] for many users at once: one entry with every uid, since all
@@ -1033,7 +1033,7 @@ pub async fn route_batch(State(api): State<Shared>, Body(uids): Body<Vec<String>
     for each in &uids {
         uid(&api, "uids", each)?;
     }
-    let mut entry = route_json(&api.wk_routes, false);
+    let mut entry = route_json(&api.bound.wk_routes, false);
     entry["uids"] = json!(uids);
     Ok(Json(json!([entry])))
 }

@@ -124,11 +124,21 @@ pub struct WkRoutes {
     pub wss_addr: String,
 }
 
+/// What the server's listeners bound to, for the routes that tell
+/// clients where to connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bound {
+    /// The WebSocket listener (`ws.listen`), with the port it got.
+    pub ws_addr: Option<SocketAddr>,
+    /// What `GET /route` answers.
+    pub wk_routes: WkRoutes,
+}
+
 /// What every handler can reach.
 pub struct Api {
     pub(crate) control: Control,
     pub(crate) config: Arc<Config>,
-    pub(crate) wk_routes: WkRoutes,
+    pub(crate) bound: Bound,
     /// [`openapi_document`] for this configuration, made once.
     pub(crate) openapi_json: String,
 }
@@ -200,7 +210,11 @@ pub fn router(api: Shared) -> Router {
         router = router.route(path, handler);
     }
     let body_max = api.config.api.body_max_bytes;
-    let demo = api.config.api.demo.then(|| demo::router(&api.config));
+    let demo = api
+        .config
+        .api
+        .demo
+        .then(|| demo::router(&api.config, api.bound.ws_addr));
     let router = router
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
@@ -323,7 +337,7 @@ impl ControlPlane {
         storage: Arc<dyn Storage>,
         webhooks: Arc<WebhookShared>,
         api_listener: Option<std::net::TcpListener>,
-        wk_routes: WkRoutes,
+        bound: Bound,
     ) -> std::io::Result<ControlPlane> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let api_addr = match &api_listener {
@@ -345,7 +359,7 @@ impl ControlPlane {
         let api = Arc::new(Api {
             control: control.clone(),
             config: Arc::clone(config),
-            wk_routes,
+            bound,
             openapi_json: openapi_document(config).to_string(),
         });
         let dispatcher = webhooks_on.then(|| {
