@@ -36,6 +36,11 @@ pub const APP_FLAG_NO_PERSIST: u8 = 1 << 0;
 pub const APP_FLAG_RED_DOT: u8 = 1 << 1;
 pub const APP_FLAG_SYNC_ONCE: u8 = 1 << 2;
 
+/// Room left under the frame limit for what the shard's FlatBuffers
+/// verifier counts beyond a frame's bytes (alignment padding, string
+/// terminators) in the few strings and one vector of a translated frame.
+const VERIFY_SLACK_BYTES: usize = 64;
+
 /// What a translator needs to know of the server.
 #[derive(Debug, Clone)]
 pub struct TranslatorConfig {
@@ -203,8 +208,22 @@ impl Translator {
         }
     }
 
-    fn send_to_shard(&mut self, packet: &Packet) {
-        self.encoder.encode(packet, &mut self.to_server);
+    /// Queues `packet` for the shard; false (and nothing queued) when its
+    /// frame would be over the frame limit, which a WKProto packet within
+    /// that limit can still make (a plaintext payload, the ruyi frame's own
+    /// fields on top).
+    fn send_to_shard(&mut self, packet: &Packet) -> bool {
+        let mut frame = BytesMut::new();
+        self.encoder.encode(packet, &mut frame);
+        // The shard's verifier counts a frame's "apparent size" (padding and
+        // string terminators included) against the same limit, so leave it
+        // room.
+        let body = frame.len() - crate::protocol::LENGTH_PREFIX_BYTES;
+        if body + VERIFY_SLACK_BYTES > self.config.frame_size_max_bytes {
+            return false;
+        }
+        self.to_server.extend_from_slice(&frame);
+        true
     }
 
     fn send_to_client(&mut self, packet: &Wk) {
@@ -255,15 +274,22 @@ impl Translator {
             }
             (Phase::Active, Wk::Send(send)) => self.on_send(send),
             (Phase::Active, Wk::RecvAck(ack)) => {
-                self.send_to_shard(&Packet::RecvAck(crate::protocol::RecvAck {
+                let ack = Packet::RecvAck(crate::protocol::RecvAck {
                     message_id: ack.message_id as u64,
                     message_seq: ack.message_seq,
                     channel_id: String::new(),
                     channel_type: ChannelType::Unknown,
                     through: false,
-                }))
+                });
+                if !self.send_to_shard(&ack) {
+                    self.fail(&"limits.frame_size_max_bytes is too small for a RECVACK");
+                }
             }
-            (Phase::Active, Wk::Ping) => self.send_to_shard(&Packet::Ping),
+            (Phase::Active, Wk::Ping) => {
+                if !self.send_to_shard(&Packet::Ping) {
+                    self.fail(&"limits.frame_size_max_bytes is too small for a PING");
+                }
+            }
             (Phase::Active, Wk::Sub(sub)) => {
                 // Data-channel subscriptions are WuKongIM's; ruyi's channels
                 // deliver to members without one.
@@ -312,7 +338,7 @@ impl Translator {
             2 => DeviceFlag::Desktop,
             _ => DeviceFlag::App,
         };
-        self.send_to_shard(&Packet::Connect(crate::protocol::Connect {
+        let fits = self.send_to_shard(&Packet::Connect(crate::protocol::Connect {
             version: crate::protocol::PROTOCOL_VERSION,
             uid: connect.uid,
             token: connect.token,
@@ -323,6 +349,11 @@ impl Translator {
             // nothing to resume. Apps catch up through the HTTP sync.
             resume: false,
         }));
+        if !fits {
+            // Its uid, token and device id make a login over the frame
+            // limit.
+            return self.refuse_connect(reason::AUTH_FAIL);
+        }
         self.phase = Phase::AwaitConnAck;
     }
 
@@ -365,14 +396,19 @@ impl Translator {
         let flags = (u8::from(send.flags.no_persist) * APP_FLAG_NO_PERSIST)
             | (u8::from(send.flags.red_dot) * APP_FLAG_RED_DOT)
             | (u8::from(send.flags.sync_once) * APP_FLAG_SYNC_ONCE);
-        self.send_to_shard(&Packet::Send(crate::protocol::SendPacket {
+        let packet = Packet::Send(crate::protocol::SendPacket {
             client_seq: send.client_seq,
-            client_msg_no: send.client_msg_no,
-            channel_id: send.channel_id,
+            client_msg_no: send.client_msg_no.clone(),
+            channel_id: send.channel_id.clone(),
             channel_type,
             flags,
             payload: Bytes::from(payload),
-        }));
+        });
+        // Too big as a ruyi frame: refused here, as the one message it is,
+        // instead of ending the connection at the shard.
+        if !self.send_to_shard(&packet) {
+            self.refuse_send(&send, reason::PAYLOAD_DECODE_ERROR);
+        }
     }
 
     fn on_server_packet(&mut self, packet: Packet) {
@@ -794,6 +830,42 @@ mod tests {
             panic!();
         };
         assert!(!recv.flags.red_dot && !recv.flags.dup);
+    }
+
+    #[test]
+    fn a_send_whose_frame_would_pass_the_frame_limit_is_refused_not_fatal() {
+        let (mut t, mut sdk) = connected(2);
+        // NoEncrypt: the payload is not shrunk by base64, and the ruyi
+        // frame's own fields come on top of it.
+        let limit = t.config.frame_size_max_bytes;
+        let send = codec::Send {
+            flags: Flags::default(),
+            setting: setting::NO_ENCRYPT,
+            client_seq: 9,
+            client_msg_no: "big".into(),
+            stream_no: None,
+            channel_id: "u2".into(),
+            channel_type: 1,
+            expire: 0,
+            msg_key: String::new(),
+            topic: None,
+            payload: Bytes::from(vec![b'x'; limit - 40]),
+        };
+        t.client_bytes(&sdk.bytes(&Wk::Send(send)));
+        assert!(
+            shard_reads(&mut t).is_empty(),
+            "nothing oversized reaches the shard"
+        );
+        let [Wk::SendAck(ack)] = &sdk.read(&mut t)[..] else {
+            panic!("no SENDACK");
+        };
+        assert_eq!(
+            (ack.client_seq, ack.reason),
+            (9, reason::PAYLOAD_DECODE_ERROR)
+        );
+        assert!(!t.is_closing(), "the connection goes on");
+        t.client_bytes(&sdk.send(10, "{}", false));
+        assert!(matches!(shard_reads(&mut t)[..], [Packet::Send(_)]));
     }
 
     #[test]
