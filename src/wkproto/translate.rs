@@ -213,16 +213,18 @@ impl Translator {
     /// that limit can still make (a plaintext payload, the ruyi frame's own
     /// fields on top).
     fn send_to_shard(&mut self, packet: &Packet) -> bool {
-        let mut frame = BytesMut::new();
-        self.encoder.encode(packet, &mut frame);
+        // Encoded in place (no buffer and copy per message), taken back
+        // when too big.
+        let start = self.to_server.len();
+        self.encoder.encode(packet, &mut self.to_server);
         // The shard's verifier counts a frame's "apparent size" (padding and
         // string terminators included) against the same limit, so leave it
         // room.
-        let body = frame.len() - crate::protocol::LENGTH_PREFIX_BYTES;
+        let body = self.to_server.len() - start - crate::protocol::LENGTH_PREFIX_BYTES;
         if body + VERIFY_SLACK_BYTES > self.config.frame_size_max_bytes {
+            self.to_server.truncate(start);
             return false;
         }
-        self.to_server.extend_from_slice(&frame);
         true
     }
 
