@@ -176,8 +176,48 @@ fn io_error(error: rocksdb::Error) -> StorageError {
     StorageError::Io(error.into_string())
 }
 
+#[cfg(test)]
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("records serialize into a Vec without fail")
+}
+
+/// Encodes `value` into `scratch` (cleared first) and returns the bytes, so
+/// a batch of records costs no allocation per record.
+fn encode_into<'s, T: Serialize>(scratch: &'s mut Vec<u8>, value: &T) -> &'s [u8] {
+    scratch.clear();
+    *scratch = postcard::to_extend(value, std::mem::take(scratch))
+        .expect("records serialize into a Vec without fail");
+    scratch
+}
+
+/// For each mutation of `batch`, whether the row it puts (a conversation
+/// row, or a message's move of its channel's head) is put again by a later
+/// mutation of the same batch. The batch is written atomically, so only the
+/// last put of a row is ever seen and the earlier ones can be left out: at
+/// saturation a batch often holds several messages of one channel, each
+/// moving that channel's head and both of its conversation rows.
+fn overwritten_later(batch: &[Mutation]) -> Vec<bool> {
+    if batch.len() < 2 {
+        return Vec::new();
+    }
+    let mut heads: ahash::AHashSet<&ChannelKey> = ahash::AHashSet::new();
+    let mut rows: ahash::AHashSet<(&Uid, &ChannelKey)> = ahash::AHashSet::new();
+    let mut overwritten = vec![false; batch.len()];
+    for (index, mutation) in batch.iter().enumerate().rev() {
+        match mutation {
+            Mutation::Message(message) => {
+                overwritten[index] = !heads.insert(&message.channel);
+            }
+            Mutation::PutGroup { key, .. } | Mutation::DeleteGroup { key, .. } => {
+                heads.insert(key);
+            }
+            Mutation::Conversation { uid, key, .. } => {
+                overwritten[index] = !rows.insert((uid, key));
+            }
+            _ => {}
+        }
+    }
+    overwritten
 }
 
 fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, StorageError> {
@@ -443,6 +483,9 @@ impl RocksShardStore {
 impl ShardStore for RocksShardStore {
     fn prepare_commit(&mut self, batch: &[Mutation]) -> Result<CommitJob, StorageError> {
         let mut write = WriteBatch::default();
+        let overwritten = overwritten_later(batch);
+        // Records are encoded into one buffer; the batch copies each value.
+        let mut scratch = Vec::with_capacity(256);
         let messages = self.cf(keys::CF_MESSAGES);
         let channels = self.cf(keys::CF_CHANNELS);
         let members = self.cf(keys::CF_MEMBERS);
@@ -451,13 +494,18 @@ impl ShardStore for RocksShardStore {
         let conversations = self.cf(keys::CF_CONVERSATIONS);
         let lists = self.cf(keys::CF_LISTS);
         let webhooks = self.cf(keys::CF_WEBHOOKS);
-        for mutation in batch {
+        for (index, mutation) in batch.iter().enumerate() {
+            let overwritten = overwritten.get(index).copied().unwrap_or(false);
             match mutation {
                 Mutation::DeleteConversation { uid, key } => {
                     write.delete_cf(conversations, keys::conversation(uid.as_str(), key));
                 }
                 Mutation::Webhook { shard, id, record } => {
-                    write.put_cf(webhooks, keys::webhook(*shard, *id), encode(&**record));
+                    write.put_cf(
+                        webhooks,
+                        keys::webhook(*shard, *id),
+                        encode_into(&mut scratch, &**record),
+                    );
                 }
                 Mutation::IdsIssued(id) => {
                     write.merge_cf(
@@ -484,7 +532,7 @@ impl ShardStore for RocksShardStore {
                         is_group: true,
                         deleted: true,
                     };
-                    write.put_cf(channels, &prefix, encode(&tombstone));
+                    write.put_cf(channels, &prefix, encode_into(&mut scratch, &tombstone));
                     for uid in uids {
                         write.delete_cf(conversations, keys::conversation(uid.as_str(), key));
                     }
@@ -502,34 +550,41 @@ impl ShardStore for RocksShardStore {
                     write.put_cf(
                         messages,
                         keys::message(&message.channel, message.seq),
-                        encode(&message_record(message)),
+                        encode_into(&mut scratch, &message_record(message)),
                     );
                 }
+                Mutation::Conversation { .. } if overwritten => {}
                 Mutation::Conversation { uid, key, record } => {
                     write.put_cf(
                         conversations,
                         keys::conversation(uid.as_str(), key),
-                        encode(record),
+                        encode_into(&mut scratch, record),
                     );
                 }
                 Mutation::Message(message) => {
                     write.put_cf(
                         messages,
                         keys::message(&message.channel, message.seq),
-                        encode(&message_record(message)),
+                        encode_into(&mut scratch, &message_record(message)),
                     );
                     write.put_cf(
                         message_ids,
                         keys::message_id(&message.channel, message.message_id),
                         message.seq.0.to_be_bytes(),
                     );
-                    let meta = ChannelMetaRecord {
-                        last_seq: message.seq.0,
-                        last_message_id: message.message_id.0,
-                        is_group: message.channel.kind() == crate::protocol::ChannelType::Group,
-                        deleted: false,
-                    };
-                    write.put_cf(channels, keys::channel(&message.channel), encode(&meta));
+                    if !overwritten {
+                        let meta = ChannelMetaRecord {
+                            last_seq: message.seq.0,
+                            last_message_id: message.message_id.0,
+                            is_group: message.channel.kind() == crate::protocol::ChannelType::Group,
+                            deleted: false,
+                        };
+                        write.put_cf(
+                            channels,
+                            keys::channel(&message.channel),
+                            encode_into(&mut scratch, &meta),
+                        );
+                    }
                     let key = IdempotencyRecord {
                         channel_kind: message.channel.kind().0,
                         channel_id: message.channel.id().to_owned(),
@@ -540,7 +595,7 @@ impl ShardStore for RocksShardStore {
                     write.put_cf(
                         idempotency,
                         keys::idempotency(message.from_uid.as_str(), &message.client_msg_no),
-                        encode(&key),
+                        encode_into(&mut scratch, &key),
                     );
                 }
                 Mutation::PutGroup {
@@ -555,7 +610,11 @@ impl ShardStore for RocksShardStore {
                         is_group: true,
                         deleted: false,
                     };
-                    write.put_cf(channels, keys::channel(key), encode(&meta));
+                    write.put_cf(
+                        channels,
+                        keys::channel(key),
+                        encode_into(&mut scratch, &meta),
+                    );
                     let prefix = keys::channel(key);
                     let mut end = prefix.clone();
                     // Every member key of this group sorts below `prefix`
@@ -1000,6 +1059,105 @@ mod tests {
     /// and can land after the flush at close. Whatever order position writes
     /// land in, the stored position is the largest (and a value written
     /// before positions had a pushed half still reads).
+    fn open_temp() -> (tempfile::TempDir, RocksStorage) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RocksOptions {
+            sync: SyncPolicy::Never,
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            idempotency_ttl_ms: 60_000,
+        };
+        let storage = RocksStorage::open(dir.path(), &options).unwrap();
+        (dir, storage)
+    }
+
+    fn stored(channel: &ChannelKey, seq: u64, from: &str) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            message_id: MessageId(100 + seq),
+            seq: Seq(seq),
+            channel: channel.clone(),
+            from_uid: Uid::new(from),
+            from_device: Arc::from("phone"),
+            client_msg_no: format!("c{seq}"),
+            timestamp_ms: 1,
+            send_flags: 0,
+            payload: Bytes::from(format!("m{seq}")),
+            recalled: false,
+        })
+    }
+
+    fn row(read_floor: u64, version: u64) -> ConversationRecord {
+        ConversationRecord {
+            read_floor,
+            deleted_seq: 0,
+            own_above_floor: 0,
+            version,
+        }
+    }
+
+    #[test]
+    fn only_the_last_put_of_a_row_in_a_batch_is_written_and_the_result_is_the_same() {
+        let alice = Uid::new("alice");
+        let bob = Uid::new("bob");
+        let chat = ChannelKey::person(&alice, &bob);
+        let group = ChannelKey::group("g");
+        let conversation = |uid: &Uid, key: &ChannelKey, record| Mutation::Conversation {
+            uid: uid.clone(),
+            key: key.clone(),
+            record,
+        };
+        let batch = vec![
+            Mutation::Message(stored(&chat, 1, "alice")),
+            conversation(&alice, &chat, row(1, 1)),
+            conversation(&bob, &chat, row(0, 1)),
+            Mutation::Message(stored(&group, 1, "alice")),
+            Mutation::Message(stored(&chat, 2, "bob")),
+            conversation(&alice, &chat, row(1, 2)),
+            Mutation::DeleteConversation {
+                uid: bob.clone(),
+                key: chat.clone(),
+            },
+            conversation(&bob, &chat, row(2, 2)),
+            Mutation::PutGroup {
+                key: group.clone(),
+                members: vec![alice.clone()],
+                last_seq: Seq(1),
+                last_message_id: MessageId(101),
+            },
+            Mutation::Message(stored(&chat, 3, "alice")),
+        ];
+        assert_eq!(
+            overwritten_later(&batch),
+            [true, true, true, true, true, false, false, false, false, false]
+        );
+        assert!(overwritten_later(&batch[..1]).is_empty());
+
+        let (_dir, storage) = open_temp();
+        let mut store = storage.open_shard(ShardId(0)).unwrap();
+        store.commit(&batch).unwrap();
+        let head = store.channel_head(&chat).unwrap().unwrap();
+        assert_eq!(
+            (head.last_seq, head.last_message_id),
+            (Seq(3), MessageId(103))
+        );
+        let group_head = store.channel_head(&group).unwrap().unwrap();
+        assert_eq!((group_head.last_seq, group_head.deleted), (Seq(1), false));
+        assert_eq!(store.conversation(&alice, &chat).unwrap(), Some(row(1, 2)));
+        assert_eq!(store.conversation(&bob, &chat).unwrap(), Some(row(2, 2)));
+        // Every message and its idempotency key is written, overwritten heads
+        // or not.
+        let read = store
+            .read_messages(&chat, Seq(1), 10, ReadDirection::Up)
+            .unwrap();
+        assert_eq!(read.iter().map(|m| m.seq.0).collect::<Vec<_>>(), [1, 2, 3]);
+        for (from, seq) in [("alice", 1), ("bob", 2), ("alice", 3)] {
+            let hit = store
+                .find_idempotent(&Uid::new(from), &format!("c{seq}"), 2, 60_000)
+                .unwrap();
+            assert!(hit.is_some(), "idempotency key of seq {seq}");
+        }
+    }
+
     #[test]
     fn a_position_write_that_lands_late_never_moves_a_position_back() {
         let dir = tempfile::tempdir().unwrap();
