@@ -237,6 +237,25 @@ pub struct RocksOptions {
 pub struct RocksStorage {
     db: Arc<DB>,
     sync: SyncPolicy,
+    lists: Arc<ListsWritten>,
+}
+
+/// Whether any allow or deny list may have entries. Every one-to-one send
+/// asks whether its sender is on the recipient's deny list; while no list
+/// has ever been written (most deployments), the answer needs no lookup.
+/// Set before the batch that writes a first entry is written, so a reader
+/// that finds it unset could not have found an entry either.
+#[derive(Debug, Default)]
+struct ListsWritten(std::sync::atomic::AtomicBool);
+
+impl ListsWritten {
+    fn any(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn mark(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for RocksStorage {
@@ -278,6 +297,14 @@ impl RocksStorage {
             }
             cf.set_block_based_table_factory(&table);
             cf.set_write_buffer_size(options.write_buffer_bytes);
+            if *name == keys::CF_IDEMPOTENCY || *name == keys::CF_LISTS {
+                // Every send looks up a key here that is almost never there
+                // (its idempotency key; the sender on the recipient's deny
+                // list): a bloom filter over the memtable answers most of
+                // those lookups without searching its skiplist.
+                cf.set_memtable_prefix_bloom_ratio(0.05);
+                cf.set_memtable_whole_key_filtering(true);
+            }
             if *name == keys::CF_MESSAGES {
                 cf.set_compression_type(DBCompressionType::Lz4);
             }
@@ -332,9 +359,17 @@ impl RocksStorage {
                 )))
             }
         }
+        let lists = ListsWritten::default();
+        let cf = db
+            .cf_handle(keys::CF_LISTS)
+            .expect("every column family is opened");
+        if db.iterator_cf(cf, IteratorMode::Start).next().is_some() {
+            lists.mark();
+        }
         Ok(RocksStorage {
             db: Arc::new(db),
             sync: options.sync,
+            lists: Arc::new(lists),
         })
     }
 }
@@ -344,6 +379,7 @@ impl Storage for RocksStorage {
         Ok(Box::new(RocksShardStore {
             db: Arc::clone(&self.db),
             sync: self.sync,
+            lists: Arc::clone(&self.lists),
         }))
     }
 
@@ -461,6 +497,7 @@ impl RocksStorage {
 struct RocksShardStore {
     db: Arc<DB>,
     sync: SyncPolicy,
+    lists: Arc<ListsWritten>,
 }
 
 impl RocksShardStore {
@@ -542,6 +579,9 @@ impl ShardStore for RocksShardStore {
                     let mut end = prefix.clone();
                     increment(&mut end);
                     write.delete_range_cf(lists, &prefix, &end);
+                    if !uids.is_empty() {
+                        self.lists.mark();
+                    }
                     for uid in uids {
                         write.put_cf(lists, keys::list_entry(key, kind.tag(), uid.as_str()), []);
                     }
@@ -779,6 +819,9 @@ impl ShardStore for RocksShardStore {
         kind: ListKind,
         limit: usize,
     ) -> Result<Vec<Uid>, StorageError> {
+        if !self.lists.any() {
+            return Ok(Vec::new());
+        }
         let prefix = keys::list(key, kind.tag());
         let iter = self.db.iterator_cf(
             self.cf(keys::CF_LISTS),
@@ -914,6 +957,9 @@ impl ShardStore for RocksShardStore {
         kind: ListKind,
         uid: &Uid,
     ) -> Result<bool, StorageError> {
+        if !self.lists.any() {
+            return Ok(false);
+        }
         Ok(self
             .db
             .get_pinned_cf(
@@ -1156,6 +1202,44 @@ mod tests {
                 .unwrap();
             assert!(hit.is_some(), "idempotency key of seq {seq}");
         }
+    }
+
+    #[test]
+    fn list_lookups_find_entries_written_by_a_batch_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = RocksOptions {
+            sync: SyncPolicy::Never,
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            idempotency_ttl_ms: 60_000,
+        };
+        let lists = ChannelKey::group("lists-of-bob");
+        let alice = Uid::new("alice");
+        {
+            let storage = RocksStorage::open(dir.path(), &options).unwrap();
+            let mut store = storage.open_shard(ShardId(0)).unwrap();
+            let mut other = storage.open_shard(ShardId(1)).unwrap();
+            assert!(!store.list_contains(&lists, ListKind::Deny, &alice).unwrap());
+            let job = store
+                .prepare_commit(&[Mutation::PutList {
+                    key: lists.clone(),
+                    kind: ListKind::Deny,
+                    uids: vec![alice.clone()],
+                }])
+                .unwrap();
+            job().unwrap();
+            assert!(other.list_contains(&lists, ListKind::Deny, &alice).unwrap());
+            assert_eq!(
+                other.list(&lists, ListKind::Deny, 10).unwrap(),
+                std::slice::from_ref(&alice)
+            );
+            assert!(!other
+                .list_contains(&lists, ListKind::Allow, &alice)
+                .unwrap());
+        }
+        let storage = RocksStorage::open(dir.path(), &options).unwrap();
+        let mut store = storage.open_shard(ShardId(0)).unwrap();
+        assert!(store.list_contains(&lists, ListKind::Deny, &alice).unwrap());
     }
 
     #[test]
