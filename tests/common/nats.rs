@@ -478,10 +478,11 @@ fn find_binary() -> Result<PathBuf> {
             version_of(&path).with_context(|| format!("${BINARY_ENV} = {}", path.display()))?;
         if version < (2, 10, 0) {
             bail!(
-                "${BINARY_ENV} = {} is nats-server {version:?}, older than 2.10 \
+                "${BINARY_ENV} = {} is nats-server {}, older than 2.10 \
                  (conditional publishes are not fenced correctly in a cluster before \
                  2.9.21, nats-server#4320); {INSTALL_HINT}",
-                path.display()
+                path.display(),
+                dotted(version)
             );
         }
         return Ok(path);
@@ -491,7 +492,7 @@ fn find_binary() -> Result<PathBuf> {
     for path in candidates() {
         match version_of(&path) {
             Ok(v) if v == pinned => return Ok(path),
-            Ok(v) => seen.push(format!("{} is {v:?}", path.display())),
+            Ok(v) => seen.push(format!("{} is {}", path.display(), dotted(v))),
             Err(e) => seen.push(format!("{}: {e:#}", path.display())),
         }
     }
@@ -544,6 +545,10 @@ fn version_of(path: &Path) -> Result<(u32, u32, u32)> {
         .unwrap_or("")
         .trim_start_matches('v');
     parse_version(v).with_context(|| format!("{} --version printed {text:?}", path.display()))
+}
+
+fn dotted((a, b, c): (u32, u32, u32)) -> String {
+    format!("{a}.{b}.{c}")
 }
 
 fn parse_version(v: &str) -> Result<(u32, u32, u32)> {
