@@ -499,3 +499,4 @@ impl WebhookReceiver {
         }
     }
 }
+pub mod nats;
