@@ -8,13 +8,14 @@
 //! Each test starts its own cluster, so they are independent and may run in
 //! parallel. Run with `cargo test --release --test cluster_nats`.
 
-mod common;
+#[path = "common/nats.rs"]
+mod nats;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv, message::PublishMessage as Publish, stream};
 use bytes::Bytes;
-use common::nats::{NatsCluster, SyncInterval};
+use nats::{NatsCluster, SyncInterval};
 use std::time::{Duration, Instant};
 
 /// JetStream API error: the subject's last sequence is not the expected one

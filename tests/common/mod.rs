@@ -499,4 +499,3 @@ impl WebhookReceiver {
         }
     }
 }
-pub mod nats;

@@ -15,6 +15,9 @@
 //! under one temporary directory, so a killed server can be restarted on the
 //! same store. All servers are killed when the cluster is dropped.
 
+// A fixture for every cluster test file; each uses part of it.
+#![allow(dead_code)]
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt::Write as _;
 use std::net::TcpListener;
