@@ -40,6 +40,13 @@ chat_load=(--pairs 100 --window 16)
 group_load=(--groups 10 --members 100 --online-percent 50 --senders-per-group 1 --window 4)
 mixed_load=(--pairs 50 --chat-window 4 --groups 5 --members 100 --group-window 2)
 
+# Which peers this run measured (the table names them).
+{
+  git rev-parse --short HEAD 2>/dev/null | sed 's/^/ruyi commit /' || true
+  command -v mosquitto >/dev/null && mosquitto -h 2>/dev/null | head -1 || true
+  command -v nats-server >/dev/null && nats-server --version 2>/dev/null || true
+} >"$out/versions.txt"
+
 echo "== harness ceiling: chat against the null sink" >&2
 $bench sink --listen 127.0.0.1:5200 >"$out/sink.log" 2>&1 &
 sink=$!
@@ -159,6 +166,8 @@ def row(name, label):
             f"{lat('ack_latency_us', 'p50')} / {lat('ack_latency_us', 'p99')} | "
             f"{lat('delivery_latency_us', 'p99')} | "
             f"{'-' if cpu is None else f'{cpu:.0f}%'} | {'-' if gen is None else f'{gen:.0f}%'} | {'-' if rss is None else f'{rss / 1048576:.0f} MiB'} | {checks} |")
+print("Versions: " + "; ".join(open(os.path.join(out, "versions.txt")).read().split("\n")).strip("; "))
+print()
 print("| run | acked sends/s | deliveries/s | SendAck p50 / p99 ms | delivery p99 ms | server CPU | generator CPU | server RSS | lost/dup/reord/unexp |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
 for name, label in [
