@@ -35,6 +35,9 @@
 //! - [`wkproto`]: WuKongIM's binary protocol (codec, the encryption its SDKs
 //!   require, and a per-connection translator to and from ruyi's frames), so
 //!   WuKongIM apps connect to the same shards unchanged.
+//! - [`cluster`]: the parts of a cluster on NATS JetStream built so far
+//!   (the fenced append to a partition's replicated log); not used by the
+//!   single-node server yet.
 //! - [`client`]: the SDK (a runtime-free protocol core and a tokio adapter)
 //!   and the `ruyi client` command line.
 //! - [`config`]: the one configuration tree; [`server`]: start and stop;
@@ -47,6 +50,7 @@ pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;

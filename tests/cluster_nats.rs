@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv, message::PublishMessage as Publish, stream};
 use bytes::Bytes;
-use nats::{NatsCluster, SyncInterval};
+use nats::{r3_stream, stream_leader, NatsCluster, SyncInterval, ELECTION};
 use std::time::{Duration, Instant};
 
 /// JetStream API error: the subject's last sequence is not the expected one
@@ -25,9 +25,6 @@ const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// conditional publish while the previous publish on the subject is still
 /// being processed. Nothing was stored; the publish can be retried as is.
 const WRONG_LAST_SEQUENCE_CONSTANT: u64 = 10164;
-
-/// How long a test waits for something that takes a leader election.
-const ELECTION: Duration = Duration::from_secs(20);
 
 /// What a fenced publish came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -97,60 +94,6 @@ async fn publish_fenced(
                 }
             },
         }
-    }
-}
-
-/// An R3 file stream over `subjects`, retried while the new cluster is
-/// still settling (placing a stream needs every peer known to be current).
-async fn r3_stream(
-    js: &jetstream::Context,
-    name: &str,
-    subjects: &[&str],
-    duplicate_window: Duration,
-) -> Result<stream::Stream> {
-    let config = stream::Config {
-        name: name.to_string(),
-        subjects: subjects.iter().map(|s| s.to_string()).collect(),
-        num_replicas: 3,
-        storage: stream::StorageType::File,
-        duplicate_window,
-        ..Default::default()
-    };
-    let deadline = Instant::now() + ELECTION;
-    loop {
-        match js.create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("create stream {name}: {e:#}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(anyhow!(e)).context(format!("create stream {name}")),
-        }
-    }
-}
-
-/// The index of the server leading `stream`'s Raft group.
-async fn stream_leader(
-    cluster: &NatsCluster,
-    js: &jetstream::Context,
-    name: &str,
-) -> Result<usize> {
-    let deadline = Instant::now() + ELECTION;
-    loop {
-        let leader = match js.get_stream(name).await {
-            Ok(mut s) => match s.info().await {
-                Ok(info) => info.cluster.as_ref().and_then(|c| c.leader.clone()),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
-        if let Some(i) = leader.as_deref().and_then(|l| cluster.index_of(l)) {
-            return Ok(i);
-        }
-        if Instant::now() > deadline {
-            bail!("stream {name} has no leader after {ELECTION:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 use anyhow::{anyhow, bail, Context, Result};
+use async_nats::jetstream::{self, stream};
 use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -463,6 +464,63 @@ async fn http_get(port: u16, path: &str) -> Result<(u16, Vec<u8>)> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("GET {path}: bad status line {status_line:?}"))?;
     Ok((status, response[split + 4..].to_vec()))
+}
+
+/// How long a test waits for something that takes a leader election.
+pub const ELECTION: Duration = Duration::from_secs(20);
+
+/// An R3 file stream over `subjects`, retried while the new cluster is
+/// still settling (placing a stream needs every peer known to be current).
+pub async fn r3_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: &[&str],
+    duplicate_window: Duration,
+) -> Result<stream::Stream> {
+    let config = stream::Config {
+        name: name.to_string(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        num_replicas: 3,
+        storage: stream::StorageType::File,
+        duplicate_window,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + ELECTION;
+    loop {
+        match js.create_stream(config.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("create stream {name}: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(anyhow!(e)).context(format!("create stream {name}")),
+        }
+    }
+}
+
+/// The index of the server leading `stream`'s Raft group.
+pub async fn stream_leader(
+    cluster: &NatsCluster,
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<usize> {
+    let deadline = Instant::now() + ELECTION;
+    loop {
+        let leader = match js.get_stream(name).await {
+            Ok(mut s) => match s.info().await {
+                Ok(info) => info.cluster.as_ref().and_then(|c| c.leader.clone()),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        if let Some(i) = leader.as_deref().and_then(|l| cluster.index_of(l)) {
+            return Ok(i);
+        }
+        if Instant::now() > deadline {
+            bail!("stream {name} has no leader after {ELECTION:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The `nats-server` binary to use, found once per test process.

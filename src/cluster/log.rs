@@ -1,0 +1,224 @@
+//! A partition's commit log on JetStream, fenced by the subject's last
+//! sequence.
+//!
+//! Each partition is one subject of an R3 file stream. Its owner appends a
+//! batch with `Nats-Expected-Last-Subject-Sequence` set to the stream
+//! sequence of the last batch it knows on that subject, so a second writer
+//! (a stale owner, or two nodes that both believe they own the partition)
+//! can never append after a batch it has not seen: the log is the fence.
+//! Each append also carries a `Nats-Msg-Id` naming the writer and the place
+//! (`append_id`), which makes every retry of the same append safe.
+//!
+//! What the engine does, measured against nats-server 2.12.8 in
+//! `tests/cluster_nats.rs`, and what [`append`] makes of it:
+//!
+//! - A stale expected sequence is refused with error 10071 ("wrong last
+//!   sequence: N"). That is a real conflict unless the message at N is this
+//!   very append, stored by an earlier attempt whose acknowledgement was
+//!   lost: [`append`] reads the subject's last message back and decides.
+//! - A correct conditional publish is sometimes refused with 10164 ("wrong
+//!   last sequence", no number) while the previous publish on the subject
+//!   is still in process. Nothing was stored: it is retried.
+//! - Without a quorum, a publish is neither acknowledged nor refused: it
+//!   times out, and may still be stored once the quorum is back. That is
+//!   [`AppendError::Unknown`]; the caller retries the same append (same
+//!   expected sequence, same id), which ends in one of the answers above.
+//! - A repeat of the same `Nats-Msg-Id` within the stream's duplicate
+//!   window is acknowledged with the first one's sequence and stores
+//!   nothing.
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use bytes::Bytes;
+use std::time::Duration;
+
+/// JetStream: the subject's last sequence is not the expected one.
+pub const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// JetStream: "wrong last sequence" while the previous publish on the
+/// subject is still in process; nothing stored.
+pub const WRONG_LAST_SEQUENCE_BUSY: u64 = 10164;
+
+/// How an append is retried and how long it may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendPolicy {
+    /// How long to wait for the stream's acknowledgement of one attempt.
+    pub ack_timeout: Duration,
+    /// How many times a 10164 (or "no responders" while a stream is being
+    /// placed) is retried before the append is given up as unknown.
+    pub busy_retries_max: u32,
+    /// The pause between those retries.
+    pub busy_retry_pause: Duration,
+}
+
+impl Default for AppendPolicy {
+    fn default() -> Self {
+        AppendPolicy {
+            ack_timeout: Duration::from_secs(2),
+            busy_retries_max: 100,
+            busy_retry_pause: Duration::from_millis(2),
+        }
+    }
+}
+
+/// An append the stream holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Its stream sequence: the expected sequence of the partition's next
+    /// append.
+    pub seq: u64,
+    /// Stored by an earlier attempt of the same append (its acknowledgement
+    /// was lost or it landed after a timeout); this attempt stored nothing.
+    pub earlier: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// The subject's last message is another writer's, at `last`: this
+    /// writer is not the partition's owner (or is behind). Nothing of this
+    /// append was stored, and it never will be.
+    #[error("the partition's log moved on without this writer (its last sequence is {last})")]
+    Conflict { last: u64 },
+    /// Not known whether the append was stored (no acknowledgement in time,
+    /// the connection lost): retry the same append to find out.
+    #[error("not known whether the append was stored: {0}")]
+    Unknown(String),
+    /// Refused for a reason that retrying the same append cannot change
+    /// (no such stream, a message over the stream's limit).
+    #[error("the stream refused the append: {0}")]
+    Refused(String),
+}
+
+/// The `Nats-Msg-Id` of the append `writer` makes after `expected`: unique
+/// per writer (a node and its ownership epoch) and place in the log, so the
+/// same append always carries the same id and another writer's never does.
+pub fn append_id(subject: &str, expected: u64, writer: &str) -> String {
+    format!("{subject}:{expected}:{writer}")
+}
+
+/// Appends `payload` to `subject` if the subject's last message is at
+/// stream sequence `expected` (0: the subject has none), with `id` (see
+/// [`append_id`]) as its `Nats-Msg-Id`.
+pub async fn append(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    expected: u64,
+    id: &str,
+    payload: Bytes,
+    policy: &AppendPolicy,
+) -> Result<Appended, AppendError> {
+    let mut busy = 0;
+    loop {
+        let publish = PublishMessage::build()
+            .payload(payload.clone())
+            .expected_last_subject_sequence(expected)
+            .message_id(id);
+        let attempt = async {
+            match js.send_publish(subject.to_string(), publish).await {
+                Ok(ack) => ack.await,
+                Err(error) => Err(error),
+            }
+        };
+        let error = match tokio::time::timeout(policy.ack_timeout, attempt).await {
+            Err(_) => {
+                return Err(AppendError::Unknown(format!(
+                    "no acknowledgement within {:?}",
+                    policy.ack_timeout
+                )))
+            }
+            Ok(Ok(ack)) => {
+                return Ok(Appended {
+                    seq: ack.sequence,
+                    earlier: ack.duplicate,
+                })
+            }
+            Ok(Err(error)) => error,
+        };
+        let code = api_error_code(&error);
+        let transient = code == Some(WRONG_LAST_SEQUENCE_BUSY)
+            || error.kind() == PublishErrorKind::StreamNotFound;
+        if transient {
+            // Nothing was stored: 10164 is answered before the publish is
+            // proposed, and "no responders" means no stream took it.
+            if busy >= policy.busy_retries_max {
+                return Err(AppendError::Unknown(format!(
+                    "still busy after {busy} retries: {error}"
+                )));
+            }
+            busy += 1;
+            tokio::time::sleep(policy.busy_retry_pause).await;
+            continue;
+        }
+        return match code {
+            Some(WRONG_LAST_SEQUENCE) => {
+                resolve_conflict(stream, subject, id, policy.ack_timeout).await
+            }
+            Some(_) => Err(AppendError::Refused(error.to_string())),
+            None => match error.kind() {
+                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                    Err(AppendError::Unknown(error.to_string()))
+                }
+                _ => Err(AppendError::Refused(error.to_string())),
+            },
+        };
+    }
+}
+
+/// After a 10071: the subject's last message is either this append, stored
+/// by an earlier attempt, or another writer's.
+async fn resolve_conflict(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    id: &str,
+    timeout: Duration,
+) -> Result<Appended, AppendError> {
+    let last = tokio::time::timeout(timeout, stream.get_last_raw_message_by_subject(subject))
+        .await
+        .map_err(|_| AppendError::Unknown("reading the subject's last message timed out".into()))?
+        .map_err(|error| {
+            AppendError::Unknown(format!("reading the subject's last message: {error}"))
+        })?;
+    let its_id = last
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|value| value.as_str());
+    if its_id == Some(id) {
+        Ok(Appended {
+            seq: last.sequence,
+            earlier: true,
+        })
+    } else {
+        Err(AppendError::Conflict {
+            last: last.sequence,
+        })
+    }
+}
+
+/// The JetStream API error code anywhere in `error`'s source chain.
+fn api_error_code(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(api) = e.downcast_ref::<jetstream::Error>() {
+            return Some(api.error_code().0);
+        }
+        next = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_id_names_the_place_and_the_writer() {
+        assert_eq!(append_id("log.7", 41, "n2.e5"), "log.7:41:n2.e5");
+        assert_ne!(
+            append_id("log.7", 41, "n2.e5"),
+            append_id("log.7", 41, "n3.e6")
+        );
+        assert_ne!(
+            append_id("log.7", 41, "n2.e5"),
+            append_id("log.7", 42, "n2.e5")
+        );
+    }
+}
