@@ -193,6 +193,37 @@ async fn resolve_conflict(
     }
 }
 
+/// The first message of `subject` after stream sequence `after`, with its
+/// sequence, or `None` when there is none yet: how a node reads a
+/// partition's log from its applied position (to apply it, or to catch up
+/// before it appends).
+pub async fn read_next(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    after: u64,
+    timeout: Duration,
+) -> Result<Option<(u64, Bytes)>, AppendError> {
+    let request = stream
+        .raw_message_builder()
+        .sequence(after + 1)
+        .next_by_subject(subject)
+        .send();
+    match tokio::time::timeout(timeout, request).await {
+        Err(_) => Err(AppendError::Unknown(format!(
+            "reading {subject} after {after} timed out"
+        ))),
+        Ok(Ok(message)) => Ok(Some((message.sequence, message.payload))),
+        Ok(Err(error))
+            if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            Ok(None)
+        }
+        Ok(Err(error)) => Err(AppendError::Unknown(format!(
+            "reading {subject} after {after}: {error}"
+        ))),
+    }
+}
+
 /// The JetStream API error code anywhere in `error`'s source chain.
 fn api_error_code(error: &(dyn std::error::Error + 'static)) -> Option<u64> {
     let mut next = Some(error);

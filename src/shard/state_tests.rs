@@ -349,6 +349,9 @@ impl ShardStore for FlakyReads {
     fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
         self.inner.ids_issued()
     }
+    fn log_applied(&mut self, partition: u32) -> Result<u64, StorageError> {
+        self.inner.log_applied(partition)
+    }
     fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {
         self.inner.user_token(uid, device_flag)
     }

@@ -66,6 +66,14 @@ pub const ALL_CFS: [&str; 12] = [
 /// `meta` key holding the largest message id any shard has handed out
 /// (merged by max).
 pub const META_IDS_ISSUED: &[u8] = b"ids_issued";
+
+/// `meta` key holding how far this node applied partition `partition`'s
+/// cluster log (merged by max).
+pub fn log_applied(partition: u32) -> Vec<u8> {
+    let mut key = b"log_applied/".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
 /// `meta` key holding the on-disk format version.
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 /// The format this build writes and reads.

@@ -41,6 +41,8 @@ struct MemoryData {
     device_acks: FastMap<(Uid, String, ChannelKey), DevicePosition>,
     device_sessions: FastMap<(Uid, String), SessionRecord>,
     ids_issued: MessageId,
+    /// How far each cluster partition's log was applied.
+    log_applied: FastMap<u32, u64>,
     webhooks: BTreeMap<(u16, u64), WebhookRecord>,
     tokens: FastMap<(Uid, u8), String>,
 }
@@ -219,6 +221,10 @@ impl MemoryData {
                 self.webhooks.insert((shard.0, *id), (**record).clone());
             }
             Mutation::IdsIssued(id) => self.ids_issued = self.ids_issued.max(*id),
+            Mutation::LogApplied { partition, seq } => {
+                let applied = self.log_applied.entry(*partition).or_default();
+                *applied = (*applied).max(*seq);
+            }
             Mutation::DeleteGroup {
                 key,
                 members,
@@ -451,6 +457,15 @@ impl ShardStore for MemoryShardStore {
 
     fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
         Ok(self.data().ids_issued)
+    }
+
+    fn log_applied(&mut self, partition: u32) -> Result<u64, StorageError> {
+        Ok(self
+            .data()
+            .log_applied
+            .get(&partition)
+            .copied()
+            .unwrap_or(0))
     }
 
     fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {

@@ -171,6 +171,10 @@ pub enum Mutation {
         last_seq: Seq,
         last_message_id: MessageId,
     },
+    /// A cluster node has applied its partition's log up to stream sequence
+    /// `seq`, in the same batch as what it applied (positions only grow).
+    /// Local bookkeeping: never itself carried in a log.
+    LogApplied { partition: u32, seq: u64 },
 }
 
 /// One event waiting in the webhook outbox: the event name and the JSON
@@ -367,6 +371,10 @@ pub trait ShardStore {
 
     /// The largest [`Mutation::IdsIssued`] ever committed (0: none).
     fn ids_issued(&mut self) -> Result<MessageId, StorageError>;
+
+    /// The largest [`Mutation::LogApplied`] of `partition` ever committed
+    /// (0: none).
+    fn log_applied(&mut self, partition: u32) -> Result<u64, StorageError>;
 
     /// The token registered for `uid` on devices of `device_flag` through
     /// the admin API, if any.
@@ -622,6 +630,10 @@ impl ShardStore for ClosedStore {
     }
 
     fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
+        Err(StorageError::Closed)
+    }
+
+    fn log_applied(&mut self, _partition: u32) -> Result<u64, StorageError> {
         Err(StorageError::Closed)
     }
 

@@ -501,6 +501,22 @@ struct RocksShardStore {
 }
 
 impl RocksShardStore {
+    /// A `meta` value merged by max (0: never written).
+    fn meta_u64(&self, key: &[u8], what: &str) -> Result<u64, StorageError> {
+        let Some(bytes) = self
+            .db
+            .get_pinned_cf(self.cf(keys::CF_META), key)
+            .map_err(io_error)?
+        else {
+            return Ok(0);
+        };
+        let word: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StorageError::Corrupt(what.into()))?;
+        Ok(u64::from_be_bytes(word))
+    }
+
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
@@ -549,6 +565,13 @@ impl ShardStore for RocksShardStore {
                         self.cf(keys::CF_META),
                         keys::META_IDS_ISSUED,
                         id.0.to_be_bytes(),
+                    );
+                }
+                Mutation::LogApplied { partition, seq } => {
+                    write.merge_cf(
+                        self.cf(keys::CF_META),
+                        keys::log_applied(*partition),
+                        seq.to_be_bytes(),
                     );
                 }
                 Mutation::DeleteGroup {
@@ -919,18 +942,12 @@ impl ShardStore for RocksShardStore {
     }
 
     fn ids_issued(&mut self) -> Result<MessageId, StorageError> {
-        let Some(bytes) = self
-            .db
-            .get_pinned_cf(self.cf(keys::CF_META), keys::META_IDS_ISSUED)
-            .map_err(io_error)?
-        else {
-            return Ok(MessageId(0));
-        };
-        let word: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| StorageError::Corrupt("ids issued".into()))?;
-        Ok(MessageId(u64::from_be_bytes(word)))
+        self.meta_u64(keys::META_IDS_ISSUED, "ids issued")
+            .map(MessageId)
+    }
+
+    fn log_applied(&mut self, partition: u32) -> Result<u64, StorageError> {
+        self.meta_u64(&keys::log_applied(partition), "log applied")
     }
 
     fn user_token(&mut self, uid: &Uid, device_flag: u8) -> Result<Option<String>, StorageError> {
