@@ -80,13 +80,18 @@ async fn one_writers_appends_follow_each_other_and_a_stale_writer_is_refused() -
     // Another subject (partition) has its own fence.
     let other = append_str(&js, &stream, "log1.8", 0, "n1.e1", "x").await?;
     assert!(other.seq > last);
-    // A writer that saw only the first batch cannot append after it.
-    let first = messages_on(&stream, subject).await?[0].0;
+    // A writer that saw only the first batch cannot append after it: the
+    // place is the second batch's.
+    let stored = messages_on(&stream, subject).await?;
+    let (first, second) = (stored[0].0, stored[1].0);
     let stale = append_str(&js, &stream, subject, first, "n2.e2", "stale").await;
-    assert_eq!(stale, Err(AppendError::Conflict { last }));
+    assert_eq!(stale, Err(AppendError::Conflict { at: second }));
     // Nor can one that believes the partition is empty.
     let empty = append_str(&js, &stream, subject, 0, "n2.e2", "stale").await;
-    assert_eq!(empty, Err(AppendError::Conflict { last }));
+    assert_eq!(empty, Err(AppendError::Conflict { at: first }));
+    // A fence from beyond the subject's end is refused for good.
+    let ahead = append_str(&js, &stream, subject, last + 100, "n2.e2", "ahead").await;
+    assert!(matches!(ahead, Err(AppendError::Refused(_))), "{ahead:?}");
     let stored: Vec<String> = messages_on(&stream, subject)
         .await?
         .into_iter()
@@ -112,14 +117,14 @@ async fn two_writers_racing_for_one_place_one_stores_and_the_other_is_refused() 
             append_str(&b, &stream_b, subject, expected, "b", "from b"),
         );
         let seq = match (ra, rb) {
-            (Ok(won), Err(AppendError::Conflict { last })) => {
+            (Ok(won), Err(AppendError::Conflict { at })) => {
                 wins_a += 1;
-                assert_eq!(last, won.seq, "round {round}");
+                assert_eq!(at, won.seq, "round {round}");
                 won.seq
             }
-            (Err(AppendError::Conflict { last }), Ok(won)) => {
+            (Err(AppendError::Conflict { at }), Ok(won)) => {
                 wins_b += 1;
-                assert_eq!(last, won.seq, "round {round}");
+                assert_eq!(at, won.seq, "round {round}");
                 won.seq
             }
             other => bail!("round {round}: not one winner: {other:?}"),
@@ -148,9 +153,13 @@ async fn a_repeated_append_is_stored_once_within_and_after_the_duplicate_window(
             earlier: true
         }
     );
-    // After it, the fence refuses the repeat and reading back shows it is
-    // this writer's own append.
-    tokio::time::sleep(window + Duration::from_millis(300)).await;
+    // The same writer appends again after it.
+    let next = append_str(&js, &stream, subject, first.seq, "n1.e1", "next").await?;
+    // After the window the stream has forgotten the id: a plain repeat is
+    // refused by the fence (10071), not acknowledged as a duplicate.
+    forgotten(&js, subject, &append_id(subject, 0, "n1.e1"), window).await?;
+    // `append` reads back the place it wanted (not the subject's last
+    // message, which is now `next`) and finds its own append there.
     let late = append_str(&js, &stream, subject, 0, "n1.e1", "once").await?;
     assert_eq!(
         late,
@@ -161,9 +170,48 @@ async fn a_repeated_append_is_stored_once_within_and_after_the_duplicate_window(
     );
     // Another writer's repeat of that place is a conflict, not a success.
     let other = append_str(&js, &stream, subject, 0, "n2.e2", "once").await;
-    assert_eq!(other, Err(AppendError::Conflict { last: first.seq }));
-    assert_eq!(messages_on(&stream, subject).await?.len(), 1);
+    assert_eq!(other, Err(AppendError::Conflict { at: first.seq }));
+    let stored: Vec<u64> = messages_on(&stream, subject)
+        .await?
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(stored, [first.seq, next.seq]);
     Ok(())
+}
+
+/// Waits until a publish with `id` expecting 0 on `subject` is refused by
+/// the fence (10071) instead of acknowledged as a duplicate: the stream's
+/// duplicate window has let go of `id`.
+async fn forgotten(
+    js: &jetstream::Context,
+    subject: &str,
+    id: &str,
+    window: Duration,
+) -> Result<()> {
+    tokio::time::sleep(window).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from_static(b"probe"))
+            .expected_last_subject_sequence(0)
+            .message_id(id);
+        let outcome = match js.send_publish(subject.to_string(), publish).await {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(ack) if ack.duplicate => {}
+            Ok(ack) => bail!("the probe was stored at {}", ack.sequence),
+            Err(error) if error.to_string().contains("10071") => return Ok(()),
+            Err(error) if error.to_string().contains("10164") => {}
+            Err(error) => bail!("probe: {error}"),
+        }
+        if Instant::now() > deadline {
+            bail!("{id} still a duplicate 10 s after its window");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +248,23 @@ async fn an_append_without_a_quorum_is_unknown_and_its_retry_stores_it_exactly_o
     assert!(
         matches!(outcome, Err(AppendError::Unknown(_))),
         "without a quorum: {outcome:?}"
+    );
+    // Retried while the first attempt is still being proposed (10158 from
+    // the server), it stays unknown: never refused, since it may yet land.
+    let retried = append(
+        &to_leader,
+        &leader_stream,
+        subject,
+        before.seq,
+        &id,
+        payload.clone(),
+        &policy,
+    )
+    .await;
+    eprintln!("retried without a quorum: {retried:?}");
+    assert!(
+        matches!(retried, Err(AppendError::Unknown(_))),
+        "retried without a quorum: {retried:?}"
     );
 
     cluster.resume(stopped)?;
@@ -427,6 +492,15 @@ mod end_to_end {
             .await?,
             0
         );
+        // A record delivered again (its stream sequence at or below the
+        // position, after the reopen) is skipped, and the store unchanged.
+        let before = history(&mut **follower_store)?;
+        let (seq, bytes) = read_next(&follower_stream, subject, 0, Duration::from_secs(5))
+            .await?
+            .context("the first record")?;
+        let again = LogRecord::decode(&bytes)?;
+        assert!(!follower_log.apply(&mut **follower_store, seq, &again)?);
+        assert_eq!(history(&mut **follower_store)?, before);
         let owner_history = history(&mut *owner)?;
         assert_eq!(owner_history.len(), 22);
         assert_eq!(history(&mut **follower_store)?, owner_history);

@@ -19,7 +19,9 @@ pub enum ApplyError {
     Storage(#[from] StorageError),
 }
 
-/// How far one partition's log is applied to this node's store.
+/// How far one partition's log is applied to this node's store. One
+/// `Applier` per partition and node: two would each skip only what they
+/// themselves applied.
 #[derive(Debug)]
 pub struct Applier {
     partition: u32,

@@ -13,9 +13,12 @@
 //! `tests/cluster_nats.rs`, and what [`append`] makes of it:
 //!
 //! - A stale expected sequence is refused with error 10071 ("wrong last
-//!   sequence: N"). That is a real conflict unless the message at N is this
-//!   very append, stored by an earlier attempt whose acknowledgement was
-//!   lost: [`append`] reads the subject's last message back and decides.
+//!   sequence: N"). That is a real conflict unless the place this append
+//!   wanted is held by this very append, stored by an earlier attempt whose
+//!   acknowledgement was lost. The fence means an append expecting E can
+//!   only ever be stored as the subject's first message after E, so
+//!   [`append`] reads that message back and decides (the subject's last
+//!   message would not do: more may have been appended after it since).
 //! - A correct conditional publish is sometimes refused with 10164 ("wrong
 //!   last sequence", no number) while the previous publish on the subject
 //!   is still in process. Nothing was stored: it is retried.
@@ -25,7 +28,12 @@
 //!   expected sequence, same id), which ends in one of the answers above.
 //! - A repeat of the same `Nats-Msg-Id` within the stream's duplicate
 //!   window is acknowledged with the first one's sequence and stores
-//!   nothing.
+//!   nothing; while the first one is still being proposed, the repeat is
+//!   refused with 10158, and the first may still be stored: unknown.
+//! - Only errors no retry can change (no such stream, a message over the
+//!   stream's limit, JetStream off) are [`AppendError::Refused`]; every
+//!   other error leaves the append [`AppendError::Unknown`], which a retry
+//!   of the same append settles.
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
@@ -36,6 +44,11 @@ pub const WRONG_LAST_SEQUENCE: u64 = 10071;
 /// JetStream: "wrong last sequence" while the previous publish on the
 /// subject is still in process; nothing stored.
 pub const WRONG_LAST_SEQUENCE_BUSY: u64 = 10164;
+
+/// JetStream errors that retrying the same append cannot change: no such
+/// stream, a message over the stream's maximum size, JetStream not enabled
+/// (for the server or the account), a stream of another name.
+const PERMANENT: [u64; 5] = [10059, 10054, 10076, 10039, 10056];
 
 /// How an append is retried and how long it may wait.
 #[derive(Debug, Clone, Copy)]
@@ -72,11 +85,12 @@ pub struct Appended {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {
-    /// The subject's last message is another writer's, at `last`: this
-    /// writer is not the partition's owner (or is behind). Nothing of this
-    /// append was stored, and it never will be.
-    #[error("the partition's log moved on without this writer (its last sequence is {last})")]
-    Conflict { last: u64 },
+    /// The place this append wanted (the subject's first message after
+    /// the expected sequence) holds another writer's append, at stream
+    /// sequence `at`: this writer is not the partition's owner (or is
+    /// behind). Nothing of this append was stored, and it never will be.
+    #[error("another writer's append holds the place, at sequence {at}")]
+    Conflict { at: u64 },
     /// Not known whether the append was stored (no acknowledgement in time,
     /// the connection lost): retry the same append to find out.
     #[error("not known whether the append was stored: {0}")]
@@ -150,45 +164,67 @@ pub async fn append(
         }
         return match code {
             Some(WRONG_LAST_SEQUENCE) => {
-                resolve_conflict(stream, subject, id, policy.ack_timeout).await
+                resolve_conflict(stream, subject, expected, id, policy.ack_timeout).await
             }
-            Some(_) => Err(AppendError::Refused(error.to_string())),
-            None => match error.kind() {
-                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-                    Err(AppendError::Unknown(error.to_string()))
-                }
-                _ => Err(AppendError::Refused(error.to_string())),
-            },
+            Some(code) if PERMANENT.contains(&code) => Err(AppendError::Refused(error.to_string())),
+            // 10158 (the same id still being proposed), a store failure, no
+            // leader right now, a lost connection, an unreadable ack: the
+            // append may or may not be stored.
+            _ => Err(AppendError::Unknown(error.to_string())),
         };
     }
 }
 
-/// After a 10071: the subject's last message is either this append, stored
-/// by an earlier attempt, or another writer's.
+/// After a 10071: the place this append wanted, the subject's first message
+/// after `expected`, holds either this append (stored by an earlier attempt)
+/// or another writer's.
 async fn resolve_conflict(
     stream: &jetstream::stream::Stream,
     subject: &str,
+    expected: u64,
     id: &str,
     timeout: Duration,
 ) -> Result<Appended, AppendError> {
-    let last = tokio::time::timeout(timeout, stream.get_last_raw_message_by_subject(subject))
-        .await
-        .map_err(|_| AppendError::Unknown("reading the subject's last message timed out".into()))?
-        .map_err(|error| {
-            AppendError::Unknown(format!("reading the subject's last message: {error}"))
-        })?;
-    let its_id = last
+    let request = stream
+        .raw_message_builder()
+        .sequence(expected + 1)
+        .next_by_subject(subject)
+        .send();
+    let holder = match tokio::time::timeout(timeout, request).await {
+        Err(_) => {
+            return Err(AppendError::Unknown(
+                "reading the message after the expected one timed out".into(),
+            ))
+        }
+        Ok(Ok(message)) => message,
+        Ok(Err(error))
+            if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            // Refused although nothing follows `expected`: the subject's
+            // last message is below it (the expected sequence was never
+            // this subject's, or its messages were removed).
+            return Err(AppendError::Refused(format!(
+                "the fence expected {expected} on {subject}, which holds no message after it"
+            )));
+        }
+        Ok(Err(error)) => {
+            return Err(AppendError::Unknown(format!(
+                "reading the message after the expected one: {error}"
+            )))
+        }
+    };
+    let its_id = holder
         .headers
         .get(async_nats::header::NATS_MESSAGE_ID)
         .map(|value| value.as_str());
     if its_id == Some(id) {
         Ok(Appended {
-            seq: last.sequence,
+            seq: holder.sequence,
             earlier: true,
         })
     } else {
         Err(AppendError::Conflict {
-            last: last.sequence,
+            at: holder.sequence,
         })
     }
 }

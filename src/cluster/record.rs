@@ -4,12 +4,19 @@
 //! format is versioned: a node reads every version it knows and refuses the
 //! others with an error, never with a panic.
 //!
-//! Layout: one version byte, then the record in postcard.
+//! Layout: one version byte, then the record in postcard, of wire types of
+//! its own (never the storage types' serde forms, which may grow fields),
+//! pinned by a test of the exact bytes.
+//!
+//! Not carried: a node's own bookkeeping ([`Mutation::LogApplied`]) and the
+//! writer's webhook outbox rows ([`Mutation::Webhook`]), which are keyed by
+//! the writer's shard and must be posted once, by the writer, not by every
+//! node that applies the log.
 
-use crate::ids::{MessageId, Seq, ShardId, Uid};
+use crate::ids::{MessageId, Seq, Uid};
 use crate::key::ChannelKey;
 use crate::protocol::ChannelType;
-use crate::storage::{ConversationRecord, ListKind, Mutation, StoredMessage, WebhookRecord};
+use crate::storage::{ConversationRecord, ListKind, Mutation, StoredMessage};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -43,6 +50,10 @@ pub enum RecordError {
     Corrupt(String),
 }
 
+/// The longest uid, channel id, device id or client_msg_no a record may
+/// carry: storage keys hold them with a 16-bit length.
+pub const ID_MAX_BYTES: usize = u16::MAX as usize;
+
 impl LogRecord {
     pub fn encode(&self) -> Vec<u8> {
         let wire = WireRecord {
@@ -59,8 +70,15 @@ impl LogRecord {
         if version != RECORD_VERSION {
             return Err(RecordError::UnknownVersion(version));
         }
-        let wire: WireRecord =
-            postcard::from_bytes(rest).map_err(|e| RecordError::Corrupt(e.to_string()))?;
+        let (wire, left): (WireRecord, &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|e| RecordError::Corrupt(e.to_string()))?;
+        if !left.is_empty() {
+            return Err(RecordError::Corrupt(format!(
+                "{} bytes after the record",
+                left.len()
+            )));
+        }
+        wire.check_ids()?;
         Ok(LogRecord {
             partition: wire.partition,
             writer: wire.writer,
@@ -77,6 +95,75 @@ struct WireRecord {
     partition: u32,
     writer: Writer,
     mutations: Vec<WireMutation>,
+}
+
+impl WireRecord {
+    /// Refuses ids storage could not key, so applying a decoded record
+    /// never fails on them.
+    fn check_ids(&self) -> Result<(), RecordError> {
+        let mut ids: Vec<&str> = Vec::new();
+        for m in &self.mutations {
+            match m {
+                WireMutation::Message(message) | WireMutation::Recall(message) => ids.extend([
+                    message.channel.id.as_str(),
+                    &message.from_uid,
+                    &message.from_device,
+                    &message.client_msg_no,
+                ]),
+                WireMutation::Conversation { uid, key, .. }
+                | WireMutation::DeleteConversation { uid, key } => {
+                    ids.extend([uid.as_str(), key.id.as_str()])
+                }
+                WireMutation::PutList { key, uids, .. } => {
+                    ids.push(&key.id);
+                    ids.extend(uids.iter().map(String::as_str));
+                }
+                WireMutation::DeleteGroup { key, members, .. }
+                | WireMutation::PutGroup { key, members, .. } => {
+                    ids.push(&key.id);
+                    ids.extend(members.iter().map(String::as_str));
+                }
+                WireMutation::IdsIssued(_) => {}
+            }
+        }
+        match ids.iter().find(|id| id.len() > ID_MAX_BYTES) {
+            Some(id) => Err(RecordError::Corrupt(format!(
+                "an id of {} bytes (at most {ID_MAX_BYTES})",
+                id.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireConversation {
+    read_floor: u64,
+    deleted_seq: u64,
+    own_above_floor: u64,
+    version: u64,
+}
+
+impl From<&ConversationRecord> for WireConversation {
+    fn from(r: &ConversationRecord) -> Self {
+        WireConversation {
+            read_floor: r.read_floor,
+            deleted_seq: r.deleted_seq,
+            own_above_floor: r.own_above_floor,
+            version: r.version,
+        }
+    }
+}
+
+impl From<WireConversation> for ConversationRecord {
+    fn from(r: WireConversation) -> Self {
+        ConversationRecord {
+            read_floor: r.read_floor,
+            deleted_seq: r.deleted_seq,
+            own_above_floor: r.own_above_floor,
+            version: r.version,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,7 +249,7 @@ enum WireMutation {
     Conversation {
         uid: String,
         key: WireKey,
-        record: ConversationRecord,
+        record: WireConversation,
     },
     DeleteConversation {
         uid: String,
@@ -173,11 +260,6 @@ enum WireMutation {
         key: WireKey,
         deny: bool,
         uids: Vec<String>,
-    },
-    Webhook {
-        shard: u16,
-        id: u64,
-        record: WebhookRecord,
     },
     DeleteGroup {
         key: WireKey,
@@ -201,7 +283,7 @@ fn to_wire(m: &Mutation) -> Option<WireMutation> {
         Mutation::Conversation { uid, key, record } => WireMutation::Conversation {
             uid: uid.as_str().to_owned(),
             key: key.into(),
-            record: *record,
+            record: record.into(),
         },
         Mutation::DeleteConversation { uid, key } => WireMutation::DeleteConversation {
             uid: uid.as_str().to_owned(),
@@ -212,11 +294,6 @@ fn to_wire(m: &Mutation) -> Option<WireMutation> {
             key: key.into(),
             deny: *kind == ListKind::Deny,
             uids: uids_to_wire(uids),
-        },
-        Mutation::Webhook { shard, id, record } => WireMutation::Webhook {
-            shard: shard.0,
-            id: *id,
-            record: (**record).clone(),
         },
         Mutation::DeleteGroup {
             key,
@@ -241,7 +318,7 @@ fn to_wire(m: &Mutation) -> Option<WireMutation> {
             last_seq: last_seq.0,
             last_message_id: last_message_id.0,
         },
-        Mutation::LogApplied { .. } => return None,
+        Mutation::LogApplied { .. } | Mutation::Webhook { .. } => return None,
     })
 }
 
@@ -252,7 +329,7 @@ impl From<WireMutation> for Mutation {
             WireMutation::Conversation { uid, key, record } => Mutation::Conversation {
                 uid: Uid::new(&uid),
                 key: key.into(),
-                record,
+                record: record.into(),
             },
             WireMutation::DeleteConversation { uid, key } => Mutation::DeleteConversation {
                 uid: Uid::new(&uid),
@@ -267,11 +344,6 @@ impl From<WireMutation> for Mutation {
                     ListKind::Allow
                 },
                 uids: uids_from_wire(uids),
-            },
-            WireMutation::Webhook { shard, id, record } => Mutation::Webhook {
-                shard: ShardId(shard),
-                id,
-                record: Arc::new(record),
             },
             WireMutation::DeleteGroup {
                 key,
@@ -303,6 +375,8 @@ impl From<WireMutation> for Mutation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::ShardId;
+    use crate::storage::WebhookRecord;
     use proptest::prelude::*;
 
     fn key() -> impl Strategy<Value = ChannelKey> {
@@ -429,13 +503,99 @@ mod tests {
             let back = LogRecord::decode(&bytes).unwrap();
             prop_assert_eq!(back.partition, partition);
             prop_assert_eq!(back.writer, Writer { node, epoch });
-            prop_assert_eq!(shown(&back.mutations), shown(&record.mutations));
+            // Webhook outbox rows stay with their writer.
+            let carried: Vec<Mutation> = record
+                .mutations
+                .iter()
+                .filter(|m| !matches!(m, Mutation::Webhook { .. }))
+                .cloned()
+                .collect();
+            prop_assert_eq!(shown(&back.mutations), shown(&carried));
         }
 
         #[test]
         fn any_bytes_decode_to_a_record_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = LogRecord::decode(&bytes);
         }
+    }
+
+    /// The format's exact bytes: a change to them needs a new
+    /// [`RECORD_VERSION`] (and the old one still read).
+    #[test]
+    fn the_format_of_version_1_is_pinned() {
+        let (alice, bob) = (Uid::new("alice"), Uid::new("bob"));
+        let chat = ChannelKey::person(&alice, &bob);
+        let record = LogRecord {
+            partition: 7,
+            writer: Writer { node: 2, epoch: 5 },
+            mutations: vec![
+                Mutation::Message(Arc::new(StoredMessage {
+                    message_id: MessageId(300),
+                    seq: Seq(4),
+                    channel: chat.clone(),
+                    from_uid: alice.clone(),
+                    from_device: Arc::from("ph"),
+                    client_msg_no: "c1".into(),
+                    timestamp_ms: 1_000,
+                    send_flags: 1,
+                    payload: Bytes::from_static(b"hi"),
+                    recalled: false,
+                })),
+                Mutation::Conversation {
+                    uid: bob.clone(),
+                    key: chat.clone(),
+                    record: ConversationRecord {
+                        read_floor: 3,
+                        deleted_seq: 0,
+                        own_above_floor: 0,
+                        version: 9,
+                    },
+                },
+                Mutation::PutList {
+                    key: ChannelKey::group("g"),
+                    kind: ListKind::Deny,
+                    uids: vec![alice],
+                },
+                Mutation::IdsIssued(MessageId(301)),
+            ],
+        };
+        let hex: String = record.encode().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, PINNED_V1);
+    }
+
+    /// Version byte, partition 7, node 2, epoch 5, four mutations: the
+    /// message (variant 0: id 300, seq 4, person key "alice@bob", from
+    /// "alice" on "ph", "c1", 1000 ms as zigzag, flags 1, "hi", not
+    /// recalled), bob's row (variant 1: 3, 0, 0, 9), the deny list of group
+    /// "g" (variant 4) holding alice, ids issued 301 (variant 6).
+    const PINNED_V1: &str = "010702050400ac02040109616c69636540626f6205616c696365027068026331d00f01026869000103626f620109616c69636540626f620300000904020167010105616c69636506ad02";
+
+    #[test]
+    fn an_id_storage_could_not_key_is_refused() {
+        let long = "x".repeat(ID_MAX_BYTES + 1);
+        let record = LogRecord {
+            partition: 1,
+            writer: Writer { node: 1, epoch: 1 },
+            mutations: vec![Mutation::DeleteConversation {
+                uid: Uid::new(&long),
+                key: ChannelKey::group("g"),
+            }],
+        };
+        assert!(matches!(
+            LogRecord::decode(&record.encode()),
+            Err(RecordError::Corrupt(_))
+        ));
+        let mut bytes = LogRecord {
+            partition: 1,
+            writer: Writer { node: 1, epoch: 1 },
+            mutations: vec![],
+        }
+        .encode();
+        bytes.push(0);
+        assert!(matches!(
+            LogRecord::decode(&bytes),
+            Err(RecordError::Corrupt(_))
+        ));
     }
 
     #[test]
