@@ -1,10 +1,12 @@
 //! Running several ruyi nodes as one cluster on NATS JetStream (issue 15),
 //! built in steps. So far: [`log`], the fenced append of a partition's
 //! commit batch to its replicated log; [`record`], the versioned format of
-//! what one append carries; and [`apply`], applying a partition's log to a
-//! node's own store once per record. Nothing in the single-node server uses
-//! this module yet.
+//! what one append carries; [`apply`], applying a partition's log to a
+//! node's own store once per record; and [`partition`], which partition a
+//! channel belongs to and the static map of partitions to (node, shard).
+//! Nothing in the single-node server uses this module yet.
 
 pub mod apply;
 pub mod log;
+pub mod partition;
 pub mod record;
