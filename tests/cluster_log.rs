@@ -507,3 +507,162 @@ mod end_to_end {
         Ok(())
     }
 }
+
+mod bridge {
+    //! A shard's way to the log: a glommio executor hands one tick's
+    //! appends to the NATS thread and gets every result back at once.
+
+    use super::*;
+    use ruyi::cluster::bridge::{AppendRequest, BridgeConfig, BridgeError, LogBridge};
+
+    fn request(subject: &str, expected: u64, payload: &str) -> AppendRequest {
+        AppendRequest {
+            subject: subject.to_string(),
+            expected,
+            id: append_id(subject, expected, "n1.e1"),
+            payload: Bytes::from(payload.to_string()),
+        }
+    }
+
+    fn config(urls: Vec<String>, stream: &str) -> BridgeConfig {
+        BridgeConfig {
+            urls,
+            stream: stream.to_string(),
+            policy: AppendPolicy::default(),
+            queue_max: 16,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn a_shard_appends_each_ticks_batches_through_the_nats_thread() -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        let stream = runtime.block_on(async {
+            let js = jetstream::new(cluster.connect_any().await?);
+            log_stream(&js, "LOG6", "log6.>", Duration::from_secs(120)).await
+        })?;
+        let bridge = LogBridge::start(config(cluster.client_urls(), "LOG6"))?;
+
+        // As a shard does, from its glommio executor.
+        let (tick1, tick2) = glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let first: Vec<AppendRequest> = (0..8)
+                    .map(|p| request(&format!("log6.{p}"), 0, &format!("t1 p{p}")))
+                    .collect();
+                let tick1 = bridge.append_all(first).await?;
+                let after = |p: usize| tick1[p].as_ref().map(|a| a.seq).unwrap_or(0);
+                // The next tick: partitions 0 and 1 after their first
+                // appends, and two that the log answers differently.
+                let second = vec![
+                    request("log6.0", after(0), "t2 p0"),
+                    request("log6.1", after(1), "t2 p1"),
+                    // Another writer, behind: partition 2 is taken.
+                    AppendRequest {
+                        id: append_id("log6.2", 0, "n2.e2"),
+                        ..request("log6.2", 0, "t2 p2 stale")
+                    },
+                    // This writer's own first append again (its answer lost,
+                    // say): recognised, stored once.
+                    request("log6.3", 0, "t1 p3"),
+                ];
+                let tick2 = bridge.append_all(second).await?;
+                drop(bridge);
+                Ok::<_, BridgeError>((tick1, tick2))
+            })
+            .map_err(|e| anyhow::anyhow!("starting the executor: {e}"))?
+            .join()
+            .map_err(|e| anyhow::anyhow!("the executor: {e}"))??;
+
+        let seqs: Vec<u64> = tick1
+            .iter()
+            .map(|r| r.as_ref().map(|a| a.seq).map_err(Clone::clone))
+            .collect::<Result<_, _>>()?;
+        let mut distinct = seqs.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 8, "{seqs:?}");
+        assert!(tick2[0]
+            .as_ref()
+            .is_ok_and(|a| a.seq > seqs[0] && !a.earlier));
+        assert!(tick2[1]
+            .as_ref()
+            .is_ok_and(|a| a.seq > seqs[1] && !a.earlier));
+        assert_eq!(tick2[2], Err(AppendError::Conflict { at: seqs[2] }));
+        assert_eq!(
+            tick2[3],
+            Ok(Appended {
+                seq: seqs[3],
+                earlier: true
+            })
+        );
+        let stored = runtime.block_on(messages_on(&stream, "log6.0"))?;
+        assert_eq!(
+            stored.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+            ["t1 p0", "t2 p0"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn appends_to_one_subject_in_one_tick_run_in_order() -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        let stream = runtime.block_on(async {
+            let js = jetstream::new(cluster.connect_any().await?);
+            log_stream(&js, "LOG7", "log7.>", Duration::from_secs(120)).await
+        })?;
+        let bridge = LogBridge::start(config(cluster.client_urls(), "LOG7"))?;
+        // Three appends to one subject in one request: the second and third
+        // expect sequences 1 and 2 (one subject in this stream), which hold
+        // only if they run after the first and second.
+        let results = runtime.block_on(bridge.append_all(vec![
+            request("log7.a", 0, "one"),
+            request("log7.a", 1, "two"),
+            request("log7.a", 2, "three"),
+        ]))?;
+        let seqs: Vec<u64> = results
+            .iter()
+            .map(|r| r.as_ref().map(|a| a.seq).map_err(Clone::clone))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(seqs, [1, 2, 3]);
+        let stored = runtime.block_on(messages_on(&stream, "log7.a"))?;
+        assert_eq!(
+            stored.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+            ["one", "two", "three"]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_bridge_that_cannot_start_says_why() -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        let missing = LogBridge::start(config(cluster.client_urls(), "NO_SUCH_STREAM"));
+        assert!(
+            matches!(missing, Err(BridgeError::Stream { .. })),
+            "{:?}",
+            missing.err()
+        );
+        let free = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let nobody = LogBridge::start(BridgeConfig {
+            connect_timeout: Duration::from_secs(3),
+            ..config(vec![format!("nats://{free}")], "LOG")
+        });
+        assert!(
+            matches!(nobody, Err(BridgeError::Connect { .. })),
+            "{:?}",
+            nobody.err()
+        );
+        Ok(())
+    }
+}

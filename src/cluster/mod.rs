@@ -2,11 +2,14 @@
 //! built in steps. So far: [`log`], the fenced append of a partition's
 //! commit batch to its replicated log; [`record`], the versioned format of
 //! what one append carries; [`apply`], applying a partition's log to a
-//! node's own store once per record; and [`partition`], which partition a
-//! channel belongs to and the static map of partitions to (node, shard).
-//! Nothing in the single-node server uses this module yet.
+//! node's own store once per record; [`partition`], which partition a
+//! channel belongs to and the static map of partitions to (node, shard);
+//! and [`bridge`], the thread running the NATS client that shards hand a
+//! tick's appends to. Nothing in the single-node server uses this module
+//! yet.
 
 pub mod apply;
+pub mod bridge;
 pub mod log;
 pub mod partition;
 pub mod record;
