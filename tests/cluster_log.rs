@@ -524,6 +524,17 @@ mod bridge {
         }
     }
 
+    /// A runtime for the test's own NATS calls (the bridge has its own
+    /// thread) and a 3-server cluster.
+    fn started() -> Result<(tokio::runtime::Runtime, NatsCluster)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        Ok((runtime, cluster))
+    }
+
     fn config(urls: Vec<String>, stream: &str) -> BridgeConfig {
         BridgeConfig {
             urls,
@@ -536,11 +547,7 @@ mod bridge {
 
     #[test]
     fn a_shard_appends_each_ticks_batches_through_the_nats_thread() -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        let (runtime, cluster) = started()?;
         let stream = runtime.block_on(async {
             let js = jetstream::new(cluster.connect_any().await?);
             log_stream(&js, "LOG6", "log6.>", Duration::from_secs(120)).await
@@ -609,11 +616,7 @@ mod bridge {
 
     #[test]
     fn appends_to_one_subject_in_one_tick_run_in_order() -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        let (runtime, cluster) = started()?;
         let stream = runtime.block_on(async {
             let js = jetstream::new(cluster.connect_any().await?);
             log_stream(&js, "LOG7", "log7.>", Duration::from_secs(120)).await
@@ -642,11 +645,7 @@ mod bridge {
 
     #[test]
     fn a_bridge_that_cannot_start_says_why() -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let cluster = runtime.block_on(NatsCluster::start(3))?;
+        let (_runtime, cluster) = started()?;
         let missing = LogBridge::start(config(cluster.client_urls(), "NO_SUCH_STREAM"));
         assert!(
             matches!(missing, Err(BridgeError::Stream { .. })),

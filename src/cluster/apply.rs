@@ -82,29 +82,19 @@ impl Applier {
 mod tests {
     use super::*;
     use crate::cluster::record::Writer;
-    use crate::ids::{MessageId, Seq, ShardId, Uid};
+    use crate::ids::{Seq, ShardId};
     use crate::key::ChannelKey;
-    use crate::storage::{MemoryStorage, ReadDirection, Storage, StoredMessage};
-    use bytes::Bytes;
-    use std::sync::Arc;
+    use crate::storage::{test_message, MemoryStorage, ReadDirection, Storage};
 
     fn record(partition: u32, seq: u64) -> LogRecord {
-        let channel = ChannelKey::group("g");
         LogRecord {
             partition,
             writer: Writer { node: 1, epoch: 1 },
-            mutations: vec![Mutation::Message(Arc::new(StoredMessage {
-                message_id: MessageId(100 + seq),
-                seq: Seq(seq),
-                channel,
-                from_uid: Uid::new("alice"),
-                from_device: Arc::from("phone"),
-                client_msg_no: format!("c{seq}"),
-                timestamp_ms: 1,
-                send_flags: 0,
-                payload: Bytes::from(format!("m{seq}")),
-                recalled: false,
-            }))],
+            mutations: vec![Mutation::Message(test_message(
+                &ChannelKey::group("g"),
+                seq,
+                "alice",
+            ))],
         }
     }
 

@@ -425,17 +425,38 @@ async fn tls_then_drive(
     outbox: Rc<Outbox>,
 ) {
     let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
-    match tls_within(&acceptor, stream, timeout).await {
-        Some(Ok(tls)) => conn::driver::drive(runtime, tls, conn, outbox).await,
+    if let Some(tls) = tls_or_close(&runtime, &acceptor, stream, conn, timeout).await {
+        conn::driver::drive(runtime, tls, conn, outbox).await
+    }
+}
+
+/// The TLS handshake of `stream` within `timeout`; when it fails or takes
+/// longer, the connection is closed (logged, its session ended) and `None`
+/// returned.
+async fn tls_or_close(
+    runtime: &Runtime,
+    acceptor: &futures_rustls::TlsAcceptor,
+    stream: glommio::net::TcpStream,
+    conn: crate::ids::ConnId,
+    timeout: Duration,
+) -> Option<futures_rustls::server::TlsStream<glommio::net::TcpStream>> {
+    match tls_within(acceptor, stream, timeout).await {
+        Some(Ok(tls)) => Some(tls),
         failed => {
             match failed {
                 Some(Err(error)) => tracing::debug!(conn = conn.0, %error, "TLS handshake failed"),
                 _ => tracing::debug!(conn = conn.0, "TLS handshake timed out"),
             }
-            runtime.state.borrow_mut().on_closed(conn);
-            runtime.connection_ended();
+            abandon(runtime, conn);
+            None
         }
     }
+}
+
+/// Ends the session of a connection that never reached its driver.
+fn abandon(runtime: &Runtime, conn: crate::ids::ConnId) {
+    runtime.state.borrow_mut().on_closed(conn);
+    runtime.connection_ended();
 }
 
 /// The TLS handshake of `stream`; `None` when it takes longer than
@@ -469,19 +490,9 @@ async fn ws_then_drive(
         return upgrade_then_drive(runtime, stream, proxy, conn, outbox, timeout, transport).await;
     };
     let started = std::time::Instant::now();
-    match tls_within(&acceptor, stream, timeout).await {
-        Some(Ok(tls)) => {
-            let left = timeout.saturating_sub(started.elapsed());
-            upgrade_then_drive(runtime, tls, proxy, conn, outbox, left, transport).await
-        }
-        failed => {
-            match failed {
-                Some(Err(error)) => tracing::debug!(conn = conn.0, %error, "TLS handshake failed"),
-                _ => tracing::debug!(conn = conn.0, "TLS handshake timed out"),
-            }
-            runtime.state.borrow_mut().on_closed(conn);
-            runtime.connection_ended();
-        }
+    if let Some(tls) = tls_or_close(&runtime, &acceptor, stream, conn, timeout).await {
+        let left = timeout.saturating_sub(started.elapsed());
+        upgrade_then_drive(runtime, tls, proxy, conn, outbox, left, transport).await
     }
 }
 
@@ -550,8 +561,7 @@ async fn upgrade_then_drive<S>(
                 }
                 _ => tracing::debug!(conn = conn.0, "WebSocket upgrade timed out"),
             }
-            runtime.state.borrow_mut().on_closed(conn);
-            runtime.connection_ended();
+            abandon(&runtime, conn);
         }
     }
 }
@@ -579,19 +589,9 @@ async fn wk_tcp_then_drive(
         return conn::driver::drive(runtime, io, conn, outbox).await;
     };
     let timeout = Duration::from_millis(runtime.config.limits.handshake_timeout_ms);
-    match tls_within(&acceptor, stream, timeout).await {
-        Some(Ok(tls)) => {
-            let io = crate::wkproto::io::WkIo::new(tls, config, false);
-            conn::driver::drive(runtime, io, conn, outbox).await
-        }
-        failed => {
-            match failed {
-                Some(Err(error)) => tracing::debug!(conn = conn.0, %error, "TLS handshake failed"),
-                _ => tracing::debug!(conn = conn.0, "TLS handshake timed out"),
-            }
-            runtime.state.borrow_mut().on_closed(conn);
-            runtime.connection_ended();
-        }
+    if let Some(tls) = tls_or_close(&runtime, &acceptor, stream, conn, timeout).await {
+        let io = crate::wkproto::io::WkIo::new(tls, config, false);
+        conn::driver::drive(runtime, io, conn, outbox).await
     }
 }
 

@@ -46,6 +46,24 @@ pub struct StoredMessage {
     pub recalled: bool,
 }
 
+/// A stored message for tests: id `100 + seq`, sent by `from` from device
+/// "phone" as "c{seq}", payload "m{seq}".
+#[cfg(test)]
+pub(crate) fn test_message(channel: &ChannelKey, seq: u64, from: &str) -> Arc<StoredMessage> {
+    Arc::new(StoredMessage {
+        message_id: MessageId(100 + seq),
+        seq: Seq(seq),
+        channel: channel.clone(),
+        from_uid: Uid::new(from),
+        from_device: Arc::from("phone"),
+        client_msg_no: format!("c{seq}"),
+        timestamp_ms: 1,
+        send_flags: 0,
+        payload: Bytes::from(format!("m{seq}")),
+        recalled: false,
+    })
+}
+
 impl StoredMessage {
     /// The recalled form of this message: same place, no payload.
     pub fn recalled(&self) -> StoredMessage {

@@ -1060,6 +1060,7 @@ fn increment(prefix: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::test_message;
 
     #[test]
     fn message_records_of_both_formats_decode() {
@@ -1122,31 +1123,19 @@ mod tests {
     /// and can land after the flush at close. Whatever order position writes
     /// land in, the stored position is the largest (and a value written
     /// before positions had a pushed half still reads).
-    fn open_temp() -> (tempfile::TempDir, RocksStorage) {
-        let dir = tempfile::tempdir().unwrap();
-        let options = RocksOptions {
+    fn test_options() -> RocksOptions {
+        RocksOptions {
             sync: SyncPolicy::Never,
             block_cache_bytes: 1 << 20,
             write_buffer_bytes: 1 << 20,
             idempotency_ttl_ms: 60_000,
-        };
-        let storage = RocksStorage::open(dir.path(), &options).unwrap();
-        (dir, storage)
+        }
     }
 
-    fn stored(channel: &ChannelKey, seq: u64, from: &str) -> Arc<StoredMessage> {
-        Arc::new(StoredMessage {
-            message_id: MessageId(100 + seq),
-            seq: Seq(seq),
-            channel: channel.clone(),
-            from_uid: Uid::new(from),
-            from_device: Arc::from("phone"),
-            client_msg_no: format!("c{seq}"),
-            timestamp_ms: 1,
-            send_flags: 0,
-            payload: Bytes::from(format!("m{seq}")),
-            recalled: false,
-        })
+    fn open_temp() -> (tempfile::TempDir, RocksStorage) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = RocksStorage::open(dir.path(), &test_options()).unwrap();
+        (dir, storage)
     }
 
     fn row(read_floor: u64, version: u64) -> ConversationRecord {
@@ -1170,11 +1159,11 @@ mod tests {
             record,
         };
         let batch = vec![
-            Mutation::Message(stored(&chat, 1, "alice")),
+            Mutation::Message(test_message(&chat, 1, "alice")),
             conversation(&alice, &chat, row(1, 1)),
             conversation(&bob, &chat, row(0, 1)),
-            Mutation::Message(stored(&group, 1, "alice")),
-            Mutation::Message(stored(&chat, 2, "bob")),
+            Mutation::Message(test_message(&group, 1, "alice")),
+            Mutation::Message(test_message(&chat, 2, "bob")),
             conversation(&alice, &chat, row(1, 2)),
             Mutation::DeleteConversation {
                 uid: bob.clone(),
@@ -1187,7 +1176,7 @@ mod tests {
                 last_seq: Seq(1),
                 last_message_id: MessageId(101),
             },
-            Mutation::Message(stored(&chat, 3, "alice")),
+            Mutation::Message(test_message(&chat, 3, "alice")),
         ];
         assert_eq!(
             overwritten_later(&batch),
@@ -1224,12 +1213,7 @@ mod tests {
     #[test]
     fn list_lookups_find_entries_written_by_a_batch_and_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let options = RocksOptions {
-            sync: SyncPolicy::Never,
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            idempotency_ttl_ms: 60_000,
-        };
+        let options = test_options();
         let lists = ChannelKey::group("lists-of-bob");
         let alice = Uid::new("alice");
         {
@@ -1262,12 +1246,7 @@ mod tests {
     #[test]
     fn a_position_write_that_lands_late_never_moves_a_position_back() {
         let dir = tempfile::tempdir().unwrap();
-        let options = RocksOptions {
-            sync: SyncPolicy::Never,
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            idempotency_ttl_ms: 60_000,
-        };
+        let options = test_options();
         let storage = RocksStorage::open(dir.path(), &options).unwrap();
         let mut store = storage.open_shard(ShardId(0)).unwrap();
         let key = ChannelKey::group("g");
