@@ -27,6 +27,89 @@ pub struct Config {
     pub api: ApiConfig,
     pub webhook: WebhookConfig,
     pub limits: Limits,
+    pub cluster: ClusterConfig,
+}
+
+/// Running as a node of a cluster on NATS JetStream (`[cluster]`): every
+/// commit is appended to a partition's replicated log before it is
+/// acknowledged, and the node's store is rebuilt from the log. Off (a
+/// single node, nothing of NATS) while `nats_urls` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The NATS servers to connect to (`nats://host:port`); empty: off.
+    pub nats_urls: Vec<String>,
+    /// This node's id, unique in the cluster, 1 or more.
+    pub node_id: u32,
+    /// Every node's id; empty: this node alone.
+    pub nodes: Vec<u32>,
+    /// The number of partitions, fixed when the cluster is created.
+    pub partitions: u32,
+    /// The JetStream stream holding the log, and its subjects' prefix.
+    pub stream: String,
+    pub subject_prefix: String,
+    /// Create the stream, with this many replicas, when it is missing.
+    pub create_stream: bool,
+    pub replicas: usize,
+    /// How long an append may wait for the stream's acknowledgement before
+    /// it is retried.
+    pub ack_timeout_ms: u64,
+    /// How long connecting and finding the stream may take at start.
+    pub connect_timeout_ms: u64,
+    /// The longest pause between retries of an append not known to be
+    /// stored (the pauses double from 10 ms).
+    pub retry_pause_max_ms: u64,
+    /// While a commit has waited this long for the log, new sends are
+    /// refused with `ServerBusy` instead of queued behind it.
+    pub unavailable_after_ms: u64,
+    /// The largest log record; a commit's share of a partition is split
+    /// into records of at most this size. At most the NATS servers'
+    /// `max_payload` less 4 KiB of headers (checked at start).
+    pub record_max_bytes: usize,
+    /// How many records one read of the log asks for when catching up.
+    pub read_batch_records: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_urls: Vec::new(),
+            node_id: 1,
+            nodes: Vec::new(),
+            partitions: 64,
+            stream: "RUYI_LOG".into(),
+            subject_prefix: "ruyi.log".into(),
+            create_stream: true,
+            replicas: 3,
+            ack_timeout_ms: 2000,
+            connect_timeout_ms: 5000,
+            retry_pause_max_ms: 1000,
+            unavailable_after_ms: 1000,
+            record_max_bytes: 1024 * 1024 - 4096,
+            read_batch_records: 256,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this server runs as a node of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    /// Every node's id (this node alone when `nodes` is empty).
+    pub fn node_ids(&self) -> Vec<u32> {
+        if self.nodes.is_empty() {
+            vec![self.node_id]
+        } else {
+            self.nodes.clone()
+        }
+    }
+
+    /// The subject of `partition`'s log.
+    pub fn subject(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.subject_prefix)
+    }
 }
 
 /// The WebSocket listener (`[ws]`): the binary protocol in WebSocket
@@ -721,6 +804,99 @@ impl Config {
             w.outbox_max_bytes >= 1024 * 1024,
             "webhook.outbox_max_bytes must be at least 1 MiB".into(),
         );
+        let c = &self.cluster;
+        if c.enabled() {
+            check(
+                c.nats_urls
+                    .iter()
+                    .all(|u| !u.is_empty() && !u.contains(char::is_whitespace)),
+                "cluster.nats_urls must be NATS server URLs (nats://host:port)".into(),
+            );
+            check(c.node_id >= 1, "cluster.node_id must be at least 1".into());
+            let nodes = c.node_ids();
+            check(
+                nodes.contains(&c.node_id),
+                format!(
+                    "cluster.nodes = {:?} must list this node (cluster.node_id = {})",
+                    c.nodes, c.node_id
+                ),
+            );
+            let mut sorted = nodes.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            check(
+                sorted.len() == nodes.len(),
+                "cluster.nodes lists a node twice".into(),
+            );
+            // Sends to channels other nodes own are not forwarded yet.
+            check(
+                nodes.len() == 1,
+                format!(
+                    "cluster.nodes = {:?}: this version runs a cluster of one ruyi node \
+                     (on replicated NATS); list only cluster.node_id",
+                    c.nodes
+                ),
+            );
+            check(
+                (1..=65_536).contains(&c.partitions),
+                "cluster.partitions must be between 1 and 65536".into(),
+            );
+            check(
+                !c.stream.is_empty()
+                    && c.stream
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-'),
+                format!(
+                    "cluster.stream = {:?} must be a stream name (letters, digits, _ and -)",
+                    c.stream
+                ),
+            );
+            check(
+                !c.subject_prefix.is_empty()
+                    && c.subject_prefix.split('.').all(|token| {
+                        !token.is_empty()
+                            && !token.contains(['*', '>'])
+                            && !token.contains(char::is_whitespace)
+                    }),
+                format!(
+                    "cluster.subject_prefix = {:?} must be a subject without wildcards",
+                    c.subject_prefix
+                ),
+            );
+            check(
+                (1..=5).contains(&c.replicas),
+                "cluster.replicas must be between 1 and 5".into(),
+            );
+            check(
+                c.ack_timeout_ms >= 100,
+                "cluster.ack_timeout_ms must be at least 100".into(),
+            );
+            check(
+                c.connect_timeout_ms >= 100,
+                "cluster.connect_timeout_ms must be at least 100".into(),
+            );
+            check(
+                (10..=60_000).contains(&c.retry_pause_max_ms),
+                "cluster.retry_pause_max_ms must be between 10 and 60000".into(),
+            );
+            check(
+                c.unavailable_after_ms >= 10,
+                "cluster.unavailable_after_ms must be at least 10".into(),
+            );
+            let one_message = l.payload_size_max_bytes + 4 * l.uid_length_max_bytes + 1024;
+            check(
+                c.record_max_bytes >= one_message,
+                format!(
+                    "cluster.record_max_bytes = {} must hold a message of \
+                     limits.payload_size_max_bytes with its rows (at least {one_message})",
+                    c.record_max_bytes
+                ),
+            );
+            check(
+                (1..=10_000).contains(&c.read_batch_records),
+                "cluster.read_batch_records must be between 1 and 10000".into(),
+            );
+        }
         let d = &self.delivery;
         check(
             (10..=d.retry_interval_ms).contains(&d.retry_tick_ms),
@@ -953,5 +1129,39 @@ mod tests {
         assert!(err.contains("payload_size_max_bytes"), "{err}");
         assert!(err.contains("heartbeat_interval_ms"), "{err}");
         assert!(err.contains("user_token_length_max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_needs_this_node_listed_partitions_a_plain_subject_and_room_for_a_message() {
+        let mut config = Config::default();
+        config.auth.secret = "s".into();
+        config.api.token = "t".into();
+        config.cluster.nats_urls = vec!["nats://127.0.0.1:4222".into()];
+        config.validate().unwrap();
+        assert_eq!(config.cluster.subject(7), "ruyi.log.7");
+        config.cluster.nodes = vec![2, 3];
+        config.cluster.partitions = 0;
+        config.cluster.subject_prefix = "ruyi.*".into();
+        config.cluster.record_max_bytes = 1024;
+        let err = config.validate().unwrap_err().to_string();
+        for name in [
+            "cluster.nodes",
+            "cluster.partitions",
+            "cluster.subject_prefix",
+            "cluster.record_max_bytes",
+        ] {
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        // Several nodes: not yet (sends are not forwarded between nodes).
+        config.cluster = ClusterConfig {
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            nodes: vec![1, 2],
+            ..ClusterConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("one ruyi node"), "{err}");
+        // Off: nothing of it is checked.
+        config.cluster.nats_urls.clear();
+        config.validate().unwrap();
     }
 }

@@ -93,6 +93,29 @@ impl ChannelKey {
     }
 }
 
+/// Which shard of this process owns each channel.
+#[derive(Debug, Clone)]
+pub enum Routing {
+    /// A single node: [`ChannelKey::shard`], a hash over the shards.
+    Hash { shards: u16 },
+    /// A cluster node: the shard its partition's owner is on
+    /// ([`crate::cluster::partition`]). `owners[p]` is partition `p`'s.
+    Partitions { owners: std::sync::Arc<[ShardId]> },
+}
+
+impl Routing {
+    /// The shard that owns `key`.
+    pub fn shard_of(&self, key: &ChannelKey) -> ShardId {
+        match self {
+            Routing::Hash { shards } => key.shard(*shards),
+            Routing::Partitions { owners } => {
+                let partition = crate::cluster::partition::partition_of(key, owners.len() as u32);
+                owners[partition as usize]
+            }
+        }
+    }
+}
+
 static ROUTING_HASH: ahash::RandomState = ahash::RandomState::with_seeds(
     0x7275_7969_5f73_6861,
     0x7264_5f72_6f75_7465,

@@ -9,6 +9,7 @@
 use crate::channel::ChannelKey;
 use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
+use crate::key::Routing;
 use crate::listener::{self, ListenError, Role};
 use crate::shard::api::{ApiRequest, ApiResponse};
 use crate::shard::mesh;
@@ -39,6 +40,8 @@ pub enum StartError {
     Shard { shard: u16, detail: String },
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("cannot start the admin API on {addr}: {source}")]
     Api {
         addr: SocketAddr,
@@ -157,6 +160,18 @@ impl Server {
                 Err(error) => tracing::error!(%error, "reading the webhook outbox size failed"),
             }
         }
+        // A cluster node connects to the log and applies what it holds
+        // beyond this store before anything else reads the store.
+        let log = match config.cluster.enabled() {
+            false => None,
+            true => Some(start_log(&config, shards, &storage)?),
+        };
+        let routing = match &log {
+            None => Routing::Hash { shards },
+            Some(log) => Routing::Partitions {
+                owners: Arc::clone(&log.owners),
+            },
+        };
         // The first message id of this run, the same for every shard: ids
         // continue above everything an earlier run recorded.
         let run = storage
@@ -197,6 +212,7 @@ impl Server {
                 tls: tls.clone(),
                 run,
                 versions: Arc::clone(&versions),
+                log: log.clone(),
             };
             let thread = LocalExecutorBuilder::new(placement)
                 .name(&format!("ruyi-shard-{index}"))
@@ -212,6 +228,7 @@ impl Server {
         let mut handle = ServerHandle {
             addr,
             shards,
+            routing,
             controls,
             threads,
             api_addr: None,
@@ -321,10 +338,94 @@ fn wk_routes(
     }
 }
 
+/// Connects a cluster node to its log (creating the stream when asked),
+/// checks that a record fits the server's messages, and applies to each
+/// shard's store what the log holds beyond it.
+fn start_log(
+    config: &Config,
+    shards: u16,
+    storage: &Arc<dyn Storage>,
+) -> Result<crate::shard::log::ShardLogSetup, StartError> {
+    use crate::cluster::apply::{catch_up, Applier};
+    use crate::cluster::bridge::{BridgeConfig, LogBridge, StreamSpec};
+    use crate::cluster::partition::{NodeSpec, PartitionMap};
+    let c = &config.cluster;
+    let bridge = LogBridge::start(BridgeConfig {
+        urls: c.nats_urls.clone(),
+        stream: c.stream.clone(),
+        create: c.create_stream.then(|| StreamSpec {
+            subjects: vec![format!("{}.>", c.subject_prefix)],
+            replicas: c.replicas,
+        }),
+        policy: crate::cluster::log::AppendPolicy {
+            ack_timeout: Duration::from_millis(c.ack_timeout_ms),
+            ..Default::default()
+        },
+        queue_max: usize::from(shards) * 4,
+        connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+    })
+    .map_err(|error| StartError::Cluster(error.to_string()))?;
+    let room = bridge.max_payload().saturating_sub(4096);
+    if c.record_max_bytes > room {
+        return Err(StartError::Cluster(format!(
+            "cluster.record_max_bytes = {} is more than the NATS server takes \
+             (max_payload {} less 4096 for headers = {room}); lower it or raise max_payload",
+            c.record_max_bytes,
+            bridge.max_payload()
+        )));
+    }
+    let nodes: Vec<NodeSpec> = c
+        .node_ids()
+        .into_iter()
+        .map(|node| NodeSpec { node, shards })
+        .collect();
+    let map = PartitionMap::new(c.partitions, &nodes)
+        .map_err(|error| StartError::Cluster(error.to_string()))?;
+    let owners: Arc<[ShardId]> = (0..c.partitions).map(|p| map.owner(p).shard).collect();
+    let started = std::time::Instant::now();
+    let mut records = 0;
+    let storage_error = |source| StartError::Storage {
+        dir: config.server.data_dir.clone(),
+        source,
+    };
+    for shard in 0..shards {
+        let shard = ShardId(shard);
+        let mut store = storage.open_shard(shard).map_err(storage_error)?;
+        for partition in (0..c.partitions).filter(|p| owners[*p as usize] == shard) {
+            let mut applier = Applier::open(&mut *store, partition).map_err(storage_error)?;
+            let from = applier.applied();
+            let caught = futures_lite::future::block_on(catch_up(
+                &bridge,
+                &c.subject(partition),
+                from,
+                c.read_batch_records,
+                |seq, record| applier.apply(&mut *store, seq, record).map(|_| ()),
+            ))
+            .map_err(|error| {
+                StartError::Cluster(format!("catching up on partition {partition}: {error}"))
+            })?;
+            records += caught.records;
+        }
+    }
+    tracing::info!(
+        records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        partitions = c.partitions,
+        stream = %c.stream,
+        "caught up on the log"
+    );
+    Ok(crate::shard::log::ShardLogSetup {
+        bridge: Arc::new(bridge),
+        owners,
+        node: c.node_id,
+    })
+}
+
 /// A running server: its address, its control plane, and its threads.
 pub struct ServerHandle {
     addr: SocketAddr,
     shards: u16,
+    routing: Routing,
     controls: Vec<async_channel::Sender<ControlCmd>>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     api_addr: Option<SocketAddr>,
@@ -432,6 +533,7 @@ impl ServerHandle {
             Some(plane) => plane.control().clone(),
             None => Control {
                 shards: self.shards,
+                routing: self.routing.clone(),
                 controls: self.controls.clone(),
                 webhooks: Arc::new(WebhookShared::default()),
                 storage: None,
@@ -442,6 +544,7 @@ impl ServerHandle {
     fn control_with(&self, webhooks: Arc<WebhookShared>, storage: Arc<dyn Storage>) -> Control {
         Control {
             shards: self.shards,
+            routing: self.routing.clone(),
             controls: self.controls.clone(),
             webhooks,
             storage: Some(storage),
@@ -482,6 +585,7 @@ impl ServerHandle {
 #[derive(Clone)]
 pub struct Control {
     shards: u16,
+    routing: Routing,
     controls: Vec<async_channel::Sender<ControlCmd>>,
     webhooks: Arc<WebhookShared>,
     storage: Option<Arc<dyn Storage>>,
@@ -502,7 +606,7 @@ impl Control {
         uids: &[&str],
         change: SetChange,
     ) -> Result<GroupInfo, ControlError> {
-        let owner = ChannelKey::group(group_id).shard(self.shards);
+        let owner = self.routing.shard_of(&ChannelKey::group(group_id));
         self.ask(owner, |reply| ControlCmd::Group {
             group_id: group_id.to_owned(),
             uids: uids.iter().map(|u| (*u).to_owned()).collect(),
@@ -567,7 +671,7 @@ impl Control {
             ListTarget::Group(id) => ChannelKey::group(id),
             ListTarget::User(uid) => crate::storage::user_list_key(&crate::ids::Uid::new(uid)),
         };
-        let owner = key.shard(self.shards);
+        let owner = self.routing.shard_of(&key);
         self.ask(owner, |reply| ControlCmd::List {
             key,
             kind,
@@ -580,6 +684,11 @@ impl Control {
 
     pub fn shards(&self) -> u16 {
         self.shards
+    }
+
+    /// The shard that owns `key`.
+    pub fn shard_of(&self, key: &ChannelKey) -> ShardId {
+        self.routing.shard_of(key)
     }
 
     /// The webhook outbox's counters.

@@ -221,7 +221,7 @@ fn group(api: &Shared, channel_id: &str, kind: u8) -> Result<ChannelKey, ApiErro
 }
 
 fn owner(api: &Shared, key: &ChannelKey) -> ShardId {
-    key.shard(api.control.shards())
+    api.control.shard_of(key)
 }
 
 // ---- users -----------------------------------------------------------------

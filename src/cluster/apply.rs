@@ -8,7 +8,9 @@
 //! crash leaves both or neither, and a record at or below the position
 //! (read again after a restart, or delivered twice) is skipped.
 
-use super::record::LogRecord;
+use super::bridge::{BridgeError, LogBridge};
+use super::log::AppendError;
+use super::record::{LogRecord, RecordError};
 use crate::storage::{Mutation, ShardStore, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +24,58 @@ pub enum ApplyError {
 /// How far one partition's log is applied to this node's store. One
 /// `Applier` per partition and node: two would each skip only what they
 /// themselves applied.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error("reading the log: {0}")]
+    Read(#[from] AppendError),
+    #[error("the record at sequence {seq}: {error}")]
+    Record { seq: u64, error: RecordError },
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// What a catch-up applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CaughtUp {
+    /// Records applied.
+    pub records: u64,
+    /// The stream sequence of the last record read (the position).
+    pub last: u64,
+}
+
+/// Reads `subject`'s records after `from`, `batch` at a time, and hands
+/// each to `apply` in log order until the log holds no more.
+pub async fn catch_up(
+    bridge: &LogBridge,
+    subject: &str,
+    from: u64,
+    batch: usize,
+    mut apply: impl FnMut(u64, &LogRecord) -> Result<(), ApplyError>,
+) -> Result<CaughtUp, CatchUpError> {
+    let mut caught = CaughtUp {
+        records: 0,
+        last: from,
+    };
+    loop {
+        let records = bridge
+            .read_after(subject.to_string(), caught.last, batch)
+            .await??;
+        let done = records.len() < batch;
+        for (seq, payload) in records {
+            let record =
+                LogRecord::decode(&payload).map_err(|error| CatchUpError::Record { seq, error })?;
+            apply(seq, &record)?;
+            caught.records += 1;
+            caught.last = seq;
+        }
+        if done {
+            return Ok(caught);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Applier {
     partition: u32,

@@ -7,8 +7,10 @@
 //! hand-off between runtimes is paid per tick, not per partition. The
 //! thread runs the appends of one request concurrently, except appends to
 //! the same subject, which run in order (each expects the one before).
+//! Catching up on the log is a request too: a run of records after a
+//! position.
 
-use super::log::{append, AppendError, AppendPolicy, Appended};
+use super::log::{append, append_id, read_next, AppendError, AppendPolicy, Appended};
 use async_nats::jetstream;
 use bytes::Bytes;
 use std::time::Duration;
@@ -17,9 +19,14 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct AppendRequest {
     pub subject: String,
-    pub expected: u64,
-    /// Its `Nats-Msg-Id` (see [`super::log::append_id`]).
-    pub id: String,
+    /// The stream sequence the subject's last message must have; `None`:
+    /// the sequence the previous append of the same request to the same
+    /// subject got (a partition's share of a commit split in several
+    /// records). An append whose predecessor was not stored is not tried.
+    pub expected: Option<u64>,
+    /// Who appends it: its `Nats-Msg-Id` is [`append_id`] of the subject,
+    /// the expected sequence and this.
+    pub writer: String,
     pub payload: Bytes,
 }
 
@@ -35,9 +42,28 @@ pub enum BridgeError {
 
 type Results = Vec<Result<Appended, AppendError>>;
 
-struct Request {
-    appends: Vec<AppendRequest>,
-    reply: async_channel::Sender<Results>,
+/// Records read from a subject: (stream sequence, payload), in order.
+pub type Records = Vec<(u64, Bytes)>;
+
+enum Request {
+    Append {
+        appends: Vec<AppendRequest>,
+        reply: async_channel::Sender<Results>,
+    },
+    Read {
+        subject: String,
+        after: u64,
+        max: usize,
+        reply: async_channel::Sender<Result<Records, AppendError>>,
+    },
+}
+
+/// The log stream ruyi creates when it is missing.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    /// Its subjects (`prefix.>`).
+    pub subjects: Vec<String>,
+    pub replicas: usize,
 }
 
 /// A running NATS thread. Dropping it stops the thread once the requests
@@ -45,14 +71,18 @@ struct Request {
 pub struct LogBridge {
     requests: async_channel::Sender<Request>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The largest message the NATS server takes.
+    max_payload: usize,
 }
 
 /// What the thread is started with.
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
     pub urls: Vec<String>,
-    /// The log stream's name (it must exist).
+    /// The log stream's name.
     pub stream: String,
+    /// Create it like this when it is missing; `None`: it must exist.
+    pub create: Option<StreamSpec>,
     pub policy: AppendPolicy,
     /// How many requests may wait for the thread: a shard that finds the
     /// channel full waits, which is backpressure on its commits.
@@ -66,7 +96,7 @@ impl LogBridge {
     /// is ready, or the reason it is not.
     pub fn start(config: BridgeConfig) -> Result<LogBridge, BridgeError> {
         let (requests, incoming) = async_channel::bounded::<Request>(config.queue_max.max(1));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, BridgeError>>();
         let thread = std::thread::Builder::new()
             .name("ruyi-nats".into())
             .spawn(move || {
@@ -90,9 +120,10 @@ impl LogBridge {
                 why: format!("no thread: {error}"),
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(LogBridge {
+            Ok(Ok(max_payload)) => Ok(LogBridge {
                 requests,
                 thread: Some(thread),
+                max_payload,
             }),
             Ok(Err(error)) => {
                 let _ = thread.join();
@@ -110,10 +141,36 @@ impl LogBridge {
     pub async fn append_all(&self, appends: Vec<AppendRequest>) -> Result<Results, BridgeError> {
         let (reply, answer) = async_channel::bounded(1);
         self.requests
-            .send(Request { appends, reply })
+            .send(Request::Append { appends, reply })
             .await
             .map_err(|_| BridgeError::Stopped)?;
         answer.recv().await.map_err(|_| BridgeError::Stopped)
+    }
+
+    /// Up to `max` records of `subject` after stream sequence `after`, in
+    /// order; fewer (none) when the log holds no more yet.
+    pub async fn read_after(
+        &self,
+        subject: String,
+        after: u64,
+        max: usize,
+    ) -> Result<Result<Records, AppendError>, BridgeError> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.requests
+            .send(Request::Read {
+                subject,
+                after,
+                max,
+                reply,
+            })
+            .await
+            .map_err(|_| BridgeError::Stopped)?;
+        answer.recv().await.map_err(|_| BridgeError::Stopped)
+    }
+
+    /// The largest message the NATS server it connected to takes.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
     }
 }
 
@@ -129,7 +186,7 @@ impl Drop for LogBridge {
 async fn serve(
     config: BridgeConfig,
     incoming: async_channel::Receiver<Request>,
-    ready: std::sync::mpsc::Sender<Result<(), BridgeError>>,
+    ready: std::sync::mpsc::Sender<Result<usize, BridgeError>>,
 ) {
     let urls = config.urls.join(",");
     let connected = tokio::time::timeout(
@@ -154,26 +211,27 @@ async fn serve(
             return;
         }
     };
+    let max_payload = client.server_info().max_payload;
     let js = jetstream::new(client);
-    let stream =
-        match tokio::time::timeout(config.connect_timeout, js.get_stream(&config.stream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                let _ = ready.send(Err(BridgeError::Stream {
-                    stream: config.stream,
-                    why: error.to_string(),
-                }));
-                return;
-            }
-            Err(_) => {
-                let _ = ready.send(Err(BridgeError::Stream {
-                    stream: config.stream,
-                    why: format!("no answer within {:?}", config.connect_timeout),
-                }));
-                return;
-            }
-        };
-    let _ = ready.send(Ok(()));
+    let stream = match tokio::time::timeout(config.connect_timeout, find_stream(&js, &config)).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(why)) => {
+            let _ = ready.send(Err(BridgeError::Stream {
+                stream: config.stream,
+                why,
+            }));
+            return;
+        }
+        Err(_) => {
+            let _ = ready.send(Err(BridgeError::Stream {
+                stream: config.stream,
+                why: format!("no answer within {:?}", config.connect_timeout),
+            }));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(max_payload));
     let policy = config.policy;
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -182,14 +240,87 @@ async fn serve(
                 let Ok(request) = request else { break };
                 let (js, stream) = (js.clone(), stream.clone());
                 tasks.spawn(async move {
-                    let results = run(&js, &stream, request.appends, &policy).await;
-                    let _ = request.reply.send(results).await;
+                    match request {
+                        Request::Append { appends, reply } => {
+                            let results = run(&js, &stream, appends, &policy).await;
+                            let _ = reply.send(results).await;
+                        }
+                        Request::Read { subject, after, max, reply } => {
+                            let records = read(&stream, &subject, after, max, &policy).await;
+                            let _ = reply.send(records).await;
+                        }
+                    }
                 });
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// The log stream, created as `config.create` says when it is missing.
+async fn find_stream(
+    js: &jetstream::Context,
+    config: &BridgeConfig,
+) -> Result<jetstream::stream::Stream, String> {
+    let found = js.get_stream(&config.stream).await;
+    let Some(spec) = &config.create else {
+        return found.map_err(|error| error.to_string());
+    };
+    match found {
+        Ok(stream) => {
+            let subjects = &stream.cached_info().config.subjects;
+            match spec.subjects.iter().find(|s| !subjects.contains(s)) {
+                Some(missing) => Err(format!(
+                    "it exists but does not take {missing} (its subjects: {subjects:?})"
+                )),
+                None => Ok(stream),
+            }
+        }
+        Err(error)
+            if matches!(
+                error.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(e) if e.error_code().0 == STREAM_NOT_FOUND
+            ) =>
+        {
+            let created = js
+                .create_stream(jetstream::stream::Config {
+                    name: config.stream.clone(),
+                    subjects: spec.subjects.clone(),
+                    num_replicas: spec.replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await;
+            created.map_err(|error| format!("creating it: {error}"))
+        }
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// JetStream: no such stream.
+const STREAM_NOT_FOUND: u64 = 10059;
+
+/// Up to `max` records of `subject` after `after`.
+async fn read(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    after: u64,
+    max: usize,
+    policy: &AppendPolicy,
+) -> Result<Records, AppendError> {
+    let mut records = Vec::new();
+    let mut at = after;
+    while records.len() < max {
+        match read_next(stream, subject, at, policy.ack_timeout).await? {
+            Some((seq, payload)) => {
+                at = seq;
+                records.push((seq, payload));
+            }
+            None => break,
+        }
+    }
+    Ok(records)
 }
 
 /// Runs one tick's appends: each subject's in order, the subjects
@@ -216,17 +347,39 @@ async fn run(
         let (js, stream, policy) = (js.clone(), stream.clone(), *policy);
         set.spawn(async move {
             let mut out = Vec::with_capacity(chain.len());
+            let mut previous: Option<Result<u64, AppendError>> = None;
             for (index, request) in chain {
+                let expected = match (request.expected, &previous) {
+                    (Some(expected), _) => expected,
+                    (None, Some(Ok(seq))) => *seq,
+                    (None, Some(Err(error))) => {
+                        let error = AppendError::Unknown(format!(
+                            "not tried: the append before it was not stored ({error})"
+                        ));
+                        out.push((index, Err(error)));
+                        continue;
+                    }
+                    (None, None) => {
+                        let error = AppendError::Refused(
+                            "the first append of a subject names no expected sequence".into(),
+                        );
+                        previous = Some(Err(error.clone()));
+                        out.push((index, Err(error)));
+                        continue;
+                    }
+                };
+                let id = append_id(&request.subject, expected, &request.writer);
                 let result = append(
                     &js,
                     &stream,
                     &request.subject,
-                    request.expected,
-                    &request.id,
+                    expected,
+                    &id,
                     request.payload,
                     &policy,
                 )
                 .await;
+                previous = Some(result.clone().map(|appended| appended.seq));
                 out.push((index, result));
             }
             out

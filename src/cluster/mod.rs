@@ -5,8 +5,8 @@
 //! node's own store once per record; [`partition`], which partition a
 //! channel belongs to and the static map of partitions to (node, shard);
 //! and [`bridge`], the thread running the NATS client that shards hand a
-//! tick's appends to. Nothing in the single-node server uses this module
-//! yet.
+//! tick's appends to. A server with `[cluster]` on commits through it
+//! (`crate::shard::log`); a single node uses none of it.
 
 pub mod apply;
 pub mod bridge;

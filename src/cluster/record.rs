@@ -87,6 +87,52 @@ impl LogRecord {
     }
 }
 
+/// Bytes a record spends on its version, partition and writer, at most.
+pub const RECORD_OVERHEAD_BYTES: usize = 1 + 5 + 5 + 10 + 5;
+
+/// At most how many bytes `mutation` takes in an encoded record (postcard:
+/// a varint is at most 10 bytes, a string or byte string's length prefix
+/// at most 5). Used to split a commit into records the server takes
+/// without encoding it twice.
+pub fn size_bound(mutation: &Mutation) -> usize {
+    const ID: usize = 5;
+    const NUMBER: usize = 10;
+    let key = |key: &ChannelKey| 1 + ID + key.id().len();
+    let uids = |uids: &[Uid]| ID + uids.iter().map(|u| ID + u.as_str().len()).sum::<usize>();
+    let message = |m: &StoredMessage| {
+        1 + 4 * NUMBER
+            + key(&m.channel)
+            + ID
+            + m.from_uid.as_str().len()
+            + ID
+            + m.from_device.len()
+            + ID
+            + m.client_msg_no.len()
+            + 2
+            + ID
+            + m.payload.len()
+    };
+    match mutation {
+        Mutation::Message(m) | Mutation::Recall(m) => message(m),
+        Mutation::Conversation { uid, key: k, .. } => {
+            1 + ID + uid.as_str().len() + key(k) + 8 * NUMBER
+        }
+        Mutation::DeleteConversation { uid, key: k } => 1 + ID + uid.as_str().len() + key(k),
+        Mutation::PutList {
+            key: k, uids: u, ..
+        } => 2 + key(k) + uids(u),
+        Mutation::DeleteGroup {
+            key: k, members, ..
+        }
+        | Mutation::PutGroup {
+            key: k, members, ..
+        } => 1 + key(k) + uids(members) + 2 * NUMBER,
+        Mutation::IdsIssued(_) => 1 + NUMBER,
+        // Not carried.
+        Mutation::Webhook { .. } | Mutation::LogApplied { .. } => 0,
+    }
+}
+
 // The wire form: owned, plain fields, so the storage types need no serde
 // and can change without changing the log's format unnoticed.
 
@@ -500,6 +546,8 @@ mod tests {
             let record = LogRecord { partition, writer: Writer { node, epoch }, mutations };
             let bytes = record.encode();
             prop_assert_eq!(bytes[0], RECORD_VERSION);
+            let bound = RECORD_OVERHEAD_BYTES + 5 + record.mutations.iter().map(size_bound).sum::<usize>();
+            prop_assert!(bytes.len() <= bound, "{} bytes, bound {}", bytes.len(), bound);
             let back = LogRecord::decode(&bytes).unwrap();
             prop_assert_eq!(back.partition, partition);
             prop_assert_eq!(back.writer, Writer { node, epoch });

@@ -100,7 +100,7 @@ impl Pending {
     }
 
     /// Its storage mutations.
-    fn mutations(&self, out: &mut Vec<Mutation>) {
+    pub(super) fn mutations(&self, out: &mut Vec<Mutation>) {
         match self {
             Pending::Send { message, rows, .. } => {
                 out.push(Mutation::Message(Arc::clone(message)));

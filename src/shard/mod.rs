@@ -18,6 +18,7 @@ pub mod api;
 pub mod budget;
 mod channels;
 mod commit;
+pub mod log;
 mod login;
 pub mod mesh;
 pub mod message;

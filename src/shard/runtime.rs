@@ -74,6 +74,8 @@ pub struct ShardSetup {
     pub run: crate::ids::MessageId,
     /// Every shard's closed conversation version (`super::versions`).
     pub versions: Arc<super::versions::VersionFrontier>,
+    /// A cluster node's way to the log (`None`: a single node).
+    pub log: Option<super::log::ShardLogSetup>,
 }
 
 /// The shard's shared, single-threaded runtime state.
@@ -96,7 +98,7 @@ pub(crate) struct Runtime {
     live_connections: Cell<usize>,
     all_closed: Notify,
     /// A commit's durable write is running.
-    committing: Cell<bool>,
+    pub(crate) committing: Cell<bool>,
     tls: Option<futures_rustls::TlsAcceptor>,
 }
 
@@ -154,9 +156,10 @@ pub async fn run(setup: ShardSetup) {
         tls,
         run,
         versions,
+        log,
     } = setup;
     let shard = mesh.shard;
-    let store = match storage.open_shard(shard) {
+    let mut store = match storage.open_shard(shard) {
         Ok(store) => store,
         Err(error) => {
             let _ = ready.send(Err(format!(
@@ -164,6 +167,21 @@ pub async fn run(setup: ShardSetup) {
                 shard.0
             )));
             return;
+        }
+    };
+    let shard_log = match &log {
+        None => None,
+        Some(setup) => {
+            match super::log::ShardLog::open(setup, &config.cluster, shard, run.0, &mut *store) {
+                Ok(log) => Some(log),
+                Err(error) => {
+                    let _ = ready.send(Err(format!(
+                        "shard {}: reading the log positions failed: {error}",
+                        shard.0
+                    )));
+                    return;
+                }
+            }
         }
     };
     let signals = Rc::new(Signals::new(shards));
@@ -185,6 +203,11 @@ pub async fn run(setup: ShardSetup) {
         webhooks,
     ));
     state.set_system_uid(&config.api.system_uid);
+    if let Some(setup) = &log {
+        state.set_routing(crate::key::Routing::Partitions {
+            owners: Arc::clone(&setup.owners),
+        });
+    }
     let clock = SystemClock::new();
     state.set_retry_policy(
         config.delivery.retry_policy(),
@@ -233,7 +256,15 @@ pub async fn run(setup: ShardSetup) {
     }
     let offload =
         storage.commits_block() && config.storage.commit_on == crate::config::CommitOn::Pool;
-    glommio::spawn_local(commit_loop(Rc::clone(&runtime), offload)).detach();
+    match shard_log {
+        None => {
+            glommio::spawn_local(commit_loop(Rc::clone(&runtime), offload)).detach();
+        }
+        Some(log) => {
+            glommio::spawn_local(super::log::commit_loop(Rc::clone(&runtime), log, offload))
+                .detach();
+        }
+    }
     if let (0, Some(interval_ms)) = (shard.0, storage.sync_interval_ms()) {
         glommio::spawn_local(sync_loop(
             Rc::clone(&runtime),

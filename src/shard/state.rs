@@ -144,6 +144,11 @@ enum Parked {
 pub struct ShardState {
     pub id: ShardId,
     shards: u16,
+    /// Which shard owns each channel.
+    routing: crate::key::Routing,
+    /// A cluster node's log has not answered a commit for a while: new
+    /// sends are refused (retryable) instead of queued behind it.
+    log_unavailable: bool,
     limits: Limits,
     id_limits: IdLimits,
     verify: VerifyLimits,
@@ -195,6 +200,8 @@ impl ShardState {
         ShardState {
             id,
             shards,
+            routing: crate::key::Routing::Hash { shards },
+            log_unavailable: false,
             id_limits: IdLimits {
                 uid_length_max_bytes: limits.uid_length_max_bytes,
                 channel_id_length_max_bytes: limits.channel_id_length_max_bytes,
@@ -230,6 +237,17 @@ impl ShardState {
     /// The first message id of this run (see [`ShardState::start_run`]).
     pub fn run(&self) -> MessageId {
         self.pipeline.run()
+    }
+
+    /// Routes channels by `routing` instead of the hash over the shards (a
+    /// cluster node routes by partition).
+    pub fn set_routing(&mut self, routing: crate::key::Routing) {
+        self.routing = routing;
+    }
+
+    /// Whether new sends are refused because the log is not answering.
+    pub fn set_log_unavailable(&mut self, unavailable: bool) {
+        self.log_unavailable = unavailable;
     }
 
     /// Webhook events this shard writes with its commits.
@@ -779,7 +797,7 @@ impl ShardState {
                 return self.write_packet(conn, &Packet::SendAck(ack));
             }
         };
-        let owner = channel.shard(self.shards);
+        let owner = self.routing.shard_of(&channel);
         if owner == self.id {
             self.owner_send(conn, uid, device, channel, send, true, now.micros, now);
         } else {
@@ -825,7 +843,7 @@ impl ShardState {
             return fail(reply, ControlError::ShuttingDown);
         }
         assert_eq!(
-            key.shard(self.shards),
+            self.routing.shard_of(&key),
             self.id,
             "list change sent to the wrong shard"
         );
@@ -875,7 +893,7 @@ impl ShardState {
         read_us: u64,
         now: Now,
     ) {
-        debug_assert_eq!(key.shard(self.shards), self.id);
+        debug_assert_eq!(self.routing.shard_of(&key), self.id);
         if self.must_wait(&key) {
             let parked = Parked::Send {
                 origin,
@@ -928,6 +946,12 @@ impl ShardState {
                 tracing::warn!(%error, "idempotency lookup failed");
                 return self.reply_send_ack(origin, failed_ack(&send, ReasonCode::StorageError));
             }
+        }
+        // A cluster node whose log has not answered for a while: refused
+        // (retryable), not queued behind a commit that is still waiting.
+        // Resends of what is stored or waiting were answered above.
+        if self.log_unavailable {
+            return self.reply_send_ack(origin, failed_ack(&send, ReasonCode::ServerBusy));
         }
         let refusal = match self.channel_mut(&key) {
             Err(reason) => Some(reason),
@@ -1026,7 +1050,7 @@ impl ShardState {
             }
         };
         assert_eq!(
-            key.shard(self.shards),
+            self.routing.shard_of(&key),
             self.id,
             "group change sent to the wrong shard"
         );
@@ -1086,6 +1110,14 @@ impl ShardState {
     /// it syncs) and then calls [`ShardState::finish_commit`]. Sends that
     /// arrive meanwhile wait for the next batch.
     pub fn begin_commit(&mut self, now: Now) -> Option<(CommitJob, InFlight)> {
+        let (mutations, in_flight) = self.begin_batch(now)?;
+        self.prepare_commit(mutations, in_flight, now)
+    }
+
+    /// Takes everything pending as one batch: its storage mutations and
+    /// what waits for them. [`ShardState::prepare_commit`] (after a cluster
+    /// node's append to the log) hands them to storage.
+    pub fn begin_batch(&mut self, now: Now) -> Option<(Vec<Mutation>, InFlight)> {
         let events_waiting = self.webhooks.as_ref().is_some_and(webhooks::waiting);
         if self.pipeline.is_empty() && !events_waiting {
             return None;
@@ -1111,6 +1143,18 @@ impl ShardState {
         self.webhook_mutations(&mut in_flight, &mut mutations, now);
         self.pipeline.seal(&mut mutations);
         self.stats.commit_batches += 1;
+        Some((mutations, in_flight))
+    }
+
+    /// Hands a batch begun by [`ShardState::begin_batch`] to storage:
+    /// returns the job that makes it durable, or `None` when storage
+    /// refused it at once (the batch is failed).
+    pub fn prepare_commit(
+        &mut self,
+        mutations: Vec<Mutation>,
+        in_flight: InFlight,
+        now: Now,
+    ) -> Option<(CommitJob, InFlight)> {
         match self.store.prepare_commit(&mutations) {
             Ok(job) => Some((job, in_flight)),
             Err(error) => {
@@ -1234,6 +1278,33 @@ impl ShardState {
         }
     }
 
+    /// Applies a record of `partition`'s log, stored at stream sequence
+    /// `seq`, to this shard's store with the new position, in one batch.
+    pub fn apply_log(
+        &mut self,
+        partition: u32,
+        seq: u64,
+        record: &crate::cluster::record::LogRecord,
+    ) -> Result<(), StorageError> {
+        let mut batch = Vec::with_capacity(record.mutations.len() + 1);
+        batch.extend(record.mutations.iter().cloned());
+        batch.push(Mutation::LogApplied { partition, seq });
+        self.store.commit(&batch)
+    }
+
+    /// The store took records from the log that this shard's memory does
+    /// not reflect (another writer's, or its own that a failed commit left
+    /// unapplied): what is queued was decided on the old state and is
+    /// refused (retryable), and channels are read again from the store.
+    pub fn log_caught_up(&mut self, now: Now) {
+        let queued = self.pipeline.failed();
+        self.channels.clear();
+        for p in queued {
+            self.refuse_any(p, &StorageError::Io("the log moved on; retry".into()), now);
+        }
+        self.publish_versions();
+    }
+
     fn fail_commit(&mut self, mut in_flight: InFlight, error: &StorageError, now: Now) {
         let queued = self.pipeline.failed();
         if let Some(writer) = self.webhooks.as_mut() {
@@ -1245,34 +1316,40 @@ impl ShardState {
         // is stored. Everything queued is refused below.
         self.channels.clear();
         for p in in_flight.pending.into_iter().chain(queued) {
-            match p {
-                p @ (Pending::Send { .. } | Pending::Recall { .. }) => {
-                    self.refuse_pending(p, ReasonCode::StorageError)
-                }
-                Pending::Group { reply, .. } => {
-                    let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
-                }
-                Pending::List { reply, .. } => {
-                    let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
-                }
-                Pending::DeleteGroup { key, reply, .. } => {
-                    self.channels.deletion_done(&key, false);
-                    let _ = reply.try_send(ApiResponse::Failed(ReasonCode::StorageError));
-                    self.serve_parked(&key, now);
-                }
-                Pending::Conversation {
-                    origin, request_id, ..
-                } => {
-                    let response = Packet::ConversationOpResp(ConversationOpResp {
-                        request_id,
-                        reason: ReasonCode::StorageError,
-                        conversation: None,
-                    });
-                    self.reply_to(origin, response);
-                }
-            }
+            self.refuse_any(p, error, now);
         }
         self.publish_versions();
+    }
+
+    /// Answers any queued work that will not be written because `error`
+    /// (retryable) stopped it.
+    fn refuse_any(&mut self, p: Pending, error: &StorageError, now: Now) {
+        match p {
+            p @ (Pending::Send { .. } | Pending::Recall { .. }) => {
+                self.refuse_pending(p, ReasonCode::StorageError)
+            }
+            Pending::Group { reply, .. } => {
+                let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
+            }
+            Pending::List { reply, .. } => {
+                let _ = reply.try_send(Err(ControlError::Storage(error.to_string())));
+            }
+            Pending::DeleteGroup { key, reply, .. } => {
+                self.channels.deletion_done(&key, false);
+                let _ = reply.try_send(ApiResponse::Failed(ReasonCode::StorageError));
+                self.serve_parked(&key, now);
+            }
+            Pending::Conversation {
+                origin, request_id, ..
+            } => {
+                let response = Packet::ConversationOpResp(ConversationOpResp {
+                    request_id,
+                    reason: ReasonCode::StorageError,
+                    conversation: None,
+                });
+                self.reply_to(origin, response);
+            }
+        }
     }
 
     fn committed(&mut self, pending: Pending, now: Now) {
@@ -2280,7 +2357,7 @@ impl ShardState {
                 return self.write_packet(conn, &response);
             }
         };
-        let owner = key.shard(self.shards);
+        let owner = self.routing.shard_of(&key);
         if owner == self.id {
             self.owner_conversation_op(conn, uid, key, op, now);
         } else {
@@ -2363,7 +2440,7 @@ impl ShardState {
             Ok(key) => key,
             Err(reason) => return self.write_packet(conn, &recall_failed(&recall, reason)),
         };
-        let owner = key.shard(self.shards);
+        let owner = self.routing.shard_of(&key);
         if owner == self.id {
             self.owner_recall(conn, uid, key, recall);
         } else {
