@@ -12,6 +12,9 @@ mod harness;
 // The simulator the `session` harness drives, at the crate root under the
 // names its files use for each other (as in `tests/fuzz/src/lib.rs`).
 #[allow(dead_code)]
+#[path = "simulation/log.rs"]
+mod log;
+#[allow(dead_code)]
 #[path = "simulation/model.rs"]
 mod model;
 #[allow(dead_code)]

@@ -22,8 +22,8 @@
 use super::commit::InFlight;
 use super::runtime::Runtime;
 use crate::cluster::apply::catch_up;
-use crate::cluster::bridge::{AppendRequest, BridgeError, LogBridge};
-use crate::cluster::log::AppendError;
+use crate::cluster::bridge::{AppendRequest, LogBridge};
+use crate::cluster::log::{AppendError, Appended};
 use crate::cluster::partition::partition_of;
 use crate::cluster::record::{size_bound, LogRecord, Writer, RECORD_OVERHEAD_BYTES};
 use crate::config::ClusterConfig;
@@ -58,14 +58,68 @@ struct PartitionAppend {
     failed: Option<AppendError>,
 }
 
-/// A shard's side of the log.
-pub struct ShardLog {
-    bridge: Arc<LogBridge>,
+/// A batch on its way into the log.
+pub struct LogBatch {
+    shares: Vec<PartitionAppend>,
+    /// Its writer tag (see [`crate::cluster::log::append_id`]).
+    tag: String,
+    /// Which share each request of the last round was for.
+    asked: Vec<usize>,
+}
+
+/// How a round of appends ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Round {
+    /// Every record is stored, or will never be (see [`LogBatch::failure`]).
+    Settled,
+    /// Some are not known to be stored: ask again (the same requests).
+    Unknown(String),
+}
+
+impl LogBatch {
+    /// Whether every record is stored.
+    pub fn stored_whole(&self) -> bool {
+        self.shares
+            .iter()
+            .all(|share| share.failed.is_none() && share.stored.len() == share.records.len())
+    }
+
+    /// Why part of it will never be stored.
+    pub fn failure(&self) -> Option<&AppendError> {
+        self.shares.iter().find_map(|share| share.failed.as_ref())
+    }
+
+    /// The partitions it touches.
+    pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.shares.iter().map(|share| share.partition)
+    }
+
+    /// The positions to store with it once it is stored whole.
+    pub fn positions(&self) -> impl Iterator<Item = Mutation> + '_ {
+        self.shares.iter().filter_map(|share| {
+            share.stored.last().map(|seq| Mutation::LogApplied {
+                partition: share.partition,
+                seq: *seq,
+            })
+        })
+    }
+
+    /// How many records it has.
+    pub fn records(&self) -> usize {
+        self.shares.iter().map(|share| share.records.len()).sum()
+    }
+}
+
+/// A shard's side of the log, without I/O: what to append for a batch and
+/// what the answers mean, the position of each partition the shard owns,
+/// and which partitions must be caught up on before the next append. The
+/// runtime drives it over the NATS bridge; the simulator over a model log.
+pub struct LogWriter {
     config: ClusterConfig,
     writer: Writer,
     shard: ShardId,
     partitions: u32,
-    /// Batches appended by this run of the shard (part of their ids).
+    /// Batches begun by this run of the shard (part of their ids).
     batches: u64,
     /// The last stream sequence applied, per partition this shard owns.
     applied: BTreeMap<u32, u64>,
@@ -73,36 +127,167 @@ pub struct ShardLog {
     stale: BTreeSet<u32>,
 }
 
-impl ShardLog {
-    /// The shard's log, continuing from the positions its store holds.
-    /// `epoch`: this run's (it grows from run to run).
+impl LogWriter {
+    /// The shard's writer, continuing from the positions its store holds.
+    /// `owners[p]`: the shard owning partition `p`; `epoch`: this run's
+    /// (it grows from run to run).
     pub fn open(
-        setup: &ShardLogSetup,
         config: &ClusterConfig,
+        owners: &[ShardId],
+        node: u32,
         shard: ShardId,
         epoch: u64,
         store: &mut dyn ShardStore,
-    ) -> Result<ShardLog, StorageError> {
+    ) -> Result<LogWriter, StorageError> {
         let mut applied = BTreeMap::new();
-        for (partition, owner) in setup.owners.iter().enumerate() {
+        for (partition, owner) in owners.iter().enumerate() {
             if *owner == shard {
                 let partition = partition as u32;
                 applied.insert(partition, store.log_applied(partition)?);
             }
         }
-        Ok(ShardLog {
-            bridge: Arc::clone(&setup.bridge),
+        Ok(LogWriter {
             config: config.clone(),
-            writer: Writer {
-                node: setup.node,
-                epoch,
-            },
+            writer: Writer { node, epoch },
             shard,
-            partitions: setup.owners.len() as u32,
+            partitions: owners.len() as u32,
             batches: 0,
             applied,
             stale: BTreeSet::new(),
         })
+    }
+
+    /// Begins appending a batch [`ShardState::begin_batch`] took.
+    ///
+    /// [`ShardState::begin_batch`]: super::state::ShardState::begin_batch
+    pub fn begin(
+        &mut self,
+        in_flight: &InFlight,
+        mutations: &[Mutation],
+    ) -> Result<LogBatch, StorageError> {
+        let shares = self.plan(in_flight, mutations)?;
+        self.batches += 1;
+        Ok(LogBatch {
+            shares,
+            tag: format!(
+                "n{}.e{}.s{}.b{}",
+                self.writer.node, self.writer.epoch, self.shard.0, self.batches
+            ),
+            asked: Vec::new(),
+        })
+    }
+
+    /// The appends of the next round: every record not stored yet of every
+    /// partition not failed, each partition's after its last stored one.
+    /// Empty when the batch is settled.
+    pub fn requests(&self, batch: &mut LogBatch) -> Vec<AppendRequest> {
+        let mut requests = Vec::new();
+        batch.asked.clear();
+        for (i, share) in batch.shares.iter().enumerate() {
+            if share.failed.is_some() {
+                continue;
+            }
+            let expected = share
+                .stored
+                .last()
+                .copied()
+                .unwrap_or(self.applied[&share.partition]);
+            for (n, payload) in share.records.iter().enumerate().skip(share.stored.len()) {
+                requests.push(AppendRequest {
+                    subject: self.config.subject(share.partition),
+                    expected: (n == share.stored.len()).then_some(expected),
+                    writer: batch.tag.clone(),
+                    payload: payload.clone(),
+                });
+                batch.asked.push(i);
+            }
+        }
+        requests
+    }
+
+    /// Takes the answers to the last round's requests, in order.
+    pub fn answers(
+        &self,
+        batch: &mut LogBatch,
+        results: Vec<Result<Appended, AppendError>>,
+    ) -> Round {
+        let mut unknown = None;
+        for (i, result) in batch.asked.iter().zip(results) {
+            let share = &mut batch.shares[*i];
+            match result {
+                Ok(appended) if share.failed.is_none() => share.stored.push(appended.seq),
+                Ok(_) => {}
+                // Behind a refused append of its partition: never tried.
+                Err(AppendError::Unknown(_)) if share.failed.is_some() => {}
+                Err(AppendError::Unknown(why)) => unknown = Some(why),
+                Err(error) => {
+                    tracing::warn!(partition = share.partition, %error, "the log did not take a commit");
+                    share.failed.get_or_insert(error);
+                }
+            }
+        }
+        match unknown {
+            Some(why) => Round::Unknown(why),
+            None => Round::Settled,
+        }
+    }
+
+    /// Fails what is left of `batch` (the log cannot be reached).
+    pub fn abandon(&self, batch: &mut LogBatch, why: &str) {
+        for share in &mut batch.shares {
+            share
+                .failed
+                .get_or_insert(AppendError::Refused(why.to_string()));
+        }
+    }
+
+    /// `batch` is stored whole and applied to the store: the positions
+    /// move.
+    pub fn applied(&mut self, batch: &LogBatch) {
+        for share in &batch.shares {
+            if let Some(seq) = share.stored.last() {
+                self.applied.insert(share.partition, *seq);
+            }
+        }
+    }
+
+    /// `batch` was not applied to the store (not stored whole, or the
+    /// local write failed): the log may hold records of it, and of other
+    /// writers, that the store does not. Caught up on before the next
+    /// append.
+    pub fn not_applied(&mut self, batch: &LogBatch) {
+        self.stale.extend(batch.partitions());
+    }
+
+    /// Partitions to catch up on, with the position to read after.
+    pub fn stale(&self) -> Vec<(u32, u64)> {
+        self.stale
+            .iter()
+            .map(|partition| (*partition, self.applied[partition]))
+            .collect()
+    }
+
+    /// Records of `partition` through `last` are applied to the store;
+    /// `complete`: the log held no more.
+    pub fn caught_up(&mut self, partition: u32, last: u64, complete: bool) {
+        self.applied.insert(partition, last);
+        if complete {
+            self.stale.remove(&partition);
+        }
+    }
+
+    /// Whether a record written by `writer` is this node's.
+    pub fn is_own(&self, writer: &Writer) -> bool {
+        writer.node == self.writer.node
+    }
+
+    /// The subject of `partition`'s log.
+    pub fn subject(&self, partition: u32) -> String {
+        self.config.subject(partition)
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
     }
 
     /// Splits a batch into records: per partition, in batch order, each
@@ -177,84 +362,60 @@ impl ShardLog {
             })
             .collect())
     }
+}
 
-    /// This batch's writer tag (see [`crate::cluster::log::append_id`]).
-    fn tag(&self) -> String {
-        format!(
-            "n{}.e{}.s{}.b{}",
-            self.writer.node, self.writer.epoch, self.shard.0, self.batches
-        )
+/// The shard's side of the log with the NATS bridge it runs over.
+pub struct ShardLog {
+    bridge: Arc<LogBridge>,
+    writer: LogWriter,
+}
+
+impl ShardLog {
+    /// See [`LogWriter::open`].
+    pub fn open(
+        setup: &ShardLogSetup,
+        config: &ClusterConfig,
+        shard: ShardId,
+        epoch: u64,
+        store: &mut dyn ShardStore,
+    ) -> Result<ShardLog, StorageError> {
+        Ok(ShardLog {
+            bridge: Arc::clone(&setup.bridge),
+            writer: LogWriter::open(config, &setup.owners, setup.node, shard, epoch, store)?,
+        })
     }
 
-    /// Appends every record of `plan`, retrying what is not settled until
+    /// Appends every record of `batch`, retrying what is not settled until
     /// it is (or the shard shuts down). True when all are stored.
-    async fn append(&mut self, runtime: &Runtime, plan: &mut [PartitionAppend]) -> bool {
-        self.batches += 1;
-        let tag = self.tag();
+    async fn append(&mut self, runtime: &Runtime, batch: &mut LogBatch) -> bool {
         let started = Instant::now();
         let mut pause = RETRY_PAUSE_FIRST;
-        let unavailable_after = Duration::from_millis(self.config.unavailable_after_ms);
+        let config = self.writer.config();
+        let unavailable_after = Duration::from_millis(config.unavailable_after_ms);
+        let pause_max = Duration::from_millis(config.retry_pause_max_ms);
         let mut unavailable = false;
-        let settled = loop {
-            let mut requests = Vec::new();
-            let mut asked = Vec::new();
-            for (i, share) in plan.iter().enumerate() {
-                if share.failed.is_some() || share.stored.len() == share.records.len() {
-                    continue;
-                }
-                let expected = share
-                    .stored
-                    .last()
-                    .copied()
-                    .unwrap_or(self.applied[&share.partition]);
-                for (n, payload) in share.records.iter().enumerate().skip(share.stored.len()) {
-                    requests.push(AppendRequest {
-                        subject: self.config.subject(share.partition),
-                        expected: (n == share.stored.len()).then_some(expected),
-                        writer: tag.clone(),
-                        payload: payload.clone(),
-                    });
-                    asked.push(i);
-                }
-            }
+        loop {
+            let requests = self.writer.requests(batch);
             if requests.is_empty() {
-                break plan.iter().all(|share| share.failed.is_none());
+                break;
             }
-            let results = match self.bridge.append_all(requests).await {
-                Ok(results) => results,
-                Err(BridgeError::Stopped) | Err(_) => {
-                    tracing::error!("the NATS thread has stopped: nothing more can be committed");
-                    for share in plan.iter_mut() {
-                        share.failed.get_or_insert(AppendError::Refused(
-                            "the NATS thread has stopped".into(),
-                        ));
-                    }
-                    break false;
+            let round = match self.bridge.append_all(requests).await {
+                Ok(results) => self.writer.answers(batch, results),
+                Err(error) => {
+                    tracing::error!(%error, "nothing more can be committed");
+                    self.writer.abandon(batch, &error.to_string());
+                    break;
                 }
             };
-            let mut unknown = None;
-            for (i, result) in asked.into_iter().zip(results) {
-                let share = &mut plan[i];
-                match result {
-                    Ok(appended) if share.failed.is_none() => share.stored.push(appended.seq),
-                    Ok(_) => {}
-                    // Behind a refused append of its partition: never tried.
-                    Err(AppendError::Unknown(_)) if share.failed.is_some() => {}
-                    Err(AppendError::Unknown(why)) => unknown = Some(why),
-                    Err(error) => {
-                        tracing::warn!(partition = share.partition, %error, "the log did not take a commit");
-                        share.failed.get_or_insert(error);
-                    }
-                }
-            }
-            let Some(why) = unknown else {
+            let Round::Unknown(why) = round else {
                 continue;
             };
             if runtime.shutting_down.get() {
                 // Given up only at shutdown: the next start applies
                 // whatever of it the log holds.
                 tracing::warn!(%why, "shutting down with a commit the log has not settled");
-                break false;
+                self.writer.abandon(batch, "the shard is shutting down");
+                break;
             }
             if !unavailable && started.elapsed() >= unavailable_after {
                 unavailable = true;
@@ -262,8 +423,8 @@ impl ShardLog {
                 runtime.state.borrow_mut().set_log_unavailable(true);
             }
             glommio::timer::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(self.config.retry_pause_max_ms));
-        };
+            pause = (pause * 2).min(pause_max);
+        }
         if unavailable {
             tracing::info!(
                 waited_ms = started.elapsed().as_millis() as u64,
@@ -271,7 +432,7 @@ impl ShardLog {
             );
             runtime.state.borrow_mut().set_log_unavailable(false);
         }
-        settled
+        batch.stored_whole()
     }
 
     /// Applies what the log holds beyond this shard's position on every
@@ -281,16 +442,17 @@ impl ShardLog {
     async fn catch_up_stale(&mut self, runtime: &Runtime) -> bool {
         let mut applied_any = false;
         let mut all = true;
-        for partition in self.stale.clone() {
-            let mut last = self.applied[&partition];
-            let subject = self.config.subject(partition);
+        for (partition, from) in self.writer.stale() {
+            let mut last = from;
+            let subject = self.writer.subject(partition);
+            let writer = &self.writer;
             let result = catch_up(
                 &self.bridge,
                 &subject,
-                last,
-                self.config.read_batch_records,
+                from,
+                writer.config().read_batch_records,
                 |seq, record| {
-                    if record.writer.node != self.writer.node {
+                    if !writer.is_own(&record.writer) {
                         tracing::warn!(
                             partition,
                             node = record.writer.node,
@@ -306,19 +468,12 @@ impl ShardLog {
                 },
             )
             .await;
-            if last != self.applied[&partition] {
-                applied_any = true;
-                self.applied.insert(partition, last);
+            applied_any |= last != from;
+            if let Err(error) = &result {
+                tracing::warn!(partition, %error, "catching up on the log failed; retrying");
+                all = false;
             }
-            match result {
-                Ok(_) => {
-                    self.stale.remove(&partition);
-                }
-                Err(error) => {
-                    tracing::warn!(partition, %error, "catching up on the log failed; retrying");
-                    all = false;
-                }
-            }
+            self.writer.caught_up(partition, last, result.is_ok());
         }
         if applied_any {
             let now = runtime.now();
@@ -333,17 +488,18 @@ impl ShardLog {
 /// to the store and acknowledged.
 pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload: bool) {
     let mut pause = RETRY_PAUSE_FIRST;
+    let pause_max = Duration::from_millis(log.writer.config().retry_pause_max_ms);
     loop {
         runtime.signals.commit.wait().await;
         loop {
-            if !log.stale.is_empty() {
+            if !log.writer.stale().is_empty() {
                 if !log.catch_up_stale(&runtime).await {
                     if runtime.shutting_down.get() {
                         return;
                     }
                     runtime.state.borrow_mut().set_log_unavailable(true);
                     glommio::timer::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(log.config.retry_pause_max_ms));
+                    pause = (pause * 2).min(pause_max);
                     continue;
                 }
                 pause = RETRY_PAUSE_FIRST;
@@ -356,8 +512,8 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
             };
             runtime.committing.set(true);
             let started = Instant::now();
-            let mut plan = match log.plan(&in_flight, &mutations) {
-                Ok(plan) => plan,
+            let mut batch = match log.writer.begin(&in_flight, &mutations) {
+                Ok(batch) => batch,
                 Err(error) => {
                     let now = runtime.now();
                     runtime
@@ -368,18 +524,16 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
                     continue;
                 }
             };
-            let stored = log.append(&runtime, &mut plan).await;
-            if !stored {
-                log.stale.extend(plan.iter().map(|share| share.partition));
+            if !log.append(&runtime, &mut batch).await {
+                log.writer.not_applied(&batch);
                 // Take in what the log holds before the refusals go out, so
                 // a client's retry meets the channels as the log has them.
                 if !runtime.shutting_down.get() {
                     log.catch_up_stale(&runtime).await;
                 }
-                let error = plan
-                    .iter()
-                    .find_map(|share| share.failed.as_ref())
-                    .map_or("the shard is shutting down".to_string(), |e| e.to_string());
+                let error = batch
+                    .failure()
+                    .map_or("not settled".to_string(), |e| e.to_string());
                 let now = runtime.now();
                 runtime.state.borrow_mut().finish_commit(
                     in_flight,
@@ -392,13 +546,7 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
                 }
                 continue;
             }
-            for share in &plan {
-                let seq = *share.stored.last().expect("a stored share has records");
-                mutations.push(Mutation::LogApplied {
-                    partition: share.partition,
-                    seq,
-                });
-            }
+            mutations.extend(batch.positions());
             let now = runtime.now();
             let prepared = runtime
                 .state
@@ -406,7 +554,7 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
                 .prepare_commit(mutations, in_flight, now);
             let Some((job, in_flight)) = prepared else {
                 // Stored in the log, not here: applied from the log later.
-                log.stale.extend(plan.iter().map(|share| share.partition));
+                log.writer.not_applied(&batch);
                 runtime.committing.set(false);
                 continue;
             };
@@ -418,13 +566,8 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
             let took = started.elapsed().as_micros() as u64;
             runtime.committing.set(false);
             match &result {
-                Ok(()) => {
-                    for share in &plan {
-                        log.applied
-                            .insert(share.partition, *share.stored.last().expect("stored"));
-                    }
-                }
-                Err(_) => log.stale.extend(plan.iter().map(|share| share.partition)),
+                Ok(()) => log.writer.applied(&batch),
+                Err(_) => log.writer.not_applied(&batch),
             }
             let now = runtime.now();
             let mut state = runtime.state.borrow_mut();

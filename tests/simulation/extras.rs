@@ -46,7 +46,7 @@ impl Sim {
     }
 
     fn owner_of(&self, key: &ChannelKey) -> usize {
-        key.shard(self.world.shard_count() as u16).index()
+        self.world.owner_of(key)
     }
 
     /// The change counter of the lists that judge a send from `from` in the

@@ -10,7 +10,11 @@
 //!   replays one seed and prints its steps.
 //! - `RUYI_SIM_SEEDS=100000 RUYI_SIM_FROM=0 cargo test --release --test simulation soak -- --ignored --nocapture`
 //!   runs a long soak and prints its figures.
+//! - `cluster_soak` (ignored, same variables) runs seeds on a `[cluster]`
+//!   node over a model log with faults; `RUYI_SIM_ON_LOG=1` makes `replay`
+//!   do the same.
 
+mod log;
 mod model;
 mod rng;
 mod sim;
@@ -248,6 +252,9 @@ fn replay() {
     if std::env::var_os("RUYI_SIM_CLASSIC").is_some() {
         options = options.classic();
     }
+    if std::env::var_os("RUYI_SIM_ON_LOG").is_some() {
+        options = options.on_log();
+    }
     match sim::run_options(options) {
         Ok((summary, _)) => println!("seed {seed} passed: {}", sim::describe(&summary)),
         Err(failure) => panic!("{failure}"),
@@ -311,4 +318,28 @@ fn a_fuzz_input_replays_exactly() {
             "input {seed} ran differently twice"
         );
     }
+}
+
+/// The cluster commit path (`[cluster]`, `ruyi::shard::log`) under the
+/// simulator: every seed on a model log with faults (lost appends, lost
+/// answers, late landings, another writer). Not in the fixed runs yet: it
+/// finds the defects issue 15's notes list (a batch stored in part is
+/// refused whole; events of a record applied from the log are not
+/// written), which the next step fixes, and then it joins them.
+#[test]
+#[ignore = "finds known defects of the cluster commit path; set RUYI_SIM_SEEDS (and RUYI_SIM_FROM)"]
+fn cluster_soak() {
+    let count: u64 = std::env::var("RUYI_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let from: u64 = std::env::var("RUYI_SIM_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (summary, failures) = run_seeds(
+        (from..from + count).map(|seed| sim::Options::from_seed(seed, StoreKind::Rocks).on_log()),
+    );
+    eprintln!("{count} seeds on the log: {}", sim::describe(&summary));
+    assert!(failures.is_empty(), "{}", report(&failures));
 }

@@ -50,6 +50,9 @@ pub struct Options {
     pub extras: bool,
     /// `policy.allowlist_for_person` (with `extras`).
     pub allowlist_for_person: bool,
+    /// A `[cluster]` node: commits go through a model log with this percent
+    /// chance of a fault per append (see `log.rs`).
+    pub log: Option<u64>,
 }
 
 impl Options {
@@ -67,13 +70,23 @@ impl Options {
             write_failure_percent: [0, 1, 5][rng.index(3)],
             extras: true,
             allowlist_for_person: rng.chance(50),
+            log: None,
         }
+    }
+
+    /// The seed's run on a `[cluster]` node: commits go through a model
+    /// log with 0, 5 or 20 percent of appends faulty, and another writer
+    /// now and then.
+    pub fn on_log(mut self) -> Options {
+        self.log = Some([0, 5, 20][(self.seed % 3) as usize]);
+        self
     }
 
     /// As the seed ran before `extras` existed.
     pub fn classic(mut self) -> Options {
         self.extras = false;
         self.allowlist_for_person = false;
+        self.log = None;
         self
     }
 }
@@ -314,7 +327,13 @@ impl Sim {
             unix_ms: 1_764_000_000_000,
             micros: 1_000_000,
         };
-        let world = World::new(options.store, options.shards, config.clone(), now);
+        let world = World::new(
+            options.store,
+            options.shards,
+            config.clone(),
+            now,
+            options.log,
+        );
         let mut devices = Vec::new();
         for u in 0..options.users {
             for d in 0..options.devices_per_user {
@@ -1760,7 +1779,7 @@ impl Sim {
         }
         let group = format!("g{}", self.rng.index(self.options.groups));
         let key = ChannelKey::group(&group);
-        let owner = key.shard(self.world.shard_count() as u16).index();
+        let owner = self.world.owner_of(&key);
         let uids: Vec<String> = (0..self.options.users)
             .filter(|_| self.rng.chance(40))
             .map(|u| format!("u{u}"))
@@ -2144,9 +2163,20 @@ impl Sim {
         let fail = self.rng.chance(self.options.write_failure_percent)
             || self.step_no < self.disk_full_until;
         self.observe_presence();
-        let what = self.world.commit_step(i, fail);
+        let draw = self.log_draw();
+        let what = self.world.commit_step(i, fail, draw);
         if what != "idle" {
             self.note(format!("shard {i}: commit {what}"));
+        }
+    }
+
+    /// The seed of a commit step's log faults: drawn only in `[cluster]`
+    /// runs, so the others replay as before.
+    fn log_draw(&mut self) -> u64 {
+        if self.options.log.is_some() {
+            self.rng.next_u64()
+        } else {
+            0
         }
     }
 
@@ -2187,7 +2217,8 @@ impl Sim {
             for i in 0..self.world.shard_count() {
                 loop {
                     self.observe_presence();
-                    let what = self.world.commit_step(i, false);
+                    let draw = self.log_draw();
+                    let what = self.world.commit_step(i, false, draw);
                     if what == "idle" {
                         break;
                     }

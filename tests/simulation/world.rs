@@ -5,9 +5,14 @@
 //! shards; a commit's durable write and the acknowledgements after it are
 //! separate steps, so a crash can fall between them.
 
+use super::log::ModelLog;
+use super::rng::Rng;
 use ruyi::auth::Authenticator;
+use ruyi::channel::ChannelKey;
+use ruyi::cluster::record::LogRecord;
 use ruyi::config::{AuthConfig, AuthMode, Config, Limits};
 use ruyi::ids::{Millis, ShardId};
+use ruyi::shard::log::{LogBatch, LogWriter, Round};
 use ruyi::shard::message::ShardMsg;
 use ruyi::shard::state::{InFlight, Now, ShardState, Signals};
 use ruyi::storage::{
@@ -27,6 +32,10 @@ pub enum StoreKind {
 /// Where one shard's commit pipeline stands.
 pub enum Commit {
     Idle,
+    /// Being appended to the log (`[cluster]` runs): the batch, its
+    /// storage mutations, what waits for it, and the rounds that found its
+    /// fate unknown.
+    Appending(LogBatch, Vec<ruyi::storage::Mutation>, InFlight, u32),
     /// Prepared: the write has not run.
     Begun(CommitJob, InFlight),
     /// The write ran (or was failed); the shard has not heard yet.
@@ -55,10 +64,29 @@ pub struct World {
     /// processes dropped (outbox full).
     webhooks: Arc<ruyi::webhook::WebhookShared>,
     webhooks_dropped_before: u64,
+    /// `[cluster]` runs: the log, and each shard's side of it.
+    pub log: Option<LogWorld>,
 }
 
+/// The log of a `[cluster]` run and each shard's writer.
+pub struct LogWorld {
+    pub model: ModelLog,
+    pub config: ruyi::config::ClusterConfig,
+    pub owners: Arc<[ShardId]>,
+    pub writers: Vec<LogWriter>,
+    /// Each shard's batch stored in the log and being written locally.
+    pub written: Vec<Option<LogBatch>>,
+    /// Percent chance of a fault per append.
+    pub faulty: u64,
+}
+
+/// Rounds of unknown answers after which a shard refuses new sends.
+const UNAVAILABLE_AFTER_ROUNDS: u32 = 3;
+
 impl World {
-    pub fn new(kind: StoreKind, shards: u16, config: Config, now: Now) -> World {
+    /// `log`: commit through a model log with this percent chance of a
+    /// fault per append (a `[cluster]` node).
+    pub fn new(kind: StoreKind, shards: u16, config: Config, now: Now, log: Option<u64>) -> World {
         let (storage, memory, dir): (Arc<dyn Storage>, _, _) = match kind {
             StoreKind::Rocks => {
                 let dir = tempfile::tempdir().expect("temporary directory");
@@ -89,6 +117,24 @@ impl World {
             generation: 0,
             webhooks: Arc::new(ruyi::webhook::WebhookShared::default()),
             webhooks_dropped_before: 0,
+            log: log.map(|faulty| {
+                let config = ruyi::config::ClusterConfig {
+                    nats_urls: vec!["nats://simulation.invalid".into()],
+                    partitions: 8,
+                    ..Default::default()
+                };
+                let nodes = [ruyi::cluster::partition::NodeSpec { node: 1, shards }];
+                let map = ruyi::cluster::partition::PartitionMap::new(config.partitions, &nodes)
+                    .expect("a partition map");
+                LogWorld {
+                    model: ModelLog::default(),
+                    owners: (0..config.partitions).map(|p| map.owner(p).shard).collect(),
+                    config,
+                    writers: Vec::new(),
+                    written: Vec::new(),
+                    faulty,
+                }
+            }),
         };
         world.start(shards);
         world
@@ -101,6 +147,24 @@ impl World {
     /// Starts a fresh process on the store: new shard states, empty
     /// inboxes, nothing in flight.
     fn start(&mut self, shards: u16) {
+        // A cluster node applies what the log holds beyond its store first.
+        if let Some(log) = &self.log {
+            for id in 0..shards {
+                let mut store = self.storage.open_shard(ShardId(id)).expect("open shard");
+                for partition in 0..log.config.partitions {
+                    if log.owners[partition as usize] != ShardId(id) {
+                        continue;
+                    }
+                    let mut applier = ruyi::cluster::apply::Applier::open(&mut *store, partition)
+                        .expect("log position");
+                    let subject = log.config.subject(partition);
+                    for (seq, payload) in log.model.read_after(&subject, applier.applied()) {
+                        let record = LogRecord::decode(&payload).expect("a record");
+                        applier.apply(&mut *store, seq, &record).expect("apply");
+                    }
+                }
+            }
+        }
         let limits: Limits = self.config.limits.clone();
         let run = ruyi::shard::state::first_id_of_run(&mut *self.reader, self.now.unix_ms)
             .expect("read the ids issued");
@@ -131,9 +195,24 @@ impl World {
                     &webhook_config(),
                     Arc::clone(&self.webhooks),
                 ));
+                if let Some(log) = &self.log {
+                    state.set_routing(ruyi::key::Routing::Partitions {
+                        owners: Arc::clone(&log.owners),
+                    });
+                }
                 state
             })
             .collect();
+        if let Some(log) = &mut self.log {
+            log.writers = (0..shards)
+                .map(|id| {
+                    let mut store = self.storage.open_shard(ShardId(id)).expect("open shard");
+                    LogWriter::open(&log.config, &log.owners, 1, ShardId(id), run.0, &mut *store)
+                        .expect("log positions")
+                })
+                .collect();
+            log.written = (0..shards).map(|_| None).collect();
+        }
         let n = usize::from(shards);
         self.commits = (0..n).map(|_| Commit::Idle).collect();
         self.position_jobs = (0..n).map(|_| Vec::new()).collect();
@@ -147,6 +226,8 @@ impl World {
     /// prepared are written first (the crash falls between a batch's write
     /// and its acknowledgements).
     pub fn crash(&mut self, write_begun: bool) {
+        // A batch being appended is gone with the process; what of it the
+        // log stored stays there.
         for commit in std::mem::take(&mut self.commits) {
             if let (Commit::Begun(job, _), true) = (commit, write_begun) {
                 let _ = job();
@@ -190,6 +271,18 @@ impl World {
             let (h, a) = shard.user_connections(&uid);
             (held + h, active + a)
         })
+    }
+
+    /// The shard owning `key`: by partition in `[cluster]` runs.
+    pub fn owner_of(&self, key: &ChannelKey) -> usize {
+        match &self.log {
+            None => key.shard(self.shards.len() as u16).index(),
+            Some(log) => ruyi::key::Routing::Partitions {
+                owners: Arc::clone(&log.owners),
+            }
+            .shard_of(key)
+            .index(),
+        }
     }
 
     pub fn advance(&mut self, by_ms: u64) {
@@ -239,8 +332,12 @@ impl World {
     }
 
     /// Advances shard `i`'s commit pipeline by one stage; `fail` makes a
-    /// prepared write fail (nothing of it is stored).
-    pub fn commit_step(&mut self, i: usize, fail: bool) -> &'static str {
+    /// prepared write fail (nothing of it is stored). In `[cluster]` runs
+    /// `draw` seeds the log's faults of the step.
+    pub fn commit_step(&mut self, i: usize, fail: bool, draw: u64) -> &'static str {
+        if self.log.is_some() {
+            return self.log_commit_step(i, fail, draw);
+        }
         let now = self.now;
         match std::mem::replace(&mut self.commits[i], Commit::Idle) {
             Commit::Idle => match self.shards[i].begin_commit(now) {
@@ -250,6 +347,7 @@ impl World {
                 }
                 None => "idle",
             },
+            Commit::Appending(..) => unreachable!("no log in this run"),
             Commit::Begun(job, in_flight) => {
                 let result = if fail {
                     Err(StorageError::Io("simulated write failure".into()))
@@ -267,6 +365,126 @@ impl World {
                 self.shards[i].finish_commit(in_flight, result, now);
                 "finish"
             }
+        }
+    }
+
+    /// A `[cluster]` shard's commit stage: catch up on the log, begin a
+    /// batch, append it (a round at a time), write it, finish it. The log
+    /// may first land a proposed append or take another writer's record.
+    fn log_commit_step(&mut self, i: usize, fail: bool, draw: u64) -> &'static str {
+        let now = self.now;
+        let mut rng = Rng::new(draw);
+        let log = self.log.as_mut().expect("a log");
+        if rng.chance(10) && log.model.settle_one_proposed(&mut rng) {
+            return "log: a proposed append settled";
+        }
+        if rng.chance(2) {
+            let partition = rng.below(u64::from(log.config.partitions)) as u32;
+            let subject = log.config.subject(partition);
+            log.model.foreign_append(&subject, partition);
+            return "log: another writer appended";
+        }
+        match std::mem::replace(&mut self.commits[i], Commit::Idle) {
+            Commit::Idle => {
+                if !log.writers[i].stale().is_empty() {
+                    self.catch_up(i);
+                    return "catch up";
+                }
+                let Some((mutations, in_flight)) = self.shards[i].begin_batch(now) else {
+                    return "idle";
+                };
+                let log = self.log.as_mut().expect("a log");
+                match log.writers[i].begin(&in_flight, &mutations) {
+                    Ok(batch) => {
+                        self.commits[i] = Commit::Appending(batch, mutations, in_flight, 0);
+                        "begin"
+                    }
+                    Err(error) => {
+                        self.shards[i].finish_commit(in_flight, Err(error), now);
+                        "begin refused"
+                    }
+                }
+            }
+            Commit::Appending(mut batch, mut mutations, in_flight, rounds) => {
+                let requests = log.writers[i].requests(&mut batch);
+                let faulty = log.faulty;
+                let results = log.model.append_all(requests, faulty, &mut rng);
+                match log.writers[i].answers(&mut batch, results) {
+                    Round::Unknown(_) => {
+                        if rounds + 1 >= UNAVAILABLE_AFTER_ROUNDS {
+                            self.shards[i].set_log_unavailable(true);
+                        }
+                        self.commits[i] =
+                            Commit::Appending(batch, mutations, in_flight, rounds + 1);
+                        "append unknown"
+                    }
+                    Round::Settled => {
+                        self.shards[i].set_log_unavailable(false);
+                        if !batch.stored_whole() {
+                            log.writers[i].not_applied(&batch);
+                            self.catch_up(i);
+                            let error = StorageError::Io("not stored in the log".into());
+                            self.shards[i].finish_commit(in_flight, Err(error), now);
+                            return "append refused";
+                        }
+                        mutations.extend(batch.positions());
+                        match self.shards[i].prepare_commit(mutations, in_flight, now) {
+                            Some((job, in_flight)) => {
+                                self.commits[i] = Commit::Begun(job, in_flight);
+                                log.written[i] = Some(batch);
+                            }
+                            None => log.writers[i].not_applied(&batch),
+                        }
+                        "appended"
+                    }
+                }
+            }
+            Commit::Begun(job, in_flight) => {
+                let result = if fail {
+                    Err(StorageError::Io("simulated write failure".into()))
+                } else {
+                    job()
+                };
+                self.commits[i] = Commit::Written(result, in_flight);
+                if fail {
+                    "write failed"
+                } else {
+                    "write"
+                }
+            }
+            Commit::Written(result, in_flight) => {
+                if let Some(batch) = log.written[i].take() {
+                    match &result {
+                        Ok(()) => log.writers[i].applied(&batch),
+                        Err(_) => log.writers[i].not_applied(&batch),
+                    }
+                }
+                self.shards[i].finish_commit(in_flight, result, now);
+                "finish"
+            }
+        }
+    }
+
+    /// Shard `i` applies what the log holds beyond its position on every
+    /// stale partition (the model log always answers).
+    fn catch_up(&mut self, i: usize) {
+        let now = self.now;
+        let log = self.log.as_mut().expect("a log");
+        let mut applied_any = false;
+        for (partition, from) in log.writers[i].stale() {
+            let mut last = from;
+            for (seq, payload) in log.model.read_after(&log.config.subject(partition), from) {
+                let record = LogRecord::decode(&payload).expect("a record");
+                self.shards[i]
+                    .apply_log(partition, seq, &record)
+                    .expect("apply a record");
+                last = seq;
+            }
+            applied_any |= last != from;
+            log.writers[i].caught_up(partition, last, true);
+        }
+        if applied_any {
+            self.shards[i].log_caught_up(now);
         }
     }
 

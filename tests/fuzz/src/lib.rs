@@ -10,6 +10,9 @@ pub mod harness;
 
 // Parts of the simulator only its own test binary uses (seeded runs).
 #[allow(dead_code)]
+#[path = "../../simulation/log.rs"]
+mod log;
+#[allow(dead_code)]
 #[path = "../../simulation/model.rs"]
 mod model;
 #[allow(dead_code)]
