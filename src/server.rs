@@ -164,7 +164,7 @@ impl Server {
         // beyond this store before anything else reads the store.
         let log = match config.cluster.enabled() {
             false => None,
-            true => Some(start_log(&config, shards, &storage)?),
+            true => Some(start_log(&config, shards)?),
         };
         let routing = match &log {
             None => Routing::Hash { shards },
@@ -338,15 +338,9 @@ fn wk_routes(
     }
 }
 
-/// Connects a cluster node to its log (creating the stream when asked),
-/// checks that a record fits the server's messages, and applies to each
-/// shard's store what the log holds beyond it.
-fn start_log(
-    config: &Config,
-    shards: u16,
-    storage: &Arc<dyn Storage>,
-) -> Result<crate::shard::log::ShardLogSetup, StartError> {
-    use crate::cluster::apply::{catch_up, Applier};
+/// Connects a cluster node to its log (creating the stream when asked)
+/// and checks that a record fits the server's messages.
+fn start_log(config: &Config, shards: u16) -> Result<crate::shard::log::ShardLogSetup, StartError> {
     use crate::cluster::bridge::{BridgeConfig, LogBridge, StreamSpec};
     use crate::cluster::partition::{NodeSpec, PartitionMap};
     let c = &config.cluster;
@@ -382,38 +376,9 @@ fn start_log(
     let map = PartitionMap::new(c.partitions, &nodes)
         .map_err(|error| StartError::Cluster(error.to_string()))?;
     let owners: Arc<[ShardId]> = (0..c.partitions).map(|p| map.owner(p).shard).collect();
-    let started = std::time::Instant::now();
-    let mut records = 0;
-    let storage_error = |source| StartError::Storage {
-        dir: config.server.data_dir.clone(),
-        source,
-    };
-    for shard in 0..shards {
-        let shard = ShardId(shard);
-        let mut store = storage.open_shard(shard).map_err(storage_error)?;
-        for partition in (0..c.partitions).filter(|p| owners[*p as usize] == shard) {
-            let mut applier = Applier::open(&mut *store, partition).map_err(storage_error)?;
-            let from = applier.applied();
-            let caught = futures_lite::future::block_on(catch_up(
-                &bridge,
-                &c.subject(partition),
-                from,
-                c.read_batch_records,
-                |seq, record| applier.apply(&mut *store, seq, record).map(|_| ()),
-            ))
-            .map_err(|error| {
-                StartError::Cluster(format!("catching up on partition {partition}: {error}"))
-            })?;
-            records += caught.records;
-        }
-    }
-    tracing::info!(
-        records,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        partitions = c.partitions,
-        stream = %c.stream,
-        "caught up on the log"
-    );
+    // Each shard applies what the log holds beyond its store before it
+    // serves (`ShardLog::start`), writing the events of records this node
+    // appended and never wrote here.
     Ok(crate::shard::log::ShardLogSetup {
         bridge: Arc::new(bridge),
         owners,

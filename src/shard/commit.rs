@@ -76,15 +76,13 @@ pub(super) enum Pending {
 
 impl Pending {
     /// The channel the work is for.
-    pub fn channel(&self) -> Option<&ChannelKey> {
+    pub fn channel(&self) -> &ChannelKey {
         match self {
-            Pending::Send { message, .. } | Pending::Recall { message, .. } => {
-                Some(&message.channel)
-            }
+            Pending::Send { message, .. } | Pending::Recall { message, .. } => &message.channel,
             Pending::Group { key, .. }
             | Pending::Conversation { key, .. }
             | Pending::List { key, .. }
-            | Pending::DeleteGroup { key, .. } => Some(key),
+            | Pending::DeleteGroup { key, .. } => key,
         }
     }
 
@@ -185,6 +183,10 @@ pub struct InFlight {
     /// batch: queued again if it fails.
     pub(super) presence_lines: Vec<String>,
     pub(super) late_offline: Vec<Vec<u8>>,
+    /// Each send's offline recipients as its `msg.offline` named them when
+    /// the batch began (empty for other work, or when not asked for): a
+    /// part of the batch written later names the same.
+    pub(super) offline: Vec<Vec<Uid>>,
     /// When the batch was begun (the latency budget's clock).
     pub(super) begun_us: u64,
 }
@@ -264,6 +266,12 @@ impl CommitPipeline {
         self.run
     }
 
+    /// Ids continue above `floor` too (ids a log applied here recorded).
+    pub fn continue_above(&mut self, floor: MessageId) {
+        self.ids
+            .continue_from(MessageId(floor.0 + (1 << ID_MS_SHIFT)));
+    }
+
     pub fn share_versions(&mut self, versions: Arc<VersionFrontier>) {
         self.ids.share_versions(versions);
         self.publish_versions();
@@ -288,7 +296,7 @@ impl CommitPipeline {
     pub fn busy(&self) -> Busy<'_> {
         self.pending
             .iter()
-            .filter_map(Pending::channel)
+            .map(Pending::channel)
             .chain(self.committing.iter())
             .collect()
     }
@@ -474,11 +482,7 @@ impl CommitPipeline {
         for p in &pending {
             p.mutations(&mut mutations);
         }
-        self.committing = pending
-            .iter()
-            .filter_map(Pending::channel)
-            .cloned()
-            .collect();
+        self.committing = pending.iter().map(Pending::channel).cloned().collect();
         self.in_flight = true;
         self.in_flight_lowest = lowest_version(&pending);
         let in_flight = InFlight {
@@ -487,6 +491,7 @@ impl CommitPipeline {
             webhook_bytes: 0,
             presence_lines: Vec::new(),
             late_offline: Vec::new(),
+            offline: Vec::new(),
             begun_us: 0,
         };
         (in_flight, mutations)

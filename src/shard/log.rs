@@ -58,9 +58,13 @@ struct PartitionAppend {
     failed: Option<AppendError>,
 }
 
+/// For each piece of work of a batch, in order: its share and record.
+type Placement = Vec<(usize, usize)>;
+
 /// A batch on its way into the log.
 pub struct LogBatch {
     shares: Vec<PartitionAppend>,
+    placement: Placement,
     /// Its writer tag (see [`crate::cluster::log::append_id`]).
     tag: String,
     /// Which share each request of the last round was for.
@@ -102,6 +106,15 @@ impl LogBatch {
                 seq: *seq,
             })
         })
+    }
+
+    /// For each piece of work of the batch, in order: whether the record
+    /// holding it is stored.
+    pub fn stored_work(&self) -> Vec<bool> {
+        self.placement
+            .iter()
+            .map(|(share, record)| self.shares[*share].stored.len() > *record)
+            .collect()
     }
 
     /// How many records it has.
@@ -146,6 +159,9 @@ impl LogWriter {
                 applied.insert(partition, store.log_applied(partition)?);
             }
         }
+        // Caught up on before anything else: the log may hold records an
+        // earlier run appended and never wrote here, and other writers'.
+        let stale = applied.keys().copied().collect();
         Ok(LogWriter {
             config: config.clone(),
             writer: Writer { node, epoch },
@@ -153,7 +169,7 @@ impl LogWriter {
             partitions: owners.len() as u32,
             batches: 0,
             applied,
-            stale: BTreeSet::new(),
+            stale,
         })
     }
 
@@ -165,16 +181,54 @@ impl LogWriter {
         in_flight: &InFlight,
         mutations: &[Mutation],
     ) -> Result<LogBatch, StorageError> {
-        let shares = self.plan(in_flight, mutations)?;
-        self.batches += 1;
+        let (shares, placement) = self.plan(in_flight, mutations)?;
         Ok(LogBatch {
             shares,
-            tag: format!(
-                "n{}.e{}.s{}.b{}",
-                self.writer.node, self.writer.epoch, self.shard.0, self.batches
-            ),
+            placement,
+            tag: self.next_tag(),
             asked: Vec::new(),
         })
+    }
+
+    /// A barrier: an empty record on every partition this shard owns. Once
+    /// it is stored after everything this shard has applied, no append an
+    /// earlier run left unanswered can land any more (its fence no longer
+    /// holds), so what the store holds then is final. Appended at start.
+    pub fn barrier(&mut self) -> LogBatch {
+        let writer = self.writer;
+        let shares = self
+            .applied
+            .keys()
+            .map(|partition| PartitionAppend {
+                partition: *partition,
+                records: vec![Bytes::from(
+                    LogRecord {
+                        partition: *partition,
+                        writer,
+                        mutations: Vec::new(),
+                    }
+                    .encode(),
+                )],
+                stored: Vec::new(),
+                failed: None,
+            })
+            .collect();
+        LogBatch {
+            shares,
+            placement: Vec::new(),
+            tag: self.next_tag(),
+            asked: Vec::new(),
+        }
+    }
+
+    /// The writer tag of the next batch (see
+    /// [`crate::cluster::log::append_id`]): this node, run, shard and batch.
+    fn next_tag(&mut self) -> String {
+        self.batches += 1;
+        format!(
+            "n{}.e{}.s{}.b{}",
+            self.writer.node, self.writer.epoch, self.shard.0, self.batches
+        )
     }
 
     /// The appends of the next round: every record not stored yet of every
@@ -259,6 +313,18 @@ impl LogWriter {
         self.stale.extend(batch.partitions());
     }
 
+    /// `batch` was stored in part and its stored records applied to the
+    /// store: their positions move, and the partitions whose records were
+    /// not stored are caught up on before the next append.
+    pub fn applied_in_part(&mut self, batch: &LogBatch) {
+        self.applied(batch);
+        for share in &batch.shares {
+            if share.failed.is_some() || share.stored.len() < share.records.len() {
+                self.stale.insert(share.partition);
+            }
+        }
+    }
+
     /// Partitions to catch up on, with the position to read after.
     pub fn stale(&self) -> Vec<(u32, u64)> {
         self.stale
@@ -298,7 +364,7 @@ impl LogWriter {
         &self,
         in_flight: &InFlight,
         mutations: &[Mutation],
-    ) -> Result<Vec<PartitionAppend>, StorageError> {
+    ) -> Result<(Vec<PartitionAppend>, Placement), StorageError> {
         let ids = mutations
             .iter()
             .rev()
@@ -311,10 +377,9 @@ impl LogWriter {
             .saturating_sub(RECORD_OVERHEAD_BYTES + 5 + ids_bound);
         let mut shares: BTreeMap<u32, Vec<Vec<Mutation>>> = BTreeMap::new();
         let mut current: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut placed: Vec<(u32, usize)> = Vec::with_capacity(in_flight.pending.len());
         for pending in &in_flight.pending {
-            let Some(key) = pending.channel() else {
-                continue;
-            };
+            let key = pending.channel();
             let partition = partition_of(key, self.partitions);
             if !self.applied.contains_key(&partition) {
                 return Err(StorageError::Io(format!(
@@ -340,8 +405,18 @@ impl LogWriter {
             }
             *used += size;
             records.last_mut().expect("pushed above").extend(work);
+            placed.push((partition, records.len() - 1));
         }
-        Ok(shares
+        let index: BTreeMap<u32, usize> = shares
+            .keys()
+            .enumerate()
+            .map(|(i, partition)| (*partition, i))
+            .collect();
+        let placement = placed
+            .into_iter()
+            .map(|(partition, record)| (index[&partition], record))
+            .collect();
+        let shares = shares
             .into_iter()
             .map(|(partition, records)| PartitionAppend {
                 partition,
@@ -360,7 +435,8 @@ impl LogWriter {
                 stored: Vec::new(),
                 failed: None,
             })
-            .collect())
+            .collect();
+        Ok((shares, placement))
     }
 }
 
@@ -368,6 +444,9 @@ impl LogWriter {
 pub struct ShardLog {
     bridge: Arc<LogBridge>,
     writer: LogWriter,
+    /// Records applied from the log by catching up (not by this shard's
+    /// own commits).
+    caught_up_records: u64,
 }
 
 impl ShardLog {
@@ -382,6 +461,7 @@ impl ShardLog {
         Ok(ShardLog {
             bridge: Arc::clone(&setup.bridge),
             writer: LogWriter::open(config, &setup.owners, setup.node, shard, epoch, store)?,
+            caught_up_records: 0,
         })
     }
 
@@ -435,6 +515,83 @@ impl ShardLog {
         batch.stored_whole()
     }
 
+    /// Writes a batch the log has to the store, retrying until it is
+    /// written (new sends are refused meanwhile, once the wait passes
+    /// `cluster.unavailable_after_ms`). False only when the shard shuts
+    /// down first.
+    async fn write_local(&self, runtime: &Runtime, mutations: &[Mutation], offload: bool) -> bool {
+        let started = Instant::now();
+        let config = self.writer.config();
+        let unavailable_after = Duration::from_millis(config.unavailable_after_ms);
+        let pause_max = Duration::from_millis(config.retry_pause_max_ms);
+        let mut pause = RETRY_PAUSE_FIRST;
+        let mut unavailable = false;
+        loop {
+            let prepared = runtime.state.borrow_mut().prepare_write(mutations);
+            let result = match prepared {
+                Ok(job) if offload => glommio::executor().spawn_blocking(job).await,
+                Ok(job) => job(),
+                Err(error) => Err(error),
+            };
+            let Err(error) = result else {
+                if unavailable {
+                    runtime.state.borrow_mut().set_log_unavailable(false);
+                }
+                return true;
+            };
+            tracing::warn!(%error, "writing a commit the log has failed; retrying");
+            if runtime.shutting_down.get() {
+                return false;
+            }
+            if !unavailable && started.elapsed() >= unavailable_after {
+                unavailable = true;
+                runtime.state.borrow_mut().set_log_unavailable(true);
+            }
+            glommio::timer::sleep(pause).await;
+            pause = (pause * 2).min(pause_max);
+        }
+    }
+
+    /// Before the shard serves: applies what the log holds beyond its
+    /// store, then appends a barrier (see [`LogWriter::barrier`]) so that
+    /// is final, retrying until the log answers; ids continue above what
+    /// the records applied recorded.
+    pub(super) async fn start(&mut self, runtime: &Runtime) {
+        let started = Instant::now();
+        let mut pause = RETRY_PAUSE_FIRST;
+        let pause_max = Duration::from_millis(self.writer.config().retry_pause_max_ms);
+        loop {
+            if !self.catch_up_stale(runtime).await {
+                glommio::timer::sleep(pause).await;
+                pause = (pause * 2).min(pause_max);
+                continue;
+            }
+            let mut barrier = self.writer.barrier();
+            let whole = self.append(runtime, &mut barrier).await;
+            let positions: Vec<Mutation> = barrier.positions().collect();
+            if !positions.is_empty() && !self.write_local(runtime, &positions, false).await {
+                return;
+            }
+            self.writer.applied_in_part(&barrier);
+            if whole || runtime.shutting_down.get() {
+                break;
+            }
+        }
+        tracing::info!(
+            shard = self.writer.shard.0,
+            records = self.caught_up_records,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "caught up on the log"
+        );
+        let mut state = runtime.state.borrow_mut();
+        if let Err(error) = state.continue_ids_above_store() {
+            tracing::warn!(%error, "reading the ids the log recorded failed");
+        }
+        // Channels read while events were made are read again.
+        let now = runtime.now();
+        state.log_caught_up(now);
+    }
+
     /// Applies what the log holds beyond this shard's position on every
     /// stale partition. True when all are caught up; then, if anything was
     /// applied, what was queued meanwhile is refused and channels are read
@@ -442,6 +599,7 @@ impl ShardLog {
     async fn catch_up_stale(&mut self, runtime: &Runtime) -> bool {
         let mut applied_any = false;
         let mut all = true;
+        let mut records = 0;
         for (partition, from) in self.writer.stale() {
             let mut last = from;
             let subject = self.writer.subject(partition);
@@ -452,18 +610,21 @@ impl ShardLog {
                 from,
                 writer.config().read_batch_records,
                 |seq, record| {
-                    if !writer.is_own(&record.writer) {
+                    let own = writer.is_own(&record.writer);
+                    if !own {
                         tracing::warn!(
                             partition,
                             node = record.writer.node,
                             "applying a record another node wrote to a partition this node owns"
                         );
                     }
+                    let now = runtime.now();
                     runtime
                         .state
                         .borrow_mut()
-                        .apply_log(partition, seq, record)?;
+                        .apply_log(partition, seq, record, own, now)?;
                     last = seq;
+                    records += 1;
                     Ok(())
                 },
             )
@@ -475,6 +636,7 @@ impl ShardLog {
             }
             self.writer.caught_up(partition, last, result.is_ok());
         }
+        self.caught_up_records += records;
         if applied_any {
             let now = runtime.now();
             runtime.state.borrow_mut().log_caught_up(now);
@@ -484,8 +646,10 @@ impl ShardLog {
 }
 
 /// The commit loop of a cluster node's shard: like the single node's
-/// group commit, with the batch appended to the log before it is applied
-/// to the store and acknowledged.
+/// group commit, with the batch appended to the log before it is written
+/// to the store and acknowledged. What the log stored is committed: it is
+/// written here however long that takes, and answered as committed; only
+/// what the log did not store is refused.
 pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload: bool) {
     let mut pause = RETRY_PAUSE_FIRST;
     let pause_max = Duration::from_millis(log.writer.config().retry_pause_max_ms);
@@ -507,7 +671,7 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
             }
             let now = runtime.now();
             let begun = runtime.state.borrow_mut().begin_batch(now);
-            let Some((mut mutations, in_flight)) = begun else {
+            let Some((mut mutations, mut in_flight)) = begun else {
                 break;
             };
             runtime.committing.set(true);
@@ -524,55 +688,62 @@ pub(super) async fn commit_loop(runtime: Rc<Runtime>, mut log: ShardLog, offload
                     continue;
                 }
             };
-            if !log.append(&runtime, &mut batch).await {
-                log.writer.not_applied(&batch);
+            let whole = log.append(&runtime, &mut batch).await;
+            let mut unstored = None;
+            if whole {
+                mutations.extend(batch.positions());
+            } else {
+                let now = runtime.now();
+                let (part, part_in_flight, refused) =
+                    runtime
+                        .state
+                        .borrow_mut()
+                        .split_stored(in_flight, &batch.stored_work(), now);
+                mutations = part;
+                mutations.extend(batch.positions());
+                in_flight = part_in_flight;
+                unstored = Some(refused);
+            }
+            let written = log.write_local(&runtime, &mutations, offload).await;
+            let took = started.elapsed().as_micros() as u64;
+            runtime.committing.set(false);
+            match (written, whole) {
+                (true, true) => log.writer.applied(&batch),
+                (true, false) => log.writer.applied_in_part(&batch),
+                // Shutting down: the next start applies it from the log.
+                (false, _) => log.writer.not_applied(&batch),
+            }
+            let now = runtime.now();
+            {
+                let mut state = runtime.state.borrow_mut();
+                state.stats.commit_latency.record(took);
+                let result = match written {
+                    true => Ok(()),
+                    false => Err(StorageError::Io("shutting down".into())),
+                };
+                state.finish_commit(in_flight, result, now);
+            }
+            if let Some(refused) = unstored {
                 // Take in what the log holds before the refusals go out, so
                 // a client's retry meets the channels as the log has them.
                 if !runtime.shutting_down.get() {
                     log.catch_up_stale(&runtime).await;
                 }
-                let error = batch
-                    .failure()
-                    .map_or("not settled".to_string(), |e| e.to_string());
+                let error = StorageError::Io(format!(
+                    "not stored in the log: {}",
+                    batch
+                        .failure()
+                        .map_or("not settled".to_string(), |e| e.to_string())
+                ));
                 let now = runtime.now();
-                runtime.state.borrow_mut().finish_commit(
-                    in_flight,
-                    Err(StorageError::Io(format!("not stored in the log: {error}"))),
-                    now,
-                );
-                runtime.committing.set(false);
-                if runtime.shutting_down.get() {
-                    return;
-                }
-                continue;
+                runtime
+                    .state
+                    .borrow_mut()
+                    .refuse_unstored(refused, &error, now);
             }
-            mutations.extend(batch.positions());
-            let now = runtime.now();
-            let prepared = runtime
-                .state
-                .borrow_mut()
-                .prepare_commit(mutations, in_flight, now);
-            let Some((job, in_flight)) = prepared else {
-                // Stored in the log, not here: applied from the log later.
-                log.writer.not_applied(&batch);
-                runtime.committing.set(false);
-                continue;
-            };
-            let result = if offload {
-                glommio::executor().spawn_blocking(job).await
-            } else {
-                job()
-            };
-            let took = started.elapsed().as_micros() as u64;
-            runtime.committing.set(false);
-            match &result {
-                Ok(()) => log.writer.applied(&batch),
-                Err(_) => log.writer.not_applied(&batch),
+            if runtime.shutting_down.get() && !written {
+                return;
             }
-            let now = runtime.now();
-            let mut state = runtime.state.borrow_mut();
-            state.stats.commit_latency.record(took);
-            state.finish_commit(in_flight, result, now);
         }
     }
 }

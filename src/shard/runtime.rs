@@ -232,6 +232,13 @@ pub async fn run(setup: ShardSetup) {
         tls: tls.map(futures_rustls::TlsAcceptor::from),
     });
 
+    // A cluster node's shard catches up on the log before anything can
+    // reach it (its inboxes are not connected yet, it does not accept).
+    let mut shard_log = shard_log;
+    if let Some(log) = shard_log.as_mut() {
+        log.start(&runtime).await;
+    }
+
     // Connect both ends of every inbox concurrently: a connect waits for its
     // peer, so doing them one by one could deadlock.
     let mut sender_tasks = Vec::new();

@@ -141,6 +141,10 @@ enum Parked {
     Api(ApiRequest, ApiReply),
 }
 
+/// Work of a cluster batch the log did not store (see
+/// [`ShardState::split_stored`]).
+pub struct Unstored(Vec<Pending>);
+
 pub struct ShardState {
     pub id: ShardId,
     shards: u16,
@@ -1280,16 +1284,158 @@ impl ShardState {
 
     /// Applies a record of `partition`'s log, stored at stream sequence
     /// `seq`, to this shard's store with the new position, in one batch.
+    /// `own`: this node wrote it, and its batch never reached the store (a
+    /// crash came between the append and the local write): its messages'
+    /// webhook events are written with it, as the batch would have.
     pub fn apply_log(
         &mut self,
         partition: u32,
         seq: u64,
         record: &crate::cluster::record::LogRecord,
+        own: bool,
+        now: Now,
     ) -> Result<(), StorageError> {
-        let mut batch = Vec::with_capacity(record.mutations.len() + 1);
+        let mut batch = Vec::with_capacity(record.mutations.len() + 2);
         batch.extend(record.mutations.iter().cloned());
         batch.push(Mutation::LogApplied { partition, seq });
-        self.store.commit(&batch)
+        let events = if own && self.webhooks.is_some() {
+            self.log_record_events(record, now, &mut batch)
+        } else {
+            (0, 0)
+        };
+        let result = self.store.commit(&batch);
+        if let Some(writer) = self.webhooks.as_mut() {
+            match &result {
+                Ok(()) if events.0 > 0 => writer.committed(),
+                Ok(()) => {}
+                Err(_) => writer.release(events.0, events.1),
+            }
+        }
+        result
+    }
+
+    /// The webhook events of a record's messages (see
+    /// [`ShardState::apply_log`]): recipients are the channel's members as
+    /// stored before the record, or as a group change earlier in the record
+    /// sets them; offline is whoever has no connection now.
+    fn log_record_events(
+        &mut self,
+        record: &crate::cluster::record::LogRecord,
+        now: Now,
+        out: &mut Vec<Mutation>,
+    ) -> (u64, u64) {
+        let mut set_in_record: HashMap<ChannelKey, Vec<Uid>, ahash::RandomState> =
+            HashMap::default();
+        let mut messages: Vec<(&StoredMessage, Vec<Uid>)> = Vec::new();
+        for mutation in &record.mutations {
+            match mutation {
+                Mutation::PutGroup { key, members, .. } => {
+                    set_in_record.insert(key.clone(), members.clone());
+                }
+                Mutation::Recall(message) => messages.push((message, Vec::new())),
+                Mutation::Message(message) => {
+                    let members: Vec<Uid> = match set_in_record.get(&message.channel) {
+                        Some(members) => members.clone(),
+                        None => match self.channel_mut(&message.channel) {
+                            Ok(Some(channel)) => channel.members.iter().cloned().collect(),
+                            _ => Vec::new(),
+                        },
+                    };
+                    let mut offline: Vec<Uid> = members
+                        .into_iter()
+                        .filter(|uid| *uid != message.from_uid && !self.presence.is_online(uid))
+                        .collect();
+                    offline.sort();
+                    offline.dedup();
+                    messages.push((message, offline));
+                }
+                _ => {}
+            }
+        }
+        let Some(writer) = self.webhooks.as_mut() else {
+            return (0, 0);
+        };
+        let pipeline = &mut self.pipeline;
+        webhooks::log_events(
+            writer,
+            &messages,
+            || pipeline.next_id(now.unix_ms).0,
+            self.id,
+            now.unix_ms,
+            out,
+        )
+    }
+
+    /// The job that writes `mutations` to this shard's store (a cluster
+    /// node's batch once the log has it, retried until it is written).
+    pub fn prepare_write(&mut self, mutations: &[Mutation]) -> Result<CommitJob, StorageError> {
+        self.store.prepare_commit(mutations)
+    }
+
+    /// After catching up on the log at start: ids continue above every id
+    /// the records applied recorded.
+    pub fn continue_ids_above_store(&mut self) -> Result<(), StorageError> {
+        let issued = self.store.ids_issued()?;
+        self.pipeline.continue_above(issued);
+        Ok(())
+    }
+
+    /// A cluster batch the log stored only in part: `stored[i]` says
+    /// whether the i-th piece of work is in it. The stored part becomes a
+    /// batch of its own, with its mutations and webhook events, to be
+    /// written and finished as committed (it is: the log has it); the rest
+    /// is returned, to be refused with [`ShardState::refuse_unstored`] once
+    /// the stored part is finished.
+    pub fn split_stored(
+        &mut self,
+        mut in_flight: InFlight,
+        stored: &[bool],
+        now: Now,
+    ) -> (Vec<Mutation>, InFlight, Unstored) {
+        if let Some(writer) = self.webhooks.as_mut() {
+            webhooks::failed(writer, &mut in_flight);
+        }
+        let mut kept = Vec::new();
+        let mut kept_offline = Vec::new();
+        let mut refused = Vec::new();
+        let mut offline = std::mem::take(&mut in_flight.offline).into_iter();
+        for (p, stored) in in_flight.pending.into_iter().zip(stored) {
+            let named = offline.next();
+            if *stored {
+                kept.push(p);
+                kept_offline.extend(named);
+            } else {
+                refused.push(p);
+            }
+        }
+        let mut mutations = Vec::new();
+        for p in &kept {
+            p.mutations(&mut mutations);
+        }
+        let mut part = InFlight {
+            pending: kept,
+            webhook_events: 0,
+            webhook_bytes: 0,
+            presence_lines: Vec::new(),
+            late_offline: Vec::new(),
+            offline: kept_offline,
+            begun_us: in_flight.begun_us,
+        };
+        self.webhook_mutations(&mut part, &mut mutations, now);
+        self.pipeline.seal(&mut mutations);
+        (mutations, part, Unstored(refused))
+    }
+
+    /// Refuses work of a batch the log did not store (see
+    /// [`ShardState::split_stored`]), with everything queued behind it, and
+    /// reads channels again.
+    pub fn refuse_unstored(&mut self, refused: Unstored, error: &StorageError, now: Now) {
+        let queued = self.pipeline.failed();
+        self.channels.clear();
+        for p in refused.0.into_iter().chain(queued) {
+            self.refuse_any(p, error, now);
+        }
+        self.publish_versions();
     }
 
     /// The store took records from the log that this shard's memory does

@@ -45,14 +45,24 @@ pub(super) fn batch_events(
         }
     }
     if writer.offline {
-        for p in &in_flight.pending {
-            if let Pending::Send { message, .. } = p {
-                let to_uids = offline_recipients(message);
-                if !to_uids.is_empty() {
-                    events.push((EVENT_OFFLINE, offline_body(message, &to_uids)));
-                }
+        // Named as when the batch began, for a part of it written later.
+        let saved = std::mem::take(&mut in_flight.offline);
+        let mut named = Vec::with_capacity(in_flight.pending.len());
+        for (i, p) in in_flight.pending.iter().enumerate() {
+            let Pending::Send { message, .. } = p else {
+                named.push(Vec::new());
+                continue;
+            };
+            let to_uids = match saved.get(i) {
+                Some(to_uids) => to_uids.clone(),
+                None => offline_recipients(message),
+            };
+            if !to_uids.is_empty() {
+                events.push((EVENT_OFFLINE, offline_body(message, &to_uids)));
             }
+            named.push(to_uids);
         }
+        in_flight.offline = named;
     }
     for body in &in_flight.late_offline {
         events.push((EVENT_OFFLINE, body.clone()));
@@ -80,6 +90,53 @@ pub(super) fn batch_events(
             record: Arc::new(record),
         });
     }
+}
+
+/// The events of messages this node wrote that reach the store from the
+/// log instead of from their batch (its local write was lost to a crash):
+/// `msg.notify` for all, `msg.offline` for sends to the recipients given.
+/// Returns the events' count and bytes, admitted into the outbox.
+pub(super) fn log_events(
+    writer: &mut WebhookWriter,
+    messages: &[(&StoredMessage, Vec<Uid>)],
+    mut next_id: impl FnMut() -> u64,
+    shard: ShardId,
+    unix_ms: u64,
+    mutations: &mut Vec<Mutation>,
+) -> (u64, u64) {
+    let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    if writer.notify && !messages.is_empty() {
+        let all: Vec<&StoredMessage> = messages.iter().map(|(m, _)| *m).collect();
+        for chunk in all.chunks(writer.batch_max) {
+            events.push((EVENT_NOTIFY, notify_body(chunk.iter().copied())));
+        }
+    }
+    if writer.offline {
+        for (message, to_uids) in messages {
+            if !message.recalled && !to_uids.is_empty() {
+                events.push((EVENT_OFFLINE, offline_body(message, to_uids)));
+            }
+        }
+    }
+    let (mut count, mut bytes) = (0, 0);
+    for (event, body) in events {
+        let record = WebhookRecord {
+            event: event.to_owned(),
+            body,
+            created_ms: unix_ms,
+        };
+        if !writer.admit(&record) {
+            continue;
+        }
+        count += 1;
+        bytes += record.size();
+        mutations.push(Mutation::Webhook {
+            shard,
+            id: next_id(),
+            record: Arc::new(record),
+        });
+    }
+    (count, bytes)
 }
 
 /// The batch was written: its events may be posted.

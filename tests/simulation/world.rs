@@ -14,7 +14,7 @@ use ruyi::config::{AuthConfig, AuthMode, Config, Limits};
 use ruyi::ids::{Millis, ShardId};
 use ruyi::shard::log::{LogBatch, LogWriter, Round};
 use ruyi::shard::message::ShardMsg;
-use ruyi::shard::state::{InFlight, Now, ShardState, Signals};
+use ruyi::shard::state::{InFlight, Now, ShardState, Signals, Unstored};
 use ruyi::storage::{
     CommitJob, MemoryStorage, RocksStorage, ShardStore, Storage, StorageError, SyncPolicy,
 };
@@ -36,6 +36,9 @@ pub enum Commit {
     /// storage mutations, what waits for it, and the rounds that found its
     /// fate unknown.
     Appending(LogBatch, Vec<ruyi::storage::Mutation>, InFlight, u32),
+    /// Stored in the log (whole or in part): being written to the store,
+    /// a try per step until it is; the failed tries so far.
+    Writing(Vec<ruyi::storage::Mutation>, InFlight, u32),
     /// Prepared: the write has not run.
     Begun(CommitJob, InFlight),
     /// The write ran (or was failed); the shard has not heard yet.
@@ -76,6 +79,9 @@ pub struct LogWorld {
     pub writers: Vec<LogWriter>,
     /// Each shard's batch stored in the log and being written locally.
     pub written: Vec<Option<LogBatch>>,
+    /// The work of that batch the log did not store, refused once the
+    /// rest is finished.
+    pub unstored: Vec<Option<Unstored>>,
     /// Percent chance of a fault per append.
     pub faulty: u64,
 }
@@ -132,6 +138,7 @@ impl World {
                     config,
                     writers: Vec::new(),
                     written: Vec::new(),
+                    unstored: Vec::new(),
                     faulty,
                 }
             }),
@@ -147,24 +154,6 @@ impl World {
     /// Starts a fresh process on the store: new shard states, empty
     /// inboxes, nothing in flight.
     fn start(&mut self, shards: u16) {
-        // A cluster node applies what the log holds beyond its store first.
-        if let Some(log) = &self.log {
-            for id in 0..shards {
-                let mut store = self.storage.open_shard(ShardId(id)).expect("open shard");
-                for partition in 0..log.config.partitions {
-                    if log.owners[partition as usize] != ShardId(id) {
-                        continue;
-                    }
-                    let mut applier = ruyi::cluster::apply::Applier::open(&mut *store, partition)
-                        .expect("log position");
-                    let subject = log.config.subject(partition);
-                    for (seq, payload) in log.model.read_after(&subject, applier.applied()) {
-                        let record = LogRecord::decode(&payload).expect("a record");
-                        applier.apply(&mut *store, seq, &record).expect("apply");
-                    }
-                }
-            }
-        }
         let limits: Limits = self.config.limits.clone();
         let run = ruyi::shard::state::first_id_of_run(&mut *self.reader, self.now.unix_ms)
             .expect("read the ids issued");
@@ -212,6 +201,19 @@ impl World {
                 })
                 .collect();
             log.written = (0..shards).map(|_| None).collect();
+            log.unstored = (0..shards).map(|_| None).collect();
+        }
+        // A cluster node's shards apply what the log holds beyond their
+        // stores before they serve.
+        if self.log.is_some() {
+            for i in 0..usize::from(shards) {
+                self.start_on_log(i);
+                self.shards[i]
+                    .continue_ids_above_store()
+                    .expect("read the ids issued");
+                let now = self.now;
+                self.shards[i].log_caught_up(now);
+            }
         }
         let n = usize::from(shards);
         self.commits = (0..n).map(|_| Commit::Idle).collect();
@@ -228,9 +230,17 @@ impl World {
     pub fn crash(&mut self, write_begun: bool) {
         // A batch being appended is gone with the process; what of it the
         // log stored stays there.
-        for commit in std::mem::take(&mut self.commits) {
-            if let (Commit::Begun(job, _), true) = (commit, write_begun) {
-                let _ = job();
+        for (i, commit) in std::mem::take(&mut self.commits).into_iter().enumerate() {
+            match (commit, write_begun) {
+                (Commit::Begun(job, _), true) => {
+                    let _ = job();
+                }
+                (Commit::Writing(mutations, ..), true) => {
+                    let _ = self.shards[i]
+                        .prepare_write(&mutations)
+                        .and_then(|job| job());
+                }
+                _ => {}
             }
         }
         self.position_jobs.clear();
@@ -347,7 +357,7 @@ impl World {
                 }
                 None => "idle",
             },
-            Commit::Appending(..) => unreachable!("no log in this run"),
+            Commit::Appending(..) | Commit::Writing(..) => unreachable!("no log in this run"),
             Commit::Begun(job, in_flight) => {
                 let result = if fail {
                     Err(StorageError::Io("simulated write failure".into()))
@@ -420,47 +430,97 @@ impl World {
                     }
                     Round::Settled => {
                         self.shards[i].set_log_unavailable(false);
-                        if !batch.stored_whole() {
-                            log.writers[i].not_applied(&batch);
-                            self.catch_up(i);
-                            let error = StorageError::Io("not stored in the log".into());
-                            self.shards[i].finish_commit(in_flight, Err(error), now);
-                            return "append refused";
+                        if batch.stored_whole() {
+                            mutations.extend(batch.positions());
+                        } else {
+                            let stored = batch.stored_work();
+                            let (part, part_in_flight, refused) =
+                                self.shards[i].split_stored(in_flight, &stored, now);
+                            mutations = part;
+                            mutations.extend(batch.positions());
+                            log.unstored[i] = Some(refused);
+                            log.written[i] = Some(batch);
+                            self.commits[i] = Commit::Writing(mutations, part_in_flight, 0);
+                            return "appended in part";
                         }
-                        mutations.extend(batch.positions());
-                        match self.shards[i].prepare_commit(mutations, in_flight, now) {
-                            Some((job, in_flight)) => {
-                                self.commits[i] = Commit::Begun(job, in_flight);
-                                log.written[i] = Some(batch);
-                            }
-                            None => log.writers[i].not_applied(&batch),
-                        }
+                        log.written[i] = Some(batch);
+                        self.commits[i] = Commit::Writing(mutations, in_flight, 0);
                         "appended"
                     }
                 }
             }
-            Commit::Begun(job, in_flight) => {
+            Commit::Writing(mutations, in_flight, tries) => {
                 let result = if fail {
                     Err(StorageError::Io("simulated write failure".into()))
                 } else {
-                    job()
+                    self.shards[i]
+                        .prepare_write(&mutations)
+                        .and_then(|job| job())
                 };
-                self.commits[i] = Commit::Written(result, in_flight);
-                if fail {
-                    "write failed"
-                } else {
-                    "write"
+                match result {
+                    Ok(()) => {
+                        self.commits[i] = Commit::Written(Ok(()), in_flight);
+                        "write"
+                    }
+                    Err(_) => {
+                        // What the log has is committed: written, however
+                        // many tries it takes.
+                        if tries + 1 >= UNAVAILABLE_AFTER_ROUNDS {
+                            self.shards[i].set_log_unavailable(true);
+                        }
+                        self.commits[i] = Commit::Writing(mutations, in_flight, tries + 1);
+                        "write failed"
+                    }
                 }
             }
+            Commit::Begun(..) => unreachable!("a log run writes in Writing"),
             Commit::Written(result, in_flight) => {
+                self.shards[i].set_log_unavailable(false);
+                let unstored = log.unstored[i].take();
                 if let Some(batch) = log.written[i].take() {
-                    match &result {
-                        Ok(()) => log.writers[i].applied(&batch),
-                        Err(_) => log.writers[i].not_applied(&batch),
+                    match unstored {
+                        None => log.writers[i].applied(&batch),
+                        Some(_) => log.writers[i].applied_in_part(&batch),
                     }
                 }
                 self.shards[i].finish_commit(in_flight, result, now);
+                if let Some(refused) = unstored {
+                    self.catch_up(i);
+                    let error = StorageError::Io("not stored in the log".into());
+                    self.shards[i].refuse_unstored(refused, &error, now);
+                }
                 "finish"
+            }
+        }
+    }
+
+    /// Shard `i` catches up on the log and appends its barrier (until the
+    /// log takes it whole), as `ShardLog::start` does.
+    fn start_on_log(&mut self, i: usize) {
+        let mut rng = Rng::new(self.now.micros ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9));
+        loop {
+            self.catch_up(i);
+            let log = self.log.as_mut().expect("a log");
+            let mut barrier = log.writers[i].barrier();
+            loop {
+                let requests = log.writers[i].requests(&mut barrier);
+                if requests.is_empty() {
+                    break;
+                }
+                let results = log.model.append_all(requests, log.faulty, &mut rng);
+                let _ = log.writers[i].answers(&mut barrier, results);
+            }
+            let positions: Vec<ruyi::storage::Mutation> = barrier.positions().collect();
+            if !positions.is_empty() {
+                self.shards[i]
+                    .prepare_write(&positions)
+                    .and_then(|job| job())
+                    .expect("write the positions");
+            }
+            let log = self.log.as_mut().expect("a log");
+            log.writers[i].applied_in_part(&barrier);
+            if barrier.stored_whole() {
+                return;
             }
         }
     }
@@ -475,8 +535,9 @@ impl World {
             let mut last = from;
             for (seq, payload) in log.model.read_after(&log.config.subject(partition), from) {
                 let record = LogRecord::decode(&payload).expect("a record");
+                let own = log.writers[i].is_own(&record.writer);
                 self.shards[i]
-                    .apply_log(partition, seq, &record)
+                    .apply_log(partition, seq, &record, own, now)
                     .expect("apply a record");
                 last = seq;
             }
