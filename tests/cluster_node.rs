@@ -70,6 +70,15 @@ async fn history(viewer: &Client, channel: &str, kind: ChannelType) -> Vec<(u64,
     }
 }
 
+/// A person channel's history as (seq, text).
+async fn seqs_and_texts(viewer: &Client, channel: &str) -> Vec<(u64, String)> {
+    history(viewer, channel, ChannelType::Person)
+        .await
+        .into_iter()
+        .map(|(seq, _, text)| (seq, text))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_data_directory_gets_every_acknowledged_message_back_from_the_log(
 ) -> Result<()> {
@@ -185,11 +194,7 @@ async fn without_a_quorum_nothing_is_acknowledged_and_what_waited_is_stored_once
     assert_eq!((ack.reason, ack.message_seq), (ReasonCode::Success, 5));
 
     let (bob, _b) = server.connect("bob").await;
-    let texts: Vec<(u64, String)> = history(&bob, "alice", ChannelType::Person)
-        .await
-        .into_iter()
-        .map(|(seq, _, text)| (seq, text))
-        .collect();
+    let texts = seqs_and_texts(&bob, "alice").await;
     let expected: Vec<(u64, String)> = ["before 1", "before 2", "before 3", "waited", "after"]
         .iter()
         .enumerate()
@@ -279,11 +284,7 @@ async fn a_node_fenced_by_another_writer_takes_in_its_record_and_never_reuses_it
     assert_eq!((ack.reason, ack.message_seq), (ReasonCode::Success, 4));
 
     let (bob, _b) = server.connect("bob").await;
-    let texts: Vec<(u64, String)> = history(&bob, "alice", ChannelType::Person)
-        .await
-        .into_iter()
-        .map(|(seq, _, text)| (seq, text))
-        .collect();
+    let texts = seqs_and_texts(&bob, "alice").await;
     assert_eq!(
         texts,
         [(1, "mine 1"), (2, "mine 2"), (3, "theirs"), (4, "mine 4")]

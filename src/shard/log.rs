@@ -4,7 +4,8 @@
 //! the shard's own store only once the log holds it; only then is anything
 //! acknowledged.
 //!
-//! The rules that keep it exactly once:
+//! The rules that keep it exactly once (each proven by the simulator's
+//! runs on a model log, `tests/simulation/log.rs`):
 //! - An append whose fate is unknown (no quorum, a lost connection) is
 //!   retried, the same bytes with the same `Nats-Msg-Id`, until the log
 //!   settles it. Nothing else is appended to its partition meanwhile, and
@@ -12,12 +13,15 @@
 //!   passes `cluster.unavailable_after_ms`).
 //! - Every batch gets ids of its own (node, run, shard, batch number), so a
 //!   different batch can never be taken for an earlier attempt of this one.
-//! - When a batch is not stored whole (another writer holds the place, the
-//!   server refused a record, the local write failed), it is refused
-//!   (retryable) and its partitions are marked stale: before this shard
-//!   appends again, it applies whatever the log holds after its position
-//!   (its own records that landed included) and reads its channels again.
-//!   A resend of a refused message that did land is answered with it.
+//! - What the log stored is committed: it is written to the store however
+//!   many tries that takes, and answered as committed. Of a batch stored
+//!   only in part (another writer took a partition's place), the stored
+//!   part is written and answered, and only the rest is refused, after the
+//!   shard has applied what the log holds on those partitions.
+//! - At start a shard applies what the log holds beyond its store (with the
+//!   webhook events of the records this node wrote but never wrote here),
+//!   then appends a barrier to each of its partitions: once stored, no
+//!   append an earlier run left unanswered can land any more.
 
 use super::commit::InFlight;
 use super::runtime::Runtime;

@@ -23,7 +23,7 @@ pub(super) fn batch_events(
     writer: &mut WebhookWriter,
     in_flight: &mut InFlight,
     offline_recipients: impl Fn(&StoredMessage) -> Vec<Uid>,
-    mut next_id: impl FnMut() -> u64,
+    next_id: impl FnMut() -> u64,
     shard: ShardId,
     unix_ms: u64,
     mutations: &mut Vec<Mutation>,
@@ -73,51 +73,21 @@ pub(super) fn batch_events(
             online_status_body(&in_flight.presence_lines),
         ));
     }
-    for (event, body) in events {
-        let record = WebhookRecord {
-            event: event.to_owned(),
-            body,
-            created_ms: unix_ms,
-        };
-        if !writer.admit(&record) {
-            continue;
-        }
-        in_flight.webhook_events += 1;
-        in_flight.webhook_bytes += record.size();
-        mutations.push(Mutation::Webhook {
-            shard,
-            id: next_id(),
-            record: Arc::new(record),
-        });
-    }
+    let (count, bytes) = admit_events(writer, events, next_id, shard, unix_ms, mutations);
+    in_flight.webhook_events += count;
+    in_flight.webhook_bytes += bytes;
 }
 
-/// The events of messages this node wrote that reach the store from the
-/// log instead of from their batch (its local write was lost to a crash):
-/// `msg.notify` for all, `msg.offline` for sends to the recipients given.
-/// Returns the events' count and bytes, admitted into the outbox.
-pub(super) fn log_events(
+/// Admits `events` into the outbox (those over its bound are dropped and
+/// counted) as rows of `shard`: returns how many and how many bytes.
+fn admit_events(
     writer: &mut WebhookWriter,
-    messages: &[(&StoredMessage, Vec<Uid>)],
+    events: Vec<(&'static str, Vec<u8>)>,
     mut next_id: impl FnMut() -> u64,
     shard: ShardId,
     unix_ms: u64,
     mutations: &mut Vec<Mutation>,
 ) -> (u64, u64) {
-    let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
-    if writer.notify && !messages.is_empty() {
-        let all: Vec<&StoredMessage> = messages.iter().map(|(m, _)| *m).collect();
-        for chunk in all.chunks(writer.batch_max) {
-            events.push((EVENT_NOTIFY, notify_body(chunk.iter().copied())));
-        }
-    }
-    if writer.offline {
-        for (message, to_uids) in messages {
-            if !message.recalled && !to_uids.is_empty() {
-                events.push((EVENT_OFFLINE, offline_body(message, to_uids)));
-            }
-        }
-    }
     let (mut count, mut bytes) = (0, 0);
     for (event, body) in events {
         let record = WebhookRecord {
@@ -137,6 +107,35 @@ pub(super) fn log_events(
         });
     }
     (count, bytes)
+}
+
+/// The events of messages this node wrote that reach the store from the
+/// log instead of from their batch (its local write was lost to a crash):
+/// `msg.notify` for all, `msg.offline` for sends to the recipients given.
+/// Returns the events' count and bytes, admitted into the outbox.
+pub(super) fn log_events(
+    writer: &mut WebhookWriter,
+    messages: &[(&StoredMessage, Vec<Uid>)],
+    next_id: impl FnMut() -> u64,
+    shard: ShardId,
+    unix_ms: u64,
+    mutations: &mut Vec<Mutation>,
+) -> (u64, u64) {
+    let mut events: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    if writer.notify && !messages.is_empty() {
+        let all: Vec<&StoredMessage> = messages.iter().map(|(m, _)| *m).collect();
+        for chunk in all.chunks(writer.batch_max) {
+            events.push((EVENT_NOTIFY, notify_body(chunk.iter().copied())));
+        }
+    }
+    if writer.offline {
+        for (message, to_uids) in messages {
+            if !message.recalled && !to_uids.is_empty() {
+                events.push((EVENT_OFFLINE, offline_body(message, to_uids)));
+            }
+        }
+    }
+    admit_events(writer, events, next_id, shard, unix_ms, mutations)
 }
 
 /// The batch was written: its events may be posted.

@@ -281,17 +281,24 @@ fn replay() {
     }
 }
 
+/// A soak's seeds: `RUYI_SIM_SEEDS` (1000) from `RUYI_SIM_FROM` (10,000).
+fn soak_seeds() -> (u64, u64) {
+    let number = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    (
+        number("RUYI_SIM_FROM", 10_000),
+        number("RUYI_SIM_SEEDS", 1000),
+    )
+}
+
 #[test]
 #[ignore = "a long soak: set RUYI_SIM_SEEDS (and RUYI_SIM_FROM)"]
 fn soak() {
-    let count: u64 = std::env::var("RUYI_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let from: u64 = std::env::var("RUYI_SIM_FROM")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+    let (from, count) = soak_seeds();
     let started = std::time::Instant::now();
     let mut summary = sim::Summary::default();
     let mut failures = Vec::new();
@@ -367,14 +374,7 @@ fn fixed_seeds_on_a_log_keep_every_invariant() {
 #[test]
 #[ignore = "a long soak: set RUYI_SIM_SEEDS (and RUYI_SIM_FROM)"]
 fn cluster_soak() {
-    let count: u64 = std::env::var("RUYI_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    let from: u64 = std::env::var("RUYI_SIM_FROM")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+    let (from, count) = soak_seeds();
     let started = std::time::Instant::now();
     let (summary, failures) = run_seeds(
         (from..from + count).map(|seed| sim::Options::from_seed(seed, StoreKind::Rocks).on_log()),
