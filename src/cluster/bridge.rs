@@ -258,8 +258,34 @@ async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
-/// The log stream, created as `config.create` says when it is missing.
+/// The log stream, created as `config.create` says when it is missing,
+/// once its Raft group has a leader (before that, appends find no one to
+/// take them).
 async fn find_stream(
+    js: &jetstream::Context,
+    config: &BridgeConfig,
+) -> Result<jetstream::stream::Stream, String> {
+    let mut stream = found_or_created(js, config).await?;
+    loop {
+        let led = stream
+            .cached_info()
+            .cluster
+            .as_ref()
+            .is_none_or(|cluster| cluster.leader.is_some());
+        if led {
+            return Ok(stream);
+        }
+        // The caller bounds the wait.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream = js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|error| error.to_string())?;
+    }
+}
+
+/// The log stream as it is, or created as `config.create` says.
+async fn found_or_created(
     js: &jetstream::Context,
     config: &BridgeConfig,
 ) -> Result<jetstream::stream::Stream, String> {

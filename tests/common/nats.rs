@@ -488,13 +488,37 @@ pub async fn r3_stream(
     let deadline = Instant::now() + ELECTION;
     loop {
         match js.create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
+            Ok(_) => return with_leader(js, name, deadline).await,
             Err(e) if Instant::now() < deadline => {
                 eprintln!("create stream {name}: {e:#}; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => return Err(anyhow!(e)).context(format!("create stream {name}")),
         }
+    }
+}
+
+/// `name` once its Raft group has a leader: appends right after creation
+/// otherwise find no one to take them ("no responders") for a while.
+async fn with_leader(
+    js: &jetstream::Context,
+    name: &str,
+    deadline: Instant,
+) -> Result<stream::Stream> {
+    loop {
+        let stream = js.get_stream(name).await.context("stream info")?;
+        let led = stream
+            .cached_info()
+            .cluster
+            .as_ref()
+            .is_none_or(|cluster| cluster.leader.is_some());
+        if led {
+            return Ok(stream);
+        }
+        if Instant::now() >= deadline {
+            bail!("stream {name} has no leader after {ELECTION:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
