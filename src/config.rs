@@ -54,7 +54,8 @@ pub struct ClusterConfig {
     /// How long an append may wait for the stream's acknowledgement before
     /// it is retried.
     pub ack_timeout_ms: u64,
-    /// How long connecting and finding the stream may take at start.
+    /// How long a node keeps trying, at start, to connect and to find (or
+    /// create) the stream: the NATS servers may be starting with it.
     pub connect_timeout_ms: u64,
     /// The longest pause between retries of an append not known to be
     /// stored (the pauses double from 10 ms).

@@ -189,47 +189,51 @@ async fn serve(
     ready: std::sync::mpsc::Sender<Result<usize, BridgeError>>,
 ) {
     let urls = config.urls.join(",");
-    let connected = tokio::time::timeout(
-        config.connect_timeout,
-        async_nats::connect(config.urls.clone()),
-    )
-    .await;
-    let client = match connected {
-        Ok(Ok(client)) => client,
-        Ok(Err(error)) => {
-            let _ = ready.send(Err(BridgeError::Connect {
-                urls,
-                why: error.to_string(),
-            }));
+    // The servers may be starting with this node: connecting is retried
+    // until connect_timeout.
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let client = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let why = match tokio::time::timeout(left, async_nats::connect(config.urls.clone())).await {
+            Ok(Ok(client)) => break client,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no connection within {:?}", config.connect_timeout),
+        };
+        if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+            let _ = ready.send(Err(BridgeError::Connect { urls, why }));
             return;
         }
-        Err(_) => {
-            let _ = ready.send(Err(BridgeError::Connect {
-                urls,
-                why: format!("no connection within {:?}", config.connect_timeout),
-            }));
-            return;
-        }
+        tokio::time::sleep(RETRY_PAUSE).await;
     };
     let max_payload = client.server_info().max_payload;
     let js = jetstream::new(client);
-    let stream = match tokio::time::timeout(config.connect_timeout, find_stream(&js, &config)).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(why)) => {
+    // JetStream may still be electing its leaders: finding (or creating)
+    // the stream is retried until connect_timeout too.
+    let stream = loop {
+        // An attempt made before JetStream has its leaders may get no
+        // answer at all: each is bounded, so a later one can succeed.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let attempt = left.min(ATTEMPT_MAX);
+        let why = match tokio::time::timeout(attempt, find_stream(&js, &config)).await {
+            Ok(Ok(stream)) => break stream,
+            Ok(Err(Found::Unusable(why))) => {
+                let _ = ready.send(Err(BridgeError::Stream {
+                    stream: config.stream,
+                    why,
+                }));
+                return;
+            }
+            Ok(Err(Found::NotYet(why))) => why,
+            Err(_) => format!("no answer within {:?}", config.connect_timeout),
+        };
+        if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
             let _ = ready.send(Err(BridgeError::Stream {
                 stream: config.stream,
                 why,
             }));
             return;
         }
-        Err(_) => {
-            let _ = ready.send(Err(BridgeError::Stream {
-                stream: config.stream,
-                why: format!("no answer within {:?}", config.connect_timeout),
-            }));
-            return;
-        }
+        tokio::time::sleep(RETRY_PAUSE).await;
     };
     let _ = ready.send(Ok(max_payload));
     let policy = config.policy;
@@ -264,7 +268,7 @@ async fn serve(
 async fn find_stream(
     js: &jetstream::Context,
     config: &BridgeConfig,
-) -> Result<jetstream::stream::Stream, String> {
+) -> Result<jetstream::stream::Stream, Found> {
     let mut stream = found_or_created(js, config).await?;
     loop {
         let led = stream
@@ -280,35 +284,53 @@ async fn find_stream(
         stream = js
             .get_stream(&config.stream)
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| Found::NotYet(error.to_string()))?;
     }
 }
+
+/// Why the log stream cannot be used.
+enum Found {
+    /// Not yet: retried until connect_timeout.
+    NotYet(String),
+    /// It is not one ruyi can use (or it is missing and may not be made).
+    Unusable(String),
+}
+
+/// The pause between attempts to connect and to find the stream at start.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// The longest one attempt to find or create the stream may take.
+const ATTEMPT_MAX: Duration = Duration::from_secs(1);
 
 /// The log stream as it is, or created as `config.create` says.
 async fn found_or_created(
     js: &jetstream::Context,
     config: &BridgeConfig,
-) -> Result<jetstream::stream::Stream, String> {
+) -> Result<jetstream::stream::Stream, Found> {
     let found = js.get_stream(&config.stream).await;
+    let missing = |error: &jetstream::context::GetStreamError| {
+        matches!(
+            error.kind(),
+            jetstream::context::GetStreamErrorKind::JetStream(e) if e.error_code().0 == STREAM_NOT_FOUND
+        )
+    };
     let Some(spec) = &config.create else {
-        return found.map_err(|error| error.to_string());
+        return found.map_err(|error| match missing(&error) {
+            true => Found::Unusable(error.to_string()),
+            false => Found::NotYet(error.to_string()),
+        });
     };
     match found {
         Ok(stream) => {
             let subjects = &stream.cached_info().config.subjects;
             match spec.subjects.iter().find(|s| !subjects.contains(s)) {
-                Some(missing) => Err(format!(
+                Some(missing) => Err(Found::Unusable(format!(
                     "it exists but does not take {missing} (its subjects: {subjects:?})"
-                )),
+                ))),
                 None => Ok(stream),
             }
         }
-        Err(error)
-            if matches!(
-                error.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(e) if e.error_code().0 == STREAM_NOT_FOUND
-            ) =>
-        {
+        Err(error) if missing(&error) => {
             let created = js
                 .create_stream(jetstream::stream::Config {
                     name: config.stream.clone(),
@@ -318,9 +340,9 @@ async fn found_or_created(
                     ..Default::default()
                 })
                 .await;
-            created.map_err(|error| format!("creating it: {error}"))
+            created.map_err(|error| Found::NotYet(format!("creating it: {error}")))
         }
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(Found::NotYet(error.to_string())),
     }
 }
 
