@@ -271,12 +271,7 @@ async fn find_stream(
 ) -> Result<jetstream::stream::Stream, Found> {
     let mut stream = found_or_created(js, config).await?;
     loop {
-        let led = stream
-            .cached_info()
-            .cluster
-            .as_ref()
-            .is_none_or(|cluster| cluster.leader.is_some());
-        if led {
+        if has_leader(stream.cached_info()) {
             return Ok(stream);
         }
         // The caller bounds the wait.
@@ -286,6 +281,14 @@ async fn find_stream(
             .await
             .map_err(|error| Found::NotYet(error.to_string()))?;
     }
+}
+
+/// Whether a stream can take appends: its Raft group has a leader (or it
+/// is not replicated).
+pub fn has_leader(info: &jetstream::stream::Info) -> bool {
+    info.cluster
+        .as_ref()
+        .is_none_or(|cluster| cluster.leader.is_some())
 }
 
 /// Why the log stream cannot be used.

@@ -120,11 +120,6 @@ impl LogBatch {
             .map(|(share, record)| self.shares[*share].stored.len() > *record)
             .collect()
     }
-
-    /// How many records it has.
-    pub fn records(&self) -> usize {
-        self.shares.iter().map(|share| share.records.len()).sum()
-    }
 }
 
 /// A shard's side of the log, without I/O: what to append for a batch and

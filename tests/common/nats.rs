@@ -507,12 +507,7 @@ async fn with_leader(
 ) -> Result<stream::Stream> {
     loop {
         let stream = js.get_stream(name).await.context("stream info")?;
-        let led = stream
-            .cached_info()
-            .cluster
-            .as_ref()
-            .is_none_or(|cluster| cluster.leader.is_some());
-        if led {
+        if ruyi::cluster::bridge::has_leader(stream.cached_info()) {
             return Ok(stream);
         }
         if Instant::now() >= deadline {
