@@ -225,8 +225,9 @@ async fn a_node_refuses_to_start_when_its_log_is_unreachable() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_fenced_by_another_writer_takes_in_its_record_and_never_reuses_its_seq() -> Result<()>
 {
-    use async_nats::jetstream::{self, message::PublishMessage};
+    use async_nats::jetstream;
     use ruyi::channel::ChannelKey;
+    use ruyi::cluster::log::{append, append_id, AppendPolicy};
     use ruyi::cluster::partition::partition_of;
     use ruyi::cluster::record::{LogRecord, Writer};
     use ruyi::ids::{MessageId, Seq, Uid};
@@ -266,13 +267,17 @@ async fn a_node_fenced_by_another_writer_takes_in_its_record_and_never_reuses_it
             recalled: false,
         }))],
     };
-    js.send_publish(
-        subject.clone(),
-        PublishMessage::build()
-            .payload(record.encode().into())
-            .expected_last_subject_sequence(last.sequence),
+    // Through the fenced append, which retries a stream briefly without a
+    // leader (a loaded machine) instead of failing the test.
+    append(
+        &js,
+        &stream,
+        &subject,
+        last.sequence,
+        &append_id(&subject, last.sequence, "n9.e1"),
+        record.encode().into(),
+        &AppendPolicy::default(),
     )
-    .await?
     .await?;
 
     // The node's next append expects its own last record: the log refuses
