@@ -227,7 +227,7 @@ async fn a_node_fenced_by_another_writer_takes_in_its_record_and_never_reuses_it
 {
     use async_nats::jetstream;
     use ruyi::channel::ChannelKey;
-    use ruyi::cluster::log::{append, append_id, AppendPolicy};
+    use ruyi::cluster::log::{append_id, AppendPolicy};
     use ruyi::cluster::partition::partition_of;
     use ruyi::cluster::record::{LogRecord, Writer};
     use ruyi::ids::{MessageId, Seq, Uid};
@@ -267,9 +267,9 @@ async fn a_node_fenced_by_another_writer_takes_in_its_record_and_never_reuses_it
             recalled: false,
         }))],
     };
-    // Through the fenced append, which retries a stream briefly without a
-    // leader (a loaded machine) instead of failing the test.
-    append(
+    // Through the fenced append, retried while its outcome is unknown (a
+    // stream without a leader for a while on a loaded machine).
+    nats::append_settled(
         &js,
         &stream,
         &subject,

@@ -70,6 +70,23 @@ pub struct NatsCluster {
     binary: PathBuf,
     /// Holds every server's store, config and log; removed on drop.
     dir: tempfile::TempDir,
+    /// This test process's turn to run a cluster, released on drop after
+    /// the servers are killed.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// One cluster at a time in a test process. The tests of a file run in
+/// parallel, and several JetStream clusters at once on a 2-CPU machine (3
+/// servers each, every one electing leaders and syncing its store) starve
+/// each other of CPU until requests and elections time out: CI saw a stream
+/// lookup time out and a new stream's subject go unrouted for longer than
+/// the append's retries. Each test still measures its own cluster alone.
+async fn take_turn() -> tokio::sync::OwnedMutexGuard<()> {
+    static TURN: OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
+    TURN.get_or_init(Default::default)
+        .clone()
+        .lock_owned()
+        .await
 }
 
 impl NatsCluster {
@@ -86,6 +103,7 @@ impl NatsCluster {
             bail!("a NATS cluster needs at least one server");
         }
         let binary = binary()?.to_path_buf();
+        let turn = take_turn().await;
         let dir = tempfile::Builder::new()
             .prefix("ruyi-nats-")
             .tempdir()
@@ -129,6 +147,7 @@ impl NatsCluster {
             servers,
             binary,
             dir,
+            _turn: turn,
         };
         for i in 0..nodes {
             cluster.spawn(i)?;
@@ -514,6 +533,34 @@ async fn with_leader(
             bail!("stream {name} has no leader after {ELECTION:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `ruyi::cluster::log::append`, retried while its outcome is unknown (no
+/// acknowledgement, no stream leader for longer than its busy retries) as
+/// every caller of it must: the same id and fence make a retry safe, and it
+/// ends stored once or refused. A loaded machine can take seconds to elect
+/// a stream leader; a test fails only if that takes longer than
+/// [`ELECTION`].
+pub async fn append_settled(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    subject: &str,
+    expected: u64,
+    id: &str,
+    payload: bytes::Bytes,
+    policy: &ruyi::cluster::log::AppendPolicy,
+) -> Result<ruyi::cluster::log::Appended, ruyi::cluster::log::AppendError> {
+    use ruyi::cluster::log::{append, AppendError};
+    let deadline = Instant::now() + ELECTION;
+    loop {
+        match append(js, stream, subject, expected, id, payload.clone(), policy).await {
+            Err(AppendError::Unknown(why)) if Instant::now() < deadline => {
+                eprintln!("append to {subject} unknown: {why}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
     }
 }
 
