@@ -69,6 +69,16 @@ pub struct ClusterConfig {
     pub record_max_bytes: usize,
     /// How many records one read of the log asks for when catching up.
     pub read_batch_records: usize,
+    /// Writes to channels another node owns are forwarded to it as NATS
+    /// requests on `forward_prefix.<partition>`, which only the owner
+    /// serves. Must not overlap `subject_prefix`.
+    pub forward_prefix: String,
+    /// How long a forwarded write waits for the owner's answer before it is
+    /// refused as retryable (a client's resend is idempotent).
+    pub forward_timeout_ms: u64,
+    /// Records of the partitions other nodes own that may wait, read from
+    /// the log, for a shard to apply them; more slow the reading down.
+    pub follow_buffer_records: usize,
 }
 
 impl Default for ClusterConfig {
@@ -88,6 +98,9 @@ impl Default for ClusterConfig {
             unavailable_after_ms: 1000,
             record_max_bytes: 1024 * 1024 - 4096,
             read_batch_records: 256,
+            forward_prefix: "ruyi.fwd".into(),
+            forward_timeout_ms: 5000,
+            follow_buffer_records: 1024,
         }
     }
 }
@@ -110,6 +123,21 @@ impl ClusterConfig {
     /// The subject of `partition`'s log.
     pub fn subject(&self, partition: u32) -> String {
         format!("{}.{partition}", self.subject_prefix)
+    }
+
+    /// The subject writes to `partition` are forwarded on.
+    pub fn forward_subject(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.forward_prefix)
+    }
+
+    /// The partition of a log subject (`subject_prefix.<partition>`).
+    pub fn partition_of_subject(&self, subject: &str) -> Option<u32> {
+        subject
+            .strip_prefix(self.subject_prefix.as_str())?
+            .strip_prefix('.')?
+            .parse()
+            .ok()
+            .filter(|p| *p < self.partitions)
     }
 }
 
@@ -813,7 +841,13 @@ impl Config {
                     .all(|u| !u.is_empty() && !u.contains(char::is_whitespace)),
                 "cluster.nats_urls must be NATS server URLs (nats://host:port)".into(),
             );
-            check(c.node_id >= 1, "cluster.node_id must be at least 1".into());
+            check(
+                (1..=crate::cluster::partition::NODE_ID_MAX).contains(&c.node_id),
+                format!(
+                    "cluster.node_id must be between 1 and {}",
+                    crate::cluster::partition::NODE_ID_MAX
+                ),
+            );
             let nodes = c.node_ids();
             check(
                 nodes.contains(&c.node_id),
@@ -828,15 +862,6 @@ impl Config {
             check(
                 sorted.len() == nodes.len(),
                 "cluster.nodes lists a node twice".into(),
-            );
-            // Sends to channels other nodes own are not forwarded yet.
-            check(
-                nodes.len() == 1,
-                format!(
-                    "cluster.nodes = {:?}: this version runs a cluster of one ruyi node \
-                     (on replicated NATS); list only cluster.node_id",
-                    c.nodes
-                ),
             );
             check(
                 (1..=65_536).contains(&c.partitions),
@@ -896,6 +921,33 @@ impl Config {
             check(
                 (1..=10_000).contains(&c.read_batch_records),
                 "cluster.read_batch_records must be between 1 and 10000".into(),
+            );
+            let plain_subject = |s: &str| {
+                !s.is_empty()
+                    && s.split('.').all(|token| {
+                        !token.is_empty()
+                            && !token.contains(['*', '>'])
+                            && !token.contains(char::is_whitespace)
+                    })
+            };
+            let overlaps = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}."));
+            check(
+                plain_subject(&c.forward_prefix)
+                    && !overlaps(&c.forward_prefix, &c.subject_prefix)
+                    && !overlaps(&c.subject_prefix, &c.forward_prefix),
+                format!(
+                    "cluster.forward_prefix = {:?} must be a subject without wildcards \
+                     that does not overlap cluster.subject_prefix",
+                    c.forward_prefix
+                ),
+            );
+            check(
+                (100..=600_000).contains(&c.forward_timeout_ms),
+                "cluster.forward_timeout_ms must be between 100 and 600000".into(),
+            );
+            check(
+                (1..=1_000_000).contains(&c.follow_buffer_records),
+                "cluster.follow_buffer_records must be between 1 and 1000000".into(),
             );
         }
         let d = &self.delivery;
@@ -1133,7 +1185,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_needs_this_node_listed_partitions_a_plain_subject_and_room_for_a_message() {
+    fn a_cluster_needs_this_node_listed_partitions_plain_subjects_and_room_for_a_message() {
         let mut config = Config::default();
         config.auth.secret = "s".into();
         config.api.token = "t".into();
@@ -1153,14 +1205,26 @@ mod tests {
         ] {
             assert!(err.contains(name), "{name}: {err}");
         }
-        // Several nodes: not yet (sends are not forwarded between nodes).
+        // Several nodes, whose ids fit the message ids' node bits, with a
+        // forward subject apart from the log's.
         config.cluster = ClusterConfig {
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
-            nodes: vec![1, 2],
+            nodes: vec![1, 2, 3],
             ..ClusterConfig::default()
         };
+        config.validate().unwrap();
+        config.cluster.node_id = 32;
+        config.cluster.nodes = vec![1, 32];
+        config.cluster.forward_prefix = "ruyi.log.fwd".into();
+        config.cluster.forward_timeout_ms = 10;
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("one ruyi node"), "{err}");
+        for name in [
+            "cluster.node_id must be between 1 and 31",
+            "cluster.forward_prefix",
+            "cluster.forward_timeout_ms",
+        ] {
+            assert!(err.contains(name), "{name}: {err}");
+        }
         // Off: nothing of it is checked.
         config.cluster.nats_urls.clear();
         config.validate().unwrap();

@@ -98,21 +98,45 @@ impl ChannelKey {
 pub enum Routing {
     /// A single node: [`ChannelKey::shard`], a hash over the shards.
     Hash { shards: u16 },
-    /// A cluster node: the shard its partition's owner is on
-    /// ([`crate::cluster::partition`]). `owners[p]` is partition `p`'s.
-    Partitions { owners: std::sync::Arc<[ShardId]> },
+    /// A cluster node: per partition ([`crate::cluster::partition`]), the
+    /// shard that owns it here or, when another node owns it, the shard
+    /// that follows its log here. `places[p]` is partition `p`'s.
+    Partitions { places: std::sync::Arc<[Place]> },
+}
+
+/// Where a partition lives on a cluster node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// The shard that writes it (owned) or applies its log (followed).
+    pub shard: ShardId,
+    /// Whether this node owns it: its writes are made here, not forwarded.
+    pub owned: bool,
 }
 
 impl Routing {
-    /// The shard that owns `key`.
+    /// The shard that owns `key` (on a cluster node: that writes it, or
+    /// follows it when another node owns it).
     pub fn shard_of(&self, key: &ChannelKey) -> ShardId {
         match self {
             Routing::Hash { shards } => key.shard(*shards),
-            Routing::Partitions { owners } => {
-                let partition = crate::cluster::partition::partition_of(key, owners.len() as u32);
-                owners[partition as usize]
+            Routing::Partitions { places } => places[Self::partition(key, places)].shard,
+        }
+    }
+
+    /// `key`'s partition when another node owns it (its writes are
+    /// forwarded there); `None` when this node does.
+    pub fn remote(&self, key: &ChannelKey) -> Option<u32> {
+        match self {
+            Routing::Hash { .. } => None,
+            Routing::Partitions { places } => {
+                let partition = Self::partition(key, places);
+                (!places[partition].owned).then_some(partition as u32)
             }
         }
+    }
+
+    fn partition(key: &ChannelKey, places: &[Place]) -> usize {
+        crate::cluster::partition::partition_of(key, places.len() as u32) as usize
     }
 }
 

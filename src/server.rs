@@ -7,16 +7,20 @@
 //! [`ServerHandle::shutdown`].
 
 use crate::channel::ChannelKey;
+use crate::cluster::forward::{channel_of, forwardable, Answer, Forward};
 use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
-use crate::key::Routing;
+use crate::key::{Place, Routing};
 use crate::listener::{self, ListenError, Role};
+use crate::protocol::ReasonCode;
 use crate::shard::api::{ApiRequest, ApiResponse};
 use crate::shard::mesh;
 use crate::shard::runtime::{self, ControlCmd, ShardSetup, Transport};
 use crate::shard::state::{CommitLatency, ControlError, GroupInfo, SetChange};
 use crate::storage::{ListKind, MemoryStorage, RocksStorage, Storage};
 use crate::webhook::WebhookShared;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use glommio::{CpuSet, LocalExecutorBuilder, Placement};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -169,7 +173,7 @@ impl Server {
         let routing = match &log {
             None => Routing::Hash { shards },
             Some(log) => Routing::Partitions {
-                owners: Arc::clone(&log.owners),
+                places: Arc::clone(&log.places),
             },
         };
         // The first message id of this run, the same for every shard: ids
@@ -238,6 +242,7 @@ impl Server {
             wkproto_ws_addr,
             wkproto_ws_path: config.wkproto.ws_path.clone(),
             control_plane: None,
+            cluster: None,
         };
         for _ in 0..shards {
             match ready_rx.recv() {
@@ -253,6 +258,29 @@ impl Server {
                     })
                 }
             }
+        }
+        // A cluster node serves the writes other nodes forward to its
+        // partitions, and forwards its API's writes to theirs.
+        if let Some(log) = &log {
+            let link = Arc::new(ClusterLink {
+                bridge: Arc::clone(&log.bridge),
+                config: config.cluster.clone(),
+                verify: crate::protocol::VerifyLimits::for_frame_size(
+                    config.limits.frame_size_max_bytes,
+                ),
+            });
+            let subjects = (0..config.cluster.partitions)
+                .filter(|p| log.places[*p as usize].owned)
+                .map(|p| config.cluster.forward_subject(p))
+                .collect();
+            let handler = forward_handler(handle.control(), link.verify);
+            if let Err(error) =
+                futures_lite::future::block_on(log.bridge.serve_forwards(subjects, handler))
+            {
+                handle.shutdown();
+                return Err(StartError::Cluster(error.to_string()));
+            }
+            handle.cluster = Some(link);
         }
         let control = handle.control_with(Arc::clone(&webhooks), Arc::clone(&storage));
         let bound = crate::api::Bound {
@@ -342,8 +370,15 @@ fn wk_routes(
 /// and checks that a record fits the server's messages.
 fn start_log(config: &Config, shards: u16) -> Result<crate::shard::log::ShardLogSetup, StartError> {
     use crate::cluster::bridge::{BridgeConfig, LogBridge, StreamSpec};
-    use crate::cluster::partition::{NodeSpec, PartitionMap};
+    use crate::cluster::partition::{NodeSpec, PartitionMap, NODE_SHARDS_MAX};
     let c = &config.cluster;
+    if shards > NODE_SHARDS_MAX {
+        return Err(StartError::Cluster(format!(
+            "a cluster node runs at most {NODE_SHARDS_MAX} shards (its message ids \
+             name the node and the shard); this one would run {shards}: list at most \
+             {NODE_SHARDS_MAX} in server.shards"
+        )));
+    }
     let bridge = LogBridge::start(BridgeConfig {
         urls: c.nats_urls.clone(),
         stream: c.stream.clone(),
@@ -375,13 +410,32 @@ fn start_log(config: &Config, shards: u16) -> Result<crate::shard::log::ShardLog
         .collect();
     let map = PartitionMap::new(c.partitions, &nodes)
         .map_err(|error| StartError::Cluster(error.to_string()))?;
-    let owners: Arc<[ShardId]> = (0..c.partitions).map(|p| map.owner(p).shard).collect();
+    // Partitions another node owns are followed here, dealt over this
+    // node's shards in turn.
+    let mut followed = 0u32;
+    let places: Arc<[Place]> = (0..c.partitions)
+        .map(|p| {
+            let owner = map.owner(p);
+            if owner.node == c.node_id {
+                Place {
+                    shard: owner.shard,
+                    owned: true,
+                }
+            } else {
+                followed += 1;
+                Place {
+                    shard: ShardId(((followed - 1) % u32::from(shards)) as u16),
+                    owned: false,
+                }
+            }
+        })
+        .collect();
     // Each shard applies what the log holds beyond its store before it
     // serves (`ShardLog::start`), writing the events of records this node
     // appended and never wrote here.
     Ok(crate::shard::log::ShardLogSetup {
         bridge: Arc::new(bridge),
-        owners,
+        places,
         node: c.node_id,
     })
 }
@@ -404,6 +458,15 @@ pub struct ServerHandle {
     wkproto_ws_path: String,
     /// The admin API and the webhook dispatcher, on their own thread.
     control_plane: Option<crate::api::ControlPlane>,
+    /// A cluster node's way to the other nodes.
+    cluster: Option<Arc<ClusterLink>>,
+}
+
+/// What [`Control`] needs to forward writes to other cluster nodes.
+pub struct ClusterLink {
+    bridge: Arc<crate::cluster::bridge::LogBridge>,
+    config: crate::config::ClusterConfig,
+    verify: crate::protocol::VerifyLimits,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -502,6 +565,7 @@ impl ServerHandle {
                 controls: self.controls.clone(),
                 webhooks: Arc::new(WebhookShared::default()),
                 storage: None,
+                cluster: self.cluster.clone(),
             },
         }
     }
@@ -513,6 +577,7 @@ impl ServerHandle {
             controls: self.controls.clone(),
             webhooks,
             storage: Some(storage),
+            cluster: self.cluster.clone(),
         }
     }
 
@@ -554,6 +619,8 @@ pub struct Control {
     controls: Vec<async_channel::Sender<ControlCmd>>,
     webhooks: Arc<WebhookShared>,
     storage: Option<Arc<dyn Storage>>,
+    /// On a cluster node: writes to other nodes' partitions go there.
+    cluster: Option<Arc<ClusterLink>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -571,7 +638,19 @@ impl Control {
         uids: &[&str],
         change: SetChange,
     ) -> Result<GroupInfo, ControlError> {
-        let owner = self.routing.shard_of(&ChannelKey::group(group_id));
+        let key = ChannelKey::group(group_id);
+        if let Some(partition) = self.remote(&key) {
+            let forward = Forward::Group {
+                group_id: group_id.to_owned(),
+                uids: uids.iter().map(|u| (*u).to_owned()).collect(),
+                change,
+            };
+            return match self.forward(partition, forward).await? {
+                Answer::Group(result) => result,
+                _ => Err(other_answer()),
+            };
+        }
+        let owner = self.routing.shard_of(&key);
         self.ask(owner, |reply| ControlCmd::Group {
             group_id: group_id.to_owned(),
             uids: uids.iter().map(|u| (*u).to_owned()).collect(),
@@ -579,6 +658,56 @@ impl Control {
             reply,
         })
         .await?
+    }
+
+    /// `key`'s partition when another node owns it and this node can
+    /// forward to it.
+    fn remote(&self, key: &ChannelKey) -> Option<u32> {
+        self.cluster.as_ref()?;
+        self.routing.remote(key)
+    }
+
+    /// Sends `forward` to the node owning `partition` and waits for its
+    /// answer (at most `cluster.forward_timeout_ms`).
+    async fn forward(&self, partition: u32, forward: Forward) -> Result<Answer, ControlError> {
+        let Some(link) = &self.cluster else {
+            return Err(ControlError::Unavailable("not a cluster node".into()));
+        };
+        let bytes = forward
+            .encode()
+            .map_err(|error| ControlError::Invalid(error.to_string()))?;
+        let timeout = Duration::from_millis(link.config.forward_timeout_ms);
+        let subject = link.config.forward_subject(partition);
+        let unavailable = |why: String| ControlError::Unavailable(why);
+        let answers = link
+            .bridge
+            .forward(vec![(subject, bytes.into())], timeout)
+            .await
+            .map_err(|error| unavailable(error.to_string()))?;
+        let answer = match answers.into_iter().next() {
+            Some(answer) => answer
+                .recv()
+                .await
+                .map_err(|_| ControlError::ShuttingDown)?,
+            None => return Err(ControlError::ShuttingDown),
+        };
+        let bytes = answer.map_err(|why| unavailable(why.to_string()))?;
+        Answer::decode(&bytes, &link.verify).map_err(|error| unavailable(error.to_string()))
+    }
+
+    /// Hands `command` to `shard`; the answer comes on the returned
+    /// channel.
+    async fn submit<T>(
+        &self,
+        shard: ShardId,
+        command: impl FnOnce(async_channel::Sender<T>) -> ControlCmd,
+    ) -> Result<async_channel::Receiver<T>, ControlError> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.controls[shard.index()]
+            .send(command(reply))
+            .await
+            .map_err(|_| ControlError::ShuttingDown)?;
+        Ok(answer)
     }
 
     /// Sends one request to `shard` and waits for its answer.
@@ -636,6 +765,18 @@ impl Control {
             ListTarget::Group(id) => ChannelKey::group(id),
             ListTarget::User(uid) => crate::storage::user_list_key(&crate::ids::Uid::new(uid)),
         };
+        if let Some(partition) = self.remote(&key) {
+            let forward = Forward::List {
+                key,
+                kind,
+                uids: uids.iter().map(|u| (*u).to_owned()).collect(),
+                change,
+            };
+            return match self.forward(partition, forward).await? {
+                Answer::List(result) => result,
+                _ => Err(other_answer()),
+            };
+        }
         let owner = self.routing.shard_of(&key);
         self.ask(owner, |reply| ControlCmd::List {
             key,
@@ -676,6 +817,100 @@ impl Control {
             .await
     }
 
+    /// Sends an admin API request naming `key` to its owner (on a cluster
+    /// node, forwarded to the node owning it when it is a write) and waits
+    /// for the answer.
+    pub async fn api_for(
+        &self,
+        key: &ChannelKey,
+        request: ApiRequest,
+    ) -> Result<ApiResponse, ControlError> {
+        if let Some(partition) = self.remote(key).filter(|_| forwardable(&request)) {
+            return match self.forward(partition, Forward::Api(request)).await? {
+                Answer::Api(response) => Ok(response),
+                _ => Err(other_answer()),
+            };
+        }
+        self.api(self.routing.shard_of(key), request).await
+    }
+
+    /// Serves a write another node forwarded here: hands it to the shard
+    /// owning it and returns the answer to come (encoded).
+    async fn serve_forward(&self, forward: Forward) -> BoxFuture<'static, Bytes> {
+        let ready = |answer: Answer| -> BoxFuture<'static, Bytes> {
+            Box::pin(std::future::ready(Bytes::from(answer.encode())))
+        };
+        match forward {
+            Forward::Api(request) => {
+                let Some(key) = channel_of(&request) else {
+                    return ready(Answer::Api(ApiResponse::Failed(ReasonCode::Unknown)));
+                };
+                let shard = self.routing.shard_of(key);
+                match self
+                    .submit(shard, |reply| ControlCmd::Api { request, reply })
+                    .await
+                {
+                    Ok(answer) => Box::pin(async move {
+                        let response = answer
+                            .recv()
+                            .await
+                            .unwrap_or(ApiResponse::Failed(ReasonCode::ServerShutdown));
+                        Bytes::from(Answer::Api(response).encode())
+                    }),
+                    Err(_) => ready(Answer::Api(ApiResponse::Failed(ReasonCode::ServerShutdown))),
+                }
+            }
+            Forward::Group {
+                group_id,
+                uids,
+                change,
+            } => {
+                let shard = self.routing.shard_of(&ChannelKey::group(&group_id));
+                let command = |reply| ControlCmd::Group {
+                    group_id,
+                    uids,
+                    change,
+                    reply,
+                };
+                match self.submit(shard, command).await {
+                    Ok(answer) => Box::pin(async move {
+                        let result = answer
+                            .recv()
+                            .await
+                            .unwrap_or(Err(ControlError::ShuttingDown));
+                        Bytes::from(Answer::Group(result).encode())
+                    }),
+                    Err(error) => ready(Answer::Group(Err(error))),
+                }
+            }
+            Forward::List {
+                key,
+                kind,
+                uids,
+                change,
+            } => {
+                let shard = self.routing.shard_of(&key);
+                let command = |reply| ControlCmd::List {
+                    key,
+                    kind,
+                    uids,
+                    change,
+                    reply,
+                };
+                match self.submit(shard, command).await {
+                    Ok(answer) => Box::pin(async move {
+                        let result = answer
+                            .recv()
+                            .await
+                            .unwrap_or(Err(ControlError::ShuttingDown));
+                        Bytes::from(Answer::List(result).encode())
+                    }),
+                    Err(error) => ready(Answer::List(Err(error))),
+                }
+            }
+        }
+    }
+
     /// Every shard's counters, summed.
     pub async fn stats(&self) -> Result<ServerStats, ControlError> {
         let mut total = ServerStats::default();
@@ -703,6 +938,35 @@ impl Control {
         }
         Ok(total)
     }
+}
+
+fn other_answer() -> ControlError {
+    ControlError::Unavailable("the owning node answered with an answer of another kind".into())
+}
+
+/// Serves the writes other nodes forward to this node's partitions through
+/// `control` (which routes to this node's shards), in arrival order.
+fn forward_handler(
+    control: Control,
+    verify: crate::protocol::VerifyLimits,
+) -> crate::cluster::bridge::ForwardHandler {
+    Arc::new(move |bytes: Bytes| {
+        let control = control.clone();
+        // Two steps by design: the outer future hands the write to its shard
+        // (awaited in arrival order), the inner one is its answer.
+        #[allow(clippy::async_yields_async)]
+        Box::pin(async move {
+            match Forward::decode(&bytes, &verify) {
+                Ok(forward) => control.serve_forward(forward).await,
+                Err(error) => {
+                    tracing::warn!(%error, "a forwarded write does not decode");
+                    let answer = Answer::Api(ApiResponse::Failed(ReasonCode::Unknown));
+                    let bytes = Bytes::from(answer.encode());
+                    Box::pin(std::future::ready(bytes)) as BoxFuture<'static, Bytes>
+                }
+            }
+        })
+    })
 }
 
 /// A panic anywhere in the gateway (a broken invariant: no client or API

@@ -98,12 +98,35 @@ fn control_failed(error: ControlError) -> ApiError {
             "shutting_down",
             "the server is shutting down",
         ),
+        ControlError::Unavailable(msg) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the cluster node owning it is unavailable: {msg}"),
+        ),
     }
 }
 
 /// Sends `request` to `shard` and waits, at most `api.request_timeout_ms`.
 async fn ask(api: &Shared, shard: ShardId, request: ApiRequest) -> Result<ApiResponse, ApiError> {
-    match tokio::time::timeout(shard_timeout(api), api.control.api(shard, request)).await {
+    answered(api, api.control.api(shard, request)).await
+}
+
+/// Sends `request` to the owner of `key` (on a cluster node, a write to a
+/// channel another node owns goes to that node) and waits, at most
+/// `api.request_timeout_ms`.
+async fn ask_owner(
+    api: &Shared,
+    key: &ChannelKey,
+    request: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
+    answered(api, api.control.api_for(key, request)).await
+}
+
+async fn answered(
+    api: &Shared,
+    asked: impl std::future::Future<Output = Result<ApiResponse, ControlError>>,
+) -> Result<ApiResponse, ApiError> {
+    match tokio::time::timeout(shard_timeout(api), asked).await {
         Ok(Ok(ApiResponse::Failed(reason))) => Err(refused(reason)),
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(control_failed(error)),
@@ -218,10 +241,6 @@ fn group(api: &Shared, channel_id: &str, kind: u8) -> Result<ChannelKey, ApiErro
         ));
     }
     channel_for(api, &Uid::new(""), channel_id, kind)
-}
-
-fn owner(api: &Shared, key: &ChannelKey) -> ShardId {
-    api.control.shard_of(key)
 }
 
 // ---- users -----------------------------------------------------------------
@@ -389,7 +408,7 @@ pub async fn channel_info(State(api): State<Shared>, Body(req): Body<ChannelIdRe
     let request = ApiRequest::ChannelInfo {
         channel: key.clone(),
     };
-    match ask(&api, owner(&api, &key), request).await? {
+    match ask_owner(&api, &key, request).await? {
         ApiResponse::Channel(details) => ok_with(json!({
             "channel_id": key.id(),
             "channel_type": key.kind().0,
@@ -408,7 +427,7 @@ pub async fn channel_delete(State(api): State<Shared>, Body(req): Body<ChannelId
     let request = ApiRequest::DeleteGroup {
         channel: key.clone(),
     };
-    match ask(&api, owner(&api, &key), request).await? {
+    match ask_owner(&api, &key, request).await? {
         ApiResponse::Deleted { .. } => ok(),
         _ => Err(unexpected()),
     }
@@ -660,11 +679,12 @@ async fn send_one(
     };
     let request = ApiRequest::Send {
         from: from.clone(),
+        from_device: std::sync::Arc::from(""),
         system,
         channel: key.clone(),
         packet,
     };
-    match ask(api, owner(api, &key), request).await? {
+    match ask_owner(api, &key, request).await? {
         ApiResponse::Packet(packet) => match *packet {
             Packet::SendAck(ack) if ack.reason == ReasonCode::Success => {
                 Ok((ack.message_id, ack.message_seq, ack.client_msg_no))
@@ -733,7 +753,7 @@ pub async fn message_sync(State(api): State<Shared>, Body(req): Body<MessageSync
         uid: viewer,
         request,
     };
-    let mut messages = match ask(&api, owner(&api, &key), request).await? {
+    let mut messages = match ask_owner(&api, &key, request).await? {
         ApiResponse::Messages(messages) => messages,
         _ => return Err(unexpected()),
     };
@@ -811,7 +831,7 @@ pub async fn message_revoke(State(api): State<Shared>, Body(req): Body<RevokeReq
         message_id: req.message_id,
         message_seq: req.message_seq,
     };
-    match ask(&api, owner(&api, &key), request).await? {
+    match ask_owner(&api, &key, request).await? {
         ApiResponse::Packet(packet) => match *packet {
             Packet::RecallResp(resp) if resp.reason == ReasonCode::Success => ok_with(json!({
                 "message_id": resp.message_id,
@@ -933,7 +953,7 @@ async fn conversation_op(api: Shared, req: ConversationReq, action: Conversation
             unread: req.unread,
         },
     };
-    match ask(&api, owner(&api, &key), request).await? {
+    match ask_owner(&api, &key, request).await? {
         ApiResponse::Packet(packet) => match *packet {
             Packet::ConversationOpResp(resp) if resp.reason == ReasonCode::Success => {
                 match resp.conversation {

@@ -9,10 +9,19 @@
 //! the same subject, which run in order (each expects the one before).
 //! Catching up on the log is a request too: a run of records after a
 //! position.
+//!
+//! The thread also carries what crosses nodes: writes forwarded to the node
+//! owning their partition ([`LogBridge::forward`], served by
+//! [`LogBridge::serve_forwards`]), and the log of the partitions other
+//! nodes own, which this node follows ([`LogBridge::follow`]).
 
 use super::log::{append, append_id, read_next, AppendError, AppendPolicy, Appended};
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// One append of a tick.
@@ -38,9 +47,36 @@ pub enum BridgeError {
     Stream { stream: String, why: String },
     #[error("the NATS thread has stopped")]
     Stopped,
+    #[error("subscribing to forwarded requests: {0}")]
+    Subscribe(String),
 }
 
 type Results = Vec<Result<Appended, AppendError>>;
+
+/// Why a forwarded request has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    /// No node serves the subject: nobody owns the partition right now.
+    #[error("no node owns the partition right now")]
+    NoOwner,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the NATS thread has stopped")]
+    Stopped,
+}
+
+/// The answer to one forwarded request.
+pub type ForwardAnswer = Result<Bytes, Unanswered>;
+
+/// Serves one forwarded request: the outer future hands it to whoever
+/// serves it (awaited in arrival order, so requests are served in the order
+/// they came), the inner one is its answer.
+pub type ForwardHandler =
+    Arc<dyn Fn(Bytes) -> BoxFuture<'static, BoxFuture<'static, Bytes>> + Send + Sync>;
+
+/// A record of a followed partition's log: its subject, stream sequence
+/// and payload.
+pub type Followed = (String, u64, Bytes);
 
 /// Records read from a subject: (stream sequence, payload), in order.
 pub type Records = Vec<(u64, Bytes)>;
@@ -55,6 +91,21 @@ enum Request {
         after: u64,
         max: usize,
         reply: async_channel::Sender<Result<Records, AppendError>>,
+    },
+    Forward {
+        items: Vec<(String, Bytes)>,
+        timeout: Duration,
+        answers: Vec<async_channel::Sender<ForwardAnswer>>,
+    },
+    Serve {
+        subjects: Vec<String>,
+        handler: ForwardHandler,
+        ready: async_channel::Sender<Result<(), String>>,
+    },
+    Follow {
+        subjects: Vec<String>,
+        after: u64,
+        to: async_channel::Sender<Followed>,
     },
 }
 
@@ -168,6 +219,75 @@ impl LogBridge {
         answer.recv().await.map_err(|_| BridgeError::Stopped)
     }
 
+    /// Sends each `(subject, payload)` as a request, in order (one
+    /// subject's requests reach its server in the order given, after those
+    /// of earlier calls), and returns at once with where each answer will
+    /// come: the answer, no owner, or no answer within `timeout`.
+    pub async fn forward(
+        &self,
+        items: Vec<(String, Bytes)>,
+        timeout: Duration,
+    ) -> Result<Vec<async_channel::Receiver<ForwardAnswer>>, BridgeError> {
+        let (answers, receivers): (Vec<_>, Vec<_>) =
+            items.iter().map(|_| async_channel::bounded(1)).unzip();
+        self.requests
+            .send(Request::Forward {
+                items,
+                timeout,
+                answers,
+            })
+            .await
+            .map_err(|_| BridgeError::Stopped)?;
+        Ok(receivers)
+    }
+
+    /// Serves requests on `subjects` with `handler`, in the order they
+    /// arrive, until the bridge stops; returns once subscribed.
+    pub async fn serve_forwards(
+        &self,
+        subjects: Vec<String>,
+        handler: ForwardHandler,
+    ) -> Result<(), BridgeError> {
+        let (ready, answer) = async_channel::bounded(1);
+        self.requests
+            .send(Request::Serve {
+                subjects,
+                handler,
+                ready,
+            })
+            .await
+            .map_err(|_| BridgeError::Stopped)?;
+        match answer.recv().await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(BridgeError::Subscribe(why)),
+            Err(_) => Err(BridgeError::Stopped),
+        }
+    }
+
+    /// Follows the log of `subjects` from after stream sequence `after`:
+    /// every record, in stream order, goes to the returned channel (which
+    /// holds at most `capacity`: a follower that falls behind slows the
+    /// reading, nothing is dropped). Lost connections and consumers are
+    /// recovered from the last record handed over. Stops when the receiver
+    /// is dropped.
+    pub async fn follow(
+        &self,
+        subjects: Vec<String>,
+        after: u64,
+        capacity: usize,
+    ) -> Result<async_channel::Receiver<Followed>, BridgeError> {
+        let (to, from) = async_channel::bounded(capacity.max(1));
+        self.requests
+            .send(Request::Follow {
+                subjects,
+                after,
+                to,
+            })
+            .await
+            .map_err(|_| BridgeError::Stopped)?;
+        Ok(from)
+    }
+
     /// The largest message the NATS server it connected to takes.
     pub fn max_payload(&self) -> usize {
         self.max_payload
@@ -206,7 +326,7 @@ async fn serve(
         tokio::time::sleep(RETRY_PAUSE).await;
     };
     let max_payload = client.server_info().max_payload;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     // JetStream may still be electing its leaders: finding (or creating)
     // the stream is retried until connect_timeout too.
     let stream = loop {
@@ -235,13 +355,59 @@ async fn serve(
         }
         tokio::time::sleep(RETRY_PAUSE).await;
     };
+    // Answers to this node's forwarded requests come to one inbox.
+    let inbox = client.new_inbox();
+    let replies = match client.subscribe(format!("{inbox}.*")).await {
+        Ok(replies) => replies,
+        Err(error) => {
+            let _ = ready.send(Err(BridgeError::Subscribe(error.to_string())));
+            return;
+        }
+    };
+    let pending: Pending = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(route_replies(
+        client.clone(),
+        inbox.clone(),
+        replies,
+        Arc::clone(&pending),
+    ));
+    let mut next_forward = 0u64;
     let _ = ready.send(Ok(max_payload));
     let policy = config.policy;
-    let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             request = incoming.recv() => {
                 let Ok(request) = request else { break };
+                let request = match request {
+                    Request::Forward { items, timeout, answers } => {
+                        // Published here, not in a task, so that requests
+                        // leave in the order they came.
+                        let first = next_forward;
+                        next_forward += items.len() as u64;
+                        let deadline = tokio::time::Instant::now() + timeout;
+                        publish_forwards(&client, &inbox, &pending, first, items, answers, deadline).await;
+                        tasks.spawn(expire_forwards(Arc::clone(&pending), first, next_forward, timeout));
+                        continue;
+                    }
+                    Request::Serve { subjects, handler, ready } => {
+                        match subscribe_all(&client, &subjects).await {
+                            Ok(merged) => {
+                                let _ = ready.send(Ok(())).await;
+                                tasks.spawn(serve_requests(client.clone(), merged, handler));
+                            }
+                            Err(why) => {
+                                let _ = ready.send(Err(why)).await;
+                            }
+                        }
+                        continue;
+                    }
+                    Request::Follow { subjects, after, to } => {
+                        tasks.spawn(follow(stream.clone(), subjects, after, to));
+                        continue;
+                    }
+                    other => other,
+                };
                 let (js, stream) = (js.clone(), stream.clone());
                 tasks.spawn(async move {
                     match request {
@@ -253,13 +419,225 @@ async fn serve(
                             let records = read(&stream, &subject, after, max, &policy).await;
                             let _ = reply.send(records).await;
                         }
+                        Request::Forward { .. } | Request::Serve { .. } | Request::Follow { .. } => {}
                     }
                 });
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
-    while tasks.join_next().await.is_some() {}
+    // The long-running tasks (replies, served subjects, followers) end
+    // with the runtime; what was asked before the bridge stopped is done.
+    tasks.abort_all();
+    for (_, waiting) in pending.lock().expect("not poisoned").drain() {
+        let _ = waiting.answer.try_send(Err(Unanswered::Stopped));
+    }
+}
+
+/// A forwarded request waiting for its answer.
+struct Waiting {
+    answer: async_channel::Sender<ForwardAnswer>,
+    subject: String,
+    payload: Bytes,
+    deadline: tokio::time::Instant,
+}
+
+/// Forwarded requests waiting for their answer, by number.
+type Pending = Arc<Mutex<HashMap<u64, Waiting>>>;
+
+/// The pause before a request nobody served is sent again.
+const NO_OWNER_PAUSE: Duration = Duration::from_millis(20);
+
+async fn publish_forwards(
+    client: &async_nats::Client,
+    inbox: &str,
+    pending: &Pending,
+    first: u64,
+    items: Vec<(String, Bytes)>,
+    answers: Vec<async_channel::Sender<ForwardAnswer>>,
+    deadline: tokio::time::Instant,
+) {
+    for (number, ((subject, payload), answer)) in (first..).zip(items.into_iter().zip(answers)) {
+        let waiting = Waiting {
+            answer,
+            subject: subject.clone(),
+            payload: payload.clone(),
+            deadline,
+        };
+        pending
+            .lock()
+            .expect("not poisoned")
+            .insert(number, waiting);
+        let reply = format!("{inbox}.{number}");
+        if let Err(error) = client.publish_with_reply(subject, reply, payload).await {
+            tracing::warn!(%error, "forwarding a request failed");
+            if let Some(waiting) = pending.lock().expect("not poisoned").remove(&number) {
+                let _ = waiting.answer.try_send(Err(Unanswered::Stopped));
+            }
+        }
+    }
+}
+
+/// After `timeout`, the requests `first..end` still unanswered get
+/// [`Unanswered::Timeout`].
+async fn expire_forwards(pending: Pending, first: u64, end: u64, timeout: Duration) {
+    tokio::time::sleep(timeout).await;
+    let mut pending = pending.lock().expect("not poisoned");
+    for number in first..end {
+        if let Some(waiting) = pending.remove(&number) {
+            let _ = waiting.answer.try_send(Err(Unanswered::Timeout(timeout)));
+        }
+    }
+}
+
+/// Hands each answer on the inbox to the request it answers. A request
+/// nobody served (no node subscribes to its partition yet: a node starting,
+/// its subscription still spreading over the NATS cluster) was received by
+/// nobody, so it is sent again after a pause until its deadline.
+async fn route_replies(
+    client: async_nats::Client,
+    inbox: String,
+    mut replies: async_nats::Subscriber,
+    pending: Pending,
+) {
+    while let Some(message) = replies.next().await {
+        let Some(number) = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let no_owner = message.status == Some(async_nats::StatusCode::NO_RESPONDERS);
+        let mut waiting = pending.lock().expect("not poisoned");
+        if no_owner {
+            let again = waiting
+                .get(&number)
+                .filter(|w| tokio::time::Instant::now() + NO_OWNER_PAUSE < w.deadline)
+                .map(|w| (w.subject.clone(), w.payload.clone()));
+            if let Some((subject, payload)) = again {
+                let (client, reply) = (client.clone(), format!("{inbox}.{number}"));
+                tokio::spawn(async move {
+                    tokio::time::sleep(NO_OWNER_PAUSE).await;
+                    let _ = client.publish_with_reply(subject, reply, payload).await;
+                });
+                continue;
+            }
+        }
+        let Some(done) = waiting.remove(&number) else {
+            // Answered after its timeout: the caller has moved on.
+            continue;
+        };
+        let result = match no_owner {
+            true => Err(Unanswered::NoOwner),
+            false => Ok(message.payload),
+        };
+        let _ = done.answer.try_send(result);
+    }
+}
+
+/// One stream of the requests on every subject of `subjects`.
+async fn subscribe_all(
+    client: &async_nats::Client,
+    subjects: &[String],
+) -> Result<futures_util::stream::SelectAll<async_nats::Subscriber>, String> {
+    let mut all = futures_util::stream::SelectAll::new();
+    for subject in subjects {
+        let subscriber = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|error| format!("{subject}: {error}"))?;
+        all.push(subscriber);
+    }
+    Ok(all)
+}
+
+/// Serves forwarded requests in arrival order; each answer is published
+/// when it is ready.
+async fn serve_requests(
+    client: async_nats::Client,
+    mut requests: futures_util::stream::SelectAll<async_nats::Subscriber>,
+    handler: ForwardHandler,
+) {
+    while let Some(message) = requests.next().await {
+        let Some(reply) = message.reply else {
+            continue;
+        };
+        let answer = handler(message.payload).await;
+        let client = client.clone();
+        tokio::spawn(async move {
+            let answer = answer.await;
+            if let Err(error) = client.publish(reply, answer).await {
+                tracing::warn!(%error, "answering a forwarded request failed");
+            }
+        });
+    }
+}
+
+/// The pause before a follower's consumer is made again after an error.
+const FOLLOW_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Hands every record of `subjects` after `after` to `to`, in stream
+/// order, through an ordered consumer made again (from the last record
+/// handed over) whenever it fails.
+async fn follow(
+    stream: jetstream::stream::Stream,
+    subjects: Vec<String>,
+    after: u64,
+    to: async_channel::Sender<Followed>,
+) {
+    use jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    let mut last = after;
+    loop {
+        let config = OrderedConfig {
+            filter_subjects: subjects.clone(),
+            deliver_policy: match last {
+                0 => DeliverPolicy::All,
+                n => DeliverPolicy::ByStartSequence {
+                    start_sequence: n + 1,
+                },
+            },
+            ..Default::default()
+        };
+        let messages = match stream.create_consumer(config).await {
+            Ok(consumer) => consumer.messages().await.map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        let why = match messages {
+            Err(why) => why,
+            Ok(mut messages) => loop {
+                match messages.next().await {
+                    None => break "the consumer ended".to_string(),
+                    Some(Err(error)) => break error.to_string(),
+                    Some(Ok(message)) => {
+                        let Ok(info) = message.info() else {
+                            continue;
+                        };
+                        let seq = info.stream_sequence;
+                        if seq <= last {
+                            continue;
+                        }
+                        let record = (
+                            message.subject.as_str().to_owned(),
+                            seq,
+                            message.payload.clone(),
+                        );
+                        if to.send(record).await.is_err() {
+                            return;
+                        }
+                        last = seq;
+                    }
+                }
+            },
+        };
+        if to.is_closed() {
+            return;
+        }
+        tracing::warn!(why, last, "following the log failed; starting again");
+        tokio::time::sleep(FOLLOW_RETRY_PAUSE).await;
+    }
 }
 
 /// The log stream, created as `config.create` says when it is missing,

@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod bridge;
+pub mod forward;
 pub mod log;
 pub mod partition;
 pub mod record;

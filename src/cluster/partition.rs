@@ -27,6 +27,20 @@ pub fn partition_of(key: &ChannelKey, partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
+/// The most nodes a cluster's ids tell apart (node ids 1 to 31), and the
+/// most shards a cluster node runs: message ids have 10 bits for their
+/// issuer (see [`crate::shard::state::MessageIdGenerator`]).
+pub const NODE_ID_MAX: u32 = 31;
+pub const NODE_SHARDS_MAX: u16 = 32;
+
+/// The 10-bit issuer tag of the ids a cluster node's shard hands out: the
+/// node in the top 5 bits, the shard in the low 5, so ids of different
+/// nodes never collide.
+pub fn id_tag(node: u32, shard: ShardId) -> u16 {
+    debug_assert!((1..=NODE_ID_MAX).contains(&node) && shard.0 < NODE_SHARDS_MAX);
+    (((node & 31) as u16) << 5) | (shard.0 & 31)
+}
+
 /// One node of the cluster as the map sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeSpec {

@@ -213,7 +213,7 @@ impl From<WireConversation> for ConversationRecord {
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireKey {
+pub(super) struct WireKey {
     kind: u8,
     id: String,
 }

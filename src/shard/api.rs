@@ -5,7 +5,7 @@
 
 use crate::channel::ChannelKey;
 use crate::ids::{Seq, Uid};
-use crate::protocol::{Conversation, ConversationOp, Packet, ReasonCode, Recv, SendPacket};
+use crate::protocol::{Conversation, ConversationOp, Packet, ReasonCode, Recall, Recv, SendPacket};
 use crate::storage::StoredMessage;
 use std::sync::Arc;
 
@@ -16,6 +16,8 @@ pub enum ApiRequest {
     /// commit.
     Send {
         from: Uid,
+        /// The sending device (empty: the API itself), stored with it.
+        from_device: Arc<str>,
         system: bool,
         channel: ChannelKey,
         packet: SendPacket,
@@ -26,6 +28,14 @@ pub enum ApiRequest {
         uid: Uid,
         channel: ChannelKey,
         op: ConversationOp,
+    },
+    /// A user's recall of their own message (a client's `Recall`, forwarded
+    /// by the node of its connection), to the channel's owner. Answered
+    /// with the `RecallResp` packet.
+    ClientRecall {
+        uid: Uid,
+        channel: ChannelKey,
+        recall: Recall,
     },
     /// An administrator's recall, to the channel's owner, by message id or
     /// by seq. Answered with the `RecallResp` packet.
@@ -108,6 +118,10 @@ pub enum ControlError {
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The cluster node owning the channel could not be reached or did not
+    /// answer in time (retryable).
+    #[error("the owning node is unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type GroupReply = async_channel::Sender<Result<GroupInfo, ControlError>>;
@@ -138,6 +152,7 @@ impl ApiRequest {
                 client_msg_no(&packet.client_msg_no)
             }
             ApiRequest::ConversationOp { uid: u, .. }
+            | ApiRequest::ClientRecall { uid: u, .. }
             | ApiRequest::SyncMessages { uid: u, .. }
             | ApiRequest::SyncConversations { uid: u, .. } => uid(u),
             ApiRequest::MessageByClientMsgNo {

@@ -197,6 +197,12 @@ impl OwnedChannels {
         self.channels.clear();
     }
 
+    /// Forgets one channel (a cluster node applied another node's change
+    /// to it); it is read again from storage when next needed.
+    pub fn forget(&mut self, key: &ChannelKey) {
+        self.channels.remove(key);
+    }
+
     /// Where a group created under `key` starts: after the last seq of a
     /// deleted group of the same id (its tombstone, or a delete still being
     /// committed), else at 0. Seqs are never reused.

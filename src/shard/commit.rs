@@ -277,6 +277,11 @@ impl CommitPipeline {
         self.publish_versions();
     }
 
+    /// See [`MessageIdGenerator::set_tag`].
+    pub fn set_id_tag(&mut self, tag: u16) {
+        self.ids.set_tag(tag);
+    }
+
     /// A new message id (a conversation version too).
     pub fn next_id(&mut self, unix_ms: u64) -> MessageId {
         self.ids.next(unix_ms)

@@ -32,6 +32,7 @@ use crate::cluster::partition::partition_of;
 use crate::cluster::record::{size_bound, LogRecord, Writer, RECORD_OVERHEAD_BYTES};
 use crate::config::ClusterConfig;
 use crate::ids::ShardId;
+use crate::key::Place;
 use crate::storage::{Mutation, ShardStore, StorageError};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,8 +47,9 @@ const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 pub struct ShardLogSetup {
     pub bridge: Arc<LogBridge>,
-    /// `owners[p]`: the shard of this node owning partition `p`.
-    pub owners: Arc<[ShardId]>,
+    /// `places[p]`: partition `p`'s shard on this node, and whether this
+    /// node owns it.
+    pub places: Arc<[Place]>,
     pub node: u32,
 }
 
@@ -141,19 +143,19 @@ pub struct LogWriter {
 
 impl LogWriter {
     /// The shard's writer, continuing from the positions its store holds.
-    /// `owners[p]`: the shard owning partition `p`; `epoch`: this run's
+    /// `places[p]`: partition `p`'s place on this node; `epoch`: this run's
     /// (it grows from run to run).
     pub fn open(
         config: &ClusterConfig,
-        owners: &[ShardId],
+        places: &[Place],
         node: u32,
         shard: ShardId,
         epoch: u64,
         store: &mut dyn ShardStore,
     ) -> Result<LogWriter, StorageError> {
         let mut applied = BTreeMap::new();
-        for (partition, owner) in owners.iter().enumerate() {
-            if *owner == shard {
+        for (partition, place) in places.iter().enumerate() {
+            if place.owned && place.shard == shard {
                 let partition = partition as u32;
                 applied.insert(partition, store.log_applied(partition)?);
             }
@@ -165,7 +167,7 @@ impl LogWriter {
             config: config.clone(),
             writer: Writer { node, epoch },
             shard,
-            partitions: owners.len() as u32,
+            partitions: places.len() as u32,
             batches: 0,
             applied,
             stale,
@@ -459,7 +461,7 @@ impl ShardLog {
     ) -> Result<ShardLog, StorageError> {
         Ok(ShardLog {
             bridge: Arc::clone(&setup.bridge),
-            writer: LogWriter::open(config, &setup.owners, setup.node, shard, epoch, store)?,
+            writer: LogWriter::open(config, &setup.places, setup.node, shard, epoch, store)?,
             caught_up_records: 0,
         })
     }

@@ -7,8 +7,9 @@ use crate::storage::{Mutation, ShardStore, StorageError};
 use std::sync::Arc;
 
 /// Hands out message ids unique across shards and restarts: milliseconds
-/// since 2024-01-01 in the top 42 bits, the shard in the next 10, a counter
-/// in the low 12. Within a shard ids only grow; a burst of more than 4096
+/// since 2024-01-01 in the top 42 bits, the issuer's tag in the next 10 (the
+/// shard; on a cluster node, the node and the shard, see
+/// [`MessageIdGenerator::set_tag`]), a counter in the low 12. Within a shard ids only grow; a burst of more than 4096
 /// messages in one millisecond borrows from the next millisecond.
 ///
 /// It also keeps the shard's [`VersionSlot`] (ids are conversation
@@ -17,6 +18,8 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct MessageIdGenerator {
     shard: u64,
+    /// The 10 bits that tell issuers apart.
+    tag: u64,
     last_ms: u64,
     counter: u64,
     pub(super) versions: Arc<VersionFrontier>,
@@ -47,6 +50,7 @@ impl MessageIdGenerator {
         assert!(shard.0 < 1024, "message ids have 10 bits for the shard");
         MessageIdGenerator {
             shard: u64::from(shard.0),
+            tag: u64::from(shard.0),
             last_ms: 0,
             counter: 0,
             versions: VersionFrontier::new(shard.0 + 1),
@@ -59,6 +63,13 @@ impl MessageIdGenerator {
     pub fn share_versions(&mut self, versions: Arc<VersionFrontier>) {
         self.versions = versions;
         self.busy = false;
+    }
+
+    /// Ids carry `tag` (below 1024) instead of the shard: a cluster node's
+    /// shards tag theirs with the node too, so no two nodes' ids collide.
+    pub fn set_tag(&mut self, tag: u16) {
+        assert!(tag < 1024, "message ids have 10 bits for the issuer");
+        self.tag = u64::from(tag);
     }
 
     fn slot(&self) -> &VersionSlot {
@@ -80,7 +91,7 @@ impl MessageIdGenerator {
 
     /// The largest id handed out so far (0 before the first).
     pub fn last_issued(&self) -> MessageId {
-        MessageId((self.last_ms << ID_MS_SHIFT) | (self.shard << 12) | self.counter)
+        MessageId((self.last_ms << ID_MS_SHIFT) | (self.tag << 12) | self.counter)
     }
 
     /// Hands out ids at or above `first` from now on.
@@ -106,6 +117,6 @@ impl MessageIdGenerator {
                 self.counter = 0;
             }
         }
-        MessageId((self.last_ms << ID_MS_SHIFT) | (self.shard << 12) | self.counter)
+        MessageId((self.last_ms << ID_MS_SHIFT) | (self.tag << 12) | self.counter)
     }
 }

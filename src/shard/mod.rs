@@ -27,6 +27,7 @@ pub mod notify;
 mod presence;
 mod pushes;
 mod reads;
+mod remote;
 pub mod runtime;
 mod sessions;
 pub mod state;

@@ -205,8 +205,9 @@ pub async fn run(setup: ShardSetup) {
     state.set_system_uid(&config.api.system_uid);
     if let Some(setup) = &log {
         state.set_routing(crate::key::Routing::Partitions {
-            owners: Arc::clone(&setup.owners),
+            places: Arc::clone(&setup.places),
         });
+        state.set_id_tag(crate::cluster::partition::id_tag(setup.node, shard));
     }
     let clock = SystemClock::new();
     state.set_retry_policy(
@@ -260,6 +261,27 @@ pub async fn run(setup: ShardSetup) {
     for (_, task) in receiver_tasks {
         let receiver = task.await;
         glommio::spawn_local(receive_from(Rc::clone(&runtime), receiver)).detach();
+    }
+    // A cluster node forwards writes to other nodes' partitions, and
+    // follows their logs.
+    if let Some(setup) = &log {
+        let bridge = Arc::clone(&setup.bridge);
+        glommio::spawn_local(super::remote::forward_loop(Rc::clone(&runtime), bridge)).detach();
+        let followed: Vec<u32> = (0..setup.places.len() as u32)
+            .filter(|p| {
+                let place = setup.places[*p as usize];
+                !place.owned && place.shard == shard
+            })
+            .collect();
+        if !followed.is_empty() {
+            let bridge = Arc::clone(&setup.bridge);
+            glommio::spawn_local(super::remote::follow_loop(
+                Rc::clone(&runtime),
+                bridge,
+                followed,
+            ))
+            .detach();
+        }
     }
     let offload =
         storage.commits_block() && config.storage.commit_on == crate::config::CommitOn::Pool;

@@ -11,7 +11,7 @@ use super::channels::{person_policy, GroupChange, OwnedChannels};
 pub use super::commit::{CommitLatency, InFlight, COMMIT_BUCKETS_US};
 use super::commit::{CommitPipeline, Pending, Resend, Waiters};
 use super::login::{check_connect, Refused};
-use super::message::ShardMsg;
+use super::message::{ShardMsg, Skip};
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
 use super::presence::Presence;
@@ -44,6 +44,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// Per shard of this node, the recipients of a delivery there.
+type PerShard = SmallVec<[SmallVec<[Uid; 4]>; 8]>;
+
 /// The current time, as the runtime read it.
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
@@ -63,6 +66,8 @@ pub struct Signals {
     pub commit: Notify,
     /// Index = target shard: a batch waits to be sent there.
     pub flush: Vec<Notify>,
+    /// Writes wait to be forwarded to the cluster nodes owning them.
+    pub forward: Notify,
 }
 
 impl Signals {
@@ -70,6 +75,7 @@ impl Signals {
         Signals {
             commit: Notify::default(),
             flush: (0..shards).map(|_| Notify::default()).collect(),
+            forward: Notify::default(),
         }
     }
 }
@@ -141,6 +147,15 @@ enum Parked {
     Api(ApiRequest, ApiReply),
 }
 
+/// A write a connection of this shard made to a channel another cluster
+/// node owns: forwarded there, and answered with what the owner answers.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub conn: ConnId,
+    pub partition: u32,
+    pub request: ApiRequest,
+}
+
 /// Work of a cluster batch the log did not store (see
 /// [`ShardState::split_stored`]).
 pub struct Unstored(Vec<Pending>);
@@ -176,6 +191,8 @@ pub struct ShardState {
     parked: HashMap<ChannelKey, Vec<Parked>, ahash::RandomState>,
     /// The sender of system messages; no client may log in as it.
     system_uid: Option<Uid>,
+    /// Writes waiting to be forwarded to the nodes owning them.
+    forwards: Vec<Forwarded>,
     pub stats: ShardStats,
 }
 
@@ -227,6 +244,7 @@ impl ShardState {
             webhooks: None,
             parked: HashMap::default(),
             system_uid: None,
+            forwards: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -236,6 +254,13 @@ impl ShardState {
     /// (from [`first_id_of_run`], the same for every shard of the process).
     pub fn start_run(&mut self, run: MessageId) {
         self.pipeline.start_run(run);
+    }
+
+    /// Tags this shard's message ids (and versions and webhook ids) with
+    /// `tag` instead of its number: a cluster node's shards include the
+    /// node (see [`crate::cluster::partition::id_tag`]).
+    pub fn set_id_tag(&mut self, tag: u16) {
+        self.pipeline.set_id_tag(tag);
     }
 
     /// The first message id of this run (see [`ShardState::start_run`]).
@@ -801,6 +826,16 @@ impl ShardState {
                 return self.write_packet(conn, &Packet::SendAck(ack));
             }
         };
+        if let Some(partition) = self.routing.remote(&channel) {
+            let request = ApiRequest::Send {
+                from: uid,
+                from_device: device,
+                system: false,
+                channel,
+                packet: send,
+            };
+            return self.forward(conn, partition, request);
+        }
         let owner = self.routing.shard_of(&channel);
         if owner == self.id {
             self.owner_send(conn, uid, device, channel, send, true, now.micros, now);
@@ -1366,6 +1401,187 @@ impl ShardState {
         )
     }
 
+    /// Applies a record of a partition another node owns (this node
+    /// follows its log), stored at stream sequence `seq`, with the new
+    /// position, in one batch; then delivers its messages and recalls to
+    /// this node's connections, with each group's members as the record
+    /// has them at that point, and drops what removed members and deleted
+    /// groups leave waiting. Conversation rows get versions of this node,
+    /// above the writer's ids (its `IdsIssued` comes with the record), so a
+    /// conversation sync here misses nothing whatever the writer's clock.
+    pub fn follow_log(
+        &mut self,
+        partition: u32,
+        seq: u64,
+        record: &crate::cluster::record::LogRecord,
+        now: Now,
+    ) -> Result<(), StorageError> {
+        // Each channel's members before the record, from memory or storage.
+        let mut members: HashMap<ChannelKey, Vec<Uid>, ahash::RandomState> = HashMap::default();
+        for mutation in &record.mutations {
+            let key = match mutation {
+                Mutation::Message(m) | Mutation::Recall(m) => &m.channel,
+                Mutation::PutGroup { key, .. } | Mutation::DeleteGroup { key, .. } => key,
+                _ => continue,
+            };
+            if members.contains_key(key) {
+                continue;
+            }
+            let before = match key.person_pair() {
+                Some((a, b)) => vec![Uid::new(a), Uid::new(b)],
+                None => match self.channel_mut(key) {
+                    Ok(Some(channel)) => channel.members.iter().cloned().collect(),
+                    _ => Vec::new(),
+                },
+            };
+            members.insert(key.clone(), before);
+        }
+        for mutation in &record.mutations {
+            if let Mutation::IdsIssued(issued) = mutation {
+                self.pipeline.continue_above(*issued);
+            }
+        }
+        let mut batch = Vec::with_capacity(record.mutations.len() + 2);
+        for mutation in &record.mutations {
+            match mutation {
+                Mutation::Conversation {
+                    uid,
+                    key,
+                    record: row,
+                } => {
+                    let mut row = *row;
+                    row.version = self.pipeline.next_id(now.unix_ms).0;
+                    batch.push(Mutation::Conversation {
+                        uid: uid.clone(),
+                        key: key.clone(),
+                        record: row,
+                    });
+                }
+                other => batch.push(other.clone()),
+            }
+        }
+        self.pipeline.seal(&mut batch);
+        batch.push(Mutation::LogApplied { partition, seq });
+        let written = self.store.commit(&batch);
+        self.publish_versions();
+        // What memory held of these channels is older than the store now.
+        for mutation in &record.mutations {
+            match mutation {
+                Mutation::Message(m) | Mutation::Recall(m) => self.channels.forget(&m.channel),
+                Mutation::PutGroup { key, .. }
+                | Mutation::DeleteGroup { key, .. }
+                | Mutation::PutList { key, .. }
+                | Mutation::Conversation { key, .. }
+                | Mutation::DeleteConversation { key, .. } => self.channels.forget(key),
+                _ => {}
+            }
+        }
+        written?;
+        for mutation in &record.mutations {
+            match mutation {
+                Mutation::PutGroup {
+                    key,
+                    members: after,
+                    ..
+                } => {
+                    let before = members
+                        .insert(key.clone(), after.clone())
+                        .unwrap_or_default();
+                    let removed: Vec<Uid> =
+                        before.into_iter().filter(|u| !after.contains(u)).collect();
+                    if !removed.is_empty() {
+                        let me = self.id.0;
+                        for shard in (0..self.shards).filter(|s| *s != me) {
+                            let message = ShardMsg::MembersRemoved {
+                                channel: key.clone(),
+                                uids: removed.clone(),
+                            };
+                            self.push_outgoing(ShardId(shard), message);
+                        }
+                        self.forget_members_backlog(key, &removed);
+                    }
+                }
+                Mutation::DeleteGroup { key, last_seq, .. } => {
+                    members.insert(key.clone(), Vec::new());
+                    let me = self.id.0;
+                    for shard in (0..self.shards).filter(|s| *s != me) {
+                        let message = ShardMsg::ChannelDeleted {
+                            channel: key.clone(),
+                            through: *last_seq,
+                        };
+                        self.push_outgoing(ShardId(shard), message);
+                    }
+                    self.forget_channel(key, *last_seq);
+                }
+                Mutation::Message(message) | Mutation::Recall(message) => {
+                    let skip = match mutation {
+                        Mutation::Message(_) => Skip::SenderDevice,
+                        _ => Skip::Nobody,
+                    };
+                    let mut per_shard: PerShard =
+                        (0..self.shards).map(|_| SmallVec::new()).collect();
+                    for uid in members.get(&message.channel).into_iter().flatten() {
+                        for shard in self.presence.shards(uid) {
+                            per_shard[shard.index()].push(uid.clone());
+                        }
+                    }
+                    self.deliver_per_shard(Arc::clone(message), per_shard, skip, 0, now);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// How far this shard's store has applied `partition`'s log.
+    pub fn log_applied(&mut self, partition: u32) -> Result<u64, StorageError> {
+        self.store.log_applied(partition)
+    }
+
+    /// Queues `request` of `conn` for the node owning `partition`.
+    fn forward(&mut self, conn: ConnId, partition: u32, request: ApiRequest) {
+        self.forwards.push(Forwarded {
+            conn,
+            partition,
+            request,
+        });
+        self.signals.forward.notify();
+    }
+
+    /// The writes waiting to be forwarded, in the order they were made.
+    pub fn take_forwards(&mut self) -> Vec<Forwarded> {
+        std::mem::take(&mut self.forwards)
+    }
+
+    /// The owner's answer to a forwarded `request` of `conn` (or why there
+    /// is none: the reason the client is told, retryable) goes to the
+    /// connection, as the answer to its own request.
+    pub fn forward_answered(
+        &mut self,
+        conn: ConnId,
+        request: &ApiRequest,
+        answer: Result<Packet, ReasonCode>,
+    ) {
+        let packet = match answer {
+            Ok(packet) => packet,
+            Err(reason) => match request {
+                ApiRequest::Send { packet, .. } => Packet::SendAck(failed_ack(packet, reason)),
+                ApiRequest::ConversationOp { op, .. } => {
+                    Packet::ConversationOpResp(ConversationOpResp {
+                        request_id: op.request_id,
+                        reason,
+                        conversation: None,
+                    })
+                }
+                ApiRequest::ClientRecall { recall, .. } => recall_failed(recall, reason),
+                _ => return,
+            },
+        };
+        if self.sessions.get(conn).is_some() {
+            self.write_packet(conn, &packet);
+        }
+    }
+
     /// The job that writes `mutations` to this shard's store (a cluster
     /// node's batch once the log has it, retried until it is written).
     pub fn prepare_write(&mut self, mutations: &[Mutation]) -> Result<CommitJob, StorageError> {
@@ -1532,7 +1748,7 @@ impl ShardState {
                     self.reply_send_ack_timed(conn, ack, read_us, now.micros);
                 }
                 let (from, channel) = (message.from_uid.clone(), message.channel.clone());
-                self.fan_out(message, Some(origin), read_us, now);
+                self.fan_out(message, Skip::Conn(origin), read_us, now);
                 // Recalls by client_msg_no that arrived before the commit:
                 // now there is something to recall.
                 for (conn, recall) in recalls {
@@ -1638,7 +1854,7 @@ impl ShardState {
                 self.reply_to(origin, response);
                 // Every online member's devices hear of it, the recalling
                 // connection included (it may show the message too).
-                self.fan_out(message, None, 0, now);
+                self.fan_out(message, Skip::Nobody, 0, now);
             }
         }
     }
@@ -1748,27 +1964,32 @@ impl ShardState {
     }
 
     /// Sends a committed message to every shard where a member is online.
-    fn fan_out(
-        &mut self,
-        message: Arc<StoredMessage>,
-        skip: Option<ConnId>,
-        read_us: u64,
-        now: Now,
-    ) {
+    fn fan_out(&mut self, message: Arc<StoredMessage>, skip: Skip, read_us: u64, now: Now) {
         // A group deletion being committed erases it: nobody gets it (the
         // channel in memory may be the group created again since, whose
         // members are not the ones it was sent to).
         if self.channels.being_deleted(&message.channel, message.seq) {
             return;
         }
-        let mut per_shard: SmallVec<[SmallVec<[Uid; 4]>; 8]> =
-            (0..self.shards).map(|_| SmallVec::new()).collect();
+        let mut per_shard: PerShard = (0..self.shards).map(|_| SmallVec::new()).collect();
         let presence = &self.presence;
         self.channels.for_each_recipient(&message, |uid| {
             for shard in presence.shards(uid) {
                 per_shard[shard.index()].push(uid.clone());
             }
         });
+        self.deliver_per_shard(message, per_shard, skip, read_us, now);
+    }
+
+    /// Hands `message` to every shard for its recipients there.
+    fn deliver_per_shard(
+        &mut self,
+        message: Arc<StoredMessage>,
+        per_shard: PerShard,
+        skip: Skip,
+        read_us: u64,
+        now: Now,
+    ) {
         for (index, recipients) in per_shard.into_iter().enumerate() {
             if recipients.is_empty() {
                 continue;
@@ -1804,7 +2025,7 @@ impl ShardState {
         &mut self,
         message: &Arc<StoredMessage>,
         recipients: &[Uid],
-        skip: Option<ConnId>,
+        skip: Skip,
         read_us: u64,
         now: Now,
     ) {
@@ -1816,12 +2037,23 @@ impl ShardState {
             let conns = self.sessions.local_conns(uid);
             let from_self = *uid == message.from_uid;
             for conn in &conns {
-                if Some(*conn) == skip {
+                if skip == Skip::Conn(*conn) {
                     continue;
                 }
                 let Some(entry) = self.sessions.get(*conn) else {
                     continue;
                 };
+                if skip == Skip::SenderDevice
+                    && from_self
+                    && !message.from_device.is_empty()
+                    && entry
+                        .session
+                        .identity
+                        .as_ref()
+                        .is_some_and(|i| *i.device_id == *message.from_device)
+                {
+                    continue;
+                }
                 if entry.session.phase != Phase::Active {
                     continue;
                 }
@@ -1932,6 +2164,7 @@ impl ShardState {
         match request {
             ApiRequest::Send {
                 from,
+                from_device,
                 system,
                 channel,
                 packet,
@@ -1940,7 +2173,7 @@ impl ShardState {
                 self.owner_send(
                     conn,
                     from,
-                    Arc::from(""),
+                    from_device,
                     channel,
                     packet,
                     !system,
@@ -1951,6 +2184,14 @@ impl ShardState {
             ApiRequest::ConversationOp { uid, channel, op } => {
                 let conn = self.api_conn(reply);
                 self.owner_conversation_op(conn, uid, channel, op, now);
+            }
+            ApiRequest::ClientRecall {
+                uid,
+                channel,
+                recall,
+            } => {
+                let conn = self.api_conn(reply);
+                self.owner_recall(conn, uid, channel, recall);
             }
             ApiRequest::Recall {
                 channel,
@@ -2503,6 +2744,14 @@ impl ShardState {
                 return self.write_packet(conn, &response);
             }
         };
+        if let Some(partition) = self.routing.remote(&key) {
+            let request = ApiRequest::ConversationOp {
+                uid,
+                channel: key,
+                op,
+            };
+            return self.forward(conn, partition, request);
+        }
         let owner = self.routing.shard_of(&key);
         if owner == self.id {
             self.owner_conversation_op(conn, uid, key, op, now);
@@ -2586,6 +2835,14 @@ impl ShardState {
             Ok(key) => key,
             Err(reason) => return self.write_packet(conn, &recall_failed(&recall, reason)),
         };
+        if let Some(partition) = self.routing.remote(&key) {
+            let request = ApiRequest::ClientRecall {
+                uid,
+                channel: key,
+                recall,
+            };
+            return self.forward(conn, partition, request);
+        }
         let owner = self.routing.shard_of(&key);
         if owner == self.id {
             self.owner_recall(conn, uid, key, recall);

@@ -259,6 +259,7 @@ impl Sim {
         };
         let request = ApiRequest::Send {
             from: Uid::new(&from),
+            from_device: std::sync::Arc::from(""),
             system,
             channel: key.clone(),
             packet,

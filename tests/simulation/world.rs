@@ -75,7 +75,7 @@ pub struct World {
 pub struct LogWorld {
     pub model: ModelLog,
     pub config: ruyi::config::ClusterConfig,
-    pub owners: Arc<[ShardId]>,
+    pub places: Arc<[ruyi::key::Place]>,
     pub writers: Vec<LogWriter>,
     /// Each shard's batch stored in the log and being written locally.
     pub written: Vec<Option<LogBatch>>,
@@ -134,7 +134,12 @@ impl World {
                     .expect("a partition map");
                 LogWorld {
                     model: ModelLog::default(),
-                    owners: (0..config.partitions).map(|p| map.owner(p).shard).collect(),
+                    places: (0..config.partitions)
+                        .map(|p| ruyi::key::Place {
+                            shard: map.owner(p).shard,
+                            owned: true,
+                        })
+                        .collect(),
                     config,
                     writers: Vec::new(),
                     written: Vec::new(),
@@ -186,7 +191,7 @@ impl World {
                 ));
                 if let Some(log) = &self.log {
                     state.set_routing(ruyi::key::Routing::Partitions {
-                        owners: Arc::clone(&log.owners),
+                        places: Arc::clone(&log.places),
                     });
                 }
                 state
@@ -196,7 +201,7 @@ impl World {
             log.writers = (0..shards)
                 .map(|id| {
                     let mut store = self.storage.open_shard(ShardId(id)).expect("open shard");
-                    LogWriter::open(&log.config, &log.owners, 1, ShardId(id), run.0, &mut *store)
+                    LogWriter::open(&log.config, &log.places, 1, ShardId(id), run.0, &mut *store)
                         .expect("log positions")
                 })
                 .collect();
@@ -288,7 +293,7 @@ impl World {
         match &self.log {
             None => key.shard(self.shards.len() as u16).index(),
             Some(log) => ruyi::key::Routing::Partitions {
-                owners: Arc::clone(&log.owners),
+                places: Arc::clone(&log.places),
             }
             .shard_of(key)
             .index(),
