@@ -1080,3 +1080,116 @@ fn the_latency_budget_times_each_stage_of_a_send_across_shards() {
         ]
     );
 }
+
+/// A record another node wrote, followed here: stored once with this
+/// node's conversation versions above the writer's ids, pushed to this
+/// node's devices of both people except the one that sent it, and a
+/// group change in it takes the removed member out of what follows.
+#[test]
+fn a_followed_record_is_stored_with_versions_above_the_writers_and_pushed_to_local_devices_but_the_senders(
+) {
+    let storage = MemoryStorage::default();
+    let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+    let (_bob, bob_out) = connect(&mut shards[0], "bob", false);
+    let (_phone, phone_out) = connect_device(&mut shards[1], "alice", "phone", false);
+    let (_tablet, tablet_out) = connect_device(&mut shards[1], "alice", "tablet", false);
+    pump(&mut shards);
+    for outbox in [&bob_out, &phone_out, &tablet_out] {
+        packets(outbox);
+    }
+
+    // The writer's ids are 10 s ahead of this node's clock.
+    let ahead_ms = crate::time::unix_now_ms() - ID_EPOCH_UNIX_MS + 10_000;
+    let writer_id = MessageId(ahead_ms << crate::shard::versions::ID_MS_SHIFT);
+    let (alice, bob) = (Uid::new("alice"), Uid::new("bob"));
+    let chat = ChannelKey::person(&alice, &bob);
+    let group = ChannelKey::group("team");
+    let message = |id: u64, seq: u64, channel: &ChannelKey, from_device: &str| {
+        Mutation::Message(Arc::new(StoredMessage {
+            message_id: MessageId(writer_id.0 + id),
+            seq: Seq(seq),
+            channel: channel.clone(),
+            from_uid: alice.clone(),
+            from_device: Arc::from(from_device),
+            client_msg_no: format!("c{seq}-{}", channel.id()),
+            timestamp_ms: 0,
+            send_flags: 0,
+            payload: Bytes::from_static(b"x"),
+            recalled: false,
+        }))
+    };
+    let row = ConversationRecord {
+        read_floor: 0,
+        deleted_seq: 0,
+        own_above_floor: 0,
+        version: writer_id.0,
+    };
+    let record = crate::cluster::record::LogRecord {
+        partition: 3,
+        writer: crate::cluster::record::Writer { node: 2, epoch: 1 },
+        mutations: vec![
+            Mutation::PutGroup {
+                key: group.clone(),
+                members: vec![alice.clone(), bob.clone()],
+                last_seq: Seq(0),
+                last_message_id: MessageId(0),
+            },
+            message(1, 1, &chat, "phone"),
+            Mutation::Conversation {
+                uid: bob.clone(),
+                key: chat.clone(),
+                record: row,
+            },
+            message(2, 1, &group, "phone"),
+            // Bob leaves the group; what follows is not his.
+            Mutation::PutGroup {
+                key: group.clone(),
+                members: vec![alice.clone()],
+                last_seq: Seq(1),
+                last_message_id: MessageId(writer_id.0 + 2),
+            },
+            message(3, 2, &group, "phone"),
+            Mutation::IdsIssued(MessageId(writer_id.0 + 3)),
+        ],
+    };
+    shards[0].follow_log(3, 41, &record, now()).unwrap();
+    pump(&mut shards);
+
+    let seqs = |outbox: &Outbox| -> Vec<(String, u64)> {
+        packets(outbox)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Recv(r) => Some((r.channel_id, r.message_seq)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        seqs(&bob_out),
+        [("alice".to_string(), 1), ("team".to_string(), 1)]
+    );
+    assert!(seqs(&phone_out).is_empty(), "the sending device is skipped");
+    assert_eq!(
+        seqs(&tablet_out),
+        [
+            ("bob".to_string(), 1),
+            ("team".to_string(), 1),
+            ("team".to_string(), 2)
+        ]
+    );
+    let mut store = storage.open_shard(ShardId(0)).unwrap();
+    assert_eq!(store.log_applied(3).unwrap(), 41);
+    let stored = store.conversation(&bob, &chat).unwrap().unwrap();
+    assert!(
+        stored.version > writer_id.0 + 3,
+        "version {} not above the writer's ids",
+        stored.version
+    );
+    assert_eq!(
+        store
+            .read_messages(&group, Seq(1), 10, ReadDirection::Up)
+            .unwrap()
+            .len(),
+        2
+    );
+}
