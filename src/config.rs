@@ -877,13 +877,16 @@ impl Config {
                     c.stream
                 ),
             );
-            check(
-                !c.subject_prefix.is_empty()
-                    && c.subject_prefix.split('.').all(|token| {
+            let plain_subject = |s: &str| {
+                !s.is_empty()
+                    && s.split('.').all(|token| {
                         !token.is_empty()
                             && !token.contains(['*', '>'])
                             && !token.contains(char::is_whitespace)
-                    }),
+                    })
+            };
+            check(
+                plain_subject(&c.subject_prefix),
                 format!(
                     "cluster.subject_prefix = {:?} must be a subject without wildcards",
                     c.subject_prefix
@@ -922,14 +925,6 @@ impl Config {
                 (1..=10_000).contains(&c.read_batch_records),
                 "cluster.read_batch_records must be between 1 and 10000".into(),
             );
-            let plain_subject = |s: &str| {
-                !s.is_empty()
-                    && s.split('.').all(|token| {
-                        !token.is_empty()
-                            && !token.contains(['*', '>'])
-                            && !token.contains(char::is_whitespace)
-                    })
-            };
             let overlaps = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}."));
             check(
                 plain_subject(&c.forward_prefix)
