@@ -91,7 +91,7 @@ fn deliver_batch(message: &Arc<StoredMessage>, recipient: &Uid) -> Batch {
     vec![ShardMsg::Deliver {
         message: Arc::clone(message),
         recipients: std::iter::once(recipient.clone()).collect(),
-        skip: ruyi::shard::message::Skip::Nobody,
+        skip: None,
         read_us: 0,
         durable_us: 0,
     }]

@@ -12,18 +12,6 @@ use std::sync::Arc;
 /// Inboxes carry batches: one queue operation per batch, not per message.
 pub type Batch = Vec<ShardMsg>;
 
-/// Which connection a delivery leaves out: the one that sent it, which got
-/// its `SendAck` instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
-    Nobody,
-    Conn(ConnId),
-    /// The sender's device, whatever its connection (a cluster node
-    /// delivering what another node committed knows the device, not the
-    /// connection).
-    SenderDevice,
-}
-
 #[derive(Debug)]
 pub enum ShardMsg {
     /// A client's `Send`, from the shard of its connection to the channel's
@@ -53,7 +41,7 @@ pub enum ShardMsg {
     Deliver {
         message: Arc<StoredMessage>,
         recipients: SmallVec<[Uid; 4]>,
-        skip: Skip,
+        skip: Option<ConnId>,
         /// When the sender's frame was read and when the message became
         /// durable, on the budget's clock (0: not timed).
         read_us: u64,

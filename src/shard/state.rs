@@ -11,7 +11,7 @@ use super::channels::{person_policy, GroupChange, OwnedChannels};
 pub use super::commit::{CommitLatency, InFlight, COMMIT_BUCKETS_US};
 use super::commit::{CommitPipeline, Pending, Resend, Waiters};
 use super::login::{check_connect, Refused};
-use super::message::{ShardMsg, Skip};
+use super::message::ShardMsg;
 pub use super::message_ids::{first_id_of_run, MessageIdGenerator};
 use super::notify::Notify;
 use super::presence::Presence;
@@ -1490,34 +1490,17 @@ impl ShardState {
                     let removed: Vec<Uid> =
                         before.into_iter().filter(|u| !after.contains(u)).collect();
                     if !removed.is_empty() {
-                        let me = self.id.0;
-                        for shard in (0..self.shards).filter(|s| *s != me) {
-                            let message = ShardMsg::MembersRemoved {
-                                channel: key.clone(),
-                                uids: removed.clone(),
-                            };
-                            self.push_outgoing(ShardId(shard), message);
-                        }
-                        self.forget_members_backlog(key, &removed);
+                        self.members_removed(key, &removed);
                     }
                 }
                 Mutation::DeleteGroup { key, last_seq, .. } => {
                     members.insert(key.clone(), Vec::new());
-                    let me = self.id.0;
-                    for shard in (0..self.shards).filter(|s| *s != me) {
-                        let message = ShardMsg::ChannelDeleted {
-                            channel: key.clone(),
-                            through: *last_seq,
-                        };
-                        self.push_outgoing(ShardId(shard), message);
-                    }
-                    self.forget_channel(key, *last_seq);
+                    self.channel_deleted(key, *last_seq);
                 }
+                // The sending device is not pushed its own message: the
+                // pushes skip it by its device id (`Pushes::live`), on any
+                // connection of any node.
                 Mutation::Message(message) | Mutation::Recall(message) => {
-                    let skip = match mutation {
-                        Mutation::Message(_) => Skip::SenderDevice,
-                        _ => Skip::Nobody,
-                    };
                     let mut per_shard: PerShard =
                         (0..self.shards).map(|_| SmallVec::new()).collect();
                     for uid in members.get(&message.channel).into_iter().flatten() {
@@ -1525,12 +1508,40 @@ impl ShardState {
                             per_shard[shard.index()].push(uid.clone());
                         }
                     }
-                    self.deliver_per_shard(Arc::clone(message), per_shard, skip, 0, now);
+                    self.deliver_per_shard(Arc::clone(message), per_shard, None, 0, now);
                 }
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Members left a group (the change is committed): every shard drops
+    /// what waits in storage for their connections there.
+    fn members_removed(&mut self, key: &ChannelKey, removed: &[Uid]) {
+        let me = self.id;
+        for shard in (0..self.shards).map(ShardId).filter(|s| *s != me) {
+            let message = ShardMsg::MembersRemoved {
+                channel: key.clone(),
+                uids: removed.to_vec(),
+            };
+            self.push_outgoing(shard, message);
+        }
+        self.forget_members_backlog(key, removed);
+    }
+
+    /// A group's deletion is committed: every shard drops its pushes of
+    /// the messages through `through`.
+    fn channel_deleted(&mut self, key: &ChannelKey, through: Seq) {
+        let me = self.id;
+        for shard in (0..self.shards).map(ShardId).filter(|s| *s != me) {
+            let message = ShardMsg::ChannelDeleted {
+                channel: key.clone(),
+                through,
+            };
+            self.push_outgoing(shard, message);
+        }
+        self.forget_channel(key, through);
     }
 
     /// How far this shard's store has applied `partition`'s log.
@@ -1748,7 +1759,7 @@ impl ShardState {
                     self.reply_send_ack_timed(conn, ack, read_us, now.micros);
                 }
                 let (from, channel) = (message.from_uid.clone(), message.channel.clone());
-                self.fan_out(message, Skip::Conn(origin), read_us, now);
+                self.fan_out(message, Some(origin), read_us, now);
                 // Recalls by client_msg_no that arrived before the commit:
                 // now there is something to recall.
                 for (conn, recall) in recalls {
@@ -1768,16 +1779,7 @@ impl ShardState {
                 // they are added again before it drains (a backlog is read
                 // from storage by seq, whoever the messages were for).
                 if !removed.is_empty() {
-                    for shard in 0..self.shards {
-                        if shard != self.id.0 {
-                            let message = ShardMsg::MembersRemoved {
-                                channel: key.clone(),
-                                uids: removed.clone(),
-                            };
-                            self.push_outgoing(ShardId(shard), message);
-                        }
-                    }
-                    self.forget_members_backlog(&key, &removed);
+                    self.members_removed(&key, &removed);
                 }
                 // The members took effect when the change was queued.
                 let info = GroupInfo {
@@ -1822,16 +1824,7 @@ impl ShardState {
                 // exists, and take sends and changes until that delete lands.
                 let deleted_again = self.pipeline.deletion_queued(&key);
                 self.channels.deletion_done(&key, deleted_again);
-                for shard in 0..self.shards {
-                    if shard != self.id.0 {
-                        let message = ShardMsg::ChannelDeleted {
-                            channel: key.clone(),
-                            through: last_seq,
-                        };
-                        self.push_outgoing(ShardId(shard), message);
-                    }
-                }
-                self.forget_channel(&key, last_seq);
+                self.channel_deleted(&key, last_seq);
                 // Recalls queued while it was being committed were of
                 // messages it erased: writing them would bring them back.
                 for recall in self.pipeline.take_erased_recalls(&key, last_seq) {
@@ -1854,7 +1847,7 @@ impl ShardState {
                 self.reply_to(origin, response);
                 // Every online member's devices hear of it, the recalling
                 // connection included (it may show the message too).
-                self.fan_out(message, Skip::Nobody, 0, now);
+                self.fan_out(message, None, 0, now);
             }
         }
     }
@@ -1964,7 +1957,13 @@ impl ShardState {
     }
 
     /// Sends a committed message to every shard where a member is online.
-    fn fan_out(&mut self, message: Arc<StoredMessage>, skip: Skip, read_us: u64, now: Now) {
+    fn fan_out(
+        &mut self,
+        message: Arc<StoredMessage>,
+        skip: Option<ConnId>,
+        read_us: u64,
+        now: Now,
+    ) {
         // A group deletion being committed erases it: nobody gets it (the
         // channel in memory may be the group created again since, whose
         // members are not the ones it was sent to).
@@ -1986,7 +1985,7 @@ impl ShardState {
         &mut self,
         message: Arc<StoredMessage>,
         per_shard: PerShard,
-        skip: Skip,
+        skip: Option<ConnId>,
         read_us: u64,
         now: Now,
     ) {
@@ -2025,7 +2024,7 @@ impl ShardState {
         &mut self,
         message: &Arc<StoredMessage>,
         recipients: &[Uid],
-        skip: Skip,
+        skip: Option<ConnId>,
         read_us: u64,
         now: Now,
     ) {
@@ -2037,23 +2036,12 @@ impl ShardState {
             let conns = self.sessions.local_conns(uid);
             let from_self = *uid == message.from_uid;
             for conn in &conns {
-                if skip == Skip::Conn(*conn) {
+                if Some(*conn) == skip {
                     continue;
                 }
                 let Some(entry) = self.sessions.get(*conn) else {
                     continue;
                 };
-                if skip == Skip::SenderDevice
-                    && from_self
-                    && !message.from_device.is_empty()
-                    && entry
-                        .session
-                        .identity
-                        .as_ref()
-                        .is_some_and(|i| *i.device_id == *message.from_device)
-                {
-                    continue;
-                }
                 if entry.session.phase != Phase::Active {
                     continue;
                 }

@@ -180,7 +180,7 @@ fn a_live_copy_of_a_message_already_pushed_from_storage_is_not_written_again() {
         ShardMsg::Deliver {
             message,
             recipients: std::iter::once(Uid::new("bob")).collect(),
-            skip: crate::shard::message::Skip::Nobody,
+            skip: None,
             read_us: 0,
             durable_us: 0,
         },
