@@ -10,7 +10,7 @@ use crate::channel::ChannelKey;
 use crate::cluster::forward::{channel_of, forwardable, Answer, Forward};
 use crate::config::{AuthMode, Config, StorageEngine};
 use crate::ids::ShardId;
-use crate::key::{Place, Routing};
+use crate::key::Routing;
 use crate::listener::{self, ListenError, Role};
 use crate::protocol::ReasonCode;
 use crate::shard::api::{ApiRequest, ApiResponse};
@@ -410,26 +410,7 @@ fn start_log(config: &Config, shards: u16) -> Result<crate::shard::log::ShardLog
         .collect();
     let map = PartitionMap::new(c.partitions, &nodes)
         .map_err(|error| StartError::Cluster(error.to_string()))?;
-    // Partitions another node owns are followed here, dealt over this
-    // node's shards in turn.
-    let mut followed = 0u32;
-    let places: Arc<[Place]> = (0..c.partitions)
-        .map(|p| {
-            let owner = map.owner(p);
-            if owner.node == c.node_id {
-                Place {
-                    shard: owner.shard,
-                    owned: true,
-                }
-            } else {
-                followed += 1;
-                Place {
-                    shard: ShardId(((followed - 1) % u32::from(shards)) as u16),
-                    owned: false,
-                }
-            }
-        })
-        .collect();
+    let places = map.places(c.node_id, shards);
     // Each shard applies what the log holds beyond its store before it
     // serves (`ShardLog::start`), writing the events of records this node
     // appended and never wrote here.

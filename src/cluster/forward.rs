@@ -97,6 +97,24 @@ pub fn channel_of(request: &ApiRequest) -> Option<&ChannelKey> {
     }
 }
 
+/// What the client whose request was forwarded is told, from the owner's
+/// encoded [`Answer`]: its packet, or the reason it failed (`ServerBusy`,
+/// retryable, for an answer this build cannot read).
+pub fn client_answer(bytes: &[u8], verify: &VerifyLimits) -> Result<Packet, ReasonCode> {
+    match Answer::decode(bytes, verify) {
+        Ok(Answer::Api(ApiResponse::Packet(packet))) => Ok(*packet),
+        Ok(Answer::Api(ApiResponse::Failed(reason))) => Err(reason),
+        Ok(other) => {
+            tracing::warn!(?other, "a forwarded write got an answer of another kind");
+            Err(ReasonCode::Unknown)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a forwarded write's answer does not decode");
+            Err(ReasonCode::ServerBusy)
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 enum WireForward {
     Send {

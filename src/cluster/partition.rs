@@ -120,6 +120,30 @@ impl PartitionMap {
         (partition, self.owner(partition))
     }
 
+    /// Where each partition lives on `node`, which runs `shards` shards:
+    /// the ones it owns on the shard the map names, the ones other nodes
+    /// own (it follows their logs) dealt over its shards in turn.
+    pub fn places(&self, node: u32, shards: u16) -> std::sync::Arc<[crate::key::Place]> {
+        let mut followed = 0u32;
+        self.owners
+            .iter()
+            .map(|owner| {
+                if owner.node == node {
+                    crate::key::Place {
+                        shard: owner.shard,
+                        owned: true,
+                    }
+                } else {
+                    followed += 1;
+                    crate::key::Place {
+                        shard: ShardId(((followed - 1) % u32::from(shards)) as u16),
+                        owned: false,
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// The partitions `node` owns, in order.
     pub fn partitions_of(&self, node: u32) -> impl Iterator<Item = u32> + '_ {
         (0..self.partitions()).filter(move |&p| self.owners[p as usize].node == node)
@@ -206,6 +230,27 @@ mod tests {
             map.owner_of(&key),
             (partition_of(&key, 64), map.owner(partition_of(&key, 64)))
         );
+    }
+
+    #[test]
+    fn a_node_writes_its_partitions_on_the_maps_shard_and_follows_the_rest_dealt_over_its_shards() {
+        let nodes = [
+            NodeSpec { node: 1, shards: 2 },
+            NodeSpec { node: 2, shards: 2 },
+        ];
+        let map = PartitionMap::new(8, &nodes).expect("a map");
+        let places = map.places(2, 2);
+        let mut followed_shards = Vec::new();
+        for (p, place) in places.iter().enumerate() {
+            let owner = map.owner(p as u32);
+            assert_eq!(place.owned, owner.node == 2, "partition {p}");
+            if place.owned {
+                assert_eq!(place.shard, owner.shard, "partition {p}");
+            } else {
+                followed_shards.push(place.shard.0);
+            }
+        }
+        assert_eq!(followed_shards, [0, 1, 0, 1]);
     }
 
     #[test]

@@ -6,10 +6,9 @@
 
 use super::runtime::Runtime;
 use crate::cluster::bridge::{LogBridge, Unanswered};
-use crate::cluster::forward::{encode_request, Answer};
+use crate::cluster::forward::{client_answer, encode_request};
 use crate::cluster::record::LogRecord;
 use crate::protocol::{Packet, ReasonCode, VerifyLimits};
-use crate::shard::api::ApiResponse;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -95,18 +94,7 @@ fn answered(
         tracing::debug!(%why, "a forwarded write has no answer");
         ReasonCode::ServerBusy
     })?;
-    match Answer::decode(&bytes, verify) {
-        Ok(Answer::Api(ApiResponse::Packet(packet))) => Ok(*packet),
-        Ok(Answer::Api(ApiResponse::Failed(reason))) => Err(reason),
-        Ok(other) => {
-            tracing::warn!(?other, "a forwarded write got an answer of another kind");
-            Err(ReasonCode::Unknown)
-        }
-        Err(error) => {
-            tracing::warn!(%error, "a forwarded write's answer does not decode");
-            Err(ReasonCode::ServerBusy)
-        }
-    }
+    client_answer(&bytes, verify)
 }
 
 /// Follows the logs of `partitions` (owned by other nodes, followed by

@@ -45,21 +45,33 @@ impl Sim {
         format!("u{}", self.rng.index(self.options.users))
     }
 
-    fn owner_of(&self, key: &ChannelKey) -> usize {
-        self.world.owner_of(key)
-    }
-
     /// The change counter of the lists that judge a send from `from` in the
     /// person channel `key` (the recipient's).
-    pub(super) fn person_epoch(&self, from: &str, key: &ChannelKey) -> u64 {
+    ///
+    /// On nodes, the channel's owner judges by the lists as far as it has
+    /// applied their partition's log: a send is judged (its epoch can match)
+    /// only when it had applied the last change answered.
+    pub(super) fn person_epoch(&mut self, from: &str, key: &ChannelKey) -> u64 {
         let Some((low, high)) = key.person_pair() else {
             return 0;
         };
         let recipient = if low == from { high } else { low };
-        self.model
+        let Some((epoch, through)) = self
+            .model
             .person_lists
             .get(recipient)
-            .map_or(0, |lists| lists.epoch)
+            .map(|lists| (lists.epoch, lists.log_through))
+        else {
+            return 0;
+        };
+        let lists_key = user_list_key(&Uid::new(recipient));
+        let owner = self.owner_node(key);
+        if owner != self.owner_node(&lists_key)
+            && self.worlds[owner].applied_of(&lists_key) < through
+        {
+            return u64::MAX;
+        }
+        epoch
     }
 
     // ---- a user's own lists -----------------------------------------------
@@ -84,9 +96,9 @@ impl Sim {
             "operator: {uid}'s {kind:?} list {change:?} {uids:?}"
         ));
         let key = user_list_key(&Uid::new(&uid));
-        let owner = self.owner_of(&key);
+        let (node, owner) = self.owner_of(&key);
         let (tx, rx) = async_channel::bounded(1);
-        self.world.shards[owner].change_list(key, kind, uids, change, tx);
+        self.worlds[node].shards[owner].change_list(key, kind, uids, change, tx);
         let lists = self.model.person_lists.get_mut(&uid).expect("user");
         lists.in_flight += 1;
         lists.epoch += 1;
@@ -150,8 +162,9 @@ impl Sim {
             .collect();
         for uid in uncertain {
             let key = user_list_key(&Uid::new(&uid));
+            let owner = self.owner_node(&key);
             let mut read = |kind| -> BTreeSet<String> {
-                self.world
+                self.worlds[owner]
                     .reader
                     .list(&key, kind, 1000)
                     .unwrap_or_default()
@@ -163,11 +176,13 @@ impl Sim {
             self.note(format!(
                 "{uid}'s lists read back: deny {deny:?}, allow {allow:?}"
             ));
+            let through = self.worlds[0].log_position_of(&key);
             let lists = self.model.person_lists.get_mut(&uid).expect("user");
             lists.deny = deny;
             lists.allow = allow;
             lists.uncertain = false;
             lists.epoch += 1;
+            lists.log_through = through;
         }
     }
 
@@ -177,9 +192,11 @@ impl Sim {
         kind: ListKind,
         answer: Option<Result<Vec<String>, ControlError>>,
     ) {
+        let through = self.worlds[0].log_position_of(&user_list_key(&Uid::new(uid)));
         let lists: &mut ListsModel = self.model.person_lists.get_mut(uid).expect("user");
         lists.in_flight -= 1;
         lists.epoch += 1;
+        lists.log_through = through;
         match answer {
             Some(Ok(uids)) => {
                 let set: BTreeSet<String> = uids.into_iter().collect();
@@ -275,18 +292,19 @@ impl Sim {
         key: &ChannelKey,
         request: ApiRequest,
     ) -> async_channel::Receiver<ApiResponse> {
-        let owner = self.owner_of(key);
-        self.api_at(owner, request)
+        let (node, owner) = self.owner_of(key);
+        self.api_at(node, owner, request)
     }
 
     fn api_at(
         &mut self,
+        node: usize,
         shard: usize,
         request: ApiRequest,
     ) -> async_channel::Receiver<ApiResponse> {
         let (tx, rx) = async_channel::bounded(1);
-        let now = self.world.now;
-        self.world.shards[shard].api(request, tx, now);
+        let now = self.worlds[node].now;
+        self.worlds[node].shards[shard].api(request, tx, now);
         rx
     }
 
@@ -352,7 +370,7 @@ impl Sim {
             return;
         }
         match resp.reason {
-            ReasonCode::Success => match self.world.reader.message(key, ruyi::ids::Seq(seq)) {
+            ReasonCode::Success => match self.stored_message(key, seq) {
                 Ok(Some(stored)) if stored.recalled => {}
                 other => self.violation(format!(
                     "api recall of {key:?} seq {seq} succeeded, the store has {other:?}"
@@ -468,14 +486,16 @@ impl Sim {
 
     /// Who is online (`/user/onlinestatus`), asked of any shard: a user
     /// with a connection every shard has applied is listed, a user every
-    /// shard has heard go offline is not.
+    /// shard has heard go offline is not. (On nodes: of the node asked,
+    /// which knows its own connections only.)
     fn api_online_random(&mut self) {
         self.observe_presence();
-        let shard = self.rng.index(self.world.shard_count());
+        let node = self.random_node();
+        let shard = self.rng.index(self.shard_count());
         let uids: Vec<Uid> = (0..self.options.users)
             .map(|u| Uid::new(&format!("u{u}")))
             .collect();
-        let rx = self.api_at(shard, ApiRequest::Online { uids });
+        let rx = self.api_at(node, shard, ApiRequest::Online { uids });
         let Ok(ApiResponse::Online(online)) = rx.try_recv() else {
             return self.violation(format!("api online on shard {shard}: no answer at once"));
         };
@@ -485,7 +505,8 @@ impl Sim {
             .map(|(uid, _)| uid.as_str().to_owned())
             .collect();
         self.note(format!("api: online, asked of shard {shard}: {listed:?}"));
-        for (uid, track) in &self.model.presence {
+        let tracks = self.model.presence.iter().filter(|((n, _), _)| *n == node);
+        for ((_, uid), track) in tracks {
             if track.active_since.is_some() && !listed.contains(uid) {
                 return self.violation(format!(
                     "{uid} has an active connection, shard {shard} says offline"
@@ -504,14 +525,18 @@ impl Sim {
     /// next read).
     fn api_kick_random(&mut self) {
         let uid = self.random_uid();
-        let shard = self.rng.index(self.world.shard_count());
-        let (held, _) = self.world.shards[shard].user_connections(&Uid::new(&uid));
-        self.note(format!("api: kick {uid} on shard {shard}"));
+        let node = self.random_node();
+        let shard = self.rng.index(self.shard_count());
+        let (held, _) = self.worlds[node].shards[shard].user_connections(&Uid::new(&uid));
+        self.note(format!(
+            "api: kick {uid} on {}shard {shard}",
+            self.node_name(node)
+        ));
         let request = ApiRequest::Kick {
             uid: Uid::new(&uid),
             device_flag: None,
         };
-        let rx = self.api_at(shard, request);
+        let rx = self.api_at(node, shard, request);
         match rx.try_recv() {
             Ok(ApiResponse::Kicked(n)) if n == held => {}
             other => self.violation(format!(

@@ -51,7 +51,8 @@ enum Fault {
 }
 
 impl ModelLog {
-    fn last_of(&self, subject: &str) -> u64 {
+    /// The sequence of `subject`'s last record (0 when it has none).
+    pub fn last_of(&self, subject: &str) -> u64 {
         self.records
             .iter()
             .rev()
@@ -191,6 +192,14 @@ impl ModelLog {
         let id = append_id(subject, expected, "n99");
         let _ = self.store(subject, expected, &id, &Bytes::from(record.encode()));
         self.foreign += 1;
+    }
+
+    /// The first record of `subject` after `after`.
+    pub fn first_after(&self, subject: &str, after: u64) -> Option<(u64, Bytes)> {
+        self.records
+            .iter()
+            .find(|r| r.subject == subject && r.seq > after)
+            .map(|r| (r.seq, r.payload.clone()))
     }
 
     /// Every record of `subject` after `after`, in order.

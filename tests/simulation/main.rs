@@ -13,6 +13,9 @@
 //! - `cluster_soak` (ignored, same variables) runs seeds on a `[cluster]`
 //!   node over a model log with faults (`log.rs`); `RUYI_SIM_ON_LOG=1`
 //!   makes `replay` do the same.
+//! - `nodes_soak` (ignored, same variables) runs seeds on two or three
+//!   cluster nodes sharing the model log (`nodes.rs`);
+//!   `RUYI_SIM_ON_NODES=1` makes `replay` do the same.
 
 mod log;
 mod model;
@@ -27,6 +30,13 @@ const FIXED_SEEDS: u64 = 150;
 
 /// Seeds every `cargo test` runs on a `[cluster]` node over the model log.
 const FIXED_LOG_SEEDS: u64 = 60;
+
+/// Seeds every `cargo test` runs on several cluster nodes.
+const FIXED_NODES_SEEDS: u64 = 60;
+
+/// Seeds the runs on several nodes found failing, each with what it found
+/// (replay one with `RUYI_SIM_ON_NODES=1`).
+const NODES_REGRESSION_SEEDS: &[(u64, &str)] = &[];
 
 /// Seeds the log runs found failing, each with what it found (replay one
 /// with `RUYI_SIM_ON_LOG=1`).
@@ -275,6 +285,9 @@ fn replay() {
     if std::env::var_os("RUYI_SIM_ON_LOG").is_some() {
         options = options.on_log();
     }
+    if std::env::var_os("RUYI_SIM_ON_NODES").is_some() {
+        options = options.on_nodes();
+    }
     match sim::run_options(options) {
         Ok((summary, _)) => println!("seed {seed} passed: {}", sim::describe(&summary)),
         Err(failure) => panic!("{failure}"),
@@ -374,20 +387,55 @@ fn fixed_seeds_on_a_log_keep_every_invariant() {
 #[test]
 #[ignore = "a long soak: set RUYI_SIM_SEEDS (and RUYI_SIM_FROM)"]
 fn cluster_soak() {
+    soak_of("on the log", sim::Options::on_log);
+}
+
+/// Runs the soak's seeds made into runs by `make`, with a line of figures.
+fn soak_of(label: &str, make: fn(sim::Options) -> sim::Options) {
     let (from, count) = soak_seeds();
     let started = std::time::Instant::now();
     let (summary, failures) = run_seeds(
-        (from..from + count).map(|seed| sim::Options::from_seed(seed, StoreKind::Rocks).on_log()),
+        (from..from + count).map(|seed| make(sim::Options::from_seed(seed, StoreKind::Rocks))),
     );
     for failure in &failures {
         eprintln!("seed {} failed: {}", failure.seed, failure.message);
     }
     eprintln!(
-        "seeds {from}..{} on the log: {} in {:.0} s, {} failed",
+        "seeds {from}..{} {label}: {} in {:.0} s, {} failed",
         from + count,
         sim::describe(&summary),
         started.elapsed().as_secs_f64(),
         failures.len()
     );
     assert!(failures.is_empty(), "{}", report(&failures));
+}
+
+/// Several cluster nodes on one log (`nodes.rs`): every invariant holds
+/// for the devices of each node, which forwards its writes to the owners
+/// and applies their records; every node stores every channel as its
+/// owner does.
+#[test]
+fn fixed_seeds_on_several_nodes_keep_every_invariant() {
+    let (summary, failures) = run_seeds(
+        (0..FIXED_NODES_SEEDS)
+            .chain(NODES_REGRESSION_SEEDS.iter().map(|(seed, _)| *seed))
+            .map(|seed| sim::Options::from_seed(seed, StoreKind::Rocks).on_nodes()),
+    );
+    assert!(
+        failures.is_empty(),
+        "{} (replay with RUYI_SIM_ON_NODES=1)",
+        report(&failures)
+    );
+    eprintln!(
+        "{} seeds on several nodes: {}",
+        FIXED_NODES_SEEDS as usize + NODES_REGRESSION_SEEDS.len(),
+        sim::describe(&summary)
+    );
+}
+
+/// A long soak on several nodes: set RUYI_SIM_SEEDS (and RUYI_SIM_FROM).
+#[test]
+#[ignore = "a long soak: set RUYI_SIM_SEEDS (and RUYI_SIM_FROM)"]
+fn nodes_soak() {
+    soak_of("on several nodes", sim::Options::on_nodes);
 }

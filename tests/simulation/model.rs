@@ -38,6 +38,9 @@ pub struct ListsModel {
     pub epoch: u64,
     /// A change's answer was lost in a crash: read back from the store.
     pub uncertain: bool,
+    /// On a `[cluster]` run: where the log of the lists' partition stood
+    /// when the last change was answered (or read back).
+    pub log_through: u64,
 }
 
 /// Where a user's connections stood, as the gateway saw them, at the end
@@ -137,7 +140,8 @@ pub struct Model {
     /// Channels anyone wrote to.
     pub channels: BTreeSet<ChannelKey>,
     /// Per uid.
-    pub presence: BTreeMap<String, PresenceTrack>,
+    /// Per (node, uid): presence is known per node.
+    pub presence: BTreeMap<(usize, String), PresenceTrack>,
     /// Per uid: their own lists.
     pub person_lists: BTreeMap<String, ListsModel>,
 }

@@ -7,9 +7,10 @@
 //! message it may see, conversation lists and unread counts are the
 //! model's, incremental syncs add up to the full one.
 
+use crate::log::ModelLog;
 use crate::model::{ConvModel, GroupModel, ListsModel, Model, Sent};
 use crate::rng::Rng;
-use crate::world::{StoreKind, World};
+use crate::world::{LogSetup, StoreKind, World};
 use bytes::{Bytes, BytesMut};
 use ruyi::channel::ChannelKey;
 use ruyi::config::Config;
@@ -24,7 +25,8 @@ use ruyi::protocol::{
 use ruyi::shard::api::{ApiRequest, ApiResponse};
 use ruyi::shard::state::{ControlError, GroupInfo, Now, SetChange};
 use ruyi::storage::{ListKind, ReadDirection};
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::rc::Rc;
 
@@ -53,6 +55,9 @@ pub struct Options {
     /// A `[cluster]` node: commits go through a model log with this percent
     /// chance of a fault per append (see `log.rs`).
     pub log: Option<u64>,
+    /// Cluster nodes sharing the log (1 without one): each device always
+    /// connects to the same node.
+    pub nodes: usize,
 }
 
 impl Options {
@@ -71,6 +76,7 @@ impl Options {
             extras: true,
             allowlist_for_person: rng.chance(50),
             log: None,
+            nodes: 1,
         }
     }
 
@@ -82,11 +88,23 @@ impl Options {
         self
     }
 
+    /// The seed's run on two or three cluster nodes sharing the model log:
+    /// each owns some partitions and follows the others', forwarding its
+    /// devices' writes to the owners.
+    pub fn on_nodes(self) -> Options {
+        let nodes = 2 + (self.seed % 2) as usize;
+        Options {
+            nodes,
+            ..self.on_log()
+        }
+    }
+
     /// As the seed ran before `extras` existed.
     pub fn classic(mut self) -> Options {
         self.extras = false;
         self.allowlist_for_person = false;
         self.log = None;
+        self.nodes = 1;
         self
     }
 }
@@ -94,6 +112,8 @@ impl Options {
 /// A connection as its client holds it.
 struct Link {
     conn: ConnId,
+    /// The node and the shard holding the connection.
+    node: usize,
     shard: usize,
     outbox: Rc<Outbox>,
     generation: u64,
@@ -118,6 +138,8 @@ enum AckStyle {
 struct Device {
     uid: String,
     device_id: String,
+    /// The cluster node it connects to.
+    node: usize,
     link: Option<Link>,
     next_no: u64,
     /// Sends not answered yet, in order: resent after a reconnect.
@@ -211,6 +233,18 @@ enum ControlWait {
     },
 }
 
+/// A write forwarded to the node owning its partition.
+struct InForward {
+    /// Where it was made: node, shard, that node's process, connection.
+    node: usize,
+    shard: usize,
+    generation: u64,
+    conn: ConnId,
+    request: ApiRequest,
+    /// The owner's answer, once the owner serves it (and its process).
+    answer: Option<(async_channel::Receiver<ApiResponse>, usize, u64)>,
+}
+
 /// Adds `line` to `trace`, printed at once when replaying.
 fn echo(trace: &mut Vec<String>, line: String) {
     if ECHO.load(std::sync::atomic::Ordering::Relaxed) {
@@ -260,7 +294,13 @@ pub struct Sim {
     /// Conversation syncs the devices made on their own (every third is
     /// a full one).
     full_syncs: u64,
-    world: World,
+    /// One process per cluster node (one in all but the runs on nodes).
+    worlds: Vec<World>,
+    /// Writes a node forwarded to the owner of their partition: per node
+    /// and shard, published and not served yet, in order; then served,
+    /// waiting for the owner's answer.
+    wire: Vec<Vec<VecDeque<InForward>>>,
+    forwarded: Vec<InForward>,
     devices: Vec<Device>,
     model: Model,
     controls: Vec<ControlWait>,
@@ -277,8 +317,8 @@ pub struct Sim {
     /// around them are answered: (uid, channel, seq, how it came).
     membership_checks: Vec<(String, ChannelKey, u64, &'static str)>,
     failure: Option<String>,
-    /// Per shard, the last webhook event read from the outbox.
-    webhooks_read: Vec<u64>,
+    /// Per node and shard, the last webhook event read from the outbox.
+    webhooks_read: Vec<Vec<u64>>,
     /// Messages a `msg.notify` event named: (channel, seq, id).
     notified: BTreeSet<(ChannelKey, u64, u64)>,
     /// The uids each `msg.offline` event named, by (channel, seq).
@@ -327,19 +367,30 @@ impl Sim {
             unix_ms: 1_764_000_000_000,
             micros: 1_000_000,
         };
-        let world = World::new(
-            options.store,
-            options.shards,
-            config.clone(),
-            now,
-            options.log,
-        );
+        let log = Rc::new(RefCell::new(ModelLog::default()));
+        let worlds: Vec<World> = (0..options.nodes)
+            .map(|node| {
+                World::new(
+                    options.store,
+                    options.shards,
+                    config.clone(),
+                    now,
+                    options.log.map(|faulty| LogSetup {
+                        faulty,
+                        node,
+                        nodes: options.nodes,
+                        model: Rc::clone(&log),
+                    }),
+                )
+            })
+            .collect();
         let mut devices = Vec::new();
         for u in 0..options.users {
             for d in 0..options.devices_per_user {
                 devices.push(Device {
                     uid: format!("u{u}"),
                     device_id: format!("d{d}"),
+                    node: (u + d) % options.nodes,
                     link: None,
                     next_no: 0,
                     unacked: Vec::new(),
@@ -370,8 +421,12 @@ impl Sim {
         Sim {
             rng: Rng::new(options.seed),
             full_syncs: 0,
+            wire: (0..options.nodes)
+                .map(|_| (0..options.shards).map(|_| VecDeque::new()).collect())
+                .collect(),
+            forwarded: Vec::new(),
             options,
-            world,
+            worlds,
             devices,
             model,
             controls: Vec::new(),
@@ -449,8 +504,11 @@ impl Sim {
             self.extra_random();
             return self.after_step();
         }
+        if self.options.nodes > 1 && self.rng.chance(15) {
+            self.between_nodes_random();
+            return self.after_step();
+        }
         let roll = self.rng.below(100);
-        let now = self.world.now;
         match roll {
             0..=9 => self.connect_random(),
             10..=29 => self.send_random(),
@@ -466,20 +524,22 @@ impl Sim {
             78..=81 => self.control_random(),
             82..=86 => {
                 let by = [1, 5, 20, 100, 400][self.rng.index(5)];
-                self.world.advance(by);
-                for i in 0..self.world.shard_count() {
-                    self.world.retry_tick(i);
-                }
+                self.advance(by);
+                self.retry_tick_all();
                 self.note(format!("time +{by} ms"));
             }
             87..=89 => {
-                let i = self.rng.index(self.world.shard_count());
-                self.world.run_position_job(i);
-                self.note(format!("shard {i}: position write"));
+                let n = self.random_node();
+                let i = self.rng.index(self.shard_count());
+                self.worlds[n].run_position_job(i);
+                self.note(format!("{}shard {i}: position write", self.node_name(n)));
             }
             90..=91 => {
-                for i in 0..self.world.shard_count() {
-                    self.world.shards[i].sweep(now);
+                for world in &mut self.worlds {
+                    let now = world.now;
+                    for shard in &mut world.shards {
+                        shard.sweep(now);
+                    }
                 }
                 self.note("sweep".into());
             }
@@ -488,13 +548,17 @@ impl Sim {
                 // must cope.
                 let back = self.rng.chance(50);
                 let by = 1 + self.rng.below(5_000);
+                // On nodes, one node's clock: they disagree from then on.
+                let n = self.random_node();
+                let clock = &mut self.worlds[n].now.unix_ms;
                 if back {
-                    self.world.now.unix_ms -= by;
+                    *clock -= by;
                 } else {
-                    self.world.now.unix_ms += by;
+                    *clock += by;
                 }
                 self.note(format!(
-                    "wall clock steps {} {by} ms",
+                    "{}wall clock steps {} {by} ms",
+                    self.node_name(n),
                     if back { "back" } else { "forward" }
                 ));
             }
@@ -510,8 +574,9 @@ impl Sim {
     }
 
     fn after_step(&mut self) {
-        self.world.collect_outgoing();
+        self.collect_all();
         self.poll_controls();
+        self.poll_forwards();
         self.check_memory_bounds();
         self.track_presence();
     }
@@ -527,33 +592,36 @@ impl Sim {
     /// end of every step, and before every commit begins, since that is
     /// when `msg.offline` is decided).
     fn observe_presence(&mut self) {
-        let quiet = self.world.busy_inboxes().is_empty();
-        for u in 0..self.options.users {
-            let uid = format!("u{u}");
-            let (held, active) = self.world.user_connections(&uid);
-            let track = self.model.presence.entry(uid).or_default();
-            if held > 0 {
-                track.offline_since = None;
-            } else if quiet && track.offline_since.is_none() {
-                track.offline_since = Some(self.step_no);
-            }
-            if active == 0 {
-                track.active_since = None;
-            } else if track.active_since.is_none() {
-                track.active_since = Some(self.step_no);
+        for (node, world) in self.worlds.iter().enumerate() {
+            let quiet = world.busy_inboxes().is_empty();
+            for u in 0..self.options.users {
+                let uid = format!("u{u}");
+                let (held, active) = world.user_connections(&uid);
+                let track = self.model.presence.entry((node, uid)).or_default();
+                if held > 0 {
+                    track.offline_since = None;
+                } else if quiet && track.offline_since.is_none() {
+                    track.offline_since = Some(self.step_no);
+                }
+                if active == 0 {
+                    track.active_since = None;
+                } else if track.active_since.is_none() {
+                    track.active_since = Some(self.step_no);
+                }
             }
         }
     }
 
     /// What a client can make the gateway hold stays within the limits.
     fn check_memory_bounds(&mut self) {
-        let limits = &self.world.config.limits;
+        let limits = &self.worlds[0].config.limits;
         let channels_max = limits.channels_cached_per_shard_max;
         // One more answer may land past the limit before the cut-off.
         let unwritten_max = limits.outbound_buffer_max_bytes
             + limits.sync_response_max_bytes
             + limits.frame_size_max_bytes;
-        for (i, shard) in self.world.shards.iter().enumerate() {
+        let shards = self.worlds.iter().flat_map(|w| w.shards.iter().enumerate());
+        for (i, shard) in shards {
             let (held, busy) = (shard.channels_cached(), shard.channels_busy());
             if held > channels_max + busy {
                 return self.violation(format!(
@@ -579,7 +647,7 @@ impl Sim {
     fn connect_random(&mut self) {
         let d = self.rng.index(self.devices.len());
         let resume = self.rng.chance(75);
-        let shard = self.rng.index(self.world.shard_count());
+        let shard = self.rng.index(self.shard_count());
         self.connect(d, shard, resume);
     }
 
@@ -590,8 +658,9 @@ impl Sim {
             self.zombies.push(old);
             self.forget_requests(d);
         }
-        let now = self.world.now;
-        let (conn, outbox) = match self.world.shards[shard].accept(now) {
+        let node = self.devices[d].node;
+        let now = self.worlds[node].now;
+        let (conn, outbox) = match self.worlds[node].shards[shard].accept(now) {
             Ok(accepted) => accepted,
             Err(reason) => {
                 self.note(format!("{}: accept refused {reason:?}", self.name(d)));
@@ -609,16 +678,18 @@ impl Sim {
         });
         self.devices[d].link = Some(Link {
             conn,
+            node,
             shard,
             outbox,
-            generation: self.world.generation,
+            generation: self.worlds[node].generation,
             active: false,
             last_unflagged: BTreeMap::new(),
             unread: std::collections::VecDeque::new(),
         });
         self.note(format!(
-            "{}: connect on shard {shard} as conn {} resume={resume}",
+            "{}: connect on {}shard {shard} as conn {} resume={resume}",
             self.name(d),
+            self.node_name(node),
             conn.0
         ));
         self.write(d, &packet);
@@ -644,15 +715,15 @@ impl Sim {
     /// The gateway reads what device `d` wrote, as far as it takes frames
     /// from the connection now (as the connection task does).
     fn feed(&mut self, d: usize) {
-        let now = self.world.now;
-        let generation = self.world.generation;
         let Some(link) = &mut self.devices[d].link else {
             return;
         };
-        if link.generation != generation {
+        let world = &mut self.worlds[link.node];
+        let now = world.now;
+        if link.generation != world.generation {
             return;
         }
-        let shard = &mut self.world.shards[link.shard];
+        let shard = &mut world.shards[link.shard];
         while !link.unread.is_empty() && shard.reads_frames(link.conn) {
             let frame = link.unread.pop_front().expect("not empty");
             shard.on_frame(link.conn, &frame, now);
@@ -697,7 +768,11 @@ impl Sim {
         let (channel_id, channel_type, key) = self.random_target(d);
         let uid = self.devices[d].uid.clone();
         // Now and then a client reuses one of its client_msg_nos for a
-        // different message: it must not be answered as stored.
+        // different message: it must not be answered as stored. (On nodes,
+        // only where one node owns both channels: another node learns of
+        // the first message when it applies its record, and until then
+        // takes the reuse for a new message; see the README's Cluster.)
+        let owner = self.owner_node(&key);
         let reused = self
             .model
             .sent
@@ -707,6 +782,7 @@ impl Sim {
                     && sent.channel != key
                     && sent.acked.is_some()
                     && sent.channel.kind() == ChannelType::Person
+                    && self.owner_node(&sent.channel) == owner
             })
             .map(|((_, no), _)| no.clone())
             .next();
@@ -792,7 +868,10 @@ impl Sim {
                 .groups
                 .get(key.id())
                 .map_or((0, 0), |g| (g.epoch, g.generation)),
-            _ => (self.person_epoch(&self.devices[d].uid, key), 0),
+            _ => {
+                let uid = self.devices[d].uid.clone();
+                (self.person_epoch(&uid, key), 0)
+            }
         };
         let device = &mut self.devices[d];
         device.next_client_seq += 1;
@@ -1056,7 +1135,7 @@ impl Sim {
         let packet = Packet::SyncConversations(SyncConversations {
             request_id,
             since_version,
-            limit: self.world.config.limits.sync_limit_max,
+            limit: self.worlds[0].config.limits.sync_limit_max,
             unread_only: false,
         });
         self.write(d, &packet);
@@ -1128,8 +1207,9 @@ impl Sim {
 
     fn drop_link(&mut self, d: usize) {
         if let Some(link) = self.devices[d].link.take() {
-            if link.generation == self.world.generation {
-                self.world.shards[link.shard].on_closed(link.conn);
+            let world = &mut self.worlds[link.node];
+            if link.generation == world.generation {
+                world.shards[link.shard].on_closed(link.conn);
             }
         }
         self.forget_requests(d);
@@ -1167,12 +1247,12 @@ impl Sim {
             let mut bytes = BytesMut::new();
             link.outbox.take_into(&mut bytes);
             link.outbox.wrote(bytes.len());
-            let stale = link.generation != self.world.generation;
-            if stale {
+            let world = &mut self.worlds[link.node];
+            if link.generation != world.generation {
                 continue;
             }
             if link.outbox.closing().is_some() || link.outbox.is_aborted() {
-                self.world.shards[link.shard].on_closed(link.conn);
+                world.shards[link.shard].on_closed(link.conn);
             } else {
                 self.zombies.push(link);
             }
@@ -1184,7 +1264,7 @@ impl Sim {
         let Some(link) = &self.devices[d].link else {
             return;
         };
-        if link.generation != self.world.generation {
+        if link.generation != self.worlds[link.node].generation {
             // The gateway crashed under this connection.
             self.devices[d].link = None;
             self.forget_requests(d);
@@ -1209,7 +1289,7 @@ impl Sim {
         self.feed(d);
         if ended {
             if let Some(link) = self.devices[d].link.take() {
-                self.world.shards[link.shard].on_closed(link.conn);
+                self.worlds[link.node].shards[link.shard].on_closed(link.conn);
                 self.note(format!("{}: connection ended", self.name(d)));
                 self.forget_requests(d);
             }
@@ -1257,8 +1337,9 @@ impl Sim {
             }
             Packet::SyncMessagesResp(resp) => {
                 let uid = self.devices[d].uid.clone();
+                let node = self.devices[d].node;
                 for recv in resp.messages {
-                    self.check_against_store(&uid, &recv, "sync");
+                    self.check_against_store(node, &uid, &recv, "sync");
                 }
             }
             Packet::Disconnect(disconnect) => {
@@ -1340,12 +1421,10 @@ impl Sim {
                 ));
             }
         }
-        // The acknowledged place holds exactly this message.
-        match self
-            .world
-            .reader
-            .message(&sent.channel, ruyi::ids::Seq(ack.message_seq))
-        {
+        // The acknowledged place holds exactly this message (on the node
+        // owning it: the others may not have applied it yet).
+        let owner = self.owner_node(&sent.channel);
+        match self.stored_message(&sent.channel, ack.message_seq) {
             Ok(Some(stored)) => {
                 let same = stored.message_id.0 == ack.message_id
                     && stored.from_uid.as_str() == uid
@@ -1384,20 +1463,23 @@ impl Sim {
             }
         }
         self.model.places.insert(place, this);
+        // `msg.offline` is decided by the owning node's presence: a user
+        // online only on another node is named offline there.
         let since = |step: Option<u64>| step.is_some_and(|s| s <= sent.first_step);
+        let of_owner = |(node, uid): &(usize, String)| (*node == owner).then(|| uid.clone());
         let offline_must: BTreeSet<String> = self
             .model
             .presence
             .iter()
             .filter(|(_, t)| since(t.offline_since))
-            .map(|(u, _)| u.clone())
+            .filter_map(|(k, _)| of_owner(k))
             .collect();
         let online_must: BTreeSet<String> = self
             .model
             .presence
             .iter()
             .filter(|(_, t)| since(t.active_since))
-            .map(|(u, _)| u.clone())
+            .filter_map(|(k, _)| of_owner(k))
             .collect();
         if let Some(s) = self.model.sent.get_mut(&(uid, no)) {
             if s.acked.is_none() {
@@ -1503,8 +1585,11 @@ impl Sim {
     }
 
     /// A message a device was given matches the store.
+    /// What a device connected to `node` was given is what that node
+    /// stores.
     fn check_against_store(
         &mut self,
+        node: usize,
         uid: &str,
         recv: &Recv,
         what: &'static str,
@@ -1513,8 +1598,7 @@ impl Sim {
             ChannelType::Person => ChannelKey::person(&Uid::new(uid), &Uid::new(&recv.channel_id)),
             _ => ChannelKey::group(&recv.channel_id),
         };
-        match self
-            .world
+        match self.worlds[node]
             .reader
             .message(&key, ruyi::ids::Seq(recv.message_seq))
         {
@@ -1573,7 +1657,8 @@ impl Sim {
         self.summary.pushes += 1;
         let uid = self.devices[d].uid.clone();
         let device_id = self.devices[d].device_id.clone();
-        let Some(key) = self.check_against_store(&uid, &recv, "a push") else {
+        let node = self.devices[d].node;
+        let Some(key) = self.check_against_store(node, &uid, &recv, "a push") else {
             return;
         };
         let seq = recv.message_seq;
@@ -1583,7 +1668,7 @@ impl Sim {
             self.name(d),
             if flagged { " (redelivered)" } else { "" }
         ));
-        if let Ok(Some(stored)) = self.world.reader.message(&key, ruyi::ids::Seq(seq)) {
+        if let Ok(Some(stored)) = self.worlds[node].reader.message(&key, ruyi::ids::Seq(seq)) {
             if stored.from_uid.as_str() == uid && *stored.from_device == *device_id {
                 return self.violation(format!(
                     "{} was pushed its own send {key:?} seq {seq}",
@@ -1597,19 +1682,18 @@ impl Sim {
                 .get(&key)
                 .is_some_and(|a| a.contains(&seq))
             {
-                let session = self
-                    .world
+                let session = self.worlds[node]
                     .reader
                     .device_session(&Uid::new(&uid), &device_id);
-                let position = self
-                    .world
-                    .reader
-                    .device_position(&Uid::new(&uid), &device_id, &key);
+                let position =
+                    self.worlds[node]
+                        .reader
+                        .device_position(&Uid::new(&uid), &device_id, &key);
                 return self.violation(format!(
                     "{} was pushed {key:?} seq {seq} (id {}) again without the redelivered flag after acknowledging it (run {:?}, session {session:?}, position {position:?})",
                     self.name(d),
                     recv.message_id,
-                    self.world.shards[0].run()
+                    self.worlds[node].shards[0].run()
                 ));
             }
             if let Some(link) = &mut self.devices[d].link {
@@ -1657,11 +1741,7 @@ impl Sim {
                         sent.channel
                     ));
                 }
-                match self
-                    .world
-                    .reader
-                    .message(&key, ruyi::ids::Seq(resp.message_seq))
-                {
+                match self.stored_message(&key, resp.message_seq) {
                     Ok(Some(stored)) if stored.recalled && stored.client_msg_no == no => {}
                     // Recalled, then erased with its group (which may have
                     // been created again since).
@@ -1779,7 +1859,7 @@ impl Sim {
         }
         let group = format!("g{}", self.rng.index(self.options.groups));
         let key = ChannelKey::group(&group);
-        let owner = self.world.owner_of(&key);
+        let (node, owner) = self.owner_of(&key);
         let uids: Vec<String> = (0..self.options.users)
             .filter(|_| self.rng.chance(40))
             .map(|u| format!("u{u}"))
@@ -1809,8 +1889,8 @@ impl Sim {
                     .collect(),
             };
             let (tx, rx) = async_channel::bounded(1);
-            let now = self.world.now;
-            self.world.shards[owner].change_group(&group, uids, change, tx, now);
+            let now = self.worlds[node].now;
+            self.worlds[node].shards[owner].change_group(&group, uids, change, tx, now);
             self.controls.push(ControlWait::Group {
                 group: group.clone(),
                 removes,
@@ -1831,7 +1911,7 @@ impl Sim {
                 "operator: {kind:?} list of {group} {change:?} {uids:?}"
             ));
             let (tx, rx) = async_channel::bounded(1);
-            self.world.shards[owner].change_list(key, kind, uids, change, tx);
+            self.worlds[node].shards[owner].change_list(key, kind, uids, change, tx);
             self.controls.push(ControlWait::List {
                 group: group.clone(),
                 kind,
@@ -1840,8 +1920,8 @@ impl Sim {
         } else if roll == 8 {
             self.note(format!("operator: delete group {group}"));
             let (tx, rx) = async_channel::bounded(1);
-            let now = self.world.now;
-            self.world.shards[owner].api(ApiRequest::DeleteGroup { channel: key }, tx, now);
+            let now = self.worlds[node].now;
+            self.worlds[node].shards[owner].api(ApiRequest::DeleteGroup { channel: key }, tx, now);
             self.controls.push(ControlWait::Delete {
                 group: group.clone(),
                 rx,
@@ -1988,17 +2068,11 @@ impl Sim {
             .collect();
         for group in groups {
             let key = ChannelKey::group(&group);
-            let record = self.world.reader.load_channel(&key).ok().flatten();
-            let deny = self
-                .world
-                .reader
-                .list(&key, ListKind::Deny, 1000)
-                .unwrap_or_default();
-            let allow = self
-                .world
-                .reader
-                .list(&key, ListKind::Allow, 1000)
-                .unwrap_or_default();
+            let owner = self.owner_node(&key);
+            let reader = &mut self.worlds[owner].reader;
+            let record = reader.load_channel(&key).ok().flatten();
+            let deny = reader.list(&key, ListKind::Deny, 1000).unwrap_or_default();
+            let allow = reader.list(&key, ListKind::Allow, 1000).unwrap_or_default();
             let delete_lost = std::mem::take(
                 &mut self
                     .model
@@ -2019,8 +2093,7 @@ impl Sim {
                 // created again after it): its messages are gone with it,
                 // and every seq below the first one stored now belonged to
                 // the deleted incarnation.
-                let first_stored = self
-                    .world
+                let first_stored = self.worlds[owner]
                     .reader
                     .read_messages(&key, ruyi::ids::Seq(1), 1, ReadDirection::Up)
                     .ok()
@@ -2140,7 +2213,7 @@ impl Sim {
             .map(|((_, seq), (id, _, _))| (*seq, *id));
         known.is_some_and(|(seq, id)| {
             !matches!(
-                self.world.reader.message(key, ruyi::ids::Seq(seq)),
+                self.stored_message(key, seq),
                 Ok(Some(stored)) if stored.message_id.0 == id
             )
         })
@@ -2149,24 +2222,30 @@ impl Sim {
     // ---- faults -------------------------------------------------------------
 
     fn deliver_random(&mut self) {
-        let busy = self.world.busy_inboxes();
+        let busy: Vec<(usize, usize, usize)> = self
+            .worlds
+            .iter()
+            .enumerate()
+            .flat_map(|(n, w)| w.busy_inboxes().into_iter().map(move |(f, t)| (n, f, t)))
+            .collect();
         if busy.is_empty() {
             return;
         }
-        let (from, to) = *self.rng.pick(&busy);
-        self.note(format!("inbox {from} -> {to}"));
-        self.world.deliver(from, to);
+        let (n, from, to) = *self.rng.pick(&busy);
+        self.note(format!("{}inbox {from} -> {to}", self.node_name(n)));
+        self.worlds[n].deliver(from, to);
     }
 
     fn commit_random(&mut self) {
-        let i = self.rng.index(self.world.shard_count());
+        let n = self.random_node();
+        let i = self.rng.index(self.shard_count());
         let fail = self.rng.chance(self.options.write_failure_percent)
             || self.step_no < self.disk_full_until;
         self.observe_presence();
         let draw = self.log_draw();
-        let what = self.world.commit_step(i, fail, draw);
+        let what = self.worlds[n].commit_step(i, fail, draw);
         if what != "idle" {
-            self.note(format!("shard {i}: commit {what}"));
+            self.note(format!("{}shard {i}: commit {what}", self.node_name(n)));
         }
     }
 
@@ -2181,20 +2260,24 @@ impl Sim {
     }
 
     fn crash(&mut self) {
+        let n = self.random_node();
         let write_begun = self.rng.chance(50);
         self.note(format!(
-            "CRASH (prepared writes {})",
+            "{}CRASH (prepared writes {})",
+            self.node_name(n),
             if write_begun { "land" } else { "lost" }
         ));
         self.summary.crashes += 1;
-        self.world.crash(write_begun);
+        self.worlds[n].crash(write_begun);
         for d in 0..self.devices.len() {
-            if self.devices[d].link.take().is_some() {
+            if self.devices[d].link.as_ref().is_some_and(|l| l.node == n) {
+                self.devices[d].link = None;
                 self.forget_requests(d);
             }
         }
-        self.zombies.clear();
+        self.zombies.retain(|link| link.node != n);
         self.poll_controls();
+        self.poll_forwards();
         self.reload_uncertain_groups();
         self.reload_uncertain_lists();
         // Every acknowledged message survived.
@@ -2206,34 +2289,47 @@ impl Sim {
     /// Runs everything queued to completion, without faults.
     fn quiesce(&mut self) {
         for _ in 0..10_000 {
-            self.world.collect_outgoing();
+            self.collect_all();
             self.drain_all();
-            self.world.collect_outgoing();
+            self.collect_all();
             let mut moved = false;
-            for (from, to) in self.world.busy_inboxes() {
-                self.world.deliver(from, to);
-                moved = true;
-            }
-            for i in 0..self.world.shard_count() {
-                loop {
-                    self.observe_presence();
-                    let draw = self.log_draw();
-                    let what = self.world.commit_step(i, false, draw);
-                    if what == "idle" {
-                        break;
-                    }
+            for n in 0..self.worlds.len() {
+                for (from, to) in self.worlds[n].busy_inboxes() {
+                    self.worlds[n].deliver(from, to);
                     moved = true;
                 }
-                while !self.world.position_jobs[i].is_empty() {
-                    self.world.run_position_job(i);
+            }
+            for n in 0..self.worlds.len() {
+                for i in 0..self.shard_count() {
+                    loop {
+                        self.observe_presence();
+                        let draw = self.log_draw();
+                        let what = self.worlds[n].commit_step(i, false, draw);
+                        if what == "idle" {
+                            break;
+                        }
+                        moved = true;
+                    }
+                    while !self.worlds[n].position_jobs[i].is_empty() {
+                        self.worlds[n].run_position_job(i);
+                    }
+                    while self.worlds[n].follow_step(i) {
+                        moved = true;
+                    }
+                    moved |= self.forward_all(n, i);
                 }
             }
             self.poll_controls();
+            moved |= self.poll_forwards();
             let outboxes_waiting = self
                 .devices
                 .iter()
                 .any(|d| d.link.as_ref().is_some_and(|l| !l.outbox.is_empty()));
-            if !moved && !outboxes_waiting && !self.world.busy() {
+            if !moved
+                && !outboxes_waiting
+                && self.worlds.iter().all(|w| !w.busy())
+                && self.forwarded.is_empty()
+            {
                 // Every operation whose answer was lost has landed or is
                 // gone by now.
                 for conv in self.model.conversations.values_mut() {
@@ -2253,11 +2349,8 @@ impl Sim {
         self.quiesce();
         // Let every retry fire and every window refill.
         for _ in 0..8 {
-            self.world
-                .advance(self.world.config.delivery.retry_interval_max_ms);
-            for i in 0..self.world.shard_count() {
-                self.world.retry_tick(i);
-            }
+            self.advance(self.worlds[0].config.delivery.retry_interval_max_ms);
+            self.retry_tick_all();
             self.quiesce();
         }
         self.reload_uncertain_groups();
@@ -2276,7 +2369,7 @@ impl Sim {
                 self.drain(d);
                 self.drop_link(d);
             }
-            let shard = self.rng.index(self.world.shard_count());
+            let shard = self.rng.index(self.shard_count());
             self.connect(d, shard, true);
         }
         // Until nothing new arrives for a few retry ticks in a row (a
@@ -2289,10 +2382,8 @@ impl Sim {
                 self.ack(d, true);
             }
             self.quiesce();
-            self.world.advance(self.world.config.delivery.retry_tick_ms);
-            for i in 0..self.world.shard_count() {
-                self.world.retry_tick(i);
-            }
+            self.advance(self.worlds[0].config.delivery.retry_tick_ms);
+            self.retry_tick_all();
             self.quiesce();
             if self.devices.iter().all(|d| d.to_ack.is_empty()) {
                 quiet_ticks += 1;
@@ -2310,6 +2401,7 @@ impl Sim {
         self.check_memberships(true);
         self.check_acknowledged_are_stored();
         self.check_channels_in_store();
+        self.check_nodes_agree();
         self.check_every_device_has_what_it_may_see();
         self.check_conversations();
     }
@@ -2321,27 +2413,32 @@ impl Sim {
     /// Every acknowledged send was named by a `msg.notify` (its event is
     /// written in the commit that stores it).
     fn check_webhooks(&mut self) {
-        let shards = self.world.shard_count();
-        self.webhooks_read.resize(shards, 0);
-        for shard in 0..shards {
-            loop {
-                let after = self.webhooks_read[shard];
-                let events = match self.world.storage.webhook_events(
-                    ruyi::ids::ShardId(shard as u16),
-                    after,
-                    1000,
-                ) {
-                    Ok(events) => events,
-                    Err(error) => return self.violation(format!("outbox read failed: {error}")),
-                };
-                let Some((last, _)) = events.last() else {
-                    break;
-                };
-                self.webhooks_read[shard] = *last;
-                for (_, record) in events {
-                    self.check_webhook_event(&record.event, &record.body);
-                    if self.failed() {
-                        return;
+        let shards = self.shard_count();
+        self.webhooks_read.resize(self.worlds.len(), Vec::new());
+        for n in 0..self.worlds.len() {
+            self.webhooks_read[n].resize(shards, 0);
+            for shard in 0..shards {
+                loop {
+                    let after = self.webhooks_read[n][shard];
+                    let events = match self.worlds[n].storage.webhook_events(
+                        ruyi::ids::ShardId(shard as u16),
+                        after,
+                        1000,
+                    ) {
+                        Ok(events) => events,
+                        Err(error) => {
+                            return self.violation(format!("outbox read failed: {error}"))
+                        }
+                    };
+                    let Some((last, _)) = events.last() else {
+                        break;
+                    };
+                    self.webhooks_read[n][shard] = *last;
+                    for (_, record) in events {
+                        self.check_webhook_event(&record.event, &record.body);
+                        if self.failed() {
+                            return;
+                        }
                     }
                 }
             }
@@ -2387,7 +2484,7 @@ impl Sim {
                 sent.channel
             ));
         }
-        if self.world.webhooks_dropped() > 0 {
+        if self.worlds.iter().any(|w| w.webhooks_dropped() > 0) {
             return;
         }
         for uid in &sent.offline_must {
@@ -2433,7 +2530,7 @@ impl Sim {
             let seq = message["message_seq"].as_u64().unwrap_or_default();
             let id = message["message_id"].as_u64().unwrap_or_default();
             let revoked = message["revoke"].as_u64() == Some(1);
-            let stored = self.world.reader.message(&key, ruyi::ids::Seq(seq));
+            let stored = self.stored_message(&key, seq);
             match stored {
                 Ok(Some(stored)) if stored.message_id.0 == id => {}
                 Ok(None) if self.erased_with_group(&key, seq) => {}
@@ -2495,11 +2592,7 @@ impl Sim {
                 continue;
             }
             let (seq, id) = sent.acked.expect("acked");
-            match self
-                .world
-                .reader
-                .message(&sent.channel, ruyi::ids::Seq(seq))
-            {
+            match self.stored_message(&sent.channel, seq) {
                 Ok(Some(stored)) if stored.message_id.0 == id && stored.client_msg_no == no => {}
                 other => {
                     return self.violation(format!(
@@ -2517,7 +2610,8 @@ impl Sim {
         let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
         let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
         for key in channels {
-            let stored = match self.world.reader.read_messages(
+            let owner = self.owner_node(&key);
+            let stored = match self.worlds[owner].reader.read_messages(
                 &key,
                 ruyi::ids::Seq(1),
                 100_000,
@@ -2619,8 +2713,8 @@ impl Sim {
     fn check_every_device_has_what_it_may_see(&mut self) {
         let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
         for key in channels {
-            let stored = self
-                .world
+            let owner = self.owner_node(&key);
+            let stored = self.worlds[owner]
                 .reader
                 .read_messages(&key, ruyi::ids::Seq(1), 100_000, ReadDirection::Up)
                 .unwrap_or_default();
@@ -2641,12 +2735,10 @@ impl Sim {
                         .is_some_and(|r| r.contains_key(&message.seq.0));
                     if !has {
                         let uid_ = Uid::new(&uid);
-                        let position = self.world.reader.device_position(
-                            &uid_,
-                            &self.devices[d].device_id,
-                            &key,
-                        );
-                        let row = self.world.reader.conversation(&uid_, &key);
+                        let reader = &mut self.worlds[self.devices[d].node].reader;
+                        let position =
+                            reader.device_position(&uid_, &self.devices[d].device_id, &key);
+                        let row = reader.conversation(&uid_, &key);
                         return self.violation(format!(
                             "{} never got {key:?} seq {} (owed after seq {floor}; stored position {position:?}, row {row:?}, acked {:?})",
                             self.name(d),
@@ -2717,7 +2809,9 @@ impl Sim {
                 ChannelKey::group(&key.1)
             };
             if matches!(
-                self.world.reader.conversation(&Uid::new(uid), &channel),
+                self.worlds[self.devices[d].node]
+                    .reader
+                    .conversation(&Uid::new(uid), &channel),
                 Ok(Some(_))
             ) {
                 return self.violation(format!(
@@ -2729,11 +2823,17 @@ impl Sim {
         }
     }
 
+    /// On every node, through a device connected there.
     fn check_conversations(&mut self) {
         let users: Vec<String> = (0..self.options.users).map(|u| format!("u{u}")).collect();
-        for uid in users {
+        let nodes = self.worlds.len();
+        for (uid, n) in users
+            .into_iter()
+            .flat_map(|uid| (0..nodes).map(move |n| (uid.clone(), n)))
+        {
             let Some(d) = (0..self.devices.len()).find(|d| {
                 self.devices[*d].uid == uid
+                    && self.devices[*d].node == n
                     && self.devices[*d].link.as_ref().is_some_and(|l| l.active)
             }) else {
                 continue;
@@ -2764,8 +2864,7 @@ impl Sim {
                 .collect();
             let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
             for key in channels {
-                let stored = self
-                    .world
+                let stored = self.worlds[n]
                     .reader
                     .read_messages(&key, ruyi::ids::Seq(1), 100_000, ReadDirection::Up)
                     .unwrap_or_default();
@@ -2779,7 +2878,7 @@ impl Sim {
                         })
                         && got.contains_key(&key)
                     {
-                        let row = self.world.reader.conversation(&Uid::new(&uid), &key);
+                        let row = self.worlds[n].reader.conversation(&Uid::new(&uid), &key);
                         return self.violation(format!(
                             "{uid} lists {key:?}, of which they are not a member (row {row:?})"
                         ));
@@ -2815,13 +2914,13 @@ impl Sim {
                 }
                 match (visible, got.get(&key)) {
                     (true, None) => {
-                        let row = self.world.reader.conversation(&Uid::new(&uid), &key);
+                        let row = self.worlds[n].reader.conversation(&Uid::new(&uid), &key);
                         return self.violation(format!(
                             "{uid}'s conversation list lacks {key:?} (last seq {last}, hidden to {hidden_below}; row {row:?})"
                         ));
                     }
                     (false, Some(_)) => {
-                        let row = self.world.reader.conversation(&Uid::new(&uid), &key);
+                        let row = self.worlds[n].reader.conversation(&Uid::new(&uid), &key);
                         return self.violation(format!(
                             "{uid}'s conversation list shows {key:?}, hidden to {hidden_below}, last seq {last} (row {row:?})"
                         ));
@@ -2894,4 +2993,7 @@ mod input;
 // The operations `Options::extras` turns on.
 #[path = "extras.rs"]
 mod extras;
+// What passes between cluster nodes (`Options::nodes`).
+#[path = "nodes.rs"]
+mod nodes;
 pub use input::run_input;

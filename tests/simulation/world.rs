@@ -4,6 +4,11 @@
 //! into steps the simulation chooses. Inboxes deliver FIFO per pair of
 //! shards; a commit's durable write and the acknowledgements after it are
 //! separate steps, so a crash can fall between them.
+//!
+//! A `World` is one process. In runs of several cluster nodes each node is
+//! a `World` of its own, on its own store, and they share one model log:
+//! each owns some partitions (it appends them) and follows the rest
+//! (applies what the log holds of them, a record per step).
 
 use super::log::ModelLog;
 use super::rng::Rng;
@@ -18,6 +23,7 @@ use ruyi::shard::state::{InFlight, Now, ShardState, Signals, Unstored};
 use ruyi::storage::{
     CommitJob, MemoryStorage, RocksStorage, ShardStore, Storage, StorageError, SyncPolicy,
 };
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -71,9 +77,26 @@ pub struct World {
     pub log: Option<LogWorld>,
 }
 
+/// How a `[cluster]` node's process is set up: the log it shares with
+/// the other nodes, and which of them it is.
+pub struct LogSetup {
+    /// Percent chance of a fault per append.
+    pub faulty: u64,
+    /// This node's index (its node id is one more).
+    pub node: usize,
+    /// How many nodes share the log (partitions are dealt over them).
+    pub nodes: usize,
+    pub model: Rc<RefCell<ModelLog>>,
+}
+
 /// The log of a `[cluster]` run and each shard's writer.
 pub struct LogWorld {
-    pub model: ModelLog,
+    pub model: Rc<RefCell<ModelLog>>,
+    /// This node's id (1-based).
+    pub node_id: u32,
+    /// Whether other nodes share the log (message ids then carry the
+    /// node, as on a real cluster node).
+    pub several: bool,
     pub config: ruyi::config::ClusterConfig,
     pub places: Arc<[ruyi::key::Place]>,
     pub writers: Vec<LogWriter>,
@@ -90,9 +113,14 @@ pub struct LogWorld {
 const UNAVAILABLE_AFTER_ROUNDS: u32 = 3;
 
 impl World {
-    /// `log`: commit through a model log with this percent chance of a
-    /// fault per append (a `[cluster]` node).
-    pub fn new(kind: StoreKind, shards: u16, config: Config, now: Now, log: Option<u64>) -> World {
+    /// `log`: a `[cluster]` node, committing through the model log.
+    pub fn new(
+        kind: StoreKind,
+        shards: u16,
+        config: Config,
+        now: Now,
+        log: Option<LogSetup>,
+    ) -> World {
         let (storage, memory, dir): (Arc<dyn Storage>, _, _) = match kind {
             StoreKind::Rocks => {
                 let dir = tempfile::tempdir().expect("temporary directory");
@@ -123,28 +151,28 @@ impl World {
             generation: 0,
             webhooks: Arc::new(ruyi::webhook::WebhookShared::default()),
             webhooks_dropped_before: 0,
-            log: log.map(|faulty| {
+            log: log.map(|setup| {
                 let config = ruyi::config::ClusterConfig {
                     nats_urls: vec!["nats://simulation.invalid".into()],
                     partitions: 8,
+                    node_id: setup.node as u32 + 1,
                     ..Default::default()
                 };
-                let nodes = [ruyi::cluster::partition::NodeSpec { node: 1, shards }];
+                let nodes: Vec<_> = (1..=setup.nodes as u32)
+                    .map(|node| ruyi::cluster::partition::NodeSpec { node, shards })
+                    .collect();
                 let map = ruyi::cluster::partition::PartitionMap::new(config.partitions, &nodes)
                     .expect("a partition map");
                 LogWorld {
-                    model: ModelLog::default(),
-                    places: (0..config.partitions)
-                        .map(|p| ruyi::key::Place {
-                            shard: map.owner(p).shard,
-                            owned: true,
-                        })
-                        .collect(),
+                    model: setup.model,
+                    node_id: config.node_id,
+                    several: setup.nodes > 1,
+                    places: map.places(config.node_id, shards),
                     config,
                     writers: Vec::new(),
                     written: Vec::new(),
                     unstored: Vec::new(),
-                    faulty,
+                    faulty: setup.faulty,
                 }
             }),
         };
@@ -193,6 +221,10 @@ impl World {
                     state.set_routing(ruyi::key::Routing::Partitions {
                         places: Arc::clone(&log.places),
                     });
+                    if log.several {
+                        state
+                            .set_id_tag(ruyi::cluster::partition::id_tag(log.node_id, ShardId(id)));
+                    }
                 }
                 state
             })
@@ -201,8 +233,15 @@ impl World {
             log.writers = (0..shards)
                 .map(|id| {
                     let mut store = self.storage.open_shard(ShardId(id)).expect("open shard");
-                    LogWriter::open(&log.config, &log.places, 1, ShardId(id), run.0, &mut *store)
-                        .expect("log positions")
+                    LogWriter::open(
+                        &log.config,
+                        &log.places,
+                        log.node_id,
+                        ShardId(id),
+                        run.0,
+                        &mut *store,
+                    )
+                    .expect("log positions")
                 })
                 .collect();
             log.written = (0..shards).map(|_| None).collect();
@@ -288,7 +327,41 @@ impl World {
         })
     }
 
-    /// The shard owning `key`: by partition in `[cluster]` runs.
+    /// Whether this node writes `key` (a cluster node forwards the writes
+    /// of the partitions other nodes own).
+    pub fn owns(&self, key: &ChannelKey) -> bool {
+        self.routing().is_none_or(|r| r.remote(key).is_none())
+    }
+
+    fn routing(&self) -> Option<ruyi::key::Routing> {
+        self.log.as_ref().map(|log| ruyi::key::Routing::Partitions {
+            places: Arc::clone(&log.places),
+        })
+    }
+
+    /// Where the log of `key`'s partition stands now (0 without a log).
+    pub fn log_position_of(&self, key: &ChannelKey) -> u64 {
+        self.log.as_ref().map_or(0, |log| {
+            let partition = ruyi::cluster::partition::partition_of(key, log.config.partitions);
+            log.model.borrow().last_of(&log.config.subject(partition))
+        })
+    }
+
+    /// How far this node has applied the log of `key`'s partition (0
+    /// without a log).
+    pub fn applied_of(&mut self, key: &ChannelKey) -> u64 {
+        let Some(log) = &self.log else {
+            return 0;
+        };
+        let partition = ruyi::cluster::partition::partition_of(key, log.config.partitions);
+        let shard = self.owner_of(key);
+        self.shards[shard]
+            .log_applied(partition)
+            .expect("read a log position")
+    }
+
+    /// The shard owning `key` (on a cluster node: writing it, or following
+    /// it when another node owns it).
     pub fn owner_of(&self, key: &ChannelKey) -> usize {
         match &self.log {
             None => key.shard(self.shards.len() as u16).index(),
@@ -390,13 +463,13 @@ impl World {
         let now = self.now;
         let mut rng = Rng::new(draw);
         let log = self.log.as_mut().expect("a log");
-        if rng.chance(10) && log.model.settle_one_proposed(&mut rng) {
+        if rng.chance(10) && log.model.borrow_mut().settle_one_proposed(&mut rng) {
             return "log: a proposed append settled";
         }
         if rng.chance(2) {
             let partition = rng.below(u64::from(log.config.partitions)) as u32;
             let subject = log.config.subject(partition);
-            log.model.foreign_append(&subject, partition);
+            log.model.borrow_mut().foreign_append(&subject, partition);
             return "log: another writer appended";
         }
         match std::mem::replace(&mut self.commits[i], Commit::Idle) {
@@ -423,7 +496,10 @@ impl World {
             Commit::Appending(mut batch, mut mutations, in_flight, rounds) => {
                 let requests = log.writers[i].requests(&mut batch);
                 let faulty = log.faulty;
-                let results = log.model.append_all(requests, faulty, &mut rng);
+                let results = log
+                    .model
+                    .borrow_mut()
+                    .append_all(requests, faulty, &mut rng);
                 match log.writers[i].answers(&mut batch, results) {
                     Round::Unknown(_) => {
                         if rounds + 1 >= UNAVAILABLE_AFTER_ROUNDS {
@@ -512,7 +588,10 @@ impl World {
                 if requests.is_empty() {
                     break;
                 }
-                let results = log.model.append_all(requests, log.faulty, &mut rng);
+                let results = log
+                    .model
+                    .borrow_mut()
+                    .append_all(requests, log.faulty, &mut rng);
                 let _ = log.writers[i].answers(&mut barrier, results);
             }
             let positions: Vec<ruyi::storage::Mutation> = barrier.positions().collect();
@@ -538,7 +617,11 @@ impl World {
         let mut applied_any = false;
         for (partition, from) in log.writers[i].stale() {
             let mut last = from;
-            for (seq, payload) in log.model.read_after(&log.config.subject(partition), from) {
+            let records = log
+                .model
+                .borrow()
+                .read_after(&log.config.subject(partition), from);
+            for (seq, payload) in records {
                 let record = LogRecord::decode(&payload).expect("a record");
                 let own = log.writers[i].is_own(&record.writer);
                 self.shards[i]
@@ -552,6 +635,48 @@ impl World {
         if applied_any {
             self.shards[i].log_caught_up(now);
         }
+    }
+
+    /// Shard `i` applies the next record (in log order) of the partitions
+    /// it follows, as its ordered consumer hands them over. False when it
+    /// has nothing to apply.
+    pub fn follow_step(&mut self, i: usize) -> bool {
+        let now = self.now;
+        let Some(log) = &self.log else {
+            return false;
+        };
+        let mut next: Option<(u64, u32, bytes::Bytes)> = None;
+        for (partition, place) in log.places.iter().enumerate() {
+            if place.owned || place.shard.index() != i {
+                continue;
+            }
+            let partition = partition as u32;
+            let applied = self.shards[i]
+                .log_applied(partition)
+                .expect("read a followed position");
+            let first = log
+                .model
+                .borrow()
+                .first_after(&log.config.subject(partition), applied);
+            if let Some((seq, payload)) = first {
+                if next.as_ref().is_none_or(|(s, ..)| seq < *s) {
+                    next = Some((seq, partition, payload));
+                }
+            }
+        }
+        let Some((seq, partition, payload)) = next else {
+            return false;
+        };
+        let record = LogRecord::decode(&payload).expect("a record");
+        self.shards[i]
+            .follow_log(partition, seq, &record, now)
+            .expect("apply a followed record");
+        true
+    }
+
+    /// The writes shard `i` queued for other nodes, in the order made.
+    pub fn take_forwards(&mut self, i: usize) -> Vec<ruyi::shard::state::Forwarded> {
+        self.shards[i].take_forwards()
     }
 
     /// The retry tick: redeliveries and refills, and the position write it
