@@ -100,8 +100,8 @@ pub enum Routing {
     Hash { shards: u16 },
     /// A cluster node: per partition ([`crate::cluster::partition`]), the
     /// shard that owns it here or, when another node owns it, the shard
-    /// that follows its log here. `places[p]` is partition `p`'s.
-    Partitions { places: std::sync::Arc<[Place]> },
+    /// that follows its log here.
+    Partitions { places: std::sync::Arc<Places> },
 }
 
 /// Where a partition lives on a cluster node.
@@ -113,13 +113,65 @@ pub struct Place {
     pub owned: bool,
 }
 
+/// Every partition's place on a cluster node, shared by its shards and its
+/// control plane. A partition's shard never changes; whether the node owns
+/// it does (a takeover), and only that shard changes it: the others read
+/// it to choose between handing a write to that shard and forwarding it to
+/// another node, and that shard refuses (retryable) a write for a
+/// partition it no longer owns.
+#[derive(Debug)]
+pub struct Places {
+    shards: Box<[ShardId]>,
+    owned: Box<[std::sync::atomic::AtomicBool]>,
+}
+
+impl Places {
+    pub fn new(places: &[Place]) -> std::sync::Arc<Places> {
+        std::sync::Arc::new(Places {
+            shards: places.iter().map(|p| p.shard).collect(),
+            owned: places
+                .iter()
+                .map(|p| std::sync::atomic::AtomicBool::new(p.owned))
+                .collect(),
+        })
+    }
+
+    /// How many partitions the cluster has.
+    pub fn len(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// `partition`'s place now.
+    pub fn get(&self, partition: u32) -> Place {
+        Place {
+            shard: self.shards[partition as usize],
+            owned: self.owned[partition as usize].load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+
+    /// The node now owns `partition`, or no longer does (called by its
+    /// shard only).
+    pub fn set_owned(&self, partition: u32, owned: bool) {
+        self.owned[partition as usize].store(owned, std::sync::atomic::Ordering::Release);
+    }
+
+    /// `key`'s partition.
+    pub fn partition_of(&self, key: &ChannelKey) -> u32 {
+        crate::cluster::partition::partition_of(key, self.len())
+    }
+}
+
 impl Routing {
     /// The shard that owns `key` (on a cluster node: that writes it, or
     /// follows it when another node owns it).
     pub fn shard_of(&self, key: &ChannelKey) -> ShardId {
         match self {
             Routing::Hash { shards } => key.shard(*shards),
-            Routing::Partitions { places } => places[Self::partition(key, places)].shard,
+            Routing::Partitions { places } => places.get(places.partition_of(key)).shard,
         }
     }
 
@@ -129,14 +181,10 @@ impl Routing {
         match self {
             Routing::Hash { .. } => None,
             Routing::Partitions { places } => {
-                let partition = Self::partition(key, places);
-                (!places[partition].owned).then_some(partition as u32)
+                let partition = places.partition_of(key);
+                (!places.get(partition).owned).then_some(partition)
             }
         }
-    }
-
-    fn partition(key: &ChannelKey, places: &[Place]) -> usize {
-        crate::cluster::partition::partition_of(key, places.len() as u32) as usize
     }
 }
 

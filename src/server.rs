@@ -270,7 +270,7 @@ impl Server {
                 ),
             });
             let subjects = (0..config.cluster.partitions)
-                .filter(|p| log.places[*p as usize].owned)
+                .filter(|p| log.places.get(*p).owned)
                 .map(|p| config.cluster.forward_subject(p))
                 .collect();
             let handler = forward_handler(handle.control(), link.verify);

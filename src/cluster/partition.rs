@@ -123,9 +123,10 @@ impl PartitionMap {
     /// Where each partition lives on `node`, which runs `shards` shards:
     /// the ones it owns on the shard the map names, the ones other nodes
     /// own (it follows their logs) dealt over its shards in turn.
-    pub fn places(&self, node: u32, shards: u16) -> std::sync::Arc<[crate::key::Place]> {
+    pub fn places(&self, node: u32, shards: u16) -> std::sync::Arc<crate::key::Places> {
         let mut followed = 0u32;
-        self.owners
+        let places = self
+            .owners
             .iter()
             .map(|owner| {
                 if owner.node == node {
@@ -141,7 +142,8 @@ impl PartitionMap {
                     }
                 }
             })
-            .collect()
+            .collect::<Vec<_>>();
+        crate::key::Places::new(&places)
     }
 
     /// The partitions `node` owns, in order.
@@ -241,8 +243,9 @@ mod tests {
         let map = PartitionMap::new(8, &nodes).expect("a map");
         let places = map.places(2, 2);
         let mut followed_shards = Vec::new();
-        for (p, place) in places.iter().enumerate() {
-            let owner = map.owner(p as u32);
+        for p in 0..places.len() {
+            let place = places.get(p);
+            let owner = map.owner(p);
             assert_eq!(place.owned, owner.node == 2, "partition {p}");
             if place.owned {
                 assert_eq!(place.shard, owner.shard, "partition {p}");

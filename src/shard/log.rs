@@ -32,7 +32,7 @@ use crate::cluster::partition::partition_of;
 use crate::cluster::record::{size_bound, LogRecord, Writer, RECORD_OVERHEAD_BYTES};
 use crate::config::ClusterConfig;
 use crate::ids::ShardId;
-use crate::key::Place;
+use crate::key::Places;
 use crate::storage::{Mutation, ShardStore, StorageError};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,9 +47,8 @@ const RETRY_PAUSE_FIRST: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 pub struct ShardLogSetup {
     pub bridge: Arc<LogBridge>,
-    /// `places[p]`: partition `p`'s shard on this node, and whether this
-    /// node owns it.
-    pub places: Arc<[Place]>,
+    /// Each partition's shard on this node, and whether this node owns it.
+    pub places: Arc<Places>,
     pub node: u32,
 }
 
@@ -147,16 +146,16 @@ impl LogWriter {
     /// (it grows from run to run).
     pub fn open(
         config: &ClusterConfig,
-        places: &[Place],
+        places: &Places,
         node: u32,
         shard: ShardId,
         epoch: u64,
         store: &mut dyn ShardStore,
     ) -> Result<LogWriter, StorageError> {
         let mut applied = BTreeMap::new();
-        for (partition, place) in places.iter().enumerate() {
+        for partition in 0..places.len() {
+            let place = places.get(partition);
             if place.owned && place.shard == shard {
-                let partition = partition as u32;
                 applied.insert(partition, store.log_applied(partition)?);
             }
         }
@@ -167,7 +166,7 @@ impl LogWriter {
             config: config.clone(),
             writer: Writer { node, epoch },
             shard,
-            partitions: places.len() as u32,
+            partitions: places.len(),
             batches: 0,
             applied,
             stale,
@@ -196,10 +195,17 @@ impl LogWriter {
     /// earlier run left unanswered can land any more (its fence no longer
     /// holds), so what the store holds then is final. Appended at start.
     pub fn barrier(&mut self) -> LogBatch {
+        let owned: Vec<u32> = self.applied.keys().copied().collect();
+        self.barrier_of(&owned)
+    }
+
+    /// A barrier on `partitions` (owned by this shard) only: appended by a
+    /// takeover once caught up, before the partition takes writes here.
+    pub fn barrier_of(&mut self, partitions: &[u32]) -> LogBatch {
         let writer = self.writer;
-        let shares = self
-            .applied
-            .keys()
+        let shares = partitions
+            .iter()
+            .filter(|partition| self.applied.contains_key(partition))
             .map(|partition| PartitionAppend {
                 partition: *partition,
                 records: vec![Bytes::from(
@@ -341,6 +347,27 @@ impl LogWriter {
         if complete {
             self.stale.remove(&partition);
         }
+    }
+
+    /// This shard takes over `partition` (it followed it up to `applied`,
+    /// the position its store holds): caught up on, then fenced by a
+    /// [`LogWriter::barrier_of`], before it takes writes here. Called
+    /// between batches.
+    pub fn acquire(&mut self, partition: u32, applied: u64) {
+        self.applied.insert(partition, applied);
+        self.stale.insert(partition);
+    }
+
+    /// This shard no longer owns `partition` (another node took it over):
+    /// nothing more is appended to it. Called between batches.
+    pub fn release(&mut self, partition: u32) {
+        self.applied.remove(&partition);
+        self.stale.remove(&partition);
+    }
+
+    /// Whether this shard owns `partition`.
+    pub fn owns(&self, partition: u32) -> bool {
+        self.applied.contains_key(&partition)
     }
 
     /// Whether a record written by `writer` is this node's.
@@ -619,11 +646,15 @@ impl ShardLog {
                             "applying a record another node wrote to a partition this node owns"
                         );
                     }
+                    // Another node's record is new to this node: applied
+                    // as a follower applies it (this node's versions, pushed
+                    // to its connections).
                     let now = runtime.now();
-                    runtime
-                        .state
-                        .borrow_mut()
-                        .apply_log(partition, seq, record, own, now)?;
+                    let mut state = runtime.state.borrow_mut();
+                    match own {
+                        true => state.apply_log(partition, seq, record, true, now)?,
+                        false => state.follow_log(partition, seq, record, now)?,
+                    }
                     last = seq;
                     records += 1;
                     Ok(())

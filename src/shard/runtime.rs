@@ -267,9 +267,9 @@ pub async fn run(setup: ShardSetup) {
     if let Some(setup) = &log {
         let bridge = Arc::clone(&setup.bridge);
         glommio::spawn_local(super::remote::forward_loop(Rc::clone(&runtime), bridge)).detach();
-        let followed: Vec<u32> = (0..setup.places.len() as u32)
+        let followed: Vec<u32> = (0..setup.places.len())
             .filter(|p| {
-                let place = setup.places[*p as usize];
+                let place = setup.places.get(*p);
                 !place.owned && place.shard == shard
             })
             .collect();

@@ -886,6 +886,12 @@ impl ShardState {
             self.id,
             "list change sent to the wrong shard"
         );
+        if !self.owns(&key) {
+            return fail(
+                reply,
+                ControlError::Unavailable("another node owns this channel now; retry".into()),
+            );
+        }
         if self.must_wait(&key) {
             let parked = Parked::List {
                 kind,
@@ -933,6 +939,9 @@ impl ShardState {
         now: Now,
     ) {
         debug_assert_eq!(self.routing.shard_of(&key), self.id);
+        if !self.owns(&key) {
+            return self.reply_send_ack(origin, failed_ack(&send, ReasonCode::ServerBusy));
+        }
         if self.must_wait(&key) {
             let parked = Parked::Send {
                 origin,
@@ -1093,6 +1102,12 @@ impl ShardState {
             self.id,
             "group change sent to the wrong shard"
         );
+        if !self.owns(&key) {
+            return fail(
+                reply,
+                ControlError::Unavailable("another node owns this channel now; retry".into()),
+            );
+        }
         if self.must_wait(&key) {
             return self.park(
                 key,
@@ -1542,6 +1557,31 @@ impl ShardState {
             self.push_outgoing(shard, message);
         }
         self.forget_channel(key, through);
+    }
+
+    /// Whether this node writes `key` (on a cluster node: owns its
+    /// partition now).
+    fn owns(&self, key: &ChannelKey) -> bool {
+        self.routing.remote(key).is_none()
+    }
+
+    /// This node takes writes to `partition` from now on (this shard
+    /// caught up on its log and fenced it with a barrier).
+    pub fn own_partition(&mut self, partition: u32) {
+        if let crate::key::Routing::Partitions { places } = &self.routing {
+            places.set_owned(partition, true);
+        }
+    }
+
+    /// Another node took `partition` over: writes to it are forwarded from
+    /// now on, and this shard follows its log. What was queued is refused
+    /// (retryable) and channels are read again, as after a catch-up.
+    /// Called between batches.
+    pub fn release_partition(&mut self, partition: u32, now: Now) {
+        if let crate::key::Routing::Partitions { places } = &self.routing {
+            places.set_owned(partition, false);
+        }
+        self.log_caught_up(now);
     }
 
     /// How far this shard's store has applied `partition`'s log.
@@ -2137,6 +2177,13 @@ impl ShardState {
         // 64 KiB or more, whatever the API accepted).
         if let Err(reason) = request.check_ids(&self.limits) {
             return answer(&reply, ApiResponse::Failed(reason));
+        }
+        // A write to a partition another node owns now (a takeover since
+        // it was routed here): refused, retryable.
+        if crate::cluster::forward::forwardable(&request)
+            && crate::cluster::forward::channel_of(&request).is_some_and(|key| !self.owns(key))
+        {
+            return answer(&reply, ApiResponse::Failed(ReasonCode::ServerBusy));
         }
         // What names a group waiting for its deletion waits too (sends and
         // conversation changes wait where a client's do).
@@ -2765,6 +2812,14 @@ impl ShardState {
         op: ConversationOp,
         now: Now,
     ) {
+        if !self.owns(&key) {
+            let response = Packet::ConversationOpResp(ConversationOpResp {
+                request_id: op.request_id,
+                reason: ReasonCode::ServerBusy,
+                conversation: None,
+            });
+            return self.reply_to(origin, response);
+        }
         if self.must_wait(&key) {
             return self.park(key, Parked::ConversationOp { origin, uid, op });
         }
@@ -2851,6 +2906,9 @@ impl ShardState {
     /// by client_msg_no of a send that is not committed yet (pipelined right
     /// behind it) waits for the commit.
     fn owner_recall(&mut self, origin: ConnId, uid: Uid, key: ChannelKey, recall: Recall) {
+        if !self.owns(&key) {
+            return self.reply_to(origin, recall_failed(&recall, ReasonCode::ServerBusy));
+        }
         if self.must_wait(&key) {
             return self.park(
                 key,

@@ -1193,3 +1193,57 @@ fn a_followed_record_is_stored_with_versions_above_the_writers_and_pushed_to_loc
         2
     );
 }
+
+#[test]
+fn a_shard_that_lets_a_partition_go_refuses_what_was_routed_to_it_and_its_node_forwards_the_rest() {
+    let storage = MemoryStorage::default();
+    let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+    // Every partition lives on shard 1, owned by this node.
+    let places = crate::key::Places::new(
+        &[crate::key::Place {
+            shard: ShardId(1),
+            owned: true,
+        }; 8],
+    );
+    for state in shards.iter_mut() {
+        state.set_routing(crate::key::Routing::Partitions {
+            places: Arc::clone(&places),
+        });
+    }
+    let (alice, alice_out) = connect(&mut shards[0], "alice", false);
+    pump(&mut shards);
+    packets(&alice_out);
+    let partition = places.partition_of(&ChannelKey::person(&Uid::new("alice"), &Uid::new("bob")));
+    let acks = |outbox: &Outbox| -> Vec<ReasonCode> {
+        packets(outbox)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::SendAck(ack) => Some(ack.reason),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Routed to shard 1 while the node owned the partition; another node
+    // takes it over before shard 1 reads it: refused, retryable.
+    shards[0].on_frame(alice, &send_frame("bob", ChannelType::Person, "m1"), now());
+    shards[1].release_partition(partition, now());
+    pump(&mut shards);
+    assert_eq!(acks(&alice_out), [ReasonCode::ServerBusy]);
+    assert!(shards[1].take_forwards().is_empty());
+
+    // The resend goes to the node that owns it now.
+    shards[0].on_frame(alice, &send_frame("bob", ChannelType::Person, "m1"), now());
+    pump(&mut shards);
+    assert!(acks(&alice_out).is_empty());
+    let forwards = shards[0].take_forwards();
+    assert_eq!(forwards.len(), 1);
+    assert_eq!(forwards[0].partition, partition);
+
+    // Taken back (caught up and fenced): written here again.
+    shards[1].own_partition(partition);
+    shards[0].on_frame(alice, &send_frame("bob", ChannelType::Person, "m1"), now());
+    pump(&mut shards);
+    assert_eq!(acks(&alice_out), [ReasonCode::Success]);
+    assert!(shards[0].take_forwards().is_empty());
+}

@@ -50,7 +50,8 @@ impl Sim {
     ///
     /// On nodes, the channel's owner judges by the lists as far as it has
     /// applied their partition's log: a send is judged (its epoch can match)
-    /// only when it had applied the last change answered.
+    /// only when every node (any may own the channel when it is served)
+    /// had applied the last change answered.
     pub(super) fn person_epoch(&mut self, from: &str, key: &ChannelKey) -> u64 {
         let Some((low, high)) = key.person_pair() else {
             return 0;
@@ -65,10 +66,9 @@ impl Sim {
             return 0;
         };
         let lists_key = user_list_key(&Uid::new(recipient));
-        let owner = self.owner_node(key);
-        if owner != self.owner_node(&lists_key)
-            && self.worlds[owner].applied_of(&lists_key) < through
-        {
+        let behind =
+            (0..self.worlds.len()).any(|n| self.worlds[n].applied_of(&lists_key) < through);
+        if self.worlds.len() > 1 && behind {
             return u64::MAX;
         }
         epoch
@@ -96,7 +96,9 @@ impl Sim {
             "operator: {uid}'s {kind:?} list {change:?} {uids:?}"
         ));
         let key = user_list_key(&Uid::new(&uid));
-        let (node, owner) = self.owner_of(&key);
+        let Some((node, owner)) = self.owner_of(&key) else {
+            return self.note(format!("operator: nobody takes {uid}'s lists now"));
+        };
         let (tx, rx) = async_channel::bounded(1);
         self.worlds[node].shards[owner].change_list(key, kind, uids, change, tx);
         let lists = self.model.person_lists.get_mut(&uid).expect("user");
@@ -162,7 +164,7 @@ impl Sim {
             .collect();
         for uid in uncertain {
             let key = user_list_key(&Uid::new(&uid));
-            let owner = self.owner_node(&key);
+            let owner = self.truth_node(&key);
             let mut read = |kind| -> BTreeSet<String> {
                 self.worlds[owner]
                     .reader
@@ -292,7 +294,12 @@ impl Sim {
         key: &ChannelKey,
         request: ApiRequest,
     ) -> async_channel::Receiver<ApiResponse> {
-        let (node, owner) = self.owner_of(key);
+        let Some((node, owner)) = self.owner_of(key) else {
+            // As the control plane answers when nobody serves a forward.
+            let (tx, rx) = async_channel::bounded(1);
+            let _ = tx.try_send(ApiResponse::Failed(ReasonCode::ServerBusy));
+            return rx;
+        };
         self.api_at(node, owner, request)
     }
 
@@ -476,7 +483,7 @@ impl Sim {
                 )
             }
             (ApiResponse::Failed(ReasonCode::ChannelMissing), false) => None,
-            (ApiResponse::Failed(ReasonCode::StorageError), _) => None,
+            (ApiResponse::Failed(ReasonCode::StorageError | ReasonCode::ServerBusy), _) => None,
             (other, exists) => Some(format!("{other:?} for a group that exists: {exists}")),
         };
         if let Some(verdict) = verdict {
@@ -566,6 +573,14 @@ impl Sim {
                     }
                     other => self.violation(format!("api send answered {other:?}")),
                 },
+                // Nobody took writes to the channel (a takeover): retryable,
+                // nothing stored.
+                Ok(ApiResponse::Failed(ReasonCode::ServerBusy)) => {
+                    self.note(format!(
+                        "api: send {} found no owner",
+                        attempt.client_msg_no
+                    ));
+                }
                 Ok(other) => self.violation(format!("api send answered {other:?}")),
                 Err(Closed) => {}
             },

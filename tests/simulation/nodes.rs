@@ -51,28 +51,57 @@ impl Sim {
         self.worlds[0].shard_count()
     }
 
-    /// The node writing `key`.
-    pub(super) fn owner_node(&self, key: &ChannelKey) -> usize {
-        (0..self.worlds.len())
+    /// The node whose store is furthest along on `key`'s partition: it
+    /// holds everything acknowledged there (a writer catches up before it
+    /// appends, a follower applies in order).
+    pub(super) fn truth_node(&mut self, key: &ChannelKey) -> usize {
+        if self.worlds.len() == 1 {
+            return 0;
+        }
+        let claimant = self.claims.borrow()[self.partition_of(key) as usize];
+        let mut best = (self.worlds[claimant].applied_of(key), claimant);
+        for n in 0..self.worlds.len() {
+            let applied = self.worlds[n].applied_of(key);
+            if applied > best.0 {
+                best = (applied, n);
+            }
+        }
+        best.1
+    }
+
+    /// The node and shard taking writes to `key` now: the claimant once it
+    /// took the partition over, else a node that has not let it go yet.
+    /// None while nobody takes them (a request finds no owner).
+    pub(super) fn owner_of(&self, key: &ChannelKey) -> Option<(usize, usize)> {
+        let claimant = self.claims.borrow()[self.partition_of(key) as usize];
+        std::iter::once(claimant)
+            .chain(0..self.worlds.len())
             .find(|n| self.worlds[*n].owns(key))
-            .unwrap_or(0)
+            .map(|n| (n, self.worlds[n].owner_of(key)))
     }
 
-    /// The node and shard writing `key`.
-    pub(super) fn owner_of(&self, key: &ChannelKey) -> (usize, usize) {
-        let node = self.owner_node(key);
-        (node, self.worlds[node].owner_of(key))
+    fn partition_of(&self, key: &ChannelKey) -> u32 {
+        ruyi::cluster::partition::partition_of(key, crate::world::PARTITIONS)
     }
 
-    /// The message its owner stores at `seq` of `key`.
+    /// The node that wrote the message with this id (its id names it).
+    pub(super) fn writer_of_id(&self, message_id: u64) -> usize {
+        if self.worlds.len() == 1 {
+            return 0;
+        }
+        (((message_id >> 17) & 31) as usize).saturating_sub(1)
+    }
+
+    /// The message stored at `seq` of `key` (by the node furthest along on
+    /// its partition).
     pub(super) fn stored_message(
         &mut self,
         key: &ChannelKey,
         seq: u64,
     ) -> Result<Option<std::sync::Arc<ruyi::storage::StoredMessage>>, ruyi::storage::StorageError>
     {
-        let owner = self.owner_node(key);
-        self.worlds[owner].reader.message(key, Seq(seq))
+        let node = self.truth_node(key);
+        self.worlds[node].reader.message(key, Seq(seq))
     }
 
     /// Time passes on every node alike (their wall clocks may differ).
@@ -97,11 +126,29 @@ impl Sim {
     }
 
     /// A step of what passes between nodes: a follower applies a record,
-    /// a shard publishes what it forwards, or an owner serves one.
+    /// a shard publishes what it forwards, an owner serves one, a node is
+    /// given a partition's claim (it takes the partition over), or a node
+    /// learns of claims it lost.
     pub(super) fn between_nodes_random(&mut self) {
         let n = self.random_node();
         let i = self.rng.index(self.shard_count());
-        match self.rng.below(4) {
+        match self.rng.below(6) {
+            4 => {
+                let partition = self.rng.below(u64::from(crate::world::PARTITIONS)) as u32;
+                let held = self.claims.borrow()[partition as usize];
+                if held != n {
+                    self.claims.borrow_mut()[partition as usize] = n;
+                    self.note(format!(
+                        "{}takes partition {partition} over from node {held}",
+                        self.node_name(n)
+                    ));
+                    self.worlds[n].acquire(partition);
+                }
+            }
+            5 => {
+                self.learn_claims(n);
+            }
+
             0 | 1 => {
                 if self.worlds[n].follow_step(i) {
                     self.note(format!(
@@ -154,6 +201,31 @@ impl Sim {
         }
     }
 
+    /// Node `n` learns which partitions' claims it lost (the lease
+    /// service's watch): each of its shards lets them go between batches.
+    /// True when any was let go.
+    fn learn_claims(&mut self, n: usize) -> bool {
+        let mut moved = false;
+        for (i, partition) in self.worlds[n].claims_lost() {
+            if self.worlds[n].release(i, partition) {
+                self.note(format!(
+                    "{}shard {i}: lets partition {partition} go",
+                    self.node_name(n)
+                ));
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    pub(super) fn learn_claims_all(&mut self) -> bool {
+        let mut moved = false;
+        for n in 0..self.worlds.len() {
+            moved |= self.learn_claims(n);
+        }
+        moved
+    }
+
     /// Publishes and serves everything shard `i` of node `n` forwards,
     /// without faults. True when there was any.
     pub(super) fn forward_all(&mut self, n: usize, i: usize) -> bool {
@@ -191,12 +263,13 @@ impl Sim {
         let Some(key) = channel_of(&request).cloned() else {
             return self.violation(format!("a forwarded {request:?} names no channel"));
         };
-        let (owner, shard) = self.owner_of(&key);
-        if owner == entry.node {
-            return self.violation(format!(
-                "node {owner} forwarded a write to {key:?}, which it owns"
+        let Some((owner, shard)) = self.owner_of(&key) else {
+            self.note(format!(
+                "a forwarded {} finds no owner",
+                request_name(&request)
             ));
-        }
+            return self.answer_forward(entry, Err(ReasonCode::ServerBusy), false);
+        };
         self.note(format!(
             "{}shard {shard}: serves a forwarded {} from node {}{}",
             self.node_name(owner),
@@ -288,7 +361,7 @@ impl Sim {
             .map(|u| ruyi::storage::user_list_key(&Uid::new(u)));
         let keys: Vec<ChannelKey> = channels.into_iter().chain(groups).chain(lists).collect();
         for key in keys {
-            let owner = self.owner_node(&key);
+            let owner = self.truth_node(&key);
             let Some(truth) = stored_view(&mut *self.worlds[owner].reader, &key) else {
                 return self.violation(format!("node {owner}: reading {key:?} failed"));
             };
@@ -298,7 +371,7 @@ impl Sim {
                 };
                 if view != truth {
                     return self.violation(format!(
-                        "node {n} stores {key:?} as {view:?}; its owner, node {owner}, as {truth:?}"
+                        "node {n} stores {key:?} as {view:?}; node {owner}, furthest along, as {truth:?}"
                     ));
                 }
             }
@@ -360,4 +433,17 @@ fn request_name(request: &ApiRequest) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// Who holds each partition's claim at first: its owner in the partition
+/// map (node indexes).
+pub(super) fn first_claims(nodes: usize, shards: u16) -> Vec<usize> {
+    let specs: Vec<_> = (1..=nodes as u32)
+        .map(|node| ruyi::cluster::partition::NodeSpec { node, shards })
+        .collect();
+    let map = ruyi::cluster::partition::PartitionMap::new(crate::world::PARTITIONS, &specs)
+        .expect("a partition map");
+    (0..crate::world::PARTITIONS)
+        .map(|p| map.owner(p).node as usize - 1)
+        .collect()
 }

@@ -301,6 +301,8 @@ pub struct Sim {
     /// waiting for the owner's answer.
     wire: Vec<Vec<VecDeque<InForward>>>,
     forwarded: Vec<InForward>,
+    /// Which node holds each partition's claim (see `nodes.rs`).
+    claims: Rc<RefCell<Vec<usize>>>,
     devices: Vec<Device>,
     model: Model,
     controls: Vec<ControlWait>,
@@ -368,6 +370,10 @@ impl Sim {
             micros: 1_000_000,
         };
         let log = Rc::new(RefCell::new(ModelLog::default()));
+        let claims = Rc::new(RefCell::new(nodes::first_claims(
+            options.nodes,
+            options.shards,
+        )));
         let worlds: Vec<World> = (0..options.nodes)
             .map(|node| {
                 World::new(
@@ -380,6 +386,7 @@ impl Sim {
                         node,
                         nodes: options.nodes,
                         model: Rc::clone(&log),
+                        claims: Rc::clone(&claims),
                     }),
                 )
             })
@@ -425,6 +432,7 @@ impl Sim {
                 .map(|_| (0..options.shards).map(|_| VecDeque::new()).collect())
                 .collect(),
             forwarded: Vec::new(),
+            claims,
             options,
             worlds,
             devices,
@@ -768,11 +776,11 @@ impl Sim {
         let (channel_id, channel_type, key) = self.random_target(d);
         let uid = self.devices[d].uid.clone();
         // Now and then a client reuses one of its client_msg_nos for a
-        // different message: it must not be answered as stored. (On nodes,
-        // only where one node owns both channels: another node learns of
-        // the first message when it applies its record, and until then
-        // takes the reuse for a new message; see the README's Cluster.)
-        let owner = self.owner_node(&key);
+        // different message: it must not be answered as stored. (Not on
+        // nodes: the node owning the second channel learns of the first
+        // message when it applies its record, and until then takes the
+        // reuse for a new message; see the README's Cluster.)
+        let several = self.worlds.len() > 1;
         let reused = self
             .model
             .sent
@@ -782,7 +790,7 @@ impl Sim {
                     && sent.channel != key
                     && sent.acked.is_some()
                     && sent.channel.kind() == ChannelType::Person
-                    && self.owner_node(&sent.channel) == owner
+                    && !several
             })
             .map(|((_, no), _)| no.clone())
             .next();
@@ -1421,9 +1429,8 @@ impl Sim {
                 ));
             }
         }
-        // The acknowledged place holds exactly this message (on the node
-        // owning it: the others may not have applied it yet).
-        let owner = self.owner_node(&sent.channel);
+        // The acknowledged place holds exactly this message.
+        let owner = self.writer_of_id(ack.message_id);
         match self.stored_message(&sent.channel, ack.message_seq) {
             Ok(Some(stored)) => {
                 let same = stored.message_id.0 == ack.message_id
@@ -1859,7 +1866,9 @@ impl Sim {
         }
         let group = format!("g{}", self.rng.index(self.options.groups));
         let key = ChannelKey::group(&group);
-        let (node, owner) = self.owner_of(&key);
+        let Some((node, owner)) = self.owner_of(&key) else {
+            return self.note(format!("operator: nobody takes writes to {group} now"));
+        };
         let uids: Vec<String> = (0..self.options.users)
             .filter(|_| self.rng.chance(40))
             .map(|u| format!("u{u}"))
@@ -2068,7 +2077,7 @@ impl Sim {
             .collect();
         for group in groups {
             let key = ChannelKey::group(&group);
-            let owner = self.owner_node(&key);
+            let owner = self.truth_node(&key);
             let reader = &mut self.worlds[owner].reader;
             let record = reader.load_channel(&key).ok().flatten();
             let deny = reader.list(&key, ListKind::Deny, 1000).unwrap_or_default();
@@ -2299,6 +2308,7 @@ impl Sim {
                     moved = true;
                 }
             }
+            moved |= self.learn_claims_all();
             for n in 0..self.worlds.len() {
                 for i in 0..self.shard_count() {
                     loop {
@@ -2610,7 +2620,7 @@ impl Sim {
         let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
         let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
         for key in channels {
-            let owner = self.owner_node(&key);
+            let owner = self.truth_node(&key);
             let stored = match self.worlds[owner].reader.read_messages(
                 &key,
                 ruyi::ids::Seq(1),
@@ -2713,7 +2723,7 @@ impl Sim {
     fn check_every_device_has_what_it_may_see(&mut self) {
         let channels: Vec<ChannelKey> = self.model.channels.iter().cloned().collect();
         for key in channels {
-            let owner = self.owner_node(&key);
+            let owner = self.truth_node(&key);
             let stored = self.worlds[owner]
                 .reader
                 .read_messages(&key, ruyi::ids::Seq(1), 100_000, ReadDirection::Up)

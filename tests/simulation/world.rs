@@ -87,7 +87,13 @@ pub struct LogSetup {
     /// How many nodes share the log (partitions are dealt over them).
     pub nodes: usize,
     pub model: Rc<RefCell<ModelLog>>,
+    /// Which node holds each partition's claim (the lease service's
+    /// answer): a process starts owning the partitions it holds.
+    pub claims: Rc<RefCell<Vec<usize>>>,
 }
+
+/// Partitions of the simulated cluster.
+pub const PARTITIONS: u32 = 8;
 
 /// The log of a `[cluster]` run and each shard's writer.
 pub struct LogWorld {
@@ -98,7 +104,15 @@ pub struct LogWorld {
     /// node, as on a real cluster node).
     pub several: bool,
     pub config: ruyi::config::ClusterConfig,
-    pub places: Arc<[ruyi::key::Place]>,
+    /// Each partition's place in the running process (whether it owns
+    /// it changes with takeovers).
+    pub places: Arc<ruyi::key::Places>,
+    /// The partition map's places: which shard each partition lives on.
+    map_places: Arc<ruyi::key::Places>,
+    pub claims: Rc<RefCell<Vec<usize>>>,
+    /// Per shard: partitions it is taking over (caught up on, then fenced
+    /// by a barrier, before they take writes).
+    pub acquiring: Vec<Vec<u32>>,
     pub writers: Vec<LogWriter>,
     /// Each shard's batch stored in the log and being written locally.
     pub written: Vec<Option<LogBatch>>,
@@ -154,7 +168,7 @@ impl World {
             log: log.map(|setup| {
                 let config = ruyi::config::ClusterConfig {
                     nats_urls: vec!["nats://simulation.invalid".into()],
-                    partitions: 8,
+                    partitions: PARTITIONS,
                     node_id: setup.node as u32 + 1,
                     ..Default::default()
                 };
@@ -168,6 +182,9 @@ impl World {
                     node_id: config.node_id,
                     several: setup.nodes > 1,
                     places: map.places(config.node_id, shards),
+                    map_places: map.places(config.node_id, shards),
+                    claims: setup.claims,
+                    acquiring: Vec::new(),
                     config,
                     writers: Vec::new(),
                     written: Vec::new(),
@@ -187,6 +204,19 @@ impl World {
     /// Starts a fresh process on the store: new shard states, empty
     /// inboxes, nothing in flight.
     fn start(&mut self, shards: u16) {
+        // A process owns the partitions whose claims its node holds.
+        if let Some(log) = &mut self.log {
+            let claims = log.claims.borrow();
+            let places: Vec<ruyi::key::Place> = (0..log.config.partitions)
+                .map(|p| ruyi::key::Place {
+                    shard: log.map_places.get(p).shard,
+                    owned: claims[p as usize] + 1 == log.node_id as usize,
+                })
+                .collect();
+            drop(claims);
+            log.places = ruyi::key::Places::new(&places);
+            log.acquiring = (0..shards).map(|_| Vec::new()).collect();
+        }
         let limits: Limits = self.config.limits.clone();
         let run = ruyi::shard::state::first_id_of_run(&mut *self.reader, self.now.unix_ms)
             .expect("read the ids issued");
@@ -478,6 +508,9 @@ impl World {
                     self.catch_up(i);
                     return "catch up";
                 }
+                if let Some(what) = self.acquire_step(i, rng.next_u64()) {
+                    return what;
+                }
                 let Some((mutations, in_flight)) = self.shards[i].begin_batch(now) else {
                     return "idle";
                 };
@@ -610,23 +643,34 @@ impl World {
     }
 
     /// Shard `i` applies what the log holds beyond its position on every
-    /// stale partition (the model log always answers).
+    /// stale partition (the model log always answers): its own node's
+    /// records as what its batches would have written, other nodes' as a
+    /// follower applies them. A record of the node now holding the claim
+    /// (another) means that node took the partition over: this shard lets
+    /// it go, as the lease service would tell it to.
     fn catch_up(&mut self, i: usize) {
         let now = self.now;
         let log = self.log.as_mut().expect("a log");
         let mut applied_any = false;
+        let mut lost = Vec::new();
         for (partition, from) in log.writers[i].stale() {
             let mut last = from;
             let records = log
                 .model
                 .borrow()
                 .read_after(&log.config.subject(partition), from);
+            let claimant = log.claims.borrow()[partition as usize] as u32 + 1;
             for (seq, payload) in records {
                 let record = LogRecord::decode(&payload).expect("a record");
-                let own = log.writers[i].is_own(&record.writer);
-                self.shards[i]
-                    .apply_log(partition, seq, &record, own, now)
-                    .expect("apply a record");
+                if log.writers[i].is_own(&record.writer) {
+                    self.shards[i].apply_log(partition, seq, &record, true, now)
+                } else {
+                    if record.writer.node == claimant {
+                        lost.push(partition);
+                    }
+                    self.shards[i].follow_log(partition, seq, &record, now)
+                }
+                .expect("apply a record");
                 last = seq;
             }
             applied_any |= last != from;
@@ -635,6 +679,101 @@ impl World {
         if applied_any {
             self.shards[i].log_caught_up(now);
         }
+        lost.dedup();
+        for partition in lost {
+            self.release(i, partition);
+        }
+    }
+
+    /// Shard `i` begins taking `partition` over (its node now holds the
+    /// claim): it stops following it, catches up and appends a barrier,
+    /// then takes its writes (in `commit_step`).
+    pub fn acquire(&mut self, partition: u32) {
+        let Some(log) = &mut self.log else {
+            return;
+        };
+        let i = log.places.get(partition).shard.index();
+        if log.acquiring[i].contains(&partition) {
+            return;
+        }
+        let applied = self.shards[i]
+            .log_applied(partition)
+            .expect("read a log position");
+        log.writers[i].acquire(partition, applied);
+        log.acquiring[i].push(partition);
+    }
+
+    /// Shard `i` lets `partition` go (another node holds its claim): it
+    /// takes no more writes there and follows its log. Between batches
+    /// only: false while a batch of the shard is under way.
+    pub fn release(&mut self, i: usize, partition: u32) -> bool {
+        if !matches!(self.commits.get(i), None | Some(Commit::Idle)) {
+            return false;
+        }
+        let now = self.now;
+        let log = self.log.as_mut().expect("a log");
+        log.writers[i].release(partition);
+        log.acquiring[i].retain(|p| *p != partition);
+        self.shards[i].release_partition(partition, now);
+        true
+    }
+
+    /// The partitions this node writes (or is taking over) whose claims
+    /// another node holds now, with their shards.
+    pub fn claims_lost(&self) -> Vec<(usize, u32)> {
+        let Some(log) = &self.log else {
+            return Vec::new();
+        };
+        let claims = log.claims.borrow();
+        (0..log.config.partitions)
+            .filter(|p| claims[*p as usize] + 1 != log.node_id as usize)
+            .filter_map(|p| {
+                let i = log.places.get(p).shard.index();
+                log.writers[i].owns(p).then_some((i, p))
+            })
+            .collect()
+    }
+
+    /// Shard `i` appends the barrier of the partitions it is taking over,
+    /// once caught up on them; when the log takes it whole, they take
+    /// writes here. None when it is taking nothing over.
+    fn acquire_step(&mut self, i: usize, draw: u64) -> Option<&'static str> {
+        let log = self.log.as_mut()?;
+        if log.acquiring.get(i).is_none_or(|a| a.is_empty()) {
+            return None;
+        }
+        let mut rng = Rng::new(draw);
+        let partitions = log.acquiring[i].clone();
+        let mut barrier = log.writers[i].barrier_of(&partitions);
+        loop {
+            let requests = log.writers[i].requests(&mut barrier);
+            if requests.is_empty() {
+                break;
+            }
+            let results = log
+                .model
+                .borrow_mut()
+                .append_all(requests, log.faulty, &mut rng);
+            let _ = log.writers[i].answers(&mut barrier, results);
+        }
+        let positions: Vec<ruyi::storage::Mutation> = barrier.positions().collect();
+        if !positions.is_empty() {
+            self.shards[i]
+                .prepare_write(&positions)
+                .and_then(|job| job())
+                .expect("write the positions");
+        }
+        let log = self.log.as_mut().expect("a log");
+        log.writers[i].applied_in_part(&barrier);
+        if !barrier.stored_whole() {
+            // Another writer came first: caught up on again, then tried
+            // again.
+            return Some("takeover barrier fenced off");
+        }
+        for partition in std::mem::take(&mut log.acquiring[i]) {
+            self.shards[i].own_partition(partition);
+        }
+        Some("took partitions over")
     }
 
     /// Shard `i` applies the next record (in log order) of the partitions
@@ -646,11 +785,11 @@ impl World {
             return false;
         };
         let mut next: Option<(u64, u32, bytes::Bytes)> = None;
-        for (partition, place) in log.places.iter().enumerate() {
-            if place.owned || place.shard.index() != i {
+        for partition in 0..log.places.len() {
+            let place = log.places.get(partition);
+            if place.owned || place.shard.index() != i || log.writers[i].owns(partition) {
                 continue;
             }
-            let partition = partition as u32;
             let applied = self.shards[i]
                 .log_applied(partition)
                 .expect("read a followed position");
