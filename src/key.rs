@@ -104,6 +104,15 @@ pub enum Routing {
     Partitions { places: std::sync::Arc<Places> },
 }
 
+/// Where a write goes (see [`Routing::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// This node's shard that owns the channel.
+    Shard(ShardId),
+    /// Another node owns this partition: forwarded there.
+    Remote(u32),
+}
+
 /// Where a partition lives on a cluster node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Place {
@@ -172,6 +181,23 @@ impl Routing {
         match self {
             Routing::Hash { shards } => key.shard(*shards),
             Routing::Partitions { places } => places.get(places.partition_of(key)).shard,
+        }
+    }
+
+    /// Where a write to `key` goes: to the partition's owner on another
+    /// node (forwarded), or to this node's shard that owns it. One hash of
+    /// the key.
+    pub fn route(&self, key: &ChannelKey) -> Route {
+        match self {
+            Routing::Hash { shards } => Route::Shard(key.shard(*shards)),
+            Routing::Partitions { places } => {
+                let partition = places.partition_of(key);
+                let place = places.get(partition);
+                match place.owned {
+                    true => Route::Shard(place.shard),
+                    false => Route::Remote(partition),
+                }
+            }
         }
     }
 

@@ -22,6 +22,16 @@
 //!   webhook events of the records this node wrote but never wrote here),
 //!   then appends a barrier to each of its partitions: once stored, no
 //!   append an earlier run left unanswered can land any more.
+//! - A record another node wrote is applied as a follower applies it (this
+//!   node's conversation versions, pushed to this node's connections).
+//! - Taking a partition over ([`LogWriter::acquire`]): the shard that
+//!   followed it stops following, catches up, and appends a barrier
+//!   ([`LogWriter::barrier_of`]); only once the barrier is stored does the
+//!   node take writes there. Every append of the old owner after it fails
+//!   its fence, so everything the old owner acknowledged precedes the
+//!   barrier and was applied by the new owner before it. The old owner
+//!   lets the partition go ([`LogWriter::release`]) between batches, and
+//!   refuses (retryable) what was routed to it meanwhile.
 
 use super::commit::InFlight;
 use super::runtime::Runtime;

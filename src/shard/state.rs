@@ -826,17 +826,19 @@ impl ShardState {
                 return self.write_packet(conn, &Packet::SendAck(ack));
             }
         };
-        if let Some(partition) = self.routing.remote(&channel) {
-            let request = ApiRequest::Send {
-                from: uid,
-                from_device: device,
-                system: false,
-                channel,
-                packet: send,
-            };
-            return self.forward(conn, partition, request);
-        }
-        let owner = self.routing.shard_of(&channel);
+        let owner = match self.routing.route(&channel) {
+            crate::key::Route::Shard(owner) => owner,
+            crate::key::Route::Remote(partition) => {
+                let request = ApiRequest::Send {
+                    from: uid,
+                    from_device: device,
+                    system: false,
+                    channel,
+                    packet: send,
+                };
+                return self.forward(conn, partition, request);
+            }
+        };
         if owner == self.id {
             self.owner_send(conn, uid, device, channel, send, true, now.micros, now);
         } else {
@@ -2779,15 +2781,17 @@ impl ShardState {
                 return self.write_packet(conn, &response);
             }
         };
-        if let Some(partition) = self.routing.remote(&key) {
-            let request = ApiRequest::ConversationOp {
-                uid,
-                channel: key,
-                op,
-            };
-            return self.forward(conn, partition, request);
-        }
-        let owner = self.routing.shard_of(&key);
+        let owner = match self.routing.route(&key) {
+            crate::key::Route::Shard(owner) => owner,
+            crate::key::Route::Remote(partition) => {
+                let request = ApiRequest::ConversationOp {
+                    uid,
+                    channel: key,
+                    op,
+                };
+                return self.forward(conn, partition, request);
+            }
+        };
         if owner == self.id {
             self.owner_conversation_op(conn, uid, key, op, now);
         } else {
@@ -2878,15 +2882,17 @@ impl ShardState {
             Ok(key) => key,
             Err(reason) => return self.write_packet(conn, &recall_failed(&recall, reason)),
         };
-        if let Some(partition) = self.routing.remote(&key) {
-            let request = ApiRequest::ClientRecall {
-                uid,
-                channel: key,
-                recall,
-            };
-            return self.forward(conn, partition, request);
-        }
-        let owner = self.routing.shard_of(&key);
+        let owner = match self.routing.route(&key) {
+            crate::key::Route::Shard(owner) => owner,
+            crate::key::Route::Remote(partition) => {
+                let request = ApiRequest::ClientRecall {
+                    uid,
+                    channel: key,
+                    recall,
+                };
+                return self.forward(conn, partition, request);
+            }
+        };
         if owner == self.id {
             self.owner_recall(conn, uid, key, recall);
         } else {
