@@ -663,7 +663,7 @@ impl ShardLog {
                     let mut state = runtime.state.borrow_mut();
                     match own {
                         true => state.apply_log(partition, seq, record, true, now)?,
-                        false => state.follow_log(partition, seq, record, now)?,
+                        false => state.follow_log(partition, seq, record, false, now)?,
                     }
                     last = seq;
                     records += 1;

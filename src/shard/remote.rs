@@ -106,6 +106,7 @@ pub(super) async fn follow_loop(
     partitions: Vec<u32>,
 ) {
     let cluster = &runtime.config.cluster;
+    let node = cluster.node_id;
     let mut applied = BTreeMap::new();
     for partition in &partitions {
         let position = runtime.state.borrow_mut().log_applied(*partition);
@@ -154,10 +155,13 @@ pub(super) async fn follow_loop(
         };
         loop {
             let now = runtime.now();
-            let result = runtime
-                .state
-                .borrow_mut()
-                .follow_log(partition, seq, &record, now);
+            let result = runtime.state.borrow_mut().follow_log(
+                partition,
+                seq,
+                &record,
+                record.writer.node == node,
+                now,
+            );
             match result {
                 Ok(()) => break,
                 Err(error) => {

@@ -1426,11 +1426,16 @@ impl ShardState {
     /// groups leave waiting. Conversation rows get versions of this node,
     /// above the writer's ids (its `IdsIssued` comes with the record), so a
     /// conversation sync here misses nothing whatever the writer's clock.
+    /// `own`: this node wrote it in an earlier run and its batch never
+    /// reached the store (the node no longer owns the partition): its
+    /// webhook events are written with it, as the batch would have (as
+    /// [`ShardState::apply_log`] does).
     pub fn follow_log(
         &mut self,
         partition: u32,
         seq: u64,
         record: &crate::cluster::record::LogRecord,
+        own: bool,
         now: Now,
     ) -> Result<(), StorageError> {
         // Each channel's members before the record, from memory or storage.
@@ -1477,9 +1482,21 @@ impl ShardState {
                 other => batch.push(other.clone()),
             }
         }
+        let events = if own && self.webhooks.is_some() {
+            self.log_record_events(record, now, &mut batch)
+        } else {
+            (0, 0)
+        };
         self.pipeline.seal(&mut batch);
         batch.push(Mutation::LogApplied { partition, seq });
         let written = self.store.commit(&batch);
+        if let Some(writer) = self.webhooks.as_mut() {
+            match &written {
+                Ok(()) if events.0 > 0 => writer.committed(),
+                Ok(()) => {}
+                Err(_) => writer.release(events.0, events.1),
+            }
+        }
         self.publish_versions();
         // What memory held of these channels is older than the store now.
         for mutation in &record.mutations {

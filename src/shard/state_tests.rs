@@ -1152,7 +1152,7 @@ fn a_followed_record_is_stored_with_versions_above_the_writers_and_pushed_to_loc
             Mutation::IdsIssued(MessageId(writer_id.0 + 3)),
         ],
     };
-    shards[0].follow_log(3, 41, &record, now()).unwrap();
+    shards[0].follow_log(3, 41, &record, false, now()).unwrap();
     pump(&mut shards);
 
     let seqs = |outbox: &Outbox| -> Vec<(String, u64)> {

@@ -164,6 +164,9 @@ impl Sim {
             .collect();
         for uid in uncertain {
             let key = user_list_key(&Uid::new(&uid));
+            if self.no_store_has_the_log(&key) {
+                continue;
+            }
             let owner = self.truth_node(&key);
             let mut read = |kind| -> BTreeSet<String> {
                 self.worlds[owner]

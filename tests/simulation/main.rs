@@ -366,19 +366,37 @@ fn a_fuzz_input_replays_exactly() {
 /// then.
 #[test]
 fn fixed_seeds_on_a_log_keep_every_invariant() {
+    fixed_seeds_of(
+        "on the log",
+        FIXED_LOG_SEEDS,
+        LOG_REGRESSION_SEEDS,
+        sim::Options::on_log,
+        "RUYI_SIM_ON_LOG",
+    );
+}
+
+/// Runs seeds `0..count` and `regressions`, made into runs by `make`;
+/// `replay`: the variable that makes `replay` run a seed the same way.
+fn fixed_seeds_of(
+    label: &str,
+    count: u64,
+    regressions: &[(u64, &str)],
+    make: fn(sim::Options) -> sim::Options,
+    replay: &str,
+) {
     let (summary, failures) = run_seeds(
-        (0..FIXED_LOG_SEEDS)
-            .chain(LOG_REGRESSION_SEEDS.iter().map(|(seed, _)| *seed))
-            .map(|seed| sim::Options::from_seed(seed, StoreKind::Rocks).on_log()),
+        (0..count)
+            .chain(regressions.iter().map(|(seed, _)| *seed))
+            .map(|seed| make(sim::Options::from_seed(seed, StoreKind::Rocks))),
     );
     assert!(
         failures.is_empty(),
-        "{} (replay with RUYI_SIM_ON_LOG=1)",
+        "{} (replay with {replay}=1)",
         report(&failures)
     );
     eprintln!(
-        "{} seeds on the log: {}",
-        FIXED_LOG_SEEDS as usize + LOG_REGRESSION_SEEDS.len(),
+        "{} seeds {label}: {}",
+        count as usize + regressions.len(),
         sim::describe(&summary)
     );
 }
@@ -416,20 +434,12 @@ fn soak_of(label: &str, make: fn(sim::Options) -> sim::Options) {
 /// owner does.
 #[test]
 fn fixed_seeds_on_several_nodes_keep_every_invariant() {
-    let (summary, failures) = run_seeds(
-        (0..FIXED_NODES_SEEDS)
-            .chain(NODES_REGRESSION_SEEDS.iter().map(|(seed, _)| *seed))
-            .map(|seed| sim::Options::from_seed(seed, StoreKind::Rocks).on_nodes()),
-    );
-    assert!(
-        failures.is_empty(),
-        "{} (replay with RUYI_SIM_ON_NODES=1)",
-        report(&failures)
-    );
-    eprintln!(
-        "{} seeds on several nodes: {}",
-        FIXED_NODES_SEEDS as usize + NODES_REGRESSION_SEEDS.len(),
-        sim::describe(&summary)
+    fixed_seeds_of(
+        "on several nodes",
+        FIXED_NODES_SEEDS,
+        NODES_REGRESSION_SEEDS,
+        sim::Options::on_nodes,
+        "RUYI_SIM_ON_NODES",
     );
 }
 

@@ -69,6 +69,18 @@ impl Sim {
         best.1
     }
 
+    /// Whether the log holds records of `key`'s partition that no node has
+    /// applied yet (an append of a node that crashed before writing it,
+    /// while the partition changed hands): what was lost with an answer is
+    /// read back only once some node has them (it stays uncertain until).
+    pub(super) fn no_store_has_the_log(&mut self, key: &ChannelKey) -> bool {
+        if self.worlds.len() == 1 {
+            return false;
+        }
+        let node = self.truth_node(key);
+        self.worlds[node].applied_of(key) < self.worlds[node].log_position_of(key)
+    }
+
     /// The node and shard taking writes to `key` now: the claimant once it
     /// took the partition over, else a node that has not let it go yet.
     /// None while nobody takes them (a request finds no owner).
@@ -158,23 +170,7 @@ impl Sim {
                 }
             }
             2 => {
-                let generation = self.worlds[n].generation;
-                for forward in self.worlds[n].take_forwards(i) {
-                    self.note(format!(
-                        "{}shard {i}: forwards conn {}'s {}",
-                        self.node_name(n),
-                        forward.conn.0,
-                        request_name(&forward.request)
-                    ));
-                    self.wire[n][i].push_back(InForward {
-                        node: n,
-                        shard: i,
-                        generation,
-                        conn: forward.conn,
-                        request: forward.request,
-                        answer: None,
-                    });
-                }
+                self.publish_forwards(n, i);
             }
             _ => {
                 let busy: Vec<(usize, usize)> = (0..self.wire.len())
@@ -199,6 +195,31 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Shard `i` of node `n` publishes what it forwards, in the order
+    /// made. True when there was any.
+    fn publish_forwards(&mut self, n: usize, i: usize) -> bool {
+        let generation = self.worlds[n].generation;
+        let taken = self.worlds[n].take_forwards(i);
+        let any = !taken.is_empty();
+        for forward in taken {
+            self.note(format!(
+                "{}shard {i}: forwards conn {}'s {}",
+                self.node_name(n),
+                forward.conn.0,
+                request_name(&forward.request)
+            ));
+            self.wire[n][i].push_back(InForward {
+                node: n,
+                shard: i,
+                generation,
+                conn: forward.conn,
+                request: forward.request,
+                answer: None,
+            });
+        }
+        any
     }
 
     /// Node `n` learns which partitions' claims it lost (the lease
@@ -229,19 +250,7 @@ impl Sim {
     /// Publishes and serves everything shard `i` of node `n` forwards,
     /// without faults. True when there was any.
     pub(super) fn forward_all(&mut self, n: usize, i: usize) -> bool {
-        let generation = self.worlds[n].generation;
-        let taken = self.worlds[n].take_forwards(i);
-        let mut moved = !taken.is_empty() || !self.wire[n][i].is_empty();
-        for forward in taken {
-            self.wire[n][i].push_back(InForward {
-                node: n,
-                shard: i,
-                generation,
-                conn: forward.conn,
-                request: forward.request,
-                answer: None,
-            });
-        }
+        let mut moved = self.publish_forwards(n, i) || !self.wire[n][i].is_empty();
         while let Some(entry) = self.wire[n][i].pop_front() {
             self.serve_forward(entry, false);
             moved = true;

@@ -2077,6 +2077,9 @@ impl Sim {
             .collect();
         for group in groups {
             let key = ChannelKey::group(&group);
+            if self.no_store_has_the_log(&key) {
+                continue;
+            }
             let owner = self.truth_node(&key);
             let reader = &mut self.worlds[owner].reader;
             let record = reader.load_channel(&key).ok().flatten();

@@ -615,31 +615,37 @@ impl World {
         loop {
             self.catch_up(i);
             let log = self.log.as_mut().expect("a log");
-            let mut barrier = log.writers[i].barrier();
-            loop {
-                let requests = log.writers[i].requests(&mut barrier);
-                if requests.is_empty() {
-                    break;
-                }
-                let results = log
-                    .model
-                    .borrow_mut()
-                    .append_all(requests, log.faulty, &mut rng);
-                let _ = log.writers[i].answers(&mut barrier, results);
-            }
-            let positions: Vec<ruyi::storage::Mutation> = barrier.positions().collect();
-            if !positions.is_empty() {
-                self.shards[i]
-                    .prepare_write(&positions)
-                    .and_then(|job| job())
-                    .expect("write the positions");
-            }
-            let log = self.log.as_mut().expect("a log");
-            log.writers[i].applied_in_part(&barrier);
-            if barrier.stored_whole() {
+            let barrier = log.writers[i].barrier();
+            if self.append_barrier(i, barrier, &mut rng) {
                 return;
             }
         }
+    }
+
+    /// Appends shard `i`'s barrier (a round at a time until the log
+    /// settles it) and stores the positions it reached. True when the log
+    /// took it whole; else the partitions another writer came first on are
+    /// stale (caught up on before the next try).
+    fn append_barrier(&mut self, i: usize, mut barrier: LogBatch, rng: &mut Rng) -> bool {
+        let log = self.log.as_mut().expect("a log");
+        loop {
+            let requests = log.writers[i].requests(&mut barrier);
+            if requests.is_empty() {
+                break;
+            }
+            let results = log.model.borrow_mut().append_all(requests, log.faulty, rng);
+            let _ = log.writers[i].answers(&mut barrier, results);
+        }
+        let positions: Vec<ruyi::storage::Mutation> = barrier.positions().collect();
+        if !positions.is_empty() {
+            self.shards[i]
+                .prepare_write(&positions)
+                .and_then(|job| job())
+                .expect("write the positions");
+        }
+        let log = self.log.as_mut().expect("a log");
+        log.writers[i].applied_in_part(&barrier);
+        barrier.stored_whole()
     }
 
     /// Shard `i` applies what the log holds beyond its position on every
@@ -668,7 +674,7 @@ impl World {
                     if record.writer.node == claimant {
                         lost.push(partition);
                     }
-                    self.shards[i].follow_log(partition, seq, &record, now)
+                    self.shards[i].follow_log(partition, seq, &record, false, now)
                 }
                 .expect("apply a record");
                 last = seq;
@@ -742,34 +748,14 @@ impl World {
         if log.acquiring.get(i).is_none_or(|a| a.is_empty()) {
             return None;
         }
-        let mut rng = Rng::new(draw);
         let partitions = log.acquiring[i].clone();
-        let mut barrier = log.writers[i].barrier_of(&partitions);
-        loop {
-            let requests = log.writers[i].requests(&mut barrier);
-            if requests.is_empty() {
-                break;
-            }
-            let results = log
-                .model
-                .borrow_mut()
-                .append_all(requests, log.faulty, &mut rng);
-            let _ = log.writers[i].answers(&mut barrier, results);
-        }
-        let positions: Vec<ruyi::storage::Mutation> = barrier.positions().collect();
-        if !positions.is_empty() {
-            self.shards[i]
-                .prepare_write(&positions)
-                .and_then(|job| job())
-                .expect("write the positions");
-        }
-        let log = self.log.as_mut().expect("a log");
-        log.writers[i].applied_in_part(&barrier);
-        if !barrier.stored_whole() {
+        let barrier = log.writers[i].barrier_of(&partitions);
+        if !self.append_barrier(i, barrier, &mut Rng::new(draw)) {
             // Another writer came first: caught up on again, then tried
             // again.
             return Some("takeover barrier fenced off");
         }
+        let log = self.log.as_mut().expect("a log");
         for partition in std::mem::take(&mut log.acquiring[i]) {
             self.shards[i].own_partition(partition);
         }
@@ -807,8 +793,9 @@ impl World {
             return false;
         };
         let record = LogRecord::decode(&payload).expect("a record");
+        let own = record.writer.node == log.node_id;
         self.shards[i]
-            .follow_log(partition, seq, &record, now)
+            .follow_log(partition, seq, &record, own, now)
             .expect("apply a followed record");
         true
     }
