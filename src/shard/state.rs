@@ -1438,7 +1438,10 @@ impl ShardState {
         own: bool,
         now: Now,
     ) -> Result<(), StorageError> {
-        // Each channel's members before the record, from memory or storage.
+        // Each channel's members before the record, as stored: memory may
+        // hold work of this shard the log has not stored (an owner catching
+        // up on another node's records after its own append was fenced off),
+        // which must not decide who is pushed.
         let mut members: HashMap<ChannelKey, Vec<Uid>, ahash::RandomState> = HashMap::default();
         for mutation in &record.mutations {
             let key = match mutation {
@@ -1451,10 +1454,11 @@ impl ShardState {
             }
             let before = match key.person_pair() {
                 Some((a, b)) => vec![Uid::new(a), Uid::new(b)],
-                None => match self.channel_mut(key) {
-                    Ok(Some(channel)) => channel.members.iter().cloned().collect(),
-                    _ => Vec::new(),
-                },
+                None => self
+                    .store
+                    .load_channel(key)?
+                    .and_then(|record| record.members)
+                    .unwrap_or_default(),
             };
             members.insert(key.clone(), before);
         }

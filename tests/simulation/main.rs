@@ -36,7 +36,10 @@ const FIXED_NODES_SEEDS: u64 = 60;
 
 /// Seeds the runs on several nodes found failing, each with what it found
 /// (replay one with `RUYI_SIM_ON_NODES=1`).
-const NODES_REGRESSION_SEEDS: &[(u64, &str)] = &[];
+const NODES_REGRESSION_SEEDS: &[(u64, &str)] = &[(
+    232,
+    "an owner fenced off by the node taking its partition over caught up on that node's messages and pushed them to a member its own unstored group change had added",
+)];
 
 /// Seeds the log runs found failing, each with what it found (replay one
 /// with `RUYI_SIM_ON_LOG=1`).

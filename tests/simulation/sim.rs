@@ -1888,7 +1888,10 @@ impl Sim {
             } else {
                 uids
             };
-            self.note(format!("operator: group {group} {change:?} {uids:?}"));
+            self.note(format!(
+                "operator: {}group {group} {change:?} {uids:?}",
+                self.node_name(node)
+            ));
             let removes: Vec<String> = match change {
                 SetChange::Add => Vec::new(),
                 SetChange::Remove => uids.clone(),
@@ -1949,6 +1952,12 @@ impl Sim {
             match wait {
                 ControlWait::Group { group, removes, rx } => match rx.try_recv() {
                     Ok(result) => {
+                        if let Err(error) = &result {
+                            echo(
+                                &mut self.trace,
+                                format!("operator: group {group} change refused: {error}"),
+                            );
+                        }
                         let model = self.model.groups.get_mut(&group).expect("group");
                         model.in_flight -= 1;
                         model.epoch += 1;
