@@ -292,7 +292,7 @@ impl Sim {
         if lost {
             return self.answer_forward(entry, Err(ReasonCode::ServerBusy), true);
         }
-        entry.answer = Some((rx, owner, self.worlds[owner].generation));
+        entry.answer = Some(rx);
         self.forwarded.push(entry);
     }
 
@@ -302,7 +302,7 @@ impl Sim {
     pub(super) fn poll_forwards(&mut self) -> bool {
         let mut moved = false;
         for entry in std::mem::take(&mut self.forwarded) {
-            let Some((rx, _, _)) = &entry.answer else {
+            let Some(rx) = &entry.answer else {
                 continue;
             };
             match rx.try_recv() {

@@ -241,8 +241,9 @@ struct InForward {
     generation: u64,
     conn: ConnId,
     request: ApiRequest,
-    /// The owner's answer, once the owner serves it (and its process).
-    answer: Option<(async_channel::Receiver<ApiResponse>, usize, u64)>,
+    /// The owner's answer, once the owner serves it (closed if the owner
+    /// crashes first).
+    answer: Option<async_channel::Receiver<ApiResponse>>,
 }
 
 /// Adds `line` to `trace`, printed at once when replaying.
