@@ -662,7 +662,7 @@ impl ShardLog {
                     let now = runtime.now();
                     let mut state = runtime.state.borrow_mut();
                     match own {
-                        true => state.apply_log(partition, seq, record, true, now)?,
+                        true => state.apply_log(partition, seq, record, now)?,
                         false => state.follow_log(partition, seq, record, false, now)?,
                     }
                     last = seq;

@@ -1334,23 +1334,23 @@ impl ShardState {
         }
     }
 
-    /// Applies a record of `partition`'s log, stored at stream sequence
-    /// `seq`, to this shard's store with the new position, in one batch.
-    /// `own`: this node wrote it, and its batch never reached the store (a
-    /// crash came between the append and the local write): its messages'
-    /// webhook events are written with it, as the batch would have.
+    /// Applies a record this node wrote to `partition`'s log, stored at
+    /// stream sequence `seq`, whose batch never reached the store (a crash
+    /// came between the append and the local write), to this shard's store
+    /// with the new position, in one batch, with its messages' webhook
+    /// events, as the batch would have. (Other nodes' records go through
+    /// [`ShardState::follow_log`].)
     pub fn apply_log(
         &mut self,
         partition: u32,
         seq: u64,
         record: &crate::cluster::record::LogRecord,
-        own: bool,
         now: Now,
     ) -> Result<(), StorageError> {
         let mut batch = Vec::with_capacity(record.mutations.len() + 2);
         batch.extend(record.mutations.iter().cloned());
         batch.push(Mutation::LogApplied { partition, seq });
-        let events = if own && self.webhooks.is_some() {
+        let events = if self.webhooks.is_some() {
             self.log_record_events(record, now, &mut batch)
         } else {
             (0, 0)

@@ -669,7 +669,7 @@ impl World {
             for (seq, payload) in records {
                 let record = LogRecord::decode(&payload).expect("a record");
                 if log.writers[i].is_own(&record.writer) {
-                    self.shards[i].apply_log(partition, seq, &record, true, now)
+                    self.shards[i].apply_log(partition, seq, &record, now)
                 } else {
                     if record.writer.node == claimant {
                         lost.push(partition);
