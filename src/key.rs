@@ -128,10 +128,17 @@ pub struct Place {
 /// it to choose between handing a write to that shard and forwarding it to
 /// another node, and that shard refuses (retryable) a write for a
 /// partition it no longer owns.
+///
+/// Whether the node serves at all is its lease ([`Places::serving`]): once
+/// its lease lapses another node may take its partitions over, so from
+/// then on it answers nothing about them (not even a refusal, which its
+/// store may no longer be current enough to give) until its lease service
+/// has let every partition go and taken back those it still holds.
 #[derive(Debug)]
 pub struct Places {
     shards: Box<[ShardId]>,
     owned: Box<[std::sync::atomic::AtomicBool]>,
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl Places {
@@ -142,6 +149,7 @@ impl Places {
                 .iter()
                 .map(|p| std::sync::atomic::AtomicBool::new(p.owned))
                 .collect(),
+            serving: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -166,6 +174,20 @@ impl Places {
     /// shard only).
     pub fn set_owned(&self, partition: u32, owned: bool) {
         self.owned[partition as usize].store(owned, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the node's lease holds: false from the moment it may have
+    /// lapsed until the lease service has renewed it and let go of what it
+    /// no longer holds.
+    pub fn serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The node's lease lapsed (false) or was renewed (true); called by the
+    /// lease service only.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving
+            .store(serving, std::sync::atomic::Ordering::Release);
     }
 
     /// `key`'s partition.
@@ -197,6 +219,17 @@ impl Routing {
                     true => Route::Shard(place.shard),
                     false => Route::Remote(partition),
                 }
+            }
+        }
+    }
+
+    /// Whether this node takes writes to `key` now: on a cluster node, it
+    /// owns the partition and its lease holds.
+    pub fn serves(&self, key: &ChannelKey) -> bool {
+        match self {
+            Routing::Hash { .. } => true,
+            Routing::Partitions { places } => {
+                places.serving() && places.get(places.partition_of(key)).owned
             }
         }
     }

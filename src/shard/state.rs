@@ -1583,9 +1583,10 @@ impl ShardState {
     }
 
     /// Whether this node writes `key` (on a cluster node: owns its
-    /// partition now).
+    /// partition now and its lease holds). Checked by the owner before it
+    /// answers anything about the channel, refusals included.
     fn owns(&self, key: &ChannelKey) -> bool {
-        self.routing.remote(key).is_none()
+        self.routing.serves(key)
     }
 
     /// This node takes writes to `partition` from now on (this shard

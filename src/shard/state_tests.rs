@@ -1247,3 +1247,47 @@ fn a_shard_that_lets_a_partition_go_refuses_what_was_routed_to_it_and_its_node_f
     assert_eq!(acks(&alice_out), [ReasonCode::Success]);
     assert!(shards[0].take_forwards().is_empty());
 }
+
+#[test]
+fn a_node_whose_lease_lapsed_answers_nothing_about_its_partitions_not_even_a_refusal() {
+    let storage = MemoryStorage::default();
+    let mut shards = [shard(&storage, 0), shard(&storage, 1)];
+    let places = crate::key::Places::new(
+        &[crate::key::Place {
+            shard: ShardId(1),
+            owned: true,
+        }; 8],
+    );
+    for state in shards.iter_mut() {
+        state.set_routing(crate::key::Routing::Partitions {
+            places: Arc::clone(&places),
+        });
+    }
+    let (alice, alice_out) = connect(&mut shards[0], "alice", false);
+    pump(&mut shards);
+    packets(&alice_out);
+    let acks = |outbox: &Outbox| -> Vec<ReasonCode> {
+        packets(outbox)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::SendAck(ack) => Some(ack.reason),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Its store knows no group g1, but another node may have taken the
+    // partition over and made it: a lapsed node must not say it is missing
+    // (a client takes that as final); it refuses, retryable.
+    places.set_serving(false);
+    shards[0].on_frame(alice, &send_frame("g1", ChannelType::Group, "m1"), now());
+    pump(&mut shards);
+    assert_eq!(acks(&alice_out), [ReasonCode::ServerBusy]);
+    assert!(shards[0].take_forwards().is_empty());
+
+    // Renewed (and still owning the partition): answered from its store.
+    places.set_serving(true);
+    shards[0].on_frame(alice, &send_frame("g1", ChannelType::Group, "m2"), now());
+    pump(&mut shards);
+    assert_eq!(acks(&alice_out), [ReasonCode::ChannelMissing]);
+}

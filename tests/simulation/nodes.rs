@@ -146,19 +146,32 @@ impl Sim {
         let i = self.rng.index(self.shard_count());
         match self.rng.below(6) {
             4 => {
+                // A claim moves only once its holder's lease has lapsed
+                // (the holder answers nothing from then on), and only to
+                // a node whose own lease holds.
                 let partition = self.rng.below(u64::from(crate::world::PARTITIONS)) as u32;
                 let held = self.claims.borrow()[partition as usize];
-                if held != n {
-                    self.claims.borrow_mut()[partition as usize] = n;
-                    self.note(format!(
-                        "{}takes partition {partition} over from node {held}",
-                        self.node_name(n)
-                    ));
-                    self.worlds[n].acquire(partition);
+                if held == n || self.worlds[n].lapsed() {
+                    return;
                 }
+                if !self.worlds[held].lapsed() {
+                    self.worlds[held].lapse();
+                    self.note(format!("{}the lease lapses", self.node_name(held)));
+                }
+                self.claims.borrow_mut()[partition as usize] = n;
+                self.note(format!(
+                    "{}takes partition {partition} over from node {held}",
+                    self.node_name(n)
+                ));
+                self.worlds[n].acquire(partition);
             }
             5 => {
-                self.learn_claims(n);
+                if self.worlds[n].lapsed() {
+                    self.renew(n);
+                } else if self.rng.below(4) == 0 {
+                    self.worlds[n].lapse();
+                    self.note(format!("{}the lease lapses", self.node_name(n)));
+                }
             }
 
             0 | 1 => {
@@ -222,27 +235,26 @@ impl Sim {
         any
     }
 
-    /// Node `n` learns which partitions' claims it lost (the lease
-    /// service's watch): each of its shards lets them go between batches.
-    /// True when any was let go.
-    fn learn_claims(&mut self, n: usize) -> bool {
-        let mut moved = false;
-        for (i, partition) in self.worlds[n].claims_lost() {
-            if self.worlds[n].release(i, partition) {
-                self.note(format!(
-                    "{}shard {i}: lets partition {partition} go",
-                    self.node_name(n)
-                ));
-                moved = true;
-            }
+    /// Node `n` renews its lapsed lease (see `World::renew`). True when
+    /// it did.
+    fn renew(&mut self, n: usize) -> bool {
+        let renewed = self.worlds[n].renew();
+        if renewed {
+            self.note(format!(
+                "{}renews its lease, lets its partitions go and takes back those it holds",
+                self.node_name(n)
+            ));
         }
-        moved
+        renewed
     }
 
-    pub(super) fn learn_claims_all(&mut self) -> bool {
+    /// Every node whose lease lapsed renews it. True when any did.
+    pub(super) fn renew_all(&mut self) -> bool {
         let mut moved = false;
         for n in 0..self.worlds.len() {
-            moved |= self.learn_claims(n);
+            if self.worlds[n].lapsed() {
+                moved |= self.renew(n);
+            }
         }
         moved
     }

@@ -2321,7 +2321,7 @@ impl Sim {
                     moved = true;
                 }
             }
-            moved |= self.learn_claims_all();
+            moved |= self.renew_all();
             for n in 0..self.worlds.len() {
                 for i in 0..self.shard_count() {
                     loop {

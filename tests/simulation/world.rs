@@ -360,7 +360,57 @@ impl World {
     /// Whether this node writes `key` (a cluster node forwards the writes
     /// of the partitions other nodes own).
     pub fn owns(&self, key: &ChannelKey) -> bool {
-        self.routing().is_none_or(|r| r.remote(key).is_none())
+        self.routing().is_none_or(|r| r.serves(key))
+    }
+
+    /// Whether this node's lease has lapsed (it answers nothing about its
+    /// partitions until it renews).
+    pub fn lapsed(&self) -> bool {
+        self.log.as_ref().is_some_and(|log| !log.places.serving())
+    }
+
+    /// This node's lease lapses: from now on its shards answer nothing
+    /// about the partitions they own (retryable refusals only), and other
+    /// nodes may take them over.
+    pub fn lapse(&mut self) {
+        if let Some(log) = &self.log {
+            log.places.set_serving(false);
+        }
+    }
+
+    /// This node renews its lease, as the lease service does: every shard
+    /// lets go of every partition it owns or is taking over (between
+    /// batches), then the node serves again and takes back, through
+    /// catch-up and barrier, the partitions whose claims it still holds.
+    /// False (nothing changed) while a shard's batch is under way.
+    pub fn renew(&mut self) -> bool {
+        let Some(log) = &self.log else {
+            return true;
+        };
+        if self.commits.iter().any(|c| !matches!(c, Commit::Idle)) {
+            return false;
+        }
+        let owned: Vec<(usize, u32)> = (0..log.config.partitions)
+            .filter_map(|p| {
+                let i = log.places.get(p).shard.index();
+                log.writers[i].owns(p).then_some((i, p))
+            })
+            .collect();
+        for (i, partition) in owned {
+            self.release(i, partition);
+        }
+        let log = self.log.as_ref().expect("a log");
+        log.places.set_serving(true);
+        let held: Vec<u32> = {
+            let claims = log.claims.borrow();
+            (0..log.config.partitions)
+                .filter(|p| claims[*p as usize] + 1 == log.node_id as usize)
+                .collect()
+        };
+        for partition in held {
+            self.acquire(partition);
+        }
+        true
     }
 
     fn routing(&self) -> Option<ruyi::key::Routing> {
@@ -722,22 +772,6 @@ impl World {
         log.acquiring[i].retain(|p| *p != partition);
         self.shards[i].release_partition(partition, now);
         true
-    }
-
-    /// The partitions this node writes (or is taking over) whose claims
-    /// another node holds now, with their shards.
-    pub fn claims_lost(&self) -> Vec<(usize, u32)> {
-        let Some(log) = &self.log else {
-            return Vec::new();
-        };
-        let claims = log.claims.borrow();
-        (0..log.config.partitions)
-            .filter(|p| claims[*p as usize] + 1 != log.node_id as usize)
-            .filter_map(|p| {
-                let i = log.places.get(p).shard.index();
-                log.writers[i].owns(p).then_some((i, p))
-            })
-            .collect()
     }
 
     /// Shard `i` appends the barrier of the partitions it is taking over,
