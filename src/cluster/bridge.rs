@@ -15,12 +15,13 @@
 //! [`LogBridge::serve_forwards`]), and the log of the partitions other
 //! nodes own, which this node follows ([`LogBridge::follow`]).
 
+use super::lease::{LeaseError, LeaseSpec, OwnerChange};
 use super::log::{append, append_id, read_next, AppendError, AppendPolicy, Appended};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ pub enum BridgeError {
     Stopped,
     #[error("subscribing to forwarded requests: {0}")]
     Subscribe(String),
+    #[error("{0}")]
+    Lease(String),
 }
 
 type Results = Vec<Result<Appended, AppendError>>;
@@ -107,6 +110,24 @@ enum Request {
         after: u64,
         to: async_channel::Sender<Followed>,
     },
+    Join {
+        spec: LeaseSpec,
+        reply: async_channel::Sender<Result<(BTreeSet<u32>, tokio::time::Instant), LeaseError>>,
+    },
+    Lead(Box<Leading>),
+}
+
+/// What the lease service starts with (see [`LogBridge::lead`]).
+pub struct Leading {
+    pub spec: LeaseSpec,
+    pub places: Arc<crate::key::Places>,
+    /// The partitions [`LogBridge::join`] claimed, and until when the
+    /// lease it put holds.
+    pub owned: BTreeSet<u32>,
+    pub until: tokio::time::Instant,
+    pub change: OwnerChange,
+    /// Per partition, the subject its forwarded writes come on.
+    pub forward_subjects: Vec<String>,
 }
 
 /// The log stream ruyi creates when it is missing.
@@ -288,6 +309,36 @@ impl LogBridge {
         Ok(from)
     }
 
+    /// Joins the cluster's leases (creating their buckets when missing):
+    /// puts this node's heartbeat and claims the partitions it holds or
+    /// should own now. Returns them, and until when the lease holds.
+    pub async fn join(
+        &self,
+        spec: LeaseSpec,
+    ) -> Result<(BTreeSet<u32>, tokio::time::Instant), BridgeError> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.requests
+            .send(Request::Join { spec, reply })
+            .await
+            .map_err(|_| BridgeError::Stopped)?;
+        match answer.recv().await {
+            Ok(Ok(joined)) => Ok(joined),
+            Ok(Err(error)) => Err(BridgeError::Lease(error.to_string())),
+            Err(_) => Err(BridgeError::Stopped),
+        }
+    }
+
+    /// Starts the lease service ([`super::lease::run`]) after
+    /// [`LogBridge::join`], once the shards run: it keeps the lease and
+    /// moves partitions, turning the serving of their forwarded writes on
+    /// and off with their ownership.
+    pub async fn lead(&self, leading: Leading) -> Result<(), BridgeError> {
+        self.requests
+            .send(Request::Lead(Box::new(leading)))
+            .await
+            .map_err(|_| BridgeError::Stopped)
+    }
+
     /// The largest message the NATS server it connected to takes.
     pub fn max_payload(&self) -> usize {
         self.max_payload
@@ -373,6 +424,8 @@ async fn serve(
         Arc::clone(&pending),
     ));
     let mut next_forward = 0u64;
+    let forwards = ForwardServer::default();
+    let mut buckets: Option<super::lease::Buckets> = None;
     let _ = ready.send(Ok(max_payload));
     let policy = config.policy;
     loop {
@@ -391,15 +444,30 @@ async fn serve(
                         continue;
                     }
                     Request::Serve { subjects, handler, ready } => {
-                        match subscribe_all(&client, &subjects).await {
-                            Ok(merged) => {
-                                let _ = ready.send(Ok(())).await;
-                                tasks.spawn(serve_requests(client.clone(), merged, handler));
+                        let served = forwards.start(&client, handler, &subjects).await;
+                        let _ = ready.send(served).await;
+                        continue;
+                    }
+                    Request::Join { spec, reply } => {
+                        let joined = match super::lease::buckets(&js, &spec).await {
+                            Ok(found) => {
+                                let joined = super::lease::join(&found, &spec).await;
+                                buckets = Some(found);
+                                joined
                             }
-                            Err(why) => {
-                                let _ = ready.send(Err(why)).await;
-                            }
-                        }
+                            Err(error) => Err(error),
+                        };
+                        let _ = reply.send(joined).await;
+                        continue;
+                    }
+                    Request::Lead(leading) => {
+                        let Some(buckets) = buckets.clone() else {
+                            tracing::error!("the lease service was started before joining");
+                            continue;
+                        };
+                        let Leading { spec, places, owned, until, change, forward_subjects } = *leading;
+                        let serve = forwards.switch(client.clone(), forward_subjects);
+                        tasks.spawn(super::lease::run(buckets, spec, places, owned, until, change, serve));
                         continue;
                     }
                     Request::Follow { subjects, after, to } => {
@@ -419,7 +487,11 @@ async fn serve(
                             let records = read(&stream, &subject, after, max, &policy).await;
                             let _ = reply.send(records).await;
                         }
-                        Request::Forward { .. } | Request::Serve { .. } | Request::Follow { .. } => {}
+                        Request::Forward { .. }
+                        | Request::Serve { .. }
+                        | Request::Follow { .. }
+                        | Request::Join { .. }
+                        | Request::Lead(_) => {}
                     }
                 });
             }
@@ -429,6 +501,7 @@ async fn serve(
     // The long-running tasks (replies, served subjects, followers) end
     // with the runtime; what was asked before the bridge stopped is done.
     tasks.abort_all();
+    forwards.stop();
     for (_, waiting) in pending.lock().expect("not poisoned").drain() {
         let _ = waiting.answer.try_send(Err(Unanswered::Stopped));
     }
@@ -538,27 +611,115 @@ async fn route_replies(
     }
 }
 
-/// One stream of the requests on every subject of `subjects`.
-async fn subscribe_all(
-    client: &async_nats::Client,
-    subjects: &[String],
-) -> Result<futures_util::stream::SelectAll<async_nats::Subscriber>, String> {
-    let mut all = futures_util::stream::SelectAll::new();
-    for subject in subjects {
+/// The subjects whose forwarded requests this node serves, each by a task
+/// of its own (a subject's requests are served in arrival order).
+#[derive(Clone, Default)]
+struct ForwardServer {
+    inner: Arc<Mutex<Served>>,
+}
+
+#[derive(Default)]
+struct Served {
+    handler: Option<ForwardHandler>,
+    subjects: HashMap<String, tokio::task::AbortHandle>,
+}
+
+impl ForwardServer {
+    /// Serves `subjects` with `handler` from now on.
+    async fn start(
+        &self,
+        client: &async_nats::Client,
+        handler: ForwardHandler,
+        subjects: &[String],
+    ) -> Result<(), String> {
+        self.inner.lock().expect("not poisoned").handler = Some(handler);
+        for subject in subjects {
+            self.serve(client, subject).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves `subject` (with the handler [`ForwardServer::start`] was
+    /// given); nothing when it already does.
+    async fn serve(&self, client: &async_nats::Client, subject: &str) -> Result<(), String> {
+        let handler = {
+            let served = self.inner.lock().expect("not poisoned");
+            if served.subjects.contains_key(subject) {
+                return Ok(());
+            }
+            served.handler.clone()
+        };
+        let Some(handler) = handler else {
+            return Err("no handler".into());
+        };
         let subscriber = client
-            .subscribe(subject.clone())
+            .subscribe(subject.to_string())
             .await
             .map_err(|error| format!("{subject}: {error}"))?;
-        all.push(subscriber);
+        let task = tokio::spawn(serve_requests(client.clone(), subscriber, handler));
+        let mut served = self.inner.lock().expect("not poisoned");
+        if let Some(earlier) = served
+            .subjects
+            .insert(subject.to_string(), task.abort_handle())
+        {
+            earlier.abort();
+        }
+        Ok(())
     }
-    Ok(all)
+
+    /// Stops serving `subject`: its requests find no responders (the
+    /// forwarding node retries them until the new owner serves them).
+    fn unserve(&self, subject: &str) {
+        if let Some(task) = self
+            .inner
+            .lock()
+            .expect("not poisoned")
+            .subjects
+            .remove(subject)
+        {
+            task.abort();
+        }
+    }
+
+    /// What the lease service turns a partition's serving on and off with.
+    fn switch(
+        &self,
+        client: async_nats::Client,
+        subjects: Vec<String>,
+    ) -> super::lease::ForwardServing {
+        let server = self.clone();
+        let subjects = Arc::new(subjects);
+        Arc::new(move |partition, on| {
+            let (server, client, subjects) =
+                (server.clone(), client.clone(), Arc::clone(&subjects));
+            Box::pin(async move {
+                let Some(subject) = subjects.get(partition as usize) else {
+                    return;
+                };
+                match on {
+                    true => {
+                        if let Err(why) = server.serve(&client, subject).await {
+                            tracing::warn!(why, "serving a partition's forwarded writes failed");
+                        }
+                    }
+                    false => server.unserve(subject),
+                }
+            })
+        })
+    }
+
+    fn stop(&self) {
+        for (_, task) in self.inner.lock().expect("not poisoned").subjects.drain() {
+            task.abort();
+        }
+    }
 }
 
 /// Serves forwarded requests in arrival order; each answer is published
 /// when it is ready.
 async fn serve_requests(
     client: async_nats::Client,
-    mut requests: futures_util::stream::SelectAll<async_nats::Subscriber>,
+    mut requests: async_nats::Subscriber,
     handler: ForwardHandler,
 ) {
     while let Some(message) = requests.next().await {
