@@ -1194,11 +1194,10 @@ fn a_followed_record_is_stored_with_versions_above_the_writers_and_pushed_to_loc
     );
 }
 
-#[test]
-fn a_shard_that_lets_a_partition_go_refuses_what_was_routed_to_it_and_its_node_forwards_the_rest() {
-    let storage = MemoryStorage::default();
-    let mut shards = [shard(&storage, 0), shard(&storage, 1)];
-    // Every partition lives on shard 1, owned by this node.
+/// Two shards of a cluster node that owns every one of 8 partitions, all
+/// on shard 1, and the places they share.
+fn cluster_node(storage: &MemoryStorage) -> ([ShardState; 2], Arc<crate::key::Places>) {
+    let mut shards = [shard(storage, 0), shard(storage, 1)];
     let places = crate::key::Places::new(
         &[crate::key::Place {
             shard: ShardId(1),
@@ -1210,32 +1209,41 @@ fn a_shard_that_lets_a_partition_go_refuses_what_was_routed_to_it_and_its_node_f
             places: Arc::clone(&places),
         });
     }
+    (shards, places)
+}
+
+/// The reasons of the `SendAck`s queued for a connection.
+fn send_acks(outbox: &Outbox) -> Vec<ReasonCode> {
+    packets(outbox)
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::SendAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_shard_that_lets_a_partition_go_refuses_what_was_routed_to_it_and_its_node_forwards_the_rest() {
+    let storage = MemoryStorage::default();
+    let (mut shards, places) = cluster_node(&storage);
     let (alice, alice_out) = connect(&mut shards[0], "alice", false);
     pump(&mut shards);
     packets(&alice_out);
     let partition = places.partition_of(&ChannelKey::person(&Uid::new("alice"), &Uid::new("bob")));
-    let acks = |outbox: &Outbox| -> Vec<ReasonCode> {
-        packets(outbox)
-            .into_iter()
-            .filter_map(|p| match p {
-                Packet::SendAck(ack) => Some(ack.reason),
-                _ => None,
-            })
-            .collect()
-    };
 
     // Routed to shard 1 while the node owned the partition; another node
     // takes it over before shard 1 reads it: refused, retryable.
     shards[0].on_frame(alice, &send_frame("bob", ChannelType::Person, "m1"), now());
     shards[1].release_partition(partition, now());
     pump(&mut shards);
-    assert_eq!(acks(&alice_out), [ReasonCode::ServerBusy]);
+    assert_eq!(send_acks(&alice_out), [ReasonCode::ServerBusy]);
     assert!(shards[1].take_forwards().is_empty());
 
     // The resend goes to the node that owns it now.
     shards[0].on_frame(alice, &send_frame("bob", ChannelType::Person, "m1"), now());
     pump(&mut shards);
-    assert!(acks(&alice_out).is_empty());
+    assert!(send_acks(&alice_out).is_empty());
     let forwards = shards[0].take_forwards();
     assert_eq!(forwards.len(), 1);
     assert_eq!(forwards[0].partition, partition);
@@ -1244,37 +1252,17 @@ fn a_shard_that_lets_a_partition_go_refuses_what_was_routed_to_it_and_its_node_f
     shards[1].own_partition(partition);
     shards[0].on_frame(alice, &send_frame("bob", ChannelType::Person, "m1"), now());
     pump(&mut shards);
-    assert_eq!(acks(&alice_out), [ReasonCode::Success]);
+    assert_eq!(send_acks(&alice_out), [ReasonCode::Success]);
     assert!(shards[0].take_forwards().is_empty());
 }
 
 #[test]
 fn a_node_whose_lease_lapsed_answers_nothing_about_its_partitions_not_even_a_refusal() {
     let storage = MemoryStorage::default();
-    let mut shards = [shard(&storage, 0), shard(&storage, 1)];
-    let places = crate::key::Places::new(
-        &[crate::key::Place {
-            shard: ShardId(1),
-            owned: true,
-        }; 8],
-    );
-    for state in shards.iter_mut() {
-        state.set_routing(crate::key::Routing::Partitions {
-            places: Arc::clone(&places),
-        });
-    }
+    let (mut shards, places) = cluster_node(&storage);
     let (alice, alice_out) = connect(&mut shards[0], "alice", false);
     pump(&mut shards);
     packets(&alice_out);
-    let acks = |outbox: &Outbox| -> Vec<ReasonCode> {
-        packets(outbox)
-            .into_iter()
-            .filter_map(|p| match p {
-                Packet::SendAck(ack) => Some(ack.reason),
-                _ => None,
-            })
-            .collect()
-    };
 
     // Its store knows no group g1, but another node may have taken the
     // partition over and made it: a lapsed node must not say it is missing
@@ -1282,12 +1270,12 @@ fn a_node_whose_lease_lapsed_answers_nothing_about_its_partitions_not_even_a_ref
     places.set_serving(false);
     shards[0].on_frame(alice, &send_frame("g1", ChannelType::Group, "m1"), now());
     pump(&mut shards);
-    assert_eq!(acks(&alice_out), [ReasonCode::ServerBusy]);
+    assert_eq!(send_acks(&alice_out), [ReasonCode::ServerBusy]);
     assert!(shards[0].take_forwards().is_empty());
 
     // Renewed (and still owning the partition): answered from its store.
     places.set_serving(true);
     shards[0].on_frame(alice, &send_frame("g1", ChannelType::Group, "m2"), now());
     pump(&mut shards);
-    assert_eq!(acks(&alice_out), [ReasonCode::ChannelMissing]);
+    assert_eq!(send_acks(&alice_out), [ReasonCode::ChannelMissing]);
 }
