@@ -188,12 +188,6 @@ impl Liveness {
 #[error("the lease buckets: {0}")]
 pub struct LeaseError(pub String);
 
-/// The service's shared view of this node's lease: until when it holds.
-#[derive(Debug)]
-struct Held {
-    until: Instant,
-}
-
 /// The two buckets.
 #[derive(Clone)]
 pub struct Buckets {
@@ -373,7 +367,7 @@ pub async fn run(
     serve: ForwardServing,
 ) {
     let started = Instant::now();
-    let held = Arc::new(Mutex::new(Held { until }));
+    let held = Arc::new(Mutex::new(until));
     tokio::spawn(watch_lapse(Arc::clone(&held), Arc::clone(&places)));
     let mut owned = owned;
     let mut liveness = Liveness::default();
@@ -386,7 +380,7 @@ pub async fn run(
         match beat(&buckets, &spec).await {
             Ok(until) => {
                 let mut held = held.lock().expect("not poisoned");
-                held.until = held.until.max(until);
+                *held = (*held).max(until);
             }
             Err(why) => {
                 tracing::warn!(why, "putting this node's heartbeat failed");
@@ -410,7 +404,7 @@ pub async fn run(
             lapsed = false;
             let renewed = {
                 let held = held.lock().expect("not poisoned");
-                let renewed = Instant::now() < held.until;
+                let renewed = Instant::now() < *held;
                 if renewed {
                     places.set_serving(true);
                 }
@@ -475,9 +469,11 @@ pub async fn run(
         )
         .await;
         for (partition, took) in claimed.into_iter().zip(taken) {
-            // A lapse meanwhile lets it go again at the next heartbeat.
-            owned.insert(partition);
+            // Not taken (the shard let it go meanwhile): claimed again, by
+            // a conditional write, at the next heartbeat. A lapse meanwhile
+            // lets a taken one go again.
             if took {
+                owned.insert(partition);
                 serve(partition, true).await;
             }
         }
@@ -485,13 +481,13 @@ pub async fn run(
 }
 
 /// Stops the node serving its partitions the moment its lease ends.
-async fn watch_lapse(held: Arc<Mutex<Held>>, places: Arc<crate::key::Places>) {
+async fn watch_lapse(held: Arc<Mutex<Instant>>, places: Arc<crate::key::Places>) {
     loop {
-        let until = held.lock().expect("not poisoned").until;
+        let until = *held.lock().expect("not poisoned");
         tokio::time::sleep_until(until).await;
         {
             let held = held.lock().expect("not poisoned");
-            if Instant::now() >= held.until && places.serving() {
+            if Instant::now() >= *held && places.serving() {
                 tracing::error!("this node's lease lapsed: it answers nothing about its partitions until it renews it");
                 places.set_serving(false);
             }
